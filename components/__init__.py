@@ -1,0 +1,1 @@
+"""Pipeline steps: each a plain function the CLI, the DAGs and the tests call."""

@@ -1,0 +1,545 @@
+"""Validate a data drop with Great Expectations; quarantine bad rows; never lose one.
+
+For each table (users, items, then events, whose ids must point at accepted users and
+items) the step:
+
+1. checks table rules: required columns present, no unexpected columns. A broken table
+   rule stops the run (``TableRuleError``) with the table, column and rule named;
+2. parses each column into the contract's type; a value that does not parse (a timestamp
+   that is not a date, an id that is a fraction) is a ``type`` failure of that row;
+3. runs a GX 1.x expectation suite on the parsed rows: nulls, id format, allowed values,
+   ranges, timestamps not in the future, unique ids, duplicate events, unknown users and
+   items. GX names the failing rows (``unexpected_index_list``); for uniqueness the first
+   occurrence is kept and the later ones are quarantined;
+4. writes accepted rows to ``<out>/<table>/`` and failed rows, as they came plus ``rule``
+   and ``reason``, to ``<out>/quarantine/<table>/``; the Data Docs report to
+   ``<out>/report/index.html``; and ``manifest.json`` with input, accepted and
+   quarantined counts that add up.
+
+A table whose quarantined fraction is above ``validation.max_bad_fraction`` fails the run
+(``BadFractionError``) after quarantine and report are written, so the reason can be read.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from components.config import ValidationConfig
+from components.contracts import (
+    AGE_BUCKETS,
+    CONTRACTS,
+    DEVICES,
+    EVENT_TYPES,
+    ID_PATTERN,
+    TABLES,
+    TableContract,
+    conform,
+)
+from components.storage import code_version, read_table, write_manifest, write_table
+
+
+class ValidationError(RuntimeError):
+    """The data drop cannot be published."""
+
+
+class TableRuleError(ValidationError):
+    """A rule about a whole table is broken (a missing or unexpected column)."""
+
+    def __init__(self, table: str, column: str, rule: str, detail: str) -> None:
+        self.table, self.column, self.rule = table, column, rule
+        super().__init__(f"table {table}: column {column!r} breaks rule {rule}: {detail}")
+
+
+class BadFractionError(ValidationError):
+    """Too many rows of a table failed row rules."""
+
+
+@dataclass
+class RowFailures:
+    """Failed rows of one table: index -> list of (rule, reason), in rule order."""
+
+    by_row: dict[Any, list[tuple[str, str]]] = field(default_factory=dict)
+    # (rule, column) of each row's first failure, to name the column when a table fails.
+    first_column: dict[Any, tuple[str, str]] = field(default_factory=dict)
+
+    def add(self, index: Any, rule: str, reason: str, column: str | None = None) -> None:
+        self.by_row.setdefault(index, []).append((rule, reason))
+        self.first_column.setdefault(index, (rule, column or "-"))
+
+    def add_many(
+        self, indices: Any, rule: str, reason: Callable[[Any], str], column: str | None
+    ) -> None:
+        for i in indices:
+            self.add(i, rule, reason(i), column)
+
+    def __len__(self) -> int:
+        return len(self.by_row)
+
+
+@dataclass(frozen=True)
+class RowRule:
+    """One GX expectation and how to word a failure of it."""
+
+    expectation: Any
+    rule: str
+    column: str | None
+    describe: Callable[[pd.Series, Any], str]
+    keep_first: bool = False  # uniqueness: the first occurrence is accepted
+
+
+def validate_data(
+    config: ValidationConfig,
+    data_dir: Path,
+    out_dir: Path,
+    as_of: datetime | None = None,
+) -> dict[str, Any]:
+    """Validate ``data_dir`` (users/, items/, events/) into ``out_dir``.
+
+    Args:
+        config: thresholds and switches of the step.
+        data_dir: the drop to check.
+        out_dir: replaced by this run: accepted tables, quarantine/, report/, manifest.json.
+        as_of: the time that timestamps may not pass; defaults to the latest event time
+            recorded in the drop's manifest, else now. Pass the interval end from a scheduler.
+
+    Returns:
+        The manifest: per table input, accepted, quarantined counts and quarantine reasons.
+
+    Raises:
+        TableRuleError: a table rule is broken; nothing is published.
+        BadFractionError: a table's bad fraction passed the threshold; nothing is published.
+    """
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    as_of = pd.Timestamp(as_of or pd.Timestamp.now(tz="UTC"))
+    as_of = as_of.tz_convert("UTC") if as_of.tzinfo else as_of.tz_localize("UTC")
+    limit = as_of + timedelta(seconds=config.future_tolerance_seconds)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+
+    ctx = _gx_context(out_dir / "report")
+    accepted: dict[str, pd.DataFrame] = {}
+    tables: dict[str, Any] = {}
+    errors: list[ValidationError] = []
+    for name in TABLES:
+        contract = CONTRACTS[name]
+        raw = read_table(data_dir, name).reset_index(drop=True)
+        try:
+            raw, dropped_columns = _check_columns(raw, contract, config)
+        except TableRuleError:
+            _run_suite(ctx, name, raw, [_columns_expectation(contract)])
+            _build_docs(ctx)
+            raise
+        parsed, failures = _parse(raw, contract)
+        rules = _row_rules(contract, config, limit, accepted)
+        results = _run_suite(
+            ctx, name, parsed, [_columns_expectation(contract)] + [r.expectation for r in rules]
+        )
+        for rule, result in zip(rules, results[1:], strict=True):
+            _collect(rule, result, parsed, failures)
+        bad_index = pd.Index(sorted(failures.by_row))
+        good = parsed.drop(index=bad_index)
+        accepted[name] = conform(good, contract)
+        quarantined = _quarantine_frame(raw, failures)
+        write_table(accepted[name], out_dir / name, contract)
+        _write_quarantine(quarantined, out_dir / "quarantine" / name)
+        n_in, n_bad = len(raw), len(bad_index)
+        assert n_in == len(good) + n_bad, "conservation: every row accepted or quarantined"
+        fraction = n_bad / n_in if n_in else 0.0
+        reasons = quarantined["rule"].value_counts().to_dict() if n_bad else {}
+        tables[name] = {
+            "input": n_in,
+            "accepted": len(good),
+            "quarantined": n_bad,
+            "bad_fraction": round(fraction, 6),
+            "quarantine_by_rule": reasons,
+            "dropped_columns": dropped_columns,
+        }
+        if fraction > config.max_bad_fraction:
+            (top_rule, column), top_count = Counter(failures.first_column.values()).most_common(1)[
+                0
+            ]
+            errors.append(
+                BadFractionError(
+                    f"table {name}: {n_bad} of {n_in} rows ({fraction:.1%}) failed row rules, above "
+                    f"max_bad_fraction {config.max_bad_fraction:.1%}; most common: rule {top_rule} "
+                    f"on column {column!r} ({top_count} rows); see "
+                    f"{out_dir / 'quarantine' / name}"
+                )
+            )
+    report = _build_docs(ctx)
+    status = "failed" if errors else "passed"
+    manifest = {
+        "step": "validate",
+        "status": status,
+        "input": str(data_dir),
+        "path": str(out_dir),
+        "as_of": as_of.isoformat(),
+        "tables": tables,
+        "rows": {n: t["accepted"] for n, t in tables.items()},
+        "report": str(report),
+        "code_version": code_version(),
+    }
+    if errors:
+        # Quarantine and report stay for reading; accepted tables are withdrawn so that
+        # nothing downstream consumes a drop that failed.
+        for name in TABLES:
+            shutil.rmtree(out_dir / name, ignore_errors=True)
+        manifest["errors"] = [str(e) for e in errors]
+        write_manifest(out_dir, manifest)
+        raise errors[0]
+    write_manifest(out_dir, manifest)
+    return manifest
+
+
+# --- table rules -------------------------------------------------------------------------
+
+
+def _check_columns(
+    raw: pd.DataFrame, contract: TableContract, config: ValidationConfig
+) -> tuple[pd.DataFrame, list[str]]:
+    missing = [c for c in contract.required_names if c not in raw.columns]
+    if missing:
+        raise TableRuleError(
+            contract.name,
+            missing[0],
+            "columns_present",
+            f"required column missing (missing: {missing}; found: {list(raw.columns)})",
+        )
+    unexpected = [c for c in raw.columns if c not in contract.names]
+    if unexpected and not config.allow_unexpected_columns:
+        raise TableRuleError(
+            contract.name,
+            unexpected[0],
+            "no_unexpected_columns",
+            f"column not in the contract (unexpected: {unexpected}; expected: {contract.names}); "
+            "set validation.allow_unexpected_columns to drop such columns instead",
+        )
+    return raw.drop(columns=unexpected), unexpected
+
+
+def _columns_expectation(contract: TableContract) -> Any:
+    import great_expectations.expectations as gxe
+
+    return gxe.ExpectTableColumnsToMatchSet(column_set=contract.names, exact_match=False)
+
+
+# --- parsing -----------------------------------------------------------------------------
+
+
+def _parse(raw: pd.DataFrame, contract: TableContract) -> tuple[pd.DataFrame, RowFailures]:
+    """Parse every column into its contract type; unparseable values are type failures."""
+    failures = RowFailures()
+    out = pd.DataFrame(index=raw.index)
+    for col in contract.columns:
+        if col.name not in raw.columns:
+            out[col.name] = pd.Series(pd.NA, index=raw.index, dtype="object")
+            continue
+        values = raw[col.name]
+        parsed = _PARSERS[col.dtype](values)
+        broke = values.notna() & parsed.isna()
+        for i in raw.index[broke.to_numpy()]:
+            failures.add(i, "type", f"{col.name}={_show(values[i])} is not a {col.dtype}", col.name)
+        out[col.name] = parsed
+    return out, failures
+
+
+def _parse_string(values: pd.Series) -> pd.Series:
+    if pd.api.types.is_integer_dtype(values) or pd.api.types.is_bool_dtype(values):
+        return values.astype("string")
+    if pd.api.types.is_float_dtype(values):
+        # An id stored as a float (a column that once held a null) is fine when integral.
+        integral = values.notna() & (values % 1 == 0)
+        out = pd.Series(pd.NA, index=values.index, dtype="string")
+        out[integral] = values[integral].astype("int64").astype("string")
+        return out
+
+    def one(v: Any) -> Any:
+        if isinstance(v, str):
+            return v
+        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            return str(v)
+        return pd.NA
+
+    return values.map(one, na_action="ignore").astype("string")
+
+
+def _parse_float(values: pd.Series) -> pd.Series:
+    if pd.api.types.is_bool_dtype(values):
+        return pd.Series(np.nan, index=values.index)
+    return pd.to_numeric(values, errors="coerce").astype("float64")
+
+
+def _parse_bool(values: pd.Series) -> pd.Series:
+    if pd.api.types.is_bool_dtype(values):
+        return values.astype("boolean")
+    words = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+    return values.map(
+        lambda v: words.get(str(v).strip().lower(), pd.NA), na_action="ignore"
+    ).astype("boolean")
+
+
+def _parse_timestamp(values: pd.Series) -> pd.Series:
+    if isinstance(values.dtype, pd.DatetimeTZDtype):
+        return values.dt.tz_convert("UTC")
+    if pd.api.types.is_datetime64_dtype(values):
+        return values.dt.tz_localize("UTC")
+    if pd.api.types.is_numeric_dtype(values):
+        # Numbers are ambiguous (seconds? milliseconds?): the contract wants timestamps.
+        return pd.Series(pd.NaT, index=values.index, dtype="datetime64[ns, UTC]")
+    return pd.to_datetime(values, errors="coerce", utc=True, format="ISO8601")
+
+
+_PARSERS: dict[str, Callable[[pd.Series], pd.Series]] = {
+    "string": _parse_string,
+    "float": _parse_float,
+    "bool": _parse_bool,
+    "timestamp": _parse_timestamp,
+}
+
+
+# --- row rules ---------------------------------------------------------------------------
+
+
+def _row_rules(
+    contract: TableContract,
+    config: ValidationConfig,
+    limit: pd.Timestamp,
+    accepted: dict[str, pd.DataFrame],
+) -> list[RowRule]:
+    import great_expectations.expectations as gxe
+    from great_expectations.expectations.row_conditions import Column as GxColumn
+
+    rules: list[RowRule] = []
+    for col in contract.columns:
+        if not col.nullable:
+            rules.append(
+                RowRule(
+                    gxe.ExpectColumnValuesToNotBeNull(column=col.name),
+                    "not_null",
+                    col.name,
+                    lambda df, i, c=col.name: f"{c} is null",
+                )
+            )
+    id_columns = [contract.key, *contract.foreign_keys]
+    for c in id_columns:
+        rules.append(
+            RowRule(
+                gxe.ExpectColumnValuesToMatchRegex(column=c, regex=ID_PATTERN),
+                "id_format",
+                c,
+                lambda df, i, c=c: f"{c}={_show(df.at[i, c])} does not match {ID_PATTERN}",
+            )
+        )
+    allowed = {"event_type": EVENT_TYPES, "device": DEVICES, "age_bucket": AGE_BUCKETS}
+    for c, values in allowed.items():
+        if c in contract.names:
+            rules.append(
+                RowRule(
+                    gxe.ExpectColumnValuesToBeInSet(column=c, value_set=list(values)),
+                    "allowed_values",
+                    c,
+                    lambda df, i, c=c, v=values: f"{c}={_show(df.at[i, c])} not in {list(v)}",
+                )
+            )
+    for c in ("title", "category", "country", "signup_source", "session_id"):
+        if c in contract.names:
+            rules.append(
+                RowRule(
+                    gxe.ExpectColumnValueLengthsToBeBetween(column=c, min_value=1),
+                    "empty_value",
+                    c,
+                    lambda df, i, c=c: f"{c} is empty",
+                )
+            )
+    if contract.name == "events":
+        ranges = [
+            ("rating", config.rating_min, config.rating_max),
+            ("view", 0.0, config.max_dwell_seconds),
+        ]
+        for event_type, lo, hi in ranges:
+            rules.append(
+                RowRule(
+                    gxe.ExpectColumnValuesToBeBetween(
+                        column="value",
+                        min_value=lo,
+                        max_value=hi,
+                        row_condition=GxColumn("event_type") == event_type,
+                    ),
+                    "value_range",
+                    "value",
+                    lambda df, i, lo=lo, hi=hi, t=event_type: (
+                        f"value={_show(df.at[i, 'value'])} outside [{lo}, {hi}] for event_type={t}"
+                    ),
+                )
+            )
+    tc = contract.time_column
+    rules.append(
+        RowRule(
+            gxe.ExpectColumnValuesToBeBetween(column=tc, max_value=limit),
+            "future_timestamp",
+            tc,
+            lambda df, i, tc=tc: (
+                f"{tc}={df.at[i, tc].isoformat()} is after as-of {limit.isoformat()}"
+            ),
+        )
+    )
+    rules.append(
+        RowRule(
+            gxe.ExpectColumnValuesToBeUnique(column=contract.key),
+            "duplicate_id",
+            contract.key,
+            lambda df, i, k=contract.key: f"{k}={_show(df.at[i, k])} repeats an earlier row",
+            keep_first=True,
+        )
+    )
+    if contract.name == "events":
+        same = ["user_id", "item_id", "event_type", "ts", "session_id"]
+        rules.append(
+            RowRule(
+                gxe.ExpectCompoundColumnsToBeUnique(column_list=same),
+                "duplicate_event",
+                None,
+                lambda df, i: (
+                    "same user_id, item_id, event_type, ts and session_id as an earlier event"
+                ),
+                keep_first=True,
+            )
+        )
+    for c, table in contract.foreign_keys.items():
+        known = accepted[table][CONTRACTS[table].key].dropna().unique().tolist()
+        rules.append(
+            RowRule(
+                gxe.ExpectColumnValuesToBeInSet(column=c, value_set=known),
+                f"unknown_{c.removesuffix('_id')}",
+                c,
+                lambda df, i, c=c, t=table: (
+                    f"{c}={_show(df.at[i, c])} is not an accepted row of {t}"
+                ),
+            )
+        )
+    return rules
+
+
+def _collect(rule: RowRule, result: Any, parsed: pd.DataFrame, failures: RowFailures) -> None:
+    if result.success:
+        return
+    indices = result.result.get("unexpected_index_list")
+    if indices is None:
+        raise ValidationError(
+            f"expectation {rule.expectation.expectation_type} on {rule.column} failed without row "
+            f"indices: {result.exception_info}"
+        )
+    if rule.rule == "not_null":
+        # A value that failed to parse is null after parsing; its type failure says it all.
+        typed = f"{rule.column}="
+        indices = [
+            i
+            for i in indices
+            if not any(
+                r == "type" and why.startswith(typed) for r, why in failures.by_row.get(i, [])
+            )
+        ]
+    if rule.keep_first:
+        cols = [rule.column] if rule.column else list(rule.expectation.column_list)
+        flagged = parsed.loc[indices, cols]
+        indices = flagged.index[flagged.duplicated(keep="first")].tolist()
+    failures.add_many(indices, rule.rule, lambda i: rule.describe(parsed, i), rule.column)
+
+
+def _show(value: Any) -> str:
+    """A value as a person would type it: 9.0, not np.float64(9.0)."""
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
+
+# --- GX plumbing -------------------------------------------------------------------------
+
+
+def _gx_context(report_dir: Path) -> Any:
+    """An in-memory GX context whose only output is the Data Docs site in ``report_dir``."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
+    cfg = DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(),
+        analytics_enabled=False,
+        progress_bars=ProgressBarsConfig(globally=False),
+        data_docs_sites={
+            "report": {
+                "class_name": "SiteBuilder",
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(report_dir),
+                },
+            }
+        },
+    )
+    ctx = gx.get_context(mode="ephemeral", project_config=cfg)
+    ctx.data_sources.add_pandas("recsys")
+    return ctx
+
+
+def _run_suite(ctx: Any, table: str, df: pd.DataFrame, expectations: list[Any]) -> list[Any]:
+    """Run expectations on a frame through a GX checkpoint; results in expectation order."""
+    import great_expectations as gx
+
+    source = ctx.data_sources.get("recsys")
+    asset = source.add_dataframe_asset(f"{table}_{len(source.assets)}")
+    batch = asset.add_batch_definition_whole_dataframe("whole")
+    suite = ctx.suites.add(gx.ExpectationSuite(name=f"{table}_suite_{len(source.assets)}"))
+    for e in expectations:
+        suite.add_expectation(e)
+    vd = ctx.validation_definitions.add(
+        gx.ValidationDefinition(name=asset.name, data=batch, suite=suite)
+    )
+    checkpoint = ctx.checkpoints.add(
+        gx.Checkpoint(
+            name=f"{asset.name}_checkpoint",
+            validation_definitions=[vd],
+            result_format={"result_format": "COMPLETE"},
+        )
+    )
+    run = checkpoint.run(batch_parameters={"dataframe": df})
+    (validation,) = run.run_results.values()
+    by_id = {r.expectation_config.id: r for r in validation.results}
+    return [by_id[e.id] for e in suite.expectations]
+
+
+def _build_docs(ctx: Any) -> Path:
+    ctx.build_data_docs()
+    url = ctx.get_docs_sites_urls()[0]["site_url"]
+    return Path(url.removeprefix("file://"))
+
+
+# --- quarantine --------------------------------------------------------------------------
+
+
+def _quarantine_frame(raw: pd.DataFrame, failures: RowFailures) -> pd.DataFrame:
+    index = sorted(failures.by_row)
+    out = raw.loc[index].copy()
+    out["rule"] = [failures.by_row[i][0][0] for i in index]
+    out["reason"] = ["; ".join(reason for _, reason in failures.by_row[i]) for i in index]
+    # Arrow needs one type per column; a raw object column may mix types, so keep its text.
+    for c in out.columns:
+        if out[c].dtype == object:
+            out[c] = out[c].map(lambda v: v if v is None or isinstance(v, str) else repr(v))
+    return out.reset_index(drop=True)
+
+
+def _write_quarantine(df: pd.DataFrame, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(out_dir / "part-0.parquet", index=False)

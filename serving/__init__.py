@@ -1,0 +1,1 @@
+"""Serving: the TF Serving-compatible model server and the recommendation gateway."""
