@@ -108,8 +108,9 @@ def validate_data(
         config: thresholds and switches of the step.
         data_dir: the drop to check.
         out_dir: replaced by this run: accepted tables, quarantine/, report/, manifest.json.
-        as_of: the time that timestamps may not pass; defaults to the latest event time
-            recorded in the drop's manifest, else now. Pass the interval end from a scheduler.
+        as_of: the time that timestamps may not pass (plus a tolerance for clock skew);
+            defaults to now. A scheduler passes the end of the run's interval, which makes a
+            re-run of the same interval give the same result.
 
     Returns:
         The manifest: per table input, accepted, quarantined counts and quarantine reasons.

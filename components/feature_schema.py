@@ -1,0 +1,49 @@
+"""Names of the features that the feature layer produces and the models consume.
+
+One place for them, so the Feast definitions, the training data and the serving path agree
+on every name. A training frame (``components.features.build_training_data``) has one row
+per event with the event's own columns, its context, and each feature as it was known
+strictly before the event's timestamp (point in time).
+"""
+
+from __future__ import annotations
+
+# Event types that count as a positive interaction (the retriever's training signal).
+POSITIVE_EVENT_TYPES = ("click", "view", "add_to_cart", "purchase", "like", "rating")
+
+# Context derived from the event itself (known at request time).
+CONTEXT_FEATURES = ("hour", "device")
+
+# feature view "user_profile" (batch, from validated users)
+USER_PROFILE_FEATURES = ("age_bucket", "country", "signup_source")
+
+# feature view "item_attributes" (batch, from validated items)
+ITEM_ATTRIBUTE_FEATURES = ("category", "title", "description", "in_stock")
+
+
+def user_engagement_features(windows_days: list[int]) -> list[str]:
+    """feature view "user_engagement": counts over trailing windows (Int64 / Float32)."""
+    return [
+        name
+        for w in windows_days
+        for name in (f"user_events_{w}d", f"user_positives_{w}d", f"user_purchases_{w}d")
+    ]
+
+
+def item_popularity_features(windows_days: list[int]) -> list[str]:
+    """feature view "item_popularity": counts and click-through over trailing windows."""
+    return [
+        name
+        for w in windows_days
+        for name in (f"item_impressions_{w}d", f"item_positives_{w}d", f"item_ctr_{w}d")
+    ]
+
+
+# feature view "user_recent_items" (push source: updated by every accepted event)
+# recent_items: the user's last positive item ids, newest first, joined by a space.
+# session_items: item ids of the user's current session, newest first, joined by a space.
+RECENT_ITEM_FEATURES = ("recent_items", "session_id", "session_items")
+
+# Feature services: the models fetch by service name, never by a loose list.
+RETRIEVER_SERVICE = "retriever_v1"
+RANKER_SERVICE = "ranker_v1"
