@@ -18,10 +18,10 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-data_app = typer.Typer(
-    help="Bring data in: the synthetic generator and importers.", no_args_is_help=True
-)
+data_app = typer.Typer(help="Bring data in: the synthetic generator and importers.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+pipeline_app = typer.Typer(help="Run the whole pipeline in-process.", no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
 console = Console(stderr=True)
 
 
@@ -62,9 +62,7 @@ def data_generate(
     events_per_user_day: Annotated[
         float | None, typer.Option(help="Average events per user and day (default: config).")
     ] = None,
-    out: Annotated[
-        Path | None, typer.Option(help="Output data folder (default: <home>/data/raw).")
-    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Output data folder (default: <home>/data/raw).")] = None,
 ) -> None:
     """Generate seeded synthetic users, items and events with real structure."""
     from components.generate import GenerateParams, generate_to_folder
@@ -82,9 +80,7 @@ def data_generate(
         late_item_fraction=g.late_item_fraction,
     )
     out = out or s.raw_dir
-    with console.status(
-        f"generating {params.users} users, {params.items} items, {params.days} days"
-    ):
+    with console.status(f"generating {params.users} users, {params.items} items, {params.days} days"):
         manifest = generate_to_folder(params, out)
     _print_rows("generated", manifest["rows"], out)
 
@@ -92,12 +88,8 @@ def data_generate(
 @data_app.command("import-movielens")
 def data_import_movielens(
     ctx: typer.Context,
-    path: Annotated[
-        Path, typer.Argument(help="A MovieLens folder: ml-100k, ml-1m or ml-latest-small.")
-    ],
-    out: Annotated[
-        Path | None, typer.Option(help="Output data folder (default: <home>/data/raw).")
-    ] = None,
+    path: Annotated[Path, typer.Argument(help="A MovieLens folder: ml-100k, ml-1m or ml-latest-small.")],
+    out: Annotated[Path | None, typer.Option(help="Output data folder (default: <home>/data/raw).")] = None,
 ) -> None:
     """Import a MovieLens set (layout detected) into users, items and rating events."""
     from components.movielens import import_movielens
@@ -118,9 +110,7 @@ def validate(
     data: Annotated[
         Path | None, typer.Option(help="Data folder to check (default: <home>/data/raw).")
     ] = None,
-    out: Annotated[
-        Path | None, typer.Option(help="Output folder (default: <home>/data/validated).")
-    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: <home>/data/validated).")] = None,
     as_of: Annotated[
         datetime | None,
         typer.Option(
@@ -143,6 +133,28 @@ def validate(
             console.print(f"report: {report}")
         raise typer.Exit(1) from None
     _print_validation(manifest)
+
+
+@pipeline_app.command("run")
+def pipeline_run(
+    ctx: typer.Context,
+    interval_end: Annotated[
+        datetime | None,
+        typer.Option(help="End of the run's data interval (default: generate.end_date)."),
+    ] = None,
+) -> None:
+    """Run every pipeline step in order, the same functions the Airflow DAG calls."""
+    from components.pipeline import run_pipeline
+    from components.validation import ValidationError
+
+    s = _settings(ctx)
+    try:
+        manifests = run_pipeline(s, interval_end or s.generate.end_date, console)
+    except ValidationError as e:
+        console.print(f"[red]validation failed:[/red] {e}")
+        raise typer.Exit(1) from None
+    for name, m in manifests.items():
+        console.print(f"{name}: {m.get('path', '')}")
 
 
 @app.command("demo")

@@ -65,12 +65,22 @@ class FeaturesConfig(Section):
     project: str = "recsys"
 
 
+class SourceConfig(Section):
+    """Where the pipeline's ingest step reads from."""
+
+    # synthetic: the seeded generator (embedded default); movielens: a MovieLens folder;
+    # parquet: a data folder of users/, items/, events/ written by another system.
+    kind: Literal["synthetic", "movielens", "parquet"] = "synthetic"
+    path: Path | None = None
+
+
 class Settings(BaseModel):
     """The whole configuration. ``home`` holds every byte of runtime state."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     home: Path = Field(Path("var"), validate_default=True)
+    source: SourceConfig = SourceConfig()
     generate: GenerateConfig = GenerateConfig()
     validation: ValidationConfig = ValidationConfig()
     features: FeaturesConfig = FeaturesConfig()
@@ -96,6 +106,10 @@ class Settings(BaseModel):
     @property
     def runs_dir(self) -> Path:
         return self.home / "runs"
+
+    def run_dir(self, run_key: str) -> Path:
+        """The versioned folder of one pipeline run (one data interval)."""
+        return self.runs_dir / run_key
 
     @property
     def feast_dir(self) -> Path:
@@ -171,8 +185,7 @@ def load_settings(
     except ValidationError as e:
         where = f" in {path}" if path else ""
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}={err.get('input')!r}: {err['msg']}"
-            for err in e.errors()
+            f"{'.'.join(str(p) for p in err['loc'])}={err.get('input')!r}: {err['msg']}" for err in e.errors()
         )
         raise ConfigError(f"invalid configuration{where}: {problems}") from None
 

@@ -1,67 +1,97 @@
-"""The pipeline as one in-process run: the same step functions, in the order the DAG runs them."""
+"""The pipeline's steps in order, run in-process: what `recsys pipeline run` and the DAG call.
+
+Each ``run_<step>`` takes the settings and the run's interval, reads the outputs of the
+steps before it from the run's folder ``<home>/runs/<run_key>/<step>/``, writes its own
+there (replacing a previous attempt of the same interval) and returns the manifest.
+The Airflow tasks of ``dags/training_pipeline.py`` each call one of these functions.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
 from components.config import Settings
+from components.storage import read_manifest
+
+
+def run_key_for(interval_end: datetime) -> str:
+    """A run's folder name: the UTC date (and time, if not midnight) its interval ends."""
+    ts = pd.Timestamp(interval_end)
+    ts = ts.tz_convert("UTC") if ts.tzinfo else ts.tz_localize("UTC")
+    return ts.strftime("%Y-%m-%d") if ts == ts.normalize() else ts.strftime("%Y-%m-%dT%H%M%S")
+
+
+def step_dir(settings: Settings, run_key: str, step: str) -> Path:
+    return settings.run_dir(run_key) / step
+
+
+def run_ingest(settings: Settings, interval_end: datetime) -> dict[str, Any]:
+    """Ingest the configured source, events before ``interval_end``."""
+    from components.ingest import ingest
+
+    return ingest(settings, step_dir(settings, run_key_for(interval_end), "ingest"), interval_end)
+
+
+def run_validate(settings: Settings, interval_end: datetime) -> dict[str, Any]:
+    """Validate the ingested drop; timestamps may not pass ``interval_end``."""
+    from components.validation import validate_data
+
+    key = run_key_for(interval_end)
+    ingested = step_dir(settings, key, "ingest")
+    read_manifest(ingested)  # fails clearly when ingest has not finished
+    return validate_data(
+        settings.validation, ingested, step_dir(settings, key, "validate"), as_of=interval_end
+    )
+
+
+# The steps in the order the DAG runs them.
+STEPS: list[tuple[str, Callable[[Settings, datetime], dict[str, Any]]]] = [
+    ("ingest", run_ingest),
+    ("validate", run_validate),
+]
+
+
+def run_pipeline(
+    settings: Settings, interval_end: datetime, console: Console | None = None
+) -> dict[str, dict[str, Any]]:
+    """Run every step in order for one interval; returns each step's manifest."""
+    console = console or Console(stderr=True)
+    manifests: dict[str, dict[str, Any]] = {}
+    for i, (name, step) in enumerate(STEPS, start=1):
+        t0 = time.perf_counter()
+        with console.status(f"[{i}/{len(STEPS)}] {name}"):
+            manifests[name] = step(settings, interval_end)
+        console.print(f"[green]✓[/green] {name} ({time.perf_counter() - t0:.1f}s)")
+    return manifests
 
 
 def run_demo(settings: Settings, console: Console) -> dict[str, Any]:
-    """Generate the embedded synthetic data, validate it, and print a summary.
+    """Run the pipeline on the embedded synthetic data and print what a person looks at.
 
-    Later steps (features, training, serving) join here as they land; each prints what a
-    person would look at.
+    Later steps (features, training, serving) join as they land; each prints its summary.
     """
-    from components.generate import GenerateParams, generate_to_folder
-    from components.validation import validate_data
-
-    g = settings.generate
     started = time.perf_counter()
-    timings: dict[str, float] = {}
-    raw = settings.raw_dir
-    with console.status(f"[1/2] generating {g.users} users, {g.items} items, {g.days} days"):
-        t0 = time.perf_counter()
-        gen = generate_to_folder(
-            GenerateParams(
-                users=g.users,
-                items=g.items,
-                days=g.days,
-                seed=g.seed,
-                end_date=g.end_date,
-                events_per_user_day=g.events_per_user_day,
-                late_user_fraction=g.late_user_fraction,
-                late_item_fraction=g.late_item_fraction,
-            ),
-            raw,
-        )
-        timings["generate"] = time.perf_counter() - t0
-    console.print(f"[green]✓[/green] generated {_fmt_rows(gen['rows'])} -> {raw}")
-    with console.status("[2/2] validating with Great Expectations"):
-        t0 = time.perf_counter()
-        val = validate_data(settings.validation, raw, settings.validated_dir, as_of=g.end_date)
-        timings["validate"] = time.perf_counter() - t0
-    console.print(f"[green]✓[/green] validated -> {settings.validated_dir}")
-
-    t = Table(title="recsys demo: data in")
-    for c in ("table", "generated", "accepted", "quarantined"):
+    interval_end = settings.generate.end_date
+    console.print(
+        f"recsys demo: {settings.generate.users:,} users, {settings.generate.items:,} items, "
+        f"{settings.generate.days} days of synthetic events; state in {settings.home}"
+    )
+    manifests = run_pipeline(settings, interval_end, console)
+    val = manifests["validate"]
+    t = Table(title="data in")
+    for c in ("table", "ingested", "accepted", "quarantined"):
         t.add_column(c, justify="left" if c == "table" else "right")
     for name, row in val["tables"].items():
         t.add_row(name, f"{row['input']:,}", f"{row['accepted']:,}", f"{row['quarantined']:,}")
     console.print(t)
-    console.print(f"validation report: {Path(val['report'])}")
-    console.print(
-        "timings: "
-        + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
-        + f"; total {time.perf_counter() - started:.1f}s"
-    )
-    return {"generate": gen, "validate": val, "timings": timings}
-
-
-def _fmt_rows(rows: dict[str, int]) -> str:
-    return ", ".join(f"{v:,} {k}" for k, v in rows.items())
+    console.print(f"validation report: {val['report']}")
+    console.print(f"done in {time.perf_counter() - started:.1f}s")
+    return manifests

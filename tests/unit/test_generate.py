@@ -30,9 +30,7 @@ def test_same_seed_gives_identical_files_and_other_seed_differs(tmp_path):
 def test_tables_follow_the_contracts_and_reference_each_other():
     f = generate(tiny_params())
     users, items, events = f["users"], f["items"], f["events"]
-    assert (
-        users["user_id"].is_unique and items["item_id"].is_unique and events["event_id"].is_unique
-    )
+    assert users["user_id"].is_unique and items["item_id"].is_unique and events["event_id"].is_unique
     assert set(events["user_id"]) <= set(users["user_id"])
     assert set(events["item_id"]) <= set(items["item_id"])
     start = pd.Timestamp(TINY_END) - pd.Timedelta(days=6)

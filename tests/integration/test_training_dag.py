@@ -1,0 +1,72 @@
+"""The training DAG runs end to end with `airflow dags test` on tiny generated data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+AIRFLOW = REPO / ".venv" / "bin" / "airflow"
+
+
+def airflow_env(airflow_home: Path, recsys_home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "RECSYS"))}
+    env.update(
+        AIRFLOW_HOME=str(airflow_home),
+        AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "dags"),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__CORE__UNIT_TEST_MODE="False",
+        RECSYS_HOME=str(recsys_home),
+        RECSYS_GENERATE__USERS="150",
+        RECSYS_GENERATE__ITEMS="60",
+        RECSYS_GENERATE__DAYS="5",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        GX_ANALYTICS_ENABLED="false",
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def airflow_run(tmp_path_factory):
+    """One `airflow dags test training_pipeline` run, shared by the tests that read it."""
+    base = tmp_path_factory.mktemp("dagrun")
+    env = airflow_env(base / "airflow", base / "recsys")
+    subprocess.run([str(AIRFLOW), "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
+    proc = subprocess.run(
+        [str(AIRFLOW), "dags", "test", "training_pipeline", "2026-11-01"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+    )
+    (base / "dags_test.log").write_text(proc.stdout + proc.stderr)
+    return proc, base / "recsys"
+
+
+def test_dag_run_succeeds(airflow_run):
+    proc, _ = airflow_run
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "state=success" in log
+
+
+def test_dag_run_wrote_every_step_with_a_manifest(airflow_run):
+    _, home = airflow_run
+    run = home / "runs" / "2026-11-01"
+    ingest = json.loads((run / "ingest" / "manifest.json").read_text())
+    validate = json.loads((run / "validate" / "manifest.json").read_text())
+    assert ingest["rows"]["users"] == 150
+    assert validate["status"] == "passed"
+    for table, counts in validate["tables"].items():
+        assert counts["input"] == counts["accepted"] + counts["quarantined"]
+        assert len(pd.read_parquet(run / "validate" / table)) == counts["accepted"]
+    # Events stop at the interval's end.
+    assert pd.read_parquet(run / "validate" / "events")["ts"].max() < pd.Timestamp("2026-11-01", tz="UTC")
+    assert (run / "validate" / "report" / "index.html").is_file()
