@@ -1,0 +1,1 @@
+"""The recommendation gateway: recommendations, events, similar items, health and metrics."""

@@ -1,0 +1,129 @@
+"""The gateway's event log: every accepted event, durable before the answer, once per event_id.
+
+The embedded log is a SQLite database in WAL mode with ``synchronous=FULL``: a commit has
+reached the disk when ``append`` returns, so an event answered with a 2xx survives a
+SIGKILL of the gateway. ``event_id`` is the primary key, which makes a retried post
+idempotent (the duplicate is counted, not stored twice). Production swaps in a broker
+(Redis Streams) behind the same two methods.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from components.contracts import EVENTS, conform
+
+COLUMNS = [c.name for c in EVENTS.columns]
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    accepted: list[str]  # event ids stored by this call
+    duplicates: list[str]  # event ids already in the log (a retry): not stored again
+
+
+class SqliteEventLog:
+    """Append-only, idempotent, durable event log in one SQLite file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: the WAL is fsynced at every commit, so a 2xx means the event is on disk.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS events ("
+            " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+            " event_id TEXT NOT NULL UNIQUE,"
+            " user_id TEXT NOT NULL, item_id TEXT NOT NULL, event_type TEXT NOT NULL,"
+            " value REAL, ts TEXT NOT NULL, session_id TEXT NOT NULL, device TEXT NOT NULL,"
+            " request_id TEXT, body TEXT)"
+        )
+
+    def append(self, events: Sequence[dict[str, Any]]) -> AppendResult:
+        """Store events in one transaction; already-logged event ids are reported, not stored."""
+        accepted: list[str] = []
+        duplicates: list[str] = []
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for e in events:
+                    cur = self._db.execute(
+                        "INSERT OR IGNORE INTO events (event_id, user_id, item_id, event_type, value, ts,"
+                        " session_id, device, request_id, body) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        (
+                            e["event_id"],
+                            e["user_id"],
+                            e["item_id"],
+                            e["event_type"],
+                            e.get("value"),
+                            _iso(e["ts"]),
+                            e["session_id"],
+                            e["device"],
+                            e.get("request_id"),
+                            json.dumps(e, default=str),
+                        ),
+                    )
+                    (accepted if cur.rowcount == 1 else duplicates).append(e["event_id"])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return AppendResult(accepted, duplicates)
+
+    def count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+
+    def event_ids(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT event_id FROM events ORDER BY seq")]
+
+    def iter_since(self, seq: int = 0, batch: int = 10_000) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Events after sequence number ``seq``, oldest first (for export and replay)."""
+        last = seq
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT seq, {', '.join(COLUMNS)} FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                    (last, batch),
+                ).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                last = row[0]
+                yield last, dict(zip(COLUMNS, row[1:], strict=True))
+
+    def to_frame(self) -> pd.DataFrame:
+        """The whole log as a contract-shaped events frame (what ingest reads)."""
+        rows = [e for _, e in self.iter_since(0)]
+        df = pd.DataFrame(rows, columns=COLUMNS)
+        return conform(df, EVENTS)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _iso(ts: Any) -> str:
+    t = pd.Timestamp(ts)
+    return (t.tz_convert("UTC") if t.tzinfo else t.tz_localize("UTC")).isoformat()
+
+
+def write_log_events(log: SqliteEventLog, out_dir: Path) -> int:
+    """Export the log's events as an events dataset folder (for the pipeline's ingest)."""
+    from components.storage import write_table
+
+    df = log.to_frame()
+    write_table(df, Path(out_dir), EVENTS)
+    return len(df)

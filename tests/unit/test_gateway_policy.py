@@ -1,0 +1,52 @@
+"""Serving policy rules on hand-made inputs."""
+
+from collections import Counter
+
+import numpy as np
+
+from serving.gateway.policy import assign_arm, insert_exploration, mmr
+
+
+def test_arm_assignment_is_sticky_and_matches_fractions():
+    fractions = {"canary": 0.1, "holdout": 0.05}
+    arms = [assign_arm(f"u{i}", fractions) for i in range(20_000)]
+    assert arms == [assign_arm(f"u{i}", fractions) for i in range(20_000)]
+    c = Counter(arms)
+    # Binomial std at n=20k, p=0.1 is ~0.002: 0.01 is a 5-sigma band.
+    assert abs(c["canary"] / 20_000 - 0.10) < 0.01
+    assert abs(c["holdout"] / 20_000 - 0.05) < 0.01
+
+
+def test_growing_canary_moves_only_stable_users():
+    small = {f"u{i}": assign_arm(f"u{i}", {"canary": 0.1, "holdout": 0.05}) for i in range(5000)}
+    large = {f"u{i}": assign_arm(f"u{i}", {"canary": 0.3, "holdout": 0.05}) for i in range(5000)}
+    for u, arm in small.items():
+        if arm in ("canary", "holdout"):
+            assert large[u] == arm
+    assert sum(a == "canary" for a in large.values()) > sum(a == "canary" for a in small.values())
+
+
+def test_mmr_with_lambda_one_is_top_k_by_relevance():
+    rel = np.array([0.1, 0.9, 0.5, 0.7])
+    emb = np.eye(4)
+    assert mmr(rel, emb, 3, trade_off=1.0) == [1, 3, 2]
+
+
+def test_mmr_skips_a_near_duplicate():
+    # Items 0 and 1 are the same direction; 2 is orthogonal and a little less relevant.
+    rel = np.array([1.0, 0.95, 0.8])
+    emb = np.array([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0]])
+    # lambda 0.5: after picking 0, item 1 scores 0.5*0.75 - 0.5*1.0 < 0; item 2 scores 0.5*0 - 0 = 0.
+    assert mmr(rel, emb, 2, trade_off=0.5) == [0, 2]
+    assert mmr(rel, emb, 10, trade_off=0.5)[:2] == [0, 2]  # k larger than N is capped
+    assert len(mmr(rel, emb, 10, trade_off=0.5)) == 3
+
+
+def test_exploration_slot_keeps_the_head_and_no_duplicates():
+    ranked = ["a", "b", "c", "d", "e"]
+    out, explored = insert_exploration(ranked, ["new1", "c"], k=4, slots=1, position=2)
+    assert out == ["a", "b", "new1", "c"]
+    assert explored == {"new1"}
+    # An exploration candidate already in the list is not inserted twice.
+    out, explored = insert_exploration(ranked, ["b"], k=3, slots=1, position=1)
+    assert out == ["a", "b", "c"] and explored == set()
