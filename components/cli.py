@@ -20,6 +20,11 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Bring data in: the synthetic generator and importers.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+features_app = typer.Typer(
+    help="Features in Feast: build the tables, register the repo, load the online store.",
+    no_args_is_help=True,
+)
+app.add_typer(features_app, name="features")
 pipeline_app = typer.Typer(help="Run the whole pipeline in-process.", no_args_is_help=True)
 app.add_typer(pipeline_app, name="pipeline")
 console = Console(stderr=True)
@@ -128,9 +133,10 @@ def validate(
             manifest = validate_data(s.validation, data, out, as_of=as_of)
     except ValidationError as e:
         console.print(f"[red]validation failed:[/red] {e}")
-        report = out / "report" / "index.html"
-        if report.exists():
-            console.print(f"report: {report}")
+        for report in (out / "report" / "summary.html", out / "report" / "index.html"):
+            if report.exists():
+                console.print(f"report: {report}")
+                break
         raise typer.Exit(1) from None
     _print_validation(manifest)
 
@@ -155,6 +161,108 @@ def pipeline_run(
         raise typer.Exit(1) from None
     for name, m in manifests.items():
         console.print(f"{name}: {m.get('path', '')}")
+
+
+_StartOpt = Annotated[
+    datetime | None, typer.Option(help="Interval start, UTC (default: the earliest data).")
+]
+_EndOpt = Annotated[datetime | None, typer.Option(help="Interval end, UTC (default: the latest data).")]
+
+
+@features_app.command("build")
+def features_build(
+    ctx: typer.Context,
+    start: _StartOpt = None,
+    end: _EndOpt = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Validated data folder (default: <home>/data/validated).")
+    ] = None,
+) -> None:
+    """Compute the feature tables (daily snapshots, profiles, recent items) for [start, end).
+
+    Idempotent per interval: re-running the same days rewrites the same files.
+    """
+    from components.features import build_feature_tables, features_dir
+
+    s = _settings(ctx)
+    data, out = data or s.validated_dir, features_dir(s)
+    with console.status(f"building feature tables from {data}"):
+        manifest = build_feature_tables(s.features, data, out, start=start, end=end)
+    t = Table(
+        title=f"feature tables [{manifest['interval']['start']}, {manifest['interval']['end']}) -> {out}"
+    )
+    for c in ("table", "rows", "files"):
+        t.add_column(c, justify="left" if c == "table" else "right")
+    for name, row in manifest["tables"].items():
+        t.add_row(name, f"{row['rows']:,}", str(len(row["files"])))
+    console.print(t)
+
+
+@features_app.command("apply")
+def features_apply(ctx: typer.Context) -> None:
+    """Register feature_repo/ in the Feast registry under <home>/feast (`feast apply`)."""
+    from components.features import apply_feature_repo
+
+    s = _settings(ctx)
+    with console.status(f"feast apply ({s.features.online_store} online store)"):
+        manifest = apply_feature_repo(s)
+    t = Table(title=f"feast apply -> {manifest['registry']}")
+    t.add_column("kind")
+    t.add_column("names")
+    for kind in ("entities", "feature_views", "feature_services", "removed"):
+        t.add_row(kind, ", ".join(manifest[kind]) or "-")
+    console.print(t)
+    console.print(f"feast CLI on this store: feast -f {s.feast_dir / 'feature_store.yaml'} ui")
+
+
+@features_app.command("materialize")
+def features_materialize(ctx: typer.Context, start: _StartOpt = None, end: _EndOpt = None) -> None:
+    """Load the latest feature rows stamped from --start to --end (inclusive) into the online store."""
+    from components.features import FeatureRepoError, materialize
+
+    s = _settings(ctx)
+    try:
+        with console.status(f"materializing into the {s.features.online_store} online store"):
+            manifest = materialize(s, start=start, end=end)
+    except FeatureRepoError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    t = Table(title=f"materialized into {manifest['online_store']}")
+    t.add_column("interval")
+    t.add_column("feature views")
+    t.add_row(
+        f"{manifest['interval']['start']} .. {manifest['interval']['end']}",
+        ", ".join(manifest["feature_views"]),
+    )
+    console.print(t)
+
+
+@app.command("recommend")
+def recommend_cmd(
+    ctx: typer.Context,
+    users: Annotated[Path, typer.Option(help="File of user ids, one per line.")],
+    out: Annotated[Path, typer.Option(help="Output JSONL: {user_id, items} per line.")],
+    k: Annotated[int, typer.Option(help="Items per user.")] = 10,
+    data: Annotated[
+        Path | None, typer.Option(help="Validated data folder (default: the latest pipeline run's).")
+    ] = None,
+    label: Annotated[str, typer.Option(help="models.config version label to use.")] = "stable",
+    base_path: Annotated[Path | None, typer.Option(help="Model base path (default: <home>/models).")] = None,
+) -> None:
+    """Batch top-K unseen items per user from the pushed retrieval model."""
+    from components.recommend import recommend
+
+    try:
+        with console.status(f"recommending for {users}"):
+            s = _settings(ctx)
+            summary = recommend(s, users, k, out, data_dir=data, label=label, base_path=base_path)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    console.print(
+        f"{summary['users']:,} users ({summary['unknown_users']:,} unknown) -> {summary['path']} "
+        f"[{summary['model']} v{summary['version']} ({summary['label']}), {summary['mode']}]"
+    )
 
 
 @app.command("demo")

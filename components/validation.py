@@ -12,9 +12,9 @@ items) the step:
    items. GX names the failing rows (``unexpected_index_list``); for uniqueness the first
    occurrence is kept and the later ones are quarantined;
 4. writes accepted rows to ``<out>/<table>/`` and failed rows, as they came plus ``rule``
-   and ``reason``, to ``<out>/quarantine/<table>/``; the Data Docs report to
-   ``<out>/report/index.html``; and ``manifest.json`` with input, accepted and
-   quarantined counts that add up.
+   and ``reason``, to ``<out>/quarantine/<table>/``; a self-contained summary page
+   ``<out>/report/summary.html`` linking to GX Data Docs (``<out>/report/index.html``);
+   and ``manifest.json`` with input, accepted and quarantined counts that add up.
 
 A table whose quarantined fraction is above ``validation.max_bad_fraction`` fails the run
 (``BadFractionError``) after quarantine and report are written, so the reason can be read.
@@ -177,8 +177,9 @@ def validate_data(
                     f"{out_dir / 'quarantine' / name}"
                 )
             )
-    report = _build_docs(ctx)
+    data_docs = _build_docs(ctx)
     status = "failed" if errors else "passed"
+    report = _write_summary(out_dir, data_dir, as_of, tables, errors, data_docs)
     manifest = {
         "step": "validate",
         "status": status,
@@ -188,6 +189,7 @@ def validate_data(
         "tables": tables,
         "rows": {n: t["accepted"] for n, t in tables.items()},
         "report": str(report),
+        "data_docs": str(data_docs),
         "code_version": code_version(),
     }
     if errors:
@@ -524,6 +526,61 @@ def _build_docs(ctx: Any) -> Path:
     ctx.build_data_docs()
     url = ctx.get_docs_sites_urls()[0]["site_url"]
     return Path(url.removeprefix("file://"))
+
+
+# --- the page a person opens ----------------------------------------------------------------
+
+
+def _write_summary(
+    out_dir: Path,
+    data_dir: Path,
+    as_of: pd.Timestamp,
+    tables: dict[str, Any],
+    errors: list[ValidationError],
+    data_docs: Path,
+) -> Path:
+    """A self-contained HTML summary (no external assets) that links to the GX Data Docs.
+
+    GX's own index builds its tables with JavaScript from a CDN; this page reads the same
+    outcome offline: counts per table, quarantine reasons with examples, and the verdict.
+    """
+    from html import escape
+
+    rows = []
+    for name, t in tables.items():
+        reasons = "".join(
+            f"<li><code>{escape(rule)}</code>: {n:,}</li>" for rule, n in t["quarantine_by_rule"].items()
+        )
+        examples = ""
+        qdir = out_dir / "quarantine" / name
+        if t["quarantined"]:
+            sample = pd.read_parquet(qdir).groupby("rule", sort=True).head(2)[["rule", "reason"]]
+            examples = sample.to_html(index=False, escape=True, border=0)
+        rows.append(
+            f"<tr><td>{name}</td><td>{t['input']:,}</td><td>{t['accepted']:,}</td>"
+            f"<td>{t['quarantined']:,}</td><td>{100 * t['bad_fraction']:.2f}%</td>"
+            f"<td><ul>{reasons or '<li>none</li>'}</ul>{examples}</td></tr>"
+        )
+    verdict = (
+        "<p class=bad>FAILED: " + "<br>".join(escape(str(e)) for e in errors) + "</p>"
+        if errors
+        else "<p class=good>PASSED: every row accepted or quarantined with its reason.</p>"
+    )
+    docs_link = Path(data_docs).relative_to(out_dir / "report")
+    html = f"""<!doctype html><html><head><meta charset="utf-8"><title>recsys validation</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:.3em .6em;vertical-align:top;text-align:left}}
+.good{{color:#1a7f37;font-weight:bold}}.bad{{color:#cf222e;font-weight:bold}}</style></head><body>
+<h1>Validation of {escape(str(data_dir))}</h1>
+<p>as of {as_of.isoformat()}; output {escape(str(out_dir))}</p>{verdict}
+<table><tr><th>table</th><th>input</th><th>accepted</th><th>quarantined</th><th>bad</th>
+<th>quarantine reasons (rows) and examples</th></tr>{"".join(rows)}</table>
+<p>Expectation-level detail: <a href="{docs_link}">Great Expectations Data Docs</a>.
+Quarantined rows: <code>quarantine/&lt;table&gt;/</code> (the row as it came, plus rule and reason).</p>
+</body></html>"""
+    path = out_dir / "report" / "summary.html"
+    path.write_text(html)
+    return path
 
 
 # --- quarantine --------------------------------------------------------------------------

@@ -152,7 +152,10 @@ def test_accepted_rows_follow_the_contract(validated):
     assert str(ev["ts"].dtype) == "datetime64[us, UTC]"
     assert ev["value"].dtype == np.float64
     assert set(ev["user_id"]) <= set(pd.read_parquet(out / "users")["user_id"])
-    assert Path(manifest["report"]).is_file() and manifest["report"].endswith("index.html")
+    assert Path(manifest["report"]).is_file() and manifest["report"].endswith("summary.html")
+    assert Path(manifest["data_docs"]).is_file() and manifest["data_docs"].endswith("index.html")
+    summary = Path(manifest["report"]).read_text()
+    assert "PASSED" in summary and "duplicate_event" in summary and "teleport" in summary
     assert manifest["status"] == "passed"
 
 
@@ -209,6 +212,7 @@ def test_bad_fraction_above_threshold_fails_but_keeps_quarantine(tiny_raw, tmp_p
     assert len(_quarantine(tmp_path / "out", "events")) == len(ev) // 5 + 1
     assert not (tmp_path / "out" / "events").exists()  # nothing published downstream
     assert '"status": "failed"' in (tmp_path / "out" / "manifest.json").read_text()
+    assert "FAILED: table events" in (tmp_path / "out" / "report" / "summary.html").read_text()
 
 
 def test_cli_exits_nonzero_with_the_reason(tiny_raw, tmp_path):
