@@ -1,0 +1,243 @@
+"""One loaded model version (a *servable*): a SavedModel's signatures, ready to run.
+
+A SavedModel holds one or more *signatures*: named functions with typed, named inputs
+and outputs (``serving_default`` unless a request names another). TF Serving loads the
+meta graph tagged ``serve`` and runs a signature by feeding its input tensors and fetching
+its outputs. This stand-in loads the same directory with ``tf.saved_model.load`` and calls
+the signature's concrete function, and it reads the ``SignatureDef`` protos straight from
+``saved_model.pb``, so metadata answers carry exactly the tensor names, dtypes and shapes
+that TF Serving would report.
+
+Warm-up: a version may ship ``assets.extra/tf_serving_warmup_requests``, a TFRecord file of
+``PredictionLog`` records. They are replayed once at load, before the version is marked
+AVAILABLE, so the first real request does not pay for tracing and memory allocation;
+a failing record fails the load, and more than 1000 records is an error, as in TF Serving.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serving.model_server.errors import ServingError, failed_precondition, from_exception, invalid_argument
+from serving.model_server.tensors import DT_STRING, dtype_enum, dtype_name, ndarray_from_proto
+
+DEFAULT_SIGNATURE = "serving_default"
+SERVE_TAG = "serve"
+WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
+MAX_WARMUP_RECORDS = 1000
+
+
+def read_signature_defs(version_dir: Path, tags: Sequence[str] = (SERVE_TAG,)) -> dict[str, Any]:
+    """The ``SignatureDef`` protos of the meta graph tagged ``tags`` in ``saved_model.pb``.
+
+    Raises:
+        ServingError: DATA_LOSS when the file is not a SavedModel proto (a truncated or
+            corrupt push), NOT_FOUND when no meta graph has the tags.
+    """
+    from google.protobuf.message import DecodeError
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved_model = saved_model_pb2.SavedModel()
+    pb = version_dir / "saved_model.pb"
+    if pb.is_file():
+        try:
+            saved_model.ParseFromString(pb.read_bytes())
+        except DecodeError:
+            raise ServingError("DATA_LOSS", f"Can't parse {pb} as binary proto") from None
+    else:
+        from google.protobuf import text_format
+
+        txt = version_dir / "saved_model.pbtxt"
+        try:
+            text_format.Parse(txt.read_text(), saved_model)
+        except (OSError, text_format.ParseError) as e:
+            raise ServingError("DATA_LOSS", f"Can't parse {txt} as text proto: {e}") from None
+    wanted = set(tags)
+    for meta_graph in saved_model.meta_graphs:
+        if set(meta_graph.meta_info_def.tags) == wanted:
+            return dict(meta_graph.signature_def)
+    raise ServingError(
+        "NOT_FOUND",
+        "Could not find meta graph def matching supplied tags: { "
+        + " ".join(sorted(wanted))
+        + " }. To inspect available tag-sets in the SavedModel, please use the SavedModel CLI: "
+        "`saved_model_cli`",
+    )
+
+
+def _shape_dims(tensor_info: Any) -> list[int] | None:
+    shape = tensor_info.tensor_shape
+    return None if shape.unknown_rank else [d.size for d in shape.dim]
+
+
+class Servable:
+    """A model version that serves: signatures to run and their definitions to describe.
+
+    Args:
+        name: the model name (from ``models.config``).
+        version: the integer version (the folder name).
+        path: the version folder.
+        signature_defs: ``{signature name: SignatureDef}`` read from ``saved_model.pb``.
+        loaded: the object ``tf.saved_model.load`` returned (kept alive while serving).
+    """
+
+    def __init__(self, name: str, version: int, path: Path, signature_defs: dict[str, Any], loaded: Any):
+        self.name = name
+        self.version = version
+        self.path = path
+        self.signature_defs = signature_defs
+        self._loaded = loaded
+        self._functions: dict[str, Any] = dict(getattr(loaded, "signatures", {}))
+
+    @classmethod
+    def load(cls, name: str, version: int, path: Path, tags: Sequence[str] = (SERVE_TAG,)) -> Servable:
+        """Load a version folder; raise ``ServingError`` with TF's code when it cannot be served."""
+        os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+        signature_defs = read_signature_defs(path, tags)
+        import tensorflow as tf
+
+        try:
+            loaded = tf.saved_model.load(str(path), tags=list(tags))
+        except Exception as e:  # noqa: BLE001 - every load failure becomes the version's status
+            raise from_exception(e) from None
+        return cls(name, version, path, signature_defs, loaded)
+
+    def input_dtypes(self, signature_name: str) -> dict[str, int]:
+        """``{input alias: DataType}`` of a signature (what REST JSON is converted to)."""
+        sig = self.signature_defs[signature_name]
+        return {alias: info.dtype for alias, info in sig.inputs.items()}
+
+    def run(
+        self,
+        signature_name: str,
+        inputs: Mapping[str, np.ndarray],
+        output_filter: Sequence[str] = (),
+    ) -> tuple[str, dict[str, np.ndarray]]:
+        """Run one signature on input arrays; the checks and messages follow ``predict_util.cc``.
+
+        Args:
+            signature_name: the signature key; empty means ``serving_default``.
+            inputs: ``{alias: array}``; strings as object arrays of bytes.
+            output_filter: output aliases to return (all when empty).
+
+        Returns:
+            ``(signature name used, {output alias: array})``.
+
+        Raises:
+            ServingError: FAILED_PRECONDITION for an unknown signature, INVALID_ARGUMENT for
+                inputs that do not fit it, and the runtime's own code for failures while running.
+        """
+        signature_name = signature_name or DEFAULT_SIGNATURE
+        sig = self.signature_defs.get(signature_name)
+        fn = self._functions.get(signature_name)
+        if sig is None or fn is None:
+            raise failed_precondition(f'Serving signature key "{signature_name}" not found.')
+        expected = sorted(sig.inputs)
+        sent = sorted(inputs)
+        if len(sent) > len(expected) or (len(sent) < len(expected) and not sig.defaults):
+            extra = sorted(set(sent) - set(expected))
+            missing = sorted(set(expected) - set(sent))
+            raise invalid_argument(
+                f"input size does not match signature: {len(sent)}!={len(expected)} "
+                f"len({{{','.join(sent)}}}) != len({{{','.join(expected)}}}). "
+                f"Sent extra: {{{','.join(extra)}}}. Missing but required: {{{','.join(missing)}}}."
+            )
+        for alias in sent:
+            if alias not in sig.inputs:
+                raise invalid_argument(
+                    f"input tensor alias not found in signature: {alias}. "
+                    f"Inputs expected to be in the set {{{','.join(expected)}}}."
+                )
+        seen: set[str] = set()
+        for alias in output_filter:
+            if alias not in sig.outputs:
+                raise invalid_argument(
+                    f"output tensor alias not found in signature: {alias} "
+                    f"Outputs expected to be in the set {{{','.join(sorted(sig.outputs))}}}."
+                )
+            if alias in seen:
+                raise invalid_argument(f"duplicate output tensor alias: {alias}")
+            seen.add(alias)
+
+        import tensorflow as tf
+
+        feeds: dict[str, Any] = {}
+        for i, alias in enumerate(expected):
+            if alias not in inputs:
+                continue
+            info = sig.inputs[alias]
+            array = inputs[alias]
+            got = dtype_enum(array)
+            if got != info.dtype:
+                # The session's own wording when a fed tensor has the wrong dtype.
+                raise invalid_argument(
+                    f"Expects arg[{i}] to be {dtype_name(info.dtype)} but {dtype_name(got)} is provided"
+                )
+            dims = _shape_dims(info)
+            if dims is not None and (
+                array.ndim != len(dims)
+                or any(d >= 0 and d != s for d, s in zip(dims, array.shape, strict=True))
+            ):
+                raise invalid_argument(
+                    f"The shape of input {alias} is [{','.join(str(s) for s in array.shape)}] but the "
+                    f"signature expects [{','.join('?' if d < 0 else str(d) for d in dims)}]"
+                )
+            feeds[alias] = tf.constant(array, dtype=tf.as_dtype(info.dtype))
+        try:
+            result = fn(**feeds)
+        except tf.errors.OpError as e:
+            raise from_exception(e) from None
+        except (TypeError, ValueError) as e:
+            raise invalid_argument(str(e)) from None
+        wanted = list(output_filter) or sorted(sig.outputs)
+        outputs: dict[str, np.ndarray] = {}
+        for alias in wanted:
+            value = result[alias].numpy()
+            if sig.outputs[alias].dtype == DT_STRING and not isinstance(value, np.ndarray):
+                value = np.array(value, dtype=object)
+            outputs[alias] = np.asarray(value)
+        return signature_name, outputs
+
+    def warmup(self, iterations: int = 1) -> int:
+        """Replay ``assets.extra/tf_serving_warmup_requests`` (if any); return the records read.
+
+        Raises:
+            ServingError: when a record fails or there are more than 1000 of them.
+        """
+        path = self.path / WARMUP_FILE
+        if not path.is_file():
+            return 0
+        import tensorflow as tf
+        from tensorflow_serving.apis import prediction_log_pb2
+
+        records = 0
+        try:
+            raw = list(tf.data.TFRecordDataset(str(path)).as_numpy_iterator())
+        except tf.errors.OpError as e:
+            raise from_exception(e) from None
+        if len(raw) > MAX_WARMUP_RECORDS:
+            raise invalid_argument(
+                f"Number of warmup records exceeds the maximum ({MAX_WARMUP_RECORDS}) at {path}"
+            )
+        for data in raw:
+            log = prediction_log_pb2.PredictionLog()
+            log.ParseFromString(data)
+            kind = log.WhichOneof("log_type")
+            if kind != "predict_log":
+                raise ServingError("UNIMPLEMENTED", f"Unsupported log_type for warmup: {kind}")
+            request = log.predict_log.request
+            inputs = {alias: ndarray_from_proto(t) for alias, t in request.inputs.items()}
+            for _ in range(max(iterations, 1)):
+                self.run(request.model_spec.signature_name, inputs, list(request.output_filter))
+            records += 1
+        return records
+
+    def unload(self) -> None:
+        """Drop the references to the loaded graph so its memory can be reclaimed."""
+        self._functions = {}
+        self._loaded = None

@@ -1,0 +1,220 @@
+"""The model server process: gRPC and REST over one model manager, with TF Serving's flags.
+
+Startup follows ``tensorflow_model_server``: build the ``ModelServerConfig`` (from
+``--model_config_file``, or one model from ``--model_name``/``--model_base_path``), load
+every model's aspired versions and wait for them, *then* open the gRPC port and the REST
+port. A config that cannot be applied (a label on a version that is not loaded yet, a
+relative base path, a version that fails to load) stops startup with
+``Failed to start server. Error: ...``, as TF Serving does.
+
+While running: base paths are polled every ``--file_system_poll_wait_seconds`` (new
+versions load, old ones unload per policy), and ``models.config`` is re-read every
+``--model_config_file_poll_wait_seconds`` when that is above 0 (TF Serving's default is 0:
+the file is read once, and changes arrive through HandleReloadConfigRequest).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from serving.model_server import config as cfg
+from serving.model_server.errors import ServingError
+from serving.model_server.manager import CoreOptions, ServerCore
+from serving.model_server.metrics import PROMETHEUS_PATH, Metrics
+
+log = logging.getLogger("serving.model_server")
+
+
+@dataclass
+class ServerOptions:
+    """``tensorflow_model_server``'s flags that this server honours (same names, same defaults).
+
+    Two differ on purpose: ``rest_api_port`` defaults to 8501 (the binary's default is 0,
+    REST off, but the ``tensorflow/serving`` image passes 8501, and that is what production
+    runs); and Prometheus is on at ``/monitoring/prometheus/metrics`` unless a
+    ``monitoring_config_file`` says otherwise (the binary needs that file to turn it on).
+    ``host`` is not a TF Serving flag: TF Serving listens on all interfaces, tests bind
+    loopback.
+    """
+
+    port: int = 8500
+    rest_api_port: int = 8501
+    model_config_file: str = ""
+    model_config_file_poll_wait_seconds: int = 0
+    model_name: str = "default"
+    model_base_path: str = ""
+    file_system_poll_wait_seconds: int = 1
+    allow_version_labels_for_unavailable_models: bool = False
+    max_num_load_retries: int = 5
+    load_retry_interval_micros: int = 60_000_000
+    num_load_threads: int = 0
+    enable_model_warmup: bool = True
+    num_request_iterations_for_warmup: int = 1
+    saved_model_tags: str = "serve"
+    monitoring_config_file: str = ""
+    grpc_max_threads: int = 16
+    host: str = "0.0.0.0"
+
+    def core_options(self) -> CoreOptions:
+        return CoreOptions(
+            file_system_poll_wait_seconds=self.file_system_poll_wait_seconds,
+            max_num_load_retries=self.max_num_load_retries,
+            load_retry_interval_micros=self.load_retry_interval_micros,
+            num_load_threads=self.num_load_threads,
+            allow_version_labels_for_unavailable_models=self.allow_version_labels_for_unavailable_models,
+            enable_model_warmup=self.enable_model_warmup,
+            num_request_iterations_for_warmup=self.num_request_iterations_for_warmup,
+            saved_model_tags=tuple(t for t in self.saved_model_tags.split(",") if t),
+        )
+
+
+def initial_config(options: ServerOptions) -> cfg.ModelServerConfig:
+    """The config the server starts from (``--model_config_file`` wins over the single-model flags)."""
+    if options.model_config_file:
+        return cfg.read_model_server_config(options.model_config_file)
+    if options.model_base_path:
+        return cfg.single_model_config(options.model_name, options.model_base_path)
+    raise ServingError(
+        "INVALID_ARGUMENT",
+        "Both server_options.model_base_path and server_options.model_config_file are empty!",
+    )
+
+
+def prometheus_path(options: ServerOptions) -> str | None:
+    """Where metrics are served: the monitoring config's ``prometheus_config`` if one is given."""
+    if not options.monitoring_config_file:
+        return PROMETHEUS_PATH
+    # MonitoringConfig is not among tensorflow-serving-api's protos; its two fields are
+    # read off the text directly.
+    text = Path(options.monitoring_config_file).read_text()
+    if not re.search(r"enable\s*:\s*true", text):
+        return None
+    m = re.search(r'path\s*:\s*"([^"]*)"', text)
+    return m.group(1) if m and m.group(1) else PROMETHEUS_PATH
+
+
+class ModelServer:
+    """A running model server: manager, gRPC server, REST server and config-file poller.
+
+    Use ``start()`` / ``stop()`` (or ``serve_forever()`` for the command line).
+    """
+
+    def __init__(self, options: ServerOptions) -> None:
+        self.options = options
+        self.metrics = Metrics()
+        self.core = ServerCore(options.core_options(), self.metrics)
+        self.grpc_server: Any = None
+        self.grpc_port = 0
+        self.rest_port = 0
+        self._uvicorn: Any = None
+        self._rest_thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._config_text: str | None = None
+        self._poller: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Load the initial models, then open the ports. Raises ``ServingError`` if startup fails."""
+        os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # before the serving protos import TF
+        config = initial_config(self.options)
+        if self.options.model_config_file:
+            self._config_text = Path(self.options.model_config_file).read_text()
+        self.core.reload_config(config)
+
+        from serving.model_server.grpc_service import create_grpc_server
+
+        self.grpc_server, self.grpc_port = create_grpc_server(
+            self.core, self.metrics, self.options.port, self.options.host, self.options.grpc_max_threads
+        )
+        self.grpc_server.start()
+        log.info("Running gRPC ModelServer at %s:%d ...", self.options.host, self.grpc_port)
+        if self.options.rest_api_port > 0:
+            self._start_rest()
+        if self.options.model_config_file and self.options.model_config_file_poll_wait_seconds > 0:
+            self._poller = threading.Thread(target=self._poll_config_file, name="config-poll", daemon=True)
+            self._poller.start()
+
+    def _start_rest(self) -> None:
+        import uvicorn
+
+        from serving.model_server.rest import create_app
+
+        app = create_app(self.core, self.metrics, prometheus_path(self.options))
+        config = uvicorn.Config(
+            app,
+            host=self.options.host,
+            port=self.options.rest_api_port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
+        self._uvicorn = uvicorn.Server(config)
+        # uvicorn only captures signals on the main thread; serve_forever owns them here.
+        self._rest_thread = threading.Thread(target=self._uvicorn.run, name="rest", daemon=True)
+        self._rest_thread.start()
+        for _ in range(200):
+            if self._uvicorn.started or not self._rest_thread.is_alive():
+                break
+            self._stop.wait(0.05)
+        if not self._uvicorn.started:
+            raise OSError(
+                f"could not start the REST server on {self.options.host}:{self.options.rest_api_port}"
+            )
+        self.rest_port = self.options.rest_api_port
+        log.info("Exporting HTTP/REST API at:%s:%d ...", self.options.host, self.rest_port)
+
+    def _poll_config_file(self) -> None:
+        # As TF Serving's PollFilesystemAndReloadConfig: the file is applied at every poll,
+        # changed or not, so with polling on it overrides HandleReloadConfigRequest.
+        path = self.options.model_config_file
+        while not self._stop.wait(self.options.model_config_file_poll_wait_seconds):
+            try:
+                text = Path(path).read_text()
+                self.core.reload_config(cfg.parse_model_server_config(text, path))
+                if text != self._config_text:
+                    log.info("Reloaded model config from %s", path)
+                self._config_text = text
+            except (OSError, ServingError) as e:
+                # A bad poll is logged and the models keep serving as they were.
+                log.error("PollFilesystemAndReloadConfig failed to ReloadConfig: %s", e)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+        if self._rest_thread is not None:
+            self._rest_thread.join(timeout=5)
+        if self.grpc_server is not None:
+            self.grpc_server.stop(grace=1).wait(timeout=5)
+        self.core.stop()
+
+    def serve_forever(self) -> None:
+        """Block until SIGINT or SIGTERM, then shut down cleanly."""
+        done = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: done.set())
+        try:
+            while not done.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+
+def run_model_server(options: ServerOptions) -> int:
+    """Start, serve until a signal, and return the exit status (255 when startup fails, like TF)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = ModelServer(options)
+    try:
+        server.start()
+    except (ServingError, OSError) as e:
+        log.error("Failed to start server. Error: %s", e)
+        server.stop()
+        return 255
+    server.serve_forever()
+    return 0
