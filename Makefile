@@ -40,6 +40,7 @@ lint: $(STAMP) ## ruff
 
 bench: $(STAMP) ## Benchmarks (print tables; results go to BENCHMARKS.md)
 	$(BIN)/python -m bench.generate
+	$(BIN)/python -m bench.feature_lookup
 
 clean-state: ## Delete all runtime state (var/ or $$RECSYS_HOME)
 	rm -rf "$${RECSYS_HOME:-var}"

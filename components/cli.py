@@ -27,6 +27,8 @@ features_app = typer.Typer(
 app.add_typer(features_app, name="features")
 pipeline_app = typer.Typer(help="Run the whole pipeline in-process.", no_args_is_help=True)
 app.add_typer(pipeline_app, name="pipeline")
+serve_app = typer.Typer(help="Serve models: the TF Serving-compatible model server.", no_args_is_help=True)
+app.add_typer(serve_app, name="serve")
 console = Console(stderr=True)
 
 
@@ -182,12 +184,16 @@ def features_build(
 
     Idempotent per interval: re-running the same days rewrites the same files.
     """
-    from components.features import build_feature_tables, features_dir
+    from components.features import FeatureRepoError, build_feature_tables, features_dir
 
     s = _settings(ctx)
     data, out = data or s.validated_dir, features_dir(s)
-    with console.status(f"building feature tables from {data}"):
-        manifest = build_feature_tables(s.features, data, out, start=start, end=end)
+    try:
+        with console.status(f"building feature tables from {data}"):
+            manifest = build_feature_tables(s.features, data, out, start=start, end=end)
+    except (FileNotFoundError, FeatureRepoError) as e:
+        console.print(f"[red]error:[/red] {e} (run `recsys validate` first?)")
+        raise typer.Exit(2) from None
     t = Table(
         title=f"feature tables [{manifest['interval']['start']}, {manifest['interval']['end']}) -> {out}"
     )
@@ -201,11 +207,15 @@ def features_build(
 @features_app.command("apply")
 def features_apply(ctx: typer.Context) -> None:
     """Register feature_repo/ in the Feast registry under <home>/feast (`feast apply`)."""
-    from components.features import apply_feature_repo
+    from components.features import FeatureRepoError, apply_feature_repo
 
     s = _settings(ctx)
-    with console.status(f"feast apply ({s.features.online_store} online store)"):
-        manifest = apply_feature_repo(s)
+    try:
+        with console.status(f"feast apply ({s.features.online_store} online store)"):
+            manifest = apply_feature_repo(s)
+    except FeatureRepoError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
     t = Table(title=f"feast apply -> {manifest['registry']}")
     t.add_column("kind")
     t.add_column("names")
@@ -263,6 +273,111 @@ def recommend_cmd(
         f"{summary['users']:,} users ({summary['unknown_users']:,} unknown) -> {summary['path']} "
         f"[{summary['model']} v{summary['version']} ({summary['label']}), {summary['mode']}]"
     )
+
+
+class _TfFlagsCommand(typer.core.TyperCommand):
+    """Reads TF Serving's boolean flag forms: ``--flag``, ``--flag=true`` and ``--flag=false``."""
+
+    bool_flags = ("allow_version_labels_for_unavailable_models", "enable_model_warmup")
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        rewritten = []
+        for arg in args:
+            name, _, value = arg.removeprefix("--").partition("=")
+            value = value.lower()
+            if arg.startswith("--") and name in self.bool_flags and value in ("true", "false", "1", "0"):
+                arg = f"--{name}" if value in ("true", "1") else f"--no{name}"
+            rewritten.append(arg)
+        return super().parse_args(ctx, rewritten)
+
+
+@serve_app.command("model-server", cls=_TfFlagsCommand)
+def serve_model_server(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Option("--port", help="gRPC port (PredictionService, ModelService).")] = 8500,
+    rest_api_port: Annotated[
+        int, typer.Option("--rest_api_port", help="REST port; 0 turns REST off (the binary's default).")
+    ] = 8501,
+    model_config_file: Annotated[
+        str, typer.Option("--model_config_file", help="models.config (ModelServerConfig text proto).")
+    ] = "",
+    model_config_file_poll_wait_seconds: Annotated[
+        int, typer.Option("--model_config_file_poll_wait_seconds", help="Re-read models.config; 0: never.")
+    ] = 0,
+    model_name: Annotated[
+        str, typer.Option("--model_name", help="One model's name (without --model_config_file).")
+    ] = "default",
+    model_base_path: Annotated[
+        str, typer.Option("--model_base_path", help="One model's base path: <path>/<version>/saved_model.pb.")
+    ] = "",
+    file_system_poll_wait_seconds: Annotated[
+        int, typer.Option("--file_system_poll_wait_seconds", help="Poll base paths for versions; 0: once.")
+    ] = 1,
+    allow_version_labels_for_unavailable_models: Annotated[
+        bool,
+        typer.Option(
+            "--allow_version_labels_for_unavailable_models/--noallow_version_labels_for_unavailable_models",
+            help="Let a new label point at a version that is not loaded yet (also =true|false).",
+        ),
+    ] = False,
+    max_num_load_retries: Annotated[
+        int, typer.Option("--max_num_load_retries", help="Retries of a failed version load.")
+    ] = 5,
+    load_retry_interval_micros: Annotated[
+        int, typer.Option("--load_retry_interval_micros", help="Wait between load retries.")
+    ] = 60_000_000,
+    num_load_threads: Annotated[int, typer.Option("--num_load_threads", help="Parallel loads.")] = 0,
+    enable_model_warmup: Annotated[
+        bool,
+        typer.Option(
+            "--enable_model_warmup/--noenable_model_warmup",
+            help="Replay assets.extra/tf_serving_warmup_requests at load (also =true|false).",
+        ),
+    ] = True,
+    num_request_iterations_for_warmup: Annotated[
+        int, typer.Option("--num_request_iterations_for_warmup", help="Replays of each warm-up record.")
+    ] = 1,
+    saved_model_tags: Annotated[
+        str, typer.Option("--saved_model_tags", help="Meta graph tags, comma separated.")
+    ] = "serve",
+    monitoring_config_file: Annotated[
+        str, typer.Option("--monitoring_config_file", help="MonitoringConfig (prometheus_config) text proto.")
+    ] = "",
+    host: Annotated[
+        str, typer.Option("--host", help="Interface to bind (not a TF Serving flag; it binds all).")
+    ] = "0.0.0.0",
+) -> None:
+    """Serve SavedModels over TF Serving's gRPC and REST APIs, with tensorflow_model_server's flags.
+
+    A stand-in for tensorflow_model_server, which is not installable here; production runs
+    the tensorflow/serving image (google/tf-serving-scann for ScaNN ops). Without
+    --model_config_file and --model_base_path it serves <home>/models/models.config.
+    """
+    from serving.model_server.server import ServerOptions, run_model_server
+
+    if not model_config_file and not model_base_path:
+        default = _settings(ctx).models_dir / "models.config"
+        if default.is_file():
+            model_config_file = str(default)
+    options = ServerOptions(
+        port=port,
+        rest_api_port=rest_api_port,
+        model_config_file=model_config_file,
+        model_config_file_poll_wait_seconds=model_config_file_poll_wait_seconds,
+        model_name=model_name,
+        model_base_path=model_base_path,
+        file_system_poll_wait_seconds=file_system_poll_wait_seconds,
+        allow_version_labels_for_unavailable_models=allow_version_labels_for_unavailable_models,
+        max_num_load_retries=max_num_load_retries,
+        load_retry_interval_micros=load_retry_interval_micros,
+        num_load_threads=num_load_threads,
+        enable_model_warmup=enable_model_warmup,
+        num_request_iterations_for_warmup=num_request_iterations_for_warmup,
+        saved_model_tags=saved_model_tags,
+        monitoring_config_file=monitoring_config_file,
+        host=host,
+    )
+    raise typer.Exit(run_model_server(options))
 
 
 @app.command("demo")

@@ -74,6 +74,147 @@ class SourceConfig(Section):
     path: Path | None = None
 
 
+class TrainingConfig(Section):
+    """Hyperparameters of the two-tower retriever and the multi-objective ranker.
+
+    Defaults suit a catalog of thousands of items on a CPU; the quality check on MovieLens
+    (``bench/quality_check.py``) sets them through the same fields.
+    """
+
+    seed: int = 42
+    # Output dimension D of both towers (what the index and the gateway see).
+    embedding_dim: int = Field(64, ge=2)
+    # Width of id embeddings (users, items, history) and of small categorical features.
+    id_dim: int = Field(64, ge=1)
+    feature_dim: int = Field(8, ge=1)
+    text_dim: int = Field(32, ge=1)
+    hidden_units: list[int] = [128]
+    # Out-of-vocabulary buckets of the id lookups: unseen users and items hash into these.
+    num_oov_buckets: int = Field(8, ge=2)
+    # Fraction of training examples whose user / item id is replaced by an OOV bucket, so the
+    # OOV embeddings learn "an unknown id" and the towers learn to lean on features.
+    id_dropout: float = Field(0.1, ge=0, lt=1)
+    # Item ids of recent_items the query tower reads (newest first).
+    max_history: int = Field(50, ge=1)
+    # Train the retriever on a user's first positive per item only (serving filters seen items).
+    drop_repeat_positives: bool = True
+    # The history table is the candidate item table (true) or a table of its own (false).
+    share_item_embeddings: bool = False
+    text_max_tokens: int = Field(20000, ge=100)
+    text_sequence_length: int = Field(32, ge=4)
+    batch_size: int = Field(512, ge=8)
+    epochs: int = Field(20, ge=1)
+    learning_rate: float = Field(0.005, gt=0)
+    # Softmax temperature over L2-normalized embeddings (cosine / temperature); null: raw dot
+    # product without normalization.
+    temperature: float | None = Field(0.1, gt=0)
+    # Popularity (logQ) correction of in-batch negatives: popular items are over-sampled as
+    # negatives, so their logits are lowered by log(sampling probability).
+    logq_correction: bool = True
+    # A learned per-item prior (from id and content) as an extra embedding coordinate, so the
+    # dot product is affinity + prior; the exported D is then embedding_dim + 1.
+    item_bias: bool = True
+    # The last fraction of the training events (by time) is the validation split.
+    validation_fraction: float = Field(0.1, ge=0, lt=1)
+    early_stopping_patience: int = Field(2, ge=0)
+    # After early stopping, train again on all events for the best number of epochs.
+    refit_on_full: bool = False
+    ranker_epochs: int = Field(10, ge=1)
+    ranker_hidden_units: list[int] = [128, 64]
+    ranker_learning_rate: float = Field(0.003, gt=0)
+    # Sampled negatives per positive when the data has no impressions (MovieLens).
+    negatives_per_positive: int = Field(4, ge=1)
+    # Objectives of the ranker and their weights in the combined score.
+    objective_weights: dict[str, float] = {"click": 1.0, "engagement": 0.5}
+    # Dwell seconds that count as full engagement (log-scaled below it).
+    engagement_dwell_cap_seconds: float = Field(600.0, gt=0)
+
+    @field_validator("objective_weights")
+    @classmethod
+    def _known_objectives(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = set(v) - {"click", "engagement"}
+        if unknown or not v:
+            raise ValueError(f"objectives must be a non-empty subset of click, engagement; got {sorted(v)}")
+        return v
+
+
+class EvaluationConfig(Section):
+    """Offline evaluation on a time-based holdout, and the gate that blesses a model."""
+
+    # The last days of events form the holdout.
+    holdout_days: int = Field(7, ge=1)
+    ks: list[int] = [10, 50, 100]
+    # Retrieved candidates the ranker re-ranks.
+    rerank_depth: int = Field(200, ge=1)
+    # Blend of the re-ranked score: rank-normalized ranker score plus this weight times the
+    # rank-normalized retrieval score (0: the ranker alone decides).
+    retrieval_weight: float = Field(0.0, ge=0)
+    # The metric (slice "all") that gates a model, and which system it is read from.
+    gate_metric: str = "ndcg@10"
+    gate_model: Literal["retriever", "retriever_ranker"] = "retriever_ranker"
+    # A candidate may trail the serving model's gate metric by at most this much (absolute).
+    gate_margin: float = Field(0.02, ge=0)
+    # Users whose training event count is in this top fraction form the "heavy" slice.
+    heavy_user_fraction: float = Field(0.1, gt=0, le=1)
+
+    @field_validator("gate_metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        name, _, k = v.partition("@")
+        if name not in {"recall", "ndcg", "precision", "hit_rate", "mrr"} or (name != "mrr" and not k.isdigit()):
+            raise ValueError(f"unknown metric {v!r}: use recall@K, ndcg@K, precision@K, hit_rate@K or mrr")
+        return v
+
+
+class IndexConfig(Section):
+    """The ANN index over candidate embeddings (ScaNN), tuned to a recall target.
+
+    Parameters derive from the catalog size (``components.indexing.index_params``); the
+    knobs here scale that derivation rather than fix absolute numbers, so one setting
+    serves a 2k and a 1M catalog.
+    """
+
+    # Recall@recall_k against exact (dot product) search below which a build fails.
+    recall_target: float = Field(0.95, ge=0, le=1)
+    recall_k: int = Field(100, ge=1)
+    # Queries sampled to measure recall and latency at every build.
+    eval_queries: int = Field(500, ge=10)
+    # Below this many items exact search is fast enough and an ANN only costs recall.
+    brute_force_below: int = Field(2000, ge=0)
+    # Fraction of the ~sqrt(N) leaves searched per query, and the floor on that number.
+    leaves_to_search_fraction: float = Field(0.05, gt=0, le=1)
+    min_leaves_to_search: int = Field(10, ge=1)
+    # Asymmetric hashing: dimensions per 4-bit block (2 is ScaNN's accuracy-friendly choice).
+    dimensions_per_block: int = Field(2, ge=1)
+    # Exact re-scoring of reorder_multiplier * k hashed candidates before the final top k.
+    reorder_multiplier: int = Field(4, ge=1)
+    # When the derived setting misses the target: double leaves searched and reorder up to this
+    # many times (query-time settings, cheap) before the build fails.
+    max_tuning_steps: int = Field(3, ge=0)
+    # Std of the noise added to item embeddings (relative to their mean norm) when no real
+    # query embeddings are given to measure recall with.
+    query_noise: float = Field(0.1, ge=0)
+    seed: int = 0
+
+
+class PushConfig(Section):
+    """Publishing models to TF Serving's layout ``<base>/<model>/<version>/``."""
+
+    # Model base path (what tensorflow_model_server's --model_base_path points under);
+    # default <home>/models.
+    base_path: Path | None = None
+    retrieval_model: str = "retrieval"
+    ranking_model: str = "ranking"
+    # Candidates the retrieval model returns per query (capped at the catalog size).
+    retrieval_k: int = Field(1000, ge=1)
+    # Versions kept per model besides the labelled (stable, canary) ones.
+    keep_versions: int = Field(3, ge=1)
+    # Warm-up PredictionLog records per model (TF Serving reads at most 1000).
+    warmup_records: int = Field(32, ge=1, le=1000)
+    # The server build that a SavedModel holding ScaNN ops needs.
+    scann_server_image: str = "google/tf-serving-scann"
+
+
 class Settings(BaseModel):
     """The whole configuration. ``home`` holds every byte of runtime state."""
 
@@ -84,6 +225,10 @@ class Settings(BaseModel):
     generate: GenerateConfig = GenerateConfig()
     validation: ValidationConfig = ValidationConfig()
     features: FeaturesConfig = FeaturesConfig()
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    index: IndexConfig = IndexConfig()
+    push: PushConfig = PushConfig()
 
     @field_validator("home")
     @classmethod
@@ -114,6 +259,11 @@ class Settings(BaseModel):
     @property
     def feast_dir(self) -> Path:
         return self.home / "feast"
+
+    @property
+    def models_dir(self) -> Path:
+        """TF Serving's model base path: ``<base>/<model>/<version>/`` and ``models.config``."""
+        return self.push.base_path or self.home / "models"
 
     @classmethod
     def env_bindings(cls) -> dict[str, str]:

@@ -47,3 +47,12 @@ RECENT_ITEM_FEATURES = ("recent_items", "session_id", "session_items")
 # Feature services: the models fetch by service name, never by a loose list.
 RETRIEVER_SERVICE = "retriever_v1"
 RANKER_SERVICE = "ranker_v1"
+
+# The retriever's candidate tower (item content and popularity), embedded offline at index
+# build: a service of its own so that a request for one user never reads item rows.
+RETRIEVER_CANDIDATE_SERVICE = "retriever_candidates_v1"
+
+# Values a training or serving row gets where a feature has no value yet (a new user, an item
+# without impressions, an event before the first snapshot): counts 0, rates 0.0, text "",
+# stock False. Text "" rather than "unknown" keeps a missing value apart from a known one.
+FEATURE_DEFAULTS_BY_KIND = {"count": 0, "rate": 0.0, "text": "", "flag": False}

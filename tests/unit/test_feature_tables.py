@@ -1,0 +1,128 @@
+"""Pure feature computations on hand-made frames; each expected value is worked out in a comment."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from components.features import (
+    item_popularity_table,
+    next_recent_state,
+    recent_items_table,
+    snapshot_stamp,
+    user_engagement_table,
+    window_counts,
+)
+
+T = pd.Timestamp
+
+
+def _events(rows: list[tuple]) -> pd.DataFrame:
+    """(event_id, user_id, item_id, event_type, ts, session_id) tuples -> an events frame."""
+    df = pd.DataFrame(rows, columns=["event_id", "user_id", "item_id", "event_type", "ts", "session_id"])
+    df["ts"] = pd.to_datetime(df["ts"], utc=True, format="ISO8601")
+    return df
+
+
+def test_snapshot_is_stamped_at_the_last_microsecond_of_its_day() -> None:
+    assert snapshot_stamp(T("2026-10-05 13:00", tz="UTC")) == T("2026-10-05 23:59:59.999999", tz="UTC")
+
+
+def test_window_counts_over_trailing_days() -> None:
+    # User a: events on Oct 1 (x2), Oct 2 (x1), Oct 4 (x1). User b signs up on Oct 3, no events.
+    keys = pd.Series(["a", "a", "a", "a"])
+    ts = pd.Series(
+        pd.to_datetime(
+            ["2026-10-01 08:00", "2026-10-01 23:59:59.999999", "2026-10-02 00:00", "2026-10-04 12:00"],
+            utc=True,
+            format="ISO8601",
+        )
+    )
+    since = pd.Series(
+        pd.to_datetime(["2026-09-01", "2026-10-03 10:00"], utc=True, format="ISO8601"), index=["a", "b"]
+    )
+    days = [T(f"2026-10-0{d}", tz="UTC") for d in (2, 3, 4)]
+    out = window_counts(keys, ts, {"n": np.ones(4)}, since, days, [1, 3])
+    got = {(r.key, r.event_timestamp.day): (r.n_1d, r.n_3d) for r in out.itertuples()}
+    assert got == {
+        # Oct 2: 1d = the Oct 2 event; 3d = Sep 30..Oct 2 = 2 (Oct 1, the last one at 23:59:59.999999) + 1.
+        ("a", 2): (1, 3),
+        # Oct 3: nothing that day; 3d = Oct 1..3 = 3. b signed up at 10:00, so it has a row: zeros.
+        ("a", 3): (0, 3),
+        ("b", 3): (0, 0),
+        # Oct 4: 1d = 1; 3d = Oct 2..4 = 1 (Oct 2) + 1 (Oct 4); Oct 1 has left the window.
+        ("a", 4): (1, 2),
+        ("b", 4): (0, 0),
+    }
+    # b is absent on Oct 2: not signed up by that snapshot, so it has no row at all.
+    assert set(out[out["event_timestamp"].dt.day == 2]["key"]) == {"a"}
+
+
+def test_user_engagement_counts_positives_and_purchases() -> None:
+    ev = _events(
+        [
+            ("e1", "a", "i1", "impression", "2026-10-01 10:00", "s1"),
+            ("e2", "a", "i1", "click", "2026-10-01 10:01", "s1"),
+            ("e3", "a", "i1", "purchase", "2026-10-01 10:02", "s1"),
+            ("e4", "a", "i2", "skip", "2026-10-01 10:03", "s1"),
+        ]
+    )
+    users = pd.DataFrame({"user_id": ["a"], "signup_ts": pd.to_datetime(["2026-01-01"], utc=True)})
+    row = user_engagement_table(ev, users, [T("2026-10-01", tz="UTC")], [1]).iloc[0]
+    # 4 events; click and purchase are positive (impression and skip are not); one purchase.
+    assert (row.user_events_1d, row.user_positives_1d, row.user_purchases_1d) == (4, 2, 1)
+
+
+def test_item_ctr_is_clicks_per_impression() -> None:
+    ev = _events(
+        [
+            ("e1", "a", "i1", "impression", "2026-10-01 10:00", "s1"),
+            ("e2", "b", "i1", "impression", "2026-10-01 11:00", "s2"),
+            ("e3", "c", "i1", "impression", "2026-10-01 12:00", "s3"),
+            ("e4", "d", "i1", "impression", "2026-10-01 13:00", "s4"),
+            ("e5", "a", "i1", "click", "2026-10-01 10:00:05", "s1"),
+            ("e6", "a", "i1", "view", "2026-10-01 10:00:10", "s1"),
+            ("e7", "z", "i2", "rating", "2026-10-01 09:00", "s9"),
+        ]
+    )
+    items = pd.DataFrame(
+        {"item_id": ["i1", "i2"], "published_ts": pd.to_datetime(["2026-01-01"] * 2, utc=True)}
+    )
+    out = item_popularity_table(ev, items, [T("2026-10-01", tz="UTC")], [7]).set_index("item_id")
+    # i1: 4 impressions, 1 click -> ctr 0.25; click and view are both positives -> 2.
+    assert out.loc["i1", "item_impressions_7d"] == 4
+    assert out.loc["i1", "item_positives_7d"] == 2
+    assert out.loc["i1", "item_ctr_7d"] == np.float32(0.25)
+    # i2 was rated but never shown: ctr is 0.0, not a division by zero.
+    assert out.loc["i2", "item_ctr_7d"] == 0.0 and out.loc["i2", "item_positives_7d"] == 1
+
+
+def test_recent_state_dedupes_caps_and_resets_the_session() -> None:
+    s = None
+    s = next_recent_state(s, {"item_id": "i1", "event_type": "click", "session_id": "s1"}, 3)
+    s = next_recent_state(s, {"item_id": "i2", "event_type": "impression", "session_id": "s1"}, 3)
+    assert s == {"recent_items": "i1", "session_id": "s1", "session_items": "i1"}  # impression adds nothing
+    s = next_recent_state(s, {"item_id": "i2", "event_type": "view", "session_id": "s2"}, 3)
+    # New session: its items start empty; recent items carry over.
+    assert s == {"recent_items": "i2 i1", "session_id": "s2", "session_items": "i2"}
+    for item in ("i3", "i1", "i4"):
+        s = next_recent_state(s, {"item_id": item, "event_type": "purchase", "session_id": "s2"}, 3)
+    # i1 moves to the front instead of repeating; only the 3 newest are kept.
+    assert s["recent_items"] == "i4 i1 i3"
+
+
+def test_recent_items_table_has_a_row_per_change_and_carries_state_into_the_interval() -> None:
+    ev = _events(
+        [
+            ("e1", "a", "i1", "click", "2026-10-01 10:00", "s1"),
+            ("e2", "a", "i2", "impression", "2026-10-02 09:00", "s1"),  # no change: no row
+            ("e3", "a", "i2", "click", "2026-10-02 09:01", "s1"),
+            ("e4", "a", "i3", "click", "2026-10-02 09:01", "s1"),  # same instant as e3: one row
+            ("e5", "a", "i9", "impression", "2026-10-03 09:00", "s2"),  # after the interval
+        ]
+    )
+    out = recent_items_table(ev, 5, start=T("2026-10-02", tz="UTC"), end=T("2026-10-03", tz="UTC"))
+    # Only Oct 2 rows; e1 (Oct 1) is not written but its i1 is remembered.
+    assert out[["event_timestamp", "recent_items", "session_items"]].values.tolist() == [
+        [T("2026-10-02 09:01", tz="UTC"), "i3 i2 i1", "i3 i2 i1"],
+    ]
