@@ -52,10 +52,49 @@ def run_validate(settings: Settings, interval_end: datetime) -> dict[str, Any]:
     )
 
 
+def validated_dir(settings: Settings, interval_end: datetime) -> Path:
+    """The run's validated data; fails clearly when validation has not finished."""
+    out = step_dir(settings, run_key_for(interval_end), "validate")
+    manifest = read_manifest(out)
+    if manifest.get("status") != "passed":
+        raise RuntimeError(f"validation of {out} did not pass: {manifest.get('errors')}")
+    return out
+
+
+def run_build_features(settings: Settings, interval_end: datetime) -> dict[str, Any]:
+    """Compute the feature tables from the run's validated data, days before ``interval_end``."""
+    from components.features import build_feature_tables, features_dir
+
+    return build_feature_tables(
+        settings.features, validated_dir(settings, interval_end), features_dir(settings), end=interval_end
+    )
+
+
+def run_apply_features(settings: Settings, interval_end: datetime) -> dict[str, Any]:
+    """Register feature_repo/ in the Feast registry (`feast apply`); idempotent."""
+    from components.features import apply_feature_repo
+
+    del interval_end  # the repo's definitions do not depend on the interval
+    return apply_feature_repo(settings)
+
+
+def run_materialize(settings: Settings, interval_end: datetime) -> dict[str, Any]:
+    """Load feature rows up to the interval's end into the online store."""
+    from components.features import materialize
+
+    # Feast's materialize window is inclusive; the last snapshot of the interval is stamped
+    # at the last microsecond before its end.
+    end = pd.Timestamp(interval_end) - pd.Timedelta(microseconds=1)
+    return materialize(settings, end=end.to_pydatetime())
+
+
 # The steps in the order the DAG runs them.
 STEPS: list[tuple[str, Callable[[Settings, datetime], dict[str, Any]]]] = [
     ("ingest", run_ingest),
     ("validate", run_validate),
+    ("build_features", run_build_features),
+    ("apply_features", run_apply_features),
+    ("materialize", run_materialize),
 ]
 
 

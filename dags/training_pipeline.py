@@ -1,27 +1,32 @@
-"""Training pipeline: ingest, validate (and, as they land, features, train, evaluate, index, push).
+"""Training pipeline: ingest, validate, features (build, apply, materialize), then the models.
 
-Wiring only: each task imports and calls one function of ``components.pipeline`` inside its
-body, so the DAG processor parses this file without importing TensorFlow, Feast or GX.
-The run's data interval end is passed to every step; re-running an interval replaces that
-interval's outputs (``<home>/runs/<date>/<step>/``) and gives the same result.
+Wiring only: each task imports and calls one step function of ``components.pipeline``
+inside its body, so the DAG processor parses this file without importing TensorFlow, Feast
+or GX. The run's data interval end is passed to every step; re-running an interval replaces
+that interval's outputs (``<home>/runs/<date>/<step>/``) and gives the same result.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from airflow.sdk import Asset, dag, task
 
 DOC = """
 ### recsys training pipeline
 
-Each task calls one step function from `components/` (the same ones `recsys pipeline run`
-calls). Outputs land in `$RECSYS_HOME/runs/<interval end date>/<step>/`, each with a
-`manifest.json`; the task returns that manifest's path.
+Each task calls one step function from `components/pipeline.py` (the same ones
+`recsys pipeline run` calls, in the same order). Outputs land in
+`$RECSYS_HOME/runs/<interval end date>/<step>/` with a `manifest.json`; each task returns
+its manifest's path and prints the numbers worth reading.
 
 * **ingest**: the configured source (synthetic, MovieLens, or a Parquet drop) into Parquet.
-* **validate**: Great Expectations suites; bad rows to quarantine; the HTML report's path
-  is in the task log. The task fails when a table rule breaks or too many rows are bad.
+* **validate**: Great Expectations suites; bad rows to quarantine; the report's path is in
+  the log. Fails when a table rule breaks or too many rows are bad.
+* **build_features**: daily feature tables from the validated data (Feast file sources).
+* **apply_features**: `feast apply` of `feature_repo/`.
+* **materialize**: the online store gets the latest rows up to the interval's end.
 """
 
 DEFAULT_ARGS = {
@@ -34,14 +39,29 @@ DEFAULT_ARGS = {
 }
 
 VALIDATED_DATA = Asset("recsys://validated-data")
+FEATURE_TABLES = Asset("recsys://feature-tables")
+ONLINE_FEATURES = Asset("recsys://online-store")
 
 
-def _interval_end(context: dict) -> datetime:
+def _interval_end(context: dict[str, Any]) -> datetime:
     # Manual and `dags test` runs may carry no data interval; their logical date stands in.
     end = context.get("data_interval_end") or context.get("logical_date")
     if end is None:
         raise ValueError("the run has neither a data interval nor a logical date")
     return end
+
+
+def _run_step(name: str, context: dict[str, Any]) -> dict[str, Any]:
+    """Call ``components.pipeline.run_<name>`` for this run's interval and log its manifest."""
+    from components import pipeline
+    from components.config import settings_from_environment
+
+    step = getattr(pipeline, f"run_{name}")
+    manifest = step(settings_from_environment(), _interval_end(context))
+    for key in ("rows", "tables", "report", "interval", "feature_views", "path"):
+        if key in manifest:
+            print(f"{name} {key}: {manifest[key]}")
+    return manifest
 
 
 @dag(
@@ -56,26 +76,26 @@ def _interval_end(context: dict) -> datetime:
 )
 def training_pipeline() -> None:
     @task
-    def ingest(**context) -> str:
-        from components.config import settings_from_environment
-        from components.pipeline import run_ingest
-
-        manifest = run_ingest(settings_from_environment(), _interval_end(context))
-        print(f"ingested rows: {manifest['rows']}")
-        return f"{manifest['path']}/manifest.json"
+    def ingest(**context: Any) -> str:
+        return _run_step("ingest", context)["path"]
 
     @task(outlets=[VALIDATED_DATA])
-    def validate(ingest_manifest: str, **context) -> str:
-        from components.config import settings_from_environment
-        from components.pipeline import run_validate
+    def validate(_: str, **context: Any) -> str:
+        return _run_step("validate", context)["path"]
 
-        manifest = run_validate(settings_from_environment(), _interval_end(context))
-        for table, counts in manifest["tables"].items():
-            print(f"{table}: {counts}")
-        print(f"validation report: {manifest['report']}")
-        return f"{manifest['path']}/manifest.json"
+    @task(outlets=[FEATURE_TABLES])
+    def build_features(_: str, **context: Any) -> str:
+        return _run_step("build_features", context)["path"]
 
-    validate(ingest())
+    @task
+    def apply_features(_: str, **context: Any) -> str:
+        return _run_step("apply_features", context)["registry"]
+
+    @task(outlets=[ONLINE_FEATURES])
+    def materialize(_: str, **context: Any) -> str:
+        return str(_run_step("materialize", context)["interval"])
+
+    materialize(apply_features(build_features(validate(ingest()))))
 
 
 training_pipeline()

@@ -60,7 +60,13 @@ def test_training_pipeline_wiring_and_defaults(dagbag):
     dag = dagbag.dags["training_pipeline"]
     assert dag.catchup is False
     assert "recsys" in dag.tags and dag.doc_md
-    assert dag.task_dict["validate"].upstream_task_ids == {"ingest"}
+    # The DAG runs the pipeline's steps, in the pipeline's order (it never lags the CLI).
+    from components.pipeline import STEPS
+
+    names = [name for name, _ in STEPS]
+    assert set(dag.task_dict) >= set(names)
+    for before, after in zip(names, names[1:], strict=False):
+        assert before in dag.task_dict[after].upstream_task_ids, (before, after)
     for t in dag.tasks:
         assert t.retries >= 1, t.task_id
         assert t.execution_timeout is not None, t.task_id

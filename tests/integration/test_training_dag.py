@@ -69,4 +69,8 @@ def test_dag_run_wrote_every_step_with_a_manifest(airflow_run):
         assert len(pd.read_parquet(run / "validate" / table)) == counts["accepted"]
     # Events stop at the interval's end.
     assert pd.read_parquet(run / "validate" / "events")["ts"].max() < pd.Timestamp("2026-11-01", tz="UTC")
-    assert (run / "validate" / "report" / "index.html").is_file()
+    assert (run / "validate" / "report" / "summary.html").is_file()
+    features = json.loads((home / "features" / "manifest.json").read_text())
+    assert features["tables"]["user_engagement"]["rows"] > 0
+    assert (home / "feast" / "registry.db").is_file()
+    assert (home / "feast" / "online_store.db").is_file()
