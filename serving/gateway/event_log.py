@@ -13,7 +13,7 @@ import json
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,21 @@ COLUMNS = [c.name for c in EVENTS.columns]
 class AppendResult:
     accepted: list[str]  # event ids stored by this call
     duplicates: list[str]  # event ids already in the log (a retry): not stored again
+
+
+@dataclass(frozen=True)
+class ServedRequest:
+    """What the gateway answered one recommendation request with."""
+
+    request_id: str
+    user_id: str
+    arm: str  # stable | canary | holdout
+    versions: dict[str, int | None]  # model name -> version that served (None: not used)
+    ts: Any
+    latency_ms: float
+    status: str  # ok | error
+    fallback: str | None = None  # the fallback used, if any
+    items: list[str] = field(default_factory=list)
 
 
 class SqliteEventLog:
@@ -48,6 +63,15 @@ class SqliteEventLog:
             " user_id TEXT NOT NULL, item_id TEXT NOT NULL, event_type TEXT NOT NULL,"
             " value REAL, ts TEXT NOT NULL, session_id TEXT NOT NULL, device TEXT NOT NULL,"
             " request_id TEXT, body TEXT)"
+        )
+        # One row per served recommendation request: which arm and model versions answered,
+        # how fast, and whether a fallback was used. Outcomes (clicks, purchases...) join to it
+        # by request_id; the canary analysis reads both.
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS requests ("
+            " request_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, arm TEXT NOT NULL,"
+            " versions TEXT, ts TEXT NOT NULL, latency_ms REAL, status TEXT NOT NULL,"
+            " fallback TEXT, items TEXT)"
         )
 
     def append(self, events: Sequence[dict[str, Any]]) -> AppendResult:
@@ -80,6 +104,39 @@ class SqliteEventLog:
                 self._db.execute("ROLLBACK")
                 raise
         return AppendResult(accepted, duplicates)
+
+    def log_request(self, record: ServedRequest) -> None:
+        """Record a served request (its impressions go through ``append`` as events)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO requests (request_id, user_id, arm, versions, ts, latency_ms,"
+                " status, fallback, items) VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    record.request_id,
+                    record.user_id,
+                    record.arm,
+                    json.dumps(record.versions),
+                    _iso(record.ts),
+                    record.latency_ms,
+                    record.status,
+                    record.fallback,
+                    json.dumps(record.items),
+                ),
+            )
+
+    def requests_frame(self) -> pd.DataFrame:
+        """Every served request: request_id, user_id, arm, versions, ts, latency_ms, status, fallback."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT request_id, user_id, arm, versions, ts, latency_ms, status, fallback FROM requests"
+            ).fetchall()
+        df = pd.DataFrame(
+            rows,
+            columns=["request_id", "user_id", "arm", "versions", "ts", "latency_ms", "status", "fallback"],
+        )
+        df["versions"] = df["versions"].map(lambda v: json.loads(v) if v else {})
+        df["ts"] = pd.to_datetime(df["ts"], utc=True)
+        return df
 
     def count(self) -> int:
         with self._lock:

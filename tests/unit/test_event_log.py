@@ -44,3 +44,37 @@ def test_a_failing_batch_stores_nothing(tmp_path):
     except KeyError:
         pass
     assert log.count() == 0
+
+
+def test_served_requests_are_recorded_for_the_canary_analysis(tmp_path):
+    from serving.gateway.event_log import ServedRequest
+
+    log = SqliteEventLog(tmp_path / "events.db")
+    log.log_request(
+        ServedRequest(
+            request_id="r1",
+            user_id="u1",
+            arm="canary",
+            versions={"retrieval": 2, "ranking": 2},
+            ts="2026-11-01T10:00:00Z",
+            latency_ms=12.5,
+            status="ok",
+            items=["i1", "i2"],
+        )
+    )
+    log.log_request(
+        ServedRequest(
+            request_id="r2",
+            user_id="u2",
+            arm="holdout",
+            versions={},
+            ts="2026-11-01T10:00:01Z",
+            latency_ms=3.0,
+            status="ok",
+            fallback="global_popularity",
+        )
+    )
+    df = log.requests_frame()
+    assert list(df["arm"]) == ["canary", "holdout"]
+    assert df.loc[0, "versions"] == {"retrieval": 2, "ranking": 2}
+    assert df.loc[1, "fallback"] == "global_popularity"
