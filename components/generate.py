@@ -88,7 +88,8 @@ def generate(params: GenerateParams) -> dict[str, pd.DataFrame]:
     age_pref = rng.dirichlet(np.full(n_cat, 0.5), size=6)
     country_pref = rng.dirichlet(np.full(n_cat, 1.0), size=len(COUNTRIES))
     prior = 0.7 * age_pref[age_idx] + 0.3 * country_pref[country_idx]
-    taste = np.vstack([rng.dirichlet(0.6 + 4.0 * p) for p in prior])
+    # Concentrated tastes (total concentration ~2): most users care for two or three categories.
+    taste = np.vstack([rng.dirichlet(0.05 + 2.0 * p) for p in prior])
     user_latent = rng.normal(0, 1, size=(n_u, latent_dim)) / np.sqrt(latent_dim)
     activity = rng.lognormal(mean=0.0, sigma=1.0, size=n_u)
     late_user = rng.random(n_u) < params.late_user_fraction

@@ -1,0 +1,187 @@
+"""Benchmark: offline quality on real MovieLens data, through the whole pipeline.
+
+Protocol (close to Microsoft Recommenders' MovieLens benchmark): a per-user stratified
+random split, 75% of each user's ratings to train and 25% to test (seed 42); the pipeline
+runs on the train split as any user would run it (ingest a Parquet drop, validate, features,
+train, evaluate, gate, index, push); `recsys recommend` gives the top 10 from the pushed
+models with each user's training items excluded; every test rating counts as relevant.
+Metrics: NDCG@10, Precision@10, Recall@10 and MAP@10 (MAP's denominator is the user's
+number of relevant items, as in the published table), averaged over test users, beside a
+popularity baseline on the same split.
+
+Run: `.venv/bin/python -m bench.quality [--set ml-100k|ml-latest-small] [--home DIR]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from components.config import load_settings
+from components.metrics import ndcg_at_k, precision_at_k, recall_at_k
+from components.movielens import load_movielens
+from components.storage import write_data_folder
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# Microsoft Recommenders, MovieLens 100K, top-10 (their benchmark notebook).
+PUBLISHED_100K = {
+    "SAR": {"ndcg@10": 0.382, "precision@10": 0.331, "recall@10": 0.176, "map@10": 0.111},
+    "NCF": {"ndcg@10": 0.396, "precision@10": 0.347, "recall@10": 0.181, "map@10": 0.108},
+    "LightGCN": {"ndcg@10": 0.420, "precision@10": 0.363, "recall@10": 0.189, "map@10": 0.089},
+    "BPR": {"ndcg@10": 0.442, "precision@10": 0.388, "recall@10": 0.213, "map@10": 0.132},
+    "BiVAE": {"ndcg@10": 0.475, "precision@10": 0.412, "recall@10": 0.219, "map@10": 0.146},
+}
+
+
+def stratified_split(
+    events: pd.DataFrame, ratio: float = 0.75, seed: int = 42
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per user, a random ``ratio`` of their ratings to train and the rest to test."""
+    rng = np.random.default_rng(seed)
+    events = events.sort_values(["user_id", "ts", "item_id"], kind="stable").reset_index(drop=True)
+    order = rng.random(len(events))
+    rank = pd.Series(order).groupby(events["user_id"].to_numpy()).rank(method="first").to_numpy()
+    sizes = events.groupby("user_id")["user_id"].transform("size").to_numpy()
+    in_train = rank <= np.round(ratio * sizes)
+    return events[in_train].reset_index(drop=True), events[~in_train].reset_index(drop=True)
+
+
+def average_precision_at_k(ranked: Sequence[str], relevant: set[str], k: int) -> float:
+    hits, total = 0, 0.0
+    for i, item in enumerate(ranked[:k], start=1):
+        if item in relevant:
+            hits += 1
+            total += hits / i
+    return total / len(relevant) if relevant else 0.0
+
+
+def score(recs: dict[str, list[str]], test: pd.DataFrame, k: int = 10) -> dict[str, float]:
+    relevant = test.groupby("user_id")["item_id"].agg(set).to_dict()
+    rows = []
+    for user, rel in relevant.items():
+        ranked = recs.get(user, [])
+        rows.append(
+            (
+                ndcg_at_k(ranked, rel, k),
+                precision_at_k(ranked, rel, k),
+                recall_at_k(ranked, rel, k),
+                average_precision_at_k(ranked, rel, k),
+            )
+        )
+    m = np.mean(rows, axis=0)
+    return {"ndcg@10": m[0], "precision@10": m[1], "recall@10": m[2], "map@10": m[3], "users": len(rows)}
+
+
+def popularity_recs(train: pd.DataFrame, users: Sequence[str], k: int) -> dict[str, list[str]]:
+    ranked = train["item_id"].value_counts().index.tolist()
+    seen = train.groupby("user_id")["item_id"].agg(set).to_dict()
+    out = {}
+    for u in users:
+        s = seen.get(u, set())
+        out[u] = [i for i in ranked if i not in s][:k]
+    return out
+
+
+def run(dataset: str, home: Path, console: Console, overrides: dict[str, Any]) -> dict[str, Any]:
+    from components.pipeline import run_pipeline
+    from components.recommend import recommend
+
+    frames = load_movielens(SHARED_DATA / dataset)
+    train, test = stratified_split(frames["events"])
+    drop = home / "drop"
+    write_data_folder({"users": frames["users"], "items": frames["items"], "events": train}, drop)
+    interval_end = (pd.to_datetime(train["ts"], utc=True).max() + pd.Timedelta(days=1)).ceil("D")
+    settings = load_settings(
+        overrides={
+            "home": str(home / "state"),
+            "source.kind": "parquet",
+            "source.path": str(drop),
+            "validation.future_tolerance_seconds": 0,
+            **overrides,
+        }
+    )
+    t0 = time.perf_counter()
+    manifests = run_pipeline(settings, interval_end.to_pydatetime(), console)
+    pipeline_s = time.perf_counter() - t0
+    if "push" not in manifests or manifests["push"].get("skipped"):
+        gate = manifests.get("gate", {})
+        raise SystemExit(f"the gate refused the model, nothing to recommend from: {gate.get('reason')}")
+    users = sorted(test["user_id"].unique())
+    users_file = home / "users.txt"
+    users_file.write_text("\n".join(users) + "\n")
+    out = home / "recs.jsonl"
+    validated = Path(manifests["validate"]["path"])
+    recommend(settings, users_file, 10, out, data_dir=validated)
+    recs = {r["user_id"]: r["items"] for r in map(json.loads, out.read_text().splitlines())}
+    seen = train.groupby("user_id")["item_id"].agg(set).to_dict()
+    leaked = sum(len(set(items) & seen.get(u, set())) for u, items in recs.items())
+    model = score(recs, test)
+    popularity = score(popularity_recs(train, users, 10), test)
+    evaluation = manifests["evaluate"]
+    return {
+        "dataset": dataset,
+        "ratings": {"train": len(train), "test": len(test)},
+        "model": model,
+        "popularity": popularity,
+        "train_items_returned": leaked,
+        "pipeline_seconds": pipeline_s,
+        "gate": manifests["gate"],
+        "time_holdout": evaluation.get("headline") or evaluation.get("blessing"),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--set", dest="datasets", action="append", choices=["ml-100k", "ml-latest-small"])
+    p.add_argument("--home", type=Path, default=None, help="Keep state here (default: a temp dir).")
+    p.add_argument("--override", action="append", default=[], help="dotted.key=value (YAML value)")
+    args = p.parse_args()
+    import yaml
+
+    overrides = {}
+    for o in args.override:
+        key, _, value = o.partition("=")
+        overrides[key] = yaml.safe_load(value)
+    console = Console()
+    results = []
+    for dataset in args.datasets or ["ml-100k", "ml-latest-small"]:
+        with tempfile.TemporaryDirectory() as tmp:
+            home = args.home / dataset if args.home else Path(tmp)
+            home.mkdir(parents=True, exist_ok=True)
+            results.append(run(dataset, home, console, overrides))
+    t = Table(title="MovieLens top-10, 75/25 per-user stratified random split (seed 42)")
+    for c in ("data set", "system", "NDCG@10", "Precision@10", "Recall@10", "MAP@10"):
+        t.add_column(c, justify="left" if c in ("data set", "system") else "right")
+    for r in results:
+        for system in ("model", "popularity"):
+            m = r[system]
+            name = "recsys (retriever + ranker)" if system == "model" else "popularity"
+            t.add_row(
+                r["dataset"],
+                name,
+                *(f"{m[x]:.3f}" for x in ("ndcg@10", "precision@10", "recall@10", "map@10")),
+            )
+        if r["dataset"] == "ml-100k":
+            for name, m in PUBLISHED_100K.items():
+                t.add_row("ml-100k", f"{name} (published)", *(f"{m[x]:.3f}" for x in m))
+    console.print(t)
+    for r in results:
+        console.print(
+            f"{r['dataset']}: {r['ratings']['train']:,} train / {r['ratings']['test']:,} test ratings; "
+            f"pipeline {r['pipeline_seconds']:.0f}s; training items returned: {r['train_items_returned']}"
+        )
+    print(json.dumps(results, indent=2, default=lambda v: float(v) if isinstance(v, np.floating) else str(v)))
+
+
+if __name__ == "__main__":
+    main()

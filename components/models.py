@@ -1,0 +1,400 @@
+"""The Keras models of the recommender: a two-tower retriever and a multi-objective ranker.
+
+A recommender answers in two stages. *Retrieval* narrows a catalog of thousands to millions
+of items to a few hundred candidates, fast: a query tower embeds the request (who, what they
+just did, when, on which device) and a candidate tower embeds every item offline; the
+nearest item embeddings by dot product are the candidates (ScaNN finds them at scale).
+*Ranking* then scores each (user, item) candidate pair with richer features (popularity,
+the pair's interaction) and predicts several outcomes at once: will the user click, how much
+will they engage. A weighted sum of those predictions orders the final list.
+
+Both are ``tfrs.Model`` subclasses built with ``tf_keras`` (Keras 2): TFRS needs it. Import
+this module only after ``TF_USE_LEGACY_KERAS=1`` is set (``components.training`` does it).
+
+Every lookup (ids, categories, words) lives inside the models, so an exported SavedModel
+takes raw strings and numbers: the serving side never needs a vocabulary file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+import tf_keras as keras
+
+CATEGORY_SEPARATOR = "|"
+MAX_CATEGORIES = 4  # an item has one or two; more are ignored
+
+
+def split_tokens(text: tf.Tensor, max_len: int, sep: str | None = None) -> tf.Tensor:
+    """``[B]`` strings -> ``[B, max_len]`` tokens, truncated, padded with "" (the mask token)."""
+    ragged = tf.strings.split(text, sep=sep)[:, :max_len]
+    return ragged.to_tensor(default_value="", shape=[None, max_len])
+
+
+def bag_mean(ids: tf.Tensor, table: keras.layers.Embedding) -> tf.Tensor:
+    """Mean embedding of a bag of ids ``[B, L]``, ignoring padding (id 0); zeros for an empty bag."""
+    emb = table(ids)
+    mask = tf.cast(tf.not_equal(ids, 0), emb.dtype)[..., tf.newaxis]
+    return tf.reduce_sum(emb * mask, axis=1) / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
+
+
+def id_lookup(vocabulary: Sequence[str], num_oov: int, name: str) -> keras.layers.StringLookup:
+    """Ids to indices: 0 is padding (""), 1..num_oov the hashed buckets of unseen ids, then the vocabulary.
+
+    Several OOV buckets rather than one keep unseen ids apart from each other a little (they
+    hash to different rows), and id dropout in training teaches those rows what "an id the
+    model has not seen" is worth.
+    """
+    return keras.layers.StringLookup(
+        vocabulary=list(vocabulary), mask_token="", num_oov_indices=num_oov, name=name
+    )
+
+
+def drop_ids(indices: tf.Tensor, rate: float, num_oov: int, training: bool | None) -> tf.Tensor:
+    """In training, replace a fraction ``rate`` of known ids by an OOV bucket (1..num_oov).
+
+    The bucket is a function of the id (``index % num_oov``), like the hash of a new id. At
+    serving no id is dropped.
+    """
+    if not training or rate <= 0:
+        return indices
+    known = indices > num_oov
+    drop = tf.random.uniform(tf.shape(indices)) < rate
+    bucket = 1 + indices % num_oov
+    return tf.where(known & drop, bucket, indices)
+
+
+class CategoricalEmbedding(keras.layers.Layer):
+    """A small categorical feature (age bucket, country, device) as an embedding; one OOV row."""
+
+    def __init__(self, vocabulary: Sequence[str], dim: int, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.lookup = keras.layers.StringLookup(vocabulary=list(vocabulary), num_oov_indices=1)
+        self.embedding = keras.layers.Embedding(len(vocabulary) + 1, dim)
+
+    def call(self, values: tf.Tensor) -> tf.Tensor:
+        return self.embedding(self.lookup(values))
+
+
+def mlp(units: Sequence[int], out_dim: int | None, name: str) -> keras.Sequential:
+    layers: list[keras.layers.Layer] = [keras.layers.Dense(u, activation="relu") for u in units]
+    if out_dim is not None:
+        layers.append(keras.layers.Dense(out_dim))
+    return keras.Sequential(layers, name=name)
+
+
+class QueryTower(keras.Model):
+    """Embeds a request: user id, profile, the user's recent items and the context.
+
+    A user the model never saw hashes to an OOV bucket; their profile, recent items and
+    context still place them (a new user with two clicks already gets a personal query).
+    The recent items are averaged item-id embeddings: "more of what you just touched".
+    """
+
+    def __init__(
+        self,
+        *,
+        users: Sequence[str],
+        item_lookup: keras.layers.StringLookup,
+        history_table: keras.layers.Embedding,
+        profile_vocab: Mapping[str, Sequence[str]],
+        embedding_dim: int,
+        id_dim: int,
+        feature_dim: int,
+        hidden_units: Sequence[int],
+        num_oov: int,
+        id_dropout: float,
+        max_history: int,
+        normalize: bool,
+        item_bias: bool = False,
+        item_categories: Mapping[str, str] | None = None,  # item id -> primary category
+        categories: Sequence[str] = (),
+    ) -> None:
+        super().__init__(name="query_tower")
+        self.item_bias = item_bias
+        # The categories of the user's recent items, from a catalog table frozen into the
+        # tower: a taste profile that generalizes across items (clicks on three sports items
+        # say "sports", whichever items they were).
+        self.history_categories = None
+        if item_categories:
+            keys = tf.constant(list(item_categories), dtype=tf.string)
+            values = tf.constant(list(item_categories.values()), dtype=tf.string)
+            self.history_categories = tf.lookup.StaticHashTable(
+                tf.lookup.KeyValueTensorInitializer(keys, values), default_value=""
+            )
+            self.category_lookup = keras.layers.StringLookup(
+                vocabulary=list(categories), mask_token="", num_oov_indices=1
+            )
+            self.category_embedding = keras.layers.Embedding(
+                len(categories) + 2, id_dim, name="history_category_embedding"
+            )
+        self.num_oov, self.id_dropout, self.max_history, self.normalize = (
+            num_oov,
+            id_dropout,
+            max_history,
+            normalize,
+        )
+        self.user_lookup = id_lookup(users, num_oov, "user_lookup")
+        self.user_embedding = keras.layers.Embedding(len(users) + num_oov + 1, id_dim, name="user_embedding")
+        self.item_lookup = item_lookup
+        self.history_table = history_table
+        self.profile = {
+            name: CategoricalEmbedding(vocab, feature_dim, name=f"{name}_embedding")
+            for name, vocab in profile_vocab.items()
+        }
+        self.hour_embedding = keras.layers.Embedding(24, feature_dim, name="hour_embedding")
+        self.head = mlp(hidden_units, embedding_dim, "query_mlp")
+
+    def call(self, features: Mapping[str, tf.Tensor], training: bool | None = None) -> tf.Tensor:
+        user = drop_ids(self.user_lookup(features["user_id"]), self.id_dropout, self.num_oov, training)
+        history = self.item_lookup(split_tokens(features["recent_items"], self.max_history))
+        hour = tf.clip_by_value(tf.cast(features["hour"], tf.int32), 0, 23)
+        parts = [
+            self.user_embedding(user),
+            bag_mean(history, self.history_table),
+            self.hour_embedding(hour),
+            *(layer(features[name]) for name, layer in self.profile.items()),
+        ]
+        if self.history_categories is not None:
+            tokens = split_tokens(features["recent_items"], self.max_history)
+            # Primary category of each recent item ("" for padding and unknown items).
+            primary = self.history_categories.lookup(tokens)
+            parts.append(bag_mean(self.category_lookup(primary), self.category_embedding))
+        out = self.head(tf.concat(parts, axis=1))
+        out = tf.math.l2_normalize(out, axis=1) if self.normalize else out
+        if self.item_bias:
+            # A constant last coordinate: its product with the item's bias coordinate adds the
+            # bias to every dot product (see CandidateTower).
+            out = tf.concat([out, tf.ones_like(out[:, :1])], axis=1)
+        return out
+
+
+class CandidateTower(keras.Model):
+    """Embeds an item from its id, its categories and the words of its title and description.
+
+    The content path (categories, text) is what lets an item nobody has touched yet land
+    near its peers: its id falls in an OOV bucket, its words and categories do not.
+    """
+
+    def __init__(
+        self,
+        *,
+        item_lookup: keras.layers.StringLookup,
+        item_table: keras.layers.Embedding,
+        categories: Sequence[str],
+        text_vectorizer: keras.layers.TextVectorization,
+        embedding_dim: int,
+        feature_dim: int,
+        text_dim: int,
+        hidden_units: Sequence[int],
+        num_oov: int,
+        id_dropout: float,
+        normalize: bool,
+        item_bias: bool = False,
+    ) -> None:
+        super().__init__(name="candidate_tower")
+        self.item_bias = item_bias
+        self.bias = keras.layers.Dense(1, name="item_bias")
+        self.num_oov, self.id_dropout, self.normalize = num_oov, id_dropout, normalize
+        self.item_lookup = item_lookup
+        self.item_table = item_table
+        self.category_lookup = keras.layers.StringLookup(
+            vocabulary=list(categories), mask_token="", num_oov_indices=1, name="category_lookup"
+        )
+        self.category_embedding = keras.layers.Embedding(
+            len(categories) + 2, max(feature_dim, text_dim), name="category_embedding"
+        )
+        self.text_vectorizer = text_vectorizer
+        self.text_embedding = keras.layers.Embedding(
+            text_vectorizer.vocabulary_size(), text_dim, name="text_embedding"
+        )
+        self.head = mlp(hidden_units, embedding_dim, "candidate_mlp")
+
+    def call(self, features: Mapping[str, tf.Tensor], training: bool | None = None) -> tf.Tensor:
+        item = drop_ids(self.item_lookup(features["item_id"]), self.id_dropout, self.num_oov, training)
+        cats = self.category_lookup(split_tokens(features["category"], MAX_CATEGORIES, CATEGORY_SEPARATOR))
+        words = self.text_vectorizer(tf.strings.join([features["title"], features["description"]], " "))
+        parts = [
+            self.item_table(item),
+            bag_mean(cats, self.category_embedding),
+            bag_mean(words, self.text_embedding),
+        ]
+        x = tf.concat(parts, axis=1)
+        out = self.head(x)
+        out = tf.math.l2_normalize(out, axis=1) if self.normalize else out
+        if self.item_bias:
+            # The item's prior (how likely anyone picks it, learned from its id and content) as
+            # an extra coordinate: dot-product search (exact or ScaNN) then ranks by
+            # affinity + prior without any change.
+            out = tf.concat([out, self.bias(x)], axis=1)
+        return out
+
+
+class TwoTowerRetriever(tfrs.Model):
+    """Two-tower retrieval trained with a sampled softmax over in-batch negatives.
+
+    For each (query, positive item) in a batch, every other item of the batch is a negative.
+    Items appear in batches in proportion to their popularity, so the softmax over-penalizes
+    popular items; the logQ correction subtracts log(sampling probability) from each logit,
+    which makes the loss an unbiased estimate of the full softmax. Accidental hits (the
+    positive item appearing again as another row's item) are removed from the negatives.
+    """
+
+    def __init__(
+        self,
+        query_model: QueryTower,
+        candidate_model: CandidateTower,
+        temperature: float | None,
+        logq_correction: bool,
+    ) -> None:
+        super().__init__()
+        self.query_model = query_model
+        self.candidate_model = candidate_model
+        self.logq_correction = logq_correction
+        self.task = tfrs.tasks.Retrieval(
+            # Mean over the batch: losses read in nats per positive, whatever the batch size.
+            loss=keras.losses.CategoricalCrossentropy(
+                from_logits=True, reduction=keras.losses.Reduction.SUM_OVER_BATCH_SIZE
+            ),
+            temperature=temperature,
+            remove_accidental_hits=True,
+        )
+
+    def compute_loss(self, features: Mapping[str, tf.Tensor], training: bool = False) -> tf.Tensor:
+        query = self.query_model(features, training=training)
+        candidate = self.candidate_model(features, training=training)
+        return self.task(
+            query,
+            candidate,
+            candidate_sampling_probability=features["sampling_probability"] if self.logq_correction else None,
+            candidate_ids=features["item_id"],
+            compute_metrics=False,
+            compute_batch_metrics=False,
+        )
+
+
+class MultiObjectiveRanker(tfrs.Model):
+    """Scores (user, item, context) candidates for several objectives and combines them.
+
+    Heads: ``click`` (probability that a shown item is clicked) and ``engagement`` (expected
+    engagement in [0, 1]: dwell, rating, purchase, zero when not clicked). Each is a
+    ``tfrs.tasks.Ranking`` task; the losses add up. The served ``score`` is the weighted sum
+    with ``objective_weights``, a business decision that can change without retraining the
+    heads' meaning.
+
+    The network sees the user side (id, profile, recent items, context, engagement counts),
+    the item side (id, categories, popularity counts) and their element-wise product (the
+    pair's affinity), then a shared MLP feeds one sigmoid head per objective.
+    """
+
+    def __init__(
+        self,
+        *,
+        users: Sequence[str],
+        items: Sequence[str],
+        categories: Sequence[str],
+        profile_vocab: Mapping[str, Sequence[str]],
+        numeric_features: Sequence[str],
+        numeric_normalizer: keras.layers.Normalization | None,
+        objective_weights: Mapping[str, float],
+        id_dim: int,
+        feature_dim: int,
+        hidden_units: Sequence[int],
+        num_oov: int,
+        id_dropout: float,
+        max_history: int,
+        item_categories: Mapping[str, str] | None = None,  # item id -> primary category
+    ) -> None:
+        super().__init__(name="ranker")
+        self.num_oov, self.id_dropout, self.max_history = num_oov, id_dropout, max_history
+        # As in the query tower: the categories of the recent items, a taste profile that the
+        # candidate's own categories are matched against (same embedding table).
+        self.history_categories = None
+        if item_categories:
+            self.history_categories = tf.lookup.StaticHashTable(
+                tf.lookup.KeyValueTensorInitializer(
+                    tf.constant(list(item_categories), dtype=tf.string),
+                    tf.constant(list(item_categories.values()), dtype=tf.string),
+                ),
+                default_value="",
+            )
+        self.objective_weights = dict(objective_weights)
+        self.numeric_features = list(numeric_features)
+        self.user_numeric = [n for n in self.numeric_features if n.startswith("user_")]
+        self.user_lookup = id_lookup(users, num_oov, "user_lookup")
+        self.user_embedding = keras.layers.Embedding(len(users) + num_oov + 1, id_dim)
+        self.item_lookup = id_lookup(items, num_oov, "item_lookup")
+        self.item_embedding = keras.layers.Embedding(len(items) + num_oov + 1, id_dim)
+        self.history_embedding = keras.layers.Embedding(len(items) + num_oov + 1, id_dim)
+        self.category_lookup = keras.layers.StringLookup(
+            vocabulary=list(categories), mask_token="", num_oov_indices=1
+        )
+        self.category_embedding = keras.layers.Embedding(len(categories) + 2, id_dim)
+        self.profile = {
+            name: CategoricalEmbedding(vocab, feature_dim, name=f"{name}_embedding")
+            for name, vocab in profile_vocab.items()
+        }
+        self.hour_embedding = keras.layers.Embedding(24, feature_dim)
+        self.normalizer = numeric_normalizer
+        self.user_projection = keras.layers.Dense(id_dim)
+        self.item_projection = keras.layers.Dense(id_dim)
+        self.body = mlp(hidden_units, None, "ranker_mlp")
+        self.heads = {k: keras.layers.Dense(1, name=f"{k}_head") for k in self.objective_weights}
+        self.tasks = {
+            "click": tfrs.tasks.Ranking(
+                loss=keras.losses.BinaryCrossentropy(),
+                metrics=[keras.metrics.AUC(name="click_auc")],
+            ),
+            "engagement": tfrs.tasks.Ranking(
+                loss=keras.losses.MeanSquaredError(),
+                metrics=[keras.metrics.RootMeanSquaredError(name="engagement_rmse")],
+            ),
+        }
+
+    def call(self, features: Mapping[str, tf.Tensor], training: bool | None = None) -> dict[str, tf.Tensor]:
+        user = drop_ids(self.user_lookup(features["user_id"]), self.id_dropout, self.num_oov, training)
+        item = drop_ids(self.item_lookup(features["item_id"]), self.id_dropout, self.num_oov, training)
+        history = self.item_lookup(split_tokens(features["recent_items"], self.max_history))
+        cats = self.category_lookup(split_tokens(features["category"], MAX_CATEGORIES, CATEGORY_SEPARATOR))
+        hour = tf.clip_by_value(tf.cast(features["hour"], tf.int32), 0, 23)
+        user_parts = [
+            self.user_embedding(user),
+            bag_mean(history, self.history_embedding),
+            self.hour_embedding(hour),
+            *(layer(features[name]) for name, layer in self.profile.items()),
+        ]
+        item_category = bag_mean(cats, self.category_embedding)
+        item_parts = [self.item_embedding(item), item_category]
+        matches = []
+        if self.history_categories is not None:
+            tokens = split_tokens(features["recent_items"], self.max_history)
+            taste = bag_mean(
+                self.category_lookup(self.history_categories.lookup(tokens)), self.category_embedding
+            )
+            user_parts.append(taste)
+            # How well the candidate's categories fit the user's recent taste, as one number.
+            matches.append(tf.reduce_sum(taste * item_category, axis=1, keepdims=True))
+        if self.numeric_features:
+            # Counts span orders of magnitude: log1p, then standardize with training statistics.
+            raw = tf.stack([tf.cast(features[n], tf.float32) for n in self.numeric_features], axis=1)
+            numeric = tf.math.log1p(tf.maximum(raw, 0.0))
+            if self.normalizer is not None:
+                numeric = self.normalizer(numeric)
+            n_user = len(self.user_numeric)
+            user_parts.append(numeric[:, :n_user])
+            item_parts.append(numeric[:, n_user:])
+        user_side = tf.concat(user_parts, axis=1)
+        item_side = tf.concat(item_parts, axis=1)
+        affinity = self.user_projection(user_side) * self.item_projection(item_side)
+        hidden = self.body(tf.concat([user_side, item_side, affinity, *matches], axis=1), training=training)
+        out = {k: tf.sigmoid(tf.squeeze(head(hidden), axis=1)) for k, head in self.heads.items()}
+        out["score"] = tf.add_n([w * out[k] for k, w in self.objective_weights.items()])
+        return out
+
+    def compute_loss(self, features: Mapping[str, tf.Tensor], training: bool = False) -> tf.Tensor:
+        out = self(features, training=training)
+        return tf.add_n(
+            [self.tasks[k](labels=features[f"label_{k}"], predictions=out[k]) for k in self.objective_weights]
+        )

@@ -1,0 +1,514 @@
+"""Publish the trained models to TensorFlow Serving's layout, the way TFX's Pusher does.
+
+A model server watches ``<base>/<model>/`` and loads integer-named version folders that
+hold a ``saved_model.pb``; ``<base>/models.config`` (ModelServerConfig text format) tells it
+which versions to keep loaded and which *labels* point at them. Two labels drive the
+rollout: ``stable`` (what most traffic gets) and ``canary`` (the newest version, which a
+slice of traffic tries before the canary DAG promotes or rolls it back).
+
+Two models are pushed together under one version number:
+
+- ``retrieval``: query features -> the top-K item ids and scores. The ScaNN index is inside
+  the SavedModel (``scann_ops``, built from the index step's exact ScannConfig), so one
+  Predict call does query tower + ANN. A stock ``tensorflow/serving`` cannot load it ("Op
+  type not registered 'Scann...'"): ``assets.extra/requirements.json`` names the server build
+  it needs, and ``assets.extra`` also holds the query tower (no custom ops) with the item
+  embeddings and ids, so a gateway can fall back to exact search. A catalog small enough
+  for an exact index gets a plain matmul + top-k and runs on any server.
+- ``ranking``: features of (user, candidate) pairs -> one score per objective plus ``score``.
+
+Each version folder carries warm-up requests (``assets.extra/tf_serving_warmup_requests``,
+PredictionLog records built from real feature rows) so a server answers its first request
+at full speed. Following TFX's Pusher: an unblessed model is refused; the version is the
+next integer; the folder is written under a temporary (non-integer, so ignored) name with
+``saved_model.pb`` put in place last, then renamed whole; a training output that was already
+pushed is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from components.config import FeaturesConfig, PushConfig
+from components.indexing import EMBEDDINGS_FILE, ITEM_IDS_FILE, SCANN_CONFIG_FILE
+from components.storage import code_version, read_manifest, utc_now, write_manifest
+
+MODELS_CONFIG = "models.config"
+# The same versions with the labels as they were: a server applies this first (load), then
+# models.config (label), since TF Serving refuses a label on a version not loaded yet.
+LOAD_CONFIG = "models.load.config"
+WARMUP_FILE = "tf_serving_warmup_requests"
+PUSH_RECORD = "push.json"
+REQUIREMENTS = "requirements.json"
+RETRIEVAL_SIGNATURES = ("serving_default", "retrieve")
+RANKING_SIGNATURES = ("serving_default", "rank")
+PAD_ID = ""  # an id slot the index could not fill (fewer than K candidates found)
+
+
+class PushRefused(RuntimeError):
+    """The model may not be pushed (not blessed, or its inputs are unusable)."""
+
+
+def read_blessing(blessing: Path | Mapping[str, Any]) -> dict[str, Any]:
+    """The evaluation's verdict: a mapping, a ``blessing.json`` file, or a folder holding one."""
+    if isinstance(blessing, Mapping):
+        return dict(blessing)
+    path = Path(blessing)
+    if path.is_dir():
+        path = path / "blessing.json"
+    if not path.is_file():
+        raise PushRefused(f"no blessing at {path}: the evaluation step did not bless this model")
+    return json.loads(path.read_text())
+
+
+def integer_versions(model_dir: Path) -> list[int]:
+    """Version folders of one model (integer names only, as TF Serving sees them), ascending."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def read_models_config(base_path: Path) -> dict[str, dict[str, Any]]:
+    """``models.config`` as {model: {"base_path", "versions", "labels"}}; {} when absent."""
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    path = Path(base_path) / MODELS_CONFIG
+    if not path.is_file():
+        return {}
+    cfg = text_format.Parse(path.read_text(), model_server_config_pb2.ModelServerConfig())
+    return {
+        c.name: {
+            "base_path": c.base_path,
+            "versions": list(c.model_version_policy.specific.versions),
+            "labels": dict(c.version_labels),
+        }
+        for c in cfg.model_config_list.config
+    }
+
+
+def write_models_config(path: Path, models: Mapping[str, Mapping[str, Any]]) -> Path:
+    """Write a ModelServerConfig (text format) atomically: a server never reads half a file."""
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    cfg = model_server_config_pb2.ModelServerConfig()
+    for name, m in models.items():
+        c = cfg.model_config_list.config.add()
+        c.name = name
+        c.base_path = str(m["base_path"])
+        c.model_platform = "tensorflow"
+        c.model_version_policy.specific.versions.extend(sorted(set(m["versions"])))
+        for label, version in sorted(m["labels"].items()):
+            c.version_labels[label] = version
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text_format.MessageToString(cfg))
+    os.replace(tmp, path)
+    return path
+
+
+def _signature_specs(signature: Any) -> dict[str, Any]:
+    import tensorflow as tf
+
+    return {
+        name: tf.TensorSpec([None], spec.dtype, name=name)
+        for name, spec in signature.structured_input_signature[1].items()
+    }
+
+
+def _predict_log(model: str, signature: str, columns: Mapping[str, np.ndarray]) -> bytes:
+    import tensorflow as tf
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name=model, signature_name=signature))
+    for name, values in columns.items():
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(values))
+    log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+    return log.SerializeToString()
+
+
+def write_warmup(path: Path, model: str, batches: list[dict[str, np.ndarray]]) -> int:
+    """Write at most 1000 PredictionLog records (TF Serving's limit), one request per batch."""
+    import tensorflow as tf
+
+    batches = batches[:1000]
+    with tf.io.TFRecordWriter(str(path)) as w:
+        for columns in batches:
+            w.write(_predict_log(model, "serving_default", columns))
+    return len(batches)
+
+
+def _finish_version(tmp: Path, final: Path) -> None:
+    """Put ``saved_model.pb`` in place last, then rename the whole folder to its version.
+
+    The rename is atomic on one filesystem, so a watching server sees no version or a
+    complete one; where a copy replaces the rename (object stores), the pb still lands last.
+    """
+    pb = tmp / "saved_model.pb"
+    held = tmp.parent / f".{tmp.name}.saved_model.pb"
+    os.replace(pb, held)
+    os.replace(held, pb)
+    os.replace(tmp, final)
+
+
+def _warmup_batches(
+    train_manifest: Mapping[str, Any],
+    data_dir: Path | None,
+    features: FeaturesConfig,
+    query_inputs: Mapping[str, str],
+    ranker_inputs: Mapping[str, str],
+    records: int,
+    item_ids: np.ndarray,
+) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]], str]:
+    """Request batches from real feature rows: one user per retrieval request, and one user
+    with up to 20 popular candidates per ranking request."""
+    import pandas as pd
+
+    from components.feature_rows import FeatureSource, feature_rows, load_feature_source, popular_items
+
+    data = data_dir or train_manifest.get("data_dir") or train_manifest.get("data")
+    if not data or not (Path(data) / "users").exists():
+        # No data to read: one request of defaults still loads the graph and its kernels.
+        users, cands, source_name = ["warmup-user"], [str(x) for x in item_ids[:20]], "defaults"
+        src = FeatureSource(pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), pd.Timestamp.now(tz="UTC"))
+    else:
+        src = load_feature_source(features, Path(data), [*query_inputs, *ranker_inputs])
+        active = src.events["user_id"].value_counts()
+        # Spread over activity levels: the busiest users have the longest recent-item lists.
+        ordered = list(active.index)
+        step = max(1, len(ordered) // max(records, 1))
+        users = ordered[::step][:records] or list(src.users.index[:records])
+        known = set(map(str, item_ids))
+        cands = [i for i in popular_items(src) if i in known][:20] or [str(x) for x in item_ids[:20]]
+        source_name = str(data)
+    retrieval = [feature_rows(src, query_inputs, user_ids=[u]) for u in users[:records]]
+    ranking = [
+        feature_rows(src, ranker_inputs, user_ids=[u] * len(cands), item_ids=cands) for u in users[:records]
+    ]
+    return retrieval, ranking, source_name
+
+
+def export_retrieval(
+    train_dir: Path, index_dir: Path, out: Path, k: int, server_image: str = "google/tf-serving-scann"
+) -> dict[str, Any]:
+    """Save the retrieval SavedModel (query tower + index) with its fallback assets into ``out``.
+
+    Signatures: ``serving_default`` and ``retrieve`` (features -> ``item_ids`` [B, K],
+    ``scores`` [B, K], best first; K = min(k, catalog)), ``embed`` (features -> ``embedding``).
+    """
+    import tensorflow as tf
+
+    index_manifest = read_manifest(index_dir)
+    ids = np.asarray(json.loads((index_dir / ITEM_IDS_FILE).read_text()), dtype=object)
+    emb = np.load(index_dir / EMBEDDINGS_FILE).astype(np.float32)
+    use_scann = index_manifest["algorithm"] == "scann"
+    k = min(k, len(ids))
+    reorder = max(int(index_manifest["params"]["reorder"]), k)
+    query_model = tf.saved_model.load(str(train_dir / "query_tower"))
+    query_sig = query_model.signatures["serving_default"]
+
+    class Retrieval(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.query_model = query_model
+            self.item_ids = tf.Variable(ids.astype(str).astype(object), trainable=False, dtype=tf.string)
+            if use_scann:
+                from scann import scann_ops
+
+                # The index step's ScannConfig: the same tree and hashing it measured recall with.
+                config = (index_dir / SCANN_CONFIG_FILE).read_text()
+                self.scann = scann_ops.create_searcher(tf.constant(emb), config).serialize_to_module()
+            else:
+                self.item_embeddings = tf.Variable(emb, trainable=False)
+
+        def _embed(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
+            return self.query_model.signatures["serving_default"](**features)["embedding"]
+
+        @tf.function
+        def embed(self, features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            return {"embedding": self._embed(features)}
+
+        @tf.function
+        def retrieve(self, features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            q = self._embed(features)
+            if use_scann:
+                from scann import scann_ops
+
+                searcher = scann_ops.searcher_from_module(self.scann)
+                found = searcher.search_batched(q, final_num_neighbors=k, pre_reorder_num_neighbors=reorder)
+                idx, scores = tf.cast(found.indices, tf.int32), found.distances
+            else:
+                scores, idx = tf.math.top_k(tf.matmul(q, self.item_embeddings, transpose_b=True), k=k)
+            # ScaNN pads with -1 when the searched leaves hold fewer than K items.
+            valid = idx >= 0
+            item_ids = tf.where(valid, tf.gather(self.item_ids, tf.maximum(idx, 0)), PAD_ID)
+            scores = tf.where(valid, scores, tf.float32.min)
+            return {"item_ids": item_ids, "scores": scores}
+
+    module = Retrieval()
+    specs = _signature_specs(query_sig)
+    retrieve = module.retrieve.get_concrete_function(specs)
+    signatures = {name: retrieve for name in RETRIEVAL_SIGNATURES}
+    signatures["embed"] = module.embed.get_concrete_function(specs)
+    tf.saved_model.save(
+        module, str(out), signatures=signatures,
+        options=tf.saved_model.SaveOptions(namespace_whitelist=["Scann"]),
+    )
+    extra = out / "assets.extra"
+    extra.mkdir(exist_ok=True)
+    np.save(extra / EMBEDDINGS_FILE, emb)
+    (extra / ITEM_IDS_FILE).write_text(json.dumps(ids.tolist()))
+    shutil.copytree(train_dir / "query_tower", extra / "query_tower")
+    requirements = {
+        "model": "retrieval",
+        "index": index_manifest["algorithm"],
+        "custom_ops": ["Scann"] if use_scann else [],
+        "server": (
+            f"TensorFlow Serving built with ScaNN's ops: the {server_image} image or ScaNN's "
+            "tf_serving build; stock tensorflow/serving fails with \"Op type not registered 'Scann...'\""
+            if use_scann
+            else "stock tensorflow/serving (exact index: no custom ops)"
+        ),
+        "tensorflow": tf.__version__,
+        "scann": _version("scann") if use_scann else None,
+        "k": k,
+        "signatures": {name: "features -> item_ids [B, K], scores [B, K]" for name in RETRIEVAL_SIGNATURES}
+        | {"embed": "features -> embedding [B, D]"},
+        "fallback": {
+            "how": "embed the query with assets.extra/query_tower (serving_default -> embedding), then "
+            "exact dot-product top-K over item_embeddings.npy; row i is item_ids.json[i]",
+            "query_model": "query_tower",
+            "item_embeddings": EMBEDDINGS_FILE,
+            "item_ids": ITEM_IDS_FILE,
+        },
+        "inputs": {name: spec.dtype.name for name, spec in specs.items()},
+        "index_recall_at_k": index_manifest.get("recall_at_k"),
+    }
+    (extra / REQUIREMENTS).write_text(json.dumps(requirements, indent=2))
+    return requirements
+
+
+def export_ranking(train_dir: Path, out: Path) -> dict[str, Any]:
+    """Save the ranking SavedModel: (user, item) pair features -> per-objective scores + ``score``."""
+    import tensorflow as tf
+
+    ranker = tf.saved_model.load(str(train_dir / "ranker"))
+    sig = ranker.signatures["serving_default"]
+
+    class Ranking(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ranker = ranker
+
+        @tf.function
+        def rank(self, features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            return self.ranker.signatures["serving_default"](**features)
+
+    module = Ranking()
+    specs = _signature_specs(sig)
+    rank = module.rank.get_concrete_function(specs)
+    tf.saved_model.save(module, str(out), signatures={name: rank for name in RANKING_SIGNATURES})
+    requirements = {
+        "model": "ranking",
+        "custom_ops": [],
+        "server": "stock tensorflow/serving",
+        "tensorflow": tf.__version__,
+        "outputs": sorted(sig.structured_outputs),
+        "inputs": {name: spec.dtype.name for name, spec in specs.items()},
+    }
+    (out / "assets.extra").mkdir(exist_ok=True)
+    (out / "assets.extra" / REQUIREMENTS).write_text(json.dumps(requirements, indent=2))
+    return requirements
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def _smoke_test(saved_model: Path, batch: Mapping[str, np.ndarray], signature: str) -> None:
+    """Run one warm-up request through the exported model before it is published."""
+    import tensorflow as tf
+
+    if signature == "retrieve":
+        from scann import scann_ops  # noqa: F401  (registers the Scann ops before loading)
+    loaded = tf.saved_model.load(str(saved_model))
+    loaded.signatures[signature](**{k: tf.constant(v) for k, v in batch.items()})
+
+
+def push_models(
+    config: PushConfig,
+    train_dir: Path,
+    index_dir: Path,
+    blessing: Path | Mapping[str, Any],
+    base_path: Path,
+    *,
+    data_dir: Path | None = None,
+    features: FeaturesConfig | None = None,
+    out_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Push the retrieval and ranking models as the next version; label it ``canary``.
+
+    Args:
+        config: the ``push`` section (model names, K, retention, warm-up size).
+        train_dir: the training output (towers, ranker, manifest).
+        index_dir: the index step's output (its ScannConfig, embeddings and ids).
+        blessing: the evaluation's verdict (``{"blessed": bool, "reason": str}``, a
+            ``blessing.json`` or its folder); an unblessed model is refused.
+        base_path: the model base path (``<base>/<model>/<version>/`` and ``models.config``).
+        data_dir: a validated data folder for the warm-up requests' feature rows (default: the
+            one the training manifest names, else requests of default values).
+        features: the ``features`` section (windows, recent items) for those rows.
+        out_dir: where to also write the push ``manifest.json`` (a pipeline run's step folder).
+
+    Returns:
+        The manifest: version, per model its path, versions and labels, deleted versions,
+        warm-up records, requirements; ``skipped`` when this training output was pushed before.
+
+    Raises:
+        PushRefused: the model is not blessed.
+    """
+    train_dir, index_dir, base_path = Path(train_dir), Path(index_dir), Path(base_path).resolve()
+    verdict = read_blessing(blessing)
+    if not verdict.get("blessed", False):
+        reason = verdict.get("reason") or "no reason given"
+        raise PushRefused(f"model in {train_dir} is not blessed: {reason}")
+    train_manifest_path = train_dir / "manifest.json"
+    train_manifest = read_manifest(train_dir)
+    index_manifest = read_manifest(index_dir)
+    train_hash = hashlib.sha256(train_manifest_path.read_bytes()).hexdigest()
+    if index_manifest.get("train_manifest_sha256") not in (None, train_hash):
+        raise PushRefused(f"index {index_dir} was built from another training output than {train_dir}")
+    names = {"retrieval": config.retrieval_model, "ranking": config.ranking_model}
+    base_path.mkdir(parents=True, exist_ok=True)
+    current = read_models_config(base_path)
+
+    # Idempotent: a training output already pushed keeps its version; nothing changes.
+    for v in integer_versions(base_path / names["retrieval"]):
+        record = base_path / names["retrieval"] / str(v) / "assets.extra" / PUSH_RECORD
+        if record.is_file() and json.loads(record.read_text()).get("train_manifest_sha256") == train_hash:
+            manifest = {
+                "skipped": True,
+                "reason": f"training output {train_hash[:12]} already pushed as version {v}",
+                "version": v,
+                "base_path": str(base_path),
+                "models_config": str(base_path / MODELS_CONFIG),
+                "train_manifest_sha256": train_hash,
+                "models": current,
+            }
+            if out_dir is not None:
+                Path(out_dir).mkdir(parents=True, exist_ok=True)
+                write_manifest(Path(out_dir), manifest)
+            return manifest
+
+    version = 1 + max([0, *[v for n in names.values() for v in integer_versions(base_path / n)]])
+    features = features or FeaturesConfig()
+    ids = np.asarray(json.loads((index_dir / ITEM_IDS_FILE).read_text()), dtype=object)
+    query_inputs = train_manifest.get("query_inputs") or {}
+    ranker_inputs = train_manifest.get("ranker_inputs") or {}
+    retrieval_batches, ranking_batches, warm_source = _warmup_batches(
+        train_manifest, data_dir, features, query_inputs, ranker_inputs, config.warmup_records, ids
+    )
+    record = {
+        "version": version,
+        "train_manifest_sha256": train_hash,
+        "train_dir": str(train_dir),
+        "index_dir": str(index_dir),
+        "pushed_at": utc_now().isoformat(),
+        "code_version": code_version(),
+    }
+    results: dict[str, dict[str, Any]] = {}
+    temps: dict[str, Path] = {}
+    try:
+        for role, name in names.items():
+            model_dir = base_path / name
+            model_dir.mkdir(parents=True, exist_ok=True)
+            # Not an integer: a server watching the folder ignores it until the rename.
+            tmp = model_dir / f".push-{version}-{uuid.uuid4().hex[:8]}"
+            temps[role] = tmp
+            if role == "retrieval":
+                k, image = config.retrieval_k, config.scann_server_image
+                req = export_retrieval(train_dir, index_dir, tmp, k, image)
+                batches, signature = retrieval_batches, "retrieve"
+            else:
+                req = export_ranking(train_dir, tmp)
+                batches, signature = ranking_batches, "rank"
+            extra = tmp / "assets.extra"
+            n = write_warmup(extra / WARMUP_FILE, name, batches)
+            (extra / PUSH_RECORD).write_text(json.dumps({**record, "model": name}, indent=2))
+            _smoke_test(tmp, batches[0], signature)
+            results[role] = {"name": name, "requirements": req, "warmup_records": n}
+        for role, name in names.items():
+            _finish_version(temps[role], base_path / name / str(version))
+    finally:
+        for tmp in temps.values():
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    models: dict[str, dict[str, Any]] = {}
+    load_models: dict[str, dict[str, Any]] = {}
+    deleted: dict[str, list[int]] = {}
+    for name in names.values():
+        model_dir = base_path / name
+        old_labels = dict(current.get(name, {}).get("labels", {}))
+        stable = old_labels.get("stable", version)
+        if stable not in integer_versions(model_dir):
+            stable = version  # the labelled folder is gone: the new version is all there is
+        labels = {"stable": stable, "canary": version}
+        # Retention: the newest keep_versions, and never a labelled version.
+        keep = set(integer_versions(model_dir)[-config.keep_versions :]) | set(labels.values())
+        deleted[name] = [v for v in integer_versions(model_dir) if v not in keep]
+        for v in deleted[name]:
+            shutil.rmtree(model_dir / str(v))
+        versions = sorted(set(labels.values()))
+        models[name] = {"base_path": str(model_dir), "versions": versions, "labels": labels}
+        loaded_before = {k: v for k, v in old_labels.items() if v in keep and v != version}
+        load_models[name] = {
+            "base_path": str(model_dir),
+            "versions": sorted(set(labels.values()) | set(loaded_before.values())),
+            "labels": loaded_before,
+        }
+    write_models_config(base_path / LOAD_CONFIG, load_models)
+    write_models_config(base_path / MODELS_CONFIG, models)
+    manifest = {
+        "skipped": False,
+        "version": version,
+        "base_path": str(base_path),
+        "models_config": str(base_path / MODELS_CONFIG),
+        "load_config": str(base_path / LOAD_CONFIG),
+        "train_manifest_sha256": train_hash,
+        "models": models,
+        "deleted_versions": deleted,
+        "exports": results,
+        "warmup_source": warm_source,
+        "index": {k: index_manifest.get(k) for k in ("algorithm", "recall_at_k", "recall_k", "num_items")},
+        "code_version": record["code_version"],
+    }
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        write_manifest(Path(out_dir), manifest)
+    return manifest
+
+
+def version_for_label(base_path: Path, model: str, label: str = "stable") -> int:
+    """The version a label of ``models.config`` points at; names the labels there if absent."""
+    models = read_models_config(Path(base_path))
+    if model not in models:
+        raise FileNotFoundError(f"model {model!r} is not in {Path(base_path) / MODELS_CONFIG}: push first")
+    labels = models[model]["labels"]
+    if label not in labels:
+        raise KeyError(f"model {model!r} has no version labelled {label!r}; labels: {labels}")
+    return int(labels[label])

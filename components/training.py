@@ -1,0 +1,695 @@
+"""Step: train the two-tower retriever and the multi-objective ranker from a training frame.
+
+The input is the feature layer's training frame (``components.features.build_training_data``):
+one row per event with the event's columns, its context (``hour``, ``device``) and every
+feature as it was known strictly before the event. Two models learn from it:
+
+- the retriever, from the *positive* events (``POSITIVE_EVENT_TYPES``): "this user, in
+  this state, engaged with this item", contrasted with the other items of the batch;
+- the ranker, from *impressions* and what followed them (clicked or not, how much
+  engagement), or, where the data has no impressions (MovieLens), from positives against
+  sampled negatives.
+
+The last ``validation_fraction`` of the events (by time) is held out for early stopping:
+a random split would let the model peek at the future it is judged on.
+
+Output contract (``out_dir``; ``manifest.json`` is written last):
+
+- ``query_tower/``: SavedModel, ``serving_default(**QUERY_INPUTS) -> {"embedding": [B, D]}``
+- ``candidate_tower/``: SavedModel, ``serving_default(**CANDIDATE_INPUTS) -> {"embedding": [B, D]}``
+- ``item_embeddings.parquet``: ``item_id``, ``embedding`` (float32, length D) for every item
+  of the catalog, touched or not;
+- ``ranker/``: SavedModel, ``serving_default(**ranker_inputs) -> {objective: [B], ..., "score": [B]}``
+- ``manifest.json``: input names and dtypes, D, objectives and weights, metrics, counts.
+
+Build the input tensors of any of the three with ``features_from_frame(df, inputs)`` (or the
+``query_features_from_frame`` / ``candidate_features_from_frame`` /
+``ranker_features_from_frame`` shortcuts), so training, evaluation and serving agree.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from components.config import TrainingConfig
+from components.feature_schema import POSITIVE_EVENT_TYPES
+from components.storage import code_version, write_manifest
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+# The query tower's inputs: who (id, profile), what they did lately, and the request context.
+QUERY_INPUTS: dict[str, str] = {
+    "user_id": "string",
+    "age_bucket": "string",
+    "country": "string",
+    "recent_items": "string",
+    "hour": "int64",
+    "device": "string",
+}
+# The candidate tower's inputs: the item's id and content.
+CANDIDATE_INPUTS: dict[str, str] = {
+    "item_id": "string",
+    "category": "string",
+    "title": "string",
+    "description": "string",
+}
+PROFILE_FEATURES = ("age_bucket", "country", "device")
+# Numeric features the ranker takes when the frame has them (names from feature_schema).
+NUMERIC_FEATURE = re.compile(r"^(user_(events|positives|purchases)|item_(impressions|positives|ctr))_\d+d$")
+# Engagement credited per outcome when it carries no measured value (see ranker_examples).
+OUTCOME_ENGAGEMENT = {"purchase": 1.0, "add_to_cart": 0.8, "like": 0.8, "click": 0.1}
+RATING_MAX = 5.0
+OBJECTIVES = ("click", "engagement")
+
+
+def use_legacy_keras() -> None:
+    """TFRS needs Keras 2: select tf_keras before TensorFlow is first imported."""
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+# --------------------------------------------------------------------------------------------
+# Frames to tensors: one way for training, evaluation and serving.
+# --------------------------------------------------------------------------------------------
+
+
+def features_from_frame(df: pd.DataFrame, inputs: Mapping[str, str]) -> dict[str, np.ndarray]:
+    """The named 1-D arrays a SavedModel signature takes, from the rows of ``df``.
+
+    Missing columns and nulls take the feature layer's defaults ("" for text, 0 for numbers),
+    exactly what a model saw in training for "not known yet".
+
+    Args:
+        df: one row per example (query, item or (user, item) pair).
+        inputs: name -> dtype ("string", "int64", "float32"), e.g. a manifest's ``query_inputs``.
+
+    Returns:
+        name -> array of len(df): object arrays of str, int64 or float32.
+    """
+    out: dict[str, np.ndarray] = {}
+    n = len(df)
+    for name, dtype in inputs.items():
+        col = df[name] if name in df.columns else pd.Series([None] * n, index=df.index, dtype=object)
+        if dtype == "string":
+            out[name] = col.astype(object).where(col.notna(), "").astype(str).to_numpy(dtype=object)
+        elif dtype == "int64":
+            out[name] = pd.to_numeric(col, errors="coerce").fillna(0).to_numpy(dtype=np.int64)
+        elif dtype == "float32":
+            out[name] = pd.to_numeric(col, errors="coerce").fillna(0.0).to_numpy(dtype=np.float32)
+        else:
+            raise ValueError(f"input {name}: unknown dtype {dtype!r}")
+    return out
+
+
+def query_features_from_frame(df: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The query tower's inputs (``QUERY_INPUTS``) from rows of a training or request frame."""
+    return features_from_frame(df, QUERY_INPUTS)
+
+
+def candidate_features_from_frame(items: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The candidate tower's inputs (``CANDIDATE_INPUTS``) from rows of an items frame."""
+    return features_from_frame(items, CANDIDATE_INPUTS)
+
+
+def ranker_features_from_frame(df: pd.DataFrame, ranker_inputs: Mapping[str, str]) -> dict[str, np.ndarray]:
+    """The ranker's inputs from (user, item) pair rows; ``ranker_inputs`` is the manifest's."""
+    return features_from_frame(df, ranker_inputs)
+
+
+def numeric_feature_names(df: pd.DataFrame) -> list[str]:
+    """The engagement and popularity features of a frame, user ones first (the ranker splits them)."""
+    names = [c for c in df.columns if NUMERIC_FEATURE.match(str(c))]
+    return sorted(names, key=lambda n: (not n.startswith("user_"), n))
+
+
+def ranker_input_spec(numeric_features: list[str]) -> dict[str, str]:
+    return {
+        **QUERY_INPUTS,
+        "item_id": "string",
+        "category": "string",
+        **{n: "float32" for n in numeric_features},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Examples
+# --------------------------------------------------------------------------------------------
+
+
+def positives_frame(frame: pd.DataFrame, drop_repeats: bool = False) -> pd.DataFrame:
+    """The retriever's examples: positive events, one per (user, item, session), in time order.
+
+    One interaction often writes several positive events (click, view, rating, purchase);
+    counting each would weigh items by how many event types follow them, not by interest.
+    With ``drop_repeats`` only a user's first positive with an item is kept: serving filters
+    out what the user already engaged with, so the retriever should learn discovery, not
+    "show the user's recent items again" (which the history feature makes trivially easy).
+    """
+    pos = frame[frame["event_type"].astype(str).isin(POSITIVE_EVENT_TYPES)]
+    pos = pos.sort_values(["ts", "event_id"], kind="stable")
+    keys = ["user_id", "item_id"] if drop_repeats else ["user_id", "item_id", "session_id"]
+    pos = pos.drop_duplicates(keys, keep="first")
+    return pos.reset_index(drop=True)
+
+
+def validation_split(df: pd.DataFrame, fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(earlier, later) rows of ``df``, the later holding the last ``fraction`` by ``ts``."""
+    df = df.sort_values(["ts", "event_id"], kind="stable").reset_index(drop=True)
+    if fraction <= 0 or len(df) < 2:
+        return df, df.iloc[0:0]
+    cut = int(round(len(df) * (1 - fraction)))
+    cut = min(max(cut, 1), len(df) - 1)
+    return df.iloc[:cut].reset_index(drop=True), df.iloc[cut:].reset_index(drop=True)
+
+
+def _engagement_of(events: pd.DataFrame, dwell_cap: float) -> pd.Series:
+    """Engagement in [0, 1] of each outcome event: log dwell, stars, or a fixed credit."""
+    et = events["event_type"].astype(str)
+    value = pd.to_numeric(events["value"], errors="coerce").fillna(0.0)
+    eng = et.map(OUTCOME_ENGAGEMENT).fillna(0.0).astype(float)
+    dwell = np.minimum(np.log1p(value.clip(lower=0)) / math.log1p(dwell_cap), 1.0)
+    eng = eng.where(et != "view", dwell)
+    eng = eng.where(et != "rating", (value / RATING_MAX).clip(0, 1))
+    return eng
+
+
+def ranker_examples(
+    frame: pd.DataFrame, config: TrainingConfig, item_columns: list[str]
+) -> tuple[pd.DataFrame, str]:
+    """Labelled (user, item) examples for the ranker, in time order, and how they were made.
+
+    With impressions: each impression is an example; ``label_click`` is 1 when a click on
+    the same item followed in the same request (``request_id``, or the session when a
+    request id is missing) and ``label_engagement`` the largest engagement of its outcomes
+    (view dwell on a log scale up to ``engagement_dwell_cap_seconds``, stars / 5, a fixed
+    credit for carts, purchases and likes), 0 when not clicked.
+
+    Without impressions (rating data): each positive is an example with click 1 and its
+    engagement, plus ``negatives_per_positive`` negatives that take the item columns of
+    other positives close in time (so negatives follow popularity, as retrieved candidates
+    do, and carry item features as of that time), skipping items the user touched.
+    """
+    et = frame["event_type"].astype(str)
+    key_of = frame["request_id"].astype(object).where(frame["request_id"].notna(), frame["session_id"])
+    keyed = frame.assign(_key=key_of.astype(str))
+    impressions = keyed[et == "impression"]
+    if len(impressions):
+        outcomes = keyed[et.isin(["click", "view", "rating", "add_to_cart", "purchase", "like"])]
+        outcomes = outcomes.assign(_eng=_engagement_of(outcomes, config.engagement_dwell_cap_seconds))
+        agg = outcomes.groupby(["_key", "user_id", "item_id"], observed=True).agg(
+            _clicked=("event_type", lambda s: bool((s.astype(str) == "click").any())),
+            _eng=("_eng", "max"),
+        )
+        ex = impressions.merge(agg.reset_index(), on=["_key", "user_id", "item_id"], how="left")
+        clicked = ex["_clicked"].astype(object).where(ex["_clicked"].notna(), False).astype(bool)
+        ex["label_click"] = clicked.astype(np.float32)
+        ex["label_engagement"] = np.where(clicked, ex["_eng"].fillna(0.0), 0.0).astype(np.float32)
+        ex = ex.drop(columns=["_key", "_clicked", "_eng"])
+        return ex.sort_values(["ts", "event_id"], kind="stable").reset_index(drop=True), "impressions"
+
+    pos = positives_frame(frame)
+    pos = pos.assign(
+        label_click=np.float32(1.0),
+        label_engagement=_engagement_of(pos, config.engagement_dwell_cap_seconds).astype(np.float32),
+    )
+    rng = np.random.default_rng(config.seed)
+    n = len(pos)
+    window = max(50, n // 50)
+    touched = set(zip(pos["user_id"].astype(str), pos["item_id"].astype(str), strict=True))
+    negatives = []
+    for _ in range(config.negatives_per_positive):
+        j = np.clip(np.arange(n) + rng.integers(-window, window + 1, size=n), 0, n - 1)
+        neg = pos.copy()
+        donor = pos.iloc[j].reset_index(drop=True)
+        for c in item_columns:
+            if c in neg.columns:
+                neg[c] = donor[c].to_numpy()
+        keep = [
+            (u, i) not in touched
+            for u, i in zip(neg["user_id"].astype(str), neg["item_id"].astype(str), strict=True)
+        ]
+        neg = neg[np.asarray(keep, dtype=bool)]
+        neg["label_click"] = np.float32(0.0)
+        neg["label_engagement"] = np.float32(0.0)
+        neg["event_id"] = neg["event_id"].astype(str) + f"-neg{len(negatives)}"
+        negatives.append(neg)
+    ex = pd.concat([pos, *negatives], ignore_index=True)
+    return ex.sort_values(["ts", "event_id"], kind="stable").reset_index(drop=True), "sampled_negatives"
+
+
+# --------------------------------------------------------------------------------------------
+# Keras plumbing
+# --------------------------------------------------------------------------------------------
+
+
+def _dataset(arrays: Mapping[str, np.ndarray], batch_size: int, shuffle: bool, seed: int) -> tf.data.Dataset:
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices(dict(arrays))
+    if shuffle:
+        n = len(next(iter(arrays.values())))
+        ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(2)
+
+
+def _epoch_logger(name: str, log: Callable[[str], None]) -> Any:
+    import tf_keras as keras
+
+    class EpochLogger(keras.callbacks.Callback):
+        """One line per epoch: the losses a person watches to see a model converge."""
+
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self._t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            shown = " ".join(
+                f"{k}={v:.4f}"
+                for k, v in sorted((logs or {}).items())
+                if not k.endswith(("regularization_loss", "total_loss"))
+            )
+            log(f"[{name}] epoch {epoch + 1}: {shown} ({time.perf_counter() - self._t0:.1f}s)")
+
+    return EpochLogger()
+
+
+def _fit(
+    model: Any,
+    train: tf.data.Dataset,
+    val: tf.data.Dataset | None,
+    epochs: int,
+    patience: int,
+    name: str,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Fit with early stopping on the validation loss; returns the losses and the best epoch."""
+    import tf_keras as keras
+
+    callbacks = [_epoch_logger(name, log)]
+    if val is not None:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=patience, restore_best_weights=True, mode="min"
+            )
+        )
+    hist = model.fit(train, validation_data=val, epochs=epochs, callbacks=callbacks, verbose=0).history
+    losses = hist.get("val_loss") or hist["loss"]
+    best = int(np.argmin(losses))
+    out: dict[str, Any] = {"epochs_run": len(hist["loss"]), "best_epoch": best + 1}
+    for k, v in hist.items():
+        if not k.endswith(("regularization_loss", "total_loss")):  # zero / equal to loss here
+            out[k] = float(v[best])
+    return out
+
+
+def _export(model: Any, inputs: Mapping[str, str], path: Path, embedding: bool) -> None:
+    """Save ``model`` as a SavedModel whose ``serving_default`` takes named 1-D tensors."""
+    import tensorflow as tf
+
+    specs = {k: tf.TensorSpec([None], tf.as_dtype(v), name=k) for k, v in inputs.items()}
+
+    @tf.function
+    def serve(features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        out = model(features, training=False)
+        return {"embedding": out} if embedding else out
+
+    tf.saved_model.save(model, str(path), signatures={"serving_default": serve.get_concrete_function(specs)})
+
+
+def _predict(fn: Callable[[dict[str, Any]], Any], arrays: Mapping[str, np.ndarray], batch: int = 4096) -> Any:
+    """Run ``fn`` over arrays in batches; concatenates arrays or dicts of arrays."""
+    n = len(next(iter(arrays.values())))
+    parts = []
+    for lo in range(0, max(n, 1), batch):
+        out = fn({k: v[lo : lo + batch] for k, v in arrays.items()})
+        parts.append({k: np.asarray(v) for k, v in out.items()} if isinstance(out, dict) else np.asarray(out))
+    if isinstance(parts[0], dict):
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return np.concatenate(parts)
+
+
+def _vocab(values: pd.Series) -> list[str]:
+    v = values.astype(object).where(values.notna(), "").astype(str)
+    return sorted(x for x in v.unique() if x != "")
+
+
+def _categories(items: pd.DataFrame) -> list[str]:
+    cats = {c for value in items["category"].fillna("").astype(str) for c in value.split("|") if c}
+    return sorted(cats)
+
+
+def _primary_categories(items: pd.DataFrame) -> dict[str, str]:
+    """item id -> its first (primary) category."""
+    primary = items["category"].fillna("").astype(str).str.split("|").str[0]
+    return dict(zip(items["item_id"].astype(str), primary, strict=True))
+
+
+def _default_log(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, soft_wrap=True).print(message, highlight=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Retriever
+# --------------------------------------------------------------------------------------------
+
+
+def _build_retriever(
+    config: TrainingConfig,
+    users: list[str],
+    items: list[str],
+    profile_vocab: dict[str, list[str]],
+    categories: list[str],
+    catalog_text: np.ndarray,
+    item_categories: dict[str, str],
+) -> Any:
+    import tf_keras as keras
+
+    from components.models import CandidateTower, QueryTower, TwoTowerRetriever, id_lookup
+
+    keras.utils.set_random_seed(config.seed)
+    n_oov = config.num_oov_buckets
+    item_lookup = id_lookup(items, n_oov, "item_lookup")
+    item_table = keras.layers.Embedding(len(items) + n_oov + 1, config.id_dim, name="item_embedding")
+    history_table = (
+        item_table
+        if config.share_item_embeddings
+        else keras.layers.Embedding(len(items) + n_oov + 1, config.id_dim, name="history_embedding")
+    )
+    vectorizer = keras.layers.TextVectorization(
+        max_tokens=config.text_max_tokens,
+        output_sequence_length=config.text_sequence_length,
+        name="text_vectorizer",
+    )
+    vectorizer.adapt(catalog_text)
+    normalize = config.temperature is not None
+    query = QueryTower(
+        users=users,
+        item_lookup=item_lookup,
+        history_table=history_table,
+        profile_vocab=profile_vocab,
+        embedding_dim=config.embedding_dim,
+        id_dim=config.id_dim,
+        feature_dim=config.feature_dim,
+        hidden_units=config.hidden_units,
+        num_oov=n_oov,
+        id_dropout=config.id_dropout,
+        max_history=config.max_history,
+        normalize=normalize,
+        item_bias=config.item_bias,
+        item_categories=item_categories if config.history_categories else None,
+        categories=categories,
+    )
+    candidate = CandidateTower(
+        item_lookup=item_lookup,
+        item_table=item_table,
+        categories=categories,
+        text_vectorizer=vectorizer,
+        embedding_dim=config.embedding_dim,
+        feature_dim=config.feature_dim,
+        text_dim=config.text_dim,
+        hidden_units=config.hidden_units,
+        num_oov=n_oov,
+        id_dropout=config.id_dropout,
+        normalize=normalize,
+        item_bias=config.item_bias,
+    )
+    model = TwoTowerRetriever(query, candidate, config.temperature, config.logq_correction)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate))
+    return model
+
+
+def _retriever_arrays(
+    pos: pd.DataFrame, items: pd.DataFrame, probability: pd.Series
+) -> dict[str, np.ndarray]:
+    # The item's content comes from the catalog, so training and the exported item embeddings
+    # read the same text for the same item.
+    content = items.set_index("item_id")[["category", "title", "description"]]
+    rows = pos.drop(columns=[c for c in ("category", "title", "description") if c in pos.columns])
+    rows = rows.join(content, on="item_id")
+    arrays = {**features_from_frame(rows, QUERY_INPUTS), **features_from_frame(rows, CANDIDATE_INPUTS)}
+    arrays["sampling_probability"] = (
+        rows["item_id"].map(probability).fillna(probability.min()).to_numpy(dtype=np.float32)
+    )
+    return arrays
+
+
+def train_retriever(
+    config: TrainingConfig,
+    training_frame: pd.DataFrame,
+    items_frame: pd.DataFrame,
+    out_dir: Path,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train the two-tower retriever; export both towers and every item's embedding.
+
+    Args:
+        config: the ``training`` section.
+        training_frame: the feature layer's training frame (one row per event).
+        items_frame: the whole catalog (``item_id``, ``title``, ``category``, ``description``):
+            every item gets an embedding, including those no event touched.
+        out_dir: the training step's folder; writes ``query_tower/``, ``candidate_tower/``
+            and ``item_embeddings.parquet`` there (not the manifest: ``train_models`` does).
+        log: where per-epoch lines go (default: stderr via rich).
+
+    Returns:
+        The retriever's part of the manifest: inputs, D, metrics and example counts.
+    """
+    use_legacy_keras()
+    log = log or _default_log
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    items_frame = items_frame.assign(item_id=items_frame["item_id"].astype(str)).drop_duplicates("item_id")
+    pos = positives_frame(training_frame, drop_repeats=config.drop_repeat_positives)
+    if pos.empty:
+        raise ValueError("no positive events in the training frame: nothing to learn from")
+    train_pos, val_pos = validation_split(pos, config.validation_fraction)
+
+    def vocabularies(df: pd.DataFrame) -> tuple[list[str], list[str], dict[str, list[str]], pd.Series]:
+        counts = df["item_id"].astype(str).value_counts()
+        # Sampling probability of an item as an in-batch negative: its share of positives.
+        return (
+            _vocab(df["user_id"]),
+            sorted(counts.index),
+            {name: _vocab(training_frame[name]) for name in PROFILE_FEATURES if name in training_frame},
+            counts / counts.sum(),
+        )
+
+    categories = _categories(items_frame)
+    primary = _primary_categories(items_frame)
+    text = (items_frame["title"].fillna("") + " " + items_frame["description"].fillna("")).to_numpy(
+        dtype=object
+    )
+    started = time.perf_counter()
+    users, items, profile_vocab, prob = vocabularies(train_pos)
+    model = _build_retriever(config, users, items, profile_vocab, categories, text, primary)
+    train_ds = _dataset(_retriever_arrays(train_pos, items_frame, prob), config.batch_size, True, config.seed)
+    val_ds = (
+        _dataset(_retriever_arrays(val_pos, items_frame, prob), config.batch_size, False, config.seed)
+        if len(val_pos) >= 2
+        else None
+    )
+    log(
+        f"[retriever] {len(train_pos):,} train / {len(val_pos):,} validation positives, "
+        f"{len(users):,} users, {len(items):,} items in vocabulary"
+    )
+    metrics = _fit(model, train_ds, val_ds, config.epochs, config.early_stopping_patience, "retriever", log)
+    if config.refit_on_full and val_ds is not None:
+        # Early stopping found the epoch count; the latest events are the most valuable, so the
+        # final model learns from them too.
+        users, items, profile_vocab, prob = vocabularies(pos)
+        model = _build_retriever(config, users, items, profile_vocab, categories, text, primary)
+        full_ds = _dataset(_retriever_arrays(pos, items_frame, prob), config.batch_size, True, config.seed)
+        refit = _fit(model, full_ds, None, metrics["best_epoch"], 0, "retriever refit", log)
+        metrics["refit_loss"] = refit["loss"]
+
+    query_tower, candidate_tower = model.query_model, model.candidate_model
+    _export(query_tower, QUERY_INPUTS, out_dir / "query_tower", embedding=True)
+    _export(candidate_tower, CANDIDATE_INPUTS, out_dir / "candidate_tower", embedding=True)
+    emb = _predict(
+        lambda b: candidate_tower(b, training=False), candidate_features_from_frame(items_frame)
+    ).astype(np.float32)
+    pd.DataFrame({"item_id": items_frame["item_id"].to_numpy(), "embedding": list(emb)}).to_parquet(
+        out_dir / "item_embeddings.parquet", index=False
+    )
+    return {
+        "embedding_dim": int(emb.shape[1]),
+        "query_inputs": dict(QUERY_INPUTS),
+        "candidate_inputs": dict(CANDIDATE_INPUTS),
+        "metrics": {f"retriever_{k}": v for k, v in metrics.items()},
+        "examples": {
+            "retriever_train_positives": len(train_pos),
+            "retriever_validation_positives": len(val_pos),
+            "retriever_users": len(users),
+            "retriever_items": len(items),
+            "catalog_items": len(items_frame),
+        },
+        "retriever": {
+            "temperature": config.temperature,
+            "logq_correction": config.logq_correction,
+            "normalized": config.temperature is not None,
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Ranker
+# --------------------------------------------------------------------------------------------
+
+
+def train_ranker(
+    config: TrainingConfig,
+    training_frame: pd.DataFrame,
+    items_frame: pd.DataFrame,
+    out_dir: Path,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train the multi-objective ranker (click, engagement) and export ``ranker/``.
+
+    Args:
+        config: the ``training`` section (``objective_weights`` name the objectives).
+        training_frame: the feature layer's training frame.
+        items_frame: the catalog; item content for sampled negatives comes from the frame.
+        out_dir: the training step's folder; writes ``ranker/``.
+        log: where per-epoch lines go.
+
+    Returns:
+        The ranker's part of the manifest: inputs, objectives, weights, metrics, counts.
+    """
+    use_legacy_keras()
+    import tf_keras as keras
+
+    from components.models import MultiObjectiveRanker
+
+    log = log or _default_log
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    numeric = numeric_feature_names(training_frame)
+    item_columns = ["item_id", "category", "title", "description", "in_stock"] + [
+        n for n in numeric if n.startswith("item_")
+    ]
+    examples, source = ranker_examples(training_frame, config, item_columns)
+    if examples.empty:
+        raise ValueError("no ranker examples (no impressions and no positives) in the training frame")
+    train_ex, val_ex = validation_split(examples, config.validation_fraction)
+    inputs = ranker_input_spec(numeric)
+    objectives = list(config.objective_weights)
+
+    keras.utils.set_random_seed(config.seed)
+    normalizer = None
+    if numeric:
+        normalizer = keras.layers.Normalization(axis=-1)
+        normalizer.adapt(np.log1p(np.maximum(train_ex[numeric].to_numpy(dtype=np.float32), 0.0)))
+    model = MultiObjectiveRanker(
+        users=_vocab(train_ex["user_id"]),
+        items=_vocab(train_ex["item_id"]),
+        categories=_categories(items_frame),
+        profile_vocab={n: _vocab(training_frame[n]) for n in PROFILE_FEATURES if n in training_frame},
+        numeric_features=numeric,
+        numeric_normalizer=normalizer,
+        objective_weights=config.objective_weights,
+        id_dim=config.id_dim,
+        feature_dim=config.feature_dim,
+        hidden_units=config.ranker_hidden_units,
+        num_oov=config.num_oov_buckets,
+        id_dropout=config.id_dropout,
+        max_history=config.max_history,
+        item_categories=_primary_categories(items_frame) if config.history_categories else None,
+    )
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=config.ranker_learning_rate))
+
+    def arrays(df: pd.DataFrame) -> dict[str, np.ndarray]:
+        a = features_from_frame(df, inputs)
+        for k in objectives:
+            a[f"label_{k}"] = df[f"label_{k}"].to_numpy(dtype=np.float32)
+        return a
+
+    train_ds = _dataset(arrays(train_ex), config.batch_size, True, config.seed)
+    val_ds = _dataset(arrays(val_ex), config.batch_size, False, config.seed) if len(val_ex) >= 2 else None
+    log(
+        f"[ranker] {len(train_ex):,} train / {len(val_ex):,} validation examples from {source}, "
+        f"click rate {train_ex['label_click'].mean():.3f}"
+    )
+    metrics = _fit(
+        model, train_ds, val_ds, config.ranker_epochs, config.early_stopping_patience, "ranker", log
+    )
+    _export(model, inputs, out_dir / "ranker", embedding=False)
+    return {
+        "ranker_inputs": inputs,
+        "objectives": objectives,
+        "objective_weights": dict(config.objective_weights),
+        "metrics": {f"ranker_{k}": v for k, v in metrics.items()},
+        "examples": {
+            "ranker_train": len(train_ex),
+            "ranker_validation": len(val_ex),
+            "ranker_source": source,
+            "ranker_click_rate": float(examples["label_click"].mean()),
+        },
+        "ranker": {"seconds": round(time.perf_counter() - started, 1)},
+    }
+
+
+def train_models(
+    config: TrainingConfig,
+    training_frame: pd.DataFrame,
+    items_frame: pd.DataFrame,
+    out_dir: Path,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """The training step: retriever and ranker into ``out_dir``, then ``manifest.json`` last.
+
+    Args:
+        config: the ``training`` section.
+        training_frame: the feature layer's training frame (``build_training_data``).
+        items_frame: the whole catalog (validated items).
+        out_dir: the step's folder (``<home>/runs/<run>/train``).
+        log: where progress lines go (default: stderr).
+
+    Returns:
+        The manifest (see the module docstring for the contract).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "manifest.json").unlink(missing_ok=True)  # a re-run is incomplete until it ends
+    retriever = train_retriever(config, training_frame, items_frame, out_dir, log)
+    ranker = train_ranker(config, training_frame, items_frame, out_dir, log)
+    ts = pd.to_datetime(training_frame["ts"], utc=True)
+    manifest = {
+        "step": "train",
+        "path": str(out_dir),
+        "embedding_dim": retriever["embedding_dim"],
+        "query_inputs": retriever["query_inputs"],
+        "candidate_inputs": retriever["candidate_inputs"],
+        "ranker_inputs": ranker["ranker_inputs"],
+        "objectives": ranker["objectives"],
+        "objective_weights": ranker["objective_weights"],
+        "metrics": {**retriever["metrics"], **ranker["metrics"]},
+        "examples": {"events": len(training_frame), **retriever["examples"], **ranker["examples"]},
+        "data_interval": {"start": ts.min().isoformat(), "end": ts.max().isoformat()} if len(ts) else None,
+        "parameters": config.model_dump(mode="json"),
+        "details": {"retriever": retriever["retriever"], "ranker": ranker["ranker"]},
+        "seed": config.seed,
+        "code_version": code_version(),
+    }
+    write_manifest(out_dir, manifest)
+    return manifest
+
+
+def load_signature(path: Path) -> Any:
+    """The ``serving_default`` function of a SavedModel (takes keyword tensors)."""
+    use_legacy_keras()
+    import tensorflow as tf
+
+    return tf.saved_model.load(str(path)).signatures["serving_default"]
