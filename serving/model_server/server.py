@@ -61,6 +61,10 @@ class ServerOptions:
     monitoring_config_file: str = ""
     grpc_max_threads: int = 16
     host: str = "0.0.0.0"
+    # Not a TF Serving flag: Python modules imported before any load to register custom ops
+    # (``scann.scann_ops``), the stand-in's version of a server *built* with those ops
+    # (google/tf-serving-scann). Empty, as stock TF Serving: a ScaNN SavedModel fails to load.
+    custom_op_modules: str = ""
 
     def core_options(self) -> CoreOptions:
         return CoreOptions(
@@ -122,6 +126,11 @@ class ModelServer:
     def start(self) -> None:
         """Load the initial models, then open the ports. Raises ``ServingError`` if startup fails."""
         os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # before the serving protos import TF
+        import importlib
+
+        for module in (m.strip() for m in self.options.custom_op_modules.split(",")):
+            if module:
+                importlib.import_module(module)
         config = initial_config(self.options)
         if self.options.model_config_file:
             self._config_text = Path(self.options.model_config_file).read_text()

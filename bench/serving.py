@@ -1,0 +1,452 @@
+"""Benchmark: the gateway end to end on a 100k-item catalog, at 1, 8 and 32 concurrent clients.
+
+Run: `.venv/bin/python -m bench.serving [--items 100000 --seconds 20 --concurrency 1,8,32]`.
+
+Build (once; reused from ``<home>/bench/serving`` unless ``--rebuild``):
+
+1. the project's generator: ``--items`` items (100k), ``--users`` users (3k), ``--days`` days,
+   written straight as validated data (generator output is contract-clean, as
+   ``bench.feature_lookup`` also relies on);
+2. feature tables, ``feast apply``, materialization into the SQLite online store;
+3. training data by Feast's point-in-time join and a short training run (small towers,
+   few epochs: a few minutes on 2 cores). Shortcut, stated: the towers learn from this small
+   event set, but the candidate tower embeds all 100k items, the ScaNN index is built over
+   all of them and the ranker scores all 1000 candidates per request, so the serving work is
+   that of a 100k catalog;
+4. ScaNN index (parameters derived from N, tuned to the recall target) and push.
+
+Then ``recsys serve model-server`` (with ScaNN's ops) and ``recsys serve gateway`` start
+as subprocesses, and a *separate load process* (``python -m bench.serving load``, threads
+with one keep-alive HTTP client each) sends ``POST /v1/recommendations`` for users with
+history (so most requests take the full path: retrieval of 1000, filtering, ranking of
+every survivor, MMR, exploration) for ``--seconds`` per concurrency level after a warm-up.
+End-to-end latency is measured by the client; per-stage latency comes from each
+response's ``timings_ms``. Prints a table, writes ``results.json`` and, with ``--record``,
+appends a section to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RECSYS = REPO / ".venv" / "bin" / "recsys"
+STAGES = ("features", "candidates", "filter", "ranking", "mmr", "explore", "log", "total")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _log(msg: str) -> None:
+    print(f"[{datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --- build -----------------------------------------------------------------------------------
+
+
+def build(home: Path, items: int, users: int, days: int, seed: int) -> dict[str, Any]:
+    """Data, features, models and a push under ``home``; returns the timings of each step."""
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    from components.config import IndexConfig, load_settings
+    from components.features import (
+        apply_feature_repo,
+        build_feature_tables,
+        build_training_data,
+        features_dir,
+        materialize,
+    )
+    from components.generate import GenerateParams, generate_to_folder
+    from components.indexing import build_index
+    from components.push import push_models
+    from components.training import train_models
+
+    settings = load_settings(overrides={"home": str(home)})
+    steps: dict[str, float] = {}
+    t = time.perf_counter()
+    end = datetime(2026, 11, 1, tzinfo=UTC)
+    generate_to_folder(
+        GenerateParams(users=users, items=items, days=days, seed=seed, end_date=end), settings.validated_dir
+    )
+    steps["generate"] = time.perf_counter() - t
+    _log(f"generated {items:,} items, {users:,} users in {steps['generate']:.0f}s")
+    t = time.perf_counter()
+    build_feature_tables(settings.features, settings.validated_dir, features_dir(settings))
+    apply_feature_repo(settings)
+    materialize(settings)
+    steps["features"] = time.perf_counter() - t
+    _log(f"features built, applied, materialized in {steps['features']:.0f}s")
+    t = time.perf_counter()
+    import pandas as pd
+
+    frame = build_training_data(settings)
+    catalog = pd.read_parquet(settings.validated_dir / "items")
+    config = settings.training.model_copy(
+        update={
+            "embedding_dim": 32,
+            "id_dim": 32,
+            "text_dim": 16,
+            "epochs": 3,
+            "ranker_epochs": 2,
+            "early_stopping_patience": 0,
+            "batch_size": 1024,
+        }
+    )
+    train_dir = home / "train"
+    train_models(config, frame, catalog, train_dir, log=lambda m: None)
+    steps["train"] = time.perf_counter() - t
+    _log(f"trained on {len(frame):,} events in {steps['train']:.0f}s")
+    t = time.perf_counter()
+    index = build_index(IndexConfig(), train_dir, home / "index")
+    steps["index"] = time.perf_counter() - t
+    _log(
+        f"index {index['algorithm']} recall@{index['recall_k']}={index['recall_at_k']} "
+        f"in {steps['index']:.0f}s"
+    )
+    t = time.perf_counter()
+    push_models(
+        settings.push,
+        train_dir,
+        home / "index",
+        {"blessed": True, "reason": "benchmark"},
+        settings.models_dir,
+        data_dir=settings.validated_dir,
+    )
+    steps["push"] = time.perf_counter() - t
+    (home / "build.json").write_text(
+        json.dumps({"steps_s": steps, "index": index, "events": len(frame)}, indent=2)
+    )
+    return steps
+
+
+# --- load process ----------------------------------------------------------------------------
+
+
+def load(
+    url: str, users: list[str], concurrency: int, seconds: float, warmup: float, k: int
+) -> dict[str, Any]:
+    """Closed-loop clients: each thread sends the next request when the last one answered."""
+    import httpx
+
+    stop_at = time.perf_counter() + warmup + seconds
+    measure_from = time.perf_counter() + warmup
+    results: list[list[tuple[float, float, dict[str, float], str, int]]] = [[] for _ in range(concurrency)]
+    errors = [0] * concurrency
+
+    def client(n: int) -> None:
+        rng = np.random.default_rng(n)
+        with httpx.Client(timeout=10) as http:
+            while (now := time.perf_counter()) < stop_at:
+                user = users[int(rng.integers(len(users)))]
+                try:
+                    r = http.post(f"{url}/v1/recommendations", json={"user_id": user, "k": k})
+                    done = time.perf_counter()
+                    if r.status_code != 200:
+                        errors[n] += 1
+                        continue
+                    body = r.json()
+                except httpx.HTTPError:
+                    errors[n] += 1
+                    continue
+                if now >= measure_from:
+                    results[n].append(
+                        (
+                            now,
+                            done - now,
+                            body["timings_ms"],
+                            body["candidate_source"],
+                            body["counts"].get("ranked", 0),
+                        )
+                    )
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(concurrency)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    rows = [r for per in results for r in per]
+    if not rows:
+        return {"concurrency": concurrency, "requests": 0, "errors": sum(errors)}
+    e2e = np.array([r[1] for r in rows]) * 1000
+    span = max(r[0] + r[1] for r in rows) - min(r[0] for r in rows)
+    stages = {}
+    for stage in STAGES:
+        vals = np.array([r[2].get(stage, 0.0) for r in rows])
+        stages[stage] = {q: float(np.percentile(vals, p)) for q, p in (("p50", 50), ("p95", 95), ("p99", 99))}
+    sources: dict[str, int] = {}
+    for r in rows:
+        sources[r[3]] = sources.get(r[3], 0) + 1
+    ranked = np.array([r[4] for r in rows])
+    return {
+        "concurrency": concurrency,
+        "requests": len(rows),
+        "errors": sum(errors),
+        "seconds": span,
+        "throughput_rps": len(rows) / span,
+        "e2e_ms": {q: float(np.percentile(e2e, p)) for q, p in (("p50", 50), ("p95", 95), ("p99", 99))},
+        "e2e_mean_ms": float(e2e.mean()),
+        "stages_ms": stages,
+        "candidate_sources": sources,
+        "ranked_per_full_request": float(ranked[ranked > 0].mean()) if (ranked > 0).any() else 0.0,
+    }
+
+
+# --- orchestration ---------------------------------------------------------------------------
+
+
+def _wait(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 600) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _machine() -> str:
+    try:
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        model = platform.processor()
+    return f"{os.cpu_count()} cores, {model}, {platform.machine()}"
+
+
+def _table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| clients | requests | req/s | e2e p50 ms | e2e p95 ms | e2e p99 ms | errors |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        e = r["e2e_ms"]
+        lines.append(
+            f"| {r['concurrency']} | {r['requests']:,} | {r['throughput_rps']:.0f} | {e['p50']:.1f} | "
+            f"{e['p95']:.1f} | {e['p99']:.1f} | {r['errors']} |"
+        )
+    lines += ["", "Per stage inside the gateway (p50 / p95 / p99 ms, from each response's `timings_ms`):", ""]
+    lines.append("| clients | " + " | ".join(STAGES) + " |")
+    lines.append("| ---: | " + " | ".join("---:" for _ in STAGES) + " |")
+    for r in results:
+        s = r["stages_ms"]
+        cells = [f"{s[x]['p50']:.1f} / {s[x]['p95']:.1f} / {s[x]['p99']:.1f}" for x in STAGES]
+        lines.append(f"| {r['concurrency']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", nargs="?", default="run", choices=["run", "load"])
+    p.add_argument("--items", type=int, default=100_000)
+    p.add_argument("--users", type=int, default=3000)
+    p.add_argument("--days", type=int, default=7)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--home", type=Path, default=None, help="default <RECSYS_HOME or var>/bench/serving")
+    p.add_argument("--rebuild", action="store_true")
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--protocol", default="grpc", choices=["grpc", "rest"])
+    p.add_argument("--record", action="store_true", help="append a section to BENCHMARKS.md")
+    # load mode (the separate load process)
+    p.add_argument("--url")
+    p.add_argument("--users-file", type=Path)
+    args = p.parse_args()
+
+    if args.mode == "load":
+        users = json.loads(args.users_file.read_text())
+        out = load(args.url, users, int(args.concurrency), args.seconds, args.warmup, args.k)
+        print(json.dumps(out))
+        return
+
+    home = (args.home or Path(os.environ.get("RECSYS_HOME", REPO / "var")) / "bench" / "serving").resolve()
+    if args.rebuild or not (home / "models" / "models.config").is_file():
+        if home.exists():
+            import shutil
+
+            shutil.rmtree(home)
+        home.mkdir(parents=True)
+        build(home, args.items, args.users, args.days, args.seed)
+    import pandas as pd
+
+    events = pd.read_parquet(home / "data" / "validated" / "events", columns=["user_id", "event_type"])
+    counts = events[events["event_type"] != "impression"]["user_id"].value_counts()
+    warm = [str(u) for u in counts[counts >= 3].index]
+    users_file = home / "load_users.json"
+    users_file.write_text(json.dumps(warm))
+
+    env = {**os.environ, "RECSYS_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2", "TF_USE_LEGACY_KERAS": "1"}
+    grpc_port, rest_port, port = _free_port(), _free_port(), _free_port()
+    env |= {
+        "RECSYS_GATEWAY__MODEL_SERVER_GRPC_PORT": str(grpc_port),
+        "RECSYS_GATEWAY__MODEL_SERVER_REST_PORT": str(rest_port),
+        "RECSYS_GATEWAY__PROTOCOL": args.protocol,
+    }
+    ms_log, gw_log = home / "model_server.log", home / "gateway.log"
+    server = subprocess.Popen(
+        [
+            str(RECSYS),
+            "serve",
+            "model-server",
+            "--port",
+            str(grpc_port),
+            "--rest_api_port",
+            str(rest_port),
+            "--host",
+            "127.0.0.1",
+            "--model_config_file",
+            str(home / "models" / "models.config"),
+            "--allow_version_labels_for_unavailable_models",
+            "--custom_op_modules",
+            "scann.scann_ops",
+        ],
+        stdout=open(ms_log, "wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=REPO,
+    )
+    gateway = None
+    try:
+        _wait(f"http://127.0.0.1:{rest_port}/v1/models/retrieval", server, ms_log)
+        t0 = time.perf_counter()
+        gateway = subprocess.Popen(
+            [str(RECSYS), "serve", "gateway", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=open(gw_log, "wb"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+        )
+        url = f"http://127.0.0.1:{port}"
+        _wait(f"{url}/readyz", gateway, gw_log)
+        ready_s = time.perf_counter() - t0
+        _log(
+            f"gateway ready in {ready_s:.1f}s (item cache of {args.items:,} items); {len(warm):,} warm users"
+        )
+        results = []
+        for c in [int(x) for x in args.concurrency.split(",")]:
+            load_1m = os.getloadavg()[0]
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.serving",
+                    "load",
+                    "--url",
+                    url,
+                    "--users-file",
+                    str(users_file),
+                    "--concurrency",
+                    str(c),
+                    "--seconds",
+                    str(args.seconds),
+                    "--warmup",
+                    str(args.warmup),
+                    "--k",
+                    str(args.k),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=REPO,
+                env=env,
+            )
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r["load_1m_before"] = load_1m
+            results.append(r)
+            _log(
+                f"{c:>2} clients: {r['throughput_rps']:.0f} req/s, e2e p50 {r['e2e_ms']['p50']:.1f} "
+                f"p95 {r['e2e_ms']['p95']:.1f} p99 {r['e2e_ms']['p99']:.1f} ms, errors {r['errors']}, "
+                f"sources {r['candidate_sources']}, ranked {r['ranked_per_full_request']:.0f}, "
+                f"load {load_1m:.1f}"
+            )
+        metrics = __import__("httpx").get(f"{url}/metrics").text
+    finally:
+        if gateway is not None:
+            _stop(gateway)
+        _stop(server)
+    build_info = json.loads((home / "build.json").read_text()) if (home / "build.json").is_file() else {}
+    summary = {
+        "date": datetime.now(UTC).date().isoformat(),
+        "machine": _machine(),
+        "items": args.items,
+        "protocol": args.protocol,
+        "seconds_per_level": args.seconds,
+        "k": args.k,
+        "gateway_ready_s": ready_s,
+        "build": build_info.get("steps_s"),
+        "index": {k: (build_info.get("index") or {}).get(k) for k in ("algorithm", "recall_at_k", "params")},
+        "results": results,
+        "fallback_lines": [
+            ln for ln in metrics.splitlines() if ln.startswith("recsys_gateway_fallbacks_total")
+        ],
+    }
+    (home / "results.json").write_text(json.dumps(summary, indent=2))
+    table = _table(results)
+    print(table)
+    if args.record:
+        _record(summary, table)
+
+
+def _record(summary: dict[str, Any], table: str) -> None:
+    r8 = next((r for r in summary["results"] if r["concurrency"] == 8), None)
+    best = max(r["throughput_rps"] for r in summary["results"])
+    verdict = ""
+    if r8 is not None:
+        p99_ok = r8["e2e_ms"]["p99"] < 50
+        verdict = (
+            f"Targets (p99 < 50 ms at 8 clients with 1000 candidates ranked; >= 100 req/s sustained): "
+            f"p99 at 8 clients {r8['e2e_ms']['p99']:.1f} ms ({'met' if p99_ok else 'missed'}); "
+            f"best throughput {best:.0f} req/s ({'met' if best >= 100 else 'missed'})."
+        )
+    section = f"""
+## Serving: the gateway end to end on a 100k-item catalog ({summary["date"]})
+
+`.venv/bin/python -m bench.serving` ({summary["items"]:,} items; gateway -> model server over
+{summary["protocol"]}; {summary["seconds_per_level"]:.0f} s per level after a warm-up; k = {summary["k"]};
+machine: {summary["machine"]}). Model server, gateway and the load process share the 2 cores.
+
+{table}
+
+{verdict}
+"""
+    with open(REPO / "BENCHMARKS.md", "a") as f:
+        f.write(section)
+
+
+if __name__ == "__main__":
+    main()

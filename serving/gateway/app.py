@@ -1,0 +1,233 @@
+"""The gateway's HTTP API (FastAPI; OpenAPI docs at ``/docs``).
+
+- ``POST /v1/recommendations``: top-k items for a user, with score, reason, arm, model
+  versions, fallbacks taken and per-stage timings (``serving.gateway.service``).
+- ``POST /v1/events``: one event or ``{"events": [...]}``; validated (a 422 names each
+  field and value refused), appended durably to the event log before the answer,
+  idempotent by ``event_id``, then pushed to the online store.
+- ``GET /v1/items/{item_id}/similar``: neighbours in the retrieval embedding space.
+- ``GET /healthz`` (the process answers), ``GET /readyz`` (models and items loaded; the
+  model server's state), ``GET /metrics`` (Prometheus).
+
+Endpoints are plain ``def`` functions: the work is CPU-bound NumPy and blocking clients, so
+uvicorn runs them on its thread pool and the event loop only moves bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from components.config import Settings
+from components.contracts import ID_PATTERN
+from serving.gateway.schemas import (
+    Event,
+    EventBatch,
+    EventsResponse,
+    RecommendationRequest,
+    RecommendationResponse,
+    validation_problems,
+)
+from serving.gateway.service import Gateway, NotReady, UnknownItem
+
+log = logging.getLogger("serving.gateway")
+
+
+def _problem(status: int, detail: Any) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"detail": detail})
+
+
+def create_app(settings: Settings, gateway: Gateway | None = None, wait_ready: bool = False) -> FastAPI:
+    """The gateway app; its lifespan starts (and stops) the ``Gateway``'s background work.
+
+    Args:
+        settings: the configuration.
+        gateway: a prepared gateway (default: one built from ``settings`` at startup).
+        wait_ready: block startup until models and the item cache are loaded.
+    """
+    state: dict[str, Gateway] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gw = gateway or Gateway(settings)
+        state["gw"] = gw
+        app.state.gateway = gw
+        gw.start(wait=wait_ready)
+        try:
+            yield
+        finally:
+            gw.stop()
+
+    app = FastAPI(
+        title="recsys gateway",
+        version="1",
+        description="Recommendations and events for the recsys personalization engine.",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            loc = [str(p) for p in err["loc"] if p != "body"]
+            problems.append(
+                {"field": ".".join(loc), "value": _short(err.get("input")), "message": err["msg"]}
+            )
+        if request.url.path.startswith("/v1/events") and "gw" in state:
+            state["gw"].metrics.events.labels(status="invalid").inc()
+        return _problem(422, problems)
+
+    def gw() -> Gateway:
+        return state["gw"]
+
+    @app.post("/v1/recommendations", response_model=RecommendationResponse)
+    def recommendations(req: RecommendationRequest) -> Any:
+        """Top-k items for a user: retrieve, filter, rank, diversify, explore."""
+        g = gw()
+        if req.k is not None and req.k > settings.gateway.max_k:
+            g.metrics.requests.labels(endpoint="recommendations", status="422").inc()
+            message = f"k may be at most gateway.max_k = {settings.gateway.max_k}"
+            return _problem(422, [{"field": "k", "value": req.k, "message": message}])
+        try:
+            out = g.recommend(req)
+        except NotReady as e:
+            g.metrics.requests.labels(endpoint="recommendations", status="503").inc()
+            return _problem(503, f"not ready: {e}")
+        g.metrics.requests.labels(endpoint="recommendations", status="200").inc()
+        return out
+
+    @app.post(
+        "/v1/events",
+        response_model=EventsResponse,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "oneOf": [
+                                {"$ref": "#/components/schemas/Event"},
+                                {"$ref": "#/components/schemas/EventBatch"},
+                            ]
+                        }
+                    }
+                },
+            }
+        },
+    )
+    async def events(request: Request) -> Any:
+        """One event, or ``{"events": [...]}``: durable, idempotent by event_id, then pushed online."""
+        g = gw()
+        try:
+            body = json.loads(await request.body())
+        except ValueError as e:
+            g.metrics.events.labels(status="invalid").inc()
+            return _problem(422, [{"field": "body", "value": None, "message": f"not JSON: {e}"}])
+        if isinstance(body, dict) and "events" in body:
+            raw, prefix = body["events"], "events"
+        elif isinstance(body, list):
+            raw, prefix = body, "events"
+        else:
+            raw, prefix = [body], ""
+        if not isinstance(raw, list) or not raw:
+            g.metrics.events.labels(status="invalid").inc()
+            return _problem(422, [{"field": prefix or "body", "value": _short(raw), "message": "no events"}])
+        limit = settings.gateway.max_batch_events
+        if len(raw) > limit:
+            g.metrics.events.labels(status="invalid").inc(len(raw))
+            return _problem(
+                422,
+                [{"field": "events", "value": len(raw), "message": f"at most {limit} events per request"}],
+            )
+        parsed: list[Event] = []
+        problems: list[dict[str, Any]] = []
+        for n, item in enumerate(raw):
+            try:
+                parsed.append(Event.model_validate(item))
+            except ValidationError as e:
+                problems += validation_problems(e, f"{prefix}[{n}]" if prefix else "")
+        if problems:
+            # All or nothing: a batch with one bad event stores none, so a retry is simple.
+            g.metrics.events.labels(status="invalid").inc(len(raw))
+            return _problem(422, problems)
+        from starlette.concurrency import run_in_threadpool
+
+        out = await run_in_threadpool(g.ingest, parsed)
+        g.metrics.requests.labels(endpoint="events", status="200").inc()
+        return out
+
+    @app.get("/v1/items/{item_id}/similar")
+    def similar(item_id: str, k: int = Query(10, ge=1, le=settings.gateway.max_k)) -> Any:
+        """Items nearest to ``item_id`` in the retrieval model's embedding space."""
+        import re
+
+        if not re.fullmatch(ID_PATTERN, item_id):
+            return _problem(
+                422, [{"field": "item_id", "value": item_id, "message": f"must match {ID_PATTERN}"}]
+            )
+        try:
+            return gw().similar(item_id, k)
+        except NotReady as e:
+            return _problem(503, f"not ready: {e}")
+        except UnknownItem as e:
+            return _problem(404, str(e))
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> Any:
+        ready, checks = gw().readiness()
+        return JSONResponse(status_code=200 if ready else 503, content={"ready": ready, **checks})
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(gw().metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # EventBatch is documented through openapi_extra; make sure its schema is emitted.
+    app.openapi_schema = None
+    _extra_models = (Event, EventBatch)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            comps = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in _extra_models:
+                js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                comps.update(js.pop("$defs", {}))
+                comps[model.__name__] = js
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def _short(value: Any) -> Any:
+    text = json.dumps(value, default=str)
+    return value if len(text) <= 200 else text[:200] + "..."
+
+
+def run_gateway(settings: Settings, host: str = "127.0.0.1", port: int = 8080) -> int:
+    """Serve the gateway with uvicorn until interrupted (``recsys serve gateway``)."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    return 0

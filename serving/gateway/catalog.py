@@ -1,0 +1,317 @@
+"""What the gateway keeps in memory: pushed model versions, the item catalog, popularity.
+
+A recommendation request must not read 1000 item rows from the feature store (tens to
+hundreds of ms through Feast), so the gateway holds the *item* side of every feature in
+process, as columns aligned by item position, and reads only the *user's* row per request.
+The cache is rebuilt when a materialization lands (the Feast materialize manifest changes)
+and swapped in whole, so a request always sees one consistent snapshot.
+
+The catalog is what the retrieval model can return: the item ids exported with the
+retrieval version (``assets.extra/item_ids.json``), beside their embeddings, which the
+gateway also uses for similarity (MMR diversity, content neighbours, ``/similar``) and for
+exact search when the model server cannot serve the retrieval version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from components.config import Settings
+from components.feature_schema import ITEM_ATTRIBUTE_FEATURES, POSITIVE_EVENT_TYPES, item_popularity_features
+from components.indexing import EMBEDDINGS_FILE
+from components.push import ITEM_IDS_FILE, MODELS_CONFIG, REQUIREMENTS, read_models_config
+
+log = logging.getLogger("serving.gateway")
+CATEGORY_SEPARATOR = "|"
+
+
+# --------------------------------------------------------------------------------------------
+# Model versions
+# --------------------------------------------------------------------------------------------
+
+
+class RetrievalAssets:
+    """One pushed retrieval version as the gateway uses it, without the model server.
+
+    ``embeddings`` are the candidate tower's outputs in index order; ``unit`` the same rows
+    without the item-bias coordinate (a per-item prior, not a direction of taste) and
+    L2-normalized, so ``unit @ unit[i]`` is the content/taste similarity of every item to i.
+    The query tower (``assets.extra/query_tower``, no custom ops) is loaded on demand for
+    exact search, the fallback when a server cannot load the ScaNN index.
+    """
+
+    def __init__(self, version_dir: Path) -> None:
+        self.version_dir = Path(version_dir)
+        self.version = int(self.version_dir.name)
+        extra = self.version_dir / "assets.extra"
+        self.requirements: dict[str, Any] = json.loads((extra / REQUIREMENTS).read_text())
+        self.inputs: dict[str, str] = dict(self.requirements.get("inputs", {}))
+        self.item_ids = np.asarray(json.loads((extra / ITEM_IDS_FILE).read_text()), dtype=object)
+        self.position = {str(i): n for n, i in enumerate(self.item_ids)}
+        self.embeddings = np.load(extra / EMBEDDINGS_FILE).astype(np.float32)
+        self.unit = unit_directions(self.embeddings)
+        self._query_tower: Any = None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def query_tower(self) -> Any:
+        """The query tower's ``serving_default`` (loads TensorFlow on first use)."""
+        with self._lock:
+            if self._query_tower is None:
+                os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+                import tensorflow as tf
+
+                path = self.version_dir / "assets.extra" / "query_tower"
+                self._query_tower = tf.saved_model.load(str(path)).signatures["serving_default"]
+            return self._query_tower
+
+    def exact_search(self, features: dict[str, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact dot-product top-``k`` for one query row: (item positions, scores), best first."""
+        import tensorflow as tf
+
+        fn = self.query_tower()
+        q = fn(**{name: tf.constant(v) for name, v in features.items()})["embedding"].numpy()[0]
+        scores = self.embeddings @ q
+        return top_k(scores, k)
+
+    def neighbours(
+        self, positions: Sequence[int], k: int, exclude: Iterable[int] = ()
+    ) -> list[tuple[int, float, int]]:
+        """Items nearest to any of ``positions`` (max cosine): (position, similarity, nearest source)."""
+        if not positions or k <= 0:
+            return []
+        sims = self.unit @ self.unit[list(positions)].T  # [N, S]
+        best_src = sims.argmax(axis=1)
+        best = sims[np.arange(len(sims)), best_src]
+        best[list(positions)] = -np.inf
+        for e in exclude:
+            best[e] = -np.inf
+        idx, scores = top_k(best, k)
+        return [
+            (int(i), float(s), int(positions[best_src[i]]))
+            for i, s in zip(idx, scores, strict=True)
+            if np.isfinite(s)
+        ]
+
+
+def unit_directions(embeddings: np.ndarray) -> np.ndarray:
+    """Embeddings without an item-bias last coordinate, L2-normalized.
+
+    Training with ``item_bias`` appends a learned prior to L2-normalized tower outputs, so
+    the first D-1 coordinates of every row have unit norm; that is how the bias column is
+    recognised here (an un-normalized model keeps all its coordinates).
+    """
+    emb = np.asarray(embeddings, dtype=np.float32)
+    if emb.shape[1] > 2:
+        head = np.linalg.norm(emb[:, :-1], axis=1)
+        if len(head) and np.allclose(head, 1.0, atol=1e-3):
+            emb = emb[:, :-1]
+    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    return emb / np.where(norms > 0, norms, 1.0)
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and values of the ``k`` largest scores, best first (argpartition, then sort)."""
+    k = min(k, len(scores))
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=scores.dtype)
+    part = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+    order = part[np.argsort(-scores[part], kind="stable")]
+    return order, scores[order]
+
+
+@dataclass
+class ModelVersions:
+    """The labels of ``models.config`` and the retrieval assets of the labelled versions."""
+
+    labels: dict[str, dict[str, int]]  # model -> {label: version}
+    retrieval: dict[int, RetrievalAssets]  # version -> assets
+    ranking_inputs: dict[int, dict[str, str]]  # version -> {input: dtype}
+    mtime: float = 0.0
+
+    def version(self, model: str, label: str) -> int | None:
+        labels = self.labels.get(model, {})
+        return labels.get(label, labels.get("stable"))
+
+
+def load_model_versions(
+    base_path: Path, retrieval_model: str, ranking_model: str, previous: ModelVersions | None = None
+) -> ModelVersions:
+    """Read ``models.config`` and load the assets of each labelled version (reusing loaded ones)."""
+    config_path = Path(base_path) / MODELS_CONFIG
+    models = read_models_config(Path(base_path))
+    labels = {name: {k: int(v) for k, v in m["labels"].items()} for name, m in models.items()}
+    if retrieval_model not in labels:
+        raise FileNotFoundError(f"model {retrieval_model!r} is not in {config_path}: push models first")
+    retrieval: dict[int, RetrievalAssets] = {}
+    for v in sorted(set(labels[retrieval_model].values())):
+        if previous is not None and v in previous.retrieval:
+            retrieval[v] = previous.retrieval[v]
+        else:
+            retrieval[v] = RetrievalAssets(Path(base_path) / retrieval_model / str(v))
+    ranking_inputs: dict[int, dict[str, str]] = {}
+    for v in sorted(set(labels.get(ranking_model, {}).values())):
+        req = Path(base_path) / ranking_model / str(v) / "assets.extra" / REQUIREMENTS
+        if req.is_file():
+            ranking_inputs[v] = dict(json.loads(req.read_text()).get("inputs", {}))
+    return ModelVersions(labels, retrieval, ranking_inputs, config_path.stat().st_mtime)
+
+
+# --------------------------------------------------------------------------------------------
+# Item features and popularity
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ItemCatalog:
+    """Item features of the whole catalog as columns aligned by position, plus popularity.
+
+    ``columns`` holds each online item feature (``item_attributes`` and ``item_popularity``)
+    as one array; ``positives`` the popularity signal (positives in the largest window);
+    ``new`` marks items to explore: published within ``new_item_days`` of the newest item,
+    or never shown nor engaged with. ``segment_popular`` maps a segment value (a country) to
+    item positions by positive events of users in that segment, most first.
+    """
+
+    item_ids: np.ndarray
+    position: dict[str, int]
+    columns: dict[str, np.ndarray]
+    in_stock: np.ndarray
+    category_sets: list[frozenset[str]]
+    positives: np.ndarray
+    new: np.ndarray
+    global_popular: np.ndarray
+    segment_popular: dict[str, np.ndarray]
+    source_mtime: float
+    _category_masks: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def category_mask(self, category: str) -> np.ndarray:
+        """True where an item carries ``category`` (any of its '|'-joined ones); computed once."""
+        mask = self._category_masks.get(category)
+        if mask is None:
+            mask = np.fromiter((category in c for c in self.category_sets), dtype=bool, count=len(self))
+            self._category_masks[category] = mask
+        return mask
+
+    def positions(self, ids: Iterable[str]) -> np.ndarray:
+        """Positions of known ids (unknown ids are dropped)."""
+        pos = self.position
+        return np.fromiter((pos[i] for i in ids if i in pos), dtype=np.int64)
+
+
+def read_item_features(
+    store: Any, item_ids: Sequence[str], windows_days: Sequence[int], chunk: int = 5000
+) -> tuple[dict[str, list[Any]], list[int]]:
+    """Every item's online features (attributes, popularity) and its attributes' timestamp (s)."""
+    from feast.online_response import TIMESTAMP_POSTFIX
+
+    refs = [f"item_attributes:{f}" for f in ITEM_ATTRIBUTE_FEATURES] + [
+        f"item_popularity:{f}" for f in item_popularity_features(list(windows_days))
+    ]
+    out: dict[str, list[Any]] = {r.split(":", 1)[1]: [] for r in refs}
+    stamps: list[int] = []
+    for start in range(0, len(item_ids), chunk):
+        rows = [{"item_id": str(i)} for i in item_ids[start : start + chunk]]
+        got = store.get_online_features(features=refs, entity_rows=rows).to_dict(
+            include_event_timestamps=True
+        )
+        for name in out:
+            out[name].extend(got[name])
+        stamps.extend(got["title" + TIMESTAMP_POSTFIX])
+    return out, stamps
+
+
+def segment_popularity(settings: Settings, position: dict[str, int], n_items: int) -> dict[str, np.ndarray]:
+    """Item positions by positives per segment over the last ``popularity_days`` of validated data.
+
+    Read from the latest validated events joined with users' ``segment_feature``; an empty
+    dict when there is no validated data (segments then fall back to global popularity).
+    """
+    from components.recommend import latest_validated_dir
+
+    gw = settings.gateway
+    try:
+        data = latest_validated_dir(settings)
+    except FileNotFoundError:
+        return {}
+    try:
+        users = pd.read_parquet(data / "users", columns=["user_id", gw.segment_feature])
+    except (OSError, ValueError, KeyError):
+        return {}
+    events = pd.read_parquet(data / "events", columns=["user_id", "item_id", "event_type", "ts"])
+    if events.empty:
+        return {}
+    since = events["ts"].max() - pd.Timedelta(days=gw.popularity_days)
+    ev = events[(events["ts"] > since) & events["event_type"].astype(str).isin(POSITIVE_EVENT_TYPES)]
+    ev = ev.merge(users.astype(str), on="user_id", how="inner")
+    ev = ev.assign(pos=ev["item_id"].astype(str).map(position)).dropna(subset=["pos"])
+    out: dict[str, np.ndarray] = {}
+    for segment, group in ev.groupby(gw.segment_feature):
+        counts = np.bincount(group["pos"].astype(np.int64), minlength=n_items)
+        order = np.argsort(-counts, kind="stable")
+        out[str(segment)] = order[counts[order] > 0]
+    return out
+
+
+def build_item_catalog(
+    settings: Settings, store: Any, item_ids: np.ndarray, source_mtime: float = 0.0
+) -> ItemCatalog:
+    """Read the catalog's item features from the online store and derive popularity and novelty."""
+    windows = sorted(settings.features.windows_days)
+    ids = [str(i) for i in item_ids]
+    raw, stamps = read_item_features(store, ids, windows)
+    n = len(ids)
+    columns: dict[str, np.ndarray] = {}
+    for name, values in raw.items():
+        if name == "in_stock":
+            columns[name] = np.array([bool(v) for v in values], dtype=bool)
+        elif name in ITEM_ATTRIBUTE_FEATURES:
+            col = np.empty(n, dtype=object)
+            col[:] = ["" if v is None else str(v) for v in values]
+            columns[name] = col
+        else:
+            columns[name] = np.array([0.0 if v is None else float(v) for v in values], dtype=np.float32)
+    # An item with no attributes row yet (published after the last materialization) is
+    # unknown to the business rules: it stays recommendable, as in stock, until the next one.
+    known = np.array([bool(t) for t in stamps], dtype=bool)
+    in_stock = columns["in_stock"] | ~known
+    window = max([w for w in windows if w <= settings.gateway.popularity_days] or windows[:1])
+    positives = columns.get(f"item_positives_{window}d", np.zeros(n, dtype=np.float32))
+    shown = columns.get(f"item_impressions_{windows[-1]}d", np.zeros(n, dtype=np.float32)) + columns.get(
+        f"item_positives_{windows[-1]}d", np.zeros(n, dtype=np.float32)
+    )
+    published = np.array([float(t) if t else np.nan for t in stamps])
+    newest = np.nanmax(published) if np.isfinite(published).any() else np.nan
+    recent = published >= newest - settings.gateway.new_item_days * 86400.0 if np.isfinite(newest) else False
+    new = (shown == 0) | np.asarray(recent, dtype=bool)
+    position = {i: k for k, i in enumerate(ids)}
+    global_popular = np.argsort(-positives, kind="stable")
+    return ItemCatalog(
+        item_ids=np.asarray(ids, dtype=object),
+        position=position,
+        columns=columns,
+        in_stock=in_stock,
+        category_sets=[
+            frozenset(c.split(CATEGORY_SEPARATOR)) if c else frozenset() for c in columns["category"]
+        ],
+        positives=positives,
+        new=new,
+        global_popular=global_popular,
+        segment_popular=segment_popularity(settings, position, n),
+        source_mtime=source_mtime,
+    )

@@ -1,0 +1,144 @@
+"""The gateway's request and response bodies (pydantic): what OpenAPI at /docs shows.
+
+Ids follow the data contract (``components.contracts.ID_PATTERN``); an event must carry a
+timezone-aware timestamp and a finite value, so what the log stores is what the pipeline's
+validation would accept.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from components.contracts import DEVICES, EVENT_TYPES, ID_PATTERN
+
+Id = Annotated[str, Field(pattern=ID_PATTERN, examples=["u_42"])]
+EventType = Literal[EVENT_TYPES]  # type: ignore[valid-type]
+Device = Literal[DEVICES]  # type: ignore[valid-type]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Context(Strict):
+    """What is known about the request itself (the query tower's context features)."""
+
+    device: Device = "unknown"
+    # Hour of day (UTC) of the request; default: now.
+    hour: int | None = Field(None, ge=0, le=23)
+    session_id: str | None = Field(None, max_length=128)
+
+
+class Filters(Strict):
+    """Per-request filters, applied on top of the configured business rules."""
+
+    # Keep only items with at least one of these categories (empty: no restriction).
+    categories: list[str] = []
+    exclude_categories: list[str] = []
+
+
+class RecommendationRequest(Strict):
+    user_id: Id
+    k: int | None = Field(
+        None, ge=1, description="Items to return (default gateway.default_k, max gateway.max_k)."
+    )
+    context: Context = Context()
+    exclude_item_ids: list[Id] = Field([], max_length=10_000)
+    filters: Filters = Filters()
+
+
+class RecommendedItem(BaseModel):
+    item_id: str
+    # The ranker's weighted score (or the candidate source's score: similarity, popularity);
+    # null for an exploration slot, which is there because it is new, not because it scored.
+    score: float | None
+    reason: str
+
+
+class RecommendationResponse(BaseModel):
+    request_id: str
+    user_id: str
+    arm: str
+    model_versions: dict[str, int]
+    cold_start: bool
+    # Degraded paths this request took, e.g. ["candidates:exact"]; empty when none.
+    fallback: list[str]
+    candidate_source: str
+    # How many candidates the source gave and how many the ranker scored (after filtering).
+    counts: dict[str, int]
+    items: list[RecommendedItem]
+    timings_ms: dict[str, float]
+
+
+class Event(Strict):
+    """One interaction, as the events contract defines it (``components.contracts.EVENTS``)."""
+
+    event_id: Id
+    user_id: Id
+    item_id: Id
+    event_type: EventType
+    value: float | None = Field(None, allow_inf_nan=False)
+    ts: AwareDatetime
+    session_id: str = Field("", max_length=128)
+    device: Device = "unknown"
+    request_id: str | None = Field(None, max_length=128)
+
+    @field_validator("value")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("value must be a finite number")
+        return v
+
+    def record(self) -> dict[str, Any]:
+        out = self.model_dump()
+        out["ts"] = self.ts.isoformat()
+        return out
+
+
+class EventBatch(Strict):
+    events: list[Event]
+
+
+class EventResult(BaseModel):
+    event_id: str
+    status: Literal["accepted", "duplicate"]
+
+
+class EventsResponse(BaseModel):
+    accepted: int
+    duplicates: int
+    # False when an accepted event is durable but its online-store push failed (the
+    # gateway's own state still reflects it; the nightly rebuild repairs the store).
+    pushed: bool
+    results: list[EventResult]
+
+
+def validation_problems(error: ValidationError, prefix: str = "") -> list[dict[str, Any]]:
+    """Pydantic errors as ``{field, value, message}``: the field path and the value refused."""
+    out = []
+    for err in error.errors():
+        loc = prefix
+        for part in err["loc"]:
+            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+        value = err.get("input")
+        if isinstance(value, datetime):
+            value = value.isoformat()
+        out.append({"field": loc, "value": _jsonable(value), "message": err["msg"]})
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, str | int | bool):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in list(value.items())[:20]}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in list(value)[:20]]
+    return str(value)
