@@ -10,7 +10,7 @@ export TF_USE_LEGACY_KERAS := 1
 export GX_ANALYTICS_ENABLED := false
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps demo test test-unit test-integration lint bench clean-state
+.PHONY: help setup system-deps demo test test-unit test-integration lint bench clean-state airflow
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -41,6 +41,10 @@ lint: $(STAMP) ## ruff
 bench: $(STAMP) ## Benchmarks (print tables; results go to BENCHMARKS.md)
 	$(BIN)/python -m bench.generate
 	$(BIN)/python -m bench.feature_lookup
+	$(BIN)/python -m bench.serving
+
+airflow: $(STAMP) ## Airflow with the project's DAGs: UI on localhost:8080 (AIRFLOW_PORT), Ctrl-C stops
+	$(BIN)/python -m components.airflow_local --port $${AIRFLOW_PORT:-8080}
 
 clean-state: ## Delete all runtime state (var/ or $$RECSYS_HOME)
 	rm -rf "$${RECSYS_HOME:-var}"

@@ -27,8 +27,14 @@ features_app = typer.Typer(
 app.add_typer(features_app, name="features")
 pipeline_app = typer.Typer(help="Run the whole pipeline in-process.", no_args_is_help=True)
 app.add_typer(pipeline_app, name="pipeline")
-serve_app = typer.Typer(help="Serve models: the TF Serving-compatible model server.", no_args_is_help=True)
+serve_app = typer.Typer(
+    help="Serve: the TF Serving-compatible model server and the recommendation gateway.", no_args_is_help=True
+)
 app.add_typer(serve_app, name="serve")
+canary_app = typer.Typer(
+    help="The canary rollout: per-arm numbers, and promote or roll back by hand.", no_args_is_help=True
+)
+app.add_typer(canary_app, name="canary")
 console = Console(stderr=True)
 
 
@@ -346,6 +352,14 @@ def serve_model_server(
     host: Annotated[
         str, typer.Option("--host", help="Interface to bind (not a TF Serving flag; it binds all).")
     ] = "0.0.0.0",
+    custom_op_modules: Annotated[
+        str,
+        typer.Option(
+            "--custom_op_modules",
+            help="Not a TF Serving flag: modules to import for custom ops, e.g. scann.scann_ops "
+            "(what the google/tf-serving-scann build links in).",
+        ),
+    ] = "",
 ) -> None:
     """Serve SavedModels over TF Serving's gRPC and REST APIs, with tensorflow_model_server's flags.
 
@@ -376,14 +390,94 @@ def serve_model_server(
         saved_model_tags=saved_model_tags,
         monitoring_config_file=monitoring_config_file,
         host=host,
+        custom_op_modules=custom_op_modules,
     )
     raise typer.Exit(run_model_server(options))
+
+
+@serve_app.command("gateway")
+def serve_gateway(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port (OpenAPI docs at /docs).")] = 8080,
+) -> None:
+    """Serve recommendations and take events: POST /v1/recommendations, POST /v1/events.
+
+    Talks to the model server at gateway.model_server_host (gRPC or REST), reads user
+    features from the Feast online store and logs events durably to <home>/gateway/events.db.
+    """
+    from serving.gateway.app import run_gateway
+
+    raise typer.Exit(run_gateway(_settings(ctx), host=host, port=port))
+
+
+def _cell(v: Any) -> str:
+    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _print_canary(analysis: dict[str, Any]) -> None:
+    t = Table(title=f"canary arms, window [{analysis['window']['since']}, {analysis['window']['until']})")
+    cols = ("requests", "errors", "impressions", "clicks", "ctr_request", "ctr_impression", "latency_p99_ms")
+    t.add_column("arm")
+    for c in cols:
+        t.add_column(c.replace("_", " "), justify="right")
+    for arm, a in analysis["arms"].items():
+        cells = (_cell(a[c]) for c in cols)
+        t.add_row(arm, *cells)
+    console.print(t)
+    for name, test in analysis.get("tests", {}).items():
+        console.print(
+            f"{name}: difference {test['difference']:+.4f}, worse p={test['worse']['p']:.3g}, "
+            f"not worse (margin {test['not_worse']['margin']}) p={test['not_worse']['p']:.3g}"
+        )
+    console.print(f"serving: {analysis['serving']}")
+    console.print(f"[bold]decision: {analysis['decision']}[/bold] - {analysis['reason']}")
+
+
+@canary_app.command("status")
+def canary_status(
+    ctx: typer.Context,
+    since: Annotated[datetime | None, typer.Option(help="Only requests from this time, UTC.")] = None,
+    until: Annotated[datetime | None, typer.Option(help="Only requests before this time, UTC.")] = None,
+) -> None:
+    """Per-arm requests, CTR, errors and latency, and the decision the rollout DAG would take."""
+    from components.canary import analyze
+
+    _print_canary(analyze(_settings(ctx), since=since, until=until))
+
+
+def _canary_manual(ctx: typer.Context, action: str, reason: str) -> None:
+    from components.canary import CanaryError, manual
+
+    try:
+        record = manual(_settings(ctx), action, reason)  # type: ignore[arg-type]
+    except CanaryError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    console.print(f"{action} (manual): {record['labels']}")
+    console.print(f"recorded; report: {record['report']}")
+
+
+@canary_app.command("promote")
+def canary_promote(
+    ctx: typer.Context, reason: Annotated[str, typer.Option(help="Why, for the decision record.")] = ""
+) -> None:
+    """Make the canary stable for both models (stable := canary), recorded as a manual decision."""
+    _canary_manual(ctx, "promote", reason)
+
+
+@canary_app.command("rollback")
+def canary_rollback(
+    ctx: typer.Context, reason: Annotated[str, typer.Option(help="Why, for the decision record.")] = ""
+) -> None:
+    """Send canary traffic back to stable for both models (canary := stable), recorded as manual."""
+    _canary_manual(ctx, "rollback", reason)
 
 
 @app.command("demo")
 def demo(ctx: typer.Context) -> None:
     """Run the main job end to end on the embedded defaults and print what to look at."""
-    from components.pipeline import run_demo
+    from components.demo import run_demo
 
     run_demo(_settings(ctx), console)
 

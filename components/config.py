@@ -100,6 +100,8 @@ class TrainingConfig(Section):
     drop_repeat_positives: bool = True
     # The history table is the candidate item table (true) or a table of its own (false).
     share_item_embeddings: bool = False
+    # The query tower also averages the catalog categories of the recent items (a taste profile).
+    history_categories: bool = True
     text_max_tokens: int = Field(20000, ge=100)
     text_sequence_length: int = Field(32, ge=4)
     batch_size: int = Field(512, ge=8)
@@ -107,7 +109,7 @@ class TrainingConfig(Section):
     learning_rate: float = Field(0.005, gt=0)
     # Softmax temperature over L2-normalized embeddings (cosine / temperature); null: raw dot
     # product without normalization.
-    temperature: float | None = Field(0.1, gt=0)
+    temperature: float | None = Field(0.05, gt=0)
     # Popularity (logQ) correction of in-batch negatives: popular items are over-sampled as
     # negatives, so their logits are lowered by log(sampling probability).
     logq_correction: bool = True
@@ -148,10 +150,13 @@ class EvaluationConfig(Section):
     rerank_depth: int = Field(200, ge=1)
     # Blend of the re-ranked score: rank-normalized ranker score plus this weight times the
     # rank-normalized retrieval score (0: the ranker alone decides).
-    retrieval_weight: float = Field(0.0, ge=0)
-    # The metric (slice "all") that gates a model, and which system it is read from.
+    retrieval_weight: float = Field(2.0, ge=0)
+    # The metric (slice "all") that gates a model, and which system it is read from. The
+    # retriever by default: top-K over logged positives carries the old system's exposure,
+    # which a ranker of p(click | shown) is not trained to reproduce (its own check is the
+    # click AUC on holdout impressions, reported beside).
     gate_metric: str = "ndcg@10"
-    gate_model: Literal["retriever", "retriever_ranker"] = "retriever_ranker"
+    gate_model: Literal["retriever", "retriever_ranker"] = "retriever"
     # A candidate may trail the serving model's gate metric by at most this much (absolute).
     gate_margin: float = Field(0.02, ge=0)
     # Users whose training event count is in this top fraction form the "heavy" slice.
@@ -161,7 +166,8 @@ class EvaluationConfig(Section):
     @classmethod
     def _known_metric(cls, v: str) -> str:
         name, _, k = v.partition("@")
-        if name not in {"recall", "ndcg", "precision", "hit_rate", "mrr"} or (name != "mrr" and not k.isdigit()):
+        known = {"recall", "ndcg", "precision", "hit_rate", "mrr"}
+        if name not in known or (name != "mrr" and not k.isdigit()):
             raise ValueError(f"unknown metric {v!r}: use recall@K, ndcg@K, precision@K, hit_rate@K or mrr")
         return v
 
@@ -215,6 +221,99 @@ class PushConfig(Section):
     scann_server_image: str = "google/tf-serving-scann"
 
 
+class GatewayConfig(Section):
+    """The recommendation gateway (``recsys serve gateway``): where models are, budgets, policy.
+
+    A request is answered within ``feature_timeout_ms + 2 * model_timeout_ms`` plus local
+    work even when a dependency hangs: each dependency has a deadline, and a miss moves the
+    request down ``fallback_chain`` (each step counted in ``/metrics``) instead of failing.
+    """
+
+    model_server_host: str = "127.0.0.1"
+    model_server_grpc_port: int = Field(8500, ge=1, le=65535)
+    model_server_rest_port: int = Field(8501, ge=1, le=65535)
+    # gRPC carries the 1000-row ranking batch as typed tensors; REST as JSON (slower to encode).
+    protocol: Literal["grpc", "rest"] = "grpc"
+    feature_timeout_ms: float = Field(50.0, gt=0)
+    model_timeout_ms: float = Field(200.0, gt=0)
+    # Candidates retrieved per request (the ranker scores all that survive filtering).
+    candidates: int = Field(1000, ge=1)
+    # Users with fewer events than this get segment popularity blended with content neighbours.
+    cold_start_min_events: int = Field(3, ge=0)
+    # The user feature that defines a popularity segment (a user_profile feature).
+    segment_feature: str = "country"
+    # Days of logged events that popularity counts (segment and global).
+    popularity_days: int = Field(30, ge=1)
+    # MMR: 1.0 is pure relevance, 0.0 pure novelty; MMR re-orders the top mmr_depth ranked items.
+    mmr_trade_off: float = Field(0.7, ge=0, le=1)
+    mmr_depth: int = Field(100, ge=1)
+    # New items (published within new_item_days of the newest one, or never shown) get slots.
+    exploration_slots: int = Field(1, ge=0)
+    exploration_position: int = Field(3, ge=0)
+    new_item_days: int = Field(7, ge=0)
+    # Sticky arms by user hash; stable gets the rest. Holdout gets popularity only.
+    arm_fractions: dict[str, float] = {"canary": 0.1, "holdout": 0.05}
+    arm_salt: str = "recsys"
+    # Objective weights of the ranker's heads; null: the model's own ``score`` (training weights).
+    objective_weights: dict[str, float] | None = None
+    # Business rules: never recommend these categories, nor out-of-stock items.
+    excluded_categories: list[str] = []
+    exclude_out_of_stock: bool = True
+    default_k: int = Field(10, ge=1)
+    max_k: int = Field(100, ge=1)
+    max_batch_events: int = Field(500, ge=1)
+    # Where candidates come from, in order, when the step before fails: the model server's
+    # retrieval (ANN), exact search over the version's exported embeddings in the gateway,
+    # popularity in the user's segment, global popularity.
+    fallback_chain: list[Literal["retrieval", "exact", "segment_popularity", "global_popularity"]] = [
+        "retrieval", "exact", "segment_popularity", "global_popularity",
+    ]  # fmt: skip
+    # The durable event log; default <home>/gateway/events.db.
+    event_log_path: Path | None = None
+    # How often the item cache checks for a new materialization and new model versions.
+    refresh_seconds: float = Field(10.0, gt=0)
+
+    @field_validator("arm_fractions")
+    @classmethod
+    def _known_arms(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = set(v) - {"canary", "holdout"}
+        if unknown or any(not 0 <= f <= 1 for f in v.values()) or sum(v.values()) > 1:
+            raise ValueError(f"arm fractions must be canary/holdout in [0, 1] summing to <= 1; got {v}")
+        return v
+
+    @field_validator("fallback_chain")
+    @classmethod
+    def _chain_not_empty(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"fallback_chain must be a non-empty list without repeats; got {v}")
+        return v
+
+
+class CanaryConfig(Section):
+    """The canary rollout: when a canary model is promoted to stable, or rolled back.
+
+    The gateway serves three arms: ``stable``, ``canary`` (the newest pushed version) and a
+    popularity ``holdout``. ``components.canary`` compares the canary's click-through per
+    request with stable's (and the holdout's) using one-sided two-proportion z-tests;
+    guardrails (error rate, p99 latency) roll back at once. The rule is stated in
+    ``components.canary.decide``. Outcomes are read from ``Settings.event_log_path``.
+    """
+
+    # One-sided significance level of each test.
+    alpha: float = Field(0.05, gt=0, lt=0.5)
+    # Below this many requests (or impressions) in the canary or stable arm: wait.
+    min_requests_per_arm: int = Field(1000, ge=1)
+    min_impressions: int = Field(5000, ge=0)
+    # Guardrails on the canary arm: beyond either, roll back without waiting for a sample...
+    max_error_rate: float = Field(0.02, ge=0, le=1)
+    max_p99_latency_ms: float = Field(250.0, gt=0)
+    # ...once it has served this many requests (one failure out of one is not a rate).
+    guardrail_min_requests: int = Field(20, ge=1)
+    # Non-inferiority margin (absolute, in click-through per request): the canary is promoted
+    # when it is significantly better than stable's CTR minus this. 0 demands superiority.
+    margin: float = Field(0.01, ge=0, lt=1)
+
+
 class Settings(BaseModel):
     """The whole configuration. ``home`` holds every byte of runtime state."""
 
@@ -229,6 +328,8 @@ class Settings(BaseModel):
     evaluation: EvaluationConfig = EvaluationConfig()
     index: IndexConfig = IndexConfig()
     push: PushConfig = PushConfig()
+    gateway: GatewayConfig = GatewayConfig()
+    canary: CanaryConfig = CanaryConfig()
 
     @field_validator("home")
     @classmethod
@@ -264,6 +365,11 @@ class Settings(BaseModel):
     def models_dir(self) -> Path:
         """TF Serving's model base path: ``<base>/<model>/<version>/`` and ``models.config``."""
         return self.push.base_path or self.home / "models"
+
+    @property
+    def event_log_path(self) -> Path:
+        """The gateway's durable event log (``gateway.event_log_path`` or ``<home>/gateway/events.db``)."""
+        return self.gateway.event_log_path or self.home / "gateway" / "events.db"
 
     @classmethod
     def env_bindings(cls) -> dict[str, str]:

@@ -8,6 +8,7 @@ The Airflow tasks of ``dags/training_pipeline.py`` each call one of these functi
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -16,10 +17,9 @@ from typing import Any
 
 import pandas as pd
 from rich.console import Console
-from rich.table import Table
 
 from components.config import Settings
-from components.storage import read_manifest
+from components.storage import read_manifest, write_manifest
 
 
 def run_key_for(interval_end: datetime) -> str:
@@ -88,6 +88,141 @@ def run_materialize(settings: Settings, interval_end: datetime) -> dict[str, Any
     return materialize(settings, end=end.to_pydatetime())
 
 
+def run_training_data(settings: Settings, interval_end: datetime) -> dict[str, Any]:
+    """Point-in-time training data from Feast, split by time into train and holdout.
+
+    The holdout is the last ``evaluation.holdout_days`` whole days: their new users and new
+    items are what the evaluation's cold-start slices measure.
+    """
+    from components.evaluation import time_split
+    from components.features import build_training_data
+
+    key = run_key_for(interval_end)
+    out = step_dir(settings, key, "training_data")
+    frame = build_training_data(settings, validated_dir(settings, interval_end), end=interval_end)
+    train, holdout = time_split(frame, settings.evaluation.holdout_days)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)
+    train.to_parquet(out / "train.parquet", index=False)
+    holdout.to_parquet(out / "holdout.parquet", index=False)
+    cut = pd.to_datetime(holdout["ts"], utc=True).min() if len(holdout) else None
+    manifest = {
+        "step": "training_data",
+        "path": str(out),
+        "rows": {"train": len(train), "holdout": len(holdout)},
+        "holdout_starts": cut.isoformat() if cut is not None else None,
+        "columns": list(frame.columns),
+    }
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _training_frames(settings: Settings, interval_end: datetime) -> tuple[pd.DataFrame, pd.DataFrame]:
+    folder = step_dir(settings, run_key_for(interval_end), "training_data")
+    read_manifest(folder)
+    return pd.read_parquet(folder / "train.parquet"), pd.read_parquet(folder / "holdout.parquet")
+
+
+def run_train(settings: Settings, interval_end: datetime) -> dict[str, Any]:
+    """Train the two-tower retriever and the multi-objective ranker on the train split."""
+    from components.storage import read_table
+    from components.training import train_models
+
+    train, _ = _training_frames(settings, interval_end)
+    items = read_table(validated_dir(settings, interval_end), "items")
+    return train_models(
+        settings.training, train, items, step_dir(settings, run_key_for(interval_end), "train")
+    )
+
+
+def serving_train_dir(settings: Settings) -> Path | None:
+    """The training output of the model now labelled ``stable``, if it is still on disk."""
+    from components.push import PUSH_RECORD, version_for_label
+
+    base = settings.models_dir
+    try:
+        version = version_for_label(base, settings.push.retrieval_model, "stable")
+    except (FileNotFoundError, KeyError):
+        return None  # nothing pushed yet: the first model has no serving baseline
+    record = base / settings.push.retrieval_model / str(version) / "assets.extra" / PUSH_RECORD
+    if not record.is_file():
+        return None
+    train_dir = Path(json.loads(record.read_text())["train_dir"])
+    return train_dir if (train_dir / "manifest.json").is_file() else None
+
+
+def run_evaluate(settings: Settings, interval_end: datetime) -> dict[str, Any]:
+    """Evaluate on the time holdout beside popularity and the serving model; decide the blessing.
+
+    The serving (stable) model is evaluated on this run's holdout too, as TFX's Evaluator
+    does with its baseline, so the gate compares two models on the same data.
+    """
+    from components.evaluation import evaluate
+    from components.storage import read_table
+
+    key = run_key_for(interval_end)
+    train, holdout = _training_frames(settings, interval_end)
+    items = read_table(validated_dir(settings, interval_end), "items")
+    out = step_dir(settings, key, "evaluate")
+    train_dir = step_dir(settings, key, "train")
+    serving_metrics = None
+    baseline_dir = serving_train_dir(settings)
+    if baseline_dir is not None and baseline_dir.resolve() != train_dir.resolve():
+        evaluate(settings.evaluation, baseline_dir, train, holdout, items, out / "serving_model")
+        serving_metrics = json.loads((out / "serving_model" / "metrics.json").read_text())
+    return evaluate(
+        settings.evaluation, train_dir, train, holdout, items, out, serving_metrics=serving_metrics
+    )
+
+
+def run_index(settings: Settings, interval_end: datetime) -> dict[str, Any]:
+    """Build the ScaNN index over the item embeddings; fails below the recall target."""
+    from components.indexing import build_index
+
+    key = run_key_for(interval_end)
+    return build_index(settings.index, step_dir(settings, key, "train"), step_dir(settings, key, "index"))
+
+
+def blessing_of(settings: Settings, interval_end: datetime) -> dict[str, Any]:
+    path = step_dir(settings, run_key_for(interval_end), "evaluate") / "blessing.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no blessing at {path}: the evaluate step did not finish")
+    return json.loads(path.read_text())
+
+
+def run_gate(settings: Settings, interval_end: datetime) -> dict[str, Any]:
+    """The evaluation's verdict: ``blessed`` and its reason. Unblessed ends the run here."""
+    return blessing_of(settings, interval_end)
+
+
+def run_push(settings: Settings, interval_end: datetime) -> dict[str, Any]:
+    """Push a blessed model as the next version labelled ``canary``; skip an unblessed one.
+
+    A refused model is a normal outcome of a run, not a failure: the manifest says
+    ``skipped`` with the gate's reason, and the DAG shows the push task as skipped.
+    """
+    from components.push import push_models
+
+    key = run_key_for(interval_end)
+    out = step_dir(settings, key, "push")
+    blessing = blessing_of(settings, interval_end)
+    if not blessing.get("blessed"):
+        out.mkdir(parents=True, exist_ok=True)
+        manifest = {"step": "push", "path": str(out), "skipped": True, "reason": blessing.get("reason")}
+        write_manifest(out, manifest)
+        return manifest
+    return push_models(
+        settings.push,
+        step_dir(settings, key, "train"),
+        step_dir(settings, key, "index"),
+        blessing,
+        settings.models_dir,
+        data_dir=validated_dir(settings, interval_end),
+        features=settings.features,
+        out_dir=out,
+    )
+
+
 # The steps in the order the DAG runs them.
 STEPS: list[tuple[str, Callable[[Settings, datetime], dict[str, Any]]]] = [
     ("ingest", run_ingest),
@@ -95,6 +230,12 @@ STEPS: list[tuple[str, Callable[[Settings, datetime], dict[str, Any]]]] = [
     ("build_features", run_build_features),
     ("apply_features", run_apply_features),
     ("materialize", run_materialize),
+    ("training_data", run_training_data),
+    ("train", run_train),
+    ("evaluate", run_evaluate),
+    ("gate", run_gate),
+    ("index", run_index),
+    ("push", run_push),
 ]
 
 
@@ -109,28 +250,10 @@ def run_pipeline(
         with console.status(f"[{i}/{len(STEPS)}] {name}"):
             manifests[name] = step(settings, interval_end)
         console.print(f"[green]✓[/green] {name} ({time.perf_counter() - t0:.1f}s)")
-    return manifests
-
-
-def run_demo(settings: Settings, console: Console) -> dict[str, Any]:
-    """Run the pipeline on the embedded synthetic data and print what a person looks at.
-
-    Later steps (features, training, serving) join as they land; each prints its summary.
-    """
-    started = time.perf_counter()
-    interval_end = settings.generate.end_date
-    console.print(
-        f"recsys demo: {settings.generate.users:,} users, {settings.generate.items:,} items, "
-        f"{settings.generate.days} days of synthetic events; state in {settings.home}"
-    )
-    manifests = run_pipeline(settings, interval_end, console)
-    val = manifests["validate"]
-    t = Table(title="data in")
-    for c in ("table", "ingested", "accepted", "quarantined"):
-        t.add_column(c, justify="left" if c == "table" else "right")
-    for name, row in val["tables"].items():
-        t.add_row(name, f"{row['input']:,}", f"{row['accepted']:,}", f"{row['quarantined']:,}")
-    console.print(t)
-    console.print(f"validation report: {val['report']}")
-    console.print(f"done in {time.perf_counter() - started:.1f}s")
+        if name == "gate" and not manifests[name].get("blessed"):
+            console.print(
+                f"[yellow]gate refused the model; index and push skipped:[/yellow] "
+                f"{manifests[name].get('reason')}"
+            )
+            break
     return manifests

@@ -27,6 +27,14 @@ its manifest's path and prints the numbers worth reading.
 * **build_features**: daily feature tables from the validated data (Feast file sources).
 * **apply_features**: `feast apply` of `feature_repo/`.
 * **materialize**: the online store gets the latest rows up to the interval's end.
+* **training_data**: point-in-time training rows from Feast, split by time into train and holdout.
+* **train**: the two-tower retriever and the multi-objective ranker (TFRS).
+* **evaluate**: Recall/NDCG/MRR/coverage on the holdout beside popularity and the serving
+  model; an HTML report; the blessing.
+* **gate**: a refused model ends the run here: index and push show as *skipped* and the
+  reason is in this task's log.
+* **index**: ScaNN over the item embeddings, recall measured against exact search.
+* **push**: SavedModels into the model base path; the new version becomes `canary`.
 """
 
 DEFAULT_ARGS = {
@@ -41,6 +49,7 @@ DEFAULT_ARGS = {
 VALIDATED_DATA = Asset("recsys://validated-data")
 FEATURE_TABLES = Asset("recsys://feature-tables")
 ONLINE_FEATURES = Asset("recsys://online-store")
+PUSHED_MODELS = Asset("recsys://models/canary")
 
 
 def _interval_end(context: dict[str, Any]) -> datetime:
@@ -58,7 +67,7 @@ def _run_step(name: str, context: dict[str, Any]) -> dict[str, Any]:
 
     step = getattr(pipeline, f"run_{name}")
     manifest = step(settings_from_environment(), _interval_end(context))
-    for key in ("rows", "tables", "report", "interval", "feature_views", "path"):
+    for key in ("rows", "tables", "report", "interval", "feature_views", "recall", "path"):
         if key in manifest:
             print(f"{name} {key}: {manifest[key]}")
     return manifest
@@ -95,7 +104,40 @@ def training_pipeline() -> None:
     def materialize(_: str, **context: Any) -> str:
         return str(_run_step("materialize", context)["interval"])
 
-    materialize(apply_features(build_features(validate(ingest()))))
+    @task
+    def training_data(_: str, **context: Any) -> str:
+        return _run_step("training_data", context)["path"]
+
+    @task(execution_timeout=timedelta(hours=2))
+    def train(_: str, **context: Any) -> str:
+        return _run_step("train", context)["path"]
+
+    @task
+    def evaluate(_: str, **context: Any) -> str:
+        return _run_step("evaluate", context)["path"]
+
+    @task.short_circuit
+    def gate(_: str, **context: Any) -> bool:
+        blessing = _run_step("gate", context)
+        verdict = "blessed" if blessing.get("blessed") else "REFUSED (index and push skipped)"
+        print(f"gate: model {verdict}: {blessing.get('reason')}")
+        return bool(blessing.get("blessed"))
+
+    @task
+    def index(**context: Any) -> str:
+        return _run_step("index", context)["path"]
+
+    @task(outlets=[PUSHED_MODELS])
+    def push(_: str, **context: Any) -> str:
+        manifest = _run_step("push", context)
+        print(f"push: {manifest.get('reason') or manifest.get('models')}")
+        return str(manifest.get("version"))
+
+    features_loaded = materialize(apply_features(build_features(validate(ingest()))))
+    blessed = gate(evaluate(train(training_data(features_loaded))))
+    index_built = index()
+    blessed >> index_built
+    push(index_built)
 
 
 training_pipeline()

@@ -71,3 +71,32 @@ def test_training_pipeline_wiring_and_defaults(dagbag):
         assert t.retries >= 1, t.task_id
         assert t.execution_timeout is not None, t.task_id
         assert t.retry_exponential_backoff
+
+
+@pytest.mark.parametrize("dag_id", ["canary_rollout", "feature_refresh"])
+def test_operational_dags_defaults(dagbag, dag_id):
+    dag = dagbag.dags[dag_id]
+    assert dag.catchup is False and dag.max_active_runs == 1
+    assert "recsys" in dag.tags and dag.doc_md
+    for t in dag.tasks:
+        assert t.retries >= 1, t.task_id
+        assert t.execution_timeout is not None, t.task_id
+        assert t.retry_exponential_backoff
+
+
+def test_canary_rollout_checks_guardrails_first(dagbag):
+    dag = dagbag.dags["canary_rollout"]
+    assert dag.task_dict["guardrails"].upstream_task_ids == set()
+    assert dag.task_dict["analyze"].upstream_task_ids == {"guardrails"}
+    assert dag.task_dict["decide"].upstream_task_ids == {"analyze"}
+    # It moves the serving labels (an asset) and runs when new models are pushed, and hourly.
+    assert {o.name for o in dag.task_dict["decide"].outlets} == {"recsys://serving-labels"}
+    assert dag.timetable.asset_condition.name == "recsys://models/canary"  # the push's outlet
+    assert dag.timetable.timetable.expression == "0 * * * *"
+
+
+def test_feature_refresh_is_hourly_and_updates_the_online_store(dagbag):
+    dag = dagbag.dags["feature_refresh"]
+    assert dag.timetable.expression == "0 * * * *"
+    assert {o.name for o in dag.task_dict["materialize"].outlets} == {"recsys://online-store"}
+    assert dag.params["overlap_hours"] >= 0

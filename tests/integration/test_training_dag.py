@@ -23,9 +23,13 @@ def airflow_env(airflow_home: Path, recsys_home: Path) -> dict[str, str]:
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
         AIRFLOW__CORE__UNIT_TEST_MODE="False",
         RECSYS_HOME=str(recsys_home),
-        RECSYS_GENERATE__USERS="150",
-        RECSYS_GENERATE__ITEMS="60",
-        RECSYS_GENERATE__DAYS="5",
+        RECSYS_GENERATE__USERS="300",
+        RECSYS_GENERATE__ITEMS="80",
+        RECSYS_GENERATE__DAYS="10",
+        RECSYS_GENERATE__EVENTS_PER_USER_DAY="3",
+        RECSYS_EVALUATION__HOLDOUT_DAYS="3",
+        RECSYS_TRAINING__EPOCHS="3",
+        RECSYS_TRAINING__RANKER_EPOCHS="2",
         TF_CPP_MIN_LOG_LEVEL="2",
         GX_ANALYTICS_ENABLED="false",
     )
@@ -62,7 +66,7 @@ def test_dag_run_wrote_every_step_with_a_manifest(airflow_run):
     run = home / "runs" / "2026-11-01"
     ingest = json.loads((run / "ingest" / "manifest.json").read_text())
     validate = json.loads((run / "validate" / "manifest.json").read_text())
-    assert ingest["rows"]["users"] == 150
+    assert ingest["rows"]["users"] == 300
     assert validate["status"] == "passed"
     for table, counts in validate["tables"].items():
         assert counts["input"] == counts["accepted"] + counts["quarantined"]
@@ -74,3 +78,21 @@ def test_dag_run_wrote_every_step_with_a_manifest(airflow_run):
     assert features["tables"]["user_engagement"]["rows"] > 0
     assert (home / "feast" / "registry.db").is_file()
     assert (home / "feast" / "online_store.db").is_file()
+
+
+def test_dag_run_trained_evaluated_and_gated_visibly(airflow_run):
+    proc, home = airflow_run
+    run = home / "runs" / "2026-11-01"
+    log = proc.stdout + proc.stderr
+    train = json.loads((run / "train" / "manifest.json").read_text())
+    assert train["embedding_dim"] > 0 and set(train["objectives"]) >= {"click", "engagement"}
+    blessing = json.loads((run / "evaluate" / "blessing.json").read_text())
+    assert (run / "evaluate" / "metrics.json").is_file()
+    if blessing["blessed"]:
+        push = json.loads((run / "push" / "manifest.json").read_text())
+        assert push["version"] >= 1
+        assert (home / "models" / "models.config").is_file()
+    else:
+        # A refused model ends the run visibly: the gate says why, index and push never ran.
+        assert "gate: model REFUSED" in log and blessing["reason"] in log
+        assert not (run / "push").exists() and not (run / "index").exists()

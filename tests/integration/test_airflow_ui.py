@@ -1,0 +1,116 @@
+"""The real Airflow (scheduler, DAG processor, API server) runs training_pipeline, and its UI shows it.
+
+Started exactly as ``make airflow`` starts it (``components.airflow_local``), on a free
+loopback port with a temporary AIRFLOW_HOME and RECSYS_HOME and tiny generated data. The
+DAG is unpaused and triggered through the REST API (v2) and polled until the run ends; then
+headless Chromium takes a screenshot of the DAG's page, kept as
+``test-artifacts/airflow_training_pipeline.png``. Every process started here is stopped by
+process group, whatever happens.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+import httpx
+import pytest
+
+from components.airflow_local import REPO, LocalAirflow, airflow_env
+from tests.integration.conftest import free_port
+from tests.integration.test_training_dag import airflow_env as dags_test_env
+
+pytestmark = pytest.mark.integration
+DAG_ID = "training_pipeline"
+ARTIFACT = REPO / "test-artifacts" / "airflow_training_pipeline.png"
+RUN_TIMEOUT_S = 240
+FINISHED = ("success", "failed")
+
+
+def chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if exe is None:
+        pytest.fail("no chromium on PATH: apt-get install chromium")
+    return exe
+
+
+@pytest.fixture(scope="module")
+def airflow(tmp_path_factory):
+    base = tmp_path_factory.mktemp("airflow_ui")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "RECSYS"))}
+    # The tiny data and short training of the `airflow dags test` run (tests/integration/
+    # test_training_dag.py), so both tests exercise the same, known-good settings.
+    tiny = dags_test_env(base / "unused", base / "recsys")
+    clean.update({k: v for k, v in tiny.items() if k.startswith(("RECSYS_", "TF_", "GX_"))})
+    # Only the run this test triggers: no scheduled run of "today", whose interval the tiny
+    # data does not cover, competing for the one active-run slot.
+    clean["AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE"] = "False"
+    env = airflow_env(base / "airflow", port=free_port(), base=clean)
+    local = LocalAirflow(env, base / "logs")
+    local.migrate()
+    try:
+        local.start()
+        local.wait_healthy(timeout=120)
+        yield local
+    finally:
+        local.stop()
+        for name, proc in local.procs.items():
+            assert proc.poll() is not None, f"{name} still running"
+
+
+def api(airflow: LocalAirflow) -> httpx.Client:
+    # All-admins mode hands out a token without credentials (GET /auth/token); a deployment with
+    # users would POST {"username", "password"} there instead.
+    token = httpx.get(f"{airflow.url}/auth/token", timeout=10).json()["access_token"]
+    auth = {"Authorization": f"Bearer {token}"}
+    return httpx.Client(base_url=f"{airflow.url}/api/v2", headers=auth, timeout=30)
+
+
+def test_trigger_training_pipeline_and_screenshot_its_page(airflow, tmp_path):
+    started = time.monotonic()
+    client = api(airflow)
+    # The DAG processor parses dags/ on its own schedule: wait for the DAG to be serialized.
+    deadline = time.monotonic() + 90
+    while (r := client.get(f"/dags/{DAG_ID}")).status_code != 200:
+        airflow.check_alive()
+        assert time.monotonic() < deadline, f"{DAG_ID} not parsed: {r.status_code} {r.text[:300]}"
+        time.sleep(2)
+    r = client.post(f"/dags/{DAG_ID}/dagRuns", json={"logical_date": "2026-11-01T00:00:00Z"})
+    assert r.status_code == 200, r.text
+    run_id = r.json()["dag_run_id"]
+    assert client.patch(f"/dags/{DAG_ID}", json={"is_paused": False}).status_code == 200
+
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while (state := client.get(f"/dags/{DAG_ID}/dagRuns/{run_id}").json()["state"]) not in FINISHED:
+        airflow.check_alive()
+        if time.monotonic() > deadline:
+            pytest.fail(f"run {run_id} still {state} after {RUN_TIMEOUT_S}s")
+        time.sleep(3)
+    tis = client.get(f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances").json()["task_instances"]
+    states = {t["task_id"]: t["state"] for t in tis}
+    assert state == "success", states
+    # A model the evaluation gate refuses skips the tasks after the gate: still a success.
+    assert states and set(states.values()) <= {"success", "skipped"}, states
+    print(f"run {run_id} succeeded in {time.monotonic() - started:.0f}s: {sorted(states)}")
+
+    ARTIFACT.parent.mkdir(exist_ok=True)
+    ARTIFACT.unlink(missing_ok=True)
+    profile = tempfile.mkdtemp(prefix="chromium-", dir=tmp_path)
+    shot = subprocess.run(
+        [
+            chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={profile}", "--hide-scrollbars", "--window-size=1500,950",
+            # The UI is a single-page app: give its scripts and API calls time to render.
+            "--virtual-time-budget=20000", f"--screenshot={ARTIFACT}",
+            f"{airflow.url}/dags/{DAG_ID}",
+        ],
+        capture_output=True, text=True, timeout=120, start_new_session=True,
+    )  # fmt: skip
+    assert ARTIFACT.is_file(), shot.stderr[-2000:]
+    assert ARTIFACT.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A blank or error page compresses to a few KB; the grid with tasks and runs does not.
+    assert ARTIFACT.stat().st_size > 40_000, ARTIFACT.stat().st_size
