@@ -29,9 +29,33 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from components.config import AirflowConfig
 
 REPO = Path(__file__).resolve().parents[1]
 COMPONENTS = ("api-server", "scheduler", "dag-processor")
+# The CeleryExecutor's worker (production): takes task messages from the broker.
+CELERY_WORKER = "celery worker"
+# The project image's entry point (docker/Dockerfile): one Airflow command with the
+# deployment's environment derived from the recsys profile (see ``exec_airflow``).
+ENTRYPOINT = ("python", "-m", "components.airflow_local", "exec")
+
+
+def airflow_overrides(config: AirflowConfig) -> dict[str, str]:
+    """The ``AIRFLOW__*`` variables that the ``airflow`` section of the profile stands for."""
+    out = {
+        "AIRFLOW__CORE__EXECUTOR": config.executor,
+        "AIRFLOW__CORE__PARALLELISM": str(config.parallelism),
+    }
+    if config.database_url:
+        out["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = config.database_url
+    if config.celery_broker_url:
+        out["AIRFLOW__CELERY__BROKER_URL"] = config.celery_broker_url
+    if config.celery_result_backend:
+        out["AIRFLOW__CELERY__RESULT_BACKEND"] = config.celery_result_backend
+    return out
 
 
 def airflow_bin() -> str:
@@ -45,6 +69,7 @@ def airflow_env(
     host: str = "127.0.0.1",
     base: Mapping[str, str] | None = None,
     dags_folder: Path = REPO / "dags",
+    config: AirflowConfig | None = None,
 ) -> dict[str, str]:
     """The environment every Airflow process of one local deployment shares.
 
@@ -55,6 +80,8 @@ def airflow_env(
         base: the environment to start from (default ``os.environ``); ``AIRFLOW__*`` already
             set there win over the defaults here, so a developer can still override anything.
         dags_folder: the DAG files to load.
+        config: the profile's ``airflow`` section (executor, metadata DB, broker); None keeps
+            the embedded LocalExecutor on SQLite.
     """
     airflow_home = Path(airflow_home).resolve()
     airflow_home.mkdir(parents=True, exist_ok=True)
@@ -84,6 +111,10 @@ def airflow_env(
     }
     env = dict(os.environ if base is None else base)
     env["AIRFLOW_HOME"] = str(airflow_home)
+    # The profile's choices go first, so they beat the embedded defaults below; an AIRFLOW__*
+    # already in the environment beats both (setdefault).
+    for key, value in (airflow_overrides(config) if config is not None else {}).items():
+        env.setdefault(key, value)
     for key, value in defaults.items():
         env.setdefault(key, value)
     # Tasks import the project (components/) and find conf/recsys.yaml from the repo root.
@@ -101,25 +132,40 @@ class LocalAirflow:
     env: dict[str, str]
     log_dir: Path
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    # Which Airflow commands to run (add CELERY_WORKER for the CeleryExecutor), and how to
+    # launch one: the plain ``airflow`` script, or the image's ENTRYPOINT.
+    components: tuple[str, ...] = COMPONENTS
+    launcher: tuple[str, ...] | None = None
+
+    def _command(self, *args: str) -> list[str]:
+        if self.launcher is None:
+            return [airflow_bin(), *args]
+        head, *rest = self.launcher
+        return [sys.executable if head == "python" else head, *rest, *args]
 
     @property
     def url(self) -> str:
-        return self.env["AIRFLOW__API__BASE_URL"]
+        if "AIRFLOW__API__BASE_URL" in self.env:
+            return self.env["AIRFLOW__API__BASE_URL"]
+        # A deployment's environment for ENTRYPOINT names only host and port (as
+        # ``exec_airflow`` reads them); the URL is derived from them there, and so here.
+        host = self.env.get("AIRFLOW__API__HOST", "127.0.0.1")
+        return f"http://{host}:{self.env.get('AIRFLOW__API__PORT', '8080')}"
 
     def migrate(self) -> None:
         """Create or upgrade the metadata database (idempotent)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / "db-migrate.log", "w") as log:
-            cmd = [airflow_bin(), "db", "migrate"]
+            cmd = self._command("db", "migrate")
             out = {"stdout": log, "stderr": subprocess.STDOUT}
             subprocess.run(cmd, env=self.env, cwd=REPO, check=True, timeout=600, **out)
 
     def start(self) -> LocalAirflow:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        for name in COMPONENTS:
-            log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
+        for name in self.components:
+            log = open(self.log_dir / f"{name.replace(' ', '-')}.log", "ab")  # noqa: SIM115 - the child owns it
             self.procs[name] = subprocess.Popen(
-                [airflow_bin(), name], env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                self._command(*name.split()), env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: stop() reaches its workers too
             )  # fmt: skip
             log.close()
@@ -129,7 +175,7 @@ class LocalAirflow:
         """Raise naming the process (and its log's tail) that has exited."""
         for name, proc in self.procs.items():
             if proc.poll() is not None:
-                tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
+                tail = (self.log_dir / f"{name.replace(' ', '-')}.log").read_text(errors="replace")[-3000:]
                 raise RuntimeError(f"airflow {name} exited with {proc.returncode}:\n{tail}")
 
     def wait_healthy(self, timeout: float = 120.0) -> None:
@@ -178,17 +224,41 @@ def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
         pass
 
 
+def exec_airflow(args: list[str]) -> int:
+    """The images' entry point: ``airflow ARGS`` with the deployment's environment.
+
+    The environment is this process's, plus what the recsys profile (``RECSYS_PROFILE`` /
+    ``RECSYS_CONFIG``) says of Airflow: executor, metadata DB, broker (``AirflowConfig``),
+    ``AIRFLOW_HOME`` under the shared home, the DAG folder, one JWT secret kept on the shared
+    home so every container signs and checks task tokens alike. Then the process becomes
+    ``airflow`` (exec), so signals from the container runtime reach Airflow directly.
+    """
+    from components.config import settings_from_environment
+
+    settings = settings_from_environment()
+    home = Path(os.environ.get("AIRFLOW_HOME") or settings.home / "airflow")
+    port = int(os.environ.get("AIRFLOW__API__PORT", "8080"))
+    host = os.environ.get("AIRFLOW__API__HOST", "127.0.0.1")
+    env = airflow_env(home, port=port, host=host, config=settings.airflow)
+    env.setdefault("RECSYS_HOME", str(settings.home))
+    os.execve(airflow_bin(), [airflow_bin(), *args], env)
+    return 1  # not reached: execve replaces this process
+
+
 def main(argv: list[str] | None = None) -> int:
     """``make airflow``: migrate, start the three processes, print the URL, stop on Ctrl-C."""
     from components.config import settings_from_environment
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["exec"]:
+        return exec_airflow(argv[1:])
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args(argv)
     settings = settings_from_environment()
     home = settings.home / "airflow"
-    env = airflow_env(home, port=args.port, host=args.host)
+    env = airflow_env(home, port=args.port, host=args.host, config=settings.airflow)
     # Tasks read the same state as the CLI does, wherever the shell's cwd was.
     env.setdefault("RECSYS_HOME", str(settings.home))
     airflow = LocalAirflow(env, home / "logs" / "processes")

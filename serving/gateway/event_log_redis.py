@@ -1,0 +1,239 @@
+"""The gateway's event log on Redis Streams: the production twin of ``SqliteEventLog``.
+
+Several gateway replicas append to one log, and the canary analysis and the pipeline read it,
+so it lives on a broker rather than in one replica's file. The promises are the SQLite log's:
+
+- **idempotent by event_id**: one Lua script checks the id in a hash (``<prefix>:ids``, event
+  id -> stream entry id) and only then ``XADD``s the event to ``<prefix>:events``; a script
+  runs atomically, so two replicas posting the same retried event store it once, and a batch
+  that repeats an id stores it once (the repeat is a duplicate), as SQLite's ``INSERT OR
+  IGNORE`` in one transaction does.
+- **durable before the 2xx**: Redis writes the script's effects to its append-only file, and
+  with ``appendfsync always`` it fsyncs that file before it sends the reply, so a returned
+  ``append`` has reached the disk, like SQLite's ``synchronous=FULL`` commit. That is a
+  property of the server, not of this client: the log checks ``appendonly`` and
+  ``appendfsync`` when it opens and refuses a server that would answer before the fsync
+  (``everysec`` loses up to a second of acknowledged events on a crash). A managed Redis
+  that hides ``CONFIG`` cannot be checked; the log then says so in a warning and trusts the
+  deployment. (Redis 7.2's ``WAITAOF`` would make the wait explicit per call; the installed
+  server is 7.0.)
+
+Keys share the ``{...}`` hash tag of the prefix, so on Redis Cluster the script's keys sit in
+one slot. Served requests go to ``<prefix>:requests`` (a stream; a re-logged request id is
+read back as its last record, as SQLite's ``INSERT OR REPLACE`` keeps the last).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import pandas as pd
+
+from components.contracts import EVENTS, conform
+from serving.gateway.event_log import COLUMNS, AppendResult, ServedRequest, _iso
+
+log = logging.getLogger(__name__)
+
+REQUEST_COLUMNS = ["request_id", "user_id", "arm", "versions", "ts", "latency_ms", "status", "fallback"]
+
+# KEYS[1]: the id hash, KEYS[2]: the events stream. ARGV: the number of events, then per event
+# its id, its number of field/value pairs and the pairs. Returns 1 (stored) or 0 (duplicate)
+# per event. Atomic: nothing else runs on the server between the check and the XADD.
+APPEND_SCRIPT = """
+local n = tonumber(ARGV[1])
+local pos = 2
+local out = {}
+for e = 1, n do
+  local id = ARGV[pos]
+  local nf = tonumber(ARGV[pos + 1])
+  pos = pos + 2
+  if redis.call('HEXISTS', KEYS[1], id) == 1 then
+    out[e] = 0
+  else
+    local args = {KEYS[2], '*'}
+    for j = 0, 2 * nf - 1 do
+      args[#args + 1] = ARGV[pos + j]
+    end
+    local entry = redis.call('XADD', unpack(args))
+    redis.call('HSET', KEYS[1], id, entry)
+    out[e] = 1
+  end
+  pos = pos + 2 * nf
+end
+return out
+"""
+
+
+class EventLogDurabilityError(RuntimeError):
+    """The Redis server would acknowledge an event before it is on disk."""
+
+
+class RedisStreamsEventLog:
+    """Append-only, idempotent event log on Redis Streams (same methods as ``SqliteEventLog``).
+
+    Args:
+        url: the server, ``redis://[:password@]host:port/db``.
+        prefix: key prefix (``<prefix>:events``, ``<prefix>:ids``, ``<prefix>:requests``).
+        require_fsync: refuse a server without ``appendonly yes`` and ``appendfsync always``;
+            readers (the canary analysis) pass False, since they do not acknowledge anything.
+        batch: events per script call; bounds the script's arguments and the time the server
+            spends in one atomic call.
+    """
+
+    def __init__(
+        self, url: str, prefix: str = "{recsys}:eventlog", require_fsync: bool = True, batch: int = 500
+    ) -> None:
+        import redis
+
+        self.url = url
+        self.prefix = prefix
+        self.events_key = f"{prefix}:events"
+        self.ids_key = f"{prefix}:ids"
+        self.requests_key = f"{prefix}:requests"
+        self.batch = batch
+        self._client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10)
+        self._script = self._client.register_script(APPEND_SCRIPT)
+        self._lock = threading.Lock()
+        self.fsync = self._check_fsync(require_fsync)
+
+    @property
+    def location(self) -> str:
+        """Where the log is, without the password (for /readyz and reports)."""
+        parts = urlsplit(self.url)
+        host = parts.hostname or "?"
+        return f"redis://{host}:{parts.port or 6379}{parts.path or ''} {self.events_key}"
+
+    def _check_fsync(self, required: bool) -> dict[str, str] | None:
+        import redis
+
+        try:
+            got = {
+                **self._client.config_get("appendonly"),
+                **self._client.config_get("appendfsync"),
+            }
+        except redis.ResponseError as e:  # CONFIG renamed or forbidden (managed services)
+            log.warning("cannot read the Redis persistence settings of %s (%s): durability unchecked",
+                        self.location, e)
+            return None
+        ok = got.get("appendonly") == "yes" and got.get("appendfsync") == "always"
+        if required and not ok:
+            raise EventLogDurabilityError(
+                f"gateway.event_log_redis_url: {self.location} has appendonly={got.get('appendonly')!r}, "
+                f"appendfsync={got.get('appendfsync')!r}; an acknowledged event must be on disk, which "
+                "needs appendonly yes and appendfsync always (or gateway.event_log_require_fsync: false "
+                "to accept losing up to a second of events on a crash)"
+            )
+        return got
+
+    def append(self, events: Sequence[dict[str, Any]]) -> AppendResult:
+        """Store events; ids already in the log (or earlier in this batch) are duplicates."""
+        accepted: list[str] = []
+        duplicates: list[str] = []
+        for start in range(0, len(events), self.batch):
+            chunk = events[start : start + self.batch]
+            argv: list[Any] = [len(chunk)]
+            for e in chunk:
+                fields = _event_fields(e)
+                argv += [e["event_id"], len(fields)]
+                for k, v in fields.items():
+                    argv += [k, v]
+            with self._lock:
+                flags = self._script(keys=[self.ids_key, self.events_key], args=argv)
+            for e, stored in zip(chunk, flags, strict=True):
+                (accepted if stored == 1 else duplicates).append(e["event_id"])
+        return AppendResult(accepted, duplicates)
+
+    def log_request(self, record: ServedRequest) -> None:
+        """Record a served request (its impressions go through ``append`` as events)."""
+        self.log_requests([record])
+
+    def log_requests(self, records: Sequence[ServedRequest]) -> None:
+        """Record served requests in one round trip (MULTI/EXEC: all or none)."""
+        if not records:
+            return
+        with self._lock:
+            pipe = self._client.pipeline(transaction=True)
+            for r in records:
+                pipe.xadd(
+                    self.requests_key,
+                    {
+                        "request_id": r.request_id,
+                        "user_id": r.user_id,
+                        "arm": r.arm,
+                        "versions": json.dumps(r.versions),
+                        "ts": _iso(r.ts),
+                        "latency_ms": repr(float(r.latency_ms)),
+                        "status": r.status,
+                        "fallback": r.fallback or "",
+                        "items": json.dumps(r.items),
+                    },
+                )
+            pipe.execute()
+
+    def _scan(self, key: str, page: int = 10_000) -> Iterator[tuple[str, dict[str, str]]]:
+        """Every entry of a stream, oldest first, in pages (XRANGE with an exclusive start)."""
+        start = "-"
+        while True:
+            rows = self._client.xrange(key, min=start, max="+", count=page)
+            if not rows:
+                return
+            yield from rows
+            start = "(" + rows[-1][0]
+
+    def requests_frame(self) -> pd.DataFrame:
+        """Every served request, one row per request id (the last record of an id wins)."""
+        rows = [
+            {**f, "latency_ms": float(f["latency_ms"]), "fallback": f.get("fallback") or None}
+            for _, f in self._scan(self.requests_key)
+        ]
+        df = pd.DataFrame(rows, columns=[*REQUEST_COLUMNS, "items"])[REQUEST_COLUMNS]
+        df = df.drop_duplicates("request_id", keep="last").reset_index(drop=True)
+        df["versions"] = df["versions"].map(lambda v: json.loads(v) if v else {})
+        df["ts"] = pd.to_datetime(df["ts"], utc=True, format="ISO8601")
+        return df
+
+    def outcomes_frame(self) -> pd.DataFrame:
+        """Distinct (request_id, item_id, event_type) of events tied to a request (canary input)."""
+        rows = [
+            (f["request_id"], f["item_id"], f["event_type"])
+            for _, f in self._scan(self.events_key)
+            if f.get("request_id")
+        ]
+        return pd.DataFrame(rows, columns=["request_id", "item_id", "event_type"]).drop_duplicates(
+            ignore_index=True
+        )
+
+    def count(self) -> int:
+        return int(self._client.hlen(self.ids_key))
+
+    def event_ids(self) -> list[str]:
+        return [f["event_id"] for _, f in self._scan(self.events_key)]
+
+    def to_frame(self) -> pd.DataFrame:
+        """The whole log as a contract-shaped events frame (what ingest reads)."""
+        rows = [{c: f.get(c) for c in COLUMNS} for _, f in self._scan(self.events_key)]
+        df = pd.DataFrame(rows, columns=COLUMNS)
+        df["value"] = pd.to_numeric(df["value"].replace("", None), errors="coerce")
+        df["request_id"] = df["request_id"].replace("", None)
+        return conform(df, EVENTS)
+
+    def close(self) -> None:
+        with self._lock:
+            self._client.close()
+
+
+def _event_fields(e: dict[str, Any]) -> dict[str, str]:
+    """An event as stream fields: the contract's columns (strings; a null is left out) + body."""
+    out: dict[str, str] = {}
+    for c in COLUMNS:
+        v = e.get(c)
+        if v is None:
+            continue
+        out[c] = _iso(v) if c == "ts" else str(v)
+    out["body"] = json.dumps(e, default=str)
+    return out
