@@ -1,0 +1,177 @@
+"""Admin actions of the gateway: apply ``models.config`` to the model server, promote, roll back.
+
+All of them need the API key (``serving.gateway.security``) and none takes a path: the
+files they read are the configured ``<models dir>/models.load.config`` and ``models.config``.
+
+``reload_models`` is the safe way to put a push (or a label move) in service, in TF
+Serving's two steps: first the load config (every version either config needs, labels as
+they were), then, only when every labelled version is AVAILABLE on the server and offers
+the signature the gateway calls, ``models.config`` with the new labels. A version that
+fails to load or does not fit (a corrupted export, another model's SavedModel) is refused:
+the server keeps the labels it had, ``models.config`` on disk is put back to them (so the
+gateway, the canary analysis and the server agree on what serves), and the refusal names
+each model, version, state and error.
+
+``promote`` runs the same checks on the canary before moving any label, so a canary that
+is not serving can never become stable.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Literal
+
+from components.config import Settings
+from serving.clients import ModelServerError
+
+log = logging.getLogger("serving.gateway.admin")
+
+# The signature the gateway calls on each role's model (service.Gateway._candidates / _rank).
+SIGNATURES = {"retrieval": "retrieve", "ranking": "rank"}
+
+
+class AdminRefused(RuntimeError):
+    """An admin action that was checked and refused; ``problems`` names each reason."""
+
+    def __init__(self, action: str, problems: list[str], detail: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{action} refused: " + "; ".join(problems))
+        self.action, self.problems, self.detail = action, problems, detail or {}
+
+
+def _roles(settings: Settings) -> dict[str, str]:
+    return {settings.push.retrieval_model: "retrieval", settings.push.ranking_model: "ranking"}
+
+
+def check_versions(client: Any, settings: Settings, wanted: dict[str, set[int]], timeout: float) -> list[str]:
+    """Wait until each wanted version is AVAILABLE or has failed; return what is wrong with each.
+
+    A version is fine when the server reports it AVAILABLE and its metadata has the
+    signature the gateway calls; it is wrong when it ends (END: load failed), stays
+    unloaded past ``timeout``, or lacks the signature.
+    """
+    problems: list[str] = []
+    deadline = time.monotonic() + timeout
+    roles = _roles(settings)
+    for model, versions in sorted(wanted.items()):
+        for v in sorted(versions):
+            state, error = "UNKNOWN", ""
+            while True:
+                try:
+                    rows = client.status(model, v, timeout=5)
+                    state = rows[0].state if rows else "UNKNOWN"
+                    error = f"{rows[0].error_code}: {rows[0].error_message}" if rows else ""
+                except ModelServerError as e:
+                    state, error = "UNKNOWN", f"{e.code}: {e.message}"
+                if state in ("AVAILABLE", "END") or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            if state != "AVAILABLE":
+                problems.append(f"{model} version {v} is {state} on the model server ({error.strip()})")
+                continue
+            signature = SIGNATURES.get(roles.get(model, ""))
+            if signature is None:
+                continue
+            try:
+                signatures = client.metadata(model, v, timeout=5)
+            except ModelServerError as e:
+                problems.append(f"{model} version {v}: metadata failed ({e.code}: {e.message})")
+                continue
+            if signature not in signatures:
+                problems.append(
+                    f"{model} version {v} is incompatible: no signature {signature!r} "
+                    f"(it has {sorted(signatures)})"
+                )
+    return problems
+
+
+def reload_models(gateway: Any, timeout: float = 60.0) -> dict[str, Any]:
+    """Apply the load config, check every labelled version, then apply ``models.config``.
+
+    Returns:
+        {"applied": True, "labels": {model: labels}} when the server now serves the labels.
+
+    Raises:
+        AdminRefused: a labelled version failed to load or is incompatible; nothing was
+            relabelled and ``models.config`` was put back to the labels still serving.
+    """
+    from components.push import LOAD_CONFIG, MODELS_CONFIG, read_models_config, write_models_config
+    from serving.model_server.config import read_model_server_config
+
+    settings: Settings = gateway.settings
+    base = settings.models_dir
+    target = read_models_config(base)
+    if not target:
+        raise AdminRefused("reload", [f"no {base / MODELS_CONFIG}: nothing has been pushed"])
+    load_path = base / LOAD_CONFIG
+    load = read_model_server_config(load_path) if load_path.is_file() else None
+    try:
+        if load is not None:
+            gateway.client.reload_config(load)
+        wanted = {m: {int(v) for v in spec["labels"].values()} for m, spec in target.items()}
+        problems = check_versions(gateway.client, settings, wanted, timeout)
+        if problems:
+            # Put models.config back to the labels the server still serves (those of the load
+            # config), so every reader agrees that the refused version does not serve.
+            previous = _load_labels(base)
+            if previous:
+                write_models_config(base / MODELS_CONFIG, previous)
+            gateway.refresh()
+            log.warning("reload refused: %s", "; ".join(problems))
+            raise AdminRefused("reload", problems, {"serving": {m: s["labels"] for m, s in previous.items()}})
+        gateway.client.reload_config(read_model_server_config(base / MODELS_CONFIG))
+    except ModelServerError as e:
+        raise AdminRefused("reload", [f"model server refused the config: {e.code}: {e.message}"]) from None
+    gateway.refresh()
+    return {"applied": True, "labels": {m: s["labels"] for m, s in target.items()}}
+
+
+def _load_labels(base: Any) -> dict[str, dict[str, Any]]:
+    """``models.load.config``'s labels as a models.config (only the versions they name)."""
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    from components.push import LOAD_CONFIG
+
+    path = base / LOAD_CONFIG
+    if not path.is_file():
+        return {}
+    cfg = text_format.Parse(path.read_text(), model_server_config_pb2.ModelServerConfig())
+    out = {}
+    for c in cfg.model_config_list.config:
+        labels = {k: int(v) for k, v in c.version_labels.items()}
+        if labels:
+            versions = sorted(set(labels.values()))
+            out[c.name] = {"base_path": c.base_path, "versions": versions, "labels": labels}
+    return out
+
+
+def move_canary(
+    gateway: Any, action: Literal["promote", "rollback"], reason: str, timeout: float = 60.0
+) -> dict[str, Any]:
+    """Promote (after checking the canary serves) or roll back, record it, apply it to the server.
+
+    Raises:
+        AdminRefused: no rollout in progress, or (promote) a canary version that is not
+            AVAILABLE on the model server or lacks the gateway's signature.
+    """
+    from components import canary
+
+    settings: Settings = gateway.settings
+    serving = canary.serving_labels(settings)
+    if not serving:
+        raise AdminRefused(action, ["nothing has been pushed: no models.config"])
+    if action == "promote":
+        if not canary.rollout_in_progress(serving):
+            raise AdminRefused(action, [f"no canary in rollout: stable and canary are {serving['stable']}"])
+        wanted = {m: {v} for m, v in serving["canary"].items()}
+        # No waiting: a canary that is not AVAILABLE right now has served nothing to judge.
+        problems = check_versions(gateway.client, settings, wanted, timeout=0.0)
+        if problems:
+            raise AdminRefused(action, problems, {"serving": serving})
+    try:
+        record = canary.manual(settings, action, reason or f"{action} through the gateway's admin API")
+    except canary.CanaryError as e:
+        raise AdminRefused(action, [str(e)]) from None
+    applied = reload_models(gateway, timeout=timeout)
+    return {"action": action, "labels": record.get("labels"), "applied": applied["applied"]}
