@@ -2,9 +2,11 @@
 
 Protocol (close to Microsoft Recommenders' MovieLens benchmark): a per-user stratified
 random split, 75% of each user's ratings to train and 25% to test (seed 42); the pipeline
-runs on the train split as any user would run it (ingest a Parquet drop, validate, features,
-train, evaluate, gate, index, push); `recsys recommend` gives the top 10 from the pushed
-models with each user's training items excluded; every test rating counts as relevant.
+runs on the train split as any user would run it, with the MovieLens profile
+(``conf/movielens.yaml``: leave-one-out histories, since a random split has no "before"):
+ingest a Parquet drop, validate, features, train, evaluate, gate, index, push;
+`recsys recommend` gives the top 10 from the pushed models (retrieval re-ranked by the
+ranker) with each user's training items excluded; every test rating counts as relevant.
 Metrics: NDCG@10, Precision@10, Recall@10 and MAP@10 (MAP's denominator is the user's
 number of relevant items, as in the published table), averaged over test users, beside a
 popularity baseline on the same split.
@@ -27,7 +29,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from components.config import load_settings
+from components.config import load_settings, profile_path
 from components.metrics import ndcg_at_k, precision_at_k, recall_at_k
 from components.movielens import load_movielens
 from components.storage import write_data_folder
@@ -102,6 +104,7 @@ def run(dataset: str, home: Path, console: Console, overrides: dict[str, Any]) -
     write_data_folder({"users": frames["users"], "items": frames["items"], "events": train}, drop)
     interval_end = (pd.to_datetime(train["ts"], utc=True).max() + pd.Timedelta(days=1)).ceil("D")
     settings = load_settings(
+        profile_path("movielens"),
         overrides={
             "home": str(home / "state"),
             "source.kind": "parquet",

@@ -203,6 +203,25 @@ def read_event_log(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return requests, events
 
 
+def read_configured_log(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """``(requests, events, location)`` from the backend ``gateway.event_log_backend`` names.
+
+    SQLite is read from its file without creating one; Redis Streams through
+    ``RedisStreamsEventLog`` opened as a reader (it acknowledges nothing, so it does not
+    demand per-write fsync of the server).
+    """
+    if settings.gateway.event_log_backend == "sqlite":
+        requests, events = read_event_log(settings.event_log_path)
+        return requests, events, str(settings.event_log_path)
+    from serving.gateway.event_log import open_event_log
+
+    log = open_event_log(settings, reader=True)
+    try:
+        return log.requests_frame(), log.outcomes_frame(), log.location
+    finally:
+        log.close()
+
+
 def _empty_requests() -> pd.DataFrame:
     cols = ["request_id", "user_id", "arm", "versions", "ts", "latency_ms", "status"]
     return pd.DataFrame(columns=cols)
@@ -558,7 +577,9 @@ def analyze(
     settings: Settings, since: datetime | None = None, until: datetime | None = None
 ) -> dict[str, Any]:
     """``analyze_canary`` on the configured event log and the labels of ``models.config``."""
-    return analyze_canary(settings.canary, settings.event_log_path, since, until, serving_labels(settings))
+    requests, events, location = read_configured_log(settings)
+    out = analyze_canary(settings.canary, (requests, events), since, until, serving_labels(settings))
+    return {**out, "source": location}
 
 
 def record_decision(
@@ -627,8 +648,10 @@ def plot_ctr(arms: Mapping[str, Mapping[str, Any]], path: Path, confidence: floa
     ):
         names = [a for a in ARMS if a in arms]
         values = [arms[a][metric] for a in names]
-        lo = [arms[a][metric] - arms[a][f"{metric}_ci"][0] for a in names]
-        hi = [arms[a][f"{metric}_ci"][1] - arms[a][metric] for a in names]
+        # Clipped at 0: a rate outside its own interval (more clicks than impressions, where
+        # Wilson's bound stops at 1) would give a negative bar, which matplotlib refuses.
+        lo = [max(0.0, arms[a][metric] - arms[a][f"{metric}_ci"][0]) for a in names]
+        hi = [max(0.0, arms[a][f"{metric}_ci"][1] - arms[a][metric]) for a in names]
         ax.bar(names, values, yerr=[lo, hi], capsize=6, color=[colors[a] for a in names])
         for i, a in enumerate(names):
             n = arms[a]["requests" if metric == "ctr_request" else "impressions"]

@@ -264,20 +264,27 @@ def recommend_cmd(
     ] = None,
     label: Annotated[str, typer.Option(help="models.config version label to use.")] = "stable",
     base_path: Annotated[Path | None, typer.Option(help="Model base path (default: <home>/models).")] = None,
+    rank: Annotated[
+        bool, typer.Option(help="Re-order candidates with the pushed ranking model (--no-rank: retrieval).")
+    ] = True,
 ) -> None:
-    """Batch top-K unseen items per user from the pushed retrieval model."""
+    """Batch top-K unseen items per user from the pushed retrieval and ranking models."""
     from components.recommend import recommend
 
     try:
         with console.status(f"recommending for {users}"):
             s = _settings(ctx)
-            summary = recommend(s, users, k, out, data_dir=data, label=label, base_path=base_path)
+            summary = recommend(
+                s, users, k, out, data_dir=data, label=label, base_path=base_path, rank=rank
+            )
     except (FileNotFoundError, KeyError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
+    ranking = f"{s.push.ranking_model} re-ranked" if summary["ranked"] else "retrieval order"
     console.print(
-        f"{summary['users']:,} users ({summary['unknown_users']:,} unknown) -> {summary['path']} "
-        f"[{summary['model']} v{summary['version']} ({summary['label']}), {summary['mode']}]"
+        f"{summary['users']:,} users ({summary['unknown_users']:,} unknown) -> {summary['path']}: "
+        f"{summary['model']} v{summary['version']} ({summary['label']}, {summary['mode']}), {ranking}",
+        markup=False,
     )
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "RECSYS_"
 DEFAULT_CONFIG_NAME = "recsys.yaml"
@@ -96,6 +96,12 @@ class TrainingConfig(Section):
     id_dropout: float = Field(0.1, ge=0, lt=1)
     # Item ids of recent_items the query tower reads (newest first).
     max_history: int = Field(50, ge=1)
+    # Where a training example's ``recent_items`` come from. point_in_time: the feature
+    # layer's join as of the event (what serving saw then; no leakage). leave_one_out: the
+    # user's other positives in the training data, newest first: for data whose order in time
+    # carries no meaning, such as a random split of ratings, where the point-in-time history
+    # of most examples is a sliver of what the query will hold at serving time.
+    history: Literal["point_in_time", "leave_one_out"] = "point_in_time"
     # Train the retriever on a user's first positive per item only (serving filters seen items).
     drop_repeat_positives: bool = True
     # The history table is the candidate item table (true) or a table of its own (false).
@@ -122,6 +128,10 @@ class TrainingConfig(Section):
     # After early stopping, train again on all events for the best number of epochs.
     refit_on_full: bool = False
     ranker_epochs: int = Field(10, ge=1)
+    # The ranker reads the windowed counts (user engagement, item popularity over 1/7/30 days).
+    # Off for data whose serving time is far from its events (an old rating set scored "now"
+    # sees every window empty, unlike any training example).
+    ranker_window_features: bool = True
     ranker_hidden_units: list[int] = [128, 64]
     ranker_learning_rate: float = Field(0.003, gt=0)
     # Sampled negatives per positive when the data has no impressions (MovieLens).
@@ -143,8 +153,15 @@ class TrainingConfig(Section):
 class EvaluationConfig(Section):
     """Offline evaluation on a time-based holdout, and the gate that blesses a model."""
 
-    # The last days of events form the holdout.
+    # How the holdout is cut. time: the last ``holdout_days`` whole days (new users and new
+    # items included: what the next days will bring). random: ``holdout_fraction`` of each
+    # user's events at random (seeded), for data whose timestamps mean little, such as a
+    # random split of ratings.
+    split: Literal["time", "random"] = "time"
+    # The last days of events form the holdout (split: time).
     holdout_days: int = Field(7, ge=1)
+    holdout_fraction: float = Field(0.1, gt=0, lt=1)
+    split_seed: int = 42
     ks: list[int] = [10, 50, 100]
     # Retrieved candidates the ranker re-ranks.
     rerank_depth: int = Field(200, ge=1)
@@ -270,6 +287,18 @@ class GatewayConfig(Section):
     ]  # fmt: skip
     # The durable event log; default <home>/gateway/events.db.
     event_log_path: Path | None = None
+    # Where accepted events and served requests are logged: the embedded SQLite file above, or
+    # Redis Streams (production: one log that every gateway replica appends to and the canary
+    # analysis reads). Both keep the same promises: idempotent by event_id, durable before a 2xx.
+    event_log_backend: Literal["sqlite", "redis_streams"] = "sqlite"
+    # redis_streams: the server, as a redis:// URL (a password comes from the environment:
+    # RECSYS_GATEWAY__EVENT_LOG_REDIS_URL=redis://:secret@host:6379/0), and the key prefix. The
+    # braces make a Redis Cluster hash tag, so the stream and its id index share one slot.
+    event_log_redis_url: str = "redis://127.0.0.1:6379/0"
+    event_log_key_prefix: str = "{recsys}:eventlog"
+    # A 2xx promises the event is on disk: refuse a Redis that does not fsync every write
+    # (appendonly yes + appendfsync always). false accepts losing up to a second of events.
+    event_log_require_fsync: bool = True
     # How often the item cache checks for a new materialization and new model versions.
     refresh_seconds: float = Field(10.0, gt=0)
 
@@ -314,6 +343,59 @@ class CanaryConfig(Section):
     margin: float = Field(0.01, ge=0, lt=1)
 
 
+class SecurityConfig(Section):
+    """Who may call the gateway: an API key for writes and admin actions, optionally reads.
+
+    The key itself is never configuration: it is read from the environment variable named
+    by ``api_key_env`` when the gateway starts, so it never sits in a YAML file, in
+    ``recsys config`` output or in a log. Without that variable the gateway refuses every
+    write and admin request (fail closed); ``make demo`` generates a key for its own run.
+    """
+
+    # The environment variable holding the API key (sent as the X-API-Key header).
+    api_key_env: str = Field("RECSYS_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # True: recommendations, similar items and /metrics need no key. False: they need it too.
+    # /healthz and /readyz stay open for probes either way.
+    open_reads: bool = True
+    # Request bodies above this are refused with 413 before they are read whole.
+    max_request_bytes: int = Field(1_048_576, ge=1024)
+
+
+class AirflowConfig(Section):
+    """Airflow's executor and metadata database, as ``components.airflow_local`` starts Airflow.
+
+    The embedded default is the LocalExecutor on SQLite under ``<home>/airflow``. Production
+    (``conf/production.yaml``) is the CeleryExecutor with a Redis broker, or the
+    KubernetesExecutor, on PostgreSQL. Each value becomes an ``AIRFLOW__*`` default; an
+    ``AIRFLOW__*`` variable set in the environment still wins. Passwords belong in the
+    environment (``RECSYS_AIRFLOW__DATABASE_URL``), not in the file.
+    """
+
+    executor: Literal["LocalExecutor", "CeleryExecutor", "KubernetesExecutor"] = "LocalExecutor"
+    # SQLAlchemy URL of the metadata DB; null: SQLite under <home>/airflow (Airflow's default).
+    database_url: str | None = None
+    # CeleryExecutor: where task messages go and where their states come back.
+    celery_broker_url: str | None = None
+    celery_result_backend: str | None = None
+    # Task instances running at once across the deployment (each imports TensorFlow or Feast).
+    parallelism: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _executor_needs(self) -> AirflowConfig:
+        on_sqlite = not self.database_url or self.database_url.startswith("sqlite")
+        if self.executor != "LocalExecutor" and on_sqlite:
+            raise ValueError(
+                f"airflow.executor={self.executor} needs airflow.database_url on PostgreSQL or MySQL; "
+                f"got {self.database_url!r}"
+            )
+        if self.executor == "CeleryExecutor" and not self.celery_broker_url:
+            raise ValueError(
+                "airflow.executor=CeleryExecutor needs airflow.celery_broker_url; "
+                f"got {self.celery_broker_url!r}"
+            )
+        return self
+
+
 class Settings(BaseModel):
     """The whole configuration. ``home`` holds every byte of runtime state."""
 
@@ -330,6 +412,8 @@ class Settings(BaseModel):
     push: PushConfig = PushConfig()
     gateway: GatewayConfig = GatewayConfig()
     canary: CanaryConfig = CanaryConfig()
+    airflow: AirflowConfig = AirflowConfig()
+    security: SecurityConfig = SecurityConfig()
 
     @field_validator("home")
     @classmethod
@@ -446,14 +530,37 @@ def load_settings(
         raise ConfigError(f"invalid configuration{where}: {problems}") from None
 
 
-# Variables with the prefix that are not field overrides.
-_NON_FIELD_VARS = {"RECSYS_CONFIG"}
+# Variables with the prefix that are not field overrides: the config file, the API key
+# (a secret, read only by the gateway; see SecurityConfig) and test failpoints.
+_NON_FIELD_VARS = {"RECSYS_CONFIG", "RECSYS_PROFILE", "RECSYS_API_KEY", "RECSYS_FAILPOINTS"}
+
+
+# Profiles are conf/<name>.yaml files: RECSYS_PROFILE=production reads conf/production.yaml.
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def profile_path(profile: str, cwd: Path | None = None) -> Path:
+    """``conf/<profile>.yaml`` under ``cwd``, else in the project's own ``conf/``.
+
+    The project's folder is the fallback so that Airflow tasks and containers, whose working
+    directory need not be the repository, find the same profile.
+
+    Raises:
+        ConfigError: naming ``RECSYS_PROFILE``, its value and the profiles that exist.
+    """
+    for conf in ((cwd or Path.cwd()) / "conf", CONF_DIR):
+        if (conf / f"{profile}.yaml").is_file():
+            return conf / f"{profile}.yaml"
+    known = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+    raise ConfigError(f"RECSYS_PROFILE={profile!r}: no conf/{profile}.yaml; profiles: {known}")
 
 
 def default_config_path(env: Mapping[str, str], cwd: Path | None = None) -> Path | None:
-    """``RECSYS_CONFIG`` if set, else ``conf/recsys.yaml`` under ``cwd`` if it exists."""
+    """``RECSYS_CONFIG`` if set, else ``RECSYS_PROFILE``'s file, else ``conf/recsys.yaml`` under ``cwd``."""
     if env.get("RECSYS_CONFIG"):
         return Path(env["RECSYS_CONFIG"])
+    if env.get("RECSYS_PROFILE"):
+        return profile_path(env["RECSYS_PROFILE"], cwd)
     candidate = (cwd or Path.cwd()) / "conf" / DEFAULT_CONFIG_NAME
     return candidate if candidate.is_file() else None
 

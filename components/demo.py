@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -42,7 +43,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def demo_api_key(settings: Settings) -> str:
+    """The gateway's API key for this run: the environment's, or a fresh random one.
+
+    The gateway takes events only with a key; the demo posts events, so a demo without one
+    configured makes its own, puts it in this process's environment (the servers it starts
+    inherit it) and never prints it.
+    """
+    name = settings.security.api_key_env
+    if not os.environ.get(name):
+        os.environ[name] = secrets.token_urlsafe(32)
+    return os.environ[name]
+
+
 def _env(settings: Settings) -> dict[str, str]:
+    demo_api_key(settings)
     env = dict(os.environ)
     env.update(
         AIRFLOW_HOME=str(settings.home / "airflow"),
@@ -190,7 +205,8 @@ def print_evaluation(settings: Settings, console: Console) -> dict[str, Any]:
     out = step_dir(settings, run_key_for(settings.generate.end_date), "evaluate")
     metrics = json.loads((out / "metrics.json").read_text())
     blessing = json.loads((out / "blessing.json").read_text())
-    systems = [s for s in ("retriever", "retriever_ranker", "popularity") if s in metrics]
+    by_model = metrics["models"]
+    systems = [s for s in ("retriever", "retriever_ranker", "popularity") if s in by_model]
     t = Table(title=f"offline evaluation on the time holdout (report: {out / 'report.html'})")
     t.add_column("slice")
     t.add_column("metric")
@@ -198,11 +214,12 @@ def print_evaluation(settings: Settings, console: Console) -> dict[str, Any]:
         t.add_column(s, justify="right")
     for slice_ in ("all", "new_users", "new_items", "heavy_users"):
         for metric in ("recall@50", "ndcg@10"):
-            if slice_ in metrics[systems[0]]:
+            if slice_ in by_model[systems[0]]:
+                users = by_model[systems[0]][slice_].get("users", 0)
                 t.add_row(
-                    slice_,
+                    f"{slice_} ({users} users)",
                     metric,
-                    *(f"{metrics[s].get(slice_, {}).get(metric, float('nan')):.3f}" for s in systems),
+                    *(f"{by_model[s].get(slice_, {}).get(metric, float('nan')):.3f}" for s in systems),
                 )
     console.print(t)
     verdict = "[green]blessed[/green]" if blessing.get("blessed") else "[red]refused[/red]"
@@ -248,8 +265,14 @@ def show_recommendations(settings: Settings, url: str, console: Console) -> None
     items = pd.read_parquet(validated / "items").set_index("item_id")
     events = pd.read_parquet(validated / "events", columns=["user_id", "item_id", "event_type"])
     positives = events[events["event_type"].isin(["click", "view", "purchase", "rating", "like"])]
-    warm = positives["user_id"].value_counts().index[0]
-    with httpx.Client(base_url=url, timeout=10) as client:
+    # A user with some history but not the heaviest one: a few new clicks visibly move a short
+    # history, while the heaviest user's list barely changes.
+    counts = positives.groupby("user_id").size()
+    floor = max(5, 2 * settings.gateway.cold_start_min_events)
+    eligible = counts[counts >= floor].reset_index(name="n").sort_values(["n", "user_id"])
+    warm = str(eligible["user_id"].iloc[0]) if len(eligible) else str(counts.idxmax())
+    headers = {"X-API-Key": demo_api_key(settings)}
+    with httpx.Client(base_url=url, timeout=10, headers=headers) as client:
         before = _recommend(client, warm)
         _show(
             console,

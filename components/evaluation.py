@@ -43,6 +43,7 @@ from components.config import EvaluationConfig
 from components.feature_schema import POSITIVE_EVENT_TYPES
 from components.metrics import coverage, metric_names, summarize
 from components.storage import code_version, read_manifest, write_manifest
+from serving.gateway.policy import rank01, rank_fusion
 
 MODELS = ("retriever", "retriever_ranker", "popularity")
 SLICES = ("all", "new_users", "new_items", "heavy_users")
@@ -76,6 +77,32 @@ def time_split(events: pd.DataFrame, holdout_days: int) -> tuple[pd.DataFrame, p
     return order[ts_sorted < cut].reset_index(drop=True), order[ts_sorted >= cut].reset_index(drop=True)
 
 
+def random_split(events: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per user, a seeded random ``fraction`` of their rows held out (users with one row keep it).
+
+    Returns:
+        (train, holdout), each in time order.
+    """
+    if events.empty:
+        return events.copy(), events.copy()
+    order = events.assign(_ts=pd.to_datetime(events["ts"], utc=True))
+    order = order.sort_values(["_ts", "user_id", "item_id"], kind="stable").reset_index(drop=True)
+    rng = np.random.default_rng(seed)
+    users = order["user_id"].astype(str).to_numpy()
+    rank = pd.Series(rng.random(len(order))).groupby(users).rank(method="first").to_numpy()
+    sizes = pd.Series(users).groupby(users).transform("size").to_numpy()
+    held = rank <= np.floor(fraction * sizes)
+    order = order.drop(columns="_ts")
+    return order[~held].reset_index(drop=True), order[held].reset_index(drop=True)
+
+
+def split_holdout(events: pd.DataFrame, config: EvaluationConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, holdout) as ``evaluation.split`` says: by time or at random per user."""
+    if config.split == "random":
+        return random_split(events, config.holdout_fraction, config.split_seed)
+    return time_split(events, config.holdout_days)
+
+
 def split_time(ts: pd.Series, holdout_days: int) -> pd.Timestamp:
     """The cut of ``time_split``: midnight after the last event, minus ``holdout_days``."""
     last = pd.to_datetime(ts, utc=True).max()
@@ -98,6 +125,17 @@ def holdout_queries(holdout_frame: pd.DataFrame) -> pd.DataFrame:
     """
     first = holdout_frame.sort_values(["ts", "event_id"], kind="stable").drop_duplicates("user_id")
     return first.assign(user_id=first["user_id"].astype(str)).set_index("user_id", drop=False)
+
+
+def profile_history(queries: pd.DataFrame, train_frame: pd.DataFrame, max_history: int) -> pd.DataFrame:
+    """``queries`` with ``recent_items`` = each user's training positives, newest first."""
+    pos = train_frame[train_frame["event_type"].astype(str).isin(POSITIVE_EVENT_TYPES)]
+    pos = pos.assign(user_id=pos["user_id"].astype(str), item_id=pos["item_id"].astype(str))
+    newest_first = pos.sort_values("ts", ascending=False, kind="stable")
+    lists = newest_first.groupby("user_id")["item_id"].agg(
+        lambda s: " ".join(list(dict.fromkeys(s))[:max_history])
+    )
+    return queries.assign(recent_items=[lists.get(str(u), "") for u in queries["user_id"]])
 
 
 def item_stats_at(frame: pd.DataFrame, as_of: pd.Timestamp, names: list[str]) -> pd.DataFrame:
@@ -260,10 +298,7 @@ def rerank(
     start = 0
     for u, n in zip(users, counts, strict=True):
         s = scores[start : start + n]
-        if retrieval_weight > 0:
-            fused = _rank01(s) + retrieval_weight * _rank01(np.asarray(retrieval_scores[u]))
-        else:
-            fused = s
+        fused = rank_fusion(s, np.asarray(retrieval_scores[u]), retrieval_weight)
         order = np.argsort(-fused, kind="stable")
         out[u] = [candidates[u][i] for i in order]
         start += n
@@ -315,10 +350,7 @@ def ranker_auc(
 
 def _rank01(x: np.ndarray) -> np.ndarray:
     """Ranks scaled to [0, 1], 1 for the best."""
-    if len(x) < 2:
-        return np.ones_like(x, dtype=np.float64)
-    ranks = np.argsort(np.argsort(x, kind="stable"), kind="stable")
-    return ranks / (len(x) - 1)
+    return rank01(x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -443,6 +475,10 @@ def evaluate(
     relevant = {u: rel for u, rel in relevant.items() if rel}
     if queries is None:
         queries = holdout_queries(holdout_frame)
+        if train_manifest.get("parameters", {}).get("history") == "leave_one_out":
+            # Such a model was trained with whole-profile histories: query it the same way,
+            # with the user's training positives (all before the holdout in a time split).
+            queries = profile_history(queries, train_frame, train_manifest["parameters"]["max_history"])
     users = [u for u in relevant if u in queries.index]
     relevant = {u: relevant[u] for u in users}
     if not users:
@@ -467,7 +503,10 @@ def evaluate(
 
     ranker_inputs = train_manifest["ranker_inputs"]
     # The cut is where the holdout begins (time_split cuts at midnight); read it from the data.
+    # A random split has no cut: item statistics are those at the end of the training data.
     as_of = pd.to_datetime(holdout_frame["ts"], utc=True).min().floor("D")
+    if config.split == "random":
+        as_of = pd.to_datetime(train_frame["ts"], utc=True).max().floor("D") + pd.Timedelta(days=1)
     item_features = items_frame.assign(item_id=items_frame["item_id"].astype(str)).drop_duplicates("item_id")
     item_features = item_features.set_index("item_id")
     stats = item_stats_at(train_frame, as_of, [c for c in ranker_inputs if ITEM_STAT.match(c)])

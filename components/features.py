@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from components.config import FeaturesConfig, Settings
+from components.faults import failpoint
 from components.feature_schema import (
     FEATURE_DEFAULTS_BY_KIND,
     ITEM_ATTRIBUTE_FEATURES,
@@ -365,6 +366,8 @@ def build_feature_tables(
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Any] = {}
     for name, df in tables.items():
+        if written:
+            failpoint("build_features.midway")  # some tables rewritten, others not yet
         folder = out_dir / name
         folder.mkdir(parents=True, exist_ok=True)
         if name in WHOLE_TABLES:

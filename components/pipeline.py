@@ -89,18 +89,19 @@ def run_materialize(settings: Settings, interval_end: datetime) -> dict[str, Any
 
 
 def run_training_data(settings: Settings, interval_end: datetime) -> dict[str, Any]:
-    """Point-in-time training data from Feast, split by time into train and holdout.
+    """Point-in-time training data from Feast, split into train and holdout.
 
-    The holdout is the last ``evaluation.holdout_days`` whole days: their new users and new
-    items are what the evaluation's cold-start slices measure.
+    By default (``evaluation.split: time``) the holdout is the last ``evaluation.holdout_days``
+    whole days: their new users and new items are what the evaluation's cold-start slices
+    measure. ``split: random`` holds out a seeded fraction of each user's events instead.
     """
-    from components.evaluation import time_split
+    from components.evaluation import split_holdout
     from components.features import build_training_data
 
     key = run_key_for(interval_end)
     out = step_dir(settings, key, "training_data")
     frame = build_training_data(settings, validated_dir(settings, interval_end), end=interval_end)
-    train, holdout = time_split(frame, settings.evaluation.holdout_days)
+    train, holdout = split_holdout(frame, settings.evaluation)
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)
     train.to_parquet(out / "train.parquet", index=False)
@@ -110,6 +111,7 @@ def run_training_data(settings: Settings, interval_end: datetime) -> dict[str, A
         "step": "training_data",
         "path": str(out),
         "rows": {"train": len(train), "holdout": len(holdout)},
+        "split": settings.evaluation.split,
         "holdout_starts": cut.isoformat() if cut is not None else None,
         "columns": list(frame.columns),
     }

@@ -32,13 +32,14 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from components.config import FeaturesConfig, PushConfig
+from components.faults import failpoint
 from components.indexing import EMBEDDINGS_FILE, ITEM_IDS_FILE, SCANN_CONFIG_FILE
 from components.storage import code_version, read_manifest, utc_now, write_manifest
 
@@ -396,23 +397,31 @@ def push_models(
     base_path.mkdir(parents=True, exist_ok=True)
     current = read_models_config(base_path)
 
-    # Idempotent: a training output already pushed keeps its version; nothing changes.
-    for v in integer_versions(base_path / names["retrieval"]):
-        record = base_path / names["retrieval"] / str(v) / "assets.extra" / PUSH_RECORD
-        if record.is_file() and json.loads(record.read_text()).get("train_manifest_sha256") == train_hash:
-            manifest = {
-                "skipped": True,
-                "reason": f"training output {train_hash[:12]} already pushed as version {v}",
-                "version": v,
-                "base_path": str(base_path),
-                "models_config": str(base_path / MODELS_CONFIG),
-                "train_manifest_sha256": train_hash,
-                "models": current,
-            }
-            if out_dir is not None:
-                Path(out_dir).mkdir(parents=True, exist_ok=True)
-                write_manifest(Path(out_dir), manifest)
-            return manifest
+    # Idempotent: a training output already pushed keeps its version; nothing changes. A push
+    # that died halfway (one model's folder renamed, or models.config not yet written) is
+    # not "already pushed": its leftovers are removed and the same version number is reused,
+    # so a retried task neither skips the half-done work nor adds a second version.
+    for v in _pushed_versions(base_path, names.values(), train_hash):
+        if not _push_complete(base_path, names.values(), v, train_hash, current):
+            for name in names.values():
+                if v not in current.get(name, {}).get("versions", []):
+                    shutil.rmtree(base_path / name / str(v), ignore_errors=True)
+                for tmp in (base_path / name).glob(f".push-{v}-*"):
+                    shutil.rmtree(tmp, ignore_errors=True)  # the crashed attempt's export
+            continue
+        manifest = {
+            "skipped": True,
+            "reason": f"training output {train_hash[:12]} already pushed as version {v}",
+            "version": v,
+            "base_path": str(base_path),
+            "models_config": str(base_path / MODELS_CONFIG),
+            "train_manifest_sha256": train_hash,
+            "models": current,
+        }
+        if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            write_manifest(Path(out_dir), manifest)
+        return manifest
 
     version = 1 + max([0, *[v for n in names.values() for v in integer_versions(base_path / n)]])
     features = features or FeaturesConfig()
@@ -451,7 +460,9 @@ def push_models(
             (extra / PUSH_RECORD).write_text(json.dumps({**record, "model": name}, indent=2))
             _smoke_test(tmp, batches[0], signature)
             results[role] = {"name": name, "requirements": req, "warmup_records": n}
-        for role, name in names.items():
+        for n, (role, name) in enumerate(names.items()):
+            if n:
+                failpoint("push.between_models")  # one model published, the other not yet
             _finish_version(temps[role], base_path / name / str(version))
     finally:
         for tmp in temps.values():
@@ -481,6 +492,7 @@ def push_models(
             "versions": sorted(set(labels.values()) | set(loaded_before.values())),
             "labels": loaded_before,
         }
+    failpoint("push.before_config")  # both versions on disk, no label points at them yet
     write_models_config(base_path / LOAD_CONFIG, load_models)
     write_models_config(base_path / MODELS_CONFIG, models)
     manifest = {
@@ -501,6 +513,33 @@ def push_models(
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         write_manifest(Path(out_dir), manifest)
     return manifest
+
+
+def _pushed_versions(base_path: Path, names: Iterable[str], train_hash: str) -> list[int]:
+    """Versions of any of the models whose push record names this training output."""
+    found = set()
+    for name in names:
+        for v in integer_versions(base_path / name):
+            record = base_path / name / str(v) / "assets.extra" / PUSH_RECORD
+            if record.is_file() and json.loads(record.read_text()).get("train_manifest_sha256") == train_hash:
+                found.add(v)
+    return sorted(found)
+
+
+def _push_complete(
+    base_path: Path, names: Iterable[str], version: int, train_hash: str, models: Mapping[str, Any]
+) -> bool:
+    """False when a push of this version died halfway: a model lacks the version, or the
+    version is the newest on disk and models.config does not list it yet."""
+    names = list(names)
+    for name in names:
+        record = base_path / name / str(version) / "assets.extra" / PUSH_RECORD
+        if not record.is_file() or json.loads(record.read_text()).get("train_manifest_sha256") != train_hash:
+            return False
+    newest = all(version == max(integer_versions(base_path / name)) for name in names)
+    listed = any(version in models.get(name, {}).get("versions", []) for name in names)
+    # An older version that models.config no longer lists was superseded, not left half-done.
+    return listed or not newest
 
 
 def version_for_label(base_path: Path, model: str, label: str = "stable") -> int:

@@ -1,9 +1,13 @@
 """Batch recommendations from the pushed models: top-K unseen items for a list of users.
 
-This reads exactly what a model server serves: the version that a label of
-``<base>/models.config`` points at (``stable`` by default), its ``retrieve`` signature
-(query tower + index in one graph), and the user's features as of the end of the
-validated data. Items the user already had an event with are removed; since that removal
+This reads exactly what a model server serves: the versions that a label of
+``<base>/models.config`` points at (``stable`` by default), the retrieval model's ``retrieve``
+signature (query tower + index in one graph), the ranking model's ``rank`` signature, and
+the user's features as of the end of the validated data. The ranker re-orders each user's
+top ``evaluation.rerank_depth`` unseen candidates with the same rank fusion (ranker score
+plus ``evaluation.retrieval_weight`` x retrieval score, each as a rank) that the evaluation
+measures as ``retriever_ranker``, so the offline numbers describe this output.
+Items the user already had an event with are removed; since that removal
 happens after retrieval, the model over-fetches (it returns ``push.retrieval_k``
 candidates) and a user who has seen more than that gets the rest from an exact search
 over the version's exported item embeddings. A user id the model never saw still gets
@@ -82,21 +86,49 @@ class PushedRetriever:
     def _tensors(self, features: dict[str, np.ndarray]) -> dict[str, Any]:
         return {k: self._tf.constant(v) for k, v in features.items()}
 
-    def retrieve(self, features: dict[str, np.ndarray]) -> list[list[str]]:
-        """Candidate item ids per row, best first (padding removed)."""
+    def retrieve(self, features: dict[str, np.ndarray]) -> list[list[tuple[str, float]]]:
+        """Candidate (item id, score) pairs per row, best first (padding removed)."""
         if self._retrieve is None:
             return self.exact(features, len(self.item_ids))
         out = self._retrieve(**self._tensors(features))
-        ids = out["item_ids"].numpy()
-        return [[i.decode() for i in row if i] for row in ids]
+        ids, scores = out["item_ids"].numpy(), out["scores"].numpy()
+        return [
+            [(i.decode(), float(sc)) for i, sc in zip(row, srow, strict=True) if i]
+            for row, srow in zip(ids, scores, strict=True)
+        ]
 
-    def exact(self, features: dict[str, np.ndarray], k: int) -> list[list[str]]:
+    def exact(self, features: dict[str, np.ndarray], k: int) -> list[list[tuple[str, float]]]:
         """Exact dot-product top-``k`` over the exported item embeddings (no index)."""
         q = self._embed(**self._tensors(features))["embedding"].numpy()
         scores = q @ self._embeddings.T
         k = min(k, scores.shape[1])
         top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return [[str(self.item_ids[j]) for j in row] for row in top]
+        return [
+            [(str(self.item_ids[j]), float(scores[r, j])) for j in row] for r, row in enumerate(top)
+        ]
+
+
+class PushedRanker:
+    """The ranking model of one pushed version, loaded in-process (its ``rank`` signature)."""
+
+    def __init__(self, version_dir: Path) -> None:
+        os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+        import tensorflow as tf
+
+        self.version_dir = Path(version_dir)
+        self.requirements = json.loads((self.version_dir / "assets.extra" / "requirements.json").read_text())
+        self.inputs: dict[str, str] = self.requirements["inputs"]
+        self._rank = tf.saved_model.load(str(self.version_dir)).signatures["rank"]
+        self._tf = tf
+
+    def score(self, features: dict[str, np.ndarray], batch_size: int = 8192) -> np.ndarray:
+        """The combined ``score`` of each (user, item) row."""
+        n = len(next(iter(features.values()))) if features else 0
+        out = np.empty(n, dtype=np.float32)
+        for lo in range(0, n, batch_size):
+            batch = {k: self._tf.constant(v[lo : lo + batch_size]) for k, v in features.items()}
+            out[lo : lo + batch_size] = self._rank(**batch)["score"].numpy()
+        return out
 
 
 def recommend(
@@ -107,8 +139,9 @@ def recommend(
     data_dir: Path | None = None,
     label: str = "stable",
     base_path: Path | None = None,
+    rank: bool = True,
 ) -> dict[str, Any]:
-    """Write top-``k`` unseen items per user as JSON lines, from a pushed retrieval model.
+    """Write top-``k`` unseen items per user as JSON lines, from the pushed models.
 
     Args:
         settings: the configuration (model names, feature windows, home).
@@ -118,6 +151,8 @@ def recommend(
         data_dir: validated data (seen items, user features); default the latest run's.
         label: the ``models.config`` label of the version to use.
         base_path: the model base path; default ``settings.models_dir``.
+        rank: re-order retrieved candidates with the pushed ranking model (false: retrieval
+            order alone).
 
     Returns:
         A summary: version, mode, counts of users, unknown users, users topped up by exact
@@ -131,6 +166,11 @@ def recommend(
     model = settings.push.retrieval_model
     version = version_for_label(base_path, model, label)
     retriever = PushedRetriever(base_path / model / str(version))
+    ranker = None
+    if rank:
+        ranking = settings.push.ranking_model
+        ranker = PushedRanker(base_path / ranking / str(version_for_label(base_path, ranking, label)))
+    depth = settings.evaluation.rerank_depth
     data_dir = Path(data_dir) if data_dir else latest_validated_dir(settings)
     read_manifest(data_dir)
     inputs = retriever.requirements["inputs"]
@@ -146,16 +186,26 @@ def recommend(
     for start in range(0, len(users), BATCH):
         batch: Sequence[str] = users[start : start + BATCH]
         features = feature_rows(source, inputs, user_ids=batch)
-        candidates = retriever.retrieve(features)
-        for row, (user, cands) in enumerate(zip(batch, candidates, strict=True)):
+        retrieved = retriever.retrieve(features)
+        unseen: list[list[tuple[str, float]]] = []
+        for row, (user, cands) in enumerate(zip(batch, retrieved, strict=True)):
             stats["unknown_users"] += user not in source.users.index
             exclude = seen.get(user, set())
-            items = _take(cands, exclude, k)
-            if len(items) < k:
+            kept = _take_scored(cands, exclude, max(k, depth) if ranker else k)
+            if len(kept) < k:
                 # Over-fetch was not enough: exact search over the whole catalog for this user.
                 one = {name: col[row : row + 1] for name, col in features.items()}
-                items = _take(retriever.exact(one, len(catalog))[0], exclude, k)
+                kept = _take_scored(retriever.exact(one, len(catalog))[0], exclude, max(k, depth))
                 stats["exact_topped_up"] += 1
+            unseen.append(kept)
+        ordered = (
+            _rerank(ranker, source, batch, unseen, depth, settings.evaluation.retrieval_weight)
+            if ranker is not None
+            else [[i for i, _ in kept] for kept in unseen]
+        )
+        for user, cands in zip(batch, ordered, strict=True):
+            exclude = seen.get(user, set())
+            items = cands[:k]
             if len(items) < k:
                 items = _take([*items, *popular], exclude, k)
                 stats["popularity_topped_up"] += 1
@@ -172,10 +222,55 @@ def recommend(
         "label": label,
         "version": version,
         "mode": retriever.mode,
+        "ranked": ranker is not None,
         "data": str(data_dir),
         "k": k,
         **stats,
     }
+
+
+def _take_scored(
+    candidates: Sequence[tuple[str, float]], exclude: set[str], k: int
+) -> list[tuple[str, float]]:
+    """The first ``k`` distinct (item, score) candidates whose item is not in ``exclude``."""
+    out: list[tuple[str, float]] = []
+    taken: set[str] = set()
+    for item, score in candidates:
+        if item and item not in exclude and item not in taken:
+            out.append((item, score))
+            taken.add(item)
+            if len(out) == k:
+                break
+    return out
+
+
+def _rerank(
+    ranker: PushedRanker,
+    source: Any,
+    users: Sequence[str],
+    candidates: Sequence[list[tuple[str, float]]],
+    depth: int,
+    retrieval_weight: float,
+) -> list[list[str]]:
+    """Each user's top ``depth`` candidates re-ordered by rank fusion; the rest keep their order."""
+    from components.feature_rows import feature_rows
+    from serving.gateway.policy import rank_fusion
+
+    heads = [c[:depth] for c in candidates]
+    pair_users = [u for u, h in zip(users, heads, strict=True) for _ in h]
+    pair_items = [i for h in heads for i, _ in h]
+    if not pair_items:
+        return [[] for _ in users]
+    scores = ranker.score(feature_rows(source, ranker.inputs, user_ids=pair_users, item_ids=pair_items))
+    out: list[list[str]] = []
+    start = 0
+    for head, cands in zip(heads, candidates, strict=True):
+        s = scores[start : start + len(head)]
+        start += len(head)
+        fused = rank_fusion(s, np.array([sc for _, sc in head]), retrieval_weight)
+        order = np.argsort(-fused, kind="stable")
+        out.append([head[j][0] for j in order] + [i for i, _ in cands[depth:]])
+    return out
 
 
 def _take(candidates: Sequence[str], exclude: set[str], k: int) -> list[str]:

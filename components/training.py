@@ -576,7 +576,7 @@ def train_ranker(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    numeric = numeric_feature_names(training_frame)
+    numeric = numeric_feature_names(training_frame) if config.ranker_window_features else []
     item_columns = ["item_id", "category", "title", "description", "in_stock"] + [
         n for n in numeric if n.startswith("item_")
     ]
@@ -641,6 +641,25 @@ def train_ranker(
     }
 
 
+def leave_one_out_history(frame: pd.DataFrame, max_history: int) -> pd.DataFrame:
+    """``recent_items`` of each row: the user's other positive items in ``frame``, newest first.
+
+    ``training.history = leave_one_out``: the history a query will carry at serving time (the
+    user's profile), minus the row's own item, for data without a meaningful order in time.
+    """
+    from components.feature_schema import POSITIVE_EVENT_TYPES
+
+    positives = frame[frame["event_type"].astype(str).isin(POSITIVE_EVENT_TYPES)]
+    newest_first = positives.sort_values("ts", ascending=False, kind="stable")
+    lists = newest_first.groupby("user_id", observed=True)["item_id"].agg(lambda s: list(dict.fromkeys(s)))
+    lists = lists.to_dict()
+    recent = []
+    for user, item in zip(frame["user_id"], frame["item_id"], strict=True):
+        history = lists.get(user, [])
+        recent.append(" ".join([i for i in history[: max_history + 1] if i != item][:max_history]))
+    return frame.assign(recent_items=recent)
+
+
 def train_models(
     config: TrainingConfig,
     training_frame: pd.DataFrame,
@@ -663,6 +682,8 @@ def train_models(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.json").unlink(missing_ok=True)  # a re-run is incomplete until it ends
+    if config.history == "leave_one_out":
+        training_frame = leave_one_out_history(training_frame, config.max_history)
     retriever = train_retriever(config, training_frame, items_frame, out_dir, log)
     ranker = train_ranker(config, training_frame, items_frame, out_dir, log)
     ts = pd.to_datetime(training_frame["ts"], utc=True)

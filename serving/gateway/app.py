@@ -8,6 +8,11 @@
 - ``GET /v1/items/{item_id}/similar``: neighbours in the retrieval embedding space.
 - ``GET /healthz`` (the process answers), ``GET /readyz`` (models and items loaded; the
   model server's state), ``GET /metrics`` (Prometheus).
+- ``POST /v1/admin/reload``, ``POST /v1/admin/canary/promote|rollback``: put ``models.config``
+  in service safely, move the canary labels (``serving.gateway.admin``).
+
+Access (``serving.gateway.security``): events and admin need the ``X-API-Key`` header; reads
+too unless ``security.open_reads``; bodies above ``security.max_request_bytes`` get a 413.
 
 Endpoints are plain ``def`` functions: the work is CPU-bound NumPy and blocking clients, so
 uvicorn runs them on its thread pool and the event loop only moves bytes.
@@ -17,18 +22,21 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from components.config import Settings
 from components.contracts import ID_PATTERN
+from serving.gateway.admin import AdminRefused, move_canary, reload_models
 from serving.gateway.schemas import (
+    AdminRequest,
     Event,
     EventBatch,
     EventsResponse,
@@ -36,6 +44,7 @@ from serving.gateway.schemas import (
     RecommendationResponse,
     validation_problems,
 )
+from serving.gateway.security import Access, ApiKeyGuard, BodyLimit, api_key_header
 from serving.gateway.service import Gateway, NotReady, UnknownItem
 
 log = logging.getLogger("serving.gateway")
@@ -45,15 +54,30 @@ def _problem(status: int, detail: Any) -> JSONResponse:
     return JSONResponse(status_code=status, content={"detail": detail})
 
 
-def create_app(settings: Settings, gateway: Gateway | None = None, wait_ready: bool = False) -> FastAPI:
+def create_app(
+    settings: Settings,
+    gateway: Gateway | None = None,
+    wait_ready: bool = False,
+    environ: Mapping[str, str] | None = None,
+) -> FastAPI:
     """The gateway app; its lifespan starts (and stops) the ``Gateway``'s background work.
 
     Args:
         settings: the configuration.
         gateway: a prepared gateway (default: one built from ``settings`` at startup).
         wait_ready: block startup until models and the item cache are loaded.
+        environ: where the API key is read from (default ``os.environ``).
     """
     state: dict[str, Gateway] = {}
+    guard = ApiKeyGuard(settings.security, environ)
+
+    def requires(access: Access) -> Callable[[str | None], None]:
+        def check(key: str | None = Security(api_key_header)) -> None:
+            guard.check(access, key)
+
+        return check
+
+    read, write, admin = (Depends(requires(a)) for a in ("read", "write", "admin"))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -72,6 +96,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None, wait_ready: b
         description="Recommendations and events for the recsys personalization engine.",
         lifespan=lifespan,
     )
+    app.add_middleware(BodyLimit, limit=settings.security.max_request_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -88,7 +113,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None, wait_ready: b
     def gw() -> Gateway:
         return state["gw"]
 
-    @app.post("/v1/recommendations", response_model=RecommendationResponse)
+    @app.post("/v1/recommendations", response_model=RecommendationResponse, dependencies=[read])
     def recommendations(req: RecommendationRequest) -> Any:
         """Top-k items for a user: retrieve, filter, rank, diversify, explore."""
         g = gw()
@@ -96,17 +121,24 @@ def create_app(settings: Settings, gateway: Gateway | None = None, wait_ready: b
             g.metrics.requests.labels(endpoint="recommendations", status="422").inc()
             message = f"k may be at most gateway.max_k = {settings.gateway.max_k}"
             return _problem(422, [{"field": "k", "value": req.k, "message": message}])
+        started = time.perf_counter()
         try:
             out = g.recommend(req)
         except NotReady as e:
             g.metrics.requests.labels(endpoint="recommendations", status="503").inc()
             return _problem(503, f"not ready: {e}")
+        except Exception:
+            # Counted against the user's arm: the canary's error-rate guardrail reads it.
+            g.metrics.requests.labels(endpoint="recommendations", status="500").inc()
+            g.log_failed_request(req.user_id, (time.perf_counter() - started) * 1000)
+            raise
         g.metrics.requests.labels(endpoint="recommendations", status="200").inc()
         return out
 
     @app.post(
         "/v1/events",
         response_model=EventsResponse,
+        dependencies=[write],
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -164,7 +196,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None, wait_ready: b
         g.metrics.requests.labels(endpoint="events", status="200").inc()
         return out
 
-    @app.get("/v1/items/{item_id}/similar")
+    @app.get("/v1/items/{item_id}/similar", dependencies=[read])
     def similar(item_id: str, k: int = Query(10, ge=1, le=settings.gateway.max_k)) -> Any:
         """Items nearest to ``item_id`` in the retrieval model's embedding space."""
         import re
@@ -189,11 +221,37 @@ def create_app(settings: Settings, gateway: Gateway | None = None, wait_ready: b
         ready, checks = gw().readiness()
         return JSONResponse(status_code=200 if ready else 503, content={"ready": ready, **checks})
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[read])
     def metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return Response(generate_latest(gw().metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def _admin(action: Callable[[], dict[str, Any]]) -> Any:
+        from starlette.concurrency import run_in_threadpool
+
+        async def run() -> Any:
+            try:
+                return await run_in_threadpool(action)
+            except AdminRefused as e:
+                return _problem(409, {"action": e.action, "problems": e.problems, **e.detail})
+
+        return run()
+
+    @app.post("/v1/admin/reload", dependencies=[admin])
+    async def admin_reload() -> Any:
+        """Apply models.load.config then models.config to the model server; refresh the gateway.
+
+        409 when a labelled version failed to load or lacks the signature the gateway calls:
+        the labels that were serving stay, and the answer names each model, version and error.
+        """
+        return await _admin(lambda: reload_models(gw()))
+
+    @app.post("/v1/admin/canary/{action}", dependencies=[admin])
+    async def admin_canary(action: Literal["promote", "rollback"], body: AdminRequest | None = None) -> Any:
+        """``promote`` (stable := canary, only if the canary serves) or ``rollback`` (canary := stable)."""
+        reason = body.reason if body else ""
+        return await _admin(lambda: move_canary(gw(), action, reason))
 
     # EventBatch is documented through openapi_extra; make sure its schema is emitted.
     app.openapi_schema = None
@@ -219,6 +277,9 @@ def create_app(settings: Settings, gateway: Gateway | None = None, wait_ready: b
 
 
 def _short(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray):
+        # A body sent as text/plain reaches validation as raw bytes, which JSON cannot carry.
+        value = bytes(value).decode("utf-8", errors="replace")
     text = json.dumps(value, default=str)
     return value if len(text) <= 200 else text[:200] + "..."
 

@@ -156,11 +156,19 @@ def load_model_versions(
     if retrieval_model not in labels:
         raise FileNotFoundError(f"model {retrieval_model!r} is not in {config_path}: push models first")
     retrieval: dict[int, RetrievalAssets] = {}
+    stable = labels[retrieval_model].get("stable")
     for v in sorted(set(labels[retrieval_model].values())):
         if previous is not None and v in previous.retrieval:
             retrieval[v] = previous.retrieval[v]
-        else:
+            continue
+        try:
             retrieval[v] = RetrievalAssets(Path(base_path) / retrieval_model / str(v))
+        except Exception as e:
+            # A corrupted or foreign canary must not take the stable model down with it: the
+            # gateway keeps serving what loads and reports the rest (the admin reload refuses it).
+            if v == stable or len(set(labels[retrieval_model].values())) == 1:
+                raise
+            log.error("%s version %s cannot be loaded, skipped: %r", retrieval_model, v, e)
     ranking_inputs: dict[int, dict[str, str]] = {}
     for v in sorted(set(labels.get(ranking_model, {}).values())):
         req = Path(base_path) / ranking_model / str(v) / "assets.extra" / REQUIREMENTS

@@ -15,11 +15,14 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pandas as pd
 
 from components.contracts import EVENTS, conform
+
+if TYPE_CHECKING:
+    from components.config import Settings
 
 COLUMNS = [c.name for c in EVENTS.columns]
 
@@ -107,22 +110,38 @@ class SqliteEventLog:
 
     def log_request(self, record: ServedRequest) -> None:
         """Record a served request (its impressions go through ``append`` as events)."""
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO requests (request_id, user_id, arm, versions, ts, latency_ms,"
-                " status, fallback, items) VALUES (?,?,?,?,?,?,?,?,?)",
-                (
-                    record.request_id,
-                    record.user_id,
-                    record.arm,
-                    json.dumps(record.versions),
-                    _iso(record.ts),
-                    record.latency_ms,
-                    record.status,
-                    record.fallback,
-                    json.dumps(record.items),
-                ),
+        self.log_requests([record])
+
+    def log_requests(self, records: Sequence[ServedRequest]) -> None:
+        """Record served requests in one transaction (one fsync for a batch, not one each)."""
+        if not records:
+            return
+        rows = [
+            (
+                r.request_id,
+                r.user_id,
+                r.arm,
+                json.dumps(r.versions),
+                _iso(r.ts),
+                r.latency_ms,
+                r.status,
+                r.fallback,
+                json.dumps(r.items),
             )
+            for r in records
+        ]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO requests (request_id, user_id, arm, versions, ts, latency_ms,"
+                    " status, fallback, items) VALUES (?,?,?,?,?,?,?,?,?)",
+                    rows,
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def requests_frame(self) -> pd.DataFrame:
         """Every served request: request_id, user_id, arm, versions, ts, latency_ms, status, fallback."""
@@ -167,6 +186,19 @@ class SqliteEventLog:
         df = pd.DataFrame(rows, columns=COLUMNS)
         return conform(df, EVENTS)
 
+    @property
+    def location(self) -> str:
+        """Where the log is (for /readyz and reports)."""
+        return str(self.path)
+
+    def outcomes_frame(self) -> pd.DataFrame:
+        """Distinct (request_id, item_id, event_type) of events tied to a request (canary input)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT request_id, item_id, event_type FROM events WHERE request_id IS NOT NULL"
+            ).fetchall()
+        return pd.DataFrame(rows, columns=["request_id", "item_id", "event_type"])
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -177,7 +209,53 @@ def _iso(ts: Any) -> str:
     return (t.tz_convert("UTC") if t.tzinfo else t.tz_localize("UTC")).isoformat()
 
 
-def write_log_events(log: SqliteEventLog, out_dir: Path) -> int:
+class EventLog(Protocol):
+    """What the gateway, the canary analysis and the export need of an event log.
+
+    Implemented by ``SqliteEventLog`` (embedded) and ``RedisStreamsEventLog`` (production,
+    ``serving.gateway.event_log_redis``); ``gateway.event_log_backend`` picks one.
+    """
+
+    @property
+    def location(self) -> str: ...
+
+    def append(self, events: Sequence[dict[str, Any]]) -> AppendResult: ...
+
+    def log_request(self, record: ServedRequest) -> None: ...
+
+    def log_requests(self, records: Sequence[ServedRequest]) -> None: ...
+
+    def requests_frame(self) -> pd.DataFrame: ...
+
+    def outcomes_frame(self) -> pd.DataFrame: ...
+
+    def count(self) -> int: ...
+
+    def event_ids(self) -> list[str]: ...
+
+    def to_frame(self) -> pd.DataFrame: ...
+
+    def close(self) -> None: ...
+
+
+def open_event_log(settings: Settings, reader: bool = False) -> EventLog:
+    """The configured event log (``gateway.event_log_backend``).
+
+    Args:
+        settings: the configuration.
+        reader: open only to read (the canary analysis): a reader acknowledges no event, so a
+            Redis without per-write fsync is not refused.
+    """
+    gw = settings.gateway
+    if gw.event_log_backend == "redis_streams":
+        from serving.gateway.event_log_redis import RedisStreamsEventLog
+
+        require = gw.event_log_require_fsync and not reader
+        return RedisStreamsEventLog(gw.event_log_redis_url, gw.event_log_key_prefix, require_fsync=require)
+    return SqliteEventLog(settings.event_log_path)
+
+
+def write_log_events(log: EventLog, out_dir: Path) -> int:
     """Export the log's events as an events dataset folder (for the pipeline's ingest)."""
     from components.storage import write_table
 

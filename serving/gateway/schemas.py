@@ -100,6 +100,12 @@ class Event(Strict):
         return out
 
 
+class AdminRequest(Strict):
+    """An admin action's body: only why (recorded with the decision). Never a path."""
+
+    reason: str = Field("", max_length=500)
+
+
 class EventBatch(Strict):
     events: list[Event]
 

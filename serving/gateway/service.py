@@ -52,9 +52,9 @@ from serving.gateway.catalog import (
     build_item_catalog,
     load_model_versions,
 )
-from serving.gateway.event_log import SqliteEventLog
+from serving.gateway.event_log import EventLog, ServedRequest, open_event_log
 from serving.gateway.metrics import GatewayMetrics
-from serving.gateway.policy import assign_arm, insert_exploration, mmr
+from serving.gateway.policy import assign_arm, insert_exploration, mmr, rank_fusion
 from serving.gateway.schemas import Event, RecommendationRequest
 
 log = logging.getLogger("serving.gateway")
@@ -65,6 +65,30 @@ BREAKER_SECONDS = {"UNAVAILABLE": 1.0, "DEADLINE_EXCEEDED": 1.0, "NOT_FOUND": 5.
 # Failures that mean "the server is down or too busy", as opposed to "cannot serve this model".
 OVERLOAD_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
 SIMILAR_REASON_MIN = 0.5  # cosine above which "similar to X" is a fair explanation
+# Last good online row per user, used only while the store fails: a warm user keeps their
+# personalization through a short outage. Bounded in users and age (stale beyond that).
+FEATURE_CACHE_USERS = 50_000
+FEATURE_CACHE_SECONDS = 600.0
+
+
+def _import_tensorflow_once() -> None:
+    """Import TensorFlow and the TF Serving protos now, in one thread, before any other runs.
+
+    Otherwise the refresh thread (loading the query tower) and a request thread (the model
+    server client's protos) import them at the same moment, and Python's per-module import
+    locks can deadlock (``_DeadlockError``): the refresh fails and the request gets a 500.
+    """
+    import tensorflow  # noqa: F401
+    from tensorflow_serving.apis import (  # noqa: F401
+        get_model_metadata_pb2,
+        get_model_status_pb2,
+        model_management_pb2,
+        model_service_pb2_grpc,
+        predict_pb2,
+        prediction_service_pb2_grpc,
+    )
+
+    from serving.model_server import errors, tensors  # noqa: F401
 
 
 class NotReady(RuntimeError):
@@ -73,6 +97,29 @@ class NotReady(RuntimeError):
 
 class UnknownItem(LookupError):
     """An item id that the serving index does not hold."""
+
+
+class _RowCache:
+    """A bounded, thread-safe LRU of user rows with a maximum age."""
+
+    def __init__(self, max_users: int, max_age_s: float) -> None:
+        self.max_users, self.max_age_s = max_users, max_age_s
+        self._rows: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, user_id: str, row: dict[str, Any]) -> None:
+        with self._lock:
+            self._rows.pop(user_id, None)
+            self._rows[user_id] = (time.monotonic(), row)
+            while len(self._rows) > self.max_users:
+                self._rows.popitem(last=False)
+
+    def get(self, user_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            hit = self._rows.get(user_id)
+        if hit is None or time.monotonic() - hit[0] > self.max_age_s:
+            return None
+        return hit[1]
 
 
 @dataclass
@@ -146,7 +193,7 @@ class Gateway:
         settings: the configuration (``gateway`` section, feature store, model base path).
         store: a Feast store (default: ``components.features.get_store(settings)``).
         client: a model server client (default: from ``gateway.model_server_*``).
-        event_log: the durable event log (default: ``settings.event_log_path``).
+        event_log: the durable event log (default: ``open_event_log(settings)``, by backend).
     """
 
     def __init__(
@@ -154,7 +201,7 @@ class Gateway:
         settings: Settings,
         store: Any = None,
         client: ModelServerClient | None = None,
-        event_log: SqliteEventLog | None = None,
+        event_log: EventLog | None = None,
     ) -> None:
         from components.features import feature_defaults, get_store, service_features
 
@@ -176,13 +223,17 @@ class Gateway:
             timeout=gw.model_timeout_ms / 1000,
             transport=gw.protocol,
         )
-        self.event_log = event_log or SqliteEventLog(settings.event_log_path)
+        # SQLite file or Redis Streams, by gateway.event_log_backend; the same promises either way.
+        self.event_log = event_log or open_event_log(settings)
         self.activity = UserActivity(max_items=settings.features.recent_items)
         self._snapshot: _Snapshot | None = None
         self._load_error: str | None = None
         self._feature_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="features")
+        self._feature_cache = _RowCache(FEATURE_CACHE_USERS, FEATURE_CACHE_SECONDS)
         self._broken: dict[str, tuple[float, str]] = {}
-        self._impressions: queue.Queue[list[dict[str, Any]] | None] = queue.Queue()
+        # What a served request leaves behind: its record (arm, versions, latency) and its
+        # impressions, written together by one background thread.
+        self._impressions: queue.Queue[tuple[ServedRequest, list[dict[str, Any]]] | None] = queue.Queue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._status_cache: tuple[float, dict[str, Any]] | None = None
@@ -191,6 +242,7 @@ class Gateway:
 
     def start(self, wait: bool = False) -> None:
         """Start the background threads: initial load + refresh, and the impression writer."""
+        _import_tensorflow_once()
         for target, name in (
             (self._refresh_loop, "gateway-refresh"),
             (self._write_impressions, "impressions"),
@@ -294,24 +346,30 @@ class Gateway:
             ).to_dict()
         return {name.split("__")[-1]: values[0] for name, values in got.items() if name != "user_id"}
 
-    def user_features(self, user_id: str) -> tuple[dict[str, Any], bool, bool]:
-        """The user's online row with defaults filled: (row, known to the store, read in time)."""
+    def user_features(self, user_id: str) -> tuple[dict[str, Any], bool, str]:
+        """The user's online row with defaults filled: (row, known to the store, where it came from).
+
+        The source is ``online``; or, when the store fails or misses its deadline, ``cached``
+        (the last row read for this user within ``FEATURE_CACHE_SECONDS``) or ``defaults``.
+        """
         future = self._feature_pool.submit(self._read_user, user_id)
+        source = "online"
         try:
             raw = future.result(timeout=self.settings.gateway.feature_timeout_ms / 1000)
-            ok = True
-        except FutureTimeout:
-            future.cancel()
-            raw, ok = {}, False
-        except Exception:  # noqa: BLE001 - a broken store degrades to defaults, never to a 500
-            log.exception("online feature read failed")
-            raw, ok = {}, False
+            self._feature_cache.put(user_id, raw)
+        except Exception as e:  # noqa: BLE001 - a broken store degrades, never to a 500
+            if isinstance(e, FutureTimeout):
+                future.cancel()
+            else:
+                log.warning("online feature read failed: %s: %s", type(e).__name__, e)
+            cached = self._feature_cache.get(user_id)
+            raw, source = (cached, "cached") if cached is not None else ({}, "defaults")
         known = any(v is not None for v in raw.values())
         row = {
             name: (raw.get(name) if raw.get(name) is not None else d)
             for name, d in self.user_defaults.items()
         }
-        return row, known, ok
+        return row, known, source
 
     # --- model calls -------------------------------------------------------------------
 
@@ -395,10 +453,10 @@ class Gateway:
         fallback: list[str] = []
         timer.lap("arm")
 
-        row, _known, features_ok = self.user_features(req.user_id)
-        if not features_ok:
-            fallback.append("features:defaults")
-            self.metrics.fallback("features", "defaults")
+        row, _known, feature_source = self.user_features(req.user_id)
+        if feature_source != "online":
+            fallback.append(f"features:{feature_source}")
+            self.metrics.fallback("features", feature_source)
         act = self.activity.get(req.user_id)
         stored_recent = str(row.get("recent_items") or "").split()
         recent = list(dict.fromkeys([*act.recent, *stored_recent]))[: self.settings.features.recent_items]
@@ -457,7 +515,8 @@ class Gateway:
                 fallback.append("ranking:skipped")
                 self.metrics.fallback("ranking", "skipped")
             else:
-                scores = ranked
+                # The same fusion of ranker and retrieval ranks that the gate evaluated.
+                scores = rank_fusion(ranked, scores, self.settings.evaluation.retrieval_weight)
                 counts["ranked"] = len(pos)
                 model_versions[p.ranking_model] = versions.version(p.ranking_model, label) or 0
         timer.lap("ranking")
@@ -512,7 +571,18 @@ class Gateway:
         timer.lap("explore")
 
         self.metrics.arm.labels(arm=arm).inc()
-        self._log_impressions(request_id, req, arm, model_versions, items)
+        served = ServedRequest(
+            request_id=request_id,
+            user_id=req.user_id,
+            arm=arm,
+            versions=dict(model_versions),
+            ts=datetime.now(UTC),
+            latency_ms=round((time.perf_counter() - timer.start) * 1000, 3),
+            status="ok",
+            fallback=",".join(fallback) or None,
+            items=[it["item_id"] for it in items],
+        )
+        self._log_impressions(served, req, items)
         timer.lap("log")
         timer.ms["total"] = round((time.perf_counter() - timer.start) * 1000, 3)
         for stage, ms in timer.ms.items():
@@ -682,18 +752,13 @@ class Gateway:
     # --- impressions -------------------------------------------------------------------
 
     def _log_impressions(
-        self,
-        request_id: str,
-        req: RecommendationRequest,
-        arm: str,
-        model_versions: dict[str, int],
-        items: Sequence[dict[str, Any]],
+        self, served: ServedRequest, req: RecommendationRequest, items: Sequence[dict[str, Any]]
     ) -> None:
-        ts = datetime.now(UTC).isoformat()
-        session = req.context.session_id or request_id
+        ts = served.ts.isoformat()
+        session = req.context.session_id or served.request_id
         records = [
             {
-                "event_id": f"{request_id}:{n}",
+                "event_id": f"{served.request_id}:{n}",
                 "user_id": req.user_id,
                 "item_id": it["item_id"],
                 "event_type": "impression",
@@ -701,26 +766,41 @@ class Gateway:
                 "ts": ts,
                 "session_id": session,
                 "device": req.context.device,
-                "request_id": request_id,
+                "request_id": served.request_id,
                 # Beyond the contract's columns, kept in the log's body for canary analysis.
-                "arm": arm,
+                "arm": served.arm,
                 "position": n,
-                "model_versions": model_versions,
+                "model_versions": served.versions,
                 "reason": it["reason"],
             }
             for n, it in enumerate(items)
         ]
-        if records:
-            self._impressions.put(records)
-            self.metrics.impressions.labels(arm=arm).inc(len(records))
+        self._impressions.put((served, records))
+        self.metrics.impressions.labels(arm=served.arm).inc(len(records))
+
+    def log_failed_request(self, user_id: str, latency_ms: float) -> None:
+        """Record a request that ended in an error, so the canary guardrail counts it for its arm."""
+        gw = self.settings.gateway
+        arm = assign_arm(user_id, gw.arm_fractions, gw.arm_salt)
+        served = ServedRequest(
+            request_id=uuid.uuid4().hex,
+            user_id=user_id,
+            arm=arm,
+            versions={},
+            ts=datetime.now(UTC),
+            latency_ms=round(latency_ms, 3),
+            status="error",
+        )
+        self._impressions.put((served, []))
 
     def _write_impressions(self) -> None:
         done = False
         while not done:
             first = self._impressions.get()
-            batch = [] if first is None else list(first)
+            pending = [] if first is None else [first]
             done = first is None
-            while not done and len(batch) < 5000:
+            n_events = sum(len(r) for _, r in pending)
+            while not done and n_events < 5000:
                 try:
                     more = self._impressions.get_nowait()
                 except queue.Empty:
@@ -728,13 +808,19 @@ class Gateway:
                 if more is None:
                     done = True
                 else:
-                    batch += more
-            if batch:
-                try:
+                    pending.append(more)
+                    n_events += len(more[1])
+            if not pending:
+                continue
+            batch = [e for _, records in pending for e in records]
+            try:
+                # Impressions first: a request row then always has its impressions beside it.
+                if batch:
                     self.event_log.append(batch)
-                except Exception:  # noqa: BLE001
-                    self.metrics.impression_log_failures.inc()
-                    log.exception("impression log append failed")
+                self.event_log.log_requests([served for served, _ in pending])
+            except Exception:  # noqa: BLE001
+                self.metrics.impression_log_failures.inc()
+                log.exception("impression log append failed")
 
     def flush_impressions(self, timeout: float = 5.0) -> None:
         """Wait until the impressions queued so far are written (tests, shutdown)."""
@@ -807,7 +893,7 @@ class Gateway:
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready when models and items are loaded; the model server's state is reported."""
         snap = self._snapshot
-        checks: dict[str, Any] = {"event_log": str(self.event_log.path)}
+        checks: dict[str, Any] = {"event_log": self.event_log.location}
         if snap is None:
             checks["models"] = self._load_error or "loading"
             return False, checks

@@ -38,7 +38,7 @@ from components.contracts import ITEMS, conform
 from serving.gateway.event_log import SqliteEventLog
 from serving.gateway.policy import assign_arm
 from tests.conftest import TINY_END
-from tests.integration.conftest import free_port
+from tests.integration.conftest import copy_home, free_port
 from tests.integration.model_fixture import write_train_fixture
 from tests.integration.test_model_server import start_server, stop
 
@@ -48,6 +48,9 @@ RECSYS = REPO / ".venv" / "bin" / "recsys"
 BLESSED = {"blessed": True, "reason": "test"}
 NEW_ITEMS = ("i_new_1", "i_new_2")
 FRACTIONS = {"canary": 0.2, "holdout": 0.1}
+# The test gateways' API key (events and admin need it), given through the environment only.
+API_KEY = "test-key-6f1c2b9e"
+AUTH = {"X-API-Key": API_KEY}
 # The test gateways' settings beyond the defaults (also passed to the subprocess as RECSYS_*).
 GATEWAY = {
     "gateway.arm_fractions": FRACTIONS,
@@ -123,6 +126,7 @@ def _env_vars(home: Path, grpc_port: int, rest_port: int) -> dict[str, str]:
         "TF_CPP_MIN_LOG_LEVEL": "2",
         "TF_USE_LEGACY_KERAS": "1",
         "RECSYS_HOME": str(home),
+        "RECSYS_API_KEY": API_KEY,
         "RECSYS_GATEWAY__MODEL_SERVER_GRPC_PORT": str(grpc_port),
         "RECSYS_GATEWAY__MODEL_SERVER_REST_PORT": str(rest_port),
     }
@@ -151,9 +155,10 @@ def _wait_ready(
 
 
 @pytest.fixture(scope="module")
-def env(tiny_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    home = tmp_path_factory.mktemp("gateway_home")
-    settings, validated = _build_home(tiny_raw, home)
+def env(gateway_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    home = tmp_path_factory.mktemp("gateway_home") / "home"
+    settings = copy_home(gateway_template, home)
+    validated = settings.validated_dir
     grpc_port, rest_port = free_port(), free_port()
     args = [
         "--port",
@@ -284,7 +289,9 @@ def test_recommendations_shift_after_a_few_events_and_touched_items_do_not_retur
     sports = env.items[env.items["category"].str.startswith("sports")]["item_id"].tolist()
     touched = [games[0], sports[0], sports[1]]
     r = httpx.post(
-        f"{env.url}/v1/events", json={"events": [_event(user, it, n=n) for n, it in enumerate(touched)]}
+        f"{env.url}/v1/events",
+        json={"events": [_event(user, it, n=n) for n, it in enumerate(touched)]},
+        headers=AUTH,
     )
     assert r.status_code == 200 and r.json()["accepted"] == 3 and r.json()["pushed"] is True
     assert _recent_items(env, user) == touched[::-1]  # pushed: the online store saw them, newest first
@@ -299,7 +306,7 @@ def test_recommendations_shift_after_a_few_events_and_touched_items_do_not_retur
 def test_event_is_reflected_by_the_very_next_recommendation(env: Env) -> None:
     user = _warm_user(env, "stable")
     top = _recommend(env, user, k=5)["items"][0]["item_id"]
-    r = httpx.post(f"{env.url}/v1/events", json=_event(user, top, "purchase", value=None))
+    r = httpx.post(f"{env.url}/v1/events", json=_event(user, top, "purchase", value=None), headers=AUTH)
     assert r.status_code == 200 and r.json()["results"] == [
         {"event_id": _event(user, top, "purchase")["event_id"], "status": "accepted"}
     ]
@@ -310,12 +317,17 @@ def test_event_is_reflected_by_the_very_next_recommendation(env: Env) -> None:
 def test_new_item_nobody_touched_can_be_recommended(env: Env) -> None:
     touched = set(env.events["item_id"])
     assert not set(NEW_ITEMS) & touched
-    out = _recommend(env, _warm_user(env, "stable"), k=10)
+    # Within its category the list is long enough to hold every games item: the new one must
+    # be among them, though no event ever touched it (neither filtered out nor unembedded).
+    games = env.items["category"].str.split("|").map(lambda c: "games" in c)
+    k = min(int(games.sum()) + 1, env.settings.gateway.max_k)
+    out = _recommend(env, _warm_user(env, "stable"), k=k, filters={"categories": ["games"]})
     ids = [i["item_id"] for i in out["items"]]
     new = [i for i in out["items"] if i["item_id"] in NEW_ITEMS]
     # Either path may show it: the exploration slot (never-shown items), or retrieval itself,
     # since the candidate tower embedded the item from its content.
-    assert new
+    assert [i["item_id"] for i in new] == [NEW_ITEMS[0]], out
+    assert out["model_versions"] and out["candidate_source"] in ("retrieval", "exact"), out
     explored = [i for i in new if i["reason"].startswith("new item")]
     assert len(explored) <= 1 and all(ids.index(i["item_id"]) == 3 for i in explored)  # exploration_position
     # Its content embedding places it among peers: /similar works for an item without events.
@@ -386,13 +398,33 @@ def test_impressions_are_logged_with_request_id_and_arm(env: Env) -> None:
     assert body["arm"] == "canary" and body["model_versions"] == {"retrieval": 2, "ranking": 2}
 
 
+def test_served_requests_reach_the_canary_analysis(env: Env) -> None:
+    """The canary rollout reads what the gateway logged: the request, its arm and versions."""
+    from components.canary import read_event_log
+
+    served = [_recommend(env, _warm_user(env, arm), k=3) for arm in ("canary", "stable")]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        requests, events = read_event_log(env.settings.event_log_path)
+        logged = requests.set_index("request_id")
+        if all(s["request_id"] in logged.index for s in served):
+            break
+        time.sleep(0.05)
+    for s in served:
+        row = logged.loc[s["request_id"]]
+        assert row["arm"] == s["arm"] and row["status"] == "ok"
+        assert row["versions"] == s["model_versions"] and row["latency_ms"] > 0
+        shown = events[(events["request_id"] == s["request_id"]) & (events["event_type"] == "impression")]
+        assert sorted(shown["item_id"]) == sorted(i["item_id"] for i in s["items"])
+
+
 # --- events ---------------------------------------------------------------------------------
 
 
 def test_events_are_idempotent_by_event_id(env: Env) -> None:
     event = _event("dup-user", "i01", "view", value=12.5)
-    first = httpx.post(f"{env.url}/v1/events", json=event).json()
-    second = httpx.post(f"{env.url}/v1/events", json={"events": [event, event]}).json()
+    first = httpx.post(f"{env.url}/v1/events", json=event, headers=AUTH).json()
+    second = httpx.post(f"{env.url}/v1/events", json={"events": [event, event]}, headers=AUTH).json()
     assert first["accepted"] == 1 and second == {
         "accepted": 0,
         "duplicates": 2,
@@ -410,7 +442,7 @@ def test_invalid_events_get_a_422_naming_field_and_value(env: Env) -> None:
     naive = _event("bad-user", "i01", n=1) | {"ts": "2026-11-01T10:00:00"}
     bad_type = _event("bad-user", "i01", n=2) | {"event_type": "teleport"}
     bad_id = _event("bad-user", "i01", n=3) | {"item_id": "has space"}
-    r = httpx.post(f"{env.url}/v1/events", json={"events": [naive, bad_type, bad_id]})
+    r = httpx.post(f"{env.url}/v1/events", json={"events": [naive, bad_type, bad_id]}, headers=AUTH)
     assert r.status_code == 422
     detail = {d["field"]: d for d in r.json()["detail"]}
     assert detail["events[0].ts"]["value"] == "2026-11-01T10:00:00"
@@ -420,10 +452,11 @@ def test_invalid_events_get_a_422_naming_field_and_value(env: Env) -> None:
     r = httpx.post(
         f"{env.url}/v1/events",
         content=json.dumps(_event("bad-user", "i01", n=4) | {"value": float("nan")}),
-        headers={"content-type": "application/json"},
+        headers={"content-type": "application/json", **AUTH},
     )
     assert r.status_code == 422 and r.json()["detail"][0]["field"] == "value"
-    r = httpx.post(f"{env.url}/v1/events", json=_event("bad-user", "i01", n=5) | {"colour": "red"})
+    extra = _event("bad-user", "i01", n=5) | {"colour": "red"}
+    r = httpx.post(f"{env.url}/v1/events", json=extra, headers=AUTH)
     assert r.status_code == 422 and r.json()["detail"][0] == {
         "field": "colour",
         "value": "red",

@@ -208,8 +208,18 @@ def test_recommend_cli_writes_k_unseen_items_per_user(train_dir, scann_index, ti
         env={"RECSYS_HOME": str(tmp_path / "home")},
     )
     assert result.exit_code == 0, result.output
+    assert "ranking re-ranked" in result.output  # the ranking model re-ordered the retrieved candidates
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["user_id"] for r in lines] == ["u001", busiest, "not-a-known-user"]
+    retrieval_only = tmp_path / "retrieval_only.jsonl"
+    plain = CliRunner().invoke(
+        app,
+        ["recommend", "--users", str(users), "--k", "7", "--out", str(retrieval_only), "--data",
+         str(tiny_raw), "--base-path", str(base), "--no-rank"],
+        env={"RECSYS_HOME": str(tmp_path / "home")},
+    )
+    assert plain.exit_code == 0 and "retrieval order" in plain.output, plain.output
+    lines += [json.loads(line) for line in retrieval_only.read_text().splitlines()]
     seen = events.groupby("user_id")["item_id"].agg(set)
     catalog = set(pd.read_parquet(tiny_raw / "items")["item_id"])
     for r in lines:

@@ -96,3 +96,39 @@ def test_dag_run_trained_evaluated_and_gated_visibly(airflow_run):
         # A refused model ends the run visibly: the gate says why, index and push never ran.
         assert "gate: model REFUSED" in log and blessing["reason"] in log
         assert not (run / "push").exists() and not (run / "index").exists()
+
+
+def test_gateway_serves_the_canary_the_dag_pushed(airflow_run, tmp_path):
+    """After the DAG's push, the model server and gateway (started as `make demo` starts them)
+    answer the canary arm with the versions models.config labels `canary`."""
+    import io
+
+    import httpx
+    from rich.console import Console
+
+    from components.canary import serving_labels
+    from components.config import default_config_path, load_settings
+    from components.demo import servers
+    from serving.gateway.policy import assign_arm
+
+    proc, home = airflow_run
+    blessing = json.loads((home / "runs" / "2026-11-01" / "evaluate" / "blessing.json").read_text())
+    if not blessing["blessed"]:
+        pytest.fail(f"the tiny run's model was refused, nothing to serve: {blessing['reason']}")
+    env = airflow_env(tmp_path / "unused", home)
+    settings = load_settings(default_config_path(env, REPO), env=env)
+    labels = serving_labels(settings)
+    assert labels["canary"], labels
+    gw = settings.gateway
+    # A warm user (well past cold start, so the models answer, not popularity) in the canary arm.
+    events = pd.read_parquet(home / "runs" / "2026-11-01" / "validate" / "events", columns=["user_id"])
+    counts = events["user_id"].value_counts()
+    warm = sorted(counts[counts >= 4 * max(gw.cold_start_min_events, 1)].index)
+    canary_user = next(u for u in warm if assign_arm(u, gw.arm_fractions, gw.arm_salt) == "canary")
+    with servers(settings, Console(file=io.StringIO())) as url:
+        r = httpx.post(f"{url}/v1/recommendations", json={"user_id": canary_user, "k": 5}, timeout=30)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["arm"] == "canary" and not out["cold_start"], out
+    assert out["model_versions"] == labels["canary"]
+    assert len(out["items"]) == 5

@@ -50,3 +50,17 @@ def test_exploration_slot_keeps_the_head_and_no_duplicates():
     # An exploration candidate already in the list is not inserted twice.
     out, explored = insert_exploration(ranked, ["b"], k=3, slots=1, position=1)
     assert out == ["a", "b", "c"] and explored == set()
+
+
+def test_rank_fusion_orders_by_both_ranks_and_is_the_ranker_alone_at_weight_zero() -> None:
+    import numpy as np
+
+    from serving.gateway.policy import rank_fusion
+
+    ranker = np.array([0.9, 0.1, 0.5])
+    retrieval = np.array([1.0, 30.0, 2.0])  # another scale entirely
+    assert np.array_equal(rank_fusion(ranker, retrieval, 0.0), ranker)
+    fused = rank_fusion(ranker, retrieval, 2.0)
+    # ranks in [0, 1]: ranker (1, 0, .5), retrieval (0, 1, .5) -> 1 + 0, 0 + 2, .5 + 1
+    assert np.allclose(fused, [1.0, 2.0, 1.5])
+    assert list(np.argsort(-fused)) == [1, 2, 0]
