@@ -74,7 +74,7 @@ def load_feature_source(
     for extra in ("gender", "occupation"):
         if extra in users.columns:
             u[extra] = users.set_index("user_id")[extra].fillna("").astype(str)
-    eng = fl.user_engagement_table(events, users, [as_of], windows)
+    eng = fl.user_engagement_table(events, users, [as_of], windows, carry_in=True)
     u = u.join(eng.drop(columns=[fl.TIMESTAMP]).set_index("user_id"))
     recent = fl.recent_items_table(events, config.recent_items)
     if len(recent):
@@ -84,7 +84,7 @@ def load_feature_source(
         u = u.join(last[["device"]].astype(str))
 
     i = fl.item_attributes_table(items).drop(columns=[fl.TIMESTAMP]).set_index("item_id")
-    pop = fl.item_popularity_table(events, items, [as_of], windows)
+    pop = fl.item_popularity_table(events, items, [as_of], windows, carry_in=True)
     i = i.join(pop.drop(columns=[fl.TIMESTAMP]).set_index("item_id"))
     return FeatureSource(users=u, items=i, events=events, as_of=as_of)
 

@@ -108,14 +108,22 @@ def window_counts(
     known_since: pd.Series,
     days: Sequence[pd.Timestamp],
     windows_days: Sequence[int],
+    carry_in: bool = False,
 ) -> pd.DataFrame:
-    """Daily snapshots of per-entity event counts over trailing windows.
+    """Daily snapshots of per-entity event counts over trailing windows, as change rows.
 
-    For each day D in ``days`` and each entity known by the end of D (``known_since`` at or
-    before the snapshot stamp), one row with, per metric m and window w, the number of the
-    entity's events with ``indicators[m]`` true in the w whole days ending with D, i.e. with
-    ``ts`` in ``[D + 1 day - w days, D + 1 day)``. An entity with no events gets zeros (so a
-    user who goes quiet reads 0, not their last busy day).
+    The value of entity E on day D, per metric m and window w, is the number of E's events
+    with ``indicators[m]`` true in the w whole days ending with D, i.e. with ``ts`` in
+    ``[D + 1 day - w days, D + 1 day)``, stamped at the last microsecond of D. Of ``days``,
+    a row is written on the day an entity becomes known (``known_since``: zeros until it
+    acts) and on days whose values differ from the day before: a day with one of E's
+    events, or the day an event leaves a window (so a user who goes quiet reads 0, not their
+    last busy day). Between two rows the values are constant, so Feast's point-in-time join
+    and the online store's latest row read exactly the daily values, while a history of
+    years stays a few rows per event instead of a dense day x entity grid. Which rows a day
+    gets depends on that day alone, so rebuilding one day rewrites it to the same rows.
+    ``carry_in`` adds a row on the first of ``days`` for every entity known by then: a
+    complete snapshot of that day (one day's features computed on their own).
 
     Args:
         keys: entity id of each event.
@@ -128,48 +136,88 @@ def window_counts(
     Returns:
         Columns ``key``, ``event_timestamp`` and ``{metric}_{w}d`` (int64), sorted by stamp, key.
     """
-    days_idx = pd.DatetimeIndex(sorted({to_utc(d).floor("D") for d in days}))
+    day_list = sorted({to_utc(d).floor("D") for d in days})
     metric_cols = [f"{m}_{w}d" for w in windows_days for m in indicators]
-    if len(days_idx) == 0 or len(known_since) == 0:
-        return pd.DataFrame(columns=["key", TIMESTAMP, *metric_cols])
+    empty = pd.DataFrame(columns=["key", TIMESTAMP, *metric_cols])
+    if not day_list or len(known_since) == 0:
+        return empty
+    epoch = pd.Timestamp("1970-01-01", tz="UTC")
+    wanted = np.array([(d - epoch).days for d in day_list], dtype=np.int64)
     entities = pd.Index(known_since.index)
-    max_w = max(windows_days)
-    first = days_idx[0] - (max_w - 1) * DAY
-    n_days = (days_idx[-1] - first).days + 1
-    # Dense day x entity counts: at a few thousand entities and a few weeks this is small,
-    # and cumulative sums turn every window into one subtraction.
-    event_days = pd.DatetimeIndex(pd.to_datetime(ts, utc=True)).floor("D")
-    day_pos = np.asarray((event_days - first).days)
-    ent_pos = entities.get_indexer(keys)
-    keep = (day_pos >= 0) & (day_pos < n_days) & (ent_pos >= 0)
-    cumsums = {}
-    for m, ind in indicators.items():
-        daily = np.zeros((n_days, len(entities)), dtype=np.int64)
-        np.add.at(daily, (day_pos[keep], ent_pos[keep]), np.asarray(ind, dtype=np.int64)[keep])
-        # cs[k] = sum over days before index k; a window ending with day i is cs[i+1] - cs[i+1-w].
-        cumsums[m] = np.vstack([np.zeros((1, len(entities)), dtype=np.int64), daily.cumsum(axis=0)])
     since = pd.DatetimeIndex(pd.to_datetime(known_since, utc=True))
-    parts = []
-    for day in days_idx:
-        stamp = day + DAY - ONE_US
-        eligible = np.asarray(since <= stamp)
-        if not eligible.any():
-            continue
-        i = (day - first).days
-        part = {"key": entities[eligible], TIMESTAMP: stamp}
-        for w in windows_days:
-            for m, cs in cumsums.items():
-                part[f"{m}_{w}d"] = (cs[i + 1] - cs[i + 1 - w])[eligible]
-        parts.append(pd.DataFrame(part))
-    if not parts:
-        return pd.DataFrame(columns=["key", TIMESTAMP, *metric_cols])
-    out = pd.concat(parts, ignore_index=True)
+    # The first day whose end-of-day stamp is at or after the entity became known.
+    # (An entity with no known_since is never known: no rows, as with a future signup.)
+    never = np.iinfo(np.int64).max // 4
+    known_day = np.where(since.isna(), never, np.asarray((since.floor("D") - epoch).days.fillna(0)))
+    known_day = known_day.astype(np.int64)
+
+    event_day = np.asarray((pd.DatetimeIndex(pd.to_datetime(ts, utc=True)).floor("D") - epoch).days)
+    ent = entities.get_indexer(keys)
+    ok = ent >= 0
+    ent, event_day = ent[ok].astype(np.int64), event_day[ok].astype(np.int64)
+    weights = {m: np.asarray(ind, dtype=np.int64)[ok] for m, ind in indicators.items()}
+
+    # Candidate (entity, day) rows: the day each entity becomes known, each event's day, and
+    # the day each event leaves each window (plus the first day for every entity: carry_in).
+    first_day = wanted[0]
+    cand_ent = [np.arange(len(entities))]
+    cand_day = [known_day]
+    if carry_in:
+        cand_ent.append(np.arange(len(entities)))
+        cand_day.append(np.maximum(known_day, first_day))
+    for shift in (0, *windows_days):
+        cand_ent.append(ent)
+        cand_day.append(event_day + shift)
+    ce, cd = np.concatenate(cand_ent), np.concatenate(cand_day)
+    # Only requested days, only once the entity is known.
+    keep = np.isin(cd, wanted) & (cd >= known_day[ce])
+    ce, cd = ce[keep], cd[keep]
+    if len(ce) == 0:
+        return empty
+    pairs = np.unique(np.stack([ce, cd], axis=1), axis=0)
+    ce, cd = pairs[:, 0], pairs[:, 1]
+
+    # Cumulative counts over events sorted by (entity, day): a window is two look-ups.
+    # Days relative to a base before everything, so (entity, day) packs into one sortable int.
+    base = int(min(cd.min(), event_day.min(initial=cd.min()))) - max(windows_days) - 1
+    span = int(max(cd.max(), event_day.max(initial=cd.max()))) - base + 1
+    order = np.lexsort((event_day, ent))
+    sorted_key = ent[order] * span + (event_day[order] - base)
+    cum = {m: np.concatenate([[0], np.cumsum(w[order])]) for m, w in weights.items()}
+
+    def upto(day: np.ndarray) -> np.ndarray:
+        return np.searchsorted(sorted_key, ce * span + (day - base), side="right")
+
+    end = upto(cd)
+    values: dict[str, np.ndarray] = {}
+    for w in windows_days:
+        start = upto(cd - w)
+        for m in indicators:
+            values[f"{m}_{w}d"] = cum[m][end] - cum[m][start]
+    # A candidate whose values equal the day before's is no change: dropped, except the day the
+    # entity becomes known (and the carried-in first day).
+    before = upto(cd - 1)
+    changed = np.zeros(len(ce), dtype=bool)
+    for w in windows_days:
+        start_before = upto(cd - 1 - w)
+        for m in indicators:
+            changed |= (cum[m][before] - cum[m][start_before]) != values[f"{m}_{w}d"]
+    anchor = cd == known_day[ce]
+    if carry_in:
+        anchor |= cd == first_day
+    keep = changed | anchor
+    part: dict[str, Any] = {"key": entities[ce[keep]]}
+    part[TIMESTAMP] = pd.to_datetime(cd[keep], unit="D", utc=True) + DAY - ONE_US
+    for c in metric_cols:
+        part[c] = values[c][keep].astype(np.int64)
+    out = pd.DataFrame(part)
     out[TIMESTAMP] = pd.to_datetime(out[TIMESTAMP], utc=True).astype("datetime64[us, UTC]")
     return out[["key", TIMESTAMP, *metric_cols]].sort_values([TIMESTAMP, "key"], ignore_index=True)
 
 
 def user_engagement_table(
-    events: pd.DataFrame, users: pd.DataFrame, days: Sequence[pd.Timestamp], windows_days: Sequence[int]
+    events: pd.DataFrame, users: pd.DataFrame, days: Sequence[pd.Timestamp], windows_days: Sequence[int],
+    carry_in: bool = False,
 ) -> pd.DataFrame:
     """Daily ``user_engagement`` rows: all events, positive events and purchases per window."""
     et = events["event_type"].astype(str)
@@ -184,6 +232,7 @@ def user_engagement_table(
         users.set_index("user_id")["signup_ts"],
         days,
         windows_days,
+        carry_in,
     )
     out = counts.rename(columns={"key": "user_id"})
     out = out.rename(columns={c: f"user_{c}" for c in out.columns if c not in ("user_id", TIMESTAMP)})
@@ -191,7 +240,8 @@ def user_engagement_table(
 
 
 def item_popularity_table(
-    events: pd.DataFrame, items: pd.DataFrame, days: Sequence[pd.Timestamp], windows_days: Sequence[int]
+    events: pd.DataFrame, items: pd.DataFrame, days: Sequence[pd.Timestamp], windows_days: Sequence[int],
+    carry_in: bool = False,
 ) -> pd.DataFrame:
     """Daily ``item_popularity`` rows: impressions, positives and click-through per window.
 
@@ -210,6 +260,7 @@ def item_popularity_table(
         items.set_index("item_id")["published_ts"],
         days,
         windows_days,
+        carry_in,
     )
     out = counts.rename(columns={"key": "item_id"})
     for w in windows_days:

@@ -52,11 +52,50 @@ def test_window_counts_over_trailing_days() -> None:
         ("b", 3): (0, 0),
         # Oct 4: 1d = 1; 3d = Oct 2..4 = 1 (Oct 2) + 1 (Oct 4); Oct 1 has left the window.
         ("a", 4): (1, 2),
-        ("b", 4): (0, 0),
+        # b: still zeros on Oct 4, so no new row; its Oct 3 row stands (change rows only).
     }
     # b is absent on Oct 2: not signed up by that snapshot, so it has no row at all.
     assert set(out[out["event_timestamp"].dt.day == 2]["key"]) == {"a"}
 
+
+def test_window_counts_write_change_rows_that_replay_the_daily_values() -> None:
+    """Sparse rows over a long span read back, as a point-in-time join does, the dense values."""
+    rng = np.random.default_rng(5)
+    start = T("2020-01-01", tz="UTC")
+    n = 300
+    keys = pd.Series(rng.choice(["a", "b", "c", "d"], size=n))
+    ts = pd.Series(start + pd.to_timedelta(rng.integers(0, 400 * 24, size=n), unit="h"))
+    since = pd.Series(
+        pd.to_datetime(["2019-06-01", "2020-02-01", "2020-06-15", "2031-01-01"], utc=True), index=list("abcd")
+    )
+    days = list(pd.date_range("2019-12-20", "2021-02-10", freq="D", tz="UTC"))
+    windows = [1, 7, 30]
+    out = window_counts(keys, ts, {"n": np.ones(n)}, since, days, windows)
+    assert len(out) < len(days) * 3 / 2  # far fewer rows than a dense day x entity grid
+    assert "d" not in set(out["key"])  # known only after the last day
+    event_day = pd.DatetimeIndex(ts).floor("D")
+    for key in "abc":
+        rows = out[out["key"] == key].set_index("event_timestamp")
+        for day in days[::7]:
+            if day < since[key].floor("D"):
+                assert not len(rows[rows.index <= day + pd.Timedelta(days=1)])  # not known yet: no row
+                continue
+            stamp = day + pd.Timedelta(days=1) - pd.Timedelta(microseconds=1)
+            upto = rows[rows.index <= stamp]
+            for w in windows:
+                lo = day - pd.Timedelta(days=w - 1)
+                expected = int(((keys == key) & (event_day >= lo) & (event_day <= day)).sum())
+                # No row yet reads as the default, 0 (the entity has done nothing so far).
+                got = int(upto.iloc[-1][f"n_{w}d"]) if len(upto) else 0
+                assert got == expected, (key, day, w)
+    # One day rebuilt alone gets exactly the rows the long build wrote for it.
+    day = days[200]
+    alone = window_counts(keys, ts, {"n": np.ones(n)}, since, [day], windows)
+    same = out[out["event_timestamp"].dt.floor("D") == day].reset_index(drop=True)
+    pd.testing.assert_frame_equal(alone, same)
+    # carry_in: a complete snapshot of the day, one row per entity known by then.
+    snap = window_counts(keys, ts, {"n": np.ones(n)}, since, [day], windows, carry_in=True)
+    assert sorted(snap["key"]) == ["a", "b", "c"]
 
 def test_user_engagement_counts_positives_and_purchases() -> None:
     ev = _events(
