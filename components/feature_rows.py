@@ -82,6 +82,13 @@ def load_feature_source(
     last = events.sort_values("ts").groupby("user_id").last()
     if len(last):
         u = u.join(last[["device"]].astype(str))
+    if len(events):
+        # A batch query has no request, hence no hour: the user's usual hour of activity (the
+        # most frequent one, earliest on a tie) stands in; the as-of hour for users without one.
+        hours = pd.DataFrame({"user_id": events["user_id"], "hour": events["ts"].dt.hour})
+        counts = hours.value_counts().rename("n").reset_index()
+        usual = counts.sort_values(["user_id", "n", "hour"], ascending=[True, False, True])
+        u = u.join(usual.drop_duplicates("user_id").set_index("user_id")["hour"].rename("usual_hour"))
 
     i = fl.item_attributes_table(items).drop(columns=[fl.TIMESTAMP]).set_index("item_id")
     pop = fl.item_popularity_table(events, items, [as_of], windows, carry_in=True)
@@ -98,8 +105,9 @@ def feature_rows(
     """Columns for a model's ``inputs`` ({name: dtype}), one row per user, item or pair.
 
     Pass ``user_ids`` (a query tower), ``item_ids`` (a candidate tower) or both of the same
-    length (a ranker's (user, item) pairs). Context: ``hour`` is the hour of ``as_of``,
-    ``device`` the user's last device.
+    length (a ranker's (user, item) pairs). Context: ``hour`` is the user's usual hour of
+    activity (the hour of ``as_of`` for a user without events), ``device`` the user's last
+    device.
     """
     n = len(user_ids) if user_ids is not None else len(item_ids or [])
     frames = []
@@ -115,6 +123,9 @@ def feature_rows(
     if item_ids is not None:
         rows["item_id"] = [str(x) for x in item_ids]
     rows["hour"] = source.as_of.hour
+    if user_ids is not None and "usual_hour" in rows:
+        usual = pd.to_numeric(rows.pop("usual_hour"), errors="coerce")
+        rows["hour"] = usual.fillna(source.as_of.hour).astype("int64")
     # The training step's conversion: the same defaults and dtypes the models were trained on.
     return features_from_frame(rows, inputs)
 
