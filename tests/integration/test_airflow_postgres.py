@@ -83,7 +83,9 @@ def celery_recorded(dsn: str) -> tuple[bool, list[str], dict[str, dict], dict[st
             cur.execute("SELECT task_id, status FROM celery_taskmeta")
             results = dict(cur.fetchall())
     sent = [ti["celery_id"] for ti in tasks.values() if ti["celery_id"]]
-    return bool(sent) and all(i in results for i in sent), runs, tasks, results
+    # A result row appears as STARTED when the worker picks the job up; wait for its end state.
+    done = bool(sent) and all(results.get(i) in ("SUCCESS", "FAILURE") for i in sent)
+    return done, runs, tasks, results
 
 
 @pytest.fixture(scope="module")
