@@ -127,10 +127,16 @@ def test_gateway_reads_features_from_redis_and_logs_to_redis_streams(prod: dict[
     events = pd.read_parquet(prod["validated"] / "events")
     counts = events[events["event_type"] != "impression"]["user_id"].value_counts()
     user = str(counts.index[0])
-    r = httpx.post(f"{prod['url']}/v1/recommendations", json={"user_id": user, "k": 5}, timeout=10)
-    assert r.status_code == 200, r.text
-    out = r.json()
-    assert not out["cold_start"] and out["candidate_source"] == "retrieval" and len(out["items"]) == 5
+    # The first calls of a fresh gateway may pass the model deadline on a busy machine
+    # (answered from popularity, marked): ask again, past the 1 s breaker, until retrieval answers.
+    for _ in range(8):
+        r = httpx.post(f"{prod['url']}/v1/recommendations", json={"user_id": user, "k": 5}, timeout=10)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        if out["candidate_source"] == "retrieval":
+            break
+        time.sleep(1.2)
+    assert not out["cold_start"] and out["candidate_source"] == "retrieval" and len(out["items"]) == 5, out
     # No SQLite anywhere: the online store and the event log are Redis.
     assert not (settings.feast_dir / "online_store.db").exists()
     assert not settings.event_log_path.exists()
@@ -148,8 +154,6 @@ def test_gateway_reads_features_from_redis_and_logs_to_redis_streams(prod: dict[
         ids = log.event_ids()
         assert [i for i in ids if i.startswith("prod-")] == [e["event_id"] for e in batch]
         # The request and its impressions were logged by the gateway's writer thread too.
-
-
         deadline = time.monotonic() + 5
         rid = out["request_id"]
         while time.monotonic() < deadline and rid not in set(log.requests_frame()["request_id"]):
