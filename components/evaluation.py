@@ -129,13 +129,11 @@ def holdout_queries(holdout_frame: pd.DataFrame) -> pd.DataFrame:
 
 def profile_history(queries: pd.DataFrame, train_frame: pd.DataFrame, max_history: int) -> pd.DataFrame:
     """``queries`` with ``recent_items`` = each user's training positives, newest first."""
-    pos = train_frame[train_frame["event_type"].astype(str).isin(POSITIVE_EVENT_TYPES)]
-    pos = pos.assign(user_id=pos["user_id"].astype(str), item_id=pos["item_id"].astype(str))
-    newest_first = pos.sort_values("ts", ascending=False, kind="stable")
-    lists = newest_first.groupby("user_id")["item_id"].agg(
-        lambda s: " ".join(list(dict.fromkeys(s))[:max_history])
-    )
-    return queries.assign(recent_items=[lists.get(str(u), "") for u in queries["user_id"]])
+    from components.training import positive_histories
+
+    lists = positive_histories(train_frame)
+    recent = [" ".join(lists.get(str(u), [])[:max_history]) for u in queries["user_id"]]
+    return queries.assign(recent_items=recent)
 
 
 def item_stats_at(frame: pd.DataFrame, as_of: pd.Timestamp, names: list[str]) -> pd.DataFrame:

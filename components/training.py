@@ -641,22 +641,27 @@ def train_ranker(
     }
 
 
+def positive_histories(frame: pd.DataFrame) -> dict[str, list[str]]:
+    """user -> their distinct positive items in ``frame``, newest first."""
+    positives = frame[frame["event_type"].astype(str).isin(POSITIVE_EVENT_TYPES)]
+    positives = positives.assign(
+        user_id=positives["user_id"].astype(str), item_id=positives["item_id"].astype(str)
+    )
+    newest_first = positives.sort_values("ts", ascending=False, kind="stable")
+    return newest_first.groupby("user_id")["item_id"].agg(lambda s: list(dict.fromkeys(s))).to_dict()
+
+
 def leave_one_out_history(frame: pd.DataFrame, max_history: int) -> pd.DataFrame:
     """``recent_items`` of each row: the user's other positive items in ``frame``, newest first.
 
     ``training.history = leave_one_out``: the history a query will carry at serving time (the
     user's profile), minus the row's own item, for data without a meaningful order in time.
     """
-    from components.feature_schema import POSITIVE_EVENT_TYPES
-
-    positives = frame[frame["event_type"].astype(str).isin(POSITIVE_EVENT_TYPES)]
-    newest_first = positives.sort_values("ts", ascending=False, kind="stable")
-    lists = newest_first.groupby("user_id", observed=True)["item_id"].agg(lambda s: list(dict.fromkeys(s)))
-    lists = lists.to_dict()
+    lists = positive_histories(frame)
     recent = []
     for user, item in zip(frame["user_id"], frame["item_id"], strict=True):
-        history = lists.get(user, [])
-        recent.append(" ".join([i for i in history[: max_history + 1] if i != item][:max_history]))
+        history = lists.get(str(user), [])
+        recent.append(" ".join([i for i in history[: max_history + 1] if i != str(item)][:max_history]))
     return frame.assign(recent_items=recent)
 
 
