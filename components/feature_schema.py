@@ -11,6 +11,11 @@ from __future__ import annotations
 # Event types that count as a positive interaction (the retriever's training signal).
 POSITIVE_EVENT_TYPES = ("click", "view", "add_to_cart", "purchase", "like", "rating")
 
+# The ranking signature for one user against N candidates: user and context inputs [1],
+# candidate inputs [N] (the user side is computed once). The trainer writes it, push
+# re-exports it, the gateway calls it.
+RANK_CANDIDATES_SIGNATURE = "rank_candidates"
+
 # Context derived from the event itself (known at request time).
 CONTEXT_FEATURES = ("hour", "device")
 

@@ -25,6 +25,8 @@ import tf_keras as keras
 
 CATEGORY_SEPARATOR = "|"
 MAX_CATEGORIES = 4  # an item has one or two; more are ignored
+# Ranker inputs that describe the candidate (besides the item_* counts); the rest are user/context.
+ITEM_SIDE_INPUTS = ("item_id", "category")
 
 
 def split_tokens(text: tf.Tensor, max_len: int, sep: str | None = None) -> tf.Tensor:
@@ -323,6 +325,9 @@ class MultiObjectiveRanker(tfrs.Model):
         self.objective_weights = dict(objective_weights)
         self.numeric_features = list(numeric_features)
         self.user_numeric = [n for n in self.numeric_features if n.startswith("user_")]
+        if self.numeric_features[: len(self.user_numeric)] != self.user_numeric:
+            # The normalizer's columns are split by position between the user and item sides.
+            raise ValueError(f"numeric_features must list user_* features first, got {self.numeric_features}")
         self.user_lookup = id_lookup(users, num_oov, "user_lookup")
         self.user_embedding = keras.layers.Embedding(len(users) + num_oov + 1, id_dim)
         self.item_lookup = id_lookup(items, num_oov, "item_lookup")
@@ -353,45 +358,101 @@ class MultiObjectiveRanker(tfrs.Model):
             ),
         }
 
-    def call(self, features: Mapping[str, tf.Tensor], training: bool | None = None) -> dict[str, tf.Tensor]:
+    @staticmethod
+    def is_item_input(name: str) -> bool:
+        """Whether an input describes the candidate (the rest describe the user and context)."""
+        return name in ITEM_SIDE_INPUTS or name.startswith("item_")
+
+    def _numeric(self, features: Mapping[str, tf.Tensor], names: Sequence[str], offset: int) -> tf.Tensor:
+        """log1p counts, standardized with the training statistics of columns offset..offset+len."""
+        raw = tf.stack([tf.cast(features[n], tf.float32) for n in names], axis=1)
+        numeric = tf.math.log1p(tf.maximum(raw, 0.0))
+        if self.normalizer is None:
+            return numeric
+        # The adapted Normalization layer's own formula, on this side's slice of its statistics,
+        # so that the user side and the item side can be computed apart (see score_candidates).
+        mean = tf.reshape(self.normalizer.mean, [-1])[offset : offset + len(names)]
+        variance = tf.reshape(self.normalizer.variance, [-1])[offset : offset + len(names)]
+        return (numeric - mean) / tf.maximum(tf.sqrt(variance), keras.backend.epsilon())
+
+    def encode_user(
+        self, features: Mapping[str, tf.Tensor], training: bool | None = None
+    ) -> tuple[tf.Tensor, tf.Tensor | None]:
+        """``[B, du]`` user-and-context vector, and ``[B, dc]`` recent category taste (or None)."""
         user = drop_ids(self.user_lookup(features["user_id"]), self.id_dropout, self.num_oov, training)
-        item = drop_ids(self.item_lookup(features["item_id"]), self.id_dropout, self.num_oov, training)
-        history = self.item_lookup(split_tokens(features["recent_items"], self.max_history))
-        cats = self.category_lookup(split_tokens(features["category"], MAX_CATEGORIES, CATEGORY_SEPARATOR))
+        tokens = split_tokens(features["recent_items"], self.max_history)
         hour = tf.clip_by_value(tf.cast(features["hour"], tf.int32), 0, 23)
-        user_parts = [
+        parts = [
             self.user_embedding(user),
-            bag_mean(history, self.history_embedding),
+            bag_mean(self.item_lookup(tokens), self.history_embedding),
             self.hour_embedding(hour),
             *(layer(features[name]) for name, layer in self.profile.items()),
         ]
-        item_category = bag_mean(cats, self.category_embedding)
-        item_parts = [self.item_embedding(item), item_category]
-        matches = []
+        taste = None
         if self.history_categories is not None:
-            tokens = split_tokens(features["recent_items"], self.max_history)
             taste = bag_mean(
                 self.category_lookup(self.history_categories.lookup(tokens)), self.category_embedding
             )
-            user_parts.append(taste)
-            # How well the candidate's categories fit the user's recent taste, as one number.
-            matches.append(tf.reduce_sum(taste * item_category, axis=1, keepdims=True))
-        if self.numeric_features:
-            # Counts span orders of magnitude: log1p, then standardize with training statistics.
-            raw = tf.stack([tf.cast(features[n], tf.float32) for n in self.numeric_features], axis=1)
-            numeric = tf.math.log1p(tf.maximum(raw, 0.0))
-            if self.normalizer is not None:
-                numeric = self.normalizer(numeric)
-            n_user = len(self.user_numeric)
-            user_parts.append(numeric[:, :n_user])
-            item_parts.append(numeric[:, n_user:])
-        user_side = tf.concat(user_parts, axis=1)
-        item_side = tf.concat(item_parts, axis=1)
-        affinity = self.user_projection(user_side) * self.item_projection(item_side)
-        hidden = self.body(tf.concat([user_side, item_side, affinity, *matches], axis=1), training=training)
+            parts.append(taste)
+        if self.user_numeric:
+            parts.append(self._numeric(features, self.user_numeric, 0))
+        return tf.concat(parts, axis=1), taste
+
+    def encode_items(
+        self, features: Mapping[str, tf.Tensor], training: bool | None = None
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """``[N, di]`` candidate vector, and ``[N, dc]`` the candidate's category embedding."""
+        item = drop_ids(self.item_lookup(features["item_id"]), self.id_dropout, self.num_oov, training)
+        cats = self.category_lookup(split_tokens(features["category"], MAX_CATEGORIES, CATEGORY_SEPARATOR))
+        item_category = bag_mean(cats, self.category_embedding)
+        parts = [self.item_embedding(item), item_category]
+        item_numeric = self.numeric_features[len(self.user_numeric) :]
+        if item_numeric:
+            parts.append(self._numeric(features, item_numeric, len(self.user_numeric)))
+        return tf.concat(parts, axis=1), item_category
+
+    def _heads(self, hidden: tf.Tensor) -> dict[str, tf.Tensor]:
         out = {k: tf.sigmoid(tf.squeeze(head(hidden), axis=1)) for k, head in self.heads.items()}
         out["score"] = tf.add_n([w * out[k] for k, w in self.objective_weights.items()])
         return out
+
+    def call(self, features: Mapping[str, tf.Tensor], training: bool | None = None) -> dict[str, tf.Tensor]:
+        user_side, taste = self.encode_user(features, training)
+        item_side, item_category = self.encode_items(features, training)
+        affinity = self.user_projection(user_side) * self.item_projection(item_side)
+        # How well the candidate's categories fit the user's recent taste, as one number.
+        matches = [] if taste is None else [tf.reduce_sum(taste * item_category, axis=1, keepdims=True)]
+        hidden = self.body(tf.concat([user_side, item_side, affinity, *matches], axis=1), training=training)
+        return self._heads(hidden)
+
+    def score_candidates(
+        self, user_features: Mapping[str, tf.Tensor], item_features: Mapping[str, tf.Tensor]
+    ) -> dict[str, tf.Tensor]:
+        """One user (``[1]`` inputs) against ``N`` candidates: the same scores as ``call`` on N pairs.
+
+        The user side and its share of the first layer are computed once, not once per
+        candidate: the first layer's matmul over ``concat(user, item, affinity, match)`` is the
+        sum of per-part matmuls, so the user's part becomes one row broadcast over N.
+        """
+        user_side, taste = self.encode_user(user_features)
+        item_side, item_category = self.encode_items(item_features)
+        affinity = self.user_projection(user_side) * self.item_projection(item_side)
+        first, *rest = self.body.layers
+        du, di = user_side.shape[-1], item_side.shape[-1]
+        kernel = first.kernel
+        pre = (
+            tf.matmul(user_side, kernel[:du])
+            + tf.matmul(item_side, kernel[du : du + di])
+            + tf.matmul(affinity, kernel[du + di : du + di + affinity.shape[-1]])
+            + first.bias
+        )
+        if taste is not None:
+            match = tf.reduce_sum(taste * item_category, axis=1, keepdims=True)
+            pre += match * kernel[-1:]
+        hidden = first.activation(pre)
+        for layer in rest:
+            hidden = layer(hidden)
+        return self._heads(hidden)
 
     def compute_loss(self, features: Mapping[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         out = self(features, training=training)

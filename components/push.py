@@ -40,6 +40,7 @@ import numpy as np
 
 from components.config import FeaturesConfig, PushConfig
 from components.faults import failpoint
+from components.feature_schema import RANK_CANDIDATES_SIGNATURE
 from components.indexing import EMBEDDINGS_FILE, ITEM_IDS_FILE, SCANN_CONFIG_FILE
 from components.storage import code_version, read_manifest, utc_now, write_manifest
 
@@ -204,7 +205,8 @@ def export_retrieval(
     """Save the retrieval SavedModel (query tower + index) with its fallback assets into ``out``.
 
     Signatures: ``serving_default`` and ``retrieve`` (features -> ``item_ids`` [B, K],
-    ``scores`` [B, K], best first; K = min(k, catalog)), ``embed`` (features -> ``embedding``).
+    ``item_rows`` [B, K] (rows of ``item_ids.json``), ``scores`` [B, K], best first;
+    K = min(k, catalog)), ``embed`` (features -> ``embedding``).
     """
     import tensorflow as tf
 
@@ -253,7 +255,9 @@ def export_retrieval(
             valid = idx >= 0
             item_ids = tf.where(valid, tf.gather(self.item_ids, tf.maximum(idx, 0)), PAD_ID)
             scores = tf.where(valid, scores, tf.float32.min)
-            return {"item_ids": item_ids, "scores": scores}
+            # item_rows: each id's row in assets.extra/item_ids.json (-1: padding). A client
+            # holding that file asks for rows (output_filter) instead of 1000 strings.
+            return {"item_ids": item_ids, "item_rows": tf.where(valid, idx, -1), "scores": scores}
 
     module = Retrieval()
     specs = _signature_specs(query_sig)
@@ -261,7 +265,9 @@ def export_retrieval(
     signatures = {name: retrieve for name in RETRIEVAL_SIGNATURES}
     signatures["embed"] = module.embed.get_concrete_function(specs)
     tf.saved_model.save(
-        module, str(out), signatures=signatures,
+        module,
+        str(out),
+        signatures=signatures,
         options=tf.saved_model.SaveOptions(namespace_whitelist=["Scann"]),
     )
     extra = out / "assets.extra"
@@ -282,7 +288,10 @@ def export_retrieval(
         "tensorflow": tf.__version__,
         "scann": _version("scann") if use_scann else None,
         "k": k,
-        "signatures": {name: "features -> item_ids [B, K], scores [B, K]" for name in RETRIEVAL_SIGNATURES}
+        "outputs": ["item_ids", "item_rows", "scores"],
+        "signatures": dict.fromkeys(
+            RETRIEVAL_SIGNATURES, "features -> item_ids [B, K], item_rows [B, K], scores [B, K]"
+        )
         | {"embed": "features -> embedding [B, D]"},
         "fallback": {
             "how": "embed the query with assets.extra/query_tower (serving_default -> embedding), then "
@@ -314,11 +323,15 @@ def export_ranking(train_dir: Path, out: Path) -> dict[str, Any]:
         def rank(self, features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
             return self.ranker.signatures["serving_default"](**features)
 
+        @tf.function
+        def rank_candidates(self, features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            return self.ranker.signatures[RANK_CANDIDATES_SIGNATURE](**features)
+
     module = Ranking()
     specs = _signature_specs(sig)
     rank = module.rank.get_concrete_function(specs)
-    tf.saved_model.save(module, str(out), signatures={name: rank for name in RANKING_SIGNATURES})
-    requirements = {
+    signatures = {name: rank for name in RANKING_SIGNATURES}
+    requirements: dict[str, Any] = {
         "model": "ranking",
         "custom_ops": [],
         "server": "stock tensorflow/serving",
@@ -326,6 +339,16 @@ def export_ranking(train_dir: Path, out: Path) -> dict[str, Any]:
         "outputs": sorted(sig.structured_outputs),
         "inputs": {name: spec.dtype.name for name, spec in specs.items()},
     }
+    if RANK_CANDIDATES_SIGNATURE in ranker.signatures:
+        # Shapes kept as trained: user and context inputs [1], candidate inputs [N].
+        trained = ranker.signatures[RANK_CANDIDATES_SIGNATURE].structured_input_signature[1]
+        cand_specs = {n: tf.TensorSpec(sp.shape, sp.dtype, name=n) for n, sp in trained.items()}
+        signatures[RANK_CANDIDATES_SIGNATURE] = module.rank_candidates.get_concrete_function(cand_specs)
+        requirements[RANK_CANDIDATES_SIGNATURE] = {
+            "user_inputs": sorted(n for n, sp in cand_specs.items() if sp.shape.as_list() == [1]),
+            "item_inputs": sorted(n for n, sp in cand_specs.items() if sp.shape.as_list() != [1]),
+        }
+    tf.saved_model.save(module, str(out), signatures=signatures)
     (out / "assets.extra").mkdir(exist_ok=True)
     (out / "assets.extra" / REQUIREMENTS).write_text(json.dumps(requirements, indent=2))
     return requirements

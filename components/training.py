@@ -20,6 +20,8 @@ Output contract (``out_dir``; ``manifest.json`` is written last):
 - ``item_embeddings.parquet``: ``item_id``, ``embedding`` (float32, length D) for every item
   of the catalog, touched or not;
 - ``ranker/``: SavedModel, ``serving_default(**ranker_inputs) -> {objective: [B], ..., "score": [B]}``
+  (one row per (user, candidate) pair), and ``rank_candidates`` with the same inputs and
+  outputs, user and context inputs ``[1]`` and candidate inputs ``[N]`` (the user side once);
 - ``manifest.json``: input names and dtypes, D, objectives and weights, metrics, counts.
 
 Build the input tensors of any of the three with ``features_from_frame(df, inputs)`` (or the
@@ -41,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from components.config import TrainingConfig
-from components.feature_schema import POSITIVE_EVENT_TYPES
+from components.feature_schema import POSITIVE_EVENT_TYPES, RANK_CANDIDATES_SIGNATURE
 from components.storage import code_version, write_manifest
 
 if TYPE_CHECKING:
@@ -322,7 +324,18 @@ def _export(model: Any, inputs: Mapping[str, str], path: Path, embedding: bool) 
         out = model(features, training=False)
         return {"embedding": out} if embedding else out
 
-    tf.saved_model.save(model, str(path), signatures={"serving_default": serve.get_concrete_function(specs)})
+    signatures = {"serving_default": serve.get_concrete_function(specs)}
+    if not embedding:
+        # One user against N candidates: user and context inputs are [1], candidate inputs [N].
+        item_specs = {k: s for k, s in specs.items() if model.is_item_input(k)}
+        user_specs = {k: tf.TensorSpec([1], s.dtype, name=k) for k, s in specs.items() if k not in item_specs}
+
+        @tf.function
+        def score_candidates(user: dict[str, tf.Tensor], items: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            return model.score_candidates(user, items)
+
+        signatures[RANK_CANDIDATES_SIGNATURE] = score_candidates.get_concrete_function(user_specs, item_specs)
+    tf.saved_model.save(model, str(path), signatures=signatures)
 
 
 def _predict(fn: Callable[[dict[str, Any]], Any], arrays: Mapping[str, np.ndarray], batch: int = 4096) -> Any:

@@ -267,7 +267,9 @@ class ModelServerClient:
         """
         transport = transport or self.transport
         sig = self._signature(model, version, label, signature_name, transport, timeout)
-        arrays = {k: _as_array(v, sig["inputs"].get(k, {}).get("dtype")) for k, v in inputs.items()}
+        # Over gRPC, bytes go into string_val as they are; only JSON needs text.
+        decode = transport == "rest"
+        arrays = {k: _as_array(v, sig["inputs"].get(k, {}).get("dtype"), decode) for k, v in inputs.items()}
         if transport == "rest":
             body = {"signature_name": signature_name, "inputs": {k: _to_json(a) for k, a in arrays.items()}}
             data = self._rest("POST", self._path(model, version, label) + ":predict", body, timeout)
@@ -368,7 +370,10 @@ def _fill_tensor_proto(proto: Any, array: np.ndarray, dtype: str) -> None:
         proto.tensor_shape.dim.add(size=int(size))
     if enum == _DTYPE_ENUMS["DT_STRING"]:
         values = array.reshape(-1).tolist()
-        proto.string_val.extend([v if isinstance(v, bytes) else str(v).encode() for v in values])
+        if values and type(values[0]) is bytes and all(type(v) is bytes for v in values):
+            proto.string_val.extend(values)  # already wire bytes (the gateway's item cache)
+        else:
+            proto.string_val.extend([v if isinstance(v, bytes) else str(v).encode() for v in values])
     else:
         np_type = _DTYPES[next(name for name, e in _DTYPE_ENUMS.items() if e == enum)]
         little_endian = np.dtype(np_type).newbyteorder("<")
@@ -382,11 +387,11 @@ def _dtype_name(array: np.ndarray) -> str:
     return next(found, "DT_FLOAT")
 
 
-def _as_array(value: Any, dtype: str | None) -> np.ndarray:
+def _as_array(value: Any, dtype: str | None, decode: bool = True) -> np.ndarray:
     np_type = _DTYPES.get(dtype or "")
     if np_type is object:
         array = np.asarray(value, dtype=object)
-        return _decode_strings(array)
+        return _decode_strings(array) if decode else array
     return np.asarray(value, dtype=np_type) if np_type is not None else np.asarray(value)
 
 

@@ -27,7 +27,12 @@ import numpy as np
 import pandas as pd
 
 from components.config import Settings
-from components.feature_schema import ITEM_ATTRIBUTE_FEATURES, POSITIVE_EVENT_TYPES, item_popularity_features
+from components.feature_schema import (
+    ITEM_ATTRIBUTE_FEATURES,
+    POSITIVE_EVENT_TYPES,
+    RANK_CANDIDATES_SIGNATURE,
+    item_popularity_features,
+)
 from components.indexing import EMBEDDINGS_FILE
 from components.push import ITEM_IDS_FILE, MODELS_CONFIG, REQUIREMENTS, read_models_config
 
@@ -140,6 +145,9 @@ class ModelVersions:
     retrieval: dict[int, RetrievalAssets]  # version -> assets
     ranking_inputs: dict[int, dict[str, str]]  # version -> {input: dtype}
     mtime: float = 0.0
+    # version -> user and context inputs of its ``rank_candidates`` signature (sent once, [1]);
+    # absent for a version pushed without that signature (then pair rows go to ``rank``).
+    ranking_user_inputs: dict[int, frozenset[str]] = field(default_factory=dict)
 
     def version(self, model: str, label: str) -> int | None:
         labels = self.labels.get(model, {})
@@ -170,11 +178,17 @@ def load_model_versions(
                 raise
             log.error("%s version %s cannot be loaded, skipped: %r", retrieval_model, v, e)
     ranking_inputs: dict[int, dict[str, str]] = {}
+    ranking_user_inputs: dict[int, frozenset[str]] = {}
     for v in sorted(set(labels.get(ranking_model, {}).values())):
         req = Path(base_path) / ranking_model / str(v) / "assets.extra" / REQUIREMENTS
         if req.is_file():
-            ranking_inputs[v] = dict(json.loads(req.read_text()).get("inputs", {}))
-    return ModelVersions(labels, retrieval, ranking_inputs, config_path.stat().st_mtime)
+            spec = json.loads(req.read_text())
+            ranking_inputs[v] = dict(spec.get("inputs", {}))
+            if RANK_CANDIDATES_SIGNATURE in spec:
+                ranking_user_inputs[v] = frozenset(spec[RANK_CANDIDATES_SIGNATURE]["user_inputs"])
+    return ModelVersions(
+        labels, retrieval, ranking_inputs, config_path.stat().st_mtime, ranking_user_inputs
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,9 +218,25 @@ class ItemCatalog:
     segment_popular: dict[str, np.ndarray]
     source_mtime: float
     _category_masks: dict[str, np.ndarray] = field(default_factory=dict)
+    _request_columns: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.item_ids)
+
+    def request_column(self, name: str, dtype: str) -> np.ndarray:
+        """A whole column as a model request carries it (UTF-8 bytes, int64 or float32), built
+        once per catalog: a ranking request then gathers 1000 rows without converting each."""
+        key = (name, dtype)
+        col = self._request_columns.get(key)
+        if col is None:
+            values = self.item_ids if name == "item_id" else self.columns[name]
+            if dtype == "string":
+                col = np.empty(len(values), dtype=object)
+                col[:] = [str(v).encode() for v in values]
+            else:
+                col = values.astype(np.int64 if dtype.startswith("int") else np.float32)
+            self._request_columns[key] = col  # a race only builds the same column twice
+        return col
 
     def category_mask(self, category: str) -> np.ndarray:
         """True where an item carries ``category`` (any of its '|'-joined ones); computed once."""

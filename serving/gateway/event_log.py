@@ -14,6 +14,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -205,6 +206,18 @@ class SqliteEventLog:
 
 
 def _iso(ts: Any) -> str:
+    """The instant as UTC ISO 8601; naive times are UTC."""
+    if isinstance(ts, str):
+        # The common case (the gateway's own records): the standard library parses it ~50x
+        # faster than pandas, which stays the path for every other spelling.
+        try:
+            d = datetime.fromisoformat(ts)
+        except ValueError:
+            d = None
+        if d is not None:
+            return (d.astimezone(UTC) if d.tzinfo else d.replace(tzinfo=UTC)).isoformat()
+    elif isinstance(ts, datetime) and not isinstance(ts, pd.Timestamp):
+        return (ts.astimezone(UTC) if ts.tzinfo else ts.replace(tzinfo=UTC)).isoformat()
     t = pd.Timestamp(ts)
     return (t.tz_convert("UTC") if t.tzinfo else t.tz_localize("UTC")).isoformat()
 

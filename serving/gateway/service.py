@@ -43,7 +43,12 @@ from typing import Any
 import numpy as np
 
 from components.config import Settings
-from components.feature_schema import POSITIVE_EVENT_TYPES, RANKER_SERVICE, RETRIEVER_SERVICE
+from components.feature_schema import (
+    POSITIVE_EVENT_TYPES,
+    RANK_CANDIDATES_SIGNATURE,
+    RANKER_SERVICE,
+    RETRIEVER_SERVICE,
+)
 from serving.clients import ModelServerClient, ModelServerError
 from serving.gateway.catalog import (
     ItemCatalog,
@@ -373,7 +378,14 @@ class Gateway:
 
     # --- model calls -------------------------------------------------------------------
 
-    def _call(self, model: str, inputs: dict[str, np.ndarray], label: str, signature: str) -> Any:
+    def _call(
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray],
+        label: str,
+        signature: str,
+        output_filter: Sequence[str] = (),
+    ) -> Any:
         now = time.monotonic()
         for key in ("*", model):
             until, code = self._broken.get(key, (0.0, ""))
@@ -381,7 +393,9 @@ class Gateway:
                 # The same code that opened the breaker: the fallback chain reads it.
                 raise ModelServerError(code, f"{model}: skipped while the breaker is open")
         try:
-            return self.client.predict(model, inputs, label=label, signature_name=signature)
+            return self.client.predict(
+                model, inputs, label=label, signature_name=signature, output_filter=output_filter
+            )
         except ModelServerError as e:
             wait = BREAKER_SECONDS.get(e.code)
             if wait:
@@ -420,20 +434,19 @@ class Gateway:
         row: dict[str, Any],
         catalog: ItemCatalog,
         pos: np.ndarray,
+        user_inputs: frozenset[str] = frozenset(),
     ) -> dict[str, np.ndarray]:
-        """Columns of (user, candidate) pairs: user side repeated, item side gathered from the cache."""
+        """Columns for the ranker: the item side gathered from the cache for every candidate;
+        the user side once (``user_inputs``, the ``rank_candidates`` signature) or repeated
+        on every row (pair rows, the ``rank`` signature)."""
         n = len(pos)
         out: dict[str, np.ndarray] = {}
         for name, dtype in inputs.items():
-            if name == "item_id":
-                out[name] = catalog.item_ids[pos]
-            elif name in catalog.columns:
-                col = catalog.columns[name][pos]
-                out[name] = (
-                    col
-                    if dtype == "string"
-                    else col.astype(np.int64 if dtype.startswith("int") else np.float32)
-                )
+            if name in user_inputs:
+                value = query[name][0] if name in query else row.get(name, "" if dtype == "string" else 0)
+                out[name] = self._column(value, dtype, 1)
+            elif name == "item_id" or name in catalog.columns:
+                out[name] = catalog.request_column(name, dtype)[pos]
             else:
                 value = query[name][0] if name in query else row.get(name, "" if dtype == "string" else 0)
                 out[name] = self._column(value, dtype, n)
@@ -695,7 +708,23 @@ class Gateway:
                 # slow or down: running the query tower here under overload would only add load.
                 continue
             try:
-                if step == "retrieval":
+                if step == "retrieval" and "item_rows" in assets.requirements.get("outputs", ()):
+                    # Rows of this version's item list, mapped to the cache with one gather:
+                    # no 1000 strings through the proto and a dict.
+                    pred = self._call(
+                        self.settings.push.retrieval_model, query, label, "retrieve", ("item_rows", "scores")
+                    )
+                    rows = pred.outputs["item_rows"][0][: gw.candidates].astype(np.int64)
+                    sc = pred.outputs["scores"][0][: gw.candidates].astype(np.float32)
+                    # A label can move between the snapshot and the call: rows are read with
+                    # the item list of the version that answered (REST does not say: ours).
+                    served = pred.version or assets.version
+                    if served not in snap.to_catalog:
+                        raise RuntimeError(f"version {served} answered, not in the gateway's snapshot yet")
+                    to_catalog = snap.to_catalog[served]
+                    ok = (rows >= 0) & (rows < len(to_catalog))
+                    out = to_catalog[rows[ok]], sc[ok], step
+                elif step == "retrieval":
                     pred = self._call(self.settings.push.retrieval_model, query, label, "retrieve")
                     ids = pred.outputs["item_ids"][0][: gw.candidates]
                     sc = pred.outputs["scores"][0][: gw.candidates].astype(np.float32)
@@ -737,8 +766,13 @@ class Gateway:
         inputs = versions.ranking_inputs.get(version or -1)
         if not inputs:
             return None
+        user_inputs = versions.ranking_user_inputs.get(version or -1, frozenset())
+        signature = RANK_CANDIDATES_SIGNATURE if user_inputs else "rank"
         try:
-            pred = self._call(model, self.ranker_inputs(inputs, query, row, catalog, pos), label, "rank")
+            columns = self.ranker_inputs(inputs, query, row, catalog, pos, user_inputs)
+            # Only the combined score crosses the wire, unless the gateway weighs objectives itself.
+            only = () if self.settings.gateway.objective_weights else ("score",)
+            pred = self._call(model, columns, label, signature, only)
         except Exception as e:  # noqa: BLE001 - an unranked list beats no list
             log.warning("ranking failed: %s", e)
             return None

@@ -181,6 +181,12 @@ def test_push_versions_labels_retention_and_artifacts(train_dir, scann_index, ti
     catalog = set(pd.read_parquet(tiny_raw / "items")["item_id"])
     assert ids.shape == (2, 50) and {i.decode() for i in ids.ravel()} <= catalog
     assert np.all(np.diff(out["scores"].numpy(), axis=1) <= 1e-5)  # best first
+    # item_rows index the version's item list: a client holding it need not receive strings.
+    listed = json.loads((base / "retrieval" / "4" / "assets.extra" / "item_ids.json").read_text())
+    assert "item_rows" in req["outputs"]
+    assert [[listed[r] for r in row] for row in out["item_rows"].numpy()] == [
+        [i.decode() for i in row] for row in ids
+    ]
 
     ranking = tf.saved_model.load(str(base / "ranking" / "4"))
     rank_req = base / "ranking" / "4" / "assets.extra" / "requirements.json"
@@ -189,6 +195,12 @@ def test_push_versions_labels_retention_and_artifacts(train_dir, scann_index, ti
     pairs = feature_rows(src, rank_inputs, user_ids=["u001"] * 3, item_ids=["i01", "i02", "not-an-item"])
     scored = ranking.signatures["rank"](**{k: tf.constant(v) for k, v in pairs.items()})
     assert {"click", "engagement", "score"} <= set(scored) and scored["score"].shape == (3,)
+    # rank_candidates: the same user given once ([1]) against the same 3 candidates.
+    sides = json.loads(rank_req.read_text())["rank_candidates"]
+    assert {"item_id", "category"} <= set(sides["item_inputs"]) and "user_id" in sides["user_inputs"]
+    once = {k: tf.constant(v[:1] if k in sides["user_inputs"] else v) for k, v in pairs.items()}
+    by_candidates = ranking.signatures["rank_candidates"](**once)
+    np.testing.assert_allclose(by_candidates["score"].numpy(), scored["score"].numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_recommend_cli_writes_k_unseen_items_per_user(train_dir, scann_index, tiny_raw, tmp_path):

@@ -147,6 +147,32 @@ def test_ranker_returns_one_score_per_objective_and_the_combination(trained):
     np.testing.assert_allclose(out["score"], expected, rtol=1e-5)
 
 
+def test_rank_candidates_scores_one_user_like_pair_rows(trained):
+    """The user-once signature is the same function as the pair rows, not an approximation."""
+    import tensorflow as tf
+
+    m = trained["manifest"]
+    loaded = tf.saved_model.load(str(trained["train_dir"] / "ranker"))
+    # 40 holdout rows (their items, with their item features) all for the first row's user.
+    columns = features_from_frame(trained["holdout"].head(40), m["ranker_inputs"])
+    for name, values in columns.items():
+        if not (name in ("item_id", "category") or name.startswith("item_")):
+            values[:] = values[0]
+    by_pairs = _call(load_signature(trained["train_dir"] / "ranker"), columns)
+
+    sig = loaded.signatures["rank_candidates"]
+    shapes = sig.structured_input_signature[1]
+    feeds = {k: tf.constant(v[:1] if shapes[k].shape.as_list() == [1] else v) for k, v in columns.items()}
+    assert {k for k, sp in shapes.items() if sp.shape.as_list() != [1]} >= {"item_id", "category"}
+    by_candidates = {k: v.numpy() for k, v in sig(**feeds).items()}
+    assert set(by_candidates) == set(by_pairs)
+    for k in by_pairs:
+        assert by_candidates[k].shape == (40,)
+        np.testing.assert_allclose(by_candidates[k], by_pairs[k], rtol=1e-4, atol=1e-5)
+    # And the scores vary across candidates (the item side is really per row).
+    assert np.ptp(by_candidates["score"]) > 0
+
+
 def test_item_embeddings_cover_the_whole_catalog(trained):
     emb = pd.read_parquet(trained["train_dir"] / "item_embeddings.parquet")
     catalog_ids = set(trained["catalog"]["item_id"].astype(str))
