@@ -242,6 +242,7 @@ class Gateway:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._status_cache: tuple[float, dict[str, Any]] | None = None
+        self._warm_up: dict[str, str] = {}  # last warm-up per label: "ok in N ms" or the error
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -321,10 +322,69 @@ class Gateway:
         )
         for c in self.settings.gateway.excluded_categories:
             mask &= ~catalog.category_mask(c)
-        self._snapshot = _Snapshot(versions, catalog, to_catalog, to_version, mask)
+        snap = _Snapshot(versions, catalog, to_catalog, to_version, mask)
+        # Before the snapshot serves (and before /readyz says ready, on the first load).
+        self.warm_up(snap, previous=current)
+        self._snapshot = snap
         if "exact" in self.settings.gateway.fallback_chain:
             stable.query_tower()  # load TensorFlow and the tower now, not in the first fallback request
         return True
+
+    def warm_up(
+        self, snap: _Snapshot, previous: _Snapshot | None = None, timeout: float = 5.0
+    ) -> dict[str, str]:
+        """One request per labelled (retrieval, ranking) version pair, with a long deadline.
+
+        A fresh gateway's first model call pays for the gRPC connection and the signature
+        metadata; under load that can pass the request deadline, and the breaker would then
+        skip the model for a second. Warming here moves that cost before traffic. Pairs the
+        previous snapshot already served are not warmed again. The first failure ends the
+        warm-up without blocking: the request path has its own fallbacks.
+        """
+        p = self.settings.push
+        served_before = set()
+        if previous is not None:
+            pv = previous.versions
+            served_before = {
+                (pv.version(p.retrieval_model, label), pv.version(p.ranking_model, label))
+                for label in ("stable", "canary")
+            }
+        req = RecommendationRequest(user_id="gateway-warmup")
+        row = dict(self.user_defaults)
+        pos = np.arange(min(len(snap.catalog), 8))
+        done: dict[str, str] = {}
+        for label in ("stable", "canary"):
+            rv = snap.versions.version(p.retrieval_model, label)
+            kv = snap.versions.version(p.ranking_model, label)
+            if (rv, kv) in served_before:
+                continue
+            served_before.add((rv, kv))
+            versions, t0 = f"retrieval {rv}, ranking {kv}", time.perf_counter()
+            try:
+                assets = snap.versions.retrieval.get(rv) if rv is not None else None
+                if assets is not None:
+                    query = self.query_inputs(assets.inputs, row, [], req)
+                    self.client.predict(
+                        p.retrieval_model, query, label=label, signature_name="retrieve", timeout=timeout
+                    )
+                kv_key = kv if kv is not None else -1
+                inputs = snap.versions.ranking_inputs.get(kv_key)
+                if inputs:
+                    user_inputs = snap.versions.ranking_user_inputs.get(kv_key, frozenset())
+                    columns = self.ranker_inputs(inputs, {}, row, snap.catalog, pos, user_inputs)
+                    signature = RANK_CANDIDATES_SIGNATURE if user_inputs else "rank"
+                    self.client.predict(
+                        p.ranking_model, columns, label=label, signature_name=signature, timeout=timeout
+                    )
+                done[label] = f"{versions}: ok in {(time.perf_counter() - t0) * 1000:.0f} ms"
+            except Exception as e:  # noqa: BLE001 - requests have fallbacks; warming is best effort
+                done[label] = f"{versions}: {type(e).__name__}: {e}"[:200]
+                log.warning("warm-up of %s failed: %s", label, done[label])
+                break
+        if done:
+            log.info("warm-up: %s", done)
+            self._warm_up.update(done)
+        return done
 
     def _refresh_loop(self) -> None:
         while not self._stop.is_set():
@@ -950,4 +1010,5 @@ class Gateway:
             if not isinstance(s, dict) or "AVAILABLE" not in s.values()
         ]
         checks["degraded"] = degraded
+        checks["warm_up"] = dict(self._warm_up)
         return True, checks

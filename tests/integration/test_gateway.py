@@ -488,6 +488,9 @@ def test_health_readiness_metrics_and_docs(env: Env) -> None:
     ready = httpx.get(f"{env.url}/readyz").json()
     assert ready["ready"] and ready["model_server"]["retrieval"] == {"1": "AVAILABLE", "2": "AVAILABLE"}
     assert ready["degraded"] == []
+    # Each labelled version pair got one request before the gateway reported ready.
+    assert set(ready["warm_up"]) == {"stable", "canary"}
+    assert all(": ok in " in v for v in ready["warm_up"].values()), ready["warm_up"]
     _recommend(env, _warm_user(env, "stable"))
     text = httpx.get(f"{env.url}/metrics").text
     assert 'recsys_gateway_stage_seconds_count{stage="ranking"}' in text

@@ -127,7 +127,8 @@ def test_gateway_serves_the_canary_the_dag_pushed(airflow_run, tmp_path):
     warm = sorted(counts[counts >= 4 * max(gw.cold_start_min_events, 1)].index)
     canary_user = next(u for u in warm if assign_arm(u, gw.arm_fractions, gw.arm_salt) == "canary")
     with servers(settings, Console(file=io.StringIO())) as url:
-        # The first calls of a fresh gateway may pass the model deadline on a busy machine
+        # The gateway warms each model before it reports ready, but on a busy machine a request
+        # can still pass the model deadline
         # (answered from popularity or unranked, marked): ask again until the models answer.
         for _ in range(8):
             r = httpx.post(f"{url}/v1/recommendations", json={"user_id": canary_user, "k": 5}, timeout=30)
