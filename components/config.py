@@ -127,6 +127,13 @@ class TrainingConfig(Section):
     early_stopping_patience: int = Field(2, ge=0)
     # After early stopping, train again on all events for the best number of epochs.
     refit_on_full: bool = False
+    # The pipeline's train step also trains the same recipe on train + the gate's holdout
+    # (``<run>/refit/``); evaluation and the gate read the model trained without the
+    # holdout, index and push ship the refit one. For static data split at random, where the
+    # gate's holdout would otherwise be a tenth of every user's profile the served model
+    # never sees. Off by default: with a time split the holdout is the newest days, and the
+    # blessed model is then exactly the pushed one.
+    refit_on_holdout: bool = False
     ranker_epochs: int = Field(10, ge=1)
     # The ranker reads the windowed counts (user engagement, item popularity over 1/7/30 days).
     # Off for data whose serving time is far from its events (an old rating set scored "now"

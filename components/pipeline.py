@@ -9,6 +9,7 @@ The Airflow tasks of ``dags/training_pipeline.py`` each call one of these functi
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -126,15 +127,34 @@ def _training_frames(settings: Settings, interval_end: datetime) -> tuple[pd.Dat
 
 
 def run_train(settings: Settings, interval_end: datetime) -> dict[str, Any]:
-    """Train the two-tower retriever and the multi-objective ranker on the train split."""
+    """Train the two-tower retriever and the multi-objective ranker on the train split.
+
+    With ``training.refit_on_holdout`` the same recipe is then trained on train + holdout
+    into ``<run>/refit/``, the model that index and push ship (see ``shipped_train_dir``).
+    """
     from components.storage import read_table
     from components.training import train_models
 
-    train, _ = _training_frames(settings, interval_end)
+    key = run_key_for(interval_end)
+    train, holdout = _training_frames(settings, interval_end)
     items = read_table(validated_dir(settings, interval_end), "items")
-    return train_models(
-        settings.training, train, items, step_dir(settings, run_key_for(interval_end), "train")
-    )
+    refit_dir = step_dir(settings, key, "refit")
+    if refit_dir.exists():
+        shutil.rmtree(refit_dir)  # a rerun without refit must not ship an old refit
+    manifest = train_models(settings.training, train, items, step_dir(settings, key, "train"))
+    if settings.training.refit_on_holdout and len(holdout):
+        full = pd.concat([train, holdout], ignore_index=True)
+        refit = train_models(settings.training, full, items, refit_dir)
+        manifest["refit"] = {"path": refit["path"], "events": len(full), "metrics": refit.get("metrics")}
+        write_manifest(step_dir(settings, key, "train"), manifest)  # says which model ships
+    return manifest
+
+
+def shipped_train_dir(settings: Settings, interval_end: datetime) -> Path:
+    """The training output that index and push ship: the refit one when the run made one."""
+    key = run_key_for(interval_end)
+    refit = step_dir(settings, key, "refit")
+    return refit if (refit / "manifest.json").is_file() else step_dir(settings, key, "train")
 
 
 def serving_train_dir(settings: Settings) -> Path | None:
@@ -169,7 +189,8 @@ def run_evaluate(settings: Settings, interval_end: datetime) -> dict[str, Any]:
     train_dir = step_dir(settings, key, "train")
     serving_metrics = None
     baseline_dir = serving_train_dir(settings)
-    if baseline_dir is not None and baseline_dir.resolve() != train_dir.resolve():
+    own = {train_dir.resolve(), step_dir(settings, key, "refit").resolve()}  # a rerun of this run
+    if baseline_dir is not None and baseline_dir.resolve() not in own:
         evaluate(settings.evaluation, baseline_dir, train, holdout, items, out / "serving_model")
         serving_metrics = json.loads((out / "serving_model" / "metrics.json").read_text())
     return evaluate(
@@ -182,7 +203,9 @@ def run_index(settings: Settings, interval_end: datetime) -> dict[str, Any]:
     from components.indexing import build_index
 
     key = run_key_for(interval_end)
-    return build_index(settings.index, step_dir(settings, key, "train"), step_dir(settings, key, "index"))
+    return build_index(
+        settings.index, shipped_train_dir(settings, interval_end), step_dir(settings, key, "index")
+    )
 
 
 def blessing_of(settings: Settings, interval_end: datetime) -> dict[str, Any]:
@@ -215,7 +238,7 @@ def run_push(settings: Settings, interval_end: datetime) -> dict[str, Any]:
         return manifest
     return push_models(
         settings.push,
-        step_dir(settings, key, "train"),
+        shipped_train_dir(settings, interval_end),
         step_dir(settings, key, "index"),
         blessing,
         settings.models_dir,

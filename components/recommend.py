@@ -207,7 +207,8 @@ def recommend(
             exclude = seen.get(user, set())
             items = cands[:k]
             if len(items) < k:
-                items = _take([*items, *popular], exclude, k)
+                padded = _take_scored([(i, 0.0) for i in [*items, *popular]], exclude, k)
+                items = [i for i, _ in padded]
                 stats["popularity_topped_up"] += 1
             stats["short"] += len(items) < k
             lines.append(json.dumps({"user_id": user, "items": items}))
@@ -270,17 +271,4 @@ def _rerank(
         fused = rank_fusion(s, np.array([sc for _, sc in head]), retrieval_weight)
         order = np.argsort(-fused, kind="stable")
         out.append([head[j][0] for j in order] + [i for i, _ in cands[depth:]])
-    return out
-
-
-def _take(candidates: Sequence[str], exclude: set[str], k: int) -> list[str]:
-    """The first ``k`` distinct candidates not in ``exclude``, order kept."""
-    out: list[str] = []
-    taken: set[str] = set()
-    for c in candidates:
-        if c and c not in exclude and c not in taken:
-            out.append(c)
-            taken.add(c)
-            if len(out) == k:
-                break
     return out

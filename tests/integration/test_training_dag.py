@@ -31,6 +31,8 @@ def airflow_env(airflow_home: Path, recsys_home: Path) -> dict[str, str]:
         RECSYS_EVALUATION__HOLDOUT_DAYS="3",
         RECSYS_TRAINING__EPOCHS="3",
         RECSYS_TRAINING__RANKER_EPOCHS="2",
+        # The train task also refits on train + holdout, and index and push ship that model.
+        RECSYS_TRAINING__REFIT_ON_HOLDOUT="true",
         TF_CPP_MIN_LOG_LEVEL="2",
         GX_ANALYTICS_ENABLED="false",
     )
@@ -89,10 +91,17 @@ def test_dag_run_trained_evaluated_and_gated_visibly(airflow_run):
     assert train["embedding_dim"] > 0 and set(train["objectives"]) >= {"click", "engagement"}
     blessing = json.loads((run / "evaluate" / "blessing.json").read_text())
     assert (run / "evaluate" / "metrics.json").is_file()
+    # The refit: the same recipe on train + holdout, beside the evaluated model.
+    rows = json.loads((run / "training_data" / "manifest.json").read_text())["rows"]
+    refit = json.loads((run / "refit" / "manifest.json").read_text())
+    assert refit["examples"]["events"] == rows["train"] + rows["holdout"] > train["examples"]["events"]
+    assert train["refit"]["path"] == str(run / "refit")
     if blessing["blessed"]:
         push = json.loads((run / "push" / "manifest.json").read_text())
         assert push["version"] >= 1
         assert (home / "models" / "models.config").is_file()
+        index = json.loads((run / "index" / "manifest.json").read_text())
+        assert index["train_dir"] == str(run / "refit"), index
     else:
         # A refused model ends the run visibly: the gate says why, index and push never ran.
         assert "gate: model REFUSED" in log and blessing["reason"] in log
