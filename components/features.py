@@ -725,6 +725,7 @@ def build_training_data(
     event_types: Sequence[str] | None = None,
     services: Sequence[str] = (RETRIEVER_SERVICE, RANKER_SERVICE),
     store: FeatureStore | None = None,
+    skip_views: Sequence[str] = (),
 ) -> pd.DataFrame:
     """One training row per event, with each feature as it was known strictly before the event.
 
@@ -747,6 +748,8 @@ def build_training_data(
         event_types: keep only these event types (e.g. positives and impressions).
         services: the feature services whose features to join.
         store: an open store to reuse (default: ``get_store(settings)``).
+        skip_views: feature views of those services not to join (their columns are absent):
+            views the models will not read, whose point-in-time join would only cost time.
 
     Returns:
         The frame, sorted by ``ts`` then ``event_id``.
@@ -763,7 +766,7 @@ def build_training_data(
         events = events[events["event_type"].isin(list(event_types))]
     events = events[list(EVENT_COLUMNS)].reset_index(drop=True)
 
-    refs = service_features(store, services)
+    refs = [r for r in service_features(store, services) if r.split(":", 1)[0] not in set(skip_views)]
     base = pd.DataFrame(
         {
             "event_id": events["event_id"].astype(str),

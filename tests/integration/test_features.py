@@ -155,6 +155,15 @@ def test_training_data_joins_only_the_past(env, validated: Path, events: pd.Data
     assert (train.loc[expected_recent.index, "recent_items"] == expected_recent).all()
     assert (train["recent_items"] != "").any()
 
+    # Views a training configuration will not read are left out of the join, the rest is equal.
+    lean = build_training_data(
+        settings, validated, store=store, skip_views=["user_engagement", "user_recent_items"]
+    ).set_index("event_id")
+    assert "user_events_1d" not in lean and "recent_items" not in lean
+    shared = [c for c in lean.columns if c in train.columns]
+    assert "category" in shared and "item_ctr_7d" in shared
+    pd.testing.assert_frame_equal(lean[shared], train.loc[lean.index, shared])
+
 
 # Dask's shuffle of a one-event frame warns about pandas downcasting; not ours to fix.
 @pytest.mark.filterwarnings("ignore:Downcasting object dtype arrays:FutureWarning")

@@ -69,3 +69,13 @@ def test_default_config_path_prefers_env(tmp_path):
     assert default_config_path({"RECSYS_CONFIG": "/x.yaml"}) == Path("/x.yaml")
     assert default_config_path({}, cwd=tmp_path) is None
     assert default_config_path({}, cwd=REPO) == REPO / "conf" / "recsys.yaml"
+
+
+def test_training_data_skips_the_views_the_models_will_not_read() -> None:
+    from components.pipeline import unread_feature_views
+
+    assert unread_feature_views(load_settings()) == []
+    lean = load_settings(
+        overrides={"training.history": "leave_one_out", "training.ranker_window_features": False}
+    )
+    assert unread_feature_views(lean) == ["user_recent_items", "user_engagement", "item_popularity"]
