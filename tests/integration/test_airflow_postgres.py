@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 
 from components.airflow_local import CELERY_WORKER, COMPONENTS, ENTRYPOINT, LocalAirflow
+from tests.integration.airflow_api import DAG_ID, trigger_and_wait
 from tests.integration.conftest import free_port
 from tests.integration.services import aof_redis, postgres_server
-from tests.integration.test_airflow_ui import DAG_ID, FINISHED, api
 from tests.integration.test_training_dag import airflow_env as tiny_env
 
 pytestmark = pytest.mark.integration
@@ -39,29 +39,6 @@ START_DATE = "2026-11-01"
 
 def entrypoint(*args: str) -> list[str]:
     return [sys.executable, *ENTRYPOINT[1:], *args]
-
-
-def trigger_and_wait(airflow: LocalAirflow, logical_date: str) -> tuple[str, dict[str, str]]:
-    """Trigger ``DAG_ID`` through the REST API, poll to the end; the run's state and its tasks'."""
-    client = api(airflow)
-    # The DAG processor parses dags/ on its own schedule: wait for the DAG to be serialized.
-    deadline = time.monotonic() + 120
-    while (r := client.get(f"/dags/{DAG_ID}")).status_code != 200:
-        airflow.check_alive()
-        assert time.monotonic() < deadline, f"{DAG_ID} not parsed: {r.status_code} {r.text[:300]}"
-        time.sleep(2)
-    r = client.post(f"/dags/{DAG_ID}/dagRuns", json={"logical_date": f"{logical_date}T00:00:00Z"})
-    assert r.status_code == 200, r.text
-    run_id = r.json()["dag_run_id"]
-    assert client.patch(f"/dags/{DAG_ID}", json={"is_paused": False}).status_code == 200
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    while (state := client.get(f"/dags/{DAG_ID}/dagRuns/{run_id}").json()["state"]) not in FINISHED:
-        airflow.check_alive()
-        if time.monotonic() > deadline:
-            break
-        time.sleep(3)
-    tis = client.get(f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances").json()["task_instances"]
-    return state, {t["task_id"]: t["state"] for t in tis}
 
 
 def celery_recorded(dsn: str) -> tuple[bool, list[str], dict[str, dict], dict[str, str]]:
@@ -123,7 +100,7 @@ def production_run(tmp_path_factory):
         try:
             airflow.start()
             airflow.wait_healthy(timeout=180)
-            state, states = trigger_and_wait(airflow, START_DATE)
+            _, state, states = trigger_and_wait(airflow, START_DATE, RUN_TIMEOUT_S)
             # A task reports its state to the API server before its Celery job returns (the
             # worker still waits for the task process to exit): stop the worker only once it
             # has stored a result for every task it was sent.

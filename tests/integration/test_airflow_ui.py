@@ -16,18 +16,16 @@ import subprocess
 import tempfile
 import time
 
-import httpx
 import pytest
 
 from components.airflow_local import REPO, LocalAirflow, airflow_env
+from tests.integration.airflow_api import DAG_ID, FINISHED, trigger_and_wait
 from tests.integration.conftest import free_port
 from tests.integration.test_training_dag import airflow_env as dags_test_env
 
 pytestmark = pytest.mark.integration
-DAG_ID = "training_pipeline"
 ARTIFACT = REPO / "test-artifacts" / "airflow_training_pipeline.png"
 RUN_TIMEOUT_S = 240
-FINISHED = ("success", "failed")
 
 
 def chromium() -> str:
@@ -61,36 +59,10 @@ def airflow(tmp_path_factory):
             assert proc.poll() is not None, f"{name} still running"
 
 
-def api(airflow: LocalAirflow) -> httpx.Client:
-    # All-admins mode hands out a token without credentials (GET /auth/token); a deployment with
-    # users would POST {"username", "password"} there instead.
-    token = httpx.get(f"{airflow.url}/auth/token", timeout=10).json()["access_token"]
-    auth = {"Authorization": f"Bearer {token}"}
-    return httpx.Client(base_url=f"{airflow.url}/api/v2", headers=auth, timeout=30)
-
-
 def test_trigger_training_pipeline_and_screenshot_its_page(airflow, tmp_path):
     started = time.monotonic()
-    client = api(airflow)
-    # The DAG processor parses dags/ on its own schedule: wait for the DAG to be serialized.
-    deadline = time.monotonic() + 90
-    while (r := client.get(f"/dags/{DAG_ID}")).status_code != 200:
-        airflow.check_alive()
-        assert time.monotonic() < deadline, f"{DAG_ID} not parsed: {r.status_code} {r.text[:300]}"
-        time.sleep(2)
-    r = client.post(f"/dags/{DAG_ID}/dagRuns", json={"logical_date": "2026-11-01T00:00:00Z"})
-    assert r.status_code == 200, r.text
-    run_id = r.json()["dag_run_id"]
-    assert client.patch(f"/dags/{DAG_ID}", json={"is_paused": False}).status_code == 200
-
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    while (state := client.get(f"/dags/{DAG_ID}/dagRuns/{run_id}").json()["state"]) not in FINISHED:
-        airflow.check_alive()
-        if time.monotonic() > deadline:
-            pytest.fail(f"run {run_id} still {state} after {RUN_TIMEOUT_S}s")
-        time.sleep(3)
-    tis = client.get(f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances").json()["task_instances"]
-    states = {t["task_id"]: t["state"] for t in tis}
+    run_id, state, states = trigger_and_wait(airflow, "2026-11-01", RUN_TIMEOUT_S, parse_timeout_s=90)
+    assert state in FINISHED, f"run {run_id} still {state} after {RUN_TIMEOUT_S}s"
     assert state == "success", states
     # A model the evaluation gate refuses skips the tasks after the gate: still a success.
     assert states and set(states.values()) <= {"success", "skipped"}, states

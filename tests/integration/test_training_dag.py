@@ -31,8 +31,6 @@ def airflow_env(airflow_home: Path, recsys_home: Path) -> dict[str, str]:
         RECSYS_EVALUATION__HOLDOUT_DAYS="3",
         RECSYS_TRAINING__EPOCHS="3",
         RECSYS_TRAINING__RANKER_EPOCHS="2",
-        # The train task also refits on train + holdout, and index and push ship that model.
-        RECSYS_TRAINING__REFIT_ON_HOLDOUT="true",
         TF_CPP_MIN_LOG_LEVEL="2",
         GX_ANALYTICS_ENABLED="false",
     )
@@ -44,6 +42,8 @@ def airflow_run(tmp_path_factory):
     """One `airflow dags test training_pipeline` run, shared by the tests that read it."""
     base = tmp_path_factory.mktemp("dagrun")
     env = airflow_env(base / "airflow", base / "recsys")
+    # This run also refits on train + holdout: index and push ship that model.
+    env["RECSYS_TRAINING__REFIT_ON_HOLDOUT"] = "true"
     subprocess.run([str(AIRFLOW), "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
     proc = subprocess.run(
         [str(AIRFLOW), "dags", "test", "training_pipeline", "2026-11-01"],
