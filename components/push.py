@@ -32,7 +32,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -138,15 +138,31 @@ def _predict_log(model: str, signature: str, columns: Mapping[str, np.ndarray]) 
     return log.SerializeToString()
 
 
-def write_warmup(path: Path, model: str, batches: list[dict[str, np.ndarray]]) -> int:
-    """Write at most 1000 PredictionLog records (TF Serving's limit), one request per batch."""
+def write_warmup(
+    path: Path,
+    model: str,
+    batches: list[dict[str, np.ndarray]],
+    signatures: Sequence[str] = ("serving_default",),
+) -> int:
+    """Write at most 1000 PredictionLog records (TF Serving's limit), one request per batch.
+
+    Batch i goes to ``signatures[i % len(signatures)]``, so each signature a client calls is
+    run once at load, not on its first request (a cold signature can pass a request deadline).
+    """
     import tensorflow as tf
 
     batches = batches[:1000]
     with tf.io.TFRecordWriter(str(path)) as w:
-        for columns in batches:
-            w.write(_predict_log(model, "serving_default", columns))
+        for i, columns in enumerate(batches):
+            w.write(_predict_log(model, signatures[i % len(signatures)], columns))
     return len(batches)
+
+
+def candidates_batches(
+    batches: list[dict[str, np.ndarray]], user_inputs: Sequence[str]
+) -> list[dict[str, np.ndarray]]:
+    """Pair-row ranking batches (one user each) as ``rank_candidates`` requests: user side [1]."""
+    return [{k: v[:1] if k in user_inputs else v for k, v in b.items()} for b in batches]
 
 
 def _finish_version(tmp: Path, final: Path) -> None:
@@ -475,11 +491,22 @@ def push_models(
                 k, image = config.retrieval_k, config.scann_server_image
                 req = export_retrieval(train_dir, index_dir, tmp, k, image)
                 batches, signature = retrieval_batches, "retrieve"
+                signatures: tuple[str, ...] = ("serving_default",)
             else:
                 req = export_ranking(train_dir, tmp)
-                batches, signature = ranking_batches, "rank"
+                batches, signature, signatures = ranking_batches, "rank", ("serving_default",)
+                if RANK_CANDIDATES_SIGNATURE in req:
+                    # Every other record asks rank_candidates (the gateway's call) instead.
+                    user_side = req[RANK_CANDIDATES_SIGNATURE]["user_inputs"]
+                    batches = [
+                        b if i % 2 == 0 else candidates_batches([b], user_side)[0]
+                        for i, b in enumerate(ranking_batches)
+                    ]
+                    if len(batches) == 1:
+                        batches += candidates_batches(batches, user_side)
+                    signatures = ("serving_default", RANK_CANDIDATES_SIGNATURE)
             extra = tmp / "assets.extra"
-            n = write_warmup(extra / WARMUP_FILE, name, batches)
+            n = write_warmup(extra / WARMUP_FILE, name, batches, signatures)
             (extra / PUSH_RECORD).write_text(json.dumps({**record, "model": name}, indent=2))
             _smoke_test(tmp, batches[0], signature)
             results[role] = {"name": name, "requirements": req, "warmup_records": n}

@@ -161,6 +161,10 @@ def test_push_versions_labels_retention_and_artifacts(train_dir, scann_index, ti
         assert request.model_spec.name == model
         req = json.loads((base / model / "4" / "assets.extra" / "requirements.json").read_text())
         assert set(request.inputs) == set(req["inputs"])
+        # Each signature a client calls is run at load: the ranker's user-once one too.
+        signatures = {r.predict_log.request.model_spec.signature_name for r in records}
+        wanted = {"serving_default", "rank_candidates"} if model == "ranking" else {"serving_default"}
+        assert signatures == wanted
     users = {tf.make_ndarray(r.predict_log.request.inputs["user_id"])[0] for r in records}
     assert len(users) > 1 and all(u.startswith(b"u") for u in users)
 
