@@ -296,7 +296,8 @@ def show_recommendations(settings: Settings, url: str, console: Console) -> None
         now = pd.Timestamp.now(tz="UTC")
         batch = [
             {
-                "event_id": f"demo-{warm}-{n}",
+                # New ids each run: a rerun's clicks are new clicks, not retries of the last run's.
+                "event_id": f"demo-{warm}-{now.strftime('%Y%m%dT%H%M%S')}-{n}",
                 "user_id": warm,
                 "item_id": item_id,
                 "event_type": "click",
