@@ -74,8 +74,6 @@ SIMILAR_REASON_MIN = 0.5  # cosine above which "similar to X" is a fair explanat
 # personalization through a short outage. Bounded in users and age (stale beyond that).
 FEATURE_CACHE_USERS = 50_000
 FEATURE_CACHE_SECONDS = 600.0
-# How long the impression writer lets records gather before one write (best-effort data).
-IMPRESSION_BATCH_SECONDS = 0.05
 
 
 def _import_tensorflow_once() -> None:
@@ -895,10 +893,6 @@ class Gateway:
             first = self._impressions.get()
             pending = [] if first is None else [first]
             done = first is None
-            if not done:
-                # Let a few requests' records gather: one transaction and one wake-up per
-                # batch rather than per request (returns at once when the gateway stops).
-                self._stop.wait(IMPRESSION_BATCH_SECONDS)
             n_events = sum(len(r) for _, r in pending)
             while not done and n_events < 5000:
                 try:
@@ -910,27 +904,24 @@ class Gateway:
                 else:
                     pending.append(more)
                     n_events += len(more[1])
-            taken = len(pending) + done  # the stop marker is a queue item too
+            if not pending:
+                continue
+            batch = [e for _, records in pending for e in records]
             try:
-                batch = [e for _, records in pending for e in records]
                 # Impressions first: a request row then always has its impressions beside it.
                 if batch:
                     self.event_log.append(batch)
-                if pending:
-                    self.event_log.log_requests([served for served, _ in pending])
+                self.event_log.log_requests([served for served, _ in pending])
             except Exception:  # noqa: BLE001
                 self.metrics.impression_log_failures.inc()
                 log.exception("impression log append failed")
-            finally:
-                for _ in range(taken):
-                    self._impressions.task_done()
 
-    def flush_impressions(self, timeout: float = 5.0) -> bool:
-        """Wait until everything queued so far is written; False if ``timeout`` passed first."""
+    def flush_impressions(self, timeout: float = 5.0) -> None:
+        """Wait until the impressions queued so far are written (tests, shutdown)."""
         deadline = time.monotonic() + timeout
-        while self._impressions.unfinished_tasks and time.monotonic() < deadline:
+        while not self._impressions.empty() and time.monotonic() < deadline:
             time.sleep(0.01)
-        return not self._impressions.unfinished_tasks
+        time.sleep(0.05)
 
     # --- events ------------------------------------------------------------------------
 
