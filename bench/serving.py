@@ -339,6 +339,12 @@ def main() -> None:
             "--allow_version_labels_for_unavailable_models",
             "--custom_op_modules",
             "scann.scann_ops",
+            # One thread per op: with several requests in flight on 2 cores, splitting each
+            # small op across threads costs more CPU than it saves time (docs/scaling.md).
+            "--tensorflow_intra_op_parallelism",
+            "1",
+            "--tensorflow_inter_op_parallelism",
+            "1",
         ],
         stdout=open(ms_log, "wb"),
         stderr=subprocess.STDOUT,

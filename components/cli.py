@@ -356,6 +356,14 @@ def serve_model_server(
     monitoring_config_file: Annotated[
         str, typer.Option("--monitoring_config_file", help="MonitoringConfig (prometheus_config) text proto.")
     ] = "",
+    tensorflow_intra_op_parallelism: Annotated[
+        int,
+        typer.Option("--tensorflow_intra_op_parallelism", help="Threads per op; 0: TensorFlow's choice."),
+    ] = 0,
+    tensorflow_inter_op_parallelism: Annotated[
+        int,
+        typer.Option("--tensorflow_inter_op_parallelism", help="Ops run at once; 0: TensorFlow's choice."),
+    ] = 0,
     host: Annotated[
         str, typer.Option("--host", help="Interface to bind (not a TF Serving flag; it binds all).")
     ] = "0.0.0.0",
@@ -396,6 +404,8 @@ def serve_model_server(
         num_request_iterations_for_warmup=num_request_iterations_for_warmup,
         saved_model_tags=saved_model_tags,
         monitoring_config_file=monitoring_config_file,
+        tensorflow_intra_op_parallelism=tensorflow_intra_op_parallelism,
+        tensorflow_inter_op_parallelism=tensorflow_inter_op_parallelism,
         host=host,
         custom_op_modules=custom_op_modules,
     )

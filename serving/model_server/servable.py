@@ -70,6 +70,26 @@ def read_signature_defs(version_dir: Path, tags: Sequence[str] = (SERVE_TAG,)) -
     )
 
 
+def _flat_input_order(fn: Any, signature_def: Any) -> list[str] | None:
+    """The input aliases in the order a signature's function takes them flat, or None.
+
+    Calling a loaded signature with keywords goes through TensorFlow's structured binding
+    (``bind_with_defaults``, ``TensorSpec.cast``): ~0.3 ms per call, a tenth of a ranking
+    call on 1000 candidates. The inputs are already checked here against the SignatureDef
+    (names, dtypes, shapes), so the function is called with the flat tensor list instead,
+    in the order of its keyword arguments. None (use the structured call) when that order
+    cannot be read or does not match the SignatureDef's inputs.
+    """
+    order = getattr(fn, "_arg_keywords", None)
+    if signature_def is None or not order or not hasattr(fn, "_call_flat"):
+        return None
+    if sorted(order) != sorted(signature_def.inputs) or len(fn.inputs) - len(fn.captured_inputs) != len(
+        order
+    ):
+        return None
+    return list(order)
+
+
 def _shape_dims(tensor_info: Any) -> list[int] | None:
     shape = tensor_info.tensor_shape
     return None if shape.unknown_rank else [d.size for d in shape.dim]
@@ -93,6 +113,11 @@ class Servable:
         self.signature_defs = signature_defs
         self._loaded = loaded
         self._functions: dict[str, Any] = dict(getattr(loaded, "signatures", {}))
+        self._flat_order = {
+            key: order
+            for key, fn in self._functions.items()
+            if (order := _flat_input_order(fn, signature_defs.get(key)))
+        }
 
     @classmethod
     def load(cls, name: str, version: int, path: Path, tags: Sequence[str] = (SERVE_TAG,)) -> Servable:
@@ -188,8 +213,12 @@ class Servable:
                     f"signature expects [{','.join('?' if d < 0 else str(d) for d in dims)}]"
                 )
             feeds[alias] = tf.constant(array, dtype=tf.as_dtype(info.dtype))
+        order = self._flat_order.get(signature_name)
         try:
-            result = fn(**feeds)
+            if order is not None and len(feeds) == len(order):
+                result = fn._call_flat([feeds[alias] for alias in order], fn.captured_inputs)
+            else:
+                result = fn(**feeds)
         except tf.errors.OpError as e:
             raise from_exception(e) from None
         except (TypeError, ValueError) as e:

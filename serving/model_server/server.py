@@ -60,6 +60,10 @@ class ServerOptions:
     saved_model_tags: str = "serve"
     monitoring_config_file: str = ""
     grpc_max_threads: int = 16
+    # Threads per op and ops at once; 0 lets TensorFlow choose (one per core). Under many
+    # concurrent requests, 1 per op wastes less CPU on splitting small ops (docs/scaling.md).
+    tensorflow_intra_op_parallelism: int = 0
+    tensorflow_inter_op_parallelism: int = 0
     host: str = "0.0.0.0"
     # Not a TF Serving flag: Python modules imported before any load to register custom ops
     # (``scann.scann_ops``), the stand-in's version of a server *built* with those ops
@@ -104,6 +108,35 @@ def prometheus_path(options: ServerOptions) -> str | None:
     return m.group(1) if m and m.group(1) else PROMETHEUS_PATH
 
 
+def apply_tensorflow_threading(intra_op: int, inter_op: int) -> None:
+    """Set TensorFlow's thread pools (the ``--tensorflow_*_parallelism`` flags); 0 leaves TF's choice.
+
+    Raises:
+        ServingError: FAILED_PRECONDITION when TensorFlow already ran in this process (the
+            pools are fixed at its first op), so a flag is never silently ignored.
+    """
+    if not intra_op and not inter_op:
+        return
+    import tensorflow as tf
+
+    try:
+        if intra_op:
+            tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+        if inter_op:
+            tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+    except RuntimeError as e:
+        raise ServingError(
+            "FAILED_PRECONDITION",
+            f"tensorflow_intra_op_parallelism={intra_op}, tensorflow_inter_op_parallelism={inter_op}: "
+            f"TensorFlow is already initialized in this process ({e})",
+        ) from None
+    log.info(
+        "TensorFlow threads: intra-op %d, inter-op %d",
+        tf.config.threading.get_intra_op_parallelism_threads(),
+        tf.config.threading.get_inter_op_parallelism_threads(),
+    )
+
+
 class ModelServer:
     """A running model server: manager, gRPC server, REST server and config-file poller.
 
@@ -128,6 +161,9 @@ class ModelServer:
         os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # before the serving protos import TF
         import importlib
 
+        apply_tensorflow_threading(
+            self.options.tensorflow_intra_op_parallelism, self.options.tensorflow_inter_op_parallelism
+        )
         for module in (m.strip() for m in self.options.custom_op_modules.split(",")):
             if module:
                 importlib.import_module(module)

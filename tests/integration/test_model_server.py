@@ -524,13 +524,15 @@ def test_load_failures_are_counted(server: Server):
 def test_single_model_flags(server: Server, tmp_path: Path):
     rest = free_port()
     args = ["--port", str(free_port()), "--rest_api_port", str(rest), "--host", "127.0.0.1",
-            "--model_name", "solo", "--model_base_path", str(server.base / "scorer")]  # fmt: skip
+            "--model_name", "solo", "--model_base_path", str(server.base / "scorer"),
+            "--tensorflow_intra_op_parallelism", "1", "--tensorflow_inter_op_parallelism", "2"]  # fmt: skip
     proc = start_server(args, tmp_path / "solo.log", rest, "solo")
     try:
         body = {"signature_name": "other", "inputs": [0.0]}
         assert httpx.post(f"http://127.0.0.1:{rest}/v1/models/solo:predict", json=body).json() == {
             "outputs": [2.0]
         }
+        assert "TensorFlow threads: intra-op 1, inter-op 2" in (tmp_path / "solo.log").read_text()
     finally:
         stop(proc)
 
@@ -593,3 +595,19 @@ def test_client_helper_against_the_server(server: Server):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_thread_flags_after_tensorflow_started_are_refused_not_ignored():
+    from serving.model_server.errors import ServingError
+    from serving.model_server.server import apply_tensorflow_threading
+
+    tf = _tf()
+    _ = tf.constant(1.0) + 1.0  # TensorFlow's pools are now fixed in this process
+    before = tf.config.threading.get_intra_op_parallelism_threads()
+    with pytest.raises(ServingError) as e:
+        apply_tensorflow_threading(before + 3, 0)
+    assert (
+        e.value.code == "FAILED_PRECONDITION"
+        and f"tensorflow_intra_op_parallelism={before + 3}" in e.value.message
+    )
+    apply_tensorflow_threading(0, 0)  # 0: TensorFlow's choice, nothing to set
