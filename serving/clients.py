@@ -370,9 +370,12 @@ def _fill_tensor_proto(proto: Any, array: np.ndarray, dtype: str) -> None:
         proto.tensor_shape.dim.add(size=int(size))
     if enum == _DTYPE_ENUMS["DT_STRING"]:
         values = array.reshape(-1).tolist()
-        if values and type(values[0]) is bytes and all(type(v) is bytes for v in values):
-            proto.string_val.extend(values)  # already wire bytes (the gateway's item cache)
-        else:
+        try:
+            # bytes (the gateway's wire cache) and str go in as they are, checked in C;
+            # anything else (numbers, None) is refused whole and converted below.
+            proto.string_val.extend(values)
+        except TypeError:
+            del proto.string_val[:]
             proto.string_val.extend([v if isinstance(v, bytes) else str(v).encode() for v in values])
     else:
         np_type = _DTYPES[next(name for name, e in _DTYPE_ENUMS.items() if e == enum)]

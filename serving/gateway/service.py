@@ -633,13 +633,14 @@ class Gateway:
                     gw.exploration_slots,
                     gw.exploration_position,
                 )
+        shown = [catalog.position[item] for item in ranked_ids]
+        explained = self._reasons(snap, assets, [i for i in shown if i not in reasons], recent_pos, catalog)
         items = []
-        for item in ranked_ids:
-            i = catalog.position[item]
+        for item, i in zip(ranked_ids, shown, strict=True):
             if item in explored:
                 items.append({"item_id": item, "score": None, "reason": "new item: exploring"})
                 continue
-            reason = reasons.get(i) or self._reason(snap, assets, i, recent_pos, catalog)
+            reason = reasons.get(i) or explained[i]
             items.append({"item_id": item, "score": round(score_of[item], 6), "reason": reason})
         timer.lap("explore")
 
@@ -679,15 +680,24 @@ class Gateway:
         emb[rows < 0] = 0.0
         return emb
 
-    def _reason(
-        self, snap: _Snapshot, assets: RetrievalAssets, i: int, recent_pos: np.ndarray, catalog: ItemCatalog
-    ) -> str:
-        if len(recent_pos):
-            sims = self._unit(snap, assets, recent_pos) @ self._unit(snap, assets, np.array([i]))[0]
-            j = int(np.argmax(sims))
-            if sims[j] >= SIMILAR_REASON_MIN:
-                return f"similar to {catalog.item_ids[recent_pos[j]]}, which you engaged with"
-        return "picked for you: predicted to engage you"
+    def _reasons(
+        self,
+        snap: _Snapshot,
+        assets: RetrievalAssets,
+        positions: Sequence[int],
+        recent_pos: np.ndarray,
+        catalog: ItemCatalog,
+    ) -> dict[int, str]:
+        """A reason per item: its closest recent item when similar enough, else the model's pick."""
+        out = dict.fromkeys(positions, "picked for you: predicted to engage you")
+        if len(recent_pos) and positions:
+            # One [items x recent] product for the whole list.
+            sims = self._unit(snap, assets, np.asarray(positions)) @ self._unit(snap, assets, recent_pos).T
+            best = sims.argmax(axis=1)
+            for i, j, sim in zip(positions, best, sims[np.arange(len(positions)), best], strict=True):
+                if sim >= SIMILAR_REASON_MIN:
+                    out[i] = f"similar to {catalog.item_ids[recent_pos[j]]}, which you engaged with"
+        return out
 
     def _popularity(
         self,
