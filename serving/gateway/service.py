@@ -214,7 +214,8 @@ class Gateway:
         gw = settings.gateway
         self.metrics = GatewayMetrics()
         self.store = store if store is not None else get_store(settings)
-        # Feast's SQLite store shares one connection; pushes read-modify-write a user's row.
+        # Pushes read-modify-write a user's row, and the item cache reads whole views: they take
+        # this lock; per-request reads do not (see _read_user).
         self.store_lock = threading.Lock()
         refs = service_features(self.store, [RETRIEVER_SERVICE, RANKER_SERVICE])
         self.user_refs = [r for r in refs if r.split(":", 1)[0] in USER_VIEWS]
@@ -405,10 +406,14 @@ class Gateway:
     # --- features ----------------------------------------------------------------------
 
     def _read_user(self, user_id: str) -> dict[str, Any]:
-        with self.store_lock:
-            got = self.store.get_online_features(
-                features=self.user_refs, entity_rows=[{"user_id": user_id}]
-            ).to_dict()
+        # No store_lock: it orders the writers (a push reads, modifies and writes a row). The
+        # stores' clients take concurrent reads (SQLite in serialized mode with a cursor per
+        # read; Redis with a connection pool), and a read beside a push sees the row before or
+        # after it. With the lock, reads queued behind each other under load (features stage
+        # p50 ~8 ms instead of ~6 at 8 clients in bench/serving).
+        got = self.store.get_online_features(
+            features=self.user_refs, entity_rows=[{"user_id": user_id}]
+        ).to_dict()
         return {name.split("__")[-1]: values[0] for name, values in got.items() if name != "user_id"}
 
     def user_features(self, user_id: str) -> tuple[dict[str, Any], bool, str]:
