@@ -323,6 +323,11 @@ def main() -> None:
         "RECSYS_GATEWAY__PROTOCOL": args.protocol,
     }
     ms_log, gw_log = home / "model_server.log", home / "gateway.log"
+    # Each run starts from an empty event log: every request logs ~10 impressions, and a log
+    # grown by earlier runs (1.7 GB after a day of runs) makes each run's writes heavier
+    # than the last, so runs would not compare.
+    for stale in (home / "gateway").glob("events.db*"):
+        stale.unlink()
     server = subprocess.Popen(
         [
             str(RECSYS),

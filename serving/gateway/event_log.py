@@ -49,6 +49,12 @@ class ServedRequest:
     items: list[str] = field(default_factory=list)
 
 
+_INSERT_EVENT = (
+    "INSERT OR IGNORE INTO events (event_id, user_id, item_id, event_type, value, ts,"
+    " session_id, device, request_id, body) VALUES (?,?,?,?,?,?,?,?,?,?)"
+)
+
+
 class SqliteEventLog:
     """Append-only, idempotent, durable event log in one SQLite file."""
 
@@ -80,29 +86,37 @@ class SqliteEventLog:
 
     def append(self, events: Sequence[dict[str, Any]]) -> AppendResult:
         """Store events in one transaction; already-logged event ids are reported, not stored."""
-        accepted: list[str] = []
-        duplicates: list[str] = []
+        rows = [
+            (
+                e["event_id"],
+                e["user_id"],
+                e["item_id"],
+                e["event_type"],
+                e.get("value"),
+                _iso(e["ts"]),
+                e["session_id"],
+                e["device"],
+                e.get("request_id"),
+                json.dumps(e, default=str),
+            )
+            for e in events
+        ]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for e in events:
-                    cur = self._db.execute(
-                        "INSERT OR IGNORE INTO events (event_id, user_id, item_id, event_type, value, ts,"
-                        " session_id, device, request_id, body) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                        (
-                            e["event_id"],
-                            e["user_id"],
-                            e["item_id"],
-                            e["event_type"],
-                            e.get("value"),
-                            _iso(e["ts"]),
-                            e["session_id"],
-                            e["device"],
-                            e.get("request_id"),
-                            json.dumps(e, default=str),
-                        ),
-                    )
-                    (accepted if cur.rowcount == 1 else duplicates).append(e["event_id"])
+                before = self._db.total_changes
+                self._db.executemany(_INSERT_EVENT, rows)
+                if self._db.total_changes - before == len(rows):
+                    accepted, duplicates = [r[0] for r in rows], []
+                else:
+                    # Some ids were logged already (or repeat in the batch): redo row by row
+                    # to tell which, in the same transaction.
+                    self._db.execute("ROLLBACK")
+                    self._db.execute("BEGIN IMMEDIATE")
+                    accepted, duplicates = [], []
+                    for row in rows:
+                        stored = self._db.execute(_INSERT_EVENT, row).rowcount == 1
+                        (accepted if stored else duplicates).append(row[0])
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

@@ -26,12 +26,16 @@ def test_append_is_idempotent_by_event_id(tmp_path):
     assert r1.accepted == ["e1", "e2"] and r1.duplicates == []
     assert r2.accepted == ["e3"] and r2.duplicates == ["e2"]
     assert log.count() == 3
+    # An id repeated inside one batch is stored once and reported once as a duplicate.
+    r3 = log.append([_event(7), _event(7), _event(8)])
+    assert r3.accepted == ["e7", "e8"] and r3.duplicates == ["e7"]
+    assert log.count() == 5
     log.close()
     # Reopening sees everything that was acknowledged.
     again = SqliteEventLog(tmp_path / "events.db")
-    assert again.event_ids() == ["e1", "e2", "e3"]
+    assert again.event_ids() == ["e1", "e2", "e3", "e7", "e8"]
     df = again.to_frame()
-    assert list(df["event_id"]) == ["e1", "e2", "e3"]
+    assert list(df["event_id"]) == ["e1", "e2", "e3", "e7", "e8"]
     assert str(df["ts"].dtype) == "datetime64[us, UTC]"
 
 
