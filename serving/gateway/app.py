@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
@@ -71,8 +71,10 @@ def create_app(
     state: dict[str, Gateway] = {}
     guard = ApiKeyGuard(settings.security, environ)
 
-    def requires(access: Access) -> Callable[[str | None], None]:
-        def check(key: str | None = Security(api_key_header)) -> None:
+    def requires(access: Access) -> Callable[[str | None], Awaitable[None]]:
+        # async: the check never blocks, and FastAPI would run a plain def dependency on the
+        # thread pool, one more thread hop per request before the endpoint's own.
+        async def check(key: str | None = Security(api_key_header)) -> None:
             guard.check(access, key)
 
         return check
