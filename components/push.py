@@ -138,31 +138,24 @@ def _predict_log(model: str, signature: str, columns: Mapping[str, np.ndarray]) 
     return log.SerializeToString()
 
 
-def write_warmup(
-    path: Path,
-    model: str,
-    batches: list[dict[str, np.ndarray]],
-    signatures: Sequence[str] = ("serving_default",),
-) -> int:
-    """Write at most 1000 PredictionLog records (TF Serving's limit), one request per batch.
+def write_warmup(path: Path, model: str, records: Sequence[tuple[str, dict[str, np.ndarray]]]) -> int:
+    """Write at most 1000 PredictionLog records (TF Serving's limit): ``(signature, columns)`` each.
 
-    Batch i goes to ``signatures[i % len(signatures)]``, so each signature a client calls is
-    run once at load, not on its first request (a cold signature can pass a request deadline).
+    Records for each signature a client calls mean each runs once at load, not on its first
+    request (a cold signature can pass a request deadline).
     """
     import tensorflow as tf
 
-    batches = batches[:1000]
+    records = list(records)[:1000]
     with tf.io.TFRecordWriter(str(path)) as w:
-        for i, columns in enumerate(batches):
-            w.write(_predict_log(model, signatures[i % len(signatures)], columns))
-    return len(batches)
+        for signature, columns in records:
+            w.write(_predict_log(model, signature, columns))
+    return len(records)
 
 
-def candidates_batches(
-    batches: list[dict[str, np.ndarray]], user_inputs: Sequence[str]
-) -> list[dict[str, np.ndarray]]:
-    """Pair-row ranking batches (one user each) as ``rank_candidates`` requests: user side [1]."""
-    return [{k: v[:1] if k in user_inputs else v for k, v in b.items()} for b in batches]
+def candidates_batch(batch: dict[str, np.ndarray], user_inputs: Sequence[str]) -> dict[str, np.ndarray]:
+    """A pair-row ranking batch (one user) as a ``rank_candidates`` request: user side [1]."""
+    return {k: v[:1] if k in user_inputs else v for k, v in batch.items()}
 
 
 def _finish_version(tmp: Path, final: Path) -> None:
@@ -491,22 +484,21 @@ def push_models(
                 k, image = config.retrieval_k, config.scann_server_image
                 req = export_retrieval(train_dir, index_dir, tmp, k, image)
                 batches, signature = retrieval_batches, "retrieve"
-                signatures: tuple[str, ...] = ("serving_default",)
+                records = [("serving_default", b) for b in batches]
             else:
                 req = export_ranking(train_dir, tmp)
-                batches, signature, signatures = ranking_batches, "rank", ("serving_default",)
+                batches, signature = ranking_batches, "rank"
+                records = [("serving_default", b) for b in batches]
                 if RANK_CANDIDATES_SIGNATURE in req:
-                    # Every other record asks rank_candidates (the gateway's call) instead.
+                    # Every other record asks rank_candidates (the gateway's call) instead,
+                    # and there is one of each even when there is a single batch.
                     user_side = req[RANK_CANDIDATES_SIGNATURE]["user_inputs"]
-                    batches = [
-                        b if i % 2 == 0 else candidates_batches([b], user_side)[0]
-                        for i, b in enumerate(ranking_batches)
-                    ]
-                    if len(batches) == 1:
-                        batches += candidates_batches(batches, user_side)
-                    signatures = ("serving_default", RANK_CANDIDATES_SIGNATURE)
+                    once = [(RANK_CANDIDATES_SIGNATURE, candidates_batch(b, user_side)) for b in batches]
+                    records = [once[i] if i % 2 else r for i, r in enumerate(records)]
+                    if len(records) == 1:
+                        records.append(once[0])
             extra = tmp / "assets.extra"
-            n = write_warmup(extra / WARMUP_FILE, name, batches, signatures)
+            n = write_warmup(extra / WARMUP_FILE, name, records)
             (extra / PUSH_RECORD).write_text(json.dumps({**record, "model": name}, indent=2))
             _smoke_test(tmp, batches[0], signature)
             results[role] = {"name": name, "requirements": req, "warmup_records": n}

@@ -368,12 +368,9 @@ class Gateway:
                     self.client.predict(
                         p.retrieval_model, query, label=label, signature_name="retrieve", timeout=timeout
                     )
-                kv_key = kv if kv is not None else -1
-                inputs = snap.versions.ranking_inputs.get(kv_key)
-                if inputs:
-                    user_inputs = snap.versions.ranking_user_inputs.get(kv_key, frozenset())
-                    columns = self.ranker_inputs(inputs, {}, row, snap.catalog, pos, user_inputs)
-                    signature = RANK_CANDIDATES_SIGNATURE if user_inputs else "rank"
+                ranking = self.ranking_request(snap.versions, kv, {}, row, snap.catalog, pos)
+                if ranking is not None:
+                    columns, signature = ranking
                     self.client.predict(
                         p.ranking_model, columns, label=label, signature_name=signature, timeout=timeout
                     )
@@ -504,18 +501,35 @@ class Gateway:
         """Columns for the ranker: the item side gathered from the cache for every candidate;
         the user side once (``user_inputs``, the ``rank_candidates`` signature) or repeated
         on every row (pair rows, the ``rank`` signature)."""
-        n = len(pos)
         out: dict[str, np.ndarray] = {}
         for name, dtype in inputs.items():
-            if name in user_inputs:
-                value = query[name][0] if name in query else row.get(name, "" if dtype == "string" else 0)
-                out[name] = self._column(value, dtype, 1)
-            elif name == "item_id" or name in catalog.columns:
+            if name not in user_inputs and (name == "item_id" or name in catalog.columns):
                 out[name] = catalog.request_column(name, dtype)[pos]
-            else:
-                value = query[name][0] if name in query else row.get(name, "" if dtype == "string" else 0)
-                out[name] = self._column(value, dtype, n)
+                continue
+            value = query[name][0] if name in query else row.get(name, "" if dtype == "string" else 0)
+            out[name] = self._column(value, dtype, 1 if name in user_inputs else len(pos))
         return out
+
+    def ranking_request(
+        self,
+        versions: ModelVersions,
+        version: int | None,
+        query: dict[str, np.ndarray],
+        row: dict[str, Any],
+        catalog: ItemCatalog,
+        pos: np.ndarray,
+    ) -> tuple[dict[str, np.ndarray], str] | None:
+        """The ranking call for a version: its columns and signature (None: inputs not known).
+
+        ``rank_candidates`` (user side once) where the version has it, else pair rows to ``rank``.
+        """
+        key = version if version is not None else -1
+        inputs = versions.ranking_inputs.get(key)
+        if not inputs:
+            return None
+        user_inputs = versions.ranking_user_inputs.get(key, frozenset())
+        signature = RANK_CANDIDATES_SIGNATURE if user_inputs else "rank"
+        return self.ranker_inputs(inputs, query, row, catalog, pos, user_inputs), signature
 
     # --- recommendations ---------------------------------------------------------------
 
@@ -837,14 +851,11 @@ class Gateway:
     ) -> np.ndarray | None:
         """One batched predict of all candidates; the weighted objective per candidate, or None."""
         model = self.settings.push.ranking_model
-        version = versions.version(model, label)
-        inputs = versions.ranking_inputs.get(version or -1)
-        if not inputs:
-            return None
-        user_inputs = versions.ranking_user_inputs.get(version or -1, frozenset())
-        signature = RANK_CANDIDATES_SIGNATURE if user_inputs else "rank"
         try:
-            columns = self.ranker_inputs(inputs, query, row, catalog, pos, user_inputs)
+            ranking = self.ranking_request(versions, versions.version(model, label), query, row, catalog, pos)
+            if ranking is None:
+                return None
+            columns, signature = ranking
             # Only the combined score crosses the wire, unless the gateway weighs objectives itself.
             only = () if self.settings.gateway.objective_weights else ("score",)
             pred = self._call(model, columns, label, signature, only)
