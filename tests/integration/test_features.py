@@ -207,6 +207,23 @@ def test_values_written_at_or_after_an_event_are_never_joined(
     assert row["recent_items"] == "BEFORE"
 
 
+def test_entity_row_reader_reads_what_get_online_features_reads(env, events: pd.DataFrame) -> None:
+    from components.features import entity_row_reader, service_features
+
+    settings, store, _ = env
+    refs = [r for r in service_features(store, [RETRIEVER_SERVICE, RANKER_SERVICE]) if r.startswith("user_")]
+    read = entity_row_reader(store, refs, "user_id")
+    ts = TINY_END + pd.Timedelta(minutes=7)
+    event = {"user_id": "u-reader", "item_id": "i02", "event_type": "click", "ts": ts, "session_id": "s9"}
+    push_event(store, event)
+    users = [*events["user_id"].drop_duplicates().head(5), "u-reader", "nobody"]
+    for user in users:
+        full = store.get_online_features(features=refs, entity_rows=[{"user_id": user}]).to_dict()
+        want = {name.split("__")[-1]: values[0] for name, values in full.items() if name != "user_id"}
+        assert read(user) == want, user
+    assert read("u-reader")["recent_items"] == "i02" and read("nobody")["user_events_1d"] is None
+
+
 def test_pushed_event_is_read_by_the_next_lookup(env, events: pd.DataFrame) -> None:
     settings, store, _ = env
     user = events["user_id"].iloc[-1]
