@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -109,7 +110,7 @@ def ndarray_from_proto(proto: Any) -> np.ndarray:
     dtype = proto.dtype
     np_type = numpy_dtype(dtype)
     shape = [d.size for d in proto.tensor_shape.dim]
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)  # 1 for a scalar; np.prod costs ~5 us a call, x25 inputs
     if dtype == DT_STRING:
         values: Any = list(proto.string_val)
         array = np.empty(len(values), dtype=object)
