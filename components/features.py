@@ -708,7 +708,9 @@ def entity_row_reader(
         view, feature = ref.split(":", 1)
         by_view.setdefault(view, []).append(feature)
     views = [(store.get_feature_view(view), names) for view, names in by_view.items()]
-    provider, config = store._get_provider(), store.config  # the provider Feast itself reads through
+    # The provider get_online_features reads through (_get_provider is not public Feast API:
+    # Feast is pinned, and a test compares this reader with get_online_features).
+    provider, config = store._get_provider(), store.config
 
     def read(entity_id: str) -> dict[str, Any]:
         key = EntityKey(join_keys=[join_key], entity_values=[Value(string_val=entity_id)])
