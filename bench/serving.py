@@ -154,6 +154,8 @@ def load(
     measure_from = time.perf_counter() + warmup
     results: list[list[tuple[float, float, dict[str, float], str, int]]] = [[] for _ in range(concurrency)]
     errors = [0] * concurrency
+    answered = [0] * concurrency  # warm-up included: the span the CPU counters cover
+    cpu_before = time.process_time()
 
     def client(n: int) -> None:
         rng = np.random.default_rng(n)
@@ -170,6 +172,7 @@ def load(
                     errors[n] += 1
                     continue
                 body = json.loads(data)
+                answered[n] += 1
             except (OSError, http.client.HTTPException):
                 errors[n] += 1
                 conn.close()
@@ -185,6 +188,7 @@ def load(
         th.start()
     for th in threads:
         th.join()
+    load_cpu_ms = (time.process_time() - cpu_before) * 1000
     rows = [r for per in results for r in per]
     if not rows:
         return {"concurrency": concurrency, "requests": 0, "errors": sum(errors)}
@@ -209,6 +213,8 @@ def load(
         "stages_ms": stages,
         "candidate_sources": sources,
         "ranked_per_full_request": float(ranked[ranked > 0].mean()) if (ranked > 0).any() else 0.0,
+        "answered_with_warmup": sum(answered),
+        "load_cpu_ms_per_request": load_cpu_ms / max(sum(answered), 1),
     }
 
 
@@ -229,6 +235,15 @@ def _wait(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 6
             pass
         time.sleep(0.5)
     raise RuntimeError(f"{url} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def _cpu_ms(pid: int) -> float:
+    """User + system CPU of a process so far, in ms (Linux ``/proc/PID/stat``; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -263,6 +278,13 @@ def _table(results: list[dict[str, Any]]) -> str:
             f"| {r['concurrency']} | {r['requests']:,} | {r['throughput_rps']:.0f} | {e['p50']:.1f} | "
             f"{e['p95']:.1f} | {e['p99']:.1f} | {r['errors']} |"
         )
+    if all("cpu_ms_per_request" in r for r in results):
+        lines += ["", "CPU per request (ms, from each process's counters, warm-up included):", ""]
+        lines += ["| clients | model server | gateway | load |", "| ---: | ---: | ---: | ---: |"]
+        for r in results:
+            cpu = r["cpu_ms_per_request"]
+            cells = " | ".join(f"{cpu[k]:.2f}" for k in ("model_server", "gateway", "load"))
+            lines.append(f"| {r['concurrency']} | {cells} |")
     lines += ["", "Per stage inside the gateway (p50 / p95 / p99 ms, from each response's `timings_ms`):", ""]
     lines.append("| clients | " + " | ".join(STAGES) + " |")
     lines.append("| ---: | " + " | ".join("---:" for _ in STAGES) + " |")
@@ -376,6 +398,7 @@ def main() -> None:
         results = []
         for c in [int(x) for x in args.concurrency.split(",")]:
             load_1m = os.getloadavg()[0]
+            cpu_before = {"model_server": _cpu_ms(server.pid), "gateway": _cpu_ms(gateway.pid)}
             out = subprocess.run(
                 [
                     sys.executable,
@@ -403,12 +426,21 @@ def main() -> None:
             )
             r = json.loads(out.stdout.strip().splitlines()[-1])
             r["load_1m_before"] = load_1m
+            # CPU per answered request, by process (/proc counters; the servers' idle threads
+            # and background work such as the impression writer included).
+            answered = max(r.get("answered_with_warmup", 0), 1)
+            r["cpu_ms_per_request"] = {
+                name: (_cpu_ms(pid) - cpu_before[name]) / answered
+                for name, pid in (("model_server", server.pid), ("gateway", gateway.pid))
+            }
+            r["cpu_ms_per_request"]["load"] = r.get("load_cpu_ms_per_request", 0.0)
             results.append(r)
             _log(
                 f"{c:>2} clients: {r['throughput_rps']:.0f} req/s, e2e p50 {r['e2e_ms']['p50']:.1f} "
                 f"p95 {r['e2e_ms']['p95']:.1f} p99 {r['e2e_ms']['p99']:.1f} ms, errors {r['errors']}, "
                 f"sources {r['candidate_sources']}, ranked {r['ranked_per_full_request']:.0f}, "
-                f"load {load_1m:.1f}"
+                f"load {load_1m:.1f}, CPU ms/request "
+                + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_ms_per_request"].items())
             )
         metrics = __import__("httpx").get(f"{url}/metrics").text
     finally:
