@@ -484,19 +484,18 @@ def push_models(
                 k, image = config.retrieval_k, config.scann_server_image
                 req = export_retrieval(train_dir, index_dir, tmp, k, image)
                 batches, signature = retrieval_batches, "retrieve"
-                records = [("serving_default", b) for b in batches]
             else:
                 req = export_ranking(train_dir, tmp)
                 batches, signature = ranking_batches, "rank"
-                records = [("serving_default", b) for b in batches]
-                if RANK_CANDIDATES_SIGNATURE in req:
-                    # Every other record asks rank_candidates (the gateway's call) instead,
-                    # and there is one of each even when there is a single batch.
-                    user_side = req[RANK_CANDIDATES_SIGNATURE]["user_inputs"]
-                    once = [(RANK_CANDIDATES_SIGNATURE, candidates_batch(b, user_side)) for b in batches]
-                    records = [once[i] if i % 2 else r for i, r in enumerate(records)]
-                    if len(records) == 1:
-                        records.append(once[0])
+            records = [("serving_default", b) for b in batches]
+            if RANK_CANDIDATES_SIGNATURE in req:
+                # Every other record asks rank_candidates (the gateway's call) instead,
+                # and there is one of each even when there is a single batch.
+                user_side = req[RANK_CANDIDATES_SIGNATURE]["user_inputs"]
+                once = [(RANK_CANDIDATES_SIGNATURE, candidates_batch(b, user_side)) for b in batches]
+                records = [once[i] if i % 2 else r for i, r in enumerate(records)]
+                if len(records) == 1:
+                    records.append(once[0])
             extra = tmp / "assets.extra"
             n = write_warmup(extra / WARMUP_FILE, name, records)
             (extra / PUSH_RECORD).write_text(json.dumps({**record, "model": name}, indent=2))

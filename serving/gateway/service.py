@@ -651,7 +651,9 @@ class Gateway:
                     gw.exploration_position,
                 )
         shown = [catalog.position[item] for item in ranked_ids]
-        explained = self._reasons(snap, assets, [i for i in shown if i not in reasons], recent_pos, catalog)
+        pairs = zip(ranked_ids, shown, strict=True)
+        unexplained = [i for item, i in pairs if item not in explored and i not in reasons]
+        explained = self._reasons(snap, assets, unexplained, recent_pos, catalog)
         items = []
         for item, i in zip(ranked_ids, shown, strict=True):
             if item in explored:
