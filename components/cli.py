@@ -364,6 +364,9 @@ def serve_model_server(
         int,
         typer.Option("--tensorflow_inter_op_parallelism", help="Ops run at once; 0: TensorFlow's choice."),
     ] = 0,
+    grpc_max_threads: Annotated[
+        int, typer.Option("--grpc_max_threads", help="Threads that handle gRPC calls; 0: 4 per core.")
+    ] = 0,
     host: Annotated[
         str, typer.Option("--host", help="Interface to bind (not a TF Serving flag; it binds all).")
     ] = "0.0.0.0",
@@ -406,6 +409,7 @@ def serve_model_server(
         monitoring_config_file=monitoring_config_file,
         tensorflow_intra_op_parallelism=tensorflow_intra_op_parallelism,
         tensorflow_inter_op_parallelism=tensorflow_inter_op_parallelism,
+        grpc_max_threads=grpc_max_threads,
         host=host,
         custom_op_modules=custom_op_modules,
     )

@@ -14,8 +14,8 @@
 Access (``serving.gateway.security``): events and admin need the ``X-API-Key`` header; reads
 too unless ``security.open_reads``; bodies above ``security.max_request_bytes`` get a 413.
 
-Endpoints are plain ``def`` functions: the work is CPU-bound NumPy and blocking clients, so
-uvicorn runs them on its thread pool and the event loop only moves bytes.
+The work is CPU-bound NumPy and blocking clients: it runs on the thread pool (plain ``def``
+endpoints, or an explicit ``run_in_threadpool``), and the event loop only moves bytes.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from fastapi import Depends, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from components.config import Settings
 from components.contracts import ID_PATTERN
@@ -116,7 +117,7 @@ def create_app(
         return state["gw"]
 
     @app.post("/v1/recommendations", response_model=RecommendationResponse, dependencies=[read])
-    def recommendations(req: RecommendationRequest) -> Any:
+    async def recommendations(req: RecommendationRequest) -> Any:
         """Top-k items for a user: retrieve, filter, rank, diversify, explore."""
         g = gw()
         if req.k is not None and req.k > settings.gateway.max_k:
@@ -125,7 +126,10 @@ def create_app(
             return _problem(422, [{"field": "k", "value": req.k, "message": message}])
         started = time.perf_counter()
         try:
-            out = g.recommend(req)
+            # The work runs on the thread pool (blocking model calls, NumPy); the endpoint itself
+            # is async so that FastAPI checks the answer against the response model here, in the
+            # event loop, rather than in a second trip to the thread pool per request.
+            out = await run_in_threadpool(g.recommend, req)
         except NotReady as e:
             g.metrics.requests.labels(endpoint="recommendations", status="503").inc()
             return _problem(503, f"not ready: {e}")
@@ -192,8 +196,6 @@ def create_app(
             # All or nothing: a batch with one bad event stores none, so a retry is simple.
             g.metrics.events.labels(status="invalid").inc(len(raw))
             return _problem(422, problems)
-        from starlette.concurrency import run_in_threadpool
-
         out = await run_in_threadpool(g.ingest, parsed)
         g.metrics.requests.labels(endpoint="events", status="200").inc()
         return out
@@ -230,8 +232,6 @@ def create_app(
         return Response(generate_latest(gw().metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def _admin(action: Callable[[], dict[str, Any]]) -> Any:
-        from starlette.concurrency import run_in_threadpool
-
         async def run() -> Any:
             try:
                 return await run_in_threadpool(action)

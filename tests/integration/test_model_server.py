@@ -15,6 +15,7 @@ and ``bias`` is the version number, so every answer shows which version served i
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -525,14 +526,17 @@ def test_single_model_flags(server: Server, tmp_path: Path):
     rest = free_port()
     args = ["--port", str(free_port()), "--rest_api_port", str(rest), "--host", "127.0.0.1",
             "--model_name", "solo", "--model_base_path", str(server.base / "scorer"),
-            "--tensorflow_intra_op_parallelism", "1", "--tensorflow_inter_op_parallelism", "2"]  # fmt: skip
+            "--tensorflow_intra_op_parallelism", "1", "--tensorflow_inter_op_parallelism", "2",
+            "--grpc_max_threads", "3"]  # fmt: skip
     proc = start_server(args, tmp_path / "solo.log", rest, "solo")
     try:
         body = {"signature_name": "other", "inputs": [0.0]}
         assert httpx.post(f"http://127.0.0.1:{rest}/v1/models/solo:predict", json=body).json() == {
             "outputs": [2.0]
         }
-        assert "TensorFlow threads: intra-op 1, inter-op 2" in (tmp_path / "solo.log").read_text()
+        text = (tmp_path / "solo.log").read_text()
+        assert "TensorFlow threads: intra-op 1, inter-op 2" in text
+        assert re.search(r"Running gRPC ModelServer at 127\.0\.0\.1:\d+ \(3 threads\)", text), text[-2000:]
     finally:
         stop(proc)
 
