@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from pydantic import ValidationError
 from components.config import ConfigError, load_settings
 from serving.gateway.catalog import top_k, unit_directions
 from serving.gateway.schemas import Event, validation_problems
-from serving.gateway.service import UserActivity
+from serving.gateway.service import UserActivity, settle_heap
 
 
 def test_top_k_is_best_first_and_caps_at_n() -> None:
@@ -91,3 +93,22 @@ def test_gateway_config_refuses_bad_fractions_and_chains() -> None:
         load_settings(overrides={"gateway.fallback_chain": ["retrieval", "magic"]})
     env = load_settings(env={"RECSYS_GATEWAY__FALLBACK_CHAIN": "[exact, global_popularity]"})
     assert env.gateway.fallback_chain == ["exact", "global_popularity"]
+
+
+def test_settle_heap_freezes_what_lives_and_frees_replaced_cycles():
+    class Node:
+        pass
+
+    node = Node()
+    node.self = node  # a cycle: only the collector frees it
+    ref = weakref.ref(node)
+    try:
+        settle_heap()
+        assert gc.get_freeze_count() > 0
+        del node
+        gc.collect()
+        assert ref() is not None  # frozen: skipped by collections
+        settle_heap()  # the next swap unfreezes first, so the replaced objects' cycles go
+        assert ref() is None
+    finally:
+        gc.unfreeze()
