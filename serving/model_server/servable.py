@@ -133,7 +133,9 @@ def _tensor(array: np.ndarray, tf_dtype: Any) -> Any:
         from tensorflow.python.eager import context
         from tensorflow.python.framework.ops import EagerTensor
 
-        return EagerTensor(array, context.context().device_name, tf_dtype.as_datatype_enum)
+        ctx = context.context()
+        ctx.ensure_initialized()  # as tf.constant does: before it, the device name is not set
+        return EagerTensor(array, ctx.device_name, tf_dtype.as_datatype_enum)
     except (ImportError, AttributeError, TypeError):
         return tf.constant(array, dtype=tf_dtype)
 

@@ -615,3 +615,19 @@ def test_thread_flags_after_tensorflow_started_are_refused_not_ignored():
         and f"tensorflow_intra_op_parallelism={before + 3}" in e.value.message
     )
     apply_tensorflow_threading(0, 0)  # 0: TensorFlow's choice, nothing to set
+
+
+def test_tensors_are_built_before_tensorflow_has_run_anything():
+    # The servable builds input tensors without tf.constant; in a process where TensorFlow
+    # has not run an op yet, that must still work (the eager context is set up first).
+    code = (
+        "import numpy as np, tensorflow as tf\n"
+        "from serving.model_server.servable import _tensor\n"
+        "a = np.empty(2, dtype=object); a[:] = [b'x', b'yz']\n"
+        "ones = np.ones(2, np.float32)\n"
+        "print(_tensor(a, tf.string).numpy().tolist(), _tensor(ones, tf.float32).numpy().tolist())\n"
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[b'x', b'yz'] [1.0, 1.0]"
