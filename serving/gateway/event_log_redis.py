@@ -152,6 +152,12 @@ class RedisStreamsEventLog:
         """Record a served request (its impressions go through ``append`` as events)."""
         self.log_requests([record])
 
+    def log_served(self, records: Sequence[ServedRequest], impressions: Sequence[dict[str, Any]]) -> None:
+        """Served requests and their impressions (impressions first, as the SQLite log)."""
+        if impressions:
+            self.append(impressions)
+        self.log_requests(records)
+
     def log_requests(self, records: Sequence[ServedRequest]) -> None:
         """Record served requests in one round trip (MULTI/EXEC: all or none)."""
         if not records:

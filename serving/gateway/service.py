@@ -955,10 +955,7 @@ class Gateway:
                 continue
             batch = [e for _, records in pending for e in records]
             try:
-                # Impressions first: a request row then always has its impressions beside it.
-                if batch:
-                    self.event_log.append(batch)
-                self.event_log.log_requests([served for served, _ in pending])
+                self.event_log.log_served([served for served, _ in pending], batch)
             except Exception:  # noqa: BLE001
                 self.metrics.impression_log_failures.inc()
                 log.exception("impression log append failed")

@@ -100,13 +100,16 @@ def _traffic(log) -> None:
     for n in range(40):
         arm = "canary" if n % 2 else "stable"
         rid = f"req-{n}"
-        log.log_requests(
-            [ServedRequest(rid, f"u{n}", arm, {"retrieval": 1, "ranking": 1}, T0 + timedelta(seconds=n),
-                           20.0 + n, "error" if n == 5 else "ok")]
-        )  # fmt: skip
+        served = [ServedRequest(rid, f"u{n}", arm, {"retrieval": 1, "ranking": 1}, T0 + timedelta(seconds=n),
+                                20.0 + n, "error" if n == 5 else "ok")]  # fmt: skip
         shown = [event(f"{rid}:{k}", "impression", rid, item=f"i{k}") for k in range(3)]
         clicks = [event(f"{rid}:c", "click", rid, item="i1")] if n % 3 == 0 else []
-        log.append(shown + clicks)
+        if n % 2:
+            log.log_requests(served)
+            log.append(shown + clicks)
+        else:  # as the gateway's impression writer does
+            log.log_served(served, shown)
+            log.append(clicks)
 
 
 def test_canary_analysis_reads_either_backend_with_the_same_numbers(redis_aof, tmp_path: Path) -> None:

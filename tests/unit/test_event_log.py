@@ -82,3 +82,21 @@ def test_served_requests_are_recorded_for_the_canary_analysis(tmp_path):
     assert list(df["arm"]) == ["canary", "holdout"]
     assert df.loc[0, "versions"] == {"retrieval": 2, "ranking": 2}
     assert df.loc[1, "fallback"] == "global_popularity"
+
+
+def test_served_requests_and_impressions_go_in_together_and_posted_events_stay_fsynced(tmp_path):
+    from serving.gateway.event_log import ServedRequest
+
+    log = SqliteEventLog(tmp_path / "events.db")
+    log.append([_event(1)])
+    ts = "2026-11-01T10:00:00Z"
+    served = ServedRequest("r1", "u1", "stable", {"retrieval": 1}, ts, 4.0, "ok", items=["i0"])
+    shown = [{**_event(n), "event_type": "impression", "request_id": "r1"} for n in (1, 2, 3)]
+    log.log_served([served], shown)  # e1 is already logged: the others still go in
+    assert log.event_ids() == ["e1", "e2", "e3"]
+    assert list(log.requests_frame()["request_id"]) == ["r1"]
+    # The impression batch committed without its own fsync; posted events still get one.
+    assert log._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    log.close()
+    again = SqliteEventLog(tmp_path / "events.db")
+    assert again.count() == 3 and len(again.requests_frame()) == 1
