@@ -103,11 +103,12 @@ def settle_heap() -> None:
 
     The gateway holds a large, long-lived heap (~580k tracked objects: TensorFlow and Feast
     modules, the item cache, the model versions). A full collection walks all of it with the
-    GIL held: 250-340 ms on the 2-core bench machine, a stall of every request in flight, and
-    one ran about every second while the item cache and the query tower loaded (into the first
-    seconds of traffic), and again whenever caches that grow with traffic (rows per user) add
-    enough survivors. Frozen, that heap is no longer walked (a full collection: ~20k objects).
-    Called after each snapshot swap: unfreezing first lets the replaced snapshot's cycles be
+    GIL held: 250-340 ms on the 2-core bench machine, a stall of every request in flight. One
+    ran about every second while the item cache and the query tower loaded, into the first
+    seconds of traffic, and one runs whenever enough objects made at request time (cached rows
+    per user, say) have survived. Frozen, that heap is no longer walked (a full collection then
+    sees ~20k objects). Called after each snapshot swap, which therefore costs one full
+    collection on the refresh thread; unfreezing first lets the replaced snapshot's cycles be
     collected, so a refresh leaks nothing.
     """
     gc.unfreeze()
@@ -959,8 +960,8 @@ class Gateway:
             except Exception:  # noqa: BLE001
                 self.metrics.impression_log_failures.inc()
                 log.exception("impression log append failed")
-            # Let the next requests' records gather before the next write: one wake-up and two
-            # commits per window instead of per request (thread switches cost as much CPU as
+            # Let the next requests' records gather before the next write: one wake-up and one
+            # commit per window instead of per request (thread switches cost as much CPU as
             # the writes here). Impressions carry no promise of durability at the answer.
             self._stop.wait(IMPRESSION_WRITE_INTERVAL_S)
 
