@@ -961,8 +961,8 @@ class Gateway:
                 self.metrics.impression_log_failures.inc()
                 log.exception("impression log append failed")
             # Let the next requests' records gather before the next write: one wake-up and one
-            # commit per window instead of per request (thread switches cost as much CPU as
-            # the writes here). Impressions carry no promise of durability at the answer.
+            # commit per window instead of per request. Impressions carry no promise of
+            # durability at the answer.
             self._stop.wait(IMPRESSION_WRITE_INTERVAL_S)
 
     def flush_impressions(self, timeout: float = 5.0) -> None:
