@@ -25,16 +25,7 @@ from typing import Any
 import numpy as np
 
 from serving.model_server.errors import ServingError, failed_precondition, from_exception, invalid_argument
-from serving.model_server.tensors import (
-    DT_DOUBLE,
-    DT_FLOAT,
-    DT_INT32,
-    DT_INT64,
-    DT_STRING,
-    dtype_enum,
-    dtype_name,
-    ndarray_from_proto,
-)
+from serving.model_server.tensors import DT_STRING, dtype_enum, dtype_name, ndarray_from_proto
 
 DEFAULT_SIGNATURE = "serving_default"
 SERVE_TAG = "serve"
@@ -103,21 +94,11 @@ def _flat_input_order(fn: Any, signature_def: Any) -> list[str] | None:
 
 @dataclass(frozen=True)
 class _SignatureSpec:
-    """What ``run`` checks a request against, read once per signature rather than per call."""
+    """What ``run`` checks a request against, read from the SignatureDef at load, not per call."""
 
     expected: list[str]  # input aliases, sorted (TF Serving's messages list them so)
     inputs: dict[str, tuple[int, int, Any, list[int] | None]]  # alias: (arg index, DataType, tf dtype, dims)
     outputs: list[str]  # output aliases, sorted
-
-
-# NumPy dtype -> DataType for the dtypes requests carry; anything else goes through dtype_enum.
-_DTYPE_ENUMS: dict[np.dtype[Any], int] = {
-    np.dtype(np.float32): DT_FLOAT,
-    np.dtype(np.float64): DT_DOUBLE,
-    np.dtype(np.int64): DT_INT64,
-    np.dtype(np.int32): DT_INT32,
-    np.dtype(object): DT_STRING,
-}
 
 
 def _tensor(array: np.ndarray, tf_dtype: Any) -> Any:
@@ -145,6 +126,21 @@ def _shape_dims(tensor_info: Any) -> list[int] | None:
     return None if shape.unknown_rank else [d.size for d in shape.dim]
 
 
+def _signature_spec(sig: Any) -> _SignatureSpec:
+    import tensorflow as tf
+
+    expected = sorted(sig.inputs)
+    return _SignatureSpec(
+        expected=expected,
+        inputs={
+            alias: (i, info.dtype, tf.as_dtype(info.dtype), _shape_dims(info))
+            for i, alias in enumerate(expected)
+            for info in (sig.inputs[alias],)
+        },
+        outputs=sorted(sig.outputs),
+    )
+
+
 class Servable:
     """A model version that serves: signatures to run and their definitions to describe.
 
@@ -168,23 +164,7 @@ class Servable:
             for key, fn in self._functions.items()
             if (order := _flat_input_order(fn, signature_defs.get(key)))
         }
-        self._specs: dict[str, _SignatureSpec] = {}
-
-    def _spec(self, signature_name: str, sig: Any) -> _SignatureSpec:
-        import tensorflow as tf
-
-        expected = sorted(sig.inputs)
-        spec = _SignatureSpec(
-            expected=expected,
-            inputs={
-                alias: (i, info.dtype, tf.as_dtype(info.dtype), _shape_dims(info))
-                for i, alias in enumerate(expected)
-                for info in (sig.inputs[alias],)
-            },
-            outputs=sorted(sig.outputs),
-        )
-        self._specs[signature_name] = spec
-        return spec
+        self._specs = {key: _signature_spec(sig) for key, sig in signature_defs.items()}
 
     @classmethod
     def load(cls, name: str, version: int, path: Path, tags: Sequence[str] = (SERVE_TAG,)) -> Servable:
@@ -229,7 +209,7 @@ class Servable:
         fn = self._functions.get(signature_name)
         if sig is None or fn is None:
             raise failed_precondition(f'Serving signature key "{signature_name}" not found.')
-        spec = self._specs.get(signature_name) or self._spec(signature_name, sig)
+        spec = self._specs[signature_name]
         expected = spec.expected
         if len(inputs) != len(expected) or any(alias not in spec.inputs for alias in inputs):
             sent = sorted(inputs)
@@ -266,7 +246,7 @@ class Servable:
             if array is None:
                 continue  # an input with a default in the signature
             i, dtype, tf_dtype, dims = spec.inputs[alias]
-            got = _DTYPE_ENUMS.get(array.dtype) or dtype_enum(array)
+            got = dtype_enum(array)
             if got != dtype:
                 # The session's own wording when a fed tensor has the wrong dtype.
                 raise invalid_argument(

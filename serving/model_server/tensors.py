@@ -46,6 +46,7 @@ _NUMPY: dict[int, Any] = {
     DT_UINT32: np.uint32,
     DT_UINT64: np.uint64,
 }
+_ENUMS: dict[np.dtype[Any], int] = {np.dtype(t): e for e, t in _NUMPY.items() if t is not object}
 _NAMES: dict[int, str] = {
     DT_FLOAT: "float",
     DT_DOUBLE: "double",
@@ -90,11 +91,11 @@ def numpy_dtype(dtype: int) -> Any:
 
 def dtype_enum(array: np.ndarray) -> int:
     """The DataType of a NumPy array (object and bytes/str arrays are DT_STRING)."""
+    enum = _ENUMS.get(array.dtype)  # one lookup: the model server asks this for every input
+    if enum is not None:
+        return enum
     if array.dtype.kind in ("O", "S", "U"):
         return DT_STRING
-    for enum, np_type in _NUMPY.items():
-        if np_type is not object and array.dtype == np.dtype(np_type):
-            return enum
     raise ServingError("UNIMPLEMENTED", f"Unsupported NumPy dtype: {array.dtype}")
 
 
