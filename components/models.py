@@ -433,19 +433,28 @@ class MultiObjectiveRanker(tfrs.Model):
         The user side and its share of the first layer are computed once, not once per
         candidate: the first layer's matmul over ``concat(user, item, affinity, match)`` is the
         sum of per-part matmuls, so the user's part becomes one row broadcast over N.
+
+        The affinity part folds into the item part's kernel. With ``u = user_projection(user)``
+        and the linear ``item_projection(x) = x W + b``, ``(u * (x W + b)) K_a = x ((W * u) K_a)
+        + (u * b) K_a``: one ``[di, h]`` matrix per request instead of two matmuls over the N
+        candidates (``item_projection`` and the affinity's kernel), and the same numbers up to
+        float rounding.
         """
         user_side, taste = self.encode_user(user_features)
         item_side, item_category = self.encode_items(item_features)
-        affinity = self.user_projection(user_side) * self.item_projection(item_side)
+        user_projected = self.user_projection(user_side)  # [1, a]
         first, *rest = self.body.layers
-        du, di = user_side.shape[-1], item_side.shape[-1]
+        du, di, da = user_side.shape[-1], item_side.shape[-1], user_projected.shape[-1]
         kernel = first.kernel
-        pre = (
+        affinity_kernel = kernel[du + di : du + di + da]  # [a, h]
+        projection = self.item_projection
+        item_kernel = kernel[du : du + di] + tf.matmul(projection.kernel * user_projected, affinity_kernel)
+        user_row = (
             tf.matmul(user_side, kernel[:du])
-            + tf.matmul(item_side, kernel[du : du + di])
-            + tf.matmul(affinity, kernel[du + di : du + di + affinity.shape[-1]])
+            + tf.matmul(user_projected * projection.bias, affinity_kernel)
             + first.bias
         )
+        pre = tf.matmul(item_side, item_kernel) + user_row
         if taste is not None:
             match = tf.reduce_sum(taste * item_category, axis=1, keepdims=True)
             pre += match * kernel[-1:]

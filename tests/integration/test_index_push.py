@@ -206,9 +206,10 @@ def test_push_versions_labels_retention_and_artifacts(train_dir, scann_index, ti
     by_candidates = ranking.signatures["rank_candidates"](**once)
     np.testing.assert_allclose(by_candidates["score"].numpy(), scored["score"].numpy(), rtol=1e-4, atol=1e-5)
 
-    # The model server runs signatures by their flat input list (not TF's keyword binding),
-    # on tensors it builds without tf.constant's layers: same outputs as the keyword call on
-    # tf.constant tensors, for a signature with 26 inputs of three dtypes.
+    # The model server runs signatures by their flat input list, straight into the graph's
+    # inference function (not TF's keyword binding and tape checks), on tensors it builds
+    # without tf.constant's layers: same outputs as the keyword call on tf.constant tensors,
+    # for a signature with 26 inputs of three dtypes.
     from serving.model_server.servable import Servable, _tensor
 
     for array, dtype in ((np.array([b"i01", b""], dtype=object), tf.string), (np.arange(3.0), tf.float64)):
@@ -217,6 +218,7 @@ def test_push_versions_labels_retention_and_artifacts(train_dir, scann_index, ti
 
     servable = Servable.load("ranking", 4, base / "ranking" / "4")
     assert {"rank", "rank_candidates"} <= set(servable._flat_order)
+    assert {"rank", "rank_candidates"} <= set(servable._inference)  # the graph called directly
     for signature, feeds, expected in (("rank", pairs, scored), ("rank_candidates", once, by_candidates)):
         arrays = {k: np.asarray(v.numpy() if hasattr(v, "numpy") else v) for k, v in feeds.items()}
         arrays = {k: v.astype(object) if v.dtype.kind in "SU" else v for k, v in arrays.items()}
