@@ -219,6 +219,7 @@ class ItemCatalog:
     source_mtime: float
     _category_masks: dict[str, np.ndarray] = field(default_factory=dict)
     _request_columns: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    _new_positions: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -237,6 +238,13 @@ class ItemCatalog:
                 col = values.astype(np.int64 if dtype.startswith("int") else np.float32)
             self._request_columns[key] = col  # a race only builds the same column twice
         return col
+
+    @property
+    def new_positions(self) -> np.ndarray:
+        """Positions of the ``new`` items, computed once: exploration draws from these."""
+        if self._new_positions is None:
+            self._new_positions = np.flatnonzero(self.new)
+        return self._new_positions
 
     def category_mask(self, category: str) -> np.ndarray:
         """True where an item carries ``category`` (any of its '|'-joined ones); computed once."""

@@ -60,7 +60,7 @@ from serving.gateway.catalog import (
 )
 from serving.gateway.event_log import EventLog, ServedRequest, open_event_log
 from serving.gateway.metrics import GatewayMetrics
-from serving.gateway.policy import assign_arm, insert_exploration, mmr, rank_fusion
+from serving.gateway.policy import assign_arm, insert_exploration, mmr, rank_fusion, sample_positions
 from serving.gateway.schemas import Event, RecommendationRequest
 
 log = logging.getLogger("serving.gateway")
@@ -659,12 +659,11 @@ class Gateway:
 
         explored: set[str] = set()
         if gw.exploration_slots and arm != "holdout":
-            pool_mask = catalog.new & allowed
-            pool_mask[pos[picked]] = False
-            pool = np.flatnonzero(pool_mask)
-            if len(pool):
-                rng = np.random.default_rng(int(hashlib.sha256(request_id.encode()).hexdigest()[:16], 16))
-                chosen = rng.choice(pool, size=min(gw.exploration_slots, len(pool)), replace=False)
+            rng = np.random.default_rng(int(hashlib.sha256(request_id.encode()).hexdigest()[:16], 16))
+            chosen = sample_positions(
+                catalog.new_positions, allowed, set(pos[picked].tolist()), gw.exploration_slots, rng
+            )
+            if len(chosen):
                 ranked_ids, explored = insert_exploration(
                     ranked_ids,
                     [str(catalog.item_ids[c]) for c in chosen],

@@ -64,3 +64,53 @@ def test_rank_fusion_orders_by_both_ranks_and_is_the_ranker_alone_at_weight_zero
     # ranks in [0, 1]: ranker (1, 0, .5), retrieval (0, 1, .5) -> 1 + 0, 0 + 2, .5 + 1
     assert np.allclose(fused, [1.0, 2.0, 1.5])
     assert list(np.argsort(-fused)) == [1, 2, 0]
+
+
+def test_sample_positions_draws_distinct_allowed_unexcluded_positions() -> None:
+    from serving.gateway.policy import sample_positions
+
+    candidates = np.arange(0, 1000, 2)  # the "new" items: even positions
+    allowed = np.ones(1000, dtype=bool)
+    allowed[:500] = False  # filtered or seen
+    for seed in range(50):
+        got = sample_positions(candidates, allowed, {600, 602}, 3, np.random.default_rng(seed))
+        assert len(got) == 3 == len(set(got.tolist()))
+        assert all(p % 2 == 0 and p >= 500 and p not in (600, 602) for p in got.tolist())
+    same = [sample_positions(candidates, allowed, set(), 2, np.random.default_rng(7)) for _ in range(2)]
+    assert same[0].tolist() == same[1].tolist()  # a request's seed gives the same exploration
+
+
+def test_sample_positions_finds_a_sparse_pool_exactly() -> None:
+    from serving.gateway.policy import sample_positions
+
+    candidates = np.arange(10_000)
+    allowed = np.zeros(10_000, dtype=bool)
+    allowed[[17, 9_001, 5_000]] = True  # 3 of 10k qualify: random draws would miss them
+    got = sample_positions(candidates, allowed, {5_000}, 5, np.random.default_rng(0))
+    assert sorted(got.tolist()) == [17, 9_001]
+    rng = np.random.default_rng(0)
+    assert len(sample_positions(candidates, np.zeros(10_000, dtype=bool), set(), 1, rng)) == 0
+    assert len(sample_positions(np.zeros(0, dtype=np.int64), allowed, set(), 1, rng)) == 0
+
+
+def test_sample_positions_is_uniform_over_the_qualifying_set() -> None:
+    from serving.gateway.policy import sample_positions
+
+    candidates = np.arange(8)
+    allowed = np.array([1, 0, 1, 1, 0, 1, 1, 0], dtype=bool)  # 0, 2, 3, 5, 6 qualify; 6 is excluded
+    counts = np.zeros(8)
+    for seed in range(4000):
+        counts[sample_positions(candidates, allowed, {6}, 1, np.random.default_rng(seed))] += 1
+    assert counts[[1, 4, 6, 7]].sum() == 0
+    assert np.all(np.abs(counts[[0, 2, 3, 5]] - 1000) < 120)  # 4 equally likely, ~1000 each
+
+
+def test_rank01_matches_the_rank_of_each_element_with_stable_ties() -> None:
+    from serving.gateway.policy import rank01
+
+    x = np.array([3.0, 1.0, 3.0, 2.0, 1.0])
+    assert rank01(x).tolist() == [0.75, 0.0, 1.0, 0.5, 0.25]
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 20, size=500).astype(float)
+    expected = np.argsort(np.argsort(y, kind="stable"), kind="stable") / (len(y) - 1)
+    assert np.array_equal(rank01(y), expected)

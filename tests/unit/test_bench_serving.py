@@ -1,0 +1,36 @@
+"""bench/serving's summary of repeated load passes: the median-p99 pass and the spread."""
+
+from bench.serving import _spread_table, representative_runs, spread
+
+
+def _run(level: int, rps: float, p50: float, p99: float) -> dict:
+    return {"concurrency": level, "requests": 100, "throughput_rps": rps, "e2e_ms": {"p50": p50, "p99": p99}}
+
+
+def test_median_p99_pass_per_level_in_first_seen_order():
+    runs = [
+        _run(8, 190, 41.0, 70.0),
+        _run(1, 90, 10.0, 17.0),
+        _run(8, 210, 37.0, 60.0),
+        _run(8, 170, 46.0, 80.0),
+        _run(1, 95, 9.5, 16.0),
+    ]
+    picked = representative_runs(runs)
+    assert [r["concurrency"] for r in picked] == [8, 1]
+    assert picked[0]["e2e_ms"]["p99"] == 70.0  # the middle of 60, 70, 80
+    assert picked[1]["e2e_ms"]["p99"] == 16.0  # of two passes, the lower p99
+
+
+def test_a_pass_without_answers_is_never_the_representative_nor_in_the_spread():
+    runs = [_run(8, 200, 40.0, 65.0), {"concurrency": 8, "requests": 0, "errors": 12}]
+    assert representative_runs(runs)[0]["requests"] == 100
+    rows = spread(runs)
+    assert rows == [
+        {"concurrency": 8, "passes": 1, "req_s": (200, 200), "p50_ms": (40.0, 40.0), "p99_ms": (65.0, 65.0)}
+    ]
+
+
+def test_spread_table_shows_min_and_max():
+    rows = spread([_run(8, 170, 46.0, 80.0), _run(8, 210, 37.0, 60.0)])
+    table = _spread_table(rows)
+    assert "| 8 | 2 | 170 - 210 | 37.0 - 46.0 | 60.0 - 80.0 |" in table
