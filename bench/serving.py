@@ -269,6 +269,14 @@ def _machine() -> str:
     return f"{os.cpu_count()} cores, {model}, {platform.machine()}"
 
 
+def _by_level(runs: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    """The passes of each concurrency level, levels in first-seen order."""
+    by_level: dict[int, list[dict[str, Any]]] = {}
+    for r in runs:
+        by_level.setdefault(r["concurrency"], []).append(r)
+    return by_level
+
+
 def representative_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One pass per concurrency level, in first-seen order: the pass with the median e2e p99.
 
@@ -276,11 +284,9 @@ def representative_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     on one day), so one pass per level can flatter or wrong a change; the median pass is what
     the tables show and ``spread`` says how far the others were.
     """
-    by_level: dict[int, list[dict[str, Any]]] = {}
-    for r in runs:
-        by_level.setdefault(r["concurrency"], []).append(r)
     out = []
-    for level_runs in by_level.values():
+    for level_runs in _by_level(runs).values():
+        # A pass without answers counts as the worst.
         ordered = sorted(level_runs, key=lambda r: r["e2e_ms"]["p99"] if r.get("requests") else float("inf"))
         out.append(ordered[(len(ordered) - 1) // 2])
     return out
@@ -288,12 +294,8 @@ def representative_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def spread(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per level: how many passes, and the min and max of throughput, e2e p50 and e2e p99."""
-    by_level: dict[int, list[dict[str, Any]]] = {}
-    for r in runs:
-        if r.get("requests"):
-            by_level.setdefault(r["concurrency"], []).append(r)
     rows = []
-    for level, level_runs in by_level.items():
+    for level, level_runs in _by_level([r for r in runs if r.get("requests")]).items():
         row: dict[str, Any] = {"concurrency": level, "passes": len(level_runs)}
         for name, get in (
             ("req_s", lambda r: r["throughput_rps"]),
@@ -512,7 +514,7 @@ def main() -> None:
         if gateway is not None:
             _stop(gateway)
         _stop(server)
-    results = representative_runs(runs)
+    results, spread_rows = representative_runs(runs), spread(runs)
     build_info = json.loads((home / "build.json").read_text()) if (home / "build.json").is_file() else {}
     summary = {
         "date": datetime.now(UTC).date().isoformat(),
@@ -526,7 +528,7 @@ def main() -> None:
         "index": {k: (build_info.get("index") or {}).get(k) for k in ("algorithm", "recall_at_k", "params")},
         "repeats": args.repeats,
         "results": results,
-        "spread": spread(runs),
+        "spread": spread_rows,
         "runs": runs,
         "fallback_lines": [
             ln for ln in metrics.splitlines() if ln.startswith("recsys_gateway_fallbacks_total")
@@ -535,7 +537,7 @@ def main() -> None:
     (home / "results.json").write_text(json.dumps(summary, indent=2))
     table = _table(results)
     if args.repeats > 1:
-        table += "\n\n" + _spread_table(spread(runs))
+        table += "\n\n" + _spread_table(spread_rows)
     print(table)
     if args.record:
         _record(summary, table)

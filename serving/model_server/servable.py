@@ -71,40 +71,30 @@ def read_signature_defs(version_dir: Path, tags: Sequence[str] = (SERVE_TAG,)) -
     )
 
 
-def _flat_input_order(fn: Any, signature_def: Any) -> list[str] | None:
-    """The input aliases in the order a signature's function takes them flat, or None.
+def _flat_call(fn: Any, signature_def: Any) -> tuple[list[str], Any] | None:
+    """The input aliases in the order a signature's graph takes them flat, and the function that
+    runs the graph on ``flat inputs + captured inputs``; None to use the keyword call.
 
     Calling a loaded signature with keywords goes through TensorFlow's structured binding
-    (``bind_with_defaults``, ``TensorSpec.cast``): ~0.3 ms per call, where a whole ranking
-    call on 1000 candidates is ~1.1 ms. The inputs are already checked here against the SignatureDef
-    (names, dtypes, shapes), so the function is called with the flat tensor list instead,
-    in the order of its keyword arguments (``_arg_keywords`` and ``_call_flat`` are not public
-    TensorFlow API: TF is pinned, and a test compares both calls). None (use the structured
-    call) when that order cannot be read or does not match the SignatureDef's inputs.
+    (``bind_with_defaults``, ``TensorSpec.cast``, ~0.3 ms a call), and its ``_call_flat``
+    still maps captures for distribution strategies and checks for gradient tapes (~0.08 ms
+    of ~0.18 ms of Python a call on the bench machine) before it ends in
+    ``_inference_function.call_preflattened``. The inputs are already checked here against
+    the SignatureDef (names, dtypes, shapes) and the model server runs no strategy and records
+    no gradients, so it calls that last step itself with the flat tensor list, in the order of
+    the keyword arguments. ``_arg_keywords`` and ``_inference_function`` are not public
+    TensorFlow API: TF is pinned, and a test compares both calls. None when that order cannot
+    be read or does not match the SignatureDef's inputs, or the function is not there.
     """
     order = getattr(fn, "_arg_keywords", None)
-    if signature_def is None or not order or not hasattr(fn, "_call_flat"):
+    call = getattr(getattr(fn, "_inference_function", None), "call_preflattened", None)
+    if signature_def is None or not order or call is None:
         return None
     if sorted(order) != sorted(signature_def.inputs):
         return None
     if len(fn.inputs) - len(fn.captured_inputs) != len(order):
         return None
-    return list(order)
-
-
-def _inference_call(fn: Any, order: list[str] | None) -> Any:
-    """The function that runs a signature's graph on ``flat inputs + captured inputs``, or None.
-
-    A loaded signature's ``_call_flat`` maps its captures for distribution strategies and
-    checks for gradient tapes (~0.08 ms a call on the bench machine, of ~0.18 ms of Python
-    per call) before it ends in ``_inference_function.call_preflattened``; the model server
-    runs no strategy and records no gradients, so it calls that last step itself. Not public
-    TensorFlow API (TF is pinned; a test compares the outputs with the keyword call).
-    """
-    atomic = getattr(fn, "_inference_function", None)
-    if order is None or atomic is None or not hasattr(atomic, "call_preflattened"):
-        return None
-    return atomic.call_preflattened
+    return list(order), call
 
 
 @dataclass(frozen=True)
@@ -174,17 +164,12 @@ class Servable:
         self.signature_defs = signature_defs
         self._loaded = loaded
         self._functions: dict[str, Any] = dict(getattr(loaded, "signatures", {}))
-        self._flat_order = {
-            key: order
+        self._flat_calls = {
+            key: flat
             for key, fn in self._functions.items()
-            if (order := _flat_input_order(fn, signature_defs.get(key)))
+            if (flat := _flat_call(fn, signature_defs.get(key))) is not None
         }
         self._specs = {key: _signature_spec(sig) for key, sig in signature_defs.items()}
-        self._inference = {
-            key: call
-            for key, fn in self._functions.items()
-            if (call := _inference_call(fn, self._flat_order.get(key))) is not None
-        }
 
     @classmethod
     def load(cls, name: str, version: int, path: Path, tags: Sequence[str] = (SERVE_TAG,)) -> Servable:
@@ -281,15 +266,11 @@ class Servable:
                     f"signature expects [{','.join('?' if d < 0 else str(d) for d in dims)}]"
                 )
             feeds[alias] = _tensor(array, tf_dtype)
-        order = self._flat_order.get(signature_name)
+        flat_call = self._flat_calls.get(signature_name)
         try:
-            if order is not None and len(feeds) == len(order):
-                flat = [feeds[alias] for alias in order]
-                call = self._inference.get(signature_name)
-                if call is not None:
-                    result = call(flat + list(fn.captured_inputs))
-                else:
-                    result = fn._call_flat(flat, fn.captured_inputs)
+            if flat_call is not None and len(feeds) == len(flat_call[0]):
+                order, call = flat_call
+                result = call([feeds[alias] for alias in order] + list(fn.captured_inputs))
             else:
                 result = fn(**feeds)
         except tf.errors.OpError as e:
@@ -342,5 +323,5 @@ class Servable:
     def unload(self) -> None:
         """Drop the references to the loaded graph so its memory can be reclaimed."""
         self._functions = {}
-        self._inference = {}
+        self._flat_calls = {}
         self._loaded = None

@@ -217,8 +217,7 @@ def test_push_versions_labels_retention_and_artifacts(train_dir, scann_index, ti
         assert built.dtype == dtype and list(built.numpy()) == list(tf.constant(array, dtype=dtype).numpy())
 
     servable = Servable.load("ranking", 4, base / "ranking" / "4")
-    assert {"rank", "rank_candidates"} <= set(servable._flat_order)
-    assert {"rank", "rank_candidates"} <= set(servable._inference)  # the graph called directly
+    assert {"rank", "rank_candidates"} <= set(servable._flat_calls)  # the graph called directly
     for signature, feeds, expected in (("rank", pairs, scored), ("rank_candidates", once, by_candidates)):
         arrays = {k: np.asarray(v.numpy() if hasattr(v, "numpy") else v) for k, v in feeds.items()}
         arrays = {k: v.astype(object) if v.dtype.kind in "SU" else v for k, v in arrays.items()}
