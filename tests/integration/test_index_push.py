@@ -210,10 +210,11 @@ def test_push_versions_labels_retention_and_artifacts(train_dir, scann_index, ti
     # inference function (not TF's keyword binding and tape checks), on tensors it builds
     # without tf.constant's layers: same outputs as the keyword call on tf.constant tensors,
     # for a signature with 26 inputs of three dtypes.
-    from serving.model_server.servable import Servable, _tensor
+    from serving.model_server.servable import Servable, _tensor_maker
 
+    tensor = _tensor_maker()
     for array, dtype in ((np.array([b"i01", b""], dtype=object), tf.string), (np.arange(3.0), tf.float64)):
-        built = _tensor(array, dtype)
+        built = tensor(array, dtype)
         assert built.dtype == dtype and list(built.numpy()) == list(tf.constant(array, dtype=dtype).numpy())
 
     servable = Servable.load("ranking", 4, base / "ranking" / "4")

@@ -622,10 +622,11 @@ def test_tensors_are_built_before_tensorflow_has_run_anything():
     # has not run an op yet, that must still work (the eager context is set up first).
     code = (
         "import numpy as np, tensorflow as tf\n"
-        "from serving.model_server.servable import _tensor\n"
+        "from serving.model_server.servable import _tensor_maker\n"
+        "tensor = _tensor_maker()\n"
         "a = np.empty(2, dtype=object); a[:] = [b'x', b'yz']\n"
         "ones = np.ones(2, np.float32)\n"
-        "print(_tensor(a, tf.string).numpy().tolist(), _tensor(ones, tf.float32).numpy().tolist())\n"
+        "print(tensor(a, tf.string).numpy().tolist(), tensor(ones, tf.float32).numpy().tolist())\n"
     )
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
