@@ -269,6 +269,23 @@ def _machine() -> str:
     return f"{os.cpu_count()} cores, {model}, {platform.machine()}"
 
 
+def speed_probe(iterations: int = 1_000_000, tries: int = 3) -> float:
+    """Milliseconds for a fixed single-thread Python loop (the best of ``tries``).
+
+    The shared 2-core machine runs the same build 20-30% faster or slower from one hour to
+    the next (the load process's own CPU per request moves with it), so each pass records
+    this probe, taken while the servers are idle: passes compare only at similar probes.
+    """
+    best = float("inf")
+    for _ in range(tries):
+        t = time.perf_counter()
+        total = 0
+        for i in range(iterations):
+            total += i
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
 def _by_level(runs: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
     """The passes of each concurrency level, levels in first-seen order."""
     by_level: dict[int, list[dict[str, Any]]] = {}
@@ -304,22 +321,31 @@ def spread(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ):
             values = [get(r) for r in level_runs]
             row[name] = (min(values), max(values))
+        probes = [r["speed_probe_ms"] for r in level_runs if "speed_probe_ms" in r]
+        if len(probes) == len(level_runs):
+            row["probe_ms"] = (min(probes), max(probes))
         rows.append(row)
     return rows
 
 
 def _spread_table(rows: list[dict[str, Any]]) -> str:
+    probed = bool(rows) and all("probe_ms" in r for r in rows)
     lines = [
-        "Spread over the passes (min - max; the tables above show each level's median-p99 pass):",
+        "Spread over the passes (min - max; the tables above show each level's median-p99 pass"
+        + ("; probe: the machine's speed before each pass, `speed_probe`, lower is faster" if probed else "")
+        + "):",
         "",
-        "| clients | passes | req/s | e2e p50 ms | e2e p99 ms |",
-        "| ---: | ---: | ---: | ---: | ---: |",
+        "| clients | passes | req/s | e2e p50 ms | e2e p99 ms |" + (" probe ms |" if probed else ""),
+        "| ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if probed else ""),
     ]
     for r in rows:
-        lines.append(
+        line = (
             f"| {r['concurrency']} | {r['passes']} | {r['req_s'][0]:.0f} - {r['req_s'][1]:.0f} | "
             f"{r['p50_ms'][0]:.1f} - {r['p50_ms'][1]:.1f} | {r['p99_ms'][0]:.1f} - {r['p99_ms'][1]:.1f} |"
         )
+        if probed:
+            line += f" {r['probe_ms'][0]:.0f} - {r['probe_ms'][1]:.0f} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -465,6 +491,7 @@ def main() -> None:
         levels = [int(x) for x in args.concurrency.split(",")]
         for c in [c for _ in range(args.repeats) for c in levels]:
             load_1m = os.getloadavg()[0]
+            probe_ms = speed_probe()
             cpu_before = {"model_server": _cpu_ms(server.pid), "gateway": _cpu_ms(gateway.pid)}
             out = subprocess.run(
                 [
@@ -493,6 +520,7 @@ def main() -> None:
             )
             r = json.loads(out.stdout.strip().splitlines()[-1])
             r["load_1m_before"] = load_1m
+            r["speed_probe_ms"] = probe_ms
             # CPU per answered request, by process (/proc counters; the servers' idle threads
             # and background work such as the impression writer included).
             answered = max(r.get("answered_with_warmup", 0), 1)
@@ -506,7 +534,7 @@ def main() -> None:
                 f"{c:>2} clients: {r['throughput_rps']:.0f} req/s, e2e p50 {r['e2e_ms']['p50']:.1f} "
                 f"p95 {r['e2e_ms']['p95']:.1f} p99 {r['e2e_ms']['p99']:.1f} ms, errors {r['errors']}, "
                 f"sources {r['candidate_sources']}, ranked {r['ranked_per_full_request']:.0f}, "
-                f"load {load_1m:.1f}, CPU ms/request "
+                f"load {load_1m:.1f}, probe {probe_ms:.0f} ms, CPU ms/request "
                 + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_ms_per_request"].items())
             )
         metrics = __import__("httpx").get(f"{url}/metrics").text

@@ -3,8 +3,14 @@
 from bench.serving import _spread_table, representative_runs, spread
 
 
-def _run(level: int, rps: float, p50: float, p99: float) -> dict:
-    return {"concurrency": level, "requests": 100, "throughput_rps": rps, "e2e_ms": {"p50": p50, "p99": p99}}
+def _run(level: int, rps: float, p50: float, p99: float, **extra: float) -> dict:
+    return {
+        "concurrency": level,
+        "requests": 100,
+        "throughput_rps": rps,
+        "e2e_ms": {"p50": p50, "p99": p99},
+        **extra,
+    }
 
 
 def test_median_p99_pass_per_level_in_first_seen_order():
@@ -34,3 +40,16 @@ def test_spread_table_shows_min_and_max():
     rows = spread([_run(8, 170, 46.0, 80.0), _run(8, 210, 37.0, 60.0)])
     table = _spread_table(rows)
     assert "| 8 | 2 | 170 - 210 | 37.0 - 46.0 | 60.0 - 80.0 |" in table
+
+
+def test_spread_shows_the_speed_probe_range_only_when_every_pass_has_one():
+    slow, fast = _run(8, 170, 46.0, 80.0, speed_probe_ms=61.0), _run(8, 210, 37.0, 60.0, speed_probe_ms=48.0)
+    rows = spread([slow, fast])
+    assert rows[0]["probe_ms"] == (48.0, 61.0)
+    table = _spread_table(rows)
+    assert "| e2e p99 ms | probe ms |" in table
+    assert "| 8 | 2 | 170 - 210 | 37.0 - 46.0 | 60.0 - 80.0 | 48 - 61 |" in table
+
+    unprobed = spread([_run(8, 170, 46.0, 80.0, speed_probe_ms=61.0), _run(8, 210, 37.0, 60.0)])
+    assert "probe_ms" not in unprobed[0]
+    assert "probe ms" not in _spread_table(unprobed)
