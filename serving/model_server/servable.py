@@ -102,9 +102,9 @@ class _SignatureSpec:
     """What ``run`` checks a request against, read from the SignatureDef at load, not per call."""
 
     expected: list[str]  # input aliases, sorted (TF Serving's messages list them so)
-    inputs: dict[str, tuple[int, int, Any, list[int] | None]]  # alias: (arg index, DataType, tf dtype, dims)
+    # alias: (arg index, DataType, tf dtype, dims, (axis, size) of each known dim)
+    inputs: dict[str, tuple[int, int, Any, list[int] | None, tuple[tuple[int, int], ...]]]
     outputs: list[str]  # output aliases, sorted
-    fixed_dims: dict[str, tuple[tuple[int, int], ...]]  # alias: (axis, size) of each known dim
 
 
 def _tensor_maker() -> Callable[[np.ndarray, Any], Any]:
@@ -148,15 +148,18 @@ def _signature_spec(sig: Any) -> _SignatureSpec:
     return _SignatureSpec(
         expected=expected,
         inputs={
-            alias: (i, info.dtype, tf.as_dtype(info.dtype), _shape_dims(info))
+            alias: (
+                i,
+                info.dtype,
+                tf.as_dtype(info.dtype),
+                dims,
+                tuple((a, d) for a, d in enumerate(dims or []) if d >= 0),
+            )
             for i, alias in enumerate(expected)
             for info in (sig.inputs[alias],)
+            for dims in (_shape_dims(info),)
         },
         outputs=sorted(sig.outputs),
-        fixed_dims={
-            alias: tuple((a, d) for a, d in enumerate(_shape_dims(info) or []) if d >= 0)
-            for alias, info in sig.inputs.items()
-        },
     )
 
 
@@ -261,12 +264,11 @@ class Servable:
 
         feeds: dict[str, Any] = {}
         tensor = _tensor_maker()
-        fixed_dims = spec.fixed_dims
         for alias in expected:
             array = inputs.get(alias)
             if array is None:
                 continue  # an input with a default in the signature
-            i, dtype, tf_dtype, dims = spec.inputs[alias]
+            i, dtype, tf_dtype, dims, fixed = spec.inputs[alias]
             got = dtype_enum(array)
             if got != dtype:
                 # The session's own wording when a fed tensor has the wrong dtype.
@@ -274,7 +276,7 @@ class Servable:
                     f"Expects arg[{i}] to be {dtype_name(dtype)} but {dtype_name(got)} is provided"
                 )
             if dims is not None and (
-                array.ndim != len(dims) or any(array.shape[a] != d for a, d in fixed_dims[alias])
+                array.ndim != len(dims) or any(array.shape[a] != d for a, d in fixed)
             ):
                 raise invalid_argument(
                     f"The shape of input {alias} is [{','.join(str(s) for s in array.shape)}] but the "
