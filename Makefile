@@ -35,8 +35,10 @@ test: $(STAMP) system-deps ## Run all tests (unit, DAG, integration)
 test-unit: $(STAMP) ## Fast pure tests only
 	$(BIN)/pytest -q tests/unit
 
-lint: $(STAMP) ## ruff
+lint: $(STAMP) ## ruff, the architecture's layers (import-linter) and types (mypy on the kernel and serving)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 bench: $(STAMP) ## Benchmarks (print tables; results go to BENCHMARKS.md)
 	$(BIN)/python -m bench.generate
@@ -44,7 +46,7 @@ bench: $(STAMP) ## Benchmarks (print tables; results go to BENCHMARKS.md)
 	$(BIN)/python -m bench.serving
 
 airflow: $(STAMP) ## Airflow with the project's DAGs: UI on localhost:8080 (AIRFLOW_PORT), Ctrl-C stops
-	$(BIN)/python -m components.airflow_local --port $${AIRFLOW_PORT:-8080}
+	$(BIN)/python -m entrypoints.airflow_local --port $${AIRFLOW_PORT:-8080}
 
 clean-state: ## Delete all runtime state (var/ or $$RECSYS_HOME)
 	rm -rf "$${RECSYS_HOME:-var}"

@@ -37,10 +37,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from components.config import FeaturesConfig, Settings, settings_from_environment
-from components.feature_schema import RETRIEVER_SERVICE
-from components.features import apply_feature_repo, build_feature_tables, features_dir, get_store, materialize
-from components.generate import GenerateParams, generate_to_folder
+from components.features.tables import apply_feature_repo, build_feature_tables, materialize
+from components.sources.synthetic import GenerateParams, generate_to_folder
+from recsys.config import FeaturesConfig, Settings, settings_from_environment
+from recsys.feature_schema import RETRIEVER_SERVICE
+from recsys.layout import features_dir
+from recsys.online_features import get_store
 
 
 def _percentiles(samples_s: list[float]) -> dict[str, float]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from components.generate import GenerateParams, generate_to_folder
+from components.sources.synthetic import GenerateParams, generate_to_folder
 
 
 def main() -> None:

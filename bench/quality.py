@@ -29,10 +29,10 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from components.config import load_settings, profile_path
-from components.metrics import ndcg_at_k, precision_at_k, recall_at_k
-from components.movielens import load_movielens
-from components.storage import write_data_folder
+from components.evaluation.metrics import ndcg_at_k, precision_at_k, recall_at_k
+from components.sources.movielens import load_movielens
+from recsys.config import load_settings, profile_path
+from recsys.storage import write_data_folder
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # Microsoft Recommenders, MovieLens 100K, top-10 (their benchmark notebook).
@@ -95,8 +95,8 @@ def popularity_recs(train: pd.DataFrame, users: Sequence[str], k: int) -> dict[s
 
 
 def run(dataset: str, home: Path, console: Console, overrides: dict[str, Any]) -> dict[str, Any]:
+    from components.batch_recommend import recommend
     from components.pipeline import run_pipeline
-    from components.recommend import recommend
 
     frames = load_movielens(SHARED_DATA / dataset)
     train, test = stratified_split(frames["events"])

@@ -26,8 +26,8 @@ from pathlib import Path
 import pandas as pd
 
 from bench.quality import PUBLISHED_100K, SHARED_DATA, stratified_split
-from components.config import EvaluationConfig, TrainingConfig
-from components.movielens import load_movielens
+from components.sources.movielens import load_movielens
+from recsys.config import EvaluationConfig, TrainingConfig
 
 # The movielens profile's training choices (conf/movielens.yaml): no validation split (the
 # latest ratings of a random split are mostly other users'), a fixed number of epochs, one
@@ -74,8 +74,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    from components.evaluation import evaluate
-    from components.training import train_models
+    from components.evaluation.evaluate import evaluate
+    from components.training.train import train_models
 
     started = time.perf_counter()
     data = load_movielens(SHARED_DATA / args.set)

@@ -10,7 +10,7 @@ RSS and peak RSS are its own and not the previous size's leftovers. Measured: bu
 (k-means tree + AH codebooks + tuning), the RSS the index adds, peak RSS, single-query
 latency p50/p99 and batched queries/s, recall@100 on 200 fresh queries.
 
-Training: the two-tower retriever of ``components.training`` on generated data, at the
+Training: the two-tower retriever of ``components.training.train`` on generated data, at the
 production setting (64-d towers). Throughput is the *marginal* rate: positives x (5 - 1)
 epochs / (time of a 5-epoch run - time of a 1-epoch run), after a discarded warm-up run, so
 model building, vocabularies, tracing and SavedModel export (fixed costs) do not dilute it.
@@ -42,7 +42,6 @@ QUERIES = 200
 def index_point(n: int) -> dict[str, Any]:
     """One catalog size, in this process: build, tune, measure."""
     from bench.scann_index import clustered_catalog, rss_gb
-    from components.config import IndexConfig
     from components.indexing import (
         build_searcher,
         exact_top_k,
@@ -51,6 +50,7 @@ def index_point(n: int) -> dict[str, Any]:
         search,
         tune_to_recall,
     )
+    from recsys.config import IndexConfig
 
     config = IndexConfig()
     k = config.recall_k
@@ -110,9 +110,9 @@ def training_point(users: int, items: int, days: int, batch_size: int) -> dict[s
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     from datetime import UTC, datetime
 
-    from components.config import TrainingConfig
-    from components.generate import GenerateParams, generate
-    from components.training import positives_frame, train_retriever
+    from components.sources.synthetic import GenerateParams, generate
+    from components.training.train import positives_frame, train_retriever
+    from recsys.config import TrainingConfig
 
     tables = generate(
         GenerateParams(
@@ -179,7 +179,7 @@ def render(index_rows: list[dict[str, Any]], train_rows: list[dict[str, Any]], m
         )
     lines += [
         "",
-        "Training: `components.training.train_retriever` (64-d towers, in-batch softmax with logQ",
+        "Training: `components.training.train.train_retriever` (64-d towers, in-batch softmax with logQ",
         "correction) on generated data; examples/s is the marginal fit rate: positives x 4 /",
         "(5-epoch run - 1-epoch run), after a discarded warm-up fit, so graph building, tracing",
         "and export are not counted.",

@@ -26,8 +26,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from components.config import IndexConfig
 from components.indexing import build_searcher, exact_top_k, index_params, recall_at_k, search, tune_to_recall
+from recsys.config import IndexConfig
 
 BENCH_DATE = "2026-11-23"
 SECTION = "## Retrieval index: ScaNN vs exact search"

@@ -66,18 +66,18 @@ def _log(msg: str) -> None:
 def build(home: Path, items: int, users: int, days: int, seed: int) -> dict[str, Any]:
     """Data, features, models and a push under ``home``; returns the timings of each step."""
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-    from components.config import IndexConfig, load_settings
-    from components.features import (
+    from components.features.tables import (
         apply_feature_repo,
         build_feature_tables,
         build_training_data,
-        features_dir,
         materialize,
     )
-    from components.generate import GenerateParams, generate_to_folder
     from components.indexing import build_index
     from components.push import push_models
-    from components.training import train_models
+    from components.sources.synthetic import GenerateParams, generate_to_folder
+    from components.training.train import train_models
+    from recsys.config import IndexConfig, load_settings
+    from recsys.layout import features_dir
 
     settings = load_settings(overrides={"home": str(home)})
     steps: dict[str, float] = {}

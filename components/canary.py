@@ -5,7 +5,7 @@ and ``canary`` (the newest). The gateway assigns each user to an arm by a sticky
 ``stable``, ``canary``, or a popularity ``holdout`` that no model serves — and logs every
 request it answers with its arm, model versions, latency and status, plus impressions and
 outcomes (click, add_to_cart, purchase, ...) as events carrying the ``request_id``
-(``serving.gateway.event_log``). This module reads that log, measures each arm, and decides:
+(``recsys.event_log.sqlite``). This module reads that log, measures each arm, and decides:
 
 - ``rollback``: a guardrail broke (the canary's error rate or p99 latency above its limit —
   checked first, and acted on at once, even before a sample is large enough for a CTR
@@ -28,12 +28,9 @@ Promotion sets ``stable := canary`` for both models (retrieval and ranking), rol
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import math
-import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -43,8 +40,14 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from components.config import CanaryConfig, Settings
-from components.storage import code_version, utc_now
+from recsys.config import CanaryConfig, Settings
+from recsys.event_log import read_configured_log
+from recsys.event_log.base import OUTCOME_COLUMNS
+from recsys.event_log.sqlite import read_sqlite_log
+from recsys.layout import canary_dir
+from recsys.model_registry import RegistryError, move_labels, rollout_in_progress, serving_labels
+from recsys.storage import code_version
+from recsys.timeutil import optional_utc_iso, to_utc, utc_now
 
 ARMS = ("stable", "canary", "holdout")
 Decision = Literal["promote", "rollback", "wait", "noop"]
@@ -171,62 +174,6 @@ class ArmStats:
         }
 
 
-OUTCOME_COLUMNS = ["request_id", "item_id", "event_type"]
-
-
-def read_event_log(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The gateway log's ``requests`` table and its request-tied events (impressions, outcomes).
-
-    Reads the SQLite file directly (query-only) rather than through ``SqliteEventLog``, which
-    would create an empty log where none exists yet; only distinct (request, item, type)
-    triples are fetched, since a repeated click on the same slot is one click.
-    """
-    path = Path(path)
-    if not path.is_file():
-        return _empty_requests(), pd.DataFrame(columns=OUTCOME_COLUMNS)
-    con = sqlite3.connect(path, timeout=30)
-    try:
-        con.execute("PRAGMA query_only = 1")
-        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if "requests" not in tables:
-            return _empty_requests(), pd.DataFrame(columns=OUTCOME_COLUMNS)
-        requests = pd.read_sql_query(
-            "SELECT request_id, user_id, arm, versions, ts, latency_ms, status FROM requests", con
-        )
-        events = pd.read_sql_query(
-            "SELECT DISTINCT request_id, item_id, event_type FROM events WHERE request_id IS NOT NULL",
-            con,
-        ) if "events" in tables else pd.DataFrame(columns=OUTCOME_COLUMNS)
-    finally:
-        con.close()
-    requests["versions"] = requests["versions"].map(lambda v: json.loads(v) if v else {})
-    return requests, events
-
-
-def read_configured_log(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame, str]:
-    """``(requests, events, location)`` from the backend ``gateway.event_log_backend`` names.
-
-    SQLite is read from its file without creating one; Redis Streams through
-    ``RedisStreamsEventLog`` opened as a reader (it acknowledges nothing, so it does not
-    demand per-write fsync of the server).
-    """
-    if settings.gateway.event_log_backend == "sqlite":
-        requests, events = read_event_log(settings.event_log_path)
-        return requests, events, str(settings.event_log_path)
-    from serving.gateway.event_log import open_event_log
-
-    log = open_event_log(settings, reader=True)
-    try:
-        return log.requests_frame(), log.outcomes_frame(), log.location
-    finally:
-        log.close()
-
-
-def _empty_requests() -> pd.DataFrame:
-    cols = ["request_id", "user_id", "arm", "versions", "ts", "latency_ms", "status"]
-    return pd.DataFrame(columns=cols)
-
-
 def _served_by(versions: Any, wanted: Mapping[str, int]) -> bool:
     """A request counts for an arm only if the versions that served it are the labelled ones.
 
@@ -263,9 +210,9 @@ def arm_stats(
     if len(req):
         req["ts"] = pd.to_datetime(req["ts"], utc=True, format="ISO8601")
         if since is not None:
-            req = req[req["ts"] >= _utc(since)]
+            req = req[req["ts"] >= to_utc(since)]
         if until is not None:
-            req = req[req["ts"] < _utc(until)]
+            req = req[req["ts"] < to_utc(until)]
     ev = events.drop_duplicates(OUTCOME_COLUMNS) if len(events) else events
     shown = ev[ev["event_type"] == "impression"]
     clicked = ev[ev["event_type"] == "click"]
@@ -308,11 +255,6 @@ def arm_stats(
 
 def _percentile(values: np.ndarray, q: float) -> float | None:
     return float(np.percentile(values, q)) if len(values) else None
-
-
-def _utc(value: datetime | str) -> pd.Timestamp:
-    ts = pd.Timestamp(value)
-    return ts.tz_convert("UTC") if ts.tzinfo else ts.tz_localize("UTC")
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,98 +372,6 @@ def decide(stats: Mapping[str, ArmStats], config: CanaryConfig) -> dict[str, Any
 
 
 # --------------------------------------------------------------------------------------------
-# Labels in models.config
-# --------------------------------------------------------------------------------------------
-
-
-def model_names(settings: Settings) -> list[str]:
-    return [settings.push.retrieval_model, settings.push.ranking_model]
-
-
-def serving_labels(settings: Settings) -> dict[str, dict[str, int]]:
-    """{"stable": {model: version}, "canary": {model: version}} from ``models.config`` ({} if none)."""
-    from components.push import read_models_config
-
-    models = read_models_config(settings.models_dir)
-    labels: dict[str, dict[str, int]] = {"stable": {}, "canary": {}}
-    for name in model_names(settings):
-        for label in labels:
-            if name in models and label in models[name]["labels"]:
-                labels[label][name] = int(models[name]["labels"][label])
-    return labels if any(labels.values()) else {}
-
-
-def rollout_in_progress(serving: Mapping[str, Mapping[str, int]]) -> bool:
-    return bool(serving) and any(serving["canary"].get(m) != v for m, v in serving["stable"].items())
-
-
-@contextlib.contextmanager
-def _labels_lock(base: Path) -> Iterator[None]:
-    # The DAG and a person at the CLI may move labels at the same moment: one at a time.
-    base.mkdir(parents=True, exist_ok=True)
-    with open(base / ".labels.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def move_labels(settings: Settings, action: Literal["promote", "rollback"]) -> dict[str, Any]:
-    """Promote (stable := canary) or roll back (canary := stable) both models in ``models.config``.
-
-    ``models.load.config`` is written first with every version either config needs and the
-    labels as they were: TF Serving refuses a label on a version that is not loaded, so a
-    server applies the load config, then ``models.config``. After the move, ``models.config``
-    keeps only the labelled versions loaded (the other one unloads), as ``push_models`` does.
-
-    Returns:
-        {"before": {model: labels}, "after": {model: labels}, "changed": bool}.
-
-    Raises:
-        CanaryError: no ``models.config``, a model missing from it, or the target version's
-            folder missing on disk.
-    """
-    from components.push import (
-        LOAD_CONFIG,
-        MODELS_CONFIG,
-        integer_versions,
-        read_models_config,
-        write_models_config,
-    )
-
-    base = settings.models_dir
-    with _labels_lock(base):
-        current = read_models_config(base)
-        if not current:
-            raise CanaryError(f"no {base / MODELS_CONFIG}: nothing has been pushed")
-        new = {name: dict(m) for name, m in current.items()}
-        load = {name: dict(m) for name, m in current.items()}
-        before, after = {}, {}
-        for name in model_names(settings):
-            if name not in current or not {"stable", "canary"} <= set(current[name]["labels"]):
-                raise CanaryError(f"model {name!r} has no stable and canary labels in {base / MODELS_CONFIG}")
-            labels = {k: int(v) for k, v in current[name]["labels"].items()}
-            target = labels["canary"] if action == "promote" else labels["stable"]
-            model_dir = Path(current[name]["base_path"])
-            if target not in integer_versions(model_dir):
-                raise CanaryError(f"{name} version {target} is not on disk under {model_dir}")
-            moved = {**labels, "stable": target, "canary": target}
-            before[name], after[name] = labels, moved
-            new[name] = {**current[name], "versions": sorted(set(moved.values())), "labels": moved}
-            load[name] = {
-                **current[name],
-                "versions": sorted(set(current[name]["versions"]) | set(moved.values())),
-                "labels": labels,
-            }
-        changed = before != after
-        if changed:
-            write_models_config(base / LOAD_CONFIG, load)
-            write_models_config(base / MODELS_CONFIG, new)
-    return {"before": before, "after": after, "changed": changed}
-
-
-# --------------------------------------------------------------------------------------------
 # Analysis, records and reports
 # --------------------------------------------------------------------------------------------
 
@@ -548,7 +398,7 @@ def analyze_canary(
         {decision, reason, arms: {arm: numbers}, tests, guardrails, rule, window, serving,
         config, analyzed_at}.
     """
-    requests, events = read_event_log(Path(source)) if isinstance(source, str | Path) else source
+    requests, events = read_sqlite_log(Path(source)) if isinstance(source, str | Path) else source
     stats = arm_stats(requests, events, serving, since, until)
     verdict = decide(stats, config)
     if serving is not None and not rollout_in_progress(serving):
@@ -557,20 +407,12 @@ def analyze_canary(
     return {
         **verdict,
         "arms": {arm: s.to_dict(1 - config.alpha) for arm, s in stats.items()},
-        "window": {"since": _iso(since), "until": _iso(until)},
+        "window": {"since": optional_utc_iso(since), "until": optional_utc_iso(until)},
         "serving": dict(serving) if serving is not None else None,
         "source": str(source) if isinstance(source, str | Path) else "frames",
         "config": config.model_dump(),
         "analyzed_at": utc_now().isoformat(),
     }
-
-
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else _utc(value).isoformat()
-
-
-def canary_dir(settings: Settings) -> Path:
-    return settings.home / "canary"
 
 
 def analyze(
@@ -714,6 +556,13 @@ serving {html.escape(json.dumps(record.get('serving')))}</p>
     return path
 
 
+def _move_labels(settings: Settings, action: Literal["promote", "rollback"]) -> dict[str, Any]:
+    try:
+        return move_labels(settings, action)
+    except RegistryError as e:
+        raise CanaryError(str(e)) from None
+
+
 def apply(settings: Settings, analysis: Mapping[str, Any], decided_by: str = "auto") -> dict[str, Any]:
     """Carry out an analysis' decision and record it; labels move only for promote / rollback.
 
@@ -726,7 +575,7 @@ def apply(settings: Settings, analysis: Mapping[str, Any], decided_by: str = "au
         if analysis.get("serving") is not None and now != analysis["serving"]:
             note = f"models.config changed since the analysis (then {analysis['serving']}, now {now})"
             return record_decision(settings, analysis, "skipped", decided_by, note=note)
-        moved = move_labels(settings, decision)
+        moved = _move_labels(settings, decision)
         return record_decision(settings, analysis, decision, decided_by, labels=moved)
     return record_decision(settings, analysis, decision, decided_by)
 
@@ -735,7 +584,7 @@ def manual(settings: Settings, action: Literal["promote", "rollback"], reason: s
     """A person's promote or rollback (``recsys canary promote|rollback``), recorded with the
     numbers the analysis shows at that moment, whatever they say."""
     analysis = analyze(settings)
-    moved = move_labels(settings, action)
+    moved = _move_labels(settings, action)
     return record_decision(settings, analysis, action, "manual", labels=moved, note=reason)
 
 
@@ -764,7 +613,7 @@ def run_analysis(settings: Settings, until: datetime | None = None, out_dir: Pat
     end), so a re-run of the same interval replaces its own analysis.
     """
     analysis = analyze(settings, until=until)
-    key = _utc(until).strftime("%Y-%m-%dT%H%M%S") if until is not None else "latest"
+    key = to_utc(until).strftime("%Y-%m-%dT%H%M%S") if until is not None else "latest"
     out_dir = out_dir or canary_dir(settings) / "runs" / key
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "analysis.json"

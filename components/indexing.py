@@ -47,14 +47,11 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from components.config import IndexConfig
-from components.storage import code_version, read_manifest, write_manifest
+from recsys.artifacts import EMBEDDINGS_FILE, ITEM_IDS_FILE, SCANN_CONFIG_FILE, SCANN_DIR
+from recsys.config import IndexConfig
+from recsys.storage import code_version, read_manifest, write_manifest
 
 # Files of an index folder (also read by push and by the gateway).
-SCANN_DIR = "scann"  # scann_ops_pybind serialize(): load with scann_ops_pybind.load_searcher
-EMBEDDINGS_FILE = "item_embeddings.npy"  # float32 [N, D], row i is item_ids[i]
-ITEM_IDS_FILE = "item_ids.json"
-SCANN_CONFIG_FILE = "scann_config.pbtxt"  # the ScannConfig text the searcher was built with
 
 
 class IndexBuildError(RuntimeError):

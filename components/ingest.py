@@ -14,8 +14,9 @@ from typing import Any
 
 import pandas as pd
 
-from components.config import Settings
-from components.storage import read_table, write_data_folder, write_manifest
+from recsys.config import Settings
+from recsys.storage import read_table, write_data_folder, write_manifest
+from recsys.timeutil import to_utc
 
 
 def ingest(settings: Settings, out_dir: Path, interval_end: datetime | None = None) -> dict[str, Any]:
@@ -33,7 +34,7 @@ def ingest(settings: Settings, out_dir: Path, interval_end: datetime | None = No
     src = settings.source
     out_dir = Path(out_dir)
     if src.kind == "synthetic":
-        from components.generate import GenerateParams, generate
+        from components.sources.synthetic import GenerateParams, generate
 
         g = settings.generate
         frames = generate(
@@ -49,7 +50,7 @@ def ingest(settings: Settings, out_dir: Path, interval_end: datetime | None = No
             )
         )
     elif src.kind == "movielens":
-        from components.movielens import load_movielens
+        from components.sources.movielens import load_movielens
 
         frames = load_movielens(_require_path(src.path, "movielens"))
         frames.pop("layout", None)
@@ -57,8 +58,7 @@ def ingest(settings: Settings, out_dir: Path, interval_end: datetime | None = No
         folder = _require_path(src.path, "parquet")
         frames = {t: read_table(folder, t) for t in ("users", "items", "events")}
     if interval_end is not None:
-        end = pd.Timestamp(interval_end)
-        end = end.tz_convert("UTC") if end.tzinfo else end.tz_localize("UTC")
+        end = to_utc(interval_end)
         ts = pd.to_datetime(frames["events"]["ts"], utc=True, errors="coerce")
         # Unparseable timestamps are kept: validation quarantines them with the reason.
         frames["events"] = frames["events"][ts.isna() | (ts < end)]

@@ -19,19 +19,9 @@ from typing import Any
 import pandas as pd
 from rich.console import Console
 
-from components.config import Settings
-from components.storage import read_manifest, write_manifest
-
-
-def run_key_for(interval_end: datetime) -> str:
-    """A run's folder name: the UTC date (and time, if not midnight) its interval ends."""
-    ts = pd.Timestamp(interval_end)
-    ts = ts.tz_convert("UTC") if ts.tzinfo else ts.tz_localize("UTC")
-    return ts.strftime("%Y-%m-%d") if ts == ts.normalize() else ts.strftime("%Y-%m-%dT%H%M%S")
-
-
-def step_dir(settings: Settings, run_key: str, step: str) -> Path:
-    return settings.run_dir(run_key) / step
+from recsys.config import Settings
+from recsys.layout import run_key_for, step_dir
+from recsys.storage import read_manifest, write_manifest
 
 
 def run_ingest(settings: Settings, interval_end: datetime) -> dict[str, Any]:
@@ -64,7 +54,8 @@ def validated_dir(settings: Settings, interval_end: datetime) -> Path:
 
 def run_build_features(settings: Settings, interval_end: datetime) -> dict[str, Any]:
     """Compute the feature tables from the run's validated data, days before ``interval_end``."""
-    from components.features import build_feature_tables, features_dir
+    from components.features.tables import build_feature_tables
+    from recsys.layout import features_dir
 
     return build_feature_tables(
         settings.features, validated_dir(settings, interval_end), features_dir(settings), end=interval_end
@@ -73,7 +64,7 @@ def run_build_features(settings: Settings, interval_end: datetime) -> dict[str, 
 
 def run_apply_features(settings: Settings, interval_end: datetime) -> dict[str, Any]:
     """Register feature_repo/ in the Feast registry (`feast apply`); idempotent."""
-    from components.features import apply_feature_repo
+    from components.features.tables import apply_feature_repo
 
     del interval_end  # the repo's definitions do not depend on the interval
     return apply_feature_repo(settings)
@@ -81,7 +72,7 @@ def run_apply_features(settings: Settings, interval_end: datetime) -> dict[str, 
 
 def run_materialize(settings: Settings, interval_end: datetime) -> dict[str, Any]:
     """Load feature rows up to the interval's end into the online store."""
-    from components.features import materialize
+    from components.features.tables import materialize
 
     # Feast's materialize window is inclusive; the last snapshot of the interval is stamped
     # at the last microsecond before its end.
@@ -112,8 +103,8 @@ def run_training_data(settings: Settings, interval_end: datetime) -> dict[str, A
     whole days: their new users and new items are what the evaluation's cold-start slices
     measure. ``split: random`` holds out a seeded fraction of each user's events instead.
     """
-    from components.evaluation import split_holdout
-    from components.features import build_training_data
+    from components.evaluation.evaluate import split_holdout
+    from components.features.tables import build_training_data
 
     key = run_key_for(interval_end)
     out = step_dir(settings, key, "training_data")
@@ -152,8 +143,8 @@ def run_train(settings: Settings, interval_end: datetime) -> dict[str, Any]:
     With ``training.refit_on_holdout`` the same recipe is then trained on train + holdout
     into ``<run>/refit/``, the model that index and push ship (see ``shipped_train_dir``).
     """
-    from components.storage import read_table
-    from components.training import train_models
+    from components.training.train import train_models
+    from recsys.storage import read_table
 
     key = run_key_for(interval_end)
     train, holdout = _training_frames(settings, interval_end)
@@ -179,7 +170,8 @@ def shipped_train_dir(settings: Settings, interval_end: datetime) -> Path:
 
 def serving_train_dir(settings: Settings) -> Path | None:
     """The training output of the model now labelled ``stable``, if it is still on disk."""
-    from components.push import PUSH_RECORD, version_for_label
+    from recsys.artifacts import PUSH_RECORD
+    from recsys.model_registry import version_for_label
 
     base = settings.models_dir
     try:
@@ -199,8 +191,8 @@ def run_evaluate(settings: Settings, interval_end: datetime) -> dict[str, Any]:
     The serving (stable) model is evaluated on this run's holdout too, as TFX's Evaluator
     does with its baseline, so the gate compares two models on the same data.
     """
-    from components.evaluation import evaluate
-    from components.storage import read_table
+    from components.evaluation.evaluate import evaluate
+    from recsys.storage import read_table
 
     key = run_key_for(interval_end)
     train, holdout = _training_frames(settings, interval_end)

@@ -38,22 +38,31 @@ from typing import Any
 
 import numpy as np
 
-from components.config import FeaturesConfig, PushConfig
-from components.faults import failpoint
-from components.feature_schema import RANK_CANDIDATES_SIGNATURE
-from components.indexing import EMBEDDINGS_FILE, ITEM_IDS_FILE, SCANN_CONFIG_FILE
-from components.storage import code_version, read_manifest, utc_now, write_manifest
+from recsys.artifacts import (
+    ASSETS_EXTRA,
+    EMBEDDINGS_FILE,
+    ITEM_IDS_FILE,
+    PAD_ID,
+    PUSH_RECORD,
+    REQUIREMENTS,
+    SCANN_CONFIG_FILE,
+    WARMUP_FILE,
+)
+from recsys.config import FeaturesConfig, PushConfig
+from recsys.faults import failpoint
+from recsys.feature_schema import RANK_CANDIDATES_SIGNATURE
+from recsys.model_registry import (
+    LOAD_CONFIG,
+    MODELS_CONFIG,
+    integer_versions,
+    read_models_config,
+    write_models_config,
+)
+from recsys.storage import code_version, read_manifest, write_manifest
+from recsys.timeutil import utc_now
 
-MODELS_CONFIG = "models.config"
-# The same versions with the labels as they were: a server applies this first (load), then
-# models.config (label), since TF Serving refuses a label on a version not loaded yet.
-LOAD_CONFIG = "models.load.config"
-WARMUP_FILE = "tf_serving_warmup_requests"
-PUSH_RECORD = "push.json"
-REQUIREMENTS = "requirements.json"
 RETRIEVAL_SIGNATURES = ("serving_default", "retrieve")
 RANKING_SIGNATURES = ("serving_default", "rank")
-PAD_ID = ""  # an id slot the index could not fill (fewer than K candidates found)
 
 
 class PushRefused(RuntimeError):
@@ -70,52 +79,6 @@ def read_blessing(blessing: Path | Mapping[str, Any]) -> dict[str, Any]:
     if not path.is_file():
         raise PushRefused(f"no blessing at {path}: the evaluation step did not bless this model")
     return json.loads(path.read_text())
-
-
-def integer_versions(model_dir: Path) -> list[int]:
-    """Version folders of one model (integer names only, as TF Serving sees them), ascending."""
-    if not model_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
-
-
-def read_models_config(base_path: Path) -> dict[str, dict[str, Any]]:
-    """``models.config`` as {model: {"base_path", "versions", "labels"}}; {} when absent."""
-    from google.protobuf import text_format
-    from tensorflow_serving.config import model_server_config_pb2
-
-    path = Path(base_path) / MODELS_CONFIG
-    if not path.is_file():
-        return {}
-    cfg = text_format.Parse(path.read_text(), model_server_config_pb2.ModelServerConfig())
-    return {
-        c.name: {
-            "base_path": c.base_path,
-            "versions": list(c.model_version_policy.specific.versions),
-            "labels": dict(c.version_labels),
-        }
-        for c in cfg.model_config_list.config
-    }
-
-
-def write_models_config(path: Path, models: Mapping[str, Mapping[str, Any]]) -> Path:
-    """Write a ModelServerConfig (text format) atomically: a server never reads half a file."""
-    from google.protobuf import text_format
-    from tensorflow_serving.config import model_server_config_pb2
-
-    cfg = model_server_config_pb2.ModelServerConfig()
-    for name, m in models.items():
-        c = cfg.model_config_list.config.add()
-        c.name = name
-        c.base_path = str(m["base_path"])
-        c.model_platform = "tensorflow"
-        c.model_version_policy.specific.versions.extend(sorted(set(m["versions"])))
-        for label, version in sorted(m["labels"].items()):
-            c.version_labels[label] = version
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text_format.MessageToString(cfg))
-    os.replace(tmp, path)
-    return path
 
 
 def _signature_specs(signature: Any) -> dict[str, Any]:
@@ -184,7 +147,7 @@ def _warmup_batches(
     with up to 20 popular candidates per ranking request."""
     import pandas as pd
 
-    from components.feature_rows import FeatureSource, feature_rows, load_feature_source, popular_items
+    from components.features.rows import FeatureSource, feature_rows, load_feature_source, popular_items
 
     data = data_dir or train_manifest.get("data_dir") or train_manifest.get("data")
     if not data or not (Path(data) / "users").exists():
@@ -279,7 +242,7 @@ def export_retrieval(
         signatures=signatures,
         options=tf.saved_model.SaveOptions(namespace_whitelist=["Scann"]),
     )
-    extra = out / "assets.extra"
+    extra = out / ASSETS_EXTRA
     extra.mkdir(exist_ok=True)
     np.save(extra / EMBEDDINGS_FILE, emb)
     (extra / ITEM_IDS_FILE).write_text(json.dumps(ids.tolist()))
@@ -358,8 +321,8 @@ def export_ranking(train_dir: Path, out: Path) -> dict[str, Any]:
             "item_inputs": sorted(n for n, sp in cand_specs.items() if sp.shape.as_list() != [1]),
         }
     tf.saved_model.save(module, str(out), signatures=signatures)
-    (out / "assets.extra").mkdir(exist_ok=True)
-    (out / "assets.extra" / REQUIREMENTS).write_text(json.dumps(requirements, indent=2))
+    (out / ASSETS_EXTRA).mkdir(exist_ok=True)
+    (out / ASSETS_EXTRA / REQUIREMENTS).write_text(json.dumps(requirements, indent=2))
     return requirements
 
 
@@ -496,7 +459,7 @@ def push_models(
                 records = [once[i] if i % 2 else r for i, r in enumerate(records)]
                 if len(records) == 1:
                     records.append(once[0])
-            extra = tmp / "assets.extra"
+            extra = tmp / ASSETS_EXTRA
             n = write_warmup(extra / WARMUP_FILE, name, records)
             (extra / PUSH_RECORD).write_text(json.dumps({**record, "model": name}, indent=2))
             _smoke_test(tmp, batches[0], signature)
@@ -561,7 +524,7 @@ def _pushed_versions(base_path: Path, names: Iterable[str], train_hash: str) -> 
     found = set()
     for name in names:
         for v in integer_versions(base_path / name):
-            record = base_path / name / str(v) / "assets.extra" / PUSH_RECORD
+            record = base_path / name / str(v) / ASSETS_EXTRA / PUSH_RECORD
             if record.is_file() and json.loads(record.read_text()).get("train_manifest_sha256") == train_hash:
                 found.add(v)
     return sorted(found)
@@ -574,21 +537,10 @@ def _push_complete(
     version is the newest on disk and models.config does not list it yet."""
     names = list(names)
     for name in names:
-        record = base_path / name / str(version) / "assets.extra" / PUSH_RECORD
+        record = base_path / name / str(version) / ASSETS_EXTRA / PUSH_RECORD
         if not record.is_file() or json.loads(record.read_text()).get("train_manifest_sha256") != train_hash:
             return False
     newest = all(version == max(integer_versions(base_path / name)) for name in names)
     listed = any(version in models.get(name, {}).get("versions", []) for name in names)
     # An older version that models.config no longer lists was superseded, not left half-done.
     return listed or not newest
-
-
-def version_for_label(base_path: Path, model: str, label: str = "stable") -> int:
-    """The version a label of ``models.config`` points at; names the labels there if absent."""
-    models = read_models_config(Path(base_path))
-    if model not in models:
-        raise FileNotFoundError(f"model {model!r} is not in {Path(base_path) / MODELS_CONFIG}: push first")
-    labels = models[model]["labels"]
-    if label not in labels:
-        raise KeyError(f"model {model!r} has no version labelled {label!r}; labels: {labels}")
-    return int(labels[label])

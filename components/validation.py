@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components.config import ValidationConfig
-from components.contracts import (
+from recsys.config import ValidationConfig
+from recsys.contracts import (
     AGE_BUCKETS,
     CONTRACTS,
     DEVICES,
@@ -44,7 +44,8 @@ from components.contracts import (
     TableContract,
     conform,
 )
-from components.storage import code_version, read_table, write_manifest, write_table
+from recsys.storage import code_version, read_table, write_manifest, write_table
+from recsys.timeutil import to_utc, utc_now, utc_series
 
 
 class ValidationError(RuntimeError):
@@ -120,8 +121,7 @@ def validate_data(
         BadFractionError: a table's bad fraction passed the threshold; nothing is published.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    as_of = pd.Timestamp(as_of or pd.Timestamp.now(tz="UTC"))
-    as_of = as_of.tz_convert("UTC") if as_of.tzinfo else as_of.tz_localize("UTC")
+    as_of = to_utc(as_of or utc_now())
     limit = as_of + timedelta(seconds=config.future_tolerance_seconds)
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -292,10 +292,8 @@ def _parse_bool(values: pd.Series) -> pd.Series:
 
 
 def _parse_timestamp(values: pd.Series) -> pd.Series:
-    if isinstance(values.dtype, pd.DatetimeTZDtype):
-        return values.dt.tz_convert("UTC")
-    if pd.api.types.is_datetime64_dtype(values):
-        return values.dt.tz_localize("UTC")
+    if isinstance(values.dtype, pd.DatetimeTZDtype) or pd.api.types.is_datetime64_dtype(values):
+        return utc_series(values)
     if pd.api.types.is_numeric_dtype(values):
         # Numbers are ambiguous (seconds? milliseconds?): the contract wants timestamps.
         return pd.Series(pd.NaT, index=values.index, dtype="datetime64[ns, UTC]")

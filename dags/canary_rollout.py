@@ -56,7 +56,7 @@ def _until(context: dict[str, Any]) -> datetime | None:
 
 
 def _settings() -> Any:
-    from components.config import settings_from_environment
+    from recsys.config import settings_from_environment
 
     return settings_from_environment()
 

@@ -63,7 +63,7 @@ def _interval_end(context: dict[str, Any]) -> datetime:
 def _run_step(name: str, context: dict[str, Any]) -> dict[str, Any]:
     """Call ``components.pipeline.run_<name>`` for this run's interval and log its manifest."""
     from components import pipeline
-    from components.config import settings_from_environment
+    from recsys.config import settings_from_environment
 
     step = getattr(pipeline, f"run_{name}")
     manifest = step(settings_from_environment(), _interval_end(context))

@@ -17,8 +17,10 @@ RUN apt-get update \
 
 WORKDIR /opt/recsys
 COPY pyproject.toml constraints.txt README.md ./
+COPY recsys/ recsys/
 COPY components/ components/
 COPY serving/ serving/
+COPY entrypoints/ entrypoints/
 RUN pip install -c constraints.txt -e .
 COPY feature_repo/ feature_repo/
 COPY conf/ conf/

@@ -9,9 +9,9 @@ Time: every table row carries ``event_timestamp``, the moment its value became k
 tables are daily snapshots stamped at the last microsecond of their day and computed from
 events up to that moment; a recent-items row is stamped with the event that produced it.
 Training data joins, for each event, only rows stamped strictly before the event
-(``components.features.build_training_data``), so no event sees itself or the future.
+(``components.features.tables.build_training_data``), so no event sees itself or the future.
 
-Names come from ``components.feature_schema`` so training, serving and this repo agree.
+Names come from ``recsys.feature_schema`` so training, serving and this repo agree.
 
 To add a feature: compute its column in ``components/features.py`` (the table builder), add a
 ``Field`` to the view below, add the view to a service if it is new, then `feast apply`.
@@ -24,7 +24,7 @@ from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSo
 from feast.types import Bool, Float32, Int64, String
 from feast.value_type import ValueType
 
-from components.feature_schema import (
+from recsys.feature_schema import (
     ITEM_ATTRIBUTE_FEATURES,
     RANKER_SERVICE,
     RECENT_ITEM_FEATURES,
@@ -97,7 +97,7 @@ user_recent_items_source = FileSource(
     description="One row per event: the user's recent items and session right after it.",
 )
 # Real time: the gateway pushes the new recent-items row of a user on every accepted event
-# (components.realtime.push_event). The batch source is the same table rebuilt from the
+# (recsys.online_features.push_event). The batch source is the same table rebuilt from the
 # event log, which is what training reads and what materialization restores.
 user_recent_items_push = PushSource(
     name="user_recent_items_push",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from components.generate import GenerateParams, generate_to_folder
+from components.sources.synthetic import GenerateParams, generate_to_folder
 
 TINY_END = datetime(2026, 11, 1, tzinfo=UTC)
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -20,15 +20,23 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
-from components.config import Settings
+from recsys.config import Settings
+from recsys.model_registry import read_load_labels, rollout_in_progress, serving_labels
 from serving.clients import ModelServerError
 
 log = logging.getLogger("serving.gateway.admin")
 
 # The signature the gateway calls on each role's model (service.Gateway._candidates / _rank).
 SIGNATURES = {"retrieval": "retrieve", "ranking": "rank"}
+
+
+# A person's promote or rollback, recorded with the canary analysis' numbers at that moment
+# (``components.canary.manual``): the entry point that starts the gateway passes it in, so the
+# serving side never imports a pipeline step. It raises to refuse, with the reason as message.
+ManualRollout = Callable[[Settings, Literal["promote", "rollback"], str], dict[str, Any]]
 
 
 class AdminRefused(RuntimeError):
@@ -95,7 +103,7 @@ def reload_models(gateway: Any, timeout: float = 60.0) -> dict[str, Any]:
         AdminRefused: a labelled version failed to load or is incompatible; nothing was
             relabelled and ``models.config`` was put back to the labels still serving.
     """
-    from components.push import LOAD_CONFIG, MODELS_CONFIG, read_models_config, write_models_config
+    from recsys.model_registry import LOAD_CONFIG, MODELS_CONFIG, read_models_config, write_models_config
     from serving.model_server.config import read_model_server_config
 
     settings: Settings = gateway.settings
@@ -113,7 +121,7 @@ def reload_models(gateway: Any, timeout: float = 60.0) -> dict[str, Any]:
         if problems:
             # Put models.config back to the labels the server still serves (those of the load
             # config), so every reader agrees that the refused version does not serve.
-            previous = _load_labels(base)
+            previous = read_load_labels(base)
             if previous:
                 write_models_config(base / MODELS_CONFIG, previous)
             gateway.refresh()
@@ -126,43 +134,28 @@ def reload_models(gateway: Any, timeout: float = 60.0) -> dict[str, Any]:
     return {"applied": True, "labels": {m: s["labels"] for m, s in target.items()}}
 
 
-def _load_labels(base: Any) -> dict[str, dict[str, Any]]:
-    """``models.load.config``'s labels as a models.config (only the versions they name)."""
-    from google.protobuf import text_format
-    from tensorflow_serving.config import model_server_config_pb2
-
-    from components.push import LOAD_CONFIG
-
-    path = base / LOAD_CONFIG
-    if not path.is_file():
-        return {}
-    cfg = text_format.Parse(path.read_text(), model_server_config_pb2.ModelServerConfig())
-    out = {}
-    for c in cfg.model_config_list.config:
-        labels = {k: int(v) for k, v in c.version_labels.items()}
-        if labels:
-            versions = sorted(set(labels.values()))
-            out[c.name] = {"base_path": c.base_path, "versions": versions, "labels": labels}
-    return out
-
-
 def move_canary(
-    gateway: Any, action: Literal["promote", "rollback"], reason: str, timeout: float = 60.0
+    gateway: Any,
+    action: Literal["promote", "rollback"],
+    reason: str,
+    manual_rollout: ManualRollout | None,
+    timeout: float = 60.0,
 ) -> dict[str, Any]:
     """Promote (after checking the canary serves) or roll back, record it, apply it to the server.
 
     Raises:
         AdminRefused: no rollout in progress, or (promote) a canary version that is not
-            AVAILABLE on the model server or lacks the gateway's signature.
+            AVAILABLE on the model server or lacks the gateway's signature; or no
+            ``manual_rollout`` was given to this gateway.
     """
-    from components import canary
-
     settings: Settings = gateway.settings
-    serving = canary.serving_labels(settings)
+    if manual_rollout is None:
+        raise AdminRefused(action, ["this gateway was started without rollout control"])
+    serving = serving_labels(settings)
     if not serving:
         raise AdminRefused(action, ["nothing has been pushed: no models.config"])
     if action == "promote":
-        if not canary.rollout_in_progress(serving):
+        if not rollout_in_progress(serving):
             raise AdminRefused(action, [f"no canary in rollout: stable and canary are {serving['stable']}"])
         wanted = {m: {v} for m, v in serving["canary"].items()}
         # No waiting: a canary that is not AVAILABLE right now has served nothing to judge.
@@ -170,8 +163,8 @@ def move_canary(
         if problems:
             raise AdminRefused(action, problems, {"serving": serving})
     try:
-        record = canary.manual(settings, action, reason or f"{action} through the gateway's admin API")
-    except canary.CanaryError as e:
+        record = manual_rollout(settings, action, reason or f"{action} through the gateway's admin API")
+    except RuntimeError as e:
         raise AdminRefused(action, [str(e)]) from None
     applied = reload_models(gateway, timeout=timeout)
     return {"action": action, "labels": record.get("labels"), "applied": applied["applied"]}

@@ -33,9 +33,9 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from components.config import Settings
-from components.contracts import ID_PATTERN
-from serving.gateway.admin import AdminRefused, move_canary, reload_models
+from recsys.config import Settings
+from recsys.contracts import ID_PATTERN
+from serving.gateway.admin import AdminRefused, ManualRollout, move_canary, reload_models
 from serving.gateway.schemas import (
     AdminRequest,
     Event,
@@ -60,6 +60,7 @@ def create_app(
     gateway: Gateway | None = None,
     wait_ready: bool = False,
     environ: Mapping[str, str] | None = None,
+    manual_rollout: ManualRollout | None = None,
 ) -> FastAPI:
     """The gateway app; its lifespan starts (and stops) the ``Gateway``'s background work.
 
@@ -68,6 +69,8 @@ def create_app(
         gateway: a prepared gateway (default: one built from ``settings`` at startup).
         wait_ready: block startup until models and the item cache are loaded.
         environ: where the API key is read from (default ``os.environ``).
+        manual_rollout: records a person's promote or rollback (``components.canary.manual``,
+            passed in by the entry point); without it the admin canary actions are refused.
     """
     state: dict[str, Gateway] = {}
     guard = ApiKeyGuard(settings.security, environ)
@@ -253,7 +256,7 @@ def create_app(
     async def admin_canary(action: Literal["promote", "rollback"], body: AdminRequest | None = None) -> Any:
         """``promote`` (stable := canary, only if the canary serves) or ``rollback`` (canary := stable)."""
         reason = body.reason if body else ""
-        return await _admin(lambda: move_canary(gw(), action, reason))
+        return await _admin(lambda: move_canary(gw(), action, reason, manual_rollout))
 
     # EventBatch is documented through openapi_extra; make sure its schema is emitted.
     app.openapi_schema = None
@@ -286,11 +289,16 @@ def _short(value: Any) -> Any:
     return value if len(text) <= 200 else text[:200] + "..."
 
 
-def run_gateway(settings: Settings, host: str = "127.0.0.1", port: int = 8080) -> int:
+def run_gateway(
+    settings: Settings,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    manual_rollout: ManualRollout | None = None,
+) -> int:
     """Serve the gateway with uvicorn until interrupted (``recsys serve gateway``)."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
+    app = create_app(settings, manual_rollout=manual_rollout)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
     return 0

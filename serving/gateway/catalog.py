@@ -26,15 +26,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components.config import Settings
-from components.feature_schema import (
+from recsys.artifacts import EMBEDDINGS_FILE, ITEM_IDS_FILE, REQUIREMENTS
+from recsys.config import Settings
+from recsys.feature_schema import (
     ITEM_ATTRIBUTE_FEATURES,
     POSITIVE_EVENT_TYPES,
     RANK_CANDIDATES_SIGNATURE,
     item_popularity_features,
 )
-from components.indexing import EMBEDDINGS_FILE
-from components.push import ITEM_IDS_FILE, MODELS_CONFIG, REQUIREMENTS, read_models_config
+from recsys.model_registry import MODELS_CONFIG, read_models_config
 
 log = logging.getLogger("serving.gateway")
 CATEGORY_SEPARATOR = "|"
@@ -288,7 +288,7 @@ def segment_popularity(settings: Settings, position: dict[str, int], n_items: in
     Read from the latest validated events joined with users' ``segment_feature``; an empty
     dict when there is no validated data (segments then fall back to global popularity).
     """
-    from components.recommend import latest_validated_dir
+    from recsys.layout import latest_validated_dir
 
     gw = settings.gateway
     try:

@@ -1,6 +1,6 @@
 """The gateway's request and response bodies (pydantic): what OpenAPI at /docs shows.
 
-Ids follow the data contract (``components.contracts.ID_PATTERN``); an event must carry a
+Ids follow the data contract (``recsys.contracts.ID_PATTERN``); an event must carry a
 timezone-aware timestamp and a finite value, so what the log stores is what the pipeline's
 validation would accept.
 """
@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from components.contracts import DEVICES, EVENT_TYPES, ID_PATTERN
+from recsys.contracts import DEVICES, EVENT_TYPES, ID_PATTERN
 
 Id = Annotated[str, Field(pattern=ID_PATTERN, examples=["u_42"])]
 EventType = Literal[EVENT_TYPES]  # type: ignore[valid-type]
@@ -75,7 +75,7 @@ class RecommendationResponse(BaseModel):
 
 
 class Event(Strict):
-    """One interaction, as the events contract defines it (``components.contracts.EVENTS``)."""
+    """One interaction, as the events contract defines it (``recsys.contracts.EVENTS``)."""
 
     event_id: Id
     user_id: Id

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from fastapi import HTTPException
 from fastapi.security import APIKeyHeader
 
-from components.config import SecurityConfig
+from recsys.config import SecurityConfig
 
 API_KEY_HEADER = "X-API-Key"
 Access = Literal["read", "write", "admin"]

@@ -43,13 +43,16 @@ from typing import Any
 
 import numpy as np
 
-from components.config import Settings
-from components.feature_schema import (
+from recsys.config import Settings
+from recsys.event_log import open_event_log
+from recsys.event_log.base import EventLog, ServedRequest
+from recsys.feature_schema import (
     POSITIVE_EVENT_TYPES,
     RANK_CANDIDATES_SIGNATURE,
     RANKER_SERVICE,
     RETRIEVER_SERVICE,
 )
+from recsys.ranking import rank_fusion
 from serving.clients import ModelServerClient, ModelServerError
 from serving.gateway.catalog import (
     ItemCatalog,
@@ -58,9 +61,8 @@ from serving.gateway.catalog import (
     build_item_catalog,
     load_model_versions,
 )
-from serving.gateway.event_log import EventLog, ServedRequest, open_event_log
 from serving.gateway.metrics import GatewayMetrics
-from serving.gateway.policy import assign_arm, insert_exploration, mmr, rank_fusion, sample_positions
+from serving.gateway.policy import assign_arm, insert_exploration, mmr, sample_positions
 from serving.gateway.schemas import Event, RecommendationRequest
 
 log = logging.getLogger("serving.gateway")
@@ -216,7 +218,7 @@ class Gateway:
 
     Args:
         settings: the configuration (``gateway`` section, feature store, model base path).
-        store: a Feast store (default: ``components.features.get_store(settings)``).
+        store: a Feast store (default: ``recsys.online_features.get_store(settings)``).
         client: a model server client (default: from ``gateway.model_server_*``).
         event_log: the durable event log (default: ``open_event_log(settings)``, by backend).
     """
@@ -228,7 +230,7 @@ class Gateway:
         client: ModelServerClient | None = None,
         event_log: EventLog | None = None,
     ) -> None:
-        from components.features import entity_row_reader, feature_defaults, get_store, service_features
+        from recsys.online_features import entity_row_reader, feature_defaults, get_store, service_features
 
         self.settings = settings
         gw = settings.gateway
@@ -298,7 +300,7 @@ class Gateway:
 
     def refresh(self) -> bool:
         """Reload model versions when models.config changed, items when a materialization landed."""
-        from components.push import MODELS_CONFIG
+        from recsys.model_registry import MODELS_CONFIG
 
         current = self._snapshot
         config = self.settings.models_dir / MODELS_CONFIG
@@ -975,7 +977,7 @@ class Gateway:
 
     def ingest(self, events: Sequence[Event]) -> dict[str, Any]:
         """Durable append first, then the user's in-process state, then the online store."""
-        from components.realtime import push_event
+        from recsys.online_features import push_event
 
         records = [e.record() for e in events]
         result = self.event_log.append(records)  # on disk (fsync) before anything else

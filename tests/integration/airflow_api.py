@@ -6,7 +6,7 @@ import time
 
 import httpx
 
-from components.airflow_local import LocalAirflow
+from entrypoints.airflow_local import LocalAirflow
 
 DAG_ID = "training_pipeline"
 FINISHED = ("success", "failed")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from components.config import Settings
+    from recsys.config import Settings
 
 
 def free_port() -> int:
@@ -92,7 +92,7 @@ def gateway_template(tiny_raw: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 def copy_home(template: Path, dest: Path) -> Settings:
     """Copy a built home to ``dest`` and re-point the absolute paths its configs hold; its Settings."""
-    from components.config import load_settings
+    from recsys.config import load_settings
 
     shutil.copytree(template, dest)
     for name in ("models.config", "models.load.config"):

@@ -1,6 +1,6 @@
 """A training output for the index, push and recommend tests, from the real training step.
 
-``components.training.train_models`` on the tiny generated data, with a small setting (16-d
+``components.training.train.train_models`` on the tiny generated data, with a small setting (16-d
 embeddings, a few epochs) so it takes seconds. The training frame joins each event with
 its user's profile and item's attributes as they are in the data (not the feature layer's
 point-in-time join, which needs a Feast store): the tests here check what is done with a
@@ -19,8 +19,8 @@ import pandas as pd
 def write_train_fixture(data_dir: Path, out_dir: Path, seed: int = 0) -> dict[str, Any]:
     """Train the two-tower retriever and the ranker on ``data_dir`` into ``out_dir``."""
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-    from components.config import TrainingConfig
-    from components.training import train_models
+    from components.training.train import train_models
+    from recsys.config import TrainingConfig
 
     data_dir = Path(data_dir)
     events = pd.read_parquet(data_dir / "events")

@@ -3,7 +3,7 @@
 A private PostgreSQL cluster and a private Redis (AOF on) on loopback; ``RECSYS_PROFILE=
 production`` with only hosts, ports and folders moved through ``RECSYS_*`` variables, as a
 deployment moves them. Every Airflow process is started through the project image's entry
-point (``python -m components.airflow_local exec``), which turns the profile's ``airflow``
+point (``python -m entrypoints.airflow_local exec``), which turns the profile's ``airflow``
 section into ``AIRFLOW__*`` settings: ``db migrate`` creates the schema in PostgreSQL, then
 the compose file's services run side by side (``LocalAirflow``): api-server, scheduler,
 dag-processor and an ``airflow celery worker``. The scheduler's CeleryExecutor sends each task
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from components.airflow_local import CELERY_WORKER, COMPONENTS, ENTRYPOINT, LocalAirflow
+from entrypoints.airflow_local import CELERY_WORKER, COMPONENTS, ENTRYPOINT, LocalAirflow
 from tests.integration.airflow_api import DAG_ID, trigger_and_wait
 from tests.integration.conftest import free_port
 from tests.integration.services import aof_redis, postgres_server

@@ -1,6 +1,6 @@
 """The real Airflow (scheduler, DAG processor, API server) runs training_pipeline, and its UI shows it.
 
-Started exactly as ``make airflow`` starts it (``components.airflow_local``), on a free
+Started exactly as ``make airflow`` starts it (``entrypoints.airflow_local``), on a free
 loopback port with a temporary AIRFLOW_HOME and RECSYS_HOME and tiny generated data. The
 DAG is unpaused and triggered through the REST API (v2) and polled until the run ends; then
 headless Chromium takes a screenshot of the DAG's page, kept as
@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from components.airflow_local import REPO, LocalAirflow, airflow_env
+from entrypoints.airflow_local import REPO, LocalAirflow, airflow_env
 from tests.integration.airflow_api import DAG_ID, FINISHED, trigger_and_wait
 from tests.integration.conftest import free_port
 from tests.integration.test_training_dag import airflow_env as dags_test_env

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from components import canary
-from components.config import load_settings
-from components.push import MODELS_CONFIG, read_models_config, write_models_config
-from serving.gateway.event_log import ServedRequest, SqliteEventLog
+from recsys.config import load_settings
+from recsys.event_log.base import ServedRequest
+from recsys.event_log.sqlite import SqliteEventLog
+from recsys.model_registry import MODELS_CONFIG, read_models_config, write_models_config
 from tests.integration.test_training_dag import AIRFLOW, REPO, airflow_env
 
 pytestmark = pytest.mark.integration

@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 
 from components.canary import analyze
-from components.config import load_settings
-from serving.gateway.event_log import ServedRequest, SqliteEventLog, open_event_log
-from serving.gateway.event_log_redis import EventLogDurabilityError, RedisStreamsEventLog
+from recsys.config import load_settings
+from recsys.event_log import open_event_log
+from recsys.event_log.base import ServedRequest
+from recsys.event_log.redis_streams import EventLogDurabilityError, RedisStreamsEventLog
+from recsys.event_log.sqlite import SqliteEventLog
 from tests.integration.services import aof_redis
 
 pytestmark = pytest.mark.integration

@@ -13,25 +13,24 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from components.config import FeaturesConfig, Settings
-from components.feature_schema import (
+from components.features.tables import (
+    FeatureRepoError,
+    apply_feature_repo,
+    build_feature_tables,
+    build_training_data,
+    materialize,
+)
+from components.validation import validate_data
+from recsys.config import FeaturesConfig, Settings
+from recsys.feature_schema import (
     POSITIVE_EVENT_TYPES,
     RANKER_SERVICE,
     RETRIEVER_SERVICE,
     item_popularity_features,
     user_engagement_features,
 )
-from components.features import (
-    FeatureRepoError,
-    apply_feature_repo,
-    build_feature_tables,
-    build_training_data,
-    features_dir,
-    get_store,
-    materialize,
-)
-from components.realtime import push_event
-from components.validation import validate_data
+from recsys.layout import features_dir
+from recsys.online_features import get_store, push_event
 from tests.conftest import TINY_END
 
 pytestmark = pytest.mark.integration
@@ -40,7 +39,7 @@ WINDOWS = [1, 7, 30]
 
 @pytest.fixture(scope="module")
 def validated(tiny_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from components.config import ValidationConfig
+    from recsys.config import ValidationConfig
 
     out = tmp_path_factory.mktemp("features_validated") / "validated"
     validate_data(ValidationConfig(), tiny_raw, out, as_of=TINY_END)
@@ -208,7 +207,7 @@ def test_values_written_at_or_after_an_event_are_never_joined(
 
 
 def test_entity_row_reader_reads_what_get_online_features_reads(env, events: pd.DataFrame) -> None:
-    from components.features import entity_row_reader, service_features
+    from recsys.online_features import entity_row_reader, service_features
 
     settings, store, _ = env
     refs = [r for r in service_features(store, [RETRIEVER_SERVICE, RANKER_SERVICE]) if r.startswith("user_")]

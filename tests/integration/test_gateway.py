@@ -33,9 +33,9 @@ import httpx
 import pandas as pd
 import pytest
 
-from components.config import IndexConfig, PushConfig, Settings, ValidationConfig, load_settings
-from components.contracts import ITEMS, conform
-from serving.gateway.event_log import SqliteEventLog
+from recsys.config import IndexConfig, PushConfig, Settings, ValidationConfig, load_settings
+from recsys.contracts import ITEMS, conform
+from recsys.event_log.sqlite import SqliteEventLog
 from serving.gateway.policy import assign_arm
 from tests.conftest import TINY_END
 from tests.integration.conftest import copy_home, free_port
@@ -74,10 +74,11 @@ class Env:
 
 
 def _build_home(raw: Path, home: Path) -> tuple[Settings, Path]:
-    from components.features import apply_feature_repo, build_feature_tables, features_dir, materialize
+    from components.features.tables import apply_feature_repo, build_feature_tables, materialize
     from components.indexing import build_index
     from components.push import push_models
     from components.validation import validate_data
+    from recsys.layout import features_dir
 
     settings = load_settings(overrides={"home": str(home)})
     data = home / "input"
@@ -273,7 +274,7 @@ def test_warm_user_gets_ranked_unseen_items_with_versions_and_reasons(env: Env) 
 
 
 def _recent_items(env: Env, user: str) -> list[str]:
-    from components.features import get_store
+    from recsys.online_features import get_store
 
     store = get_store(env.settings)
     got = store.get_online_features(
@@ -407,7 +408,7 @@ def test_impressions_are_logged_with_request_id_and_arm(env: Env) -> None:
 
 def test_served_requests_reach_the_canary_analysis(env: Env) -> None:
     """The canary rollout reads what the gateway logged: the request, its arm and versions."""
-    from components.canary import read_event_log
+    from recsys.event_log.sqlite import read_sqlite_log as read_event_log
 
     served = [_recommend(env, _warm_user(env, arm), k=3) for arm in ("canary", "stable")]
     deadline = time.monotonic() + 5
@@ -565,7 +566,7 @@ def stock_server(env: Env) -> Iterator[tuple[int, int]]:
     # Stock TF Serving refuses to start with a version it cannot load: that is the symptom.
     assert "Op type not registered" in log.read_text() and "Scann" in log.read_text()
     # What an operator does: serve the ranker alone, retrieval falls back to exact search.
-    from components.push import read_models_config, write_models_config
+    from recsys.model_registry import read_models_config, write_models_config
 
     write_models_config(config, {"ranking": read_models_config(base)["ranking"]})
     proc = start_server(args, log, rest_port, "ranking")

@@ -18,10 +18,11 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from components.config import FeaturesConfig, IndexConfig, PushConfig
-from components.feature_rows import feature_rows, load_feature_source
+from components.features.rows import feature_rows, load_feature_source
 from components.indexing import IndexRecallError, build_index, load_index
-from components.push import LOAD_CONFIG, MODELS_CONFIG, PushRefused, push_models, read_models_config
+from components.push import PushRefused, push_models
+from recsys.config import FeaturesConfig, IndexConfig, PushConfig
+from recsys.model_registry import LOAD_CONFIG, MODELS_CONFIG, read_models_config
 from tests.integration.model_fixture import write_train_fixture
 
 pytestmark = pytest.mark.integration
@@ -228,7 +229,7 @@ def test_push_versions_labels_retention_and_artifacts(train_dir, scann_index, ti
 
 
 def test_recommend_cli_writes_k_unseen_items_per_user(train_dir, scann_index, tiny_raw, tmp_path):
-    from components.cli import app
+    from entrypoints.cli import app
 
     base = tmp_path / "models"
     push_models(PushConfig(), train_dir, scann_index, BLESSED, base, data_dir=tiny_raw)

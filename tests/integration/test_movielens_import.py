@@ -10,8 +10,8 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from components.contracts import AGE_BUCKETS
-from components.movielens import import_movielens
+from components.sources.movielens import import_movielens
+from recsys.contracts import AGE_BUCKETS
 
 pytestmark = pytest.mark.integration
 

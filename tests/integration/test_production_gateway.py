@@ -22,8 +22,9 @@ import httpx
 import pandas as pd
 import pytest
 
-from components.config import CONF_DIR, Settings, load_settings
-from serving.gateway.event_log_redis import RedisStreamsEventLog
+from recsys.config import Settings, load_settings
+from recsys.event_log.redis_streams import RedisStreamsEventLog
+from recsys.layout import CONF_DIR
 from tests.integration.conftest import free_port
 from tests.integration.model_fixture import write_train_fixture
 from tests.integration.services import aof_redis
@@ -54,11 +55,12 @@ def production_env(home: Path, redis_address: str, grpc: int, rest: int) -> dict
 
 
 def build_home(raw: Path, settings: Settings) -> None:
-    from components.config import IndexConfig, PushConfig, ValidationConfig
-    from components.features import apply_feature_repo, build_feature_tables, features_dir, materialize
+    from components.features.tables import apply_feature_repo, build_feature_tables, materialize
     from components.indexing import build_index
     from components.push import push_models
     from components.validation import validate_data
+    from recsys.config import IndexConfig, PushConfig, ValidationConfig
+    from recsys.layout import features_dir
     from tests.conftest import TINY_END
 
     validate_data(ValidationConfig(), raw, settings.validated_dir, as_of=TINY_END)
@@ -168,7 +170,7 @@ def test_gateway_reads_features_from_redis_and_logs_to_redis_streams(prod: dict[
         log.close()
 
     # The push reached Feast's Redis online store: the next request already sees the clicks.
-    from components.features import get_store
+    from recsys.online_features import get_store
 
     store = get_store(settings)
     got = store.get_online_features(

@@ -7,7 +7,7 @@ real model server (``recsys serve model-server`` with ScaNN's ops) and a real ga
 server is frozen with SIGSTOP and killed with SIGKILL, a private Redis online store is
 killed, the gateway is killed with SIGKILL while events stream in, corrupted and foreign
 SavedModels are published as the canary, and pipeline tasks crash at failpoints
-(``components.faults``) and are run again.
+(``recsys.faults``) and are run again.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ import httpx
 import pandas as pd
 import pytest
 
-from components.config import Settings, load_settings
-from components.push import LOAD_CONFIG, MODELS_CONFIG, read_models_config, write_models_config
-from serving.gateway.event_log import SqliteEventLog
+from recsys.config import Settings, load_settings
+from recsys.event_log.sqlite import SqliteEventLog
+from recsys.model_registry import LOAD_CONFIG, MODELS_CONFIG, read_models_config, write_models_config
 from serving.gateway.policy import assign_arm
 from tests.conftest import TINY_END
 from tests.integration.conftest import copy_home, free_port, start_redis, stop_redis
@@ -323,7 +323,7 @@ def test_incompatible_canary_loads_but_is_refused_and_never_promoted(rel: Rel) -
 
 
 def test_online_store_down_serves_cached_or_default_features_marked(rel: Rel, tmp_path: Path) -> None:
-    from components.features import apply_feature_repo, materialize
+    from components.features.tables import apply_feature_repo, materialize
 
     proc, port, log = start_redis(tmp_path)
     running: InProcessGateway | None = None
@@ -524,7 +524,7 @@ def run_home(gateway_template: Path, tmp_path: Path) -> tuple[Settings, Path]:
 def test_push_task_crashing_between_models_succeeds_on_retry_with_one_new_version(
     run_home: tuple[Settings, Path],
 ) -> None:
-    from components.push import integer_versions
+    from recsys.model_registry import integer_versions
 
     settings, tmp = run_home
     base = settings.models_dir
@@ -551,8 +551,8 @@ def test_push_task_crashing_between_models_succeeds_on_retry_with_one_new_versio
 def test_feature_task_crashing_midway_succeeds_on_retry_without_duplicate_rows(
     run_home: tuple[Settings, Path],
 ) -> None:
-    from components.features import features_dir
     from components.pipeline import run_build_features
+    from recsys.layout import features_dir
 
     settings, tmp = run_home
     crashed = _run_task("build_features", settings.home, tmp, failpoint="build_features.midway")

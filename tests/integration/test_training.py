@@ -16,16 +16,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.config import EvaluationConfig, TrainingConfig, load_settings
-from components.evaluation import evaluate, gate, time_split
-from components.generate import CATEGORY_WORDS, generate_to_folder
-from components.training import (
+from components.evaluation.evaluate import evaluate, gate, time_split
+from components.sources.synthetic import CATEGORY_WORDS, generate_to_folder
+from components.training.train import (
     candidate_features_from_frame,
     features_from_frame,
     load_signature,
     query_features_from_frame,
     train_models,
 )
+from recsys.config import EvaluationConfig, TrainingConfig, load_settings
 from tests.conftest import tiny_params
 
 pytestmark = pytest.mark.integration

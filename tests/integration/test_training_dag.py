@@ -116,9 +116,9 @@ def test_gateway_serves_the_canary_the_dag_pushed(airflow_run, tmp_path):
     import httpx
     from rich.console import Console
 
-    from components.canary import serving_labels
-    from components.config import default_config_path, load_settings
-    from components.demo import servers
+    from entrypoints.demo import servers
+    from recsys.config import default_config_path, load_settings
+    from recsys.model_registry import serving_labels
     from serving.gateway.policy import assign_arm
 
     proc, home = airflow_run

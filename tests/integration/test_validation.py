@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.config import ValidationConfig
 from components.validation import BadFractionError, TableRuleError, validate_data
+from recsys.config import ValidationConfig
 from tests.conftest import TINY_END
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,8 @@ from components.canary import (
     z_test_not_worse,
     z_test_worse,
 )
-from components.config import CanaryConfig, load_settings
+from recsys import model_registry
+from recsys.config import CanaryConfig, load_settings
 
 CONFIG = CanaryConfig(
     alpha=0.05,
@@ -203,7 +204,7 @@ def test_arm_stats_join_outcomes_by_request_and_filter_versions():
 
 
 def _push_layout(base: Path, stable: int = 1, canary_version: int = 2) -> None:
-    from components.push import MODELS_CONFIG, write_models_config
+    from recsys.model_registry import MODELS_CONFIG, write_models_config
 
     models = {}
     for name in ("retrieval", "ranking"):
@@ -216,11 +217,11 @@ def _push_layout(base: Path, stable: int = 1, canary_version: int = 2) -> None:
 
 
 def test_move_labels_promote_and_rollback(tmp_path):
-    from components.push import LOAD_CONFIG, read_models_config
+    from recsys.model_registry import LOAD_CONFIG, read_models_config
 
     settings = load_settings(overrides={"home": str(tmp_path)})
     _push_layout(settings.models_dir)
-    moved = canary.move_labels(settings, "promote")
+    moved = model_registry.move_labels(settings, "promote")
     assert moved["changed"]
     models = read_models_config(settings.models_dir)
     for name in ("retrieval", "ranking"):
@@ -231,10 +232,10 @@ def test_move_labels_promote_and_rollback(tmp_path):
     text = (settings.models_dir / LOAD_CONFIG).read_text()
     assert text.count("versions: 1") == 2 and text.count("versions: 2") == 2
     # A second promote changes nothing; rollback of a finished rollout is a no-op too.
-    assert not canary.move_labels(settings, "promote")["changed"]
+    assert not model_registry.move_labels(settings, "promote")["changed"]
 
     _push_layout(settings.models_dir, stable=2, canary_version=3)
-    canary.move_labels(settings, "rollback")
+    model_registry.move_labels(settings, "rollback")
     models = read_models_config(settings.models_dir)
     assert models["ranking"]["labels"] == {"stable": 2, "canary": 2}
 
@@ -245,8 +246,8 @@ def test_move_labels_refuses_a_missing_version_folder(tmp_path):
     settings = load_settings(overrides={"home": str(tmp_path)})
     _push_layout(settings.models_dir)
     shutil.rmtree(settings.models_dir / "ranking" / "2")
-    with pytest.raises(canary.CanaryError, match="ranking version 2 is not on disk"):
-        canary.move_labels(settings, "promote")
+    with pytest.raises(model_registry.RegistryError, match="ranking version 2 is not on disk"):
+        model_registry.move_labels(settings, "promote")
 
 
 def test_decision_record_and_report(tmp_path):

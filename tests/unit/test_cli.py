@@ -4,7 +4,7 @@ import pytest
 import typer.main
 from typer.testing import CliRunner
 
-from components.cli import app
+from entrypoints.cli import app
 
 runner = CliRunner()
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from components.config import ConfigError, Settings, default_config_path, load_settings
+from recsys.config import ConfigError, Settings, default_config_path, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -4,7 +4,7 @@ No Docker engine runs here, so the checks are static but real: ``docker/compose.
 validated against the Compose specification's JSON schema (vendored, see
 ``compose_spec/README.md``); the services, health checks and volumes that the production
 profile (``conf/production.yaml``) relies on are present; and each image's ENTRYPOINT/CMD is
-the command the integration tests start: ``components.airflow_local``'s entry point for
+the command the integration tests start: ``entrypoints.airflow_local``'s entry point for
 Airflow (tests/integration/test_airflow_postgres.py), ``recsys serve gateway`` for the
 gateway (tests/integration/test_production_gateway.py), and TF Serving flags that the
 stand-in model server (``recsys serve model-server``) accepts.
@@ -23,8 +23,9 @@ import jsonschema
 import pytest
 import yaml
 
-from components.airflow_local import CELERY_WORKER, COMPONENTS, ENTRYPOINT
-from components.config import CONF_DIR, ConfigError, default_config_path, load_settings
+from entrypoints.airflow_local import CELERY_WORKER, COMPONENTS, ENTRYPOINT
+from recsys.config import ConfigError, default_config_path, load_settings
+from recsys.layout import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
@@ -139,7 +140,7 @@ def test_gateway_image_runs_the_command_the_production_gateway_test_runs() -> No
 def test_tf_serving_flags_are_ones_the_stand_in_model_server_accepts() -> None:
     import typer.main
 
-    from components.cli import app
+    from entrypoints.cli import app
 
     cli = typer.main.get_command(app)
     model_server = cli.commands["serve"].commands["model-server"]

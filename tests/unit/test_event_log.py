@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from serving.gateway.event_log import SqliteEventLog
+from recsys.event_log.sqlite import SqliteEventLog
 
 
 def _event(i: int) -> dict:
@@ -51,7 +51,7 @@ def test_a_failing_batch_stores_nothing(tmp_path):
 
 
 def test_served_requests_are_recorded_for_the_canary_analysis(tmp_path):
-    from serving.gateway.event_log import ServedRequest
+    from recsys.event_log.base import ServedRequest
 
     log = SqliteEventLog(tmp_path / "events.db")
     log.log_request(
@@ -85,7 +85,7 @@ def test_served_requests_are_recorded_for_the_canary_analysis(tmp_path):
 
 
 def test_served_requests_and_impressions_go_in_together_and_posted_events_stay_fsynced(tmp_path):
-    from serving.gateway.event_log import ServedRequest
+    from recsys.event_log.base import ServedRequest
 
     log = SqliteEventLog(tmp_path / "events.db")
     log.append([_event(1)])

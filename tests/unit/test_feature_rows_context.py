@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from components.config import FeaturesConfig
-from components.feature_rows import feature_rows, load_feature_source
-from components.generate import generate_to_folder
+from components.features.rows import feature_rows, load_feature_source
+from components.sources.synthetic import generate_to_folder
+from recsys.config import FeaturesConfig
 from tests.conftest import tiny_params
 
 

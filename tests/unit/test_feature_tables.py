@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from components.features import (
+from components.features.tables import (
     item_popularity_table,
-    next_recent_state,
     recent_items_table,
     snapshot_stamp,
     user_engagement_table,
     window_counts,
 )
+from recsys.online_features import next_recent_state
 
 T = pd.Timestamp
 

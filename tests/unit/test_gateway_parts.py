@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from components.config import ConfigError, load_settings
+from recsys.config import ConfigError, load_settings
 from serving.gateway.catalog import top_k, unit_directions
 from serving.gateway.schemas import Event, validation_problems
 from serving.gateway.service import UserActivity, settle_heap

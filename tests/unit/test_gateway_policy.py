@@ -55,7 +55,7 @@ def test_exploration_slot_keeps_the_head_and_no_duplicates():
 def test_rank_fusion_orders_by_both_ranks_and_is_the_ranker_alone_at_weight_zero() -> None:
     import numpy as np
 
-    from serving.gateway.policy import rank_fusion
+    from recsys.ranking import rank_fusion
 
     ranker = np.array([0.9, 0.1, 0.5])
     retrieval = np.array([1.0, 30.0, 2.0])  # another scale entirely
@@ -106,7 +106,7 @@ def test_sample_positions_is_uniform_over_the_qualifying_set() -> None:
 
 
 def test_rank01_matches_the_rank_of_each_element_with_stable_ties() -> None:
-    from serving.gateway.policy import rank01
+    from recsys.ranking import rank01
 
     x = np.array([3.0, 1.0, 3.0, 2.0, 1.0])
     assert rank01(x).tolist() == [0.75, 0.0, 1.0, 0.5, 0.25]

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components.generate import CATEGORY_WORDS, generate, generate_to_folder
+from components.sources.synthetic import CATEGORY_WORDS, generate, generate_to_folder
 from tests.conftest import TINY_END, tiny_params
 
 

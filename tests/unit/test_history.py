@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from components.config import load_settings, profile_path
-from components.training import leave_one_out_history
+from components.training.train import leave_one_out_history
+from recsys.config import load_settings, profile_path
 
 
 def _frame() -> pd.DataFrame:
@@ -42,8 +42,8 @@ def test_the_movielens_profile_sets_leave_one_out_and_gates_the_served_system() 
 
 
 def test_random_split_holds_out_a_seeded_fraction_of_each_user() -> None:
-    from components.config import EvaluationConfig
-    from components.evaluation import split_holdout
+    from components.evaluation.evaluate import split_holdout
+    from recsys.config import EvaluationConfig
 
     ts = pd.date_range("2026-01-01", periods=40, freq="h", tz="UTC")
     events = pd.DataFrame(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from components.config import IndexConfig
 from components.indexing import exact_top_k, index_params, recall_at_k
+from recsys.config import IndexConfig
 
 
 def test_small_catalog_is_exact_and_says_so():

@@ -6,9 +6,8 @@ import math
 
 import pytest
 
-from components.config import EvaluationConfig
-from components.evaluation import auc, gate, popularity_ranking, retrieve, time_split
-from components.metrics import (
+from components.evaluation.evaluate import auc, gate, popularity_ranking, retrieve, time_split
+from components.evaluation.metrics import (
     coverage,
     hit_rate_at_k,
     ndcg_at_k,
@@ -17,6 +16,7 @@ from components.metrics import (
     reciprocal_rank,
     summarize,
 )
+from recsys.config import EvaluationConfig
 
 RANKED = ["a", "b", "c", "d", "e"]
 RELEVANT = {"b", "e", "z"}  # "z" is relevant but never ranked

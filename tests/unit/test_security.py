@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from fastapi import HTTPException
 
-from components.config import ConfigError, SecurityConfig, load_settings
+from recsys.config import ConfigError, SecurityConfig, load_settings
 from serving.gateway import security
 from serving.gateway.security import ApiKeyGuard
 

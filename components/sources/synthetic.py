@@ -29,8 +29,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components.contracts import AGE_BUCKETS, DEVICES
-from components.storage import write_data_folder
+from recsys.contracts import AGE_BUCKETS, DEVICES
+from recsys.storage import write_data_folder
+from recsys.timeutil import to_utc
 
 CATEGORY_WORDS: dict[str, list[str]] = {
     "electronics": "gadget wireless battery charger screen smart digital audio bluetooth portable".split(),
@@ -71,8 +72,7 @@ class GenerateParams:
 def generate(params: GenerateParams) -> dict[str, pd.DataFrame]:
     """Build users, items and events frames that follow the data contracts."""
     rng = np.random.default_rng(params.seed)
-    end = pd.Timestamp(params.end_date)
-    end = end.tz_convert("UTC") if end.tzinfo else end.tz_localize("UTC")
+    end = to_utc(params.end_date)
     start = end - pd.Timedelta(days=params.days)
     period_s = float(params.days * 86400)
     categories = list(CATEGORY_WORDS)

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from components.config import ConfigError, Settings, settings_from_environment
+from recsys.config import ConfigError, Settings, settings_from_environment
 
 app = typer.Typer(
     help="recsys: a personalization engine you can run, schedule and ship.",
@@ -78,7 +78,7 @@ def data_generate(
     out: Annotated[Path | None, typer.Option(help="Output data folder (default: <home>/data/raw).")] = None,
 ) -> None:
     """Generate seeded synthetic users, items and events with real structure."""
-    from components.generate import GenerateParams, generate_to_folder
+    from components.sources.synthetic import GenerateParams, generate_to_folder
 
     s = _settings(ctx)
     g = s.generate
@@ -105,7 +105,7 @@ def data_import_movielens(
     out: Annotated[Path | None, typer.Option(help="Output data folder (default: <home>/data/raw).")] = None,
 ) -> None:
     """Import a MovieLens set (layout detected) into users, items and rating events."""
-    from components.movielens import import_movielens
+    from components.sources.movielens import import_movielens
 
     out = out or _settings(ctx).raw_dir
     try:
@@ -190,7 +190,8 @@ def features_build(
 
     Idempotent per interval: re-running the same days rewrites the same files.
     """
-    from components.features import FeatureRepoError, build_feature_tables, features_dir
+    from components.features.tables import FeatureRepoError, build_feature_tables
+    from recsys.layout import features_dir
 
     s = _settings(ctx)
     data, out = data or s.validated_dir, features_dir(s)
@@ -213,7 +214,7 @@ def features_build(
 @features_app.command("apply")
 def features_apply(ctx: typer.Context) -> None:
     """Register feature_repo/ in the Feast registry under <home>/feast (`feast apply`)."""
-    from components.features import FeatureRepoError, apply_feature_repo
+    from components.features.tables import FeatureRepoError, apply_feature_repo
 
     s = _settings(ctx)
     try:
@@ -234,7 +235,7 @@ def features_apply(ctx: typer.Context) -> None:
 @features_app.command("materialize")
 def features_materialize(ctx: typer.Context, start: _StartOpt = None, end: _EndOpt = None) -> None:
     """Load the latest feature rows stamped from --start to --end (inclusive) into the online store."""
-    from components.features import FeatureRepoError, materialize
+    from components.features.tables import FeatureRepoError, materialize
 
     s = _settings(ctx)
     try:
@@ -269,7 +270,7 @@ def recommend_cmd(
     ] = True,
 ) -> None:
     """Batch top-K unseen items per user from the pushed retrieval and ranking models."""
-    from components.recommend import recommend
+    from components.batch_recommend import recommend
 
     try:
         with console.status(f"recommending for {users}"):
@@ -427,9 +428,10 @@ def serve_gateway(
     Talks to the model server at gateway.model_server_host (gRPC or REST), reads user
     features from the Feast online store and logs events durably to <home>/gateway/events.db.
     """
+    from components.canary import manual
     from serving.gateway.app import run_gateway
 
-    raise typer.Exit(run_gateway(_settings(ctx), host=host, port=port))
+    raise typer.Exit(run_gateway(_settings(ctx), host=host, port=port, manual_rollout=manual))
 
 
 def _cell(v: Any) -> str:
@@ -498,7 +500,7 @@ def canary_rollback(
 @app.command("demo")
 def demo(ctx: typer.Context) -> None:
     """Run the main job end to end on the embedded defaults and print what to look at."""
-    from components.demo import run_demo
+    from entrypoints.demo import run_demo
 
     run_demo(_settings(ctx), console)
 

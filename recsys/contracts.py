@@ -10,7 +10,6 @@ a flat string keeps the column usable by Feast, GX and Parquet readers alike.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pandas as pd
 
@@ -117,11 +116,6 @@ EVENTS = TableContract(
 CONTRACTS: dict[str, TableContract] = {"users": USERS, "items": ITEMS, "events": EVENTS}
 
 
-def empty_frame(contract: TableContract) -> pd.DataFrame:
-    """A zero-row frame with the contract's columns and dtypes."""
-    return conform(pd.DataFrame({c.name: [] for c in contract.columns}), contract)
-
-
 def conform(df: pd.DataFrame, contract: TableContract) -> pd.DataFrame:
     """Cast an already valid frame to the contract's dtypes and column order.
 
@@ -141,7 +135,3 @@ def conform(df: pd.DataFrame, contract: TableContract) -> pd.DataFrame:
         elif col.dtype == "timestamp":
             out[col.name] = pd.to_datetime(values, utc=True).astype("datetime64[us, UTC]")
     return out
-
-
-def table_dir(data_dir: Path, table: str) -> Path:
-    return Path(data_dir) / table

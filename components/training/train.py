@@ -1,6 +1,6 @@
 """Step: train the two-tower retriever and the multi-objective ranker from a training frame.
 
-The input is the feature layer's training frame (``components.features.build_training_data``):
+The input is the feature layer's training frame (``components.features.tables.build_training_data``):
 one row per event with the event's columns, its context (``hour``, ``device``) and every
 feature as it was known strictly before the event. Two models learn from it:
 
@@ -42,9 +42,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from components.config import TrainingConfig
-from components.feature_schema import POSITIVE_EVENT_TYPES, RANK_CANDIDATES_SIGNATURE
-from components.storage import code_version, write_manifest
+from recsys.config import TrainingConfig
+from recsys.feature_schema import POSITIVE_EVENT_TYPES, RANK_CANDIDATES_SIGNATURE
+from recsys.storage import code_version, write_manifest
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -388,7 +388,7 @@ def _build_retriever(
 ) -> Any:
     import tf_keras as keras
 
-    from components.models import CandidateTower, QueryTower, TwoTowerRetriever, id_lookup
+    from components.training.models import CandidateTower, QueryTower, TwoTowerRetriever, id_lookup
 
     keras.utils.set_random_seed(config.seed)
     n_oov = config.num_oov_buckets
@@ -583,7 +583,7 @@ def train_ranker(
     use_legacy_keras()
     import tf_keras as keras
 
-    from components.models import MultiObjectiveRanker
+    from components.training.models import MultiObjectiveRanker
 
     log = log or _default_log
     out_dir = Path(out_dir)

@@ -39,11 +39,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components.config import EvaluationConfig
-from components.feature_schema import POSITIVE_EVENT_TYPES
-from components.metrics import coverage, metric_names, summarize
-from components.storage import code_version, read_manifest, write_manifest
-from serving.gateway.policy import rank01, rank_fusion
+from components.evaluation.metrics import coverage, metric_names, summarize
+from recsys.config import EvaluationConfig
+from recsys.feature_schema import POSITIVE_EVENT_TYPES
+from recsys.ranking import rank_fusion
+from recsys.storage import code_version, read_manifest, write_manifest
 
 MODELS = ("retriever", "retriever_ranker", "popularity")
 SLICES = ("all", "new_users", "new_items", "heavy_users")
@@ -129,7 +129,7 @@ def holdout_queries(holdout_frame: pd.DataFrame) -> pd.DataFrame:
 
 def profile_history(queries: pd.DataFrame, train_frame: pd.DataFrame, max_history: int) -> pd.DataFrame:
     """``queries`` with ``recent_items`` = each user's training positives, newest first."""
-    from components.training import positive_histories
+    from components.training.train import positive_histories
 
     lists = positive_histories(train_frame)
     recent = [" ".join(lists.get(str(u), [])[:max_history]) for u in queries["user_id"]]
@@ -272,7 +272,7 @@ def rerank(
     """
     import tensorflow as tf
 
-    from components.training import features_from_frame
+    from components.training.train import features_from_frame
 
     users = [u for u in candidates if candidates[u]]
     if not users:
@@ -326,8 +326,8 @@ def ranker_auc(
     """
     import tensorflow as tf
 
-    from components.config import TrainingConfig
-    from components.training import features_from_frame, ranker_examples
+    from components.training.train import features_from_frame, ranker_examples
+    from recsys.config import TrainingConfig
 
     if not (holdout_frame["event_type"].astype(str) == "impression").any():
         return None
@@ -344,16 +344,6 @@ def ranker_auc(
     if popularity:
         out["popularity_click_auc"] = auc(examples["label_click"], examples[popularity[0]])
     return out
-
-
-def _rank01(x: np.ndarray) -> np.ndarray:
-    """Ranks scaled to [0, 1], 1 for the best."""
-    return rank01(x)
-
-
-# --------------------------------------------------------------------------------------------
-# The gate
-# --------------------------------------------------------------------------------------------
 
 
 def _metric_of(metrics: Mapping[str, Any], model: str, name: str) -> float | None:
@@ -453,7 +443,7 @@ def evaluate(
     Returns:
         The manifest: metrics per system and slice, the blessing, counts.
     """
-    from components.training import features_from_frame, load_signature, use_legacy_keras
+    from components.training.train import features_from_frame, load_signature, use_legacy_keras
 
     use_legacy_keras()
     import tensorflow as tf

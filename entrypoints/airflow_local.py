@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from components.config import AirflowConfig
+    from recsys.config import AirflowConfig
 
 REPO = Path(__file__).resolve().parents[1]
 COMPONENTS = ("api-server", "scheduler", "dag-processor")
@@ -40,7 +40,7 @@ COMPONENTS = ("api-server", "scheduler", "dag-processor")
 CELERY_WORKER = "celery worker"
 # The project image's entry point (docker/Dockerfile): one Airflow command with the
 # deployment's environment derived from the recsys profile (see ``exec_airflow``).
-ENTRYPOINT = ("python", "-m", "components.airflow_local", "exec")
+ENTRYPOINT = ("python", "-m", "entrypoints.airflow_local", "exec")
 
 
 def airflow_overrides(config: AirflowConfig) -> dict[str, str]:
@@ -233,7 +233,7 @@ def exec_airflow(args: list[str]) -> int:
     home so every container signs and checks task tokens alike. Then the process becomes
     ``airflow`` (exec), so signals from the container runtime reach Airflow directly.
     """
-    from components.config import settings_from_environment
+    from recsys.config import settings_from_environment
 
     settings = settings_from_environment()
     home = Path(os.environ.get("AIRFLOW_HOME") or settings.home / "airflow")
@@ -247,7 +247,7 @@ def exec_airflow(args: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``make airflow``: migrate, start the three processes, print the URL, stop on Ctrl-C."""
-    from components.config import settings_from_environment
+    from recsys.config import settings_from_environment
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["exec"]:

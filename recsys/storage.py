@@ -14,8 +14,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from components.contracts import CONTRACTS, TableContract, conform
+from recsys.contracts import CONTRACTS, TableContract, conform
 
 
 def write_table(df: pd.DataFrame, out_dir: Path, contract: TableContract) -> list[Path]:
@@ -116,10 +114,3 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-def count_rows(paths: Iterable[Path]) -> int:
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in paths)

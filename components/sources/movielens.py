@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components.contracts import AGE_BUCKETS, CATEGORY_SEPARATOR
-from components.storage import write_data_folder
+from recsys.contracts import AGE_BUCKETS, CATEGORY_SEPARATOR
+from recsys.storage import write_data_folder
 
 SESSION_GAP_SECONDS = 30 * 60
 MAX_TAGS = 20

@@ -13,41 +13,14 @@ import json
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 import pandas as pd
 
-from components.contracts import EVENTS, conform
-
-if TYPE_CHECKING:
-    from components.config import Settings
-
-COLUMNS = [c.name for c in EVENTS.columns]
-
-
-@dataclass(frozen=True)
-class AppendResult:
-    accepted: list[str]  # event ids stored by this call
-    duplicates: list[str]  # event ids already in the log (a retry): not stored again
-
-
-@dataclass(frozen=True)
-class ServedRequest:
-    """What the gateway answered one recommendation request with."""
-
-    request_id: str
-    user_id: str
-    arm: str  # stable | canary | holdout
-    versions: dict[str, int | None]  # model name -> version that served (None: not used)
-    ts: Any
-    latency_ms: float
-    status: str  # ok | error
-    fallback: str | None = None  # the fallback used, if any
-    items: list[str] = field(default_factory=list)
-
+from recsys.contracts import EVENTS, conform
+from recsys.event_log.base import COLUMNS, OUTCOME_COLUMNS, AppendResult, ServedRequest
+from recsys.timeutil import utc_iso
 
 _INSERT_EVENT = (
     "INSERT OR IGNORE INTO events (event_id, user_id, item_id, event_type, value, ts,"
@@ -69,7 +42,7 @@ def _event_rows(events: Sequence[dict[str, Any]]) -> list[tuple[Any, ...]]:
             e["item_id"],
             e["event_type"],
             e.get("value"),
-            _iso(e["ts"]),
+            utc_iso(e["ts"]),
             e["session_id"],
             e["device"],
             e.get("request_id"),
@@ -86,7 +59,7 @@ def _request_rows(records: Sequence[ServedRequest]) -> list[tuple[Any, ...]]:
             r.user_id,
             r.arm,
             json.dumps(r.versions),
-            _iso(r.ts),
+            utc_iso(r.ts),
             r.latency_ms,
             r.status,
             r.fallback,
@@ -257,82 +230,44 @@ class SqliteEventLog:
             rows = self._db.execute(
                 "SELECT DISTINCT request_id, item_id, event_type FROM events WHERE request_id IS NOT NULL"
             ).fetchall()
-        return pd.DataFrame(rows, columns=["request_id", "item_id", "event_type"])
+        return pd.DataFrame(rows, columns=OUTCOME_COLUMNS)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
 
-def _iso(ts: Any) -> str:
-    """The instant as UTC ISO 8601; naive times are UTC."""
-    if isinstance(ts, str):
-        # The common case (the gateway's own records): the standard library parses it ~50x
-        # faster than pandas, which stays the path for every other spelling.
-        try:
-            d = datetime.fromisoformat(ts)
-        except ValueError:
-            d = None
-        if d is not None:
-            return (d.astimezone(UTC) if d.tzinfo else d.replace(tzinfo=UTC)).isoformat()
-    elif isinstance(ts, datetime) and not isinstance(ts, pd.Timestamp):
-        return (ts.astimezone(UTC) if ts.tzinfo else ts.replace(tzinfo=UTC)).isoformat()
-    t = pd.Timestamp(ts)
-    return (t.tz_convert("UTC") if t.tzinfo else t.tz_localize("UTC")).isoformat()
+REQUEST_COLUMNS = ["request_id", "user_id", "arm", "versions", "ts", "latency_ms", "status"]
 
 
-class EventLog(Protocol):
-    """What the gateway, the canary analysis and the export need of an event log.
+def read_sqlite_log(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The gateway log's ``requests`` table and its request-tied events (impressions, outcomes).
 
-    Implemented by ``SqliteEventLog`` (embedded) and ``RedisStreamsEventLog`` (production,
-    ``serving.gateway.event_log_redis``); ``gateway.event_log_backend`` picks one.
+    Reads the SQLite file directly (query-only) rather than through ``SqliteEventLog``, which
+    would create an empty log where none exists yet; only distinct (request, item, type)
+    triples are fetched, since a repeated click on the same slot is one click.
     """
-
-    @property
-    def location(self) -> str: ...
-
-    def append(self, events: Sequence[dict[str, Any]]) -> AppendResult: ...
-
-    def log_request(self, record: ServedRequest) -> None: ...
-
-    def log_requests(self, records: Sequence[ServedRequest]) -> None: ...
-
-    def log_served(self, records: Sequence[ServedRequest], impressions: Sequence[dict[str, Any]]) -> None: ...
-
-    def requests_frame(self) -> pd.DataFrame: ...
-
-    def outcomes_frame(self) -> pd.DataFrame: ...
-
-    def count(self) -> int: ...
-
-    def event_ids(self) -> list[str]: ...
-
-    def to_frame(self) -> pd.DataFrame: ...
-
-    def close(self) -> None: ...
+    path = Path(path)
+    if not path.is_file():
+        return _empty_requests(), pd.DataFrame(columns=OUTCOME_COLUMNS)
+    con = sqlite3.connect(path, timeout=30)
+    try:
+        con.execute("PRAGMA query_only = 1")
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "requests" not in tables:
+            return _empty_requests(), pd.DataFrame(columns=OUTCOME_COLUMNS)
+        requests = pd.read_sql_query(
+            f"SELECT {', '.join(REQUEST_COLUMNS)} FROM requests", con
+        )
+        events = pd.read_sql_query(
+            "SELECT DISTINCT request_id, item_id, event_type FROM events WHERE request_id IS NOT NULL",
+            con,
+        ) if "events" in tables else pd.DataFrame(columns=OUTCOME_COLUMNS)
+    finally:
+        con.close()
+    requests["versions"] = requests["versions"].map(lambda v: json.loads(v) if v else {})
+    return requests, events
 
 
-def open_event_log(settings: Settings, reader: bool = False) -> EventLog:
-    """The configured event log (``gateway.event_log_backend``).
-
-    Args:
-        settings: the configuration.
-        reader: open only to read (the canary analysis): a reader acknowledges no event, so a
-            Redis without per-write fsync is not refused.
-    """
-    gw = settings.gateway
-    if gw.event_log_backend == "redis_streams":
-        from serving.gateway.event_log_redis import RedisStreamsEventLog
-
-        require = gw.event_log_require_fsync and not reader
-        return RedisStreamsEventLog(gw.event_log_redis_url, gw.event_log_key_prefix, require_fsync=require)
-    return SqliteEventLog(settings.event_log_path)
-
-
-def write_log_events(log: EventLog, out_dir: Path) -> int:
-    """Export the log's events as an events dataset folder (for the pipeline's ingest)."""
-    from components.storage import write_table
-
-    df = log.to_frame()
-    write_table(df, Path(out_dir), EVENTS)
-    return len(df)
+def _empty_requests() -> pd.DataFrame:
+    return pd.DataFrame(columns=REQUEST_COLUMNS)

@@ -1,7 +1,7 @@
 """Names of the features that the feature layer produces and the models consume.
 
 One place for them, so the Feast definitions, the training data and the serving path agree
-on every name. A training frame (``components.features.build_training_data``) has one row
+on every name. A training frame (``components.features.tables.build_training_data``) has one row
 per event with the event's own columns, its context, and each feature as it was known
 strictly before the event's timestamp (point in time).
 """

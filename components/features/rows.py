@@ -3,7 +3,7 @@
 Serving reads features from the Feast online store; batch jobs that run beside the
 pipeline (``recsys recommend``, push's warm-up requests) read the same values straight from
 validated data, as of the data's last event, with the feature layer's own functions
-(``components.features``), so a feature means the same thing in every path.
+(``components.features.tables``), so a feature means the same thing in every path.
 
 A model states its inputs by name and dtype (the training manifest's ``query_inputs``,
 ``candidate_inputs``, ``ranker_inputs``). Each name is looked up among the user's and the
@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components.config import FeaturesConfig
-from components.storage import read_table
-from components.training import features_from_frame
+from components.training.train import features_from_frame
+from recsys.config import FeaturesConfig
+from recsys.storage import read_table
+from recsys.timeutil import to_utc
 
 _WINDOW = re.compile(r"^(?:user|item)_[a-z]+_(\d+)d$")
 
@@ -57,7 +58,7 @@ def load_feature_source(
         names: feature names the caller will ask for (windows are read from them).
         as_of: the moment features are taken at; default the last event's time.
     """
-    from components import features as fl
+    from components.features import tables as fl
 
     users = read_table(data_dir, "users")
     items = read_table(data_dir, "items")
@@ -66,7 +67,7 @@ def load_feature_source(
         df[key] = df[key].astype(str)
     if as_of is None:
         as_of = events["ts"].max() if len(events) else pd.Timestamp("1970-01-01", tz="UTC")
-    as_of = fl.to_utc(as_of)
+    as_of = to_utc(as_of)
     events = events[events["ts"] <= as_of]
     windows = _windows(names, config)
 
@@ -138,7 +139,7 @@ def seen_items(source: FeatureSource) -> dict[str, set[str]]:
 
 def popular_items(source: FeatureSource) -> list[str]:
     """Item ids by number of positive events, most first (the cold-start fallback order)."""
-    from components.feature_schema import POSITIVE_EVENT_TYPES
+    from recsys.feature_schema import POSITIVE_EVENT_TYPES
 
     ev = source.events
     counts = ev[ev["event_type"].astype(str).isin(POSITIVE_EVENT_TYPES)]["item_id"].value_counts()

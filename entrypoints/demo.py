@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from components.config import Settings
+from recsys.config import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -73,7 +73,8 @@ def _env(settings: Settings) -> dict[str, str]:
 
 def run_training_dag(settings: Settings, console: Console) -> None:
     """`airflow dags test training_pipeline <end date>` with a progress bar over its tasks."""
-    from components.pipeline import STEPS, run_key_for
+    from components.pipeline import STEPS
+    from recsys.layout import run_key_for
 
     env = _env(settings)
     logical_date = run_key_for(settings.generate.end_date)
@@ -200,7 +201,7 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
 
 
 def print_evaluation(settings: Settings, console: Console) -> dict[str, Any]:
-    from components.pipeline import run_key_for, step_dir
+    from recsys.layout import run_key_for, step_dir
 
     out = step_dir(settings, run_key_for(settings.generate.end_date), "evaluate")
     metrics = json.loads((out / "metrics.json").read_text())
@@ -259,7 +260,7 @@ def _show(console: Console, title: str, resp: dict[str, Any], items: pd.DataFram
 
 
 def show_recommendations(settings: Settings, url: str, console: Console) -> None:
-    from components.pipeline import run_key_for, step_dir
+    from recsys.layout import run_key_for, step_dir
 
     validated = step_dir(settings, run_key_for(settings.generate.end_date), "validate")
     items = pd.read_parquet(validated / "items").set_index("item_id")

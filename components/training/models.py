@@ -9,7 +9,7 @@ the pair's interaction) and predicts several outcomes at once: will the user cli
 will they engage. A weighted sum of those predictions orders the final list.
 
 Both are ``tfrs.Model`` subclasses built with ``tf_keras`` (Keras 2): TFRS needs it. Import
-this module only after ``TF_USE_LEGACY_KERAS=1`` is set (``components.training`` does it).
+this module only after ``TF_USE_LEGACY_KERAS=1`` is set (``components.training.train`` does it).
 
 Every lookup (ids, categories, words) lives inside the models, so an exported SavedModel
 takes raw strings and numbers: the serving side never needs a vocabulary file.

@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from recsys.layout import CONF_DIR
+
 ENV_PREFIX = "RECSYS_"
 DEFAULT_CONFIG_NAME = "recsys.yaml"
 
@@ -369,7 +371,7 @@ class SecurityConfig(Section):
 
 
 class AirflowConfig(Section):
-    """Airflow's executor and metadata database, as ``components.airflow_local`` starts Airflow.
+    """Airflow's executor and metadata database, as ``entrypoints.airflow_local`` starts Airflow.
 
     The embedded default is the LocalExecutor on SQLite under ``<home>/airflow``. Production
     (``conf/production.yaml``) is the CeleryExecutor with a Redis broker, or the
@@ -543,7 +545,6 @@ _NON_FIELD_VARS = {"RECSYS_CONFIG", "RECSYS_PROFILE", "RECSYS_API_KEY", "RECSYS_
 
 
 # Profiles are conf/<name>.yaml files: RECSYS_PROFILE=production reads conf/production.yaml.
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def profile_path(profile: str, cwd: Path | None = None) -> Path:

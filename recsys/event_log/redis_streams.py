@@ -29,13 +29,14 @@ import json
 import logging
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import pandas as pd
 
-from components.contracts import EVENTS, conform
-from serving.gateway.event_log import COLUMNS, AppendResult, ServedRequest, _iso
+from recsys.contracts import EVENTS, conform
+from recsys.event_log.base import COLUMNS, AppendResult, ServedRequest
+from recsys.timeutil import utc_iso
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +113,10 @@ class RedisStreamsEventLog:
         import redis
 
         try:
+            # The sync client's stubs type every reply as "Awaitable | Any".
             got = {
-                **self._client.config_get("appendonly"),
-                **self._client.config_get("appendfsync"),
+                **cast(dict[str, str], self._client.config_get("appendonly")),
+                **cast(dict[str, str], self._client.config_get("appendfsync")),
             }
         except redis.ResponseError as e:  # CONFIG renamed or forbidden (managed services)
             log.warning("cannot read the Redis persistence settings of %s (%s): durability unchecked",
@@ -172,7 +174,7 @@ class RedisStreamsEventLog:
                         "user_id": r.user_id,
                         "arm": r.arm,
                         "versions": json.dumps(r.versions),
-                        "ts": _iso(r.ts),
+                        "ts": utc_iso(r.ts),
                         "latency_ms": repr(float(r.latency_ms)),
                         "status": r.status,
                         "fallback": r.fallback or "",
@@ -185,7 +187,8 @@ class RedisStreamsEventLog:
         """Every entry of a stream, oldest first, in pages (XRANGE with an exclusive start)."""
         start = "-"
         while True:
-            rows = self._client.xrange(key, min=start, max="+", count=page)
+            reply = self._client.xrange(key, min=start, max="+", count=page)
+            rows = cast(list[tuple[str, dict[str, str]]], reply)
             if not rows:
                 return
             yield from rows
@@ -215,7 +218,7 @@ class RedisStreamsEventLog:
         )
 
     def count(self) -> int:
-        return int(self._client.hlen(self.ids_key))
+        return int(cast(int, self._client.hlen(self.ids_key)))
 
     def event_ids(self) -> list[str]:
         return [f["event_id"] for _, f in self._scan(self.events_key)]
@@ -240,6 +243,6 @@ def _event_fields(e: dict[str, Any]) -> dict[str, str]:
         v = e.get(c)
         if v is None:
             continue
-        out[c] = _iso(v) if c == "ts" else str(v)
+        out[c] = utc_iso(v) if c == "ts" else str(v)
     out["body"] = json.dumps(e, default=str)
     return out

@@ -25,25 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from components.config import Settings
-from components.indexing import EMBEDDINGS_FILE
-from components.push import ITEM_IDS_FILE, version_for_label
-from components.storage import read_manifest
+from recsys.artifacts import EMBEDDINGS_FILE, ITEM_IDS_FILE
+from recsys.config import Settings
+from recsys.layout import latest_validated_dir
+from recsys.model_registry import version_for_label
+from recsys.storage import read_manifest
 
 BATCH = 256
-
-
-def latest_validated_dir(settings: Settings) -> Path:
-    """The validated data of the latest pipeline run (``<home>/runs/<key>/validate``)."""
-    runs = sorted(p for p in settings.runs_dir.glob("*/validate") if (p / "manifest.json").is_file())
-    if runs:
-        return runs[-1]
-    if (settings.validated_dir / "manifest.json").is_file():
-        return settings.validated_dir
-    raise FileNotFoundError(
-        f"no validated data under {settings.runs_dir} or {settings.validated_dir}: "
-        "run the pipeline or pass --data"
-    )
 
 
 def read_user_ids(path: Path) -> list[str]:
@@ -158,7 +146,7 @@ def recommend(
         A summary: version, mode, counts of users, unknown users, users topped up by exact
         search and by popularity, and users short of ``k`` (the catalog ran out).
     """
-    from components.feature_rows import feature_rows, load_feature_source, popular_items, seen_items
+    from components.features.rows import feature_rows, load_feature_source, popular_items, seen_items
 
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
@@ -254,8 +242,8 @@ def _rerank(
     retrieval_weight: float,
 ) -> list[list[str]]:
     """Each user's top ``depth`` candidates re-ordered by rank fusion; the rest keep their order."""
-    from components.feature_rows import feature_rows
-    from serving.gateway.policy import rank_fusion
+    from components.features.rows import feature_rows
+    from recsys.ranking import rank_fusion
 
     heads = [c[:depth] for c in candidates]
     pair_users = [u for u, h in zip(users, heads, strict=True) for _ in h]

@@ -1,0 +1,187 @@
+"""The model registry: ``<models>/models.config`` and the version labels in it, one owner.
+
+A model server watches ``<base>/<model>/`` for integer-named version folders; ``models.config``
+(TF Serving's ModelServerConfig, text format) says which versions to keep loaded and which
+*labels* point at them. Two labels drive a rollout: ``stable`` (what most traffic gets) and
+``canary`` (the newest version, tried by a slice of traffic until promoted or rolled back).
+
+TF Serving refuses a label on a version it has not loaded, so a label move writes
+``models.load.config`` first (every version either config needs, labels as they were) and
+then ``models.config``; a server applies them in that order. Every read-modify-write of the
+two files (push, promote, rollback) holds ``registry_lock``, so two writers never interleave.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from recsys.config import Settings
+
+MODELS_CONFIG = "models.config"
+# The same versions with the labels as they were: a server applies this first (load), then
+# models.config (label), since TF Serving refuses a label on a version not loaded yet.
+LOAD_CONFIG = "models.load.config"
+LABELS = ("stable", "canary")
+_LOCK_FILE = ".labels.lock"
+
+
+class RegistryError(RuntimeError):
+    """``models.config`` cannot take the change asked for (nothing pushed, labels missing)."""
+
+
+def integer_versions(model_dir: Path) -> list[int]:
+    """Version folders of one model (integer names only, as TF Serving sees them), ascending."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _parse(path: Path) -> Any:
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    return text_format.Parse(path.read_text(), model_server_config_pb2.ModelServerConfig())
+
+
+def read_models_config(base_path: Path, name: str = MODELS_CONFIG) -> dict[str, dict[str, Any]]:
+    """``models.config`` as {model: {"base_path", "versions", "labels"}}; {} when absent."""
+    path = Path(base_path) / name
+    if not path.is_file():
+        return {}
+    return {
+        c.name: {
+            "base_path": c.base_path,
+            "versions": list(c.model_version_policy.specific.versions),
+            "labels": dict(c.version_labels),
+        }
+        for c in _parse(path).model_config_list.config
+    }
+
+
+def read_load_labels(base_path: Path) -> dict[str, dict[str, Any]]:
+    """``models.load.config``'s labels as a models.config (only the versions they name)."""
+    out = {}
+    for name, m in read_models_config(base_path, LOAD_CONFIG).items():
+        labels = {k: int(v) for k, v in m["labels"].items()}
+        if labels:
+            versions = sorted(set(labels.values()))
+            out[name] = {"base_path": m["base_path"], "versions": versions, "labels": labels}
+    return out
+
+
+def write_models_config(path: Path, models: Mapping[str, Mapping[str, Any]]) -> Path:
+    """Write a ModelServerConfig (text format) atomically: a server never reads half a file."""
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    cfg = model_server_config_pb2.ModelServerConfig()
+    for name, m in models.items():
+        c = cfg.model_config_list.config.add()
+        c.name = name
+        c.base_path = str(m["base_path"])
+        c.model_platform = "tensorflow"
+        c.model_version_policy.specific.versions.extend(sorted(set(m["versions"])))
+        for label, version in sorted(m["labels"].items()):
+            c.version_labels[label] = version
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text_format.MessageToString(cfg))
+    os.replace(tmp, path)
+    return path
+
+
+@contextlib.contextmanager
+def registry_lock(base: Path) -> Iterator[None]:
+    """Hold the registry's lock: the DAG and a person at the CLI may move labels at once."""
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / _LOCK_FILE, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def version_for_label(base_path: Path, model: str, label: str = "stable") -> int:
+    """The version a label of ``models.config`` points at; names the labels there if absent."""
+    models = read_models_config(Path(base_path))
+    if model not in models:
+        raise FileNotFoundError(f"model {model!r} is not in {Path(base_path) / MODELS_CONFIG}: push first")
+    labels = models[model]["labels"]
+    if label not in labels:
+        raise KeyError(f"model {model!r} has no version labelled {label!r}; labels: {labels}")
+    return int(labels[label])
+
+
+def model_names(settings: Settings) -> list[str]:
+    """The models pushed together under one version: retrieval, then ranking."""
+    return [settings.push.retrieval_model, settings.push.ranking_model]
+
+
+def serving_labels(settings: Settings) -> dict[str, dict[str, int]]:
+    """{"stable": {model: version}, "canary": {model: version}} from ``models.config`` ({} if none)."""
+    models = read_models_config(settings.models_dir)
+    labels: dict[str, dict[str, int]] = {label: {} for label in LABELS}
+    for name in model_names(settings):
+        for label in labels:
+            if name in models and label in models[name]["labels"]:
+                labels[label][name] = int(models[name]["labels"][label])
+    return labels if any(labels.values()) else {}
+
+
+def rollout_in_progress(serving: Mapping[str, Mapping[str, int]]) -> bool:
+    """True while some model's canary label points elsewhere than its stable label."""
+    return bool(serving) and any(serving["canary"].get(m) != v for m, v in serving["stable"].items())
+
+
+def move_labels(settings: Settings, action: Literal["promote", "rollback"]) -> dict[str, Any]:
+    """Promote (stable := canary) or roll back (canary := stable) both models in ``models.config``.
+
+    ``models.load.config`` is written first with every version either config needs and the
+    labels as they were. After the move, ``models.config`` keeps only the labelled versions
+    loaded (the other one unloads), as a push does.
+
+    Returns:
+        {"before": {model: labels}, "after": {model: labels}, "changed": bool}.
+
+    Raises:
+        RegistryError: no ``models.config``, a model missing from it, or the target version's
+            folder missing on disk.
+    """
+    base = settings.models_dir
+    with registry_lock(base):
+        current = read_models_config(base)
+        if not current:
+            raise RegistryError(f"no {base / MODELS_CONFIG}: nothing has been pushed")
+        new = {name: dict(m) for name, m in current.items()}
+        load = {name: dict(m) for name, m in current.items()}
+        before, after = {}, {}
+        for name in model_names(settings):
+            if name not in current or not set(LABELS) <= set(current[name]["labels"]):
+                raise RegistryError(
+                    f"model {name!r} has no stable and canary labels in {base / MODELS_CONFIG}"
+                )
+            labels = {k: int(v) for k, v in current[name]["labels"].items()}
+            target = labels["canary"] if action == "promote" else labels["stable"]
+            model_dir = Path(current[name]["base_path"])
+            if target not in integer_versions(model_dir):
+                raise RegistryError(f"{name} version {target} is not on disk under {model_dir}")
+            moved = {**labels, "stable": target, "canary": target}
+            before[name], after[name] = labels, moved
+            new[name] = {**current[name], "versions": sorted(set(moved.values())), "labels": moved}
+            load[name] = {
+                **current[name],
+                "versions": sorted(set(current[name]["versions"]) | set(moved.values())),
+                "labels": labels,
+            }
+        changed = before != after
+        if changed:
+            write_models_config(base / LOAD_CONFIG, load)
+            write_models_config(base / MODELS_CONFIG, new)
+    return {"before": before, "after": after, "changed": changed}

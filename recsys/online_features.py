@@ -1,0 +1,250 @@
+"""The online feature store as the serving side and the pipeline both use it.
+
+The feature definitions are the Feast repo in ``feature_repo/``; ``repo_config`` builds the
+store from ``Settings`` (registry and SQLite file under ``settings.home``, or Redis), so the
+online store is configuration, not an edited file. Reads: ``service_features`` names a
+feature service's references, ``entity_row_reader`` reads one entity's row, and
+``feature_defaults`` gives the value a missing feature takes.
+
+Real-time pushes: a user who clicks something expects the next recommendation to know it.
+Batch features arrive daily; the ``user_recent_items`` view is also fed through a Feast push
+source, so the gateway's ``POST /v1/events`` (after the durable append) calls ``push_event``
+and the next read for that user already sees the event: no flush window. The new state is
+computed by ``next_recent_state``, the same rule that rebuilds the view's batch table from the
+event log, so the online value after a push is the value that training data joins for the
+next event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from recsys.feature_schema import (
+    FEATURE_DEFAULTS_BY_KIND,
+    POSITIVE_EVENT_TYPES,
+    RECENT_ITEM_FEATURES,
+)
+from recsys.layout import FEATURE_REPO_DIR
+from recsys.timeutil import to_utc
+
+if TYPE_CHECKING:  # Feast costs seconds to import; only the functions that need it do.
+    from feast import FeatureStore, RepoConfig
+
+    from recsys.config import Settings
+
+TIMESTAMP = "event_timestamp"
+ONE_US = pd.Timedelta(microseconds=1)
+PUSH_SOURCE = "user_recent_items_push"
+RECENT_VIEW = "user_recent_items"
+
+
+def store_yaml(settings: Settings) -> dict[str, Any]:
+    """The effective ``feature_store.yaml`` for these settings, as a dict.
+
+    Same project and definitions as ``feature_repo/feature_store.yaml``, but the registry and
+    the SQLite file are under ``settings.home`` and the online store follows
+    ``features.online_store``. Absolute paths, so the file works wherever it is read from.
+    """
+    f = settings.features
+    if f.online_store == "redis":
+        online: dict[str, Any] = {"type": "redis", "connection_string": f.redis_connection_string}
+    else:
+        online = {"type": "sqlite", "path": str(settings.feast_dir / "online_store.db")}
+    return {
+        "project": f.project,
+        "provider": "local",
+        # The registry is re-read at most this often by a long-lived store (the gateway):
+        # an apply reaches it within a minute without a restart.
+        "registry": {"path": str(settings.feast_dir / "registry.db"), "cache_ttl_seconds": 60},
+        "online_store": online,
+        "offline_store": {"type": "dask"},
+        "entity_key_serialization_version": 3,
+    }
+
+
+def repo_config(settings: Settings) -> RepoConfig:
+    """The Feast ``RepoConfig`` of these settings (see ``store_yaml``).
+
+    ``repo_path`` is the feature repo, as for the `feast` CLI; the FileSource paths that
+    ``apply_feature_repo`` registers are absolute, so they do not depend on it.
+    """
+    from feast import RepoConfig
+
+    cfg = RepoConfig(**store_yaml(settings))
+    cfg.repo_path = FEATURE_REPO_DIR
+    return cfg
+
+
+def get_store(settings: Settings) -> FeatureStore:
+    """A ``FeatureStore`` over the state under ``settings.home`` (no files are read yet)."""
+    from feast import FeatureStore
+
+    settings.feast_dir.mkdir(parents=True, exist_ok=True)
+    return FeatureStore(config=repo_config(settings))
+
+
+def service_features(store: FeatureStore, services: Sequence[str]) -> list[str]:
+    """Feature references ``view:feature`` of the named services, in order, without repeats."""
+    refs: list[str] = []
+    for name in services:
+        service = store.get_feature_service(name)
+        for proj in service.feature_view_projections:
+            for feat in proj.features:
+                ref = f"{proj.name_to_use()}:{feat.name}"
+                if ref not in refs:
+                    refs.append(ref)
+    return refs
+
+
+def entity_row_reader(
+    store: FeatureStore, refs: Sequence[str], join_key: str
+) -> Callable[[str], dict[str, Any]]:
+    """A reader of one entity's online values for ``refs`` (``view:feature``), by feature name.
+
+    Gives what ``store.get_online_features(refs, [{join_key: id}]).to_dict()`` gives (None for
+    a missing value), through each view's ``online_read`` on the store's provider: the views
+    are resolved once here instead of on every call, and no response proto is built. The
+    gateway reads a user this way on every request, where that saves ~0.16 ms of its ~4 ms.
+    """
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+    from feast.type_map import feast_value_type_to_python_type
+
+    by_view: dict[str, list[str]] = {}
+    for ref in refs:
+        view, feature = ref.split(":", 1)
+        by_view.setdefault(view, []).append(feature)
+    views = [(store.get_feature_view(view), names) for view, names in by_view.items()]
+    # The provider get_online_features reads through (_get_provider is not public Feast API:
+    # Feast is pinned, and a test compares this reader with get_online_features).
+    provider, config = store._get_provider(), store.config
+
+    def read(entity_id: str) -> dict[str, Any]:
+        key = EntityKey(join_keys=[join_key], entity_values=[Value(string_val=entity_id)])
+        out: dict[str, Any] = {}
+        for view, names in views:
+            # A copy: Redis's online_read appends its timestamp key to the list it is given.
+            (_, values), *_ = provider.online_read(
+                config=config, table=view, entity_keys=[key], requested_features=list(names)
+            )
+            for name in names:
+                value = values.get(name) if values else None
+                out[name] = feast_value_type_to_python_type(value) if value is not None else None
+        return out
+
+    return read
+
+
+def feature_defaults(store: FeatureStore, refs: Sequence[str]) -> dict[str, Any]:
+    """The value a missing feature takes, by its Feast type: 0, 0.0, "" or False.
+
+    A missing value means "nothing known yet" (a new user, an item never shown): a count of
+    0 and an empty text say exactly that, and a model sees the same default in training and
+    serving (the gateway fills online nulls with this same function).
+    """
+    from feast.types import Bool, Float32, Float64, Int32, Int64
+
+    dtypes = {}
+    for fv in store.list_feature_views():
+        for f in fv.schema:
+            dtypes[f"{fv.name}:{f.name}"] = f.dtype
+    out: dict[str, Any] = {}
+    for ref in refs:
+        dt = dtypes.get(ref)
+        if dt in (Int64, Int32):
+            kind = "count"
+        elif dt in (Float32, Float64):
+            kind = "rate"
+        elif dt == Bool:
+            kind = "flag"
+        else:
+            kind = "text"
+        out[ref.split(":", 1)[1]] = FEATURE_DEFAULTS_BY_KIND[kind]
+    return out
+
+
+def next_recent_state(state: Mapping[str, Any] | None, event: Mapping[str, Any], max_items: int) -> dict:
+    """The user's recent-items state after one event; the one rule for batch and real time.
+
+    State: ``recent_items`` (distinct positive item ids, newest first, space-joined, at most
+    ``max_items``), ``session_id`` (the session of the user's latest event) and
+    ``session_items`` (distinct positive items of that session, newest first). A new session
+    starts with no items; an impression or a skip moves the session but adds no item.
+    """
+    state = state or {}
+    recent = str(state.get("recent_items") or "").split()
+    session_id = str(state.get("session_id") or "")
+    session_items = str(state.get("session_items") or "").split()
+    event_session = str(event.get("session_id") or "")
+    if event_session != session_id:
+        session_id, session_items = event_session, []
+    if str(event["event_type"]) in POSITIVE_EVENT_TYPES:
+        item = str(event["item_id"])
+        recent = [item, *[i for i in recent if i != item]][:max_items]
+        session_items = [item, *[i for i in session_items if i != item]][:max_items]
+    return {
+        "recent_items": " ".join(recent),
+        "session_id": session_id,
+        "session_items": " ".join(session_items),
+    }
+
+
+def read_recent_state(store: FeatureStore, user_id: str) -> tuple[dict[str, str], pd.Timestamp | None]:
+    """The user's current recent-items row in the online store and its timestamp (None: no row)."""
+    resp = store.get_online_features(
+        features=[f"{RECENT_VIEW}:{f}" for f in RECENT_ITEM_FEATURES],
+        entity_rows=[{"user_id": str(user_id)}],
+    )
+    values = resp.to_dict()
+    state = {f: values[f][0] or "" for f in RECENT_ITEM_FEATURES}
+    # The proto keeps the stored time to the nanosecond; to_dict(include_event_timestamps=True)
+    # truncates it to whole seconds, too coarse to order two events of one second.
+    stamps = [
+        pd.Timestamp(ts.seconds * 1_000_000_000 + ts.nanos, unit="ns", tz="UTC")
+        for name, result in zip(resp.proto.metadata.feature_names.val, resp.proto.results, strict=True)
+        if name in RECENT_ITEM_FEATURES
+        for ts in result.event_timestamps[:1]
+        if ts.seconds or ts.nanos  # an unset Timestamp (0) means "no row"
+    ]
+    return state, (max(stamps) if stamps else None)
+
+
+def push_event(store: FeatureStore, event: Mapping[str, Any], max_items: int = 20) -> dict[str, Any]:
+    """Push the effect of one accepted event into the online store (push source, ONLINE).
+
+    Reads the user's current row, applies the event (a positive item goes to the front of
+    ``recent_items`` and ``session_items``; a new ``session_id`` starts an empty session) and
+    pushes the new row. Only the online store is written: the offline copy of this view is
+    rebuilt from the event log by ``recsys features build``, which keeps one writer per file.
+
+    The row is stamped with the event's time, or 1 µs after the stored row if that is later
+    (an event that arrives late, or two at one instant): the Redis store ignores a write that
+    is not newer than what it holds, SQLite would overwrite with an older state; stamping it
+    newer makes both keep the state that includes every event pushed so far.
+
+    Read-modify-write is not atomic: two events of one user pushed concurrently by two
+    processes can lose one. The gateway pushes a user's events from one request at a time;
+    the nightly rebuild from the event log repairs any loss.
+
+    Args:
+        store: an open store (``get_store``).
+        event: an accepted event with at least user_id, item_id, event_type, ts, session_id.
+        max_items: length of ``recent_items`` (``features.recent_items``).
+
+    Returns:
+        The pushed row: user_id, event_timestamp, recent_items, session_id, session_items.
+    """
+    from feast.data_source import PushMode
+
+    user_id = str(event["user_id"])
+    state, stored_at = read_recent_state(store, user_id)
+    new = next_recent_state(state, event, max_items)
+    stamp = to_utc(event["ts"])
+    if stored_at is not None and stamp <= stored_at:
+        stamp = stored_at + ONE_US
+    row = {"user_id": user_id, TIMESTAMP: stamp, **new}
+    store.push(PUSH_SOURCE, pd.DataFrame([row]), to=PushMode.ONLINE)
+    return row
