@@ -29,7 +29,7 @@ from serving.clients import ModelServerError
 
 log = logging.getLogger("serving.gateway.admin")
 
-# The signature the gateway calls on each role's model (service.Gateway._candidates / _rank).
+# The signature the gateway calls on each role's model (CandidateChain.candidates, ModelCalls.rank).
 SIGNATURES = {"retrieval": "retrieve", "ranking": "rank"}
 
 

@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from recsys.artifacts import EMBEDDINGS_FILE, ITEM_IDS_FILE, REQUIREMENTS
+from recsys.artifacts import EMBEDDINGS_FILE, ITEM_IDS_FILE, REQUIREMENTS, assets_extra
 from recsys.config import Settings
+from recsys.contracts import CATEGORY_SEPARATOR
 from recsys.feature_schema import (
     ITEM_ATTRIBUTE_FEATURES,
     POSITIVE_EVENT_TYPES,
@@ -37,7 +38,6 @@ from recsys.feature_schema import (
 from recsys.model_registry import MODELS_CONFIG, read_models_config
 
 log = logging.getLogger("serving.gateway")
-CATEGORY_SEPARATOR = "|"
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,7 +58,7 @@ class RetrievalAssets:
     def __init__(self, version_dir: Path) -> None:
         self.version_dir = Path(version_dir)
         self.version = int(self.version_dir.name)
-        extra = self.version_dir / "assets.extra"
+        extra = assets_extra(self.version_dir)
         self.requirements: dict[str, Any] = json.loads((extra / REQUIREMENTS).read_text())
         self.inputs: dict[str, str] = dict(self.requirements.get("inputs", {}))
         self.item_ids = np.asarray(json.loads((extra / ITEM_IDS_FILE).read_text()), dtype=object)
@@ -78,7 +78,7 @@ class RetrievalAssets:
                 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
                 import tensorflow as tf
 
-                path = self.version_dir / "assets.extra" / "query_tower"
+                path = assets_extra(self.version_dir) / "query_tower"
                 self._query_tower = tf.saved_model.load(str(path)).signatures["serving_default"]
             return self._query_tower
 
@@ -180,7 +180,7 @@ def load_model_versions(
     ranking_inputs: dict[int, dict[str, str]] = {}
     ranking_user_inputs: dict[int, frozenset[str]] = {}
     for v in sorted(set(labels.get(ranking_model, {}).values())):
-        req = Path(base_path) / ranking_model / str(v) / "assets.extra" / REQUIREMENTS
+        req = assets_extra(Path(base_path) / ranking_model / str(v)) / REQUIREMENTS
         if req.is_file():
             spec = json.loads(req.read_text())
             ranking_inputs[v] = dict(spec.get("inputs", {}))

@@ -1,0 +1,158 @@
+"""The gateway's calls to the model server: the inputs they carry, and a breaker around them."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from recsys.config import Settings
+from recsys.feature_schema import RANK_CANDIDATES_SIGNATURE
+from serving.clients import ModelServerClient, ModelServerError
+from serving.gateway.catalog import ItemCatalog, ModelVersions
+from serving.gateway.schemas import RecommendationRequest
+
+log = logging.getLogger("serving.gateway")
+# A dependency that failed hard is not called again for this long (a tiny circuit breaker):
+# a dead model server then costs one timeout per window, not one per request.
+BREAKER_SECONDS = {"UNAVAILABLE": 1.0, "DEADLINE_EXCEEDED": 1.0, "NOT_FOUND": 5.0, "FAILED_PRECONDITION": 5.0}
+# Failures that mean "the server is down or too busy", as opposed to "cannot serve this model".
+OVERLOAD_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
+
+
+def _column(value: Any, dtype: str, n: int) -> np.ndarray:
+    if dtype == "string":
+        out = np.empty(n, dtype=object)
+        out[:] = str(value)
+        return out
+    return np.full(n, value, dtype=np.int64 if dtype.startswith("int") else np.float32)
+
+
+class ModelCalls:
+    """Predict calls to the retrieval and ranking models, each behind the breaker.
+
+    Args:
+        settings: the configuration (push model names, objective weights).
+        client: the model server client.
+    """
+
+    def __init__(self, settings: Settings, client: ModelServerClient) -> None:
+        self.settings = settings
+        self.client = client
+        self._broken: dict[str, tuple[float, str]] = {}
+
+    def call(
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray],
+        label: str,
+        signature: str,
+        output_filter: Sequence[str] = (),
+    ) -> Any:
+        """One predict, refused at once while the breaker is open for ``model`` or for every model."""
+        now = time.monotonic()
+        for key in ("*", model):
+            until, code = self._broken.get(key, (0.0, ""))
+            if until > now:
+                # The same code that opened the breaker: the fallback chain reads it.
+                raise ModelServerError(code, f"{model}: skipped while the breaker is open")
+        try:
+            return self.client.predict(
+                model, inputs, label=label, signature_name=signature, output_filter=output_filter
+            )
+        except ModelServerError as e:
+            wait = BREAKER_SECONDS.get(e.code)
+            if wait:
+                self._broken["*" if e.code in OVERLOAD_CODES else model] = (now + wait, e.code)
+            raise
+
+    def query_inputs(
+        self, inputs: dict[str, str], row: dict[str, Any], recent: list[str], req: RecommendationRequest
+    ) -> dict[str, np.ndarray]:
+        """One query row for the query tower, from the user's features and the request context."""
+        ctx = req.context
+        values = {
+            **row,
+            "user_id": req.user_id,
+            "recent_items": " ".join(recent),
+            "hour": ctx.hour if ctx.hour is not None else datetime.now(UTC).hour,
+            "device": ctx.device,
+        }
+        return {
+            name: _column(values.get(name, "" if t == "string" else 0), t, 1) for name, t in inputs.items()
+        }
+
+    def ranker_inputs(
+        self,
+        inputs: dict[str, str],
+        query: dict[str, np.ndarray],
+        row: dict[str, Any],
+        catalog: ItemCatalog,
+        pos: np.ndarray,
+        user_inputs: frozenset[str] = frozenset(),
+    ) -> dict[str, np.ndarray]:
+        """Columns for the ranker: the item side gathered from the cache for every candidate;
+        the user side once (``user_inputs``, the ``rank_candidates`` signature) or repeated
+        on every row (pair rows, the ``rank`` signature)."""
+        out: dict[str, np.ndarray] = {}
+        for name, dtype in inputs.items():
+            if name not in user_inputs and (name == "item_id" or name in catalog.columns):
+                out[name] = catalog.request_column(name, dtype)[pos]
+                continue
+            value = query[name][0] if name in query else row.get(name, "" if dtype == "string" else 0)
+            out[name] = _column(value, dtype, 1 if name in user_inputs else len(pos))
+        return out
+
+    def ranking_request(
+        self,
+        versions: ModelVersions,
+        version: int | None,
+        query: dict[str, np.ndarray],
+        row: dict[str, Any],
+        catalog: ItemCatalog,
+        pos: np.ndarray,
+    ) -> tuple[dict[str, np.ndarray], str] | None:
+        """The ranking call for a version: its columns and signature (None: inputs not known).
+
+        ``rank_candidates`` (user side once) where the version has it, else pair rows to ``rank``.
+        """
+        key = version if version is not None else -1
+        inputs = versions.ranking_inputs.get(key)
+        if not inputs:
+            return None
+        user_inputs = versions.ranking_user_inputs.get(key, frozenset())
+        signature = RANK_CANDIDATES_SIGNATURE if user_inputs else "rank"
+        return self.ranker_inputs(inputs, query, row, catalog, pos, user_inputs), signature
+
+    def rank(
+        self,
+        versions: ModelVersions,
+        label: str,
+        query: dict[str, np.ndarray],
+        row: dict[str, Any],
+        catalog: ItemCatalog,
+        pos: np.ndarray,
+    ) -> np.ndarray | None:
+        """One batched predict of all candidates; the weighted objective per candidate, or None."""
+        model = self.settings.push.ranking_model
+        try:
+            ranking = self.ranking_request(versions, versions.version(model, label), query, row, catalog, pos)
+            if ranking is None:
+                return None
+            columns, signature = ranking
+            # Only the combined score crosses the wire, unless the gateway weighs objectives itself.
+            only = () if self.settings.gateway.objective_weights else ("score",)
+            pred = self.call(model, columns, label, signature, only)
+        except Exception as e:  # noqa: BLE001 - an unranked list beats no list
+            log.warning("ranking failed: %s", e)
+            return None
+        weights = self.settings.gateway.objective_weights
+        if weights:
+            return sum(
+                w * pred.outputs[o].astype(np.float32) for o, w in weights.items() if o in pred.outputs
+            )
+        return pred.outputs["score"].astype(np.float32)

@@ -1,0 +1,372 @@
+"""One recommendation request, stage by stage (each timed, each with a way out):
+
+1. **arm**: a sticky hash of the user id picks ``stable``, ``canary`` or the popularity
+   ``holdout`` (``policy.assign_arm``); the arm names the model label to call.
+2. **features**: the user's row from the Feast online store (profile, engagement counts,
+   recent items), with a deadline; on a miss the request goes on with defaults ("nothing
+   known"), which is exactly what a brand-new user looks like. Items the user touched
+   since the last push are merged in from the gateway's own memory, so an event posted a
+   moment ago counts even if the store has not caught up.
+3. **candidates**: users with fewer than ``cold_start_min_events`` events get popularity in
+   their segment blended with content neighbours of what they touched; everyone else gets
+   ~1000 candidates down ``fallback_chain``: the model server's retrieval (query tower +
+   ScaNN), exact search over the version's exported embeddings in this process, segment
+   popularity, global popularity. Each step taken past the first is counted.
+4. **filter**: already seen, excluded by the request, out of stock, business rules.
+5. **rank**: one batched predict of every surviving candidate against the ranker; the
+   objectives' outputs are combined with the configured weights (or the model's ``score``).
+6. **re-rank**: MMR over the top of the ranked list for diversity, then exploration slots
+   for new items nobody has engaged with yet, so they can earn a signal.
+7. **log**: each shown item becomes an ``impression`` event with the request id and the arm
+   (written by a background thread: impressions are not worth a disk flush per request;
+   posted events are).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from recsys.config import Settings
+from recsys.event_log.base import ServedRequest
+from recsys.ranking import rank_fusion
+from serving.gateway.candidates import CandidateChain
+from serving.gateway.catalog import ItemCatalog, ModelVersions, RetrievalAssets
+from serving.gateway.cold_start import cold_start
+from serving.gateway.impressions import ImpressionWriter
+from serving.gateway.metrics import GatewayMetrics
+from serving.gateway.model_calls import ModelCalls
+from serving.gateway.policy import assign_arm, insert_exploration, mmr, sample_positions
+from serving.gateway.popularity import popularity
+from serving.gateway.schemas import RecommendationRequest
+from serving.gateway.snapshot import Snapshot, SnapshotRefresher
+from serving.gateway.user_features import UserActivity, UserFeatures
+
+SIMILAR_REASON_MIN = 0.5  # cosine above which "similar to X" is a fair explanation
+MODEL_SOURCES = ("retrieval", "exact")  # candidate sources that came from the retrieval model
+
+
+class Timer:
+    """Milliseconds per stage of one request: each ``lap`` closes the stage that ran since the last."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.ms: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.ms[stage] = round(self.ms.get(stage, 0.0) + (now - self.last) * 1000, 3)
+        self.last = now
+
+
+class RecommendationFlow:
+    """Runs a recommendation request through its stages, on the parts that do each one's work.
+
+    Args:
+        settings: the configuration (``gateway``, ``features``, ``push``, ``evaluation``).
+        snapshots: the models and item cache now serving.
+        user_features: the user's online row, with its deadline and fallbacks.
+        activity: what each user did since the gateway started.
+        model_calls: the model server's calls, behind the breaker.
+        candidate_chain: candidates down the fallback chain.
+        impressions: where each served request and its impressions are queued.
+        metrics: the gateway's Prometheus metrics.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        snapshots: SnapshotRefresher,
+        user_features: UserFeatures,
+        activity: UserActivity,
+        model_calls: ModelCalls,
+        candidate_chain: CandidateChain,
+        impressions: ImpressionWriter,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.settings = settings
+        self.snapshots = snapshots
+        self.user_features = user_features
+        self.activity = activity
+        self.model_calls = model_calls
+        self.candidate_chain = candidate_chain
+        self.impressions = impressions
+        self.metrics = metrics
+
+    def recommend(self, req: RecommendationRequest) -> dict[str, Any]:
+        """The answer to one request: items with score and reason, arm, versions, fallbacks, timings."""
+        gw = self.settings.gateway
+        snap = self.snapshots.get()
+        catalog, versions = snap.catalog, snap.versions
+        timer = Timer()
+        request_id = uuid.uuid4().hex
+        k = min(req.k or gw.default_k, gw.max_k)
+        arm = assign_arm(req.user_id, gw.arm_fractions, gw.arm_salt)
+        label = "stable" if arm == "holdout" else arm
+        fallback: list[str] = []
+        timer.lap("arm")
+
+        row, recent, seen, n_events, segment = self._features(req, fallback)
+        timer.lap("features")
+
+        allowed = self._allowed(catalog, snap.base_mask, req, seen)
+        assets = self._retrieval_assets(versions, label)
+        model_versions: dict[str, int] = {}
+        recent_pos = catalog.positions(recent)
+        cold = arm != "holdout" and n_events < gw.cold_start_min_events
+        if cold:
+            self.metrics.cold_start.inc()
+        query: dict[str, np.ndarray] = {}
+        reasons: dict[int, str] = {}
+        if arm == "holdout":
+            pos, scores, source = popularity(catalog, segment, allowed, gw.candidates, reasons)
+        elif cold:
+            pos, scores, source = cold_start(
+                snap, assets, recent_pos, segment, allowed, reasons, gw.mmr_depth
+            )
+        else:
+            query = self.model_calls.query_inputs(assets.inputs, row, recent, req)
+            pos, scores, source = self.candidate_chain.candidates(
+                snap, assets, label, query, segment, allowed, fallback, reasons
+            )
+            if source in MODEL_SOURCES:
+                model_versions[self.settings.push.retrieval_model] = assets.version
+        self.metrics.candidate_source.labels(source=source).inc()
+        timer.lap("candidates")
+
+        counts = {"retrieved": len(pos)}
+        keep = allowed[pos]
+        pos, scores = pos[keep], scores[keep]
+        counts["ranked"] = 0
+        timer.lap("filter")
+
+        if source in MODEL_SOURCES and len(pos):
+            scores = self._rank(
+                versions, label, query, row, catalog, pos, scores, fallback, counts, model_versions
+            )
+        timer.lap("ranking")
+
+        if len(pos) < k:
+            pos, scores = self._top_up(catalog, allowed, pos, scores, k, fallback, reasons)
+        ranked_ids, picked = self._diversify(snap, assets, pos, scores, k)
+        score_of = {
+            str(catalog.item_ids[i]): float(s) for i, s in zip(pos[picked], scores[picked], strict=True)
+        }
+        timer.lap("mmr")
+
+        explored: set[str] = set()
+        if gw.exploration_slots and arm != "holdout":
+            ranked_ids, explored = self._explore(catalog, allowed, pos[picked], ranked_ids, k, request_id)
+        items = self._explain(snap, assets, ranked_ids, explored, score_of, reasons, recent_pos)
+        timer.lap("explore")
+
+        self.metrics.arm.labels(arm=arm).inc()
+        served = ServedRequest(
+            request_id=request_id,
+            user_id=req.user_id,
+            arm=arm,
+            versions=dict(model_versions),
+            ts=datetime.now(UTC),
+            latency_ms=round((time.perf_counter() - timer.start) * 1000, 3),
+            status="ok",
+            fallback=",".join(fallback) or None,
+            items=[it["item_id"] for it in items],
+        )
+        self.impressions.log_served(served, req, items)
+        timer.lap("log")
+        timer.ms["total"] = round((time.perf_counter() - timer.start) * 1000, 3)
+        for stage, ms in timer.ms.items():
+            self.metrics.stage.labels(stage=stage).observe(ms / 1000)
+        return {
+            "request_id": request_id,
+            "user_id": req.user_id,
+            "arm": arm,
+            "model_versions": model_versions,
+            "cold_start": cold,
+            "fallback": fallback,
+            "candidate_source": source,
+            "counts": counts,
+            "items": items,
+            "timings_ms": timer.ms,
+        }
+
+    # --- stages ------------------------------------------------------------------------
+
+    def _features(
+        self, req: RecommendationRequest, fallback: list[str]
+    ) -> tuple[dict[str, Any], list[str], set[str], int, str]:
+        """The user's row, recent items, items not to show again, event count and segment."""
+        row, _known, feature_source = self.user_features.read(req.user_id)
+        if feature_source != "online":
+            fallback.append(f"features:{feature_source}")
+            self.metrics.fallback("features", feature_source)
+        act = self.activity.get(req.user_id)
+        stored_recent = str(row.get("recent_items") or "").split()
+        recent = list(dict.fromkeys([*act.recent, *stored_recent]))[: self.settings.features.recent_items]
+        seen = set(recent) | act.seen | set(req.exclude_item_ids)
+        n_events = int(row.get(self.user_features.events_feature) or 0) + act.events
+        segment = str(row.get(self.settings.gateway.segment_feature) or "")
+        return row, recent, seen, n_events, segment
+
+    @staticmethod
+    def _allowed(
+        catalog: ItemCatalog, base_mask: np.ndarray, req: RecommendationRequest, seen: set[str]
+    ) -> np.ndarray:
+        """Items this request may show: business rules, the request's filters, nothing seen."""
+        allowed = base_mask.copy()
+        if req.filters.categories:
+            keep = np.zeros(len(catalog), dtype=bool)
+            for c in req.filters.categories:
+                keep |= catalog.category_mask(c)
+            allowed &= keep
+        for c in req.filters.exclude_categories:
+            allowed &= ~catalog.category_mask(c)
+        allowed[catalog.positions(seen)] = False
+        return allowed
+
+    def _retrieval_assets(self, versions: ModelVersions, label: str) -> RetrievalAssets:
+        """The retrieval version of the label, else the newest loaded."""
+        rv = versions.version(self.settings.push.retrieval_model, label)
+        assets = versions.retrieval.get(rv) if rv is not None else None
+        if assets is None:
+            assets = versions.retrieval[max(versions.retrieval)]
+        return assets
+
+    def _rank(
+        self,
+        versions: ModelVersions,
+        label: str,
+        query: dict[str, np.ndarray],
+        row: dict[str, Any],
+        catalog: ItemCatalog,
+        pos: np.ndarray,
+        scores: np.ndarray,
+        fallback: list[str],
+        counts: dict[str, int],
+        model_versions: dict[str, int],
+    ) -> np.ndarray:
+        """The candidates' scores after the ranker; the retrieval scores when ranking is skipped."""
+        p = self.settings.push
+        ranked = self.model_calls.rank(versions, label, query, row, catalog, pos)
+        if ranked is None:
+            fallback.append("ranking:skipped")
+            self.metrics.fallback("ranking", "skipped")
+            return scores
+        # The same fusion of ranker and retrieval ranks that the gate evaluated.
+        fused = rank_fusion(ranked, scores, self.settings.evaluation.retrieval_weight)
+        counts["ranked"] = len(pos)
+        model_versions[p.ranking_model] = versions.version(p.ranking_model, label) or 0
+        return fused
+
+    def _top_up(
+        self,
+        catalog: ItemCatalog,
+        allowed: np.ndarray,
+        pos: np.ndarray,
+        scores: np.ndarray,
+        k: int,
+        fallback: list[str],
+        reasons: dict[int, str],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Popular items after the ranked ones when fewer than ``k`` are left."""
+        # The ANN returned fewer than asked (or filters removed most): fill from popularity.
+        extra_mask = allowed.copy()
+        extra_mask[pos] = False
+        more = catalog.global_popular[extra_mask[catalog.global_popular]][: k - len(pos)]
+        if len(more):
+            fallback.append("candidates:topped_up_popularity")
+            self.metrics.fallback("candidates", "topped_up_popularity")
+            low = (scores.min() if len(scores) else 0.0) - 1.0
+            pos = np.concatenate([pos, more])
+            scores = np.concatenate([scores, low - np.arange(len(more), dtype=np.float32) * 1e-3])
+            for m in more:
+                reasons.setdefault(int(m), "popular right now")
+        return pos, scores
+
+    def _diversify(
+        self, snap: Snapshot, assets: RetrievalAssets, pos: np.ndarray, scores: np.ndarray, k: int
+    ) -> tuple[list[str], np.ndarray]:
+        """MMR over the top of the ranked list: the ``k`` item ids, and their indices into ``pos``."""
+        gw = self.settings.gateway
+        catalog = snap.catalog
+        depth = min(len(pos), max(gw.mmr_depth, k))
+        top = np.argsort(-scores, kind="stable")[:depth]
+        emb = snap.unit_rows(assets, pos[top])
+        picked = top[mmr(scores[top], emb, k, gw.mmr_trade_off)] if gw.mmr_trade_off < 1 else top[:k]
+        ranked_ids = [str(catalog.item_ids[i]) for i in pos[picked]]
+        return ranked_ids, picked
+
+    def _explore(
+        self,
+        catalog: ItemCatalog,
+        allowed: np.ndarray,
+        picked_pos: np.ndarray,
+        ranked_ids: list[str],
+        k: int,
+        request_id: str,
+    ) -> tuple[list[str], set[str]]:
+        """New items into the exploration slots: the list, and the ids placed there."""
+        gw = self.settings.gateway
+        rng = np.random.default_rng(int(hashlib.sha256(request_id.encode()).hexdigest()[:16], 16))
+        chosen = sample_positions(
+            catalog.new_positions, allowed, set(picked_pos.tolist()), gw.exploration_slots, rng
+        )
+        if not len(chosen):
+            return ranked_ids, set()
+        return insert_exploration(
+            ranked_ids,
+            [str(catalog.item_ids[c]) for c in chosen],
+            k,
+            gw.exploration_slots,
+            gw.exploration_position,
+        )
+
+    def _explain(
+        self,
+        snap: Snapshot,
+        assets: RetrievalAssets,
+        ranked_ids: list[str],
+        explored: set[str],
+        score_of: dict[str, float],
+        reasons: dict[int, str],
+        recent_pos: np.ndarray,
+    ) -> list[dict[str, Any]]:
+        """The answer's items, each with its score and the reason it is shown."""
+        catalog = snap.catalog
+        shown = [catalog.position[item] for item in ranked_ids]
+        pairs = zip(ranked_ids, shown, strict=True)
+        unexplained = [i for item, i in pairs if item not in explored and i not in reasons]
+        explained = self._reasons(snap, assets, unexplained, recent_pos, catalog)
+        items: list[dict[str, Any]] = []
+        for item, i in zip(ranked_ids, shown, strict=True):
+            if item in explored:
+                items.append({"item_id": item, "score": None, "reason": "new item: exploring"})
+                continue
+            reason = reasons.get(i) or explained[i]
+            items.append({"item_id": item, "score": round(score_of[item], 6), "reason": reason})
+        return items
+
+    @staticmethod
+    def _reasons(
+        snap: Snapshot,
+        assets: RetrievalAssets,
+        positions: Sequence[int],
+        recent_pos: np.ndarray,
+        catalog: ItemCatalog,
+    ) -> dict[int, str]:
+        """A reason per item: its closest recent item when similar enough, else the model's pick."""
+        out = dict.fromkeys(positions, "picked for you: predicted to engage you")
+        if len(recent_pos) and positions:
+            # One [items x recent] product for the whole list.
+            sims = snap.unit_rows(assets, np.asarray(positions)) @ snap.unit_rows(assets, recent_pos).T
+            best = sims.argmax(axis=1)
+            for i, j, sim in zip(positions, best, sims[np.arange(len(positions)), best], strict=True):
+                if sim >= SIMILAR_REASON_MIN:
+                    out[i] = f"similar to {catalog.item_ids[recent_pos[j]]}, which you engaged with"
+        return out

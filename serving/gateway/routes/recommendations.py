@@ -1,0 +1,46 @@
+"""``POST /v1/recommendations``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+
+from recsys.config import Settings
+from serving.gateway.routes.dependencies import AccessChecks, CurrentGateway
+from serving.gateway.routes.problems import problem
+from serving.gateway.schemas import RecommendationRequest, RecommendationResponse
+from serving.gateway.snapshot import NotReady
+
+
+def recommendations_router(settings: Settings, access: AccessChecks) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/v1/recommendations", response_model=RecommendationResponse, dependencies=[access.read])
+    async def recommendations(req: RecommendationRequest, gateway: CurrentGateway) -> Any:
+        """Top-k items for a user: retrieve, filter, rank, diversify, explore."""
+        g = gateway
+        if req.k is not None and req.k > settings.gateway.max_k:
+            g.metrics.requests.labels(endpoint="recommendations", status="422").inc()
+            message = f"k may be at most gateway.max_k = {settings.gateway.max_k}"
+            return problem(422, [{"field": "k", "value": req.k, "message": message}])
+        started = time.perf_counter()
+        try:
+            # The work runs on the thread pool (blocking model calls, NumPy); the endpoint itself
+            # is async so that FastAPI checks the answer against the response model here, in the
+            # event loop, rather than in a second trip to the thread pool per request.
+            out = await run_in_threadpool(g.recommend, req)
+        except NotReady as e:
+            g.metrics.requests.labels(endpoint="recommendations", status="503").inc()
+            return problem(503, f"not ready: {e}")
+        except Exception:
+            # Counted against the user's arm: the canary's error-rate guardrail reads it.
+            g.metrics.requests.labels(endpoint="recommendations", status="500").inc()
+            g.log_failed_request(req.user_id, (time.perf_counter() - started) * 1000)
+            raise
+        g.metrics.requests.labels(endpoint="recommendations", status="200").inc()
+        return out
+
+    return router
