@@ -20,12 +20,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from recsys.artifacts import EMBEDDINGS_FILE, ITEM_IDS_FILE
+from recsys.artifacts import EMBEDDINGS_FILE, ITEM_IDS_FILE, REQUIREMENTS, assets_extra
 from recsys.config import Settings
 from recsys.layout import latest_validated_dir
 from recsys.model_registry import version_for_label
@@ -52,8 +53,8 @@ class PushedRetriever:
         import tensorflow as tf
 
         self.version_dir = Path(version_dir)
-        extra = self.version_dir / "assets.extra"
-        self.requirements = json.loads((extra / "requirements.json").read_text())
+        extra = assets_extra(self.version_dir)
+        self.requirements = json.loads((extra / REQUIREMENTS).read_text())
         self.item_ids = np.asarray(json.loads((extra / ITEM_IDS_FILE).read_text()), dtype=object)
         self._embeddings = np.load(extra / EMBEDDINGS_FILE)
         self.mode = "savedmodel"
@@ -104,7 +105,7 @@ class PushedRanker:
         import tensorflow as tf
 
         self.version_dir = Path(version_dir)
-        self.requirements = json.loads((self.version_dir / "assets.extra" / "requirements.json").read_text())
+        self.requirements = json.loads((assets_extra(self.version_dir) / REQUIREMENTS).read_text())
         self.inputs: dict[str, str] = self.requirements["inputs"]
         self._rank = tf.saved_model.load(str(self.version_dir)).signatures["rank"]
         self._tf = tf
@@ -146,7 +147,7 @@ def recommend(
         A summary: version, mode, counts of users, unknown users, users topped up by exact
         search and by popularity, and users short of ``k`` (the catalog ran out).
     """
-    from components.features.rows import feature_rows, load_feature_source, popular_items, seen_items
+    from components.features.rows import load_feature_source
 
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
@@ -158,53 +159,15 @@ def recommend(
     if rank:
         ranking = settings.push.ranking_model
         ranker = PushedRanker(base_path / ranking / str(version_for_label(base_path, ranking, label)))
-    depth = settings.evaluation.rerank_depth
     data_dir = Path(data_dir) if data_dir else latest_validated_dir(settings)
     read_manifest(data_dir)
-    inputs = retriever.requirements["inputs"]
-    source = load_feature_source(settings.features, data_dir, list(inputs))
-    seen = seen_items(source)
-    catalog = set(map(str, retriever.item_ids))
-    popular = [i for i in popular_items(source) if i in catalog]
+    source = load_feature_source(settings.features, data_dir, list(retriever.requirements["inputs"]))
+    recommender = _Recommender.of(settings, retriever, ranker, source, k)
     users = read_user_ids(users_file)
-
-    stats = dict.fromkeys(("unknown_users", "exact_topped_up", "popularity_topped_up", "short"), 0)
-    stats["users"] = len(users)
     lines: list[str] = []
     for start in range(0, len(users), BATCH):
-        batch: Sequence[str] = users[start : start + BATCH]
-        features = feature_rows(source, inputs, user_ids=batch)
-        retrieved = retriever.retrieve(features)
-        unseen: list[list[tuple[str, float]]] = []
-        for row, (user, cands) in enumerate(zip(batch, retrieved, strict=True)):
-            stats["unknown_users"] += user not in source.users.index
-            exclude = seen.get(user, set())
-            kept = _take_scored(cands, exclude, max(k, depth) if ranker else k)
-            if len(kept) < k:
-                # Over-fetch was not enough: exact search over the whole catalog for this user.
-                one = {name: col[row : row + 1] for name, col in features.items()}
-                kept = _take_scored(retriever.exact(one, len(catalog))[0], exclude, max(k, depth))
-                stats["exact_topped_up"] += 1
-            unseen.append(kept)
-        ordered = (
-            _rerank(ranker, source, batch, unseen, depth, settings.evaluation.retrieval_weight)
-            if ranker is not None
-            else [[i for i, _ in kept] for kept in unseen]
-        )
-        for user, cands in zip(batch, ordered, strict=True):
-            exclude = seen.get(user, set())
-            items = cands[:k]
-            if len(items) < k:
-                padded = _take_scored([(i, 0.0) for i in [*items, *popular]], exclude, k)
-                items = [i for i, _ in padded]
-                stats["popularity_topped_up"] += 1
-            stats["short"] += len(items) < k
-            lines.append(json.dumps({"user_id": user, "items": items}))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, out)
+        lines += recommender.batch(users[start : start + BATCH])
+    _write_lines(Path(out), lines)
     return {
         "path": str(out),
         "model": model,
@@ -214,8 +177,94 @@ def recommend(
         "ranked": ranker is not None,
         "data": str(data_dir),
         "k": k,
-        **stats,
+        **recommender.stats,
+        "users": len(users),
     }
+
+
+@dataclass
+class _Recommender:
+    """Top-``k`` unseen items for batches of users, counting how each list was filled."""
+
+    retriever: PushedRetriever
+    ranker: PushedRanker | None
+    source: Any  # components.features.rows.FeatureSource
+    seen: dict[str, set[str]]
+    popular: list[str]  # catalog items, most popular first: the last top-up
+    k: int
+    depth: int  # candidates the ranker re-orders
+    retrieval_weight: float
+    stats: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("unknown_users", "exact_topped_up", "popularity_topped_up", "short"), 0
+        )
+    )
+
+    @classmethod
+    def of(
+        cls,
+        settings: Settings,
+        retriever: PushedRetriever,
+        ranker: PushedRanker | None,
+        source: Any,
+        k: int,
+    ) -> _Recommender:
+        from components.features.rows import popular_items, seen_items
+
+        catalog = set(map(str, retriever.item_ids))
+        popular = [i for i in popular_items(source) if i in catalog]
+        evaluation = settings.evaluation
+        return cls(
+            retriever, ranker, source, seen_items(source), popular, k, evaluation.rerank_depth,
+            evaluation.retrieval_weight,
+        )
+
+    def batch(self, users: Sequence[str]) -> list[str]:
+        """One JSON line per user: retrieved, ranked, then topped up by popularity if short."""
+        unseen = self._unseen_candidates(users)
+        ordered = (
+            _rerank(self.ranker, self.source, users, unseen, self.depth, self.retrieval_weight)
+            if self.ranker is not None
+            else [[i for i, _ in kept] for kept in unseen]
+        )
+        lines = []
+        for user, cands in zip(users, ordered, strict=True):
+            exclude = self.seen.get(user, set())
+            items = cands[: self.k]
+            if len(items) < self.k:
+                padded = _take_scored([(i, 0.0) for i in [*items, *self.popular]], exclude, self.k)
+                items = [i for i, _ in padded]
+                self.stats["popularity_topped_up"] += 1
+            self.stats["short"] += len(items) < self.k
+            lines.append(json.dumps({"user_id": user, "items": items}))
+        return lines
+
+    def _unseen_candidates(self, users: Sequence[str]) -> list[list[tuple[str, float]]]:
+        """Retrieved (item, score) candidates per user, seen items removed; an exact search over
+        the whole catalog for a user the over-fetch left short."""
+        from components.features.rows import feature_rows
+
+        features = feature_rows(self.source, self.retriever.requirements["inputs"], user_ids=users)
+        want = max(self.k, self.depth) if self.ranker else self.k
+        unseen: list[list[tuple[str, float]]] = []
+        for row, (user, cands) in enumerate(zip(users, self.retriever.retrieve(features), strict=True)):
+            self.stats["unknown_users"] += user not in self.source.users.index
+            exclude = self.seen.get(user, set())
+            kept = _take_scored(cands, exclude, want)
+            if len(kept) < self.k:
+                one = {name: col[row : row + 1] for name, col in features.items()}
+                everything = self.retriever.exact(one, len(self.retriever.item_ids))[0]
+                kept = _take_scored(everything, exclude, max(self.k, self.depth))
+                self.stats["exact_topped_up"] += 1
+            unseen.append(kept)
+        return unseen
+
+
+def _write_lines(out: Path, lines: list[str]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, out)
 
 
 def _take_scored(

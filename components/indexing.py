@@ -49,9 +49,8 @@ import pandas as pd
 
 from recsys.artifacts import EMBEDDINGS_FILE, ITEM_IDS_FILE, SCANN_CONFIG_FILE, SCANN_DIR
 from recsys.config import IndexConfig
+from recsys.manifests import IndexManifest, RecallQueries
 from recsys.storage import code_version, read_manifest, write_manifest
-
-# Files of an index folder (also read by push and by the gateway).
 
 
 class IndexBuildError(RuntimeError):
@@ -273,6 +272,26 @@ def _latency(searcher: Any, queries: np.ndarray, k: int) -> dict[str, float]:
     }
 
 
+@dataclass(frozen=True)
+class _RecallQueries:
+    """The query embeddings recall is measured with, and where they came from."""
+
+    embeddings: np.ndarray
+    source: Literal["query_embeddings", "perturbed_item_embeddings"]
+
+
+@dataclass(frozen=True)
+class _MeasuredIndex:
+    """A searcher whose parameters reached (or were the last tried for) the recall target."""
+
+    searcher: Any
+    params: IndexParams
+    recall: float
+    tries: list[dict[str, Any]]
+    build_seconds: float
+    exact_qps: float
+
+
 def build_index(
     config: IndexConfig,
     train_dir: Path,
@@ -301,51 +320,108 @@ def build_index(
     train_dir, out_dir = Path(train_dir), Path(out_dir)
     train_manifest = read_manifest(train_dir)
     ids, emb = read_item_embeddings(train_dir)
-    params = index_params(len(ids), emb.shape[1], config)
+    derived = index_params(len(ids), emb.shape[1], config)
+    recall_queries = _recall_queries(config, emb, queries)
+    measured = _build_to_recall(config, emb, derived, recall_queries)
+    _check_recall(config, measured, recall_queries)
+    latency = _latency(measured.searcher, recall_queries.embeddings, measured.params.k)
+    _write_index(out_dir, measured.searcher, ids, emb)
+    params = measured.params
+    manifest = IndexManifest(
+        path=str(out_dir),
+        train_dir=str(train_dir),
+        train_manifest_sha256=file_sha256(train_dir / "manifest.json"),
+        train_code_version=train_manifest.get("code_version"),
+        algorithm=params.algorithm,
+        exact=params.algorithm == "brute_force",
+        why=(
+            f"N={params.num_items} < index.brute_force_below={config.brute_force_below}: exact search"
+            if params.algorithm == "brute_force"
+            else "ScaNN: k-means tree, asymmetric hashing, exact reorder"
+        ),
+        params=params.as_dict(),
+        derived_params=derived.as_dict(),
+        tuning=measured.tries,
+        num_items=params.num_items,
+        embedding_dim=params.dim,
+        recall_k=params.k,
+        recall_at_k=round(measured.recall, 5),
+        recall_target=config.recall_target,
+        recall_queries=RecallQueries(
+            count=len(recall_queries.embeddings),
+            source=recall_queries.source,
+            noise=config.query_noise if queries is None else None,
+        ),
+        build_seconds=round(measured.build_seconds, 3),
+        latency=latency,
+        exact_qps=round(measured.exact_qps, 1),
+        files={"scann": SCANN_DIR, "embeddings": EMBEDDINGS_FILE, "item_ids": ITEM_IDS_FILE,
+               "scann_config": SCANN_CONFIG_FILE},
+        code_version=code_version(),
+    )
+    write_manifest(out_dir, manifest)
+    return manifest.model_dump()
 
+
+def _recall_queries(config: IndexConfig, emb: np.ndarray, queries: np.ndarray | None) -> _RecallQueries:
+    """A sample of ``config.eval_queries`` real queries, or perturbed items without any."""
+    if queries is None:
+        perturbed = perturbed_queries(emb, config.eval_queries, config.query_noise, config.seed)
+        return _RecallQueries(perturbed, "perturbed_item_embeddings")
+    q = np.asarray(queries, dtype=np.float32)
+    if q.ndim != 2 or q.shape[1] != emb.shape[1]:
+        raise IndexBuildError(
+            f"query embeddings of shape {q.shape} do not match the items' dimension {emb.shape[1]}"
+        )
+    rng = np.random.default_rng(config.seed)
+    sample = q[rng.choice(len(q), size=min(len(q), config.eval_queries), replace=False)]
+    return _RecallQueries(sample, "query_embeddings")
+
+
+def _build_to_recall(
+    config: IndexConfig, emb: np.ndarray, derived: IndexParams, queries: _RecallQueries
+) -> _MeasuredIndex:
+    """Build with the derived parameters, measure recall against exact search, and tune.
+
+    A tuned setting that reaches the target is built again, so that the persisted index and
+    the SavedModel built from its config search like the measured one; then re-measured.
+    """
     import scann  # noqa: F401  (its import, seconds on first use, is not build time)
 
     t0 = time.perf_counter()
-    searcher = build_searcher(emb, params)
+    searcher = build_searcher(emb, derived)
     build_seconds = time.perf_counter() - t0
-
-    if queries is not None:
-        q = np.asarray(queries, dtype=np.float32)
-        if q.ndim != 2 or q.shape[1] != emb.shape[1]:
-            raise IndexBuildError(
-                f"query embeddings of shape {q.shape} do not match the items' dimension {emb.shape[1]}"
-            )
-        rng = np.random.default_rng(config.seed)
-        q = q[rng.choice(len(q), size=min(len(q), config.eval_queries), replace=False)]
-        source = "query_embeddings"
-    else:
-        q = perturbed_queries(emb, config.eval_queries, config.query_noise, config.seed)
-        source = "perturbed_item_embeddings"
-
+    q = queries.embeddings
     t0 = time.perf_counter()
-    exact_idx, _ = exact_top_k(emb, q, params.k)
+    exact_idx, _ = exact_top_k(emb, q, derived.k)
     exact_qps = len(q) / max(time.perf_counter() - t0, 1e-9)
-    derived = params
     params, recall, tries = tune_to_recall(
-        searcher, params, q, exact_idx, config.recall_target, config.max_tuning_steps
+        searcher, derived, q, exact_idx, config.recall_target, config.max_tuning_steps
     )
     if recall >= config.recall_target and params != derived:
-        # Bake the tuned setting into the searcher's defaults, so that the persisted index and
-        # the SavedModel built from its config search like the measured one; then re-measure.
         t0 = time.perf_counter()
         searcher = build_searcher(emb, params)
         build_seconds += time.perf_counter() - t0
         recall = recall_at_k(search(searcher, q, params.k)[0], exact_idx)
-    if recall < config.recall_target:
-        raise IndexRecallError(
-            f"index recall@{params.k} = {recall:.4f} is below the target {config.recall_target} "
-            f"({params.algorithm}, N={params.num_items}, leaves {params.num_leaves_to_search}/"
-            f"{params.num_leaves}, reorder {params.reorder} after {len(tries) - 1} tuning steps; "
-            f"{len(q)} {source}); "
-            "raise index.leaves_to_search_fraction or index.reorder_multiplier, or lower index.recall_target"
-        )
-    latency = _latency(searcher, q, params.k)
+    return _MeasuredIndex(searcher, params, recall, tries, build_seconds, exact_qps)
 
+
+def _check_recall(config: IndexConfig, measured: _MeasuredIndex, queries: _RecallQueries) -> None:
+    """Refuse an index below the recall target, naming both and what to change."""
+    if measured.recall >= config.recall_target:
+        return
+    params = measured.params
+    raise IndexRecallError(
+        f"index recall@{params.k} = {measured.recall:.4f} is below the target {config.recall_target} "
+        f"({params.algorithm}, N={params.num_items}, leaves {params.num_leaves_to_search}/"
+        f"{params.num_leaves}, reorder {params.reorder} after {len(measured.tries) - 1} tuning steps; "
+        f"{len(queries.embeddings)} {queries.source}); "
+        "raise index.leaves_to_search_fraction or index.reorder_multiplier, or lower index.recall_target"
+    )
+
+
+def _write_index(out_dir: Path, searcher: Any, ids: np.ndarray, emb: np.ndarray) -> None:
+    """Replace ``out_dir`` with the serialized searcher, its config, the embeddings and ids."""
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
@@ -355,38 +431,6 @@ def build_index(
     np.save(out_dir / EMBEDDINGS_FILE, emb)
     (out_dir / ITEM_IDS_FILE).write_text(json.dumps(ids.tolist()))
     (out_dir / SCANN_CONFIG_FILE).write_text(searcher.config())
-    manifest = {
-        "path": str(out_dir),
-        "train_dir": str(train_dir),
-        "train_manifest_sha256": file_sha256(train_dir / "manifest.json"),
-        "train_code_version": train_manifest.get("code_version"),
-        "algorithm": params.algorithm,
-        "exact": params.algorithm == "brute_force",
-        "why": (
-            f"N={params.num_items} < index.brute_force_below={config.brute_force_below}: exact search"
-            if params.algorithm == "brute_force"
-            else "ScaNN: k-means tree, asymmetric hashing, exact reorder"
-        ),
-        "params": params.as_dict(),
-        "derived_params": derived.as_dict(),
-        "tuning": tries,
-        "num_items": params.num_items,
-        "embedding_dim": params.dim,
-        "recall_k": params.k,
-        "recall_at_k": round(recall, 5),
-        "recall_target": config.recall_target,
-        "recall_queries": {
-            "count": len(q), "source": source, "noise": config.query_noise if queries is None else None
-        },
-        "build_seconds": round(build_seconds, 3),
-        "latency": latency,
-        "exact_qps": round(exact_qps, 1),
-        "files": {"scann": SCANN_DIR, "embeddings": EMBEDDINGS_FILE, "item_ids": ITEM_IDS_FILE,
-                  "scann_config": SCANN_CONFIG_FILE},
-        "code_version": code_version(),
-    }
-    write_manifest(out_dir, manifest)
-    return manifest
 
 
 def load_index(index_dir: Path) -> tuple[Any, np.ndarray, np.ndarray]:

@@ -15,7 +15,8 @@ from typing import Any
 import pandas as pd
 
 from recsys.config import Settings
-from recsys.storage import read_table, write_data_folder, write_manifest
+from recsys.manifests import IngestManifest
+from recsys.storage import read_table, write_data_tables, write_manifest
 from recsys.timeutil import to_utc
 
 
@@ -31,13 +32,29 @@ def ingest(settings: Settings, out_dir: Path, interval_end: datetime | None = No
     Returns:
         The manifest: source, interval and row counts.
     """
-    src = settings.source
     out_dir = Path(out_dir)
+    frames = _events_before(_read_source(settings), interval_end)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    if settings.source.kind == "parquet":
+        rows = _copy_as_it_came(frames, out_dir)
+    else:
+        rows = write_data_tables(frames, out_dir)
+    manifest = IngestManifest(
+        path=str(out_dir), rows=rows, source=settings.source.kind, interval_end=str(interval_end)
+    )
+    write_manifest(out_dir, manifest)
+    return manifest.model_dump()
+
+
+def _read_source(settings: Settings) -> dict[str, pd.DataFrame]:
+    """Users, items and events of the configured source, whole."""
+    src = settings.source
     if src.kind == "synthetic":
         from components.sources.synthetic import GenerateParams, generate
 
         g = settings.generate
-        frames = generate(
+        return generate(
             GenerateParams(
                 users=g.users,
                 items=g.items,
@@ -49,32 +66,33 @@ def ingest(settings: Settings, out_dir: Path, interval_end: datetime | None = No
                 late_item_fraction=g.late_item_fraction,
             )
         )
-    elif src.kind == "movielens":
+    if src.kind == "movielens":
         from components.sources.movielens import load_movielens
 
         frames = load_movielens(_require_path(src.path, "movielens"))
         frames.pop("layout", None)
-    else:
-        folder = _require_path(src.path, "parquet")
-        frames = {t: read_table(folder, t) for t in ("users", "items", "events")}
-    if interval_end is not None:
-        end = to_utc(interval_end)
-        ts = pd.to_datetime(frames["events"]["ts"], utc=True, errors="coerce")
-        # Unparseable timestamps are kept: validation quarantines them with the reason.
-        frames["events"] = frames["events"][ts.isna() | (ts < end)]
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    if src.kind == "parquet":
-        # A foreign drop is copied as it came, types and all: validation judges it.
-        out_dir.mkdir(parents=True)
-        for name, df in frames.items():
-            (out_dir / name).mkdir()
-            df.to_parquet(out_dir / name / "part-0.parquet", index=False)
-        manifest = {"path": str(out_dir), "rows": {n: len(f) for n, f in frames.items()}}
-        manifest.update(source=src.kind, interval_end=str(interval_end))
-        write_manifest(out_dir, manifest)
-        return manifest
-    return write_data_folder(frames, out_dir, extra={"source": src.kind, "interval_end": str(interval_end)})
+        return frames
+    folder = _require_path(src.path, "parquet")
+    return {t: read_table(folder, t) for t in ("users", "items", "events")}
+
+
+def _events_before(frames: dict[str, pd.DataFrame], interval_end: datetime | None) -> dict[str, pd.DataFrame]:
+    """``frames`` with the events at or after ``interval_end`` left out (they belong to a later run)."""
+    if interval_end is None:
+        return frames
+    end = to_utc(interval_end)
+    ts = pd.to_datetime(frames["events"]["ts"], utc=True, errors="coerce")
+    # Unparseable timestamps are kept: validation quarantines them with the reason.
+    return {**frames, "events": frames["events"][ts.isna() | (ts < end)]}
+
+
+def _copy_as_it_came(frames: dict[str, pd.DataFrame], out_dir: Path) -> dict[str, int]:
+    """A foreign drop is copied as it came, types and all: validation judges it."""
+    out_dir.mkdir(parents=True)
+    for name, df in frames.items():
+        (out_dir / name).mkdir()
+        df.to_parquet(out_dir / name / "part-0.parquet", index=False)
+    return {name: len(df) for name, df in frames.items()}
 
 
 def _require_path(path: Path | None, kind: str) -> Path:

@@ -21,6 +21,7 @@ from rich.console import Console
 
 from recsys.config import Settings
 from recsys.layout import run_key_for, step_dir
+from recsys.manifests import PushNotBlessedManifest, TrainingDataManifest, TrainManifest
 from recsys.storage import read_manifest, write_manifest
 
 
@@ -64,7 +65,7 @@ def run_build_features(settings: Settings, interval_end: datetime) -> dict[str, 
 
 def run_apply_features(settings: Settings, interval_end: datetime) -> dict[str, Any]:
     """Register feature_repo/ in the Feast registry (`feast apply`); idempotent."""
-    from components.features.tables import apply_feature_repo
+    from components.features.store import apply_feature_repo
 
     del interval_end  # the repo's definitions do not depend on the interval
     return apply_feature_repo(settings)
@@ -72,7 +73,7 @@ def run_apply_features(settings: Settings, interval_end: datetime) -> dict[str, 
 
 def run_materialize(settings: Settings, interval_end: datetime) -> dict[str, Any]:
     """Load feature rows up to the interval's end into the online store."""
-    from components.features.tables import materialize
+    from components.features.store import materialize
 
     # Feast's materialize window is inclusive; the last snapshot of the interval is stamped
     # at the last microsecond before its end.
@@ -104,7 +105,7 @@ def run_training_data(settings: Settings, interval_end: datetime) -> dict[str, A
     measure. ``split: random`` holds out a seeded fraction of each user's events instead.
     """
     from components.evaluation.evaluate import split_holdout
-    from components.features.tables import build_training_data
+    from components.features.training_data import build_training_data
 
     key = run_key_for(interval_end)
     out = step_dir(settings, key, "training_data")
@@ -118,17 +119,16 @@ def run_training_data(settings: Settings, interval_end: datetime) -> dict[str, A
     train.to_parquet(out / "train.parquet", index=False)
     holdout.to_parquet(out / "holdout.parquet", index=False)
     cut = pd.to_datetime(holdout["ts"], utc=True).min() if len(holdout) else None
-    manifest = {
-        "step": "training_data",
-        "path": str(out),
-        "rows": {"train": len(train), "holdout": len(holdout)},
-        "split": settings.evaluation.split,
-        "skipped_views": skip,
-        "holdout_starts": cut.isoformat() if cut is not None else None,
-        "columns": list(frame.columns),
-    }
+    manifest = TrainingDataManifest(
+        path=str(out),
+        rows={"train": len(train), "holdout": len(holdout)},
+        split=settings.evaluation.split,
+        skipped_views=skip,
+        holdout_starts=cut.isoformat() if cut is not None else None,
+        columns=list(frame.columns),
+    )
     write_manifest(out, manifest)
-    return manifest
+    return manifest.model_dump()
 
 
 def _training_frames(settings: Settings, interval_end: datetime) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -157,7 +157,8 @@ def run_train(settings: Settings, interval_end: datetime) -> dict[str, Any]:
         full = pd.concat([train, holdout], ignore_index=True)
         refit = train_models(settings.training, full, items, refit_dir)
         manifest["refit"] = {"path": refit["path"], "events": len(full), "metrics": refit.get("metrics")}
-        write_manifest(step_dir(settings, key, "train"), manifest)  # says which model ships
+        # The rewritten manifest says which model ships.
+        write_manifest(step_dir(settings, key, "train"), TrainManifest(**manifest))
     return manifest
 
 
@@ -170,7 +171,7 @@ def shipped_train_dir(settings: Settings, interval_end: datetime) -> Path:
 
 def serving_train_dir(settings: Settings) -> Path | None:
     """The training output of the model now labelled ``stable``, if it is still on disk."""
-    from recsys.artifacts import PUSH_RECORD
+    from recsys.artifacts import push_record_path
     from recsys.model_registry import version_for_label
 
     base = settings.models_dir
@@ -178,7 +179,7 @@ def serving_train_dir(settings: Settings) -> Path | None:
         version = version_for_label(base, settings.push.retrieval_model, "stable")
     except (FileNotFoundError, KeyError):
         return None  # nothing pushed yet: the first model has no serving baseline
-    record = base / settings.push.retrieval_model / str(version) / "assets.extra" / PUSH_RECORD
+    record = push_record_path(base, settings.push.retrieval_model, version)
     if not record.is_file():
         return None
     train_dir = Path(json.loads(record.read_text())["train_dir"])
@@ -245,9 +246,9 @@ def run_push(settings: Settings, interval_end: datetime) -> dict[str, Any]:
     blessing = blessing_of(settings, interval_end)
     if not blessing.get("blessed"):
         out.mkdir(parents=True, exist_ok=True)
-        manifest = {"step": "push", "path": str(out), "skipped": True, "reason": blessing.get("reason")}
-        write_manifest(out, manifest)
-        return manifest
+        refused = PushNotBlessedManifest(path=str(out), reason=blessing.get("reason"))
+        write_manifest(out, refused)
+        return refused.model_dump()
     return push_models(
         settings.push,
         shipped_train_dir(settings, interval_end),

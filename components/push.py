@@ -33,6 +33,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,16 +48,20 @@ from recsys.artifacts import (
     REQUIREMENTS,
     SCANN_CONFIG_FILE,
     WARMUP_FILE,
+    assets_extra,
+    push_record_path,
 )
 from recsys.config import FeaturesConfig, PushConfig
 from recsys.faults import failpoint
 from recsys.feature_schema import RANK_CANDIDATES_SIGNATURE
+from recsys.manifests import PushManifest, PushRecord, PushSkippedManifest, StepManifest
 from recsys.model_registry import (
     LOAD_CONFIG,
     MODELS_CONFIG,
     integer_versions,
     read_models_config,
-    write_models_config,
+    registry_lock,
+    write_registry,
 )
 from recsys.storage import code_version, read_manifest, write_manifest
 from recsys.timeutil import utc_now
@@ -134,6 +139,15 @@ def _finish_version(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
+@dataclass(frozen=True)
+class _WarmupBatches:
+    """Request batches for the warm-up records, and the data their feature rows came from."""
+
+    retrieval: list[dict[str, np.ndarray]]
+    ranking: list[dict[str, np.ndarray]]
+    source: str
+
+
 def _warmup_batches(
     train_manifest: Mapping[str, Any],
     data_dir: Path | None,
@@ -142,7 +156,7 @@ def _warmup_batches(
     ranker_inputs: Mapping[str, str],
     records: int,
     item_ids: np.ndarray,
-) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]], str]:
+) -> _WarmupBatches:
     """Request batches from real feature rows: one user per retrieval request, and one user
     with up to 20 popular candidates per ranking request."""
     import pandas as pd
@@ -168,7 +182,7 @@ def _warmup_batches(
     ranking = [
         feature_rows(src, ranker_inputs, user_ids=[u] * len(cands), item_ids=cands) for u in users[:records]
     ]
-    return retrieval, ranking, source_name
+    return _WarmupBatches(retrieval, ranking, source_name)
 
 
 def export_retrieval(
@@ -187,9 +201,36 @@ def export_retrieval(
     emb = np.load(index_dir / EMBEDDINGS_FILE).astype(np.float32)
     use_scann = index_manifest["algorithm"] == "scann"
     k = min(k, len(ids))
+    # The index step's ScannConfig: the same tree and hashing it measured recall with.
+    scann_config = (index_dir / SCANN_CONFIG_FILE).read_text() if use_scann else None
     reorder = max(int(index_manifest["params"]["reorder"]), k)
     query_model = tf.saved_model.load(str(train_dir / "query_tower"))
-    query_sig = query_model.signatures["serving_default"]
+    module = _retrieval_module(query_model, ids, emb, scann_config, k, reorder)
+    specs = _signature_specs(query_model.signatures["serving_default"])
+    retrieve = module.retrieve.get_concrete_function(specs)
+    signatures = {name: retrieve for name in RETRIEVAL_SIGNATURES}
+    signatures["embed"] = module.embed.get_concrete_function(specs)
+    tf.saved_model.save(
+        module,
+        str(out),
+        signatures=signatures,
+        options=tf.saved_model.SaveOptions(namespace_whitelist=["Scann"]),
+    )
+    extra = assets_extra(out)
+    _write_exact_search_assets(extra, train_dir, ids, emb)
+    requirements = _retrieval_requirements(index_manifest, k, specs, server_image)
+    (extra / REQUIREMENTS).write_text(json.dumps(requirements, indent=2))
+    return requirements
+
+
+def _retrieval_module(
+    query_model: Any, ids: np.ndarray, emb: np.ndarray, scann_config: str | None, k: int, reorder: int
+) -> Any:
+    """A ``tf.Module`` holding the query tower and the index: ScaNN with ``scann_config``, or
+    an exact matmul + top-k over ``emb`` without one."""
+    import tensorflow as tf
+
+    use_scann = scann_config is not None
 
     class Retrieval(tf.Module):
         def __init__(self) -> None:
@@ -199,9 +240,7 @@ def export_retrieval(
             if use_scann:
                 from scann import scann_ops
 
-                # The index step's ScannConfig: the same tree and hashing it measured recall with.
-                config = (index_dir / SCANN_CONFIG_FILE).read_text()
-                self.scann = scann_ops.create_searcher(tf.constant(emb), config).serialize_to_module()
+                self.scann = scann_ops.create_searcher(tf.constant(emb), scann_config).serialize_to_module()
             else:
                 self.item_embeddings = tf.Variable(emb, trainable=False)
 
@@ -227,27 +266,30 @@ def export_retrieval(
             valid = idx >= 0
             item_ids = tf.where(valid, tf.gather(self.item_ids, tf.maximum(idx, 0)), PAD_ID)
             scores = tf.where(valid, scores, tf.float32.min)
-            # item_rows: each id's row in assets.extra/item_ids.json (-1: padding). A client
+            # item_rows: each id's row in the version's item_ids.json (-1: padding). A client
             # holding that file asks for rows (output_filter) instead of 1000 strings.
             return {"item_ids": item_ids, "item_rows": tf.where(valid, idx, -1), "scores": scores}
 
-    module = Retrieval()
-    specs = _signature_specs(query_sig)
-    retrieve = module.retrieve.get_concrete_function(specs)
-    signatures = {name: retrieve for name in RETRIEVAL_SIGNATURES}
-    signatures["embed"] = module.embed.get_concrete_function(specs)
-    tf.saved_model.save(
-        module,
-        str(out),
-        signatures=signatures,
-        options=tf.saved_model.SaveOptions(namespace_whitelist=["Scann"]),
-    )
-    extra = out / ASSETS_EXTRA
+    return Retrieval()
+
+
+def _write_exact_search_assets(extra: Path, train_dir: Path, ids: np.ndarray, emb: np.ndarray) -> None:
+    """The query tower, item embeddings and ids beside the graph: exact search without ScaNN's ops."""
     extra.mkdir(exist_ok=True)
     np.save(extra / EMBEDDINGS_FILE, emb)
     (extra / ITEM_IDS_FILE).write_text(json.dumps(ids.tolist()))
     shutil.copytree(train_dir / "query_tower", extra / "query_tower")
-    requirements = {
+
+
+def _retrieval_requirements(
+    index_manifest: Mapping[str, Any], k: int, specs: Mapping[str, Any], server_image: str
+) -> dict[str, Any]:
+    """``requirements.json`` of the retrieval model: the server build it needs, its signatures
+    and how to search without it."""
+    import tensorflow as tf
+
+    use_scann = index_manifest["algorithm"] == "scann"
+    return {
         "model": "retrieval",
         "index": index_manifest["algorithm"],
         "custom_ops": ["Scann"] if use_scann else [],
@@ -266,8 +308,8 @@ def export_retrieval(
         )
         | {"embed": "features -> embedding [B, D]"},
         "fallback": {
-            "how": "embed the query with assets.extra/query_tower (serving_default -> embedding), then "
-            "exact dot-product top-K over item_embeddings.npy; row i is item_ids.json[i]",
+            "how": f"embed the query with {ASSETS_EXTRA}/query_tower (serving_default -> embedding), then "
+            f"exact dot-product top-K over {EMBEDDINGS_FILE}; row i is {ITEM_IDS_FILE}[i]",
             "query_model": "query_tower",
             "item_embeddings": EMBEDDINGS_FILE,
             "item_ids": ITEM_IDS_FILE,
@@ -275,8 +317,6 @@ def export_retrieval(
         "inputs": {name: spec.dtype.name for name, spec in specs.items()},
         "index_recall_at_k": index_manifest.get("recall_at_k"),
     }
-    (extra / REQUIREMENTS).write_text(json.dumps(requirements, indent=2))
-    return requirements
 
 
 def export_ranking(train_dir: Path, out: Path) -> dict[str, Any]:
@@ -321,8 +361,8 @@ def export_ranking(train_dir: Path, out: Path) -> dict[str, Any]:
             "item_inputs": sorted(n for n, sp in cand_specs.items() if sp.shape.as_list() != [1]),
         }
     tf.saved_model.save(module, str(out), signatures=signatures)
-    (out / ASSETS_EXTRA).mkdir(exist_ok=True)
-    (out / ASSETS_EXTRA / REQUIREMENTS).write_text(json.dumps(requirements, indent=2))
+    assets_extra(out).mkdir(exist_ok=True)
+    (assets_extra(out) / REQUIREMENTS).write_text(json.dumps(requirements, indent=2))
     return requirements
 
 
@@ -345,6 +385,17 @@ def _smoke_test(saved_model: Path, batch: Mapping[str, np.ndarray], signature: s
     loaded.signatures[signature](**{k: tf.constant(v) for k, v in batch.items()})
 
 
+@dataclass(frozen=True)
+class _TrainingOutput:
+    """What a push publishes: a training output and the index built from it."""
+
+    train_dir: Path
+    index_dir: Path
+    manifest: dict[str, Any]  # the training step's
+    index_manifest: dict[str, Any]
+    sha256: str  # of the training manifest: the identity of this output across pushes
+
+
 def push_models(
     config: PushConfig,
     train_dir: Path,
@@ -357,6 +408,12 @@ def push_models(
     out_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Push the retrieval and ranking models as the next version; label it ``canary``.
+
+    The phases: check the blessing; recover (a push of this output that died halfway is
+    cleaned up, one that completed makes this push a no-op); export both models to temporary
+    folders; publish them as the version; label it in ``models.config``; retain (delete old
+    versions no label points at). Recover, label and retain hold ``registry_lock``, as
+    promote and rollback do.
 
     Args:
         config: the ``push`` section (model names, K, retention, warm-up size).
@@ -375,148 +432,118 @@ def push_models(
         warm-up records, requirements; ``skipped`` when this training output was pushed before.
 
     Raises:
-        PushRefused: the model is not blessed.
+        PushRefused: the model is not blessed, or the index was built from another output.
     """
-    train_dir, index_dir, base_path = Path(train_dir), Path(index_dir), Path(base_path).resolve()
-    verdict = read_blessing(blessing)
-    if not verdict.get("blessed", False):
-        reason = verdict.get("reason") or "no reason given"
-        raise PushRefused(f"model in {train_dir} is not blessed: {reason}")
-    train_manifest_path = train_dir / "manifest.json"
-    train_manifest = read_manifest(train_dir)
-    index_manifest = read_manifest(index_dir)
-    train_hash = hashlib.sha256(train_manifest_path.read_bytes()).hexdigest()
-    if index_manifest.get("train_manifest_sha256") not in (None, train_hash):
-        raise PushRefused(f"index {index_dir} was built from another training output than {train_dir}")
+    base_path = Path(base_path).resolve()
+    _check_blessing(blessing, Path(train_dir))
+    source = _read_training_output(Path(train_dir), Path(index_dir))
     names = {"retrieval": config.retrieval_model, "ranking": config.ranking_model}
     base_path.mkdir(parents=True, exist_ok=True)
-    current = read_models_config(base_path)
+    with registry_lock(base_path):
+        pushed, current = _recover(base_path, names.values(), source.sha256)
+        version = pushed if pushed is not None else _next_version(base_path, names.values())
+    if pushed is not None:
+        skipped = PushSkippedManifest(
+            reason=f"training output {source.sha256[:12]} already pushed as version {pushed}",
+            version=pushed,
+            base_path=str(base_path),
+            models_config=str(base_path / MODELS_CONFIG),
+            train_manifest_sha256=source.sha256,
+            models=current,
+        )
+        return _write_push_manifest(skipped, out_dir)
 
-    # Idempotent: a training output already pushed keeps its version; nothing changes. A push
-    # that died halfway (one model's folder renamed, or models.config not yet written) is
-    # not "already pushed": its leftovers are removed and the same version number is reused,
-    # so a retried task neither skips the half-done work nor adds a second version.
-    for v in _pushed_versions(base_path, names.values(), train_hash):
-        if not _push_complete(base_path, names.values(), v, train_hash, current):
-            for name in names.values():
-                if v not in current.get(name, {}).get("versions", []):
-                    shutil.rmtree(base_path / name / str(v), ignore_errors=True)
-                for tmp in (base_path / name).glob(f".push-{v}-*"):
-                    shutil.rmtree(tmp, ignore_errors=True)  # the crashed attempt's export
-            continue
-        manifest = {
-            "skipped": True,
-            "reason": f"training output {train_hash[:12]} already pushed as version {v}",
-            "version": v,
-            "base_path": str(base_path),
-            "models_config": str(base_path / MODELS_CONFIG),
-            "train_manifest_sha256": train_hash,
-            "models": current,
-        }
-        if out_dir is not None:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            write_manifest(Path(out_dir), manifest)
-        return manifest
-
-    version = 1 + max([0, *[v for n in names.values() for v in integer_versions(base_path / n)]])
-    features = features or FeaturesConfig()
-    ids = np.asarray(json.loads((index_dir / ITEM_IDS_FILE).read_text()), dtype=object)
-    query_inputs = train_manifest.get("query_inputs") or {}
-    ranker_inputs = train_manifest.get("ranker_inputs") or {}
-    retrieval_batches, ranking_batches, warm_source = _warmup_batches(
-        train_manifest, data_dir, features, query_inputs, ranker_inputs, config.warmup_records, ids
+    code = code_version()
+    warmup = _warmup_batches(
+        source.manifest,
+        data_dir,
+        features or FeaturesConfig(),
+        source.manifest.get("query_inputs") or {},
+        source.manifest.get("ranker_inputs") or {},
+        config.warmup_records,
+        np.asarray(json.loads((source.index_dir / ITEM_IDS_FILE).read_text()), dtype=object),
     )
-    record = {
-        "version": version,
-        "train_manifest_sha256": train_hash,
-        "train_dir": str(train_dir),
-        "index_dir": str(index_dir),
-        "pushed_at": utc_now().isoformat(),
-        "code_version": code_version(),
-    }
-    results: dict[str, dict[str, Any]] = {}
     temps: dict[str, Path] = {}
     try:
-        for role, name in names.items():
-            model_dir = base_path / name
-            model_dir.mkdir(parents=True, exist_ok=True)
-            # Not an integer: a server watching the folder ignores it until the rename.
-            tmp = model_dir / f".push-{version}-{uuid.uuid4().hex[:8]}"
-            temps[role] = tmp
-            if role == "retrieval":
-                k, image = config.retrieval_k, config.scann_server_image
-                req = export_retrieval(train_dir, index_dir, tmp, k, image)
-                batches, signature = retrieval_batches, "retrieve"
-            else:
-                req = export_ranking(train_dir, tmp)
-                batches, signature = ranking_batches, "rank"
-            records = [("serving_default", b) for b in batches]
-            if RANK_CANDIDATES_SIGNATURE in req:
-                # Every other record asks rank_candidates (the gateway's call) instead,
-                # and there is one of each even when there is a single batch.
-                user_side = req[RANK_CANDIDATES_SIGNATURE]["user_inputs"]
-                once = [(RANK_CANDIDATES_SIGNATURE, candidates_batch(b, user_side)) for b in batches]
-                records = [once[i] if i % 2 else r for i, r in enumerate(records)]
-                if len(records) == 1:
-                    records.append(once[0])
-            extra = tmp / ASSETS_EXTRA
-            n = write_warmup(extra / WARMUP_FILE, name, records)
-            (extra / PUSH_RECORD).write_text(json.dumps({**record, "model": name}, indent=2))
-            _smoke_test(tmp, batches[0], signature)
-            results[role] = {"name": name, "requirements": req, "warmup_records": n}
-        for n, (role, name) in enumerate(names.items()):
-            if n:
-                failpoint("push.between_models")  # one model published, the other not yet
-            _finish_version(temps[role], base_path / name / str(version))
+        exports = _export(config, source, names, base_path, version, code, warmup, temps)
+        _publish(temps, names, base_path, version)
     finally:
         for tmp in temps.values():
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+    with registry_lock(base_path):
+        models, retired = _label(base_path, names.values(), version, config.keep_versions)
+        _retain(base_path, retired)
+    index = source.index_manifest
+    manifest = PushManifest(
+        version=version,
+        base_path=str(base_path),
+        models_config=str(base_path / MODELS_CONFIG),
+        load_config=str(base_path / LOAD_CONFIG),
+        train_manifest_sha256=source.sha256,
+        models=models,
+        deleted_versions=retired,
+        exports=exports,
+        warmup_source=warmup.source,
+        index={k: index.get(k) for k in ("algorithm", "recall_at_k", "recall_k", "num_items")},
+        code_version=code,
+    )
+    return _write_push_manifest(manifest, out_dir)
 
-    models: dict[str, dict[str, Any]] = {}
-    load_models: dict[str, dict[str, Any]] = {}
-    deleted: dict[str, list[int]] = {}
-    for name in names.values():
-        model_dir = base_path / name
-        old_labels = dict(current.get(name, {}).get("labels", {}))
-        stable = old_labels.get("stable", version)
-        if stable not in integer_versions(model_dir):
-            stable = version  # the labelled folder is gone: the new version is all there is
-        labels = {"stable": stable, "canary": version}
-        # Retention: the newest keep_versions, and never a labelled version.
-        keep = set(integer_versions(model_dir)[-config.keep_versions :]) | set(labels.values())
-        deleted[name] = [v for v in integer_versions(model_dir) if v not in keep]
-        for v in deleted[name]:
-            shutil.rmtree(model_dir / str(v))
-        versions = sorted(set(labels.values()))
-        models[name] = {"base_path": str(model_dir), "versions": versions, "labels": labels}
-        loaded_before = {k: v for k, v in old_labels.items() if v in keep and v != version}
-        load_models[name] = {
-            "base_path": str(model_dir),
-            "versions": sorted(set(labels.values()) | set(loaded_before.values())),
-            "labels": loaded_before,
-        }
-    failpoint("push.before_config")  # both versions on disk, no label points at them yet
-    write_models_config(base_path / LOAD_CONFIG, load_models)
-    write_models_config(base_path / MODELS_CONFIG, models)
-    manifest = {
-        "skipped": False,
-        "version": version,
-        "base_path": str(base_path),
-        "models_config": str(base_path / MODELS_CONFIG),
-        "load_config": str(base_path / LOAD_CONFIG),
-        "train_manifest_sha256": train_hash,
-        "models": models,
-        "deleted_versions": deleted,
-        "exports": results,
-        "warmup_source": warm_source,
-        "index": {k: index_manifest.get(k) for k in ("algorithm", "recall_at_k", "recall_k", "num_items")},
-        "code_version": record["code_version"],
-    }
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        write_manifest(Path(out_dir), manifest)
-    return manifest
+
+# --- check ------------------------------------------------------------------------------------
+
+
+def _check_blessing(blessing: Path | Mapping[str, Any], train_dir: Path) -> None:
+    verdict = read_blessing(blessing)
+    if not verdict.get("blessed", False):
+        reason = verdict.get("reason") or "no reason given"
+        raise PushRefused(f"model in {train_dir} is not blessed: {reason}")
+
+
+def _read_training_output(train_dir: Path, index_dir: Path) -> _TrainingOutput:
+    """The training and index manifests; refused when the index was built from another output."""
+    manifest = read_manifest(train_dir)
+    index_manifest = read_manifest(index_dir)
+    sha256 = hashlib.sha256((train_dir / "manifest.json").read_bytes()).hexdigest()
+    if index_manifest.get("train_manifest_sha256") not in (None, sha256):
+        raise PushRefused(f"index {index_dir} was built from another training output than {train_dir}")
+    return _TrainingOutput(train_dir, index_dir, manifest, index_manifest, sha256)
+
+
+# --- recover ----------------------------------------------------------------------------------
+
+
+def _recover(
+    base_path: Path, names: Iterable[str], train_hash: str
+) -> tuple[int | None, dict[str, dict[str, Any]]]:
+    """The version this training output was pushed as, if that push completed; and ``models.config``.
+
+    Idempotent: a training output already pushed keeps its version; nothing changes. A push
+    that died halfway (one model's folder renamed, or models.config not yet written) is not
+    "already pushed": its leftovers are removed and the same version number is reused, so a
+    retried task neither skips the half-done work nor adds a second version.
+    """
+    names = list(names)
+    current = read_models_config(base_path)
+    for v in _pushed_versions(base_path, names, train_hash):
+        if _push_complete(base_path, names, v, train_hash, current):
+            return v, current
+        for name in names:
+            if v not in current.get(name, {}).get("versions", []):
+                shutil.rmtree(base_path / name / str(v), ignore_errors=True)
+            for tmp in (base_path / name).glob(f".push-{v}-*"):
+                shutil.rmtree(tmp, ignore_errors=True)  # the crashed attempt's export
+    return None, current
+
+
+def _next_version(base_path: Path, names: Iterable[str]) -> int:
+    return 1 + max([0, *[v for n in names for v in integer_versions(base_path / n)]])
+
+
+def _read_push_record(base_path: Path, name: str, version: int) -> dict[str, Any] | None:
+    path = push_record_path(base_path, name, version)
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _pushed_versions(base_path: Path, names: Iterable[str], train_hash: str) -> list[int]:
@@ -524,8 +551,8 @@ def _pushed_versions(base_path: Path, names: Iterable[str], train_hash: str) -> 
     found = set()
     for name in names:
         for v in integer_versions(base_path / name):
-            record = base_path / name / str(v) / ASSETS_EXTRA / PUSH_RECORD
-            if record.is_file() and json.loads(record.read_text()).get("train_manifest_sha256") == train_hash:
+            record = _read_push_record(base_path, name, v)
+            if record is not None and record.get("train_manifest_sha256") == train_hash:
                 found.add(v)
     return sorted(found)
 
@@ -537,10 +564,150 @@ def _push_complete(
     version is the newest on disk and models.config does not list it yet."""
     names = list(names)
     for name in names:
-        record = base_path / name / str(version) / ASSETS_EXTRA / PUSH_RECORD
-        if not record.is_file() or json.loads(record.read_text()).get("train_manifest_sha256") != train_hash:
+        record = _read_push_record(base_path, name, version)
+        if record is None or record.get("train_manifest_sha256") != train_hash:
             return False
     newest = all(version == max(integer_versions(base_path / name)) for name in names)
     listed = any(version in models.get(name, {}).get("versions", []) for name in names)
     # An older version that models.config no longer lists was superseded, not left half-done.
     return listed or not newest
+
+
+# --- export -----------------------------------------------------------------------------------
+
+
+def _export(
+    config: PushConfig,
+    source: _TrainingOutput,
+    names: Mapping[str, str],
+    base_path: Path,
+    version: int,
+    code: str,
+    warmup: _WarmupBatches,
+    temps: dict[str, Path],
+) -> dict[str, dict[str, Any]]:
+    """Export each model into a temporary folder of its model folder (listed in ``temps``),
+    with its warm-up requests and push record, and run one request through it.
+
+    Returns:
+        Per role (retrieval, ranking): the model's name, requirements and warm-up records.
+    """
+    pushed_at = utc_now().isoformat()
+    results: dict[str, dict[str, Any]] = {}
+    for role, name in names.items():
+        model_dir = base_path / name
+        model_dir.mkdir(parents=True, exist_ok=True)
+        # Not an integer: a server watching the folder ignores it until the rename.
+        tmp = model_dir / f".push-{version}-{uuid.uuid4().hex[:8]}"
+        temps[role] = tmp
+        if role == "retrieval":
+            requirements = export_retrieval(
+                source.train_dir, source.index_dir, tmp, config.retrieval_k, config.scann_server_image
+            )
+            batches, signature = warmup.retrieval, "retrieve"
+        else:
+            requirements = export_ranking(source.train_dir, tmp)
+            batches, signature = warmup.ranking, "rank"
+        extra = assets_extra(tmp)
+        written = write_warmup(extra / WARMUP_FILE, name, _warmup_records(requirements, batches))
+        record = PushRecord(
+            version=version,
+            train_manifest_sha256=source.sha256,
+            train_dir=str(source.train_dir),
+            index_dir=str(source.index_dir),
+            pushed_at=pushed_at,
+            code_version=code,
+            model=name,
+        )
+        (extra / PUSH_RECORD).write_text(json.dumps(record.model_dump(), indent=2))
+        _smoke_test(tmp, batches[0], signature)
+        results[role] = {"name": name, "requirements": requirements, "warmup_records": written}
+    return results
+
+
+def _warmup_records(
+    requirements: Mapping[str, Any], batches: Sequence[dict[str, np.ndarray]]
+) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """``(signature, batch)`` records: ``serving_default`` for each batch, and where the model has
+    ``rank_candidates`` (the gateway's call) every other record asks that instead, at least once."""
+    records = [("serving_default", b) for b in batches]
+    if RANK_CANDIDATES_SIGNATURE not in requirements:
+        return records
+    user_side = requirements[RANK_CANDIDATES_SIGNATURE]["user_inputs"]
+    once = [(RANK_CANDIDATES_SIGNATURE, candidates_batch(b, user_side)) for b in batches]
+    records = [once[i] if i % 2 else r for i, r in enumerate(records)]
+    if len(records) == 1:
+        records.append(once[0])
+    return records
+
+
+# --- publish ----------------------------------------------------------------------------------
+
+
+def _publish(temps: Mapping[str, Path], names: Mapping[str, str], base_path: Path, version: int) -> None:
+    """Rename each exported folder to the version, one model after the other."""
+    for n, (role, name) in enumerate(names.items()):
+        if n:
+            failpoint("push.between_models")  # one model published, the other not yet
+        _finish_version(temps[role], base_path / name / str(version))
+
+
+# --- label and retain -------------------------------------------------------------------------
+
+
+def _label(
+    base_path: Path, names: Iterable[str], version: int, keep_versions: int
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[int]]]:
+    """Label ``version`` canary (stable stays where it is) in ``models.load.config``, then
+    ``models.config``, from the labels on disk now (a promote during the export counts).
+
+    Only the labelled versions stay loaded. Retention keeps the newest ``keep_versions`` and
+    every labelled version; the load config names only versions retention keeps, so that a
+    server applying it later finds them on disk.
+
+    Returns:
+        ``models.config``'s entries, and per model the versions retention deletes: older than
+        the newest ``keep_versions`` and labelled by neither config.
+    """
+    current = read_models_config(base_path)
+    serve: dict[str, dict[str, Any]] = {}
+    load: dict[str, dict[str, Any]] = {}
+    retired: dict[str, list[int]] = {}
+    for name in names:
+        model_dir = base_path / name
+        on_disk = integer_versions(model_dir)
+        old_labels = dict(current.get(name, {}).get("labels", {}))
+        stable = old_labels.get("stable", version)
+        if stable not in on_disk:
+            stable = version  # the labelled folder is gone: the new version is all there is
+        labels = {"stable": stable, "canary": version}
+        keep = set(on_disk[-keep_versions:]) | set(labels.values())
+        retired[name] = [v for v in on_disk if v not in keep]
+        serve[name] = {
+            "base_path": str(model_dir),
+            "versions": sorted(set(labels.values())),
+            "labels": labels,
+        }
+        loaded_before = {k: v for k, v in old_labels.items() if v in keep and v != version}
+        load[name] = {
+            "base_path": str(model_dir),
+            "versions": sorted(set(labels.values()) | set(loaded_before.values())),
+            "labels": loaded_before,
+        }
+    failpoint("push.before_config")  # both versions on disk, no label points at them yet
+    write_registry(base_path, load, serve)
+    return serve, retired
+
+
+def _retain(base_path: Path, retired: Mapping[str, Sequence[int]]) -> None:
+    """Delete the versions ``_label`` retired; it has already written configs that name none."""
+    for name, versions in retired.items():
+        for v in versions:
+            shutil.rmtree(base_path / name / str(v))
+
+
+def _write_push_manifest(manifest: StepManifest, out_dir: Path | None) -> dict[str, Any]:
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        write_manifest(Path(out_dir), manifest)
+    return manifest.model_dump()

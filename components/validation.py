@@ -44,6 +44,7 @@ from recsys.contracts import (
     TableContract,
     conform,
 )
+from recsys.manifests import ValidatedTable, ValidateManifest
 from recsys.storage import code_version, read_table, write_manifest, write_table
 from recsys.timeutil import to_utc, utc_now, utc_series
 
@@ -129,79 +130,94 @@ def validate_data(
 
     ctx = _gx_context(out_dir / "report")
     accepted: dict[str, pd.DataFrame] = {}
-    tables: dict[str, Any] = {}
+    tables: dict[str, ValidatedTable] = {}
     errors: list[ValidationError] = []
     for name in TABLES:
-        contract = CONTRACTS[name]
-        raw = read_table(data_dir, name).reset_index(drop=True)
-        try:
-            raw, dropped_columns = _check_columns(raw, contract, config)
-        except TableRuleError:
-            _run_suite(ctx, name, raw, [_columns_expectation(contract)])
-            _build_docs(ctx)
-            raise
-        parsed, failures = _parse(raw, contract)
-        rules = _row_rules(contract, config, limit, accepted)
-        results = _run_suite(
-            ctx, name, parsed, [_columns_expectation(contract)] + [r.expectation for r in rules]
+        accepted[name], tables[name], error = _validate_table(
+            ctx, CONTRACTS[name], config, data_dir, out_dir, limit, accepted
         )
-        for rule, result in zip(rules, results[1:], strict=True):
-            _collect(rule, result, parsed, failures)
-        bad_index = pd.Index(sorted(failures.by_row))
-        good = parsed.drop(index=bad_index)
-        accepted[name] = conform(good, contract)
-        quarantined = _quarantine_frame(raw, failures)
-        write_table(accepted[name], out_dir / name, contract)
-        _write_quarantine(quarantined, out_dir / "quarantine" / name)
-        n_in, n_bad = len(raw), len(bad_index)
-        assert n_in == len(good) + n_bad, "conservation: every row accepted or quarantined"
-        fraction = n_bad / n_in if n_in else 0.0
-        reasons = quarantined["rule"].value_counts().to_dict() if n_bad else {}
-        tables[name] = {
-            "input": n_in,
-            "accepted": len(good),
-            "quarantined": n_bad,
-            "bad_fraction": round(fraction, 6),
-            "quarantine_by_rule": reasons,
-            "dropped_columns": dropped_columns,
-        }
-        if fraction > config.max_bad_fraction:
-            (top_rule, column), top_count = Counter(failures.first_column.values()).most_common(1)[
-                0
-            ]
-            errors.append(
-                BadFractionError(
-                    f"table {name}: {n_bad} of {n_in} rows ({fraction:.1%}) failed row rules, above "
-                    f"max_bad_fraction {config.max_bad_fraction:.1%}; most common: rule {top_rule} "
-                    f"on column {column!r} ({top_count} rows); see "
-                    f"{out_dir / 'quarantine' / name}"
-                )
-            )
+        if error is not None:
+            errors.append(error)
     data_docs = _build_docs(ctx)
-    status = "failed" if errors else "passed"
     report = _write_summary(out_dir, data_dir, as_of, tables, errors, data_docs)
-    manifest = {
-        "step": "validate",
-        "status": status,
-        "input": str(data_dir),
-        "path": str(out_dir),
-        "as_of": as_of.isoformat(),
-        "tables": tables,
-        "rows": {n: t["accepted"] for n, t in tables.items()},
-        "report": str(report),
-        "data_docs": str(data_docs),
-        "code_version": code_version(),
-    }
+    manifest = ValidateManifest(
+        status="failed" if errors else "passed",
+        input=str(data_dir),
+        path=str(out_dir),
+        as_of=as_of.isoformat(),
+        tables=tables,
+        rows={n: t.accepted for n, t in tables.items()},
+        report=str(report),
+        data_docs=str(data_docs),
+        code_version=code_version(),
+        errors=[str(e) for e in errors] if errors else None,
+    )
     if errors:
         # Quarantine and report stay for reading; accepted tables are withdrawn so that
         # nothing downstream consumes a drop that failed.
         for name in TABLES:
             shutil.rmtree(out_dir / name, ignore_errors=True)
-        manifest["errors"] = [str(e) for e in errors]
         write_manifest(out_dir, manifest)
         raise errors[0]
     write_manifest(out_dir, manifest)
-    return manifest
+    return manifest.model_dump()
+
+
+def _validate_table(
+    ctx: Any,
+    contract: TableContract,
+    config: ValidationConfig,
+    data_dir: Path,
+    out_dir: Path,
+    limit: pd.Timestamp,
+    accepted: dict[str, pd.DataFrame],
+) -> tuple[pd.DataFrame, ValidatedTable, BadFractionError | None]:
+    """Check one table, write its accepted and quarantined rows; the error if too many failed.
+
+    ``accepted`` holds the tables validated before this one (foreign keys point into them).
+
+    Raises:
+        TableRuleError: a column is missing or unexpected; Data Docs are built first.
+    """
+    name = contract.name
+    raw = read_table(data_dir, name).reset_index(drop=True)
+    try:
+        raw, dropped_columns = _check_columns(raw, contract, config)
+    except TableRuleError:
+        _run_suite(ctx, name, raw, [_columns_expectation(contract)])
+        _build_docs(ctx)
+        raise
+    parsed, failures = _parse(raw, contract)
+    rules = _row_rules(contract, config, limit, accepted)
+    results = _run_suite(ctx, name, parsed, [_columns_expectation(contract)] + [r.expectation for r in rules])
+    for rule, result in zip(rules, results[1:], strict=True):
+        _collect(rule, result, parsed, failures)
+    bad_index = pd.Index(sorted(failures.by_row))
+    good = parsed.drop(index=bad_index)
+    quarantined = _quarantine_frame(raw, failures)
+    table = conform(good, contract)
+    write_table(table, out_dir / name, contract)
+    _write_quarantine(quarantined, out_dir / "quarantine" / name)
+    n_in, n_bad = len(raw), len(bad_index)
+    assert n_in == len(good) + n_bad, "conservation: every row accepted or quarantined"
+    fraction = n_bad / n_in if n_in else 0.0
+    counts = ValidatedTable(
+        input=n_in,
+        accepted=len(good),
+        quarantined=n_bad,
+        bad_fraction=round(fraction, 6),
+        quarantine_by_rule=quarantined["rule"].value_counts().to_dict() if n_bad else {},
+        dropped_columns=dropped_columns,
+    )
+    if fraction <= config.max_bad_fraction:
+        return table, counts, None
+    (top_rule, column), top_count = Counter(failures.first_column.values()).most_common(1)[0]
+    return table, counts, BadFractionError(
+        f"table {name}: {n_bad} of {n_in} rows ({fraction:.1%}) failed row rules, above "
+        f"max_bad_fraction {config.max_bad_fraction:.1%}; most common: rule {top_rule} "
+        f"on column {column!r} ({top_count} rows); see "
+        f"{out_dir / 'quarantine' / name}"
+    )
 
 
 # --- table rules -------------------------------------------------------------------------
@@ -317,22 +333,39 @@ def _row_rules(
     limit: pd.Timestamp,
     accepted: dict[str, pd.DataFrame],
 ) -> list[RowRule]:
+    """Every row rule of a table, in the order a row's failures are reported (its first names
+    the quarantine ``rule``)."""
     import great_expectations.expectations as gxe
+
+    return [
+        *_presence_rules(gxe, contract),
+        *_value_rules(gxe, contract, config),
+        _future_rule(gxe, contract, limit),
+        *_uniqueness_rules(gxe, contract),
+        *_reference_rules(gxe, contract, accepted),
+    ]
+
+
+def _presence_rules(gxe: Any, contract: TableContract) -> list[RowRule]:
+    """A value in every column that may not be null."""
+    return [
+        RowRule(
+            gxe.ExpectColumnValuesToNotBeNull(column=col.name),
+            "not_null",
+            col.name,
+            lambda df, i, c=col.name: f"{c} is null",
+        )
+        for col in contract.columns
+        if not col.nullable
+    ]
+
+
+def _value_rules(gxe: Any, contract: TableContract, config: ValidationConfig) -> list[RowRule]:
+    """Ids in the id format, values from their allowed sets, no empty text, events' values in range."""
     from great_expectations.expectations.row_conditions import Column as GxColumn
 
     rules: list[RowRule] = []
-    for col in contract.columns:
-        if not col.nullable:
-            rules.append(
-                RowRule(
-                    gxe.ExpectColumnValuesToNotBeNull(column=col.name),
-                    "not_null",
-                    col.name,
-                    lambda df, i, c=col.name: f"{c} is null",
-                )
-            )
-    id_columns = [contract.key, *contract.foreign_keys]
-    for c in id_columns:
+    for c in [contract.key, *contract.foreign_keys]:
         rules.append(
             RowRule(
                 gxe.ExpectColumnValuesToMatchRegex(column=c, regex=ID_PATTERN),
@@ -383,18 +416,25 @@ def _row_rules(
                     ),
                 )
             )
+    return rules
+
+
+def _future_rule(gxe: Any, contract: TableContract, limit: pd.Timestamp) -> RowRule:
+    """The table's time column not after ``limit`` (as-of plus the clock-skew tolerance)."""
     tc = contract.time_column
-    rules.append(
-        RowRule(
-            gxe.ExpectColumnValuesToBeBetween(column=tc, max_value=limit),
-            "future_timestamp",
-            tc,
-            lambda df, i, tc=tc: (
-                f"{tc}={df.at[i, tc].isoformat()} is after as-of {limit.isoformat()}"
-            ),
-        )
+    return RowRule(
+        gxe.ExpectColumnValuesToBeBetween(column=tc, max_value=limit),
+        "future_timestamp",
+        tc,
+        lambda df, i, tc=tc: (
+            f"{tc}={df.at[i, tc].isoformat()} is after as-of {limit.isoformat()}"
+        ),
     )
-    rules.append(
+
+
+def _uniqueness_rules(gxe: Any, contract: TableContract) -> list[RowRule]:
+    """Unique ids and, for events, no repeat of the same event; the first occurrence is kept."""
+    rules = [
         RowRule(
             gxe.ExpectColumnValuesToBeUnique(column=contract.key),
             "duplicate_id",
@@ -402,7 +442,7 @@ def _row_rules(
             lambda df, i, k=contract.key: f"{k}={_show(df.at[i, k])} repeats an earlier row",
             keep_first=True,
         )
-    )
+    ]
     if contract.name == "events":
         same = ["user_id", "item_id", "event_type", "ts", "session_id"]
         rules.append(
@@ -416,6 +456,12 @@ def _row_rules(
                 keep_first=True,
             )
         )
+    return rules
+
+
+def _reference_rules(gxe: Any, contract: TableContract, accepted: dict[str, pd.DataFrame]) -> list[RowRule]:
+    """Foreign keys that point at accepted rows of the tables validated before."""
+    rules = []
     for c, table in contract.foreign_keys.items():
         known = accepted[table][CONTRACTS[table].key].dropna().unique().tolist()
         rules.append(
@@ -533,7 +579,7 @@ def _write_summary(
     out_dir: Path,
     data_dir: Path,
     as_of: pd.Timestamp,
-    tables: dict[str, Any],
+    tables: dict[str, ValidatedTable],
     errors: list[ValidationError],
     data_docs: Path,
 ) -> Path:
@@ -547,16 +593,16 @@ def _write_summary(
     rows = []
     for name, t in tables.items():
         reasons = "".join(
-            f"<li><code>{escape(rule)}</code>: {n:,}</li>" for rule, n in t["quarantine_by_rule"].items()
+            f"<li><code>{escape(rule)}</code>: {n:,}</li>" for rule, n in t.quarantine_by_rule.items()
         )
         examples = ""
         qdir = out_dir / "quarantine" / name
-        if t["quarantined"]:
+        if t.quarantined:
             sample = pd.read_parquet(qdir).groupby("rule", sort=True).head(2)[["rule", "reason"]]
             examples = sample.to_html(index=False, escape=True, border=0)
         rows.append(
-            f"<tr><td>{name}</td><td>{t['input']:,}</td><td>{t['accepted']:,}</td>"
-            f"<td>{t['quarantined']:,}</td><td>{100 * t['bad_fraction']:.2f}%</td>"
+            f"<tr><td>{name}</td><td>{t.input:,}</td><td>{t.accepted:,}</td>"
+            f"<td>{t.quarantined:,}</td><td>{100 * t.bad_fraction:.2f}%</td>"
             f"<td><ul>{reasons or '<li>none</li>'}</ul>{examples}</td></tr>"
         )
     verdict = (

@@ -96,6 +96,18 @@ def write_models_config(path: Path, models: Mapping[str, Mapping[str, Any]]) -> 
     return path
 
 
+def write_registry(
+    base_path: Path, load: Mapping[str, Mapping[str, Any]], serve: Mapping[str, Mapping[str, Any]]
+) -> None:
+    """Write ``models.load.config`` (``load``), then ``models.config`` (``serve``).
+
+    A server applies them in that order, so a reader that finds the new ``models.config``
+    also finds every version it labels in the load config. Call it holding ``registry_lock``.
+    """
+    write_models_config(Path(base_path) / LOAD_CONFIG, load)
+    write_models_config(Path(base_path) / MODELS_CONFIG, serve)
+
+
 @contextlib.contextmanager
 def registry_lock(base: Path) -> Iterator[None]:
     """Hold the registry's lock: the DAG and a person at the CLI may move labels at once."""
@@ -182,6 +194,5 @@ def move_labels(settings: Settings, action: Literal["promote", "rollback"]) -> d
             }
         changed = before != after
         if changed:
-            write_models_config(base / LOAD_CONFIG, load)
-            write_models_config(base / MODELS_CONFIG, new)
+            write_registry(base, load, new)
     return {"before": before, "after": after, "changed": changed}

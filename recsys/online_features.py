@@ -106,8 +106,9 @@ def entity_row_reader(
 
     Gives what ``store.get_online_features(refs, [{join_key: id}]).to_dict()`` gives (None for
     a missing value), through each view's ``online_read`` on the store's provider: the views
-    are resolved once here instead of on every call, and no response proto is built. The
-    gateway reads a user this way on every request, where that saves ~0.16 ms of its ~4 ms.
+    are resolved once here instead of on every call, and no response proto is built: the
+    gateway reads a user this way on every request (cost in BENCHMARKS.md, "Measured costs
+    behind design choices").
     """
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
     from feast.protos.feast.types.Value_pb2 import Value

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys.contracts import CONTRACTS, TableContract, conform
+from recsys.manifests import DataFolderManifest, StepManifest
 
 
 def write_table(df: pd.DataFrame, out_dir: Path, contract: TableContract) -> list[Path]:
@@ -64,28 +66,35 @@ def read_table(data_dir: Path, table: str, columns: list[str] | None = None) -> 
     return pd.read_parquet(path, columns=columns)
 
 
-def write_data_folder(
-    frames: dict[str, pd.DataFrame], out_dir: Path, extra: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Write users, items and events plus ``manifest.json`` with row counts."""
+def write_data_tables(frames: Mapping[str, pd.DataFrame], out_dir: Path) -> dict[str, int]:
+    """Write each table of ``frames`` (users, items, events) under ``out_dir``; rows per table."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = {}
     for name, df in frames.items():
         write_table(df, out_dir / name, CONTRACTS[name])
         counts[name] = len(df)
-    manifest = {"path": str(out_dir), "rows": counts, **(extra or {})}
+    return counts
+
+
+def write_data_folder(
+    frames: dict[str, pd.DataFrame], out_dir: Path, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write users, items and events plus ``manifest.json`` with row counts."""
+    rows = write_data_tables(frames, out_dir)
+    manifest = DataFolderManifest(path=str(out_dir), rows=rows, **(extra or {}))
     write_manifest(out_dir, manifest)
-    return manifest
+    return manifest.model_dump()
 
 
-def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
+def write_manifest(out_dir: Path, manifest: StepManifest | Mapping[str, Any]) -> Path:
     """Write ``manifest.json`` last and atomically: its presence marks the folder complete."""
     out_dir = Path(out_dir)
+    content = manifest.model_dump() if isinstance(manifest, StepManifest) else dict(manifest)
     path = out_dir / "manifest.json"
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".manifest.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True, default=str)
+        json.dump(content, f, indent=2, sort_keys=True, default=str)
         f.write("\n")
     os.replace(tmp, path)
     return path

@@ -33,6 +33,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ import pandas as pd
 from components.evaluation.metrics import coverage, metric_names, summarize
 from recsys.config import EvaluationConfig
 from recsys.feature_schema import POSITIVE_EVENT_TYPES
+from recsys.manifests import Blessing, EvaluateManifest
 from recsys.ranking import rank_fusion
 from recsys.storage import code_version, read_manifest, write_manifest
 
@@ -413,6 +415,17 @@ def gate(
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Holdout:
+    """Who is evaluated and on what: users with a relevant holdout item, and their queries."""
+
+    users: list[str]
+    seen: dict[str, set[str]]  # user -> items with a positive in training (never recommended)
+    relevant: dict[str, set[str]]  # user -> holdout positives outside ``seen``
+    queries: pd.DataFrame  # one row per user (index user_id): the query and ranker columns
+    as_of: pd.Timestamp  # the moment item statistics are taken at
+
+
 def evaluate(
     config: EvaluationConfig,
     train_dir: Path,
@@ -443,11 +456,9 @@ def evaluate(
     Returns:
         The manifest: metrics per system and slice, the blessing, counts.
     """
-    from components.training.train import features_from_frame, load_signature, use_legacy_keras
+    from components.training.train import use_legacy_keras
 
     use_legacy_keras()
-    import tensorflow as tf
-
     log = log or _default_log
     started = time.perf_counter()
     train_dir, out_dir = Path(train_dir), Path(out_dir)
@@ -457,9 +468,56 @@ def evaluate(
     if isinstance(serving_metrics, str | Path):
         serving_metrics = json.loads(Path(serving_metrics).read_text())
 
+    holdout = _holdout(config, train_manifest, train_frame, holdout_frame, queries)
+    ranked, catalog_size, ranker_fn = _rank_all(
+        config, train_dir, train_manifest, train_frame, items_frame, holdout
+    )
+    slices = _slices(config, train_frame, items_frame, holdout.relevant, holdout.as_of)
+    metrics = {
+        "models": _score(config, ranked, slices, holdout.users, catalog_size),
+        "ks": sorted(config.ks),
+        "slices": {name: len(rel) for name, rel in slices.items()},
+        "catalog_items": catalog_size,
+        "train_dir": str(train_dir),
+        "holdout": {
+            "start": holdout.as_of.isoformat(),
+            "users": len(holdout.users),
+            "relevant_pairs": int(sum(len(r) for r in holdout.relevant.values())),
+        },
+        "ranker": ranker_auc(ranker_fn, train_manifest["ranker_inputs"], holdout_frame),
+    }
+    blessing = Blessing(**gate(config, metrics, serving_metrics))
+    report = _write_outputs(out_dir, metrics, blessing.model_dump())
+    log(
+        f"[evaluate] {config.gate_metric}: "
+        + ", ".join(f"{m} {metrics['models'][m]['all'][config.gate_metric]:.4f}" for m in MODELS)
+        + f" -> {'blessed' if blessing.blessed else 'NOT blessed'}"
+    )
+    manifest = EvaluateManifest(
+        path=str(out_dir),
+        train_dir=str(train_dir),
+        metrics=metrics["models"],
+        blessed=blessing.blessed,
+        blessing=blessing,
+        report=str(report),
+        parameters=config.model_dump(mode="json"),
+        seconds=round(time.perf_counter() - started, 1),
+        code_version=code_version(),
+    )
+    write_manifest(out_dir, manifest)
+    return manifest.model_dump()
+
+
+def _holdout(
+    config: EvaluationConfig,
+    train_manifest: Mapping[str, Any],
+    train_frame: pd.DataFrame,
+    holdout_frame: pd.DataFrame,
+    queries: pd.DataFrame | None,
+) -> _Holdout:
+    """The evaluated users: each has a holdout positive they had not engaged with in training."""
     seen = positive_items(train_frame)
-    relevant_all = positive_items(holdout_frame)
-    relevant = {u: rel - seen.get(u, set()) for u, rel in relevant_all.items()}
+    relevant = {u: rel - seen.get(u, set()) for u, rel in positive_items(holdout_frame).items()}
     relevant = {u: rel for u, rel in relevant.items() if rel}
     if queries is None:
         queries = holdout_queries(holdout_frame)
@@ -468,98 +526,93 @@ def evaluate(
             # with the user's training positives (all before the holdout in a time split).
             queries = profile_history(queries, train_frame, train_manifest["parameters"]["max_history"])
     users = [u for u in relevant if u in queries.index]
-    relevant = {u: relevant[u] for u in users}
     if not users:
         raise ValueError("no holdout user has a relevant item outside their training items")
-
-    emb_df = pd.read_parquet(train_dir / "item_embeddings.parquet")
-    item_ids = emb_df["item_id"].astype(str).to_numpy(dtype=object)
-    item_emb = np.stack(emb_df["embedding"].to_numpy()).astype(np.float32)
-    ks = sorted(config.ks)
-    depth = max(max(ks), config.rerank_depth)
-
-    query_fn = load_signature(train_dir / "query_tower")
-    q_arrays = features_from_frame(queries.loc[users], train_manifest["query_inputs"])
-    q_emb = np.concatenate(
-        [
-            query_fn(**{k: tf.constant(v[lo : lo + 4096]) for k, v in q_arrays.items()})["embedding"].numpy()
-            for lo in range(0, len(users), 4096)
-        ]
-    )
-    retrieved, retrieval_scores = retrieve(q_emb, item_ids, item_emb, users, seen, depth)
-    ranked = {"retriever": retrieved}
-
-    ranker_inputs = train_manifest["ranker_inputs"]
     # The cut is where the holdout begins (time_split cuts at midnight); read it from the data.
     # A random split has no cut: item statistics are those at the end of the training data.
     as_of = pd.to_datetime(holdout_frame["ts"], utc=True).min().floor("D")
     if config.split == "random":
         as_of = pd.to_datetime(train_frame["ts"], utc=True).max().floor("D") + pd.Timedelta(days=1)
+    return _Holdout(users, seen, {u: relevant[u] for u in users}, queries, as_of)
+
+
+def _rank_all(
+    config: EvaluationConfig,
+    train_dir: Path,
+    train_manifest: Mapping[str, Any],
+    train_frame: pd.DataFrame,
+    items_frame: pd.DataFrame,
+    holdout: _Holdout,
+) -> tuple[dict[str, dict[str, list[str]]], int, Callable[..., Mapping[str, Any]]]:
+    """Each system's ranked list per user (``MODELS``), the catalog size, and the ranker."""
+    from components.training.train import load_signature
+
+    emb_df = pd.read_parquet(train_dir / "item_embeddings.parquet")
+    item_ids = emb_df["item_id"].astype(str).to_numpy(dtype=object)
+    item_emb = np.stack(emb_df["embedding"].to_numpy()).astype(np.float32)
+    depth = max(max(config.ks), config.rerank_depth)
+    users = holdout.users
+    q_emb = _query_embeddings(train_dir, train_manifest["query_inputs"], holdout.queries.loc[users])
+    retrieved, retrieval_scores = retrieve(q_emb, item_ids, item_emb, users, holdout.seen, depth)
+
+    ranker_inputs = train_manifest["ranker_inputs"]
     item_features = items_frame.assign(item_id=items_frame["item_id"].astype(str)).drop_duplicates("item_id")
-    item_features = item_features.set_index("item_id")
-    stats = item_stats_at(train_frame, as_of, [c for c in ranker_inputs if ITEM_STAT.match(c)])
-    item_features = item_features.join(stats, how="left")
+    stats = item_stats_at(train_frame, holdout.as_of, [c for c in ranker_inputs if ITEM_STAT.match(c)])
+    item_features = item_features.set_index("item_id").join(stats, how="left")
     head = {u: retrieved[u][: config.rerank_depth] for u in users}
     head_scores = {u: retrieval_scores[u][: config.rerank_depth] for u in users}
     ranker_fn = load_signature(train_dir / "ranker")
     reranked = rerank(
-        ranker_fn,
-        ranker_inputs,
-        queries,
-        head,
-        head_scores,
-        item_features,
-        config.retrieval_weight,
+        ranker_fn, ranker_inputs, holdout.queries, head, head_scores, item_features, config.retrieval_weight
     )
-    # Past the re-ranked head the retrieval order continues, so recall@K beyond the depth counts.
-    ranked["retriever_ranker"] = {u: reranked[u] + retrieved[u][config.rerank_depth :] for u in users}
-    ranked["popularity"] = popularity_ranking(train_frame, item_ids, users, seen, depth)
+    ranked = {
+        "retriever": retrieved,
+        # Past the re-ranked head the retrieval order continues, so recall@K beyond the depth counts.
+        "retriever_ranker": {u: reranked[u] + retrieved[u][config.rerank_depth :] for u in users},
+        "popularity": popularity_ranking(train_frame, item_ids, users, holdout.seen, depth),
+    }
+    return ranked, len(item_ids), ranker_fn
 
-    slices = _slices(config, train_frame, items_frame, relevant, as_of)
+
+def _query_embeddings(train_dir: Path, query_inputs: Mapping[str, str], queries: pd.DataFrame) -> np.ndarray:
+    """The query tower's embedding of each row of ``queries``, in batches."""
+    import tensorflow as tf
+
+    from components.training.train import features_from_frame, load_signature
+
+    query_fn = load_signature(train_dir / "query_tower")
+    arrays = features_from_frame(queries, query_inputs)
+    return np.concatenate(
+        [
+            query_fn(**{k: tf.constant(v[lo : lo + 4096]) for k, v in arrays.items()})["embedding"].numpy()
+            for lo in range(0, len(queries), 4096)
+        ]
+    )
+
+
+def _score(
+    config: EvaluationConfig,
+    ranked: Mapping[str, Mapping[str, list[str]]],
+    slices: Mapping[str, dict[str, set[str]]],
+    users: list[str],
+    catalog_size: int,
+) -> dict[str, Any]:
+    """Metrics of each system on each slice, plus catalog coverage on ``all``."""
+    ks = sorted(config.ks)
     results: dict[str, Any] = {}
     for model in MODELS:
-        results[model] = {}
-        for slice_name, rel in slices.items():
-            results[model][slice_name] = summarize(ranked[model], rel, ks)
+        results[model] = {name: summarize(ranked[model], rel, ks) for name, rel in slices.items()}
         results[model]["all"][f"coverage@{ks[0]}"] = coverage(
-            (ranked[model][u] for u in users), len(item_ids), ks[0]
+            (ranked[model][u] for u in users), catalog_size, ks[0]
         )
-    metrics = {
-        "models": results,
-        "ks": ks,
-        "slices": {name: len(rel) for name, rel in slices.items()},
-        "catalog_items": len(item_ids),
-        "train_dir": str(train_dir),
-        "holdout": {
-            "start": as_of.isoformat(),
-            "users": len(users),
-            "relevant_pairs": int(sum(len(r) for r in relevant.values())),
-        },
-        "ranker": ranker_auc(ranker_fn, ranker_inputs, holdout_frame),
-    }
-    blessing = gate(config, metrics, serving_metrics)
+    return results
+
+
+def _write_outputs(out_dir: Path, metrics: Mapping[str, Any], blessing: Mapping[str, Any]) -> Path:
+    """``metrics.json``, ``blessing.json`` and the report; returns the report's path."""
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     (out_dir / "blessing.json").write_text(json.dumps(blessing, indent=2, sort_keys=True) + "\n")
-    report = write_report(out_dir, metrics, blessing)
-    log(
-        f"[evaluate] {config.gate_metric}: "
-        + ", ".join(f"{m} {results[m]['all'][config.gate_metric]:.4f}" for m in MODELS)
-        + f" -> {'blessed' if blessing['blessed'] else 'NOT blessed'}"
-    )
-    manifest = {
-        "step": "evaluate",
-        "path": str(out_dir),
-        "train_dir": str(train_dir),
-        "metrics": results,
-        "blessed": blessing["blessed"],
-        "blessing": blessing,
-        "report": str(report),
-        "parameters": config.model_dump(mode="json"),
-        "seconds": round(time.perf_counter() - started, 1),
-        "code_version": code_version(),
-    }
-    write_manifest(out_dir, manifest)
-    return manifest
+    return write_report(out_dir, metrics, blessing)
 
 
 def _slices(

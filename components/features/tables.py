@@ -1,4 +1,4 @@
-"""The feature layer: feature tables from validated data, the Feast store, training data.
+"""The feature tables: what was known about each user and item, and since when.
 
 A recommender needs to know, for a user and an item, what was true *at the moment of a
 request*: how active the user had been, what they had just clicked, how popular the item
@@ -13,60 +13,40 @@ with the moment it became known:
   stamped with that event's time. The gateway pushes the same rows in real time
   (``recsys.online_features.push_event``); both go through ``next_recent_state``.
 
-``build_training_data`` then joins, for each event, the latest row stamped *strictly before*
-the event (Feast's point-in-time join is inclusive, so the join asks for the event's time
-minus one microsecond). The event never contributes to its own features.
-
-The tables live under ``<home>/features/<table>/``; Feast's registry and the SQLite online
-store under ``<home>/feast/``. The feature definitions are the Feast repo in ``feature_repo/``;
-``repo_config`` builds the same store from ``Settings`` so the online store (SQLite or Redis)
-is configuration, not an edited file.
+The computations are pure (frames in, frames out); ``build_feature_tables`` is the step that
+writes them under ``<home>/features/<table>/``. The Feast store that serves them is
+``components.features.store``; the point-in-time training frame read from it is
+``components.features.training_data``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import yaml
 
-from recsys.config import FeaturesConfig, Settings
+from recsys.config import FeaturesConfig
 from recsys.faults import failpoint
 from recsys.feature_schema import (
     ITEM_ATTRIBUTE_FEATURES,
     POSITIVE_EVENT_TYPES,
-    RANKER_SERVICE,
     RECENT_ITEM_FEATURES,
-    RETRIEVER_SERVICE,
     USER_PROFILE_FEATURES,
     item_popularity_features,
     user_engagement_features,
 )
-from recsys.layout import FEATURE_REPO_DIR, features_dir
-from recsys.online_features import (
-    ONE_US,
-    TIMESTAMP,
-    feature_defaults,
-    get_store,
-    next_recent_state,
-    service_features,
-    store_yaml,
-)
+from recsys.manifests import FeaturesBuildManifest, FeatureTableFiles, Interval
+from recsys.online_features import ONE_US, TIMESTAMP, next_recent_state
 from recsys.storage import code_version, read_table, write_manifest
 from recsys.timeutil import to_utc
-
-if TYPE_CHECKING:  # Feast costs seconds to import; only the functions that need it do.
-    from feast import FeatureStore
 
 DAY = pd.Timedelta(days=1)
 
@@ -135,70 +115,29 @@ def window_counts(
     empty = pd.DataFrame(columns=["key", TIMESTAMP, *metric_cols])
     if not day_list or len(known_since) == 0:
         return empty
-    epoch = pd.Timestamp("1970-01-01", tz="UTC")
-    wanted = np.array([(d - epoch).days for d in day_list], dtype=np.int64)
+    wanted = np.array([_epoch_day(d) for d in day_list], dtype=np.int64)
     entities = pd.Index(known_since.index)
-    since = pd.DatetimeIndex(pd.to_datetime(known_since, utc=True))
-    # The first day whose end-of-day stamp is at or after the entity became known.
-    # (An entity with no known_since is never known: no rows, as with a future signup.)
-    never = np.iinfo(np.int64).max // 4
-    known_day = np.where(since.isna(), never, np.asarray((since.floor("D") - epoch).days.fillna(0)))
-    known_day = known_day.astype(np.int64)
-
-    event_day = np.asarray((pd.DatetimeIndex(pd.to_datetime(ts, utc=True)).floor("D") - epoch).days)
+    known_day = _known_days(known_since)
     ent = entities.get_indexer(keys)
     ok = ent >= 0
+    event_day = np.asarray((pd.DatetimeIndex(pd.to_datetime(ts, utc=True)).floor("D") - _EPOCH).days)
     ent, event_day = ent[ok].astype(np.int64), event_day[ok].astype(np.int64)
     weights = {m: np.asarray(ind, dtype=np.int64)[ok] for m, ind in indicators.items()}
 
-    # Candidate (entity, day) rows: the day each entity becomes known, each event's day, and
-    # the day each event leaves each window (plus the first day for every entity: carry_in).
-    first_day = wanted[0]
-    cand_ent = [np.arange(len(entities))]
-    cand_day = [known_day]
-    if carry_in:
-        cand_ent.append(np.arange(len(entities)))
-        cand_day.append(np.maximum(known_day, first_day))
-    for shift in (0, *windows_days):
-        cand_ent.append(ent)
-        cand_day.append(event_day + shift)
-    ce, cd = np.concatenate(cand_ent), np.concatenate(cand_day)
-    # Only requested days, only once the entity is known.
-    keep = np.isin(cd, wanted) & (cd >= known_day[ce])
-    ce, cd = ce[keep], cd[keep]
+    ce, cd = _candidate_rows(ent, event_day, known_day, wanted, windows_days, carry_in)
     if len(ce) == 0:
         return empty
-    pairs = np.unique(np.stack([ce, cd], axis=1), axis=0)
-    ce, cd = pairs[:, 0], pairs[:, 1]
-
-    # Cumulative counts over events sorted by (entity, day): a window is two look-ups.
-    # Days relative to a base before everything, so (entity, day) packs into one sortable int.
-    base = int(min(cd.min(), event_day.min(initial=cd.min()))) - max(windows_days) - 1
-    span = int(max(cd.max(), event_day.max(initial=cd.max()))) - base + 1
-    order = np.lexsort((event_day, ent))
-    sorted_key = ent[order] * span + (event_day[order] - base)
-    cum = {m: np.concatenate([[0], np.cumsum(w[order])]) for m, w in weights.items()}
-
-    def upto(day: np.ndarray) -> np.ndarray:
-        return np.searchsorted(sorted_key, ce * span + (day - base), side="right")
-
-    end = upto(cd)
-    values: dict[str, np.ndarray] = {}
-    for w in windows_days:
-        start = upto(cd - w)
-        for m in indicators:
-            values[f"{m}_{w}d"] = cum[m][end] - cum[m][start]
+    counts = _CumulativeCounts.of(ent, event_day, weights, cd, max(windows_days))
+    values = counts.windows(ce, cd, windows_days)
     # A candidate whose values equal the day before's is no change: dropped, except the day the
     # entity becomes known (and the carried-in first day).
-    before = upto(cd - 1)
+    previous = counts.windows(ce, cd - 1, windows_days)
     changed = np.zeros(len(ce), dtype=bool)
-    for w in windows_days:
-        start_before = upto(cd - 1 - w)
-        for m in indicators:
-            changed |= (cum[m][before] - cum[m][start_before]) != values[f"{m}_{w}d"]
+    for c in metric_cols:
+        changed |= previous[c] != values[c]
     anchor = cd == known_day[ce]
     if carry_in:
-        anchor |= cd == first_day
+        anchor |= cd == wanted[0]
     keep = changed | anchor
     part: dict[str, Any] = {"key": entities[ce[keep]]}
     part[TIMESTAMP] = pd.to_datetime(cd[keep], unit="D", utc=True) + DAY - ONE_US
@@ -207,6 +146,96 @@ def window_counts(
     out = pd.DataFrame(part)
     out[TIMESTAMP] = pd.to_datetime(out[TIMESTAMP], utc=True).astype("datetime64[us, UTC]")
     return out[["key", TIMESTAMP, *metric_cols]].sort_values([TIMESTAMP, "key"], ignore_index=True)
+
+
+_EPOCH = pd.Timestamp("1970-01-01", tz="UTC")
+
+
+def _epoch_day(day: pd.Timestamp) -> int:
+    return (day - _EPOCH).days
+
+
+def _known_days(known_since: pd.Series) -> np.ndarray:
+    """Per entity, the first day whose end-of-day stamp is at or after it became known.
+
+    An entity with no ``known_since`` is never known: no rows, as with a future signup.
+    """
+    since = pd.DatetimeIndex(pd.to_datetime(known_since, utc=True))
+    never = np.iinfo(np.int64).max // 4
+    known_day = np.where(since.isna(), never, np.asarray((since.floor("D") - _EPOCH).days.fillna(0)))
+    return known_day.astype(np.int64)
+
+
+def _candidate_rows(
+    ent: np.ndarray,
+    event_day: np.ndarray,
+    known_day: np.ndarray,
+    wanted: np.ndarray,
+    windows_days: Sequence[int],
+    carry_in: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct (entity, day) rows whose values may have changed, of the ``wanted`` days.
+
+    The day each entity becomes known, each event's day, and the day each event leaves each
+    window (plus the first wanted day for every entity with ``carry_in``); only once the
+    entity is known.
+    """
+    everyone = np.arange(len(known_day))
+    cand_ent = [everyone]
+    cand_day = [known_day]
+    if carry_in:
+        cand_ent.append(everyone)
+        cand_day.append(np.maximum(known_day, wanted[0]))
+    for shift in (0, *windows_days):
+        cand_ent.append(ent)
+        cand_day.append(event_day + shift)
+    ce, cd = np.concatenate(cand_ent), np.concatenate(cand_day)
+    keep = np.isin(cd, wanted) & (cd >= known_day[ce])
+    pairs = np.unique(np.stack([ce[keep], cd[keep]], axis=1), axis=0)
+    return pairs[:, 0], pairs[:, 1]
+
+
+@dataclass(frozen=True)
+class _CumulativeCounts:
+    """Cumulative counts over events sorted by (entity, day): a trailing window is two look-ups.
+
+    Days are relative to a base before every day looked up, so (entity, day) packs into one
+    sortable integer.
+    """
+
+    sorted_key: np.ndarray
+    cum: dict[str, np.ndarray]  # metric -> [0, running totals...] in ``sorted_key`` order
+    base: int
+    span: int
+
+    @classmethod
+    def of(
+        cls,
+        ent: np.ndarray,
+        event_day: np.ndarray,
+        weights: Mapping[str, np.ndarray],
+        days: np.ndarray,
+        longest_window: int,
+    ) -> _CumulativeCounts:
+        base = int(min(days.min(), event_day.min(initial=days.min()))) - longest_window - 1
+        span = int(max(days.max(), event_day.max(initial=days.max()))) - base + 1
+        order = np.lexsort((event_day, ent))
+        sorted_key = ent[order] * span + (event_day[order] - base)
+        cum = {m: np.concatenate([[0], np.cumsum(w[order])]) for m, w in weights.items()}
+        return cls(sorted_key, cum, base, span)
+
+    def _upto(self, ent: np.ndarray, day: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.sorted_key, ent * self.span + (day - self.base), side="right")
+
+    def windows(self, ent: np.ndarray, day: np.ndarray, windows_days: Sequence[int]) -> dict[str, np.ndarray]:
+        """``{metric}_{w}d`` of each (entity, day): the counts of the w days ending with ``day``."""
+        end = self._upto(ent, day)
+        out: dict[str, np.ndarray] = {}
+        for w in windows_days:
+            start = self._upto(ent, day - w)
+            for m, cum in self.cum.items():
+                out[f"{m}_{w}d"] = cum[end] - cum[start]
+        return out
 
 
 def user_engagement_table(
@@ -359,6 +388,36 @@ def build_feature_tables(
     validated_dir, out_dir = Path(validated_dir), Path(out_dir)
     users = read_table(validated_dir, "users")
     items = read_table(validated_dir, "items")
+    start_day, end_day = _day_interval(validated_dir, start, end)
+    days = list(pd.date_range(start_day, end_day - DAY, freq="D"))
+    windows = list(config.windows_days)
+    # Windows reach back max(windows) days; recent items need the whole history.
+    events = pd.read_parquet(validated_dir / "events", filters=[("ts", "<", end_day.to_pydatetime())])
+    window_events = events[events["ts"] >= start_day - max(windows) * DAY]
+    tables = {
+        "user_profile": user_profile_table(users),
+        "item_attributes": item_attributes_table(items),
+        "user_engagement": user_engagement_table(window_events, users, days, windows),
+        "item_popularity": item_popularity_table(window_events, items, days, windows),
+        "user_recent_items": recent_items_table(events, config.recent_items, start_day, end_day),
+    }
+    manifest = FeaturesBuildManifest(
+        path=str(out_dir),
+        validated=str(validated_dir),
+        interval=Interval(start=start_day.isoformat(), end=end_day.isoformat()),
+        windows_days=windows,
+        recent_items=config.recent_items,
+        tables=_write_tables(tables, out_dir, days),
+        code_version=code_version(),
+    )
+    write_manifest(out_dir, manifest)
+    return manifest.model_dump()
+
+
+def _day_interval(
+    validated_dir: Path, start: datetime | None, end: datetime | None
+) -> tuple[pd.Timestamp, pd.Timestamp]:
+    """``[start, end)`` widened to whole UTC days; a side not given is the events' first or last day."""
     if start is None or end is None:
         ts = read_table(validated_dir, "events", columns=["ts"])["ts"]
         if ts.empty:
@@ -369,21 +428,15 @@ def build_feature_tables(
     end_day = to_utc(end).ceil("D")
     if end_day <= start_day:
         raise FeatureRepoError(f"empty interval [{start_day}, {end_day})")
-    days = list(pd.date_range(start_day, end_day - DAY, freq="D"))
-    windows = list(config.windows_days)
-    # Windows reach back max(windows) days; recent items need the whole history.
-    events = pd.read_parquet(validated_dir / "events", filters=[("ts", "<", end_day.to_pydatetime())])
-    window_events = events[events["ts"] >= start_day - max(windows) * DAY]
+    return start_day, end_day
 
-    tables = {
-        "user_profile": user_profile_table(users),
-        "item_attributes": item_attributes_table(items),
-        "user_engagement": user_engagement_table(window_events, users, days, windows),
-        "item_popularity": item_popularity_table(window_events, items, days, windows),
-        "user_recent_items": recent_items_table(events, config.recent_items, start_day, end_day),
-    }
+
+def _write_tables(
+    tables: Mapping[str, pd.DataFrame], out_dir: Path, days: Sequence[pd.Timestamp]
+) -> dict[str, FeatureTableFiles]:
+    """Whole tables as one file; daily tables one file per day of ``days``, other days untouched."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    written: dict[str, Any] = {}
+    written: dict[str, FeatureTableFiles] = {}
     for name, df in tables.items():
         if written:
             failpoint("build_features.midway")  # some tables rewritten, others not yet
@@ -391,7 +444,7 @@ def build_feature_tables(
         folder.mkdir(parents=True, exist_ok=True)
         if name in WHOLE_TABLES:
             _write_parquet(df, folder / "part-0.parquet")
-            written[name] = {"rows": len(df), "files": ["part-0.parquet"]}
+            written[name] = FeatureTableFiles(rows=len(df), files=["part-0.parquet"])
             continue
         files = []
         day_of_row = df[TIMESTAMP].dt.floor("D")
@@ -403,19 +456,8 @@ def build_feature_tables(
                 continue
             _write_parquet(part.reset_index(drop=True), path)
             files.append(path.name)
-        written[name] = {"rows": len(df), "files": files}
-    manifest = {
-        "step": "features.build",
-        "path": str(out_dir),
-        "validated": str(validated_dir),
-        "interval": {"start": start_day.isoformat(), "end": end_day.isoformat()},
-        "windows_days": windows,
-        "recent_items": config.recent_items,
-        "tables": written,
-        "code_version": code_version(),
-    }
-    write_manifest(out_dir, manifest)
-    return manifest
+        written[name] = FeatureTableFiles(rows=len(df), files=files)
+    return written
 
 
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:
@@ -425,286 +467,19 @@ def _write_parquet(df: pd.DataFrame, path: Path) -> None:
     os.replace(tmp, path)  # readers (Feast, a concurrent materialization) never see half a file
 
 
-# --------------------------------------------------------------------------------------------
-# The Feast store, built from Settings
-# --------------------------------------------------------------------------------------------
+# The Feast store and the training data have modules of their own; the CLI, the DAGs and the
+# benchmarks import these from here.
+_MOVED = {
+    "apply_feature_repo": "components.features.store",
+    "materialize": "components.features.store",
+    "build_training_data": "components.features.training_data",
+}
 
 
-def load_definitions(settings: Settings, repo_dir: Path = FEATURE_REPO_DIR) -> list[Any]:
-    """The Feast objects of the feature repo, with FileSource paths under ``settings.home``.
+def __getattr__(name: str) -> Any:
+    # Imported on first use, since those modules import this one.
+    if name in _MOVED:
+        import importlib
 
-    Each ``*.py`` of the repo is executed afresh (as `feast apply` does), and every FileSource
-    is re-rooted to ``<home>/features/<last part of its path>``: the repo's own paths point at
-    the default home for the CLI; here the home is whatever the settings say.
-    """
-    from feast import Entity, FeatureService, FeatureView, FileSource
-    from feast.data_source import DataSource, PushSource
-    from feast.repo_operations import get_repo_files
-
-    objects: list[Any] = []
-    for i, path in enumerate(get_repo_files(Path(repo_dir))):
-        spec = importlib.util.spec_from_file_location(f"_recsys_feature_repo_{i}_{path.stem}", path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        for obj in vars(module).values():
-            if isinstance(obj, Entity | DataSource | FeatureView | FeatureService) and not any(
-                obj is o for o in objects
-            ):
-                objects.append(obj)
-    root = features_dir(settings)
-    sources = [o for o in objects if isinstance(o, DataSource)]
-    for fv in (o for o in objects if isinstance(o, FeatureView)):
-        sources += [fv.batch_source, fv.stream_source]
-    sources += [s.batch_source for s in sources if isinstance(s, PushSource)]
-    for src in sources:
-        if isinstance(src, FileSource):
-            src.file_options.uri = str(root / Path(src.path).name)
-    return objects
-
-
-def apply_feature_repo(settings: Settings) -> dict[str, Any]:
-    """Register the feature repo's definitions (`feast apply`) for these settings.
-
-    Objects that the repo no longer defines are removed from the registry. Also writes the
-    effective ``<home>/feast/feature_store.yaml`` so the `feast` CLI (ui, serve) can be
-    pointed at this exact store with ``-f``.
-
-    Returns:
-        The manifest (``<home>/feast/manifest.json``): names of what is registered.
-    """
-    from feast import Entity, FeatureService, FeatureView
-
-    objects = load_definitions(settings)
-    _check_windows(objects, settings.features.windows_days)
-    store = get_store(settings)
-    project = settings.features.project
-    names = {(type(o).__name__, o.name) for o in objects}
-    registered = [
-        *store.list_feature_services(),
-        *store.list_feature_views(),
-        *store.list_entities(),
-    ]
-    stale = [o for o in registered if (type(o).__name__, o.name) not in names]
-    store.apply(objects, objects_to_delete=stale, partial=False)
-    (settings.feast_dir / "feature_store.yaml").write_text(
-        "# Written by `recsys features apply` from the settings; use with `feast -f`.\n"
-        + yaml.safe_dump(store_yaml(settings), sort_keys=False)
-    )
-    manifest = {
-        "step": "features.apply",
-        "project": project,
-        "registry": str(settings.feast_dir / "registry.db"),
-        "online_store": settings.features.online_store,
-        "entities": sorted(o.name for o in objects if isinstance(o, Entity)),
-        "feature_views": sorted(o.name for o in objects if isinstance(o, FeatureView)),
-        "feature_services": sorted(o.name for o in objects if isinstance(o, FeatureService)),
-        "removed": sorted(o.name for o in stale),
-        "code_version": code_version(),
-    }
-    write_manifest(settings.feast_dir, manifest)
-    return manifest
-
-
-def _check_windows(objects: Iterable[Any], windows_days: Sequence[int]) -> None:
-    from feast import FeatureView
-
-    wanted = {
-        "user_engagement": user_engagement_features(list(windows_days)),
-        "item_popularity": item_popularity_features(list(windows_days)),
-    }
-    for fv in objects:
-        if isinstance(fv, FeatureView) and fv.name in wanted:
-            have = [f.name for f in fv.schema]
-            if sorted(have) != sorted(wanted[fv.name]):
-                raise FeatureRepoError(
-                    f"feature view {fv.name} has {have} but features.windows_days={list(windows_days)} "
-                    f"builds {wanted[fv.name]}: change WINDOWS_DAYS in feature_repo/ or the config"
-                )
-
-
-def table_time_range(settings: Settings) -> tuple[pd.Timestamp, pd.Timestamp]:
-    """The earliest and latest ``event_timestamp`` over the built feature tables."""
-    lo, hi = None, None
-    for name in TABLES:
-        folder = features_dir(settings) / name
-        if not folder.exists() or not any(folder.glob("*.parquet")):
-            continue
-        col = pq.read_table(folder, columns=[TIMESTAMP]).column(TIMESTAMP)
-        if len(col) == 0:
-            continue
-        mn, mx = to_utc(pc.min(col).as_py()), to_utc(pc.max(col).as_py())
-        lo = mn if lo is None else min(lo, mn)
-        hi = mx if hi is None else max(hi, mx)
-    if lo is None or hi is None:
-        raise FeatureRepoError(
-            f"no feature tables under {features_dir(settings)}: run `recsys features build`"
-        )
-    return lo, hi
-
-
-def materialize(
-    settings: Settings, start: datetime | None = None, end: datetime | None = None
-) -> dict[str, Any]:
-    """Load the latest feature row of each entity stamped in ``[start, end]`` into the online store.
-
-    A scheduler passes its interval (with some overlap before it, so a late rebuild of the
-    previous day is picked up); by default the whole span of the built tables is loaded,
-    which a first run or a fresh online store needs (profiles are stamped at signup, years
-    back). Writing the same rows again leaves the same values.
-
-    ``user_recent_items`` is also pushed in real time. Redis keeps whichever row is newer, so
-    materializing never undoes a push; Feast's SQLite store overwrites, so on SQLite (the
-    development store) a materialization puts back the batch state of that view for users
-    who had newer pushed events, until their next event.
-
-    Returns:
-        The manifest (``<home>/feast/materialize/manifest.json``).
-    """
-    if start is None or end is None:
-        lo, hi = table_time_range(settings)
-        start = lo if start is None else start
-        end = hi if end is None else end
-    start_ts, end_ts = to_utc(start), to_utc(end)
-    store = get_store(settings)
-    views = [fv.name for fv in store.list_feature_views()]
-    store.materialize(start_ts.to_pydatetime(), end_ts.to_pydatetime(), feature_views=views)
-    manifest = {
-        "step": "features.materialize",
-        "online_store": settings.features.online_store,
-        "interval": {"start": start_ts.isoformat(), "end": end_ts.isoformat()},
-        "feature_views": sorted(views),
-        "code_version": code_version(),
-    }
-    out = settings.feast_dir / "materialize"
-    out.mkdir(parents=True, exist_ok=True)
-    write_manifest(out, manifest)
-    return manifest
-
-
-# --------------------------------------------------------------------------------------------
-# Training data: point-in-time join
-# --------------------------------------------------------------------------------------------
-
-EVENT_COLUMNS = (
-    "event_id",
-    "user_id",
-    "item_id",
-    "event_type",
-    "value",
-    "ts",
-    "session_id",
-    "device",
-    "request_id",
-)
-
-
-def build_training_data(
-    settings: Settings,
-    validated_dir: Path | None = None,
-    start: datetime | None = None,
-    end: datetime | None = None,
-    event_types: Sequence[str] | None = None,
-    services: Sequence[str] = (RETRIEVER_SERVICE, RANKER_SERVICE),
-    store: FeatureStore | None = None,
-    skip_views: Sequence[str] = (),
-) -> pd.DataFrame:
-    """One training row per event, with each feature as it was known strictly before the event.
-
-    Columns: the event's own (``EVENT_COLUMNS``), context ``hour`` (0-23, UTC) and ``device``,
-    then every feature of ``services`` (default: the retriever's and the ranker's, so both
-    models train from one frame) under its schema name. The join is Feast's point-in-time
-    ``get_historical_features`` at ``ts - 1 µs``: Feast takes rows stamped at or before the
-    entity time, so this asks for rows stamped strictly before the event.
-
-    ``session_id`` is the event's session. The stored session (a feature of the same name) is
-    only used to keep ``session_items`` when it is the event's session; items of an older
-    session become "" (the gateway does the same with the request's session).
-
-    Missing values are filled by ``feature_defaults`` (counts 0, rates 0.0, text "", False).
-
-    Args:
-        settings: the store (registry, tables) under ``settings.home``.
-        validated_dir: events to join (default ``settings.validated_dir``).
-        start, end: keep events with ``start <= ts < end``.
-        event_types: keep only these event types (e.g. positives and impressions).
-        services: the feature services whose features to join.
-        store: an open store to reuse (default: ``get_store(settings)``).
-        skip_views: feature views of those services not to join (their columns are absent):
-            views the models will not read, whose point-in-time join would only cost time.
-
-    Returns:
-        The frame, sorted by ``ts`` then ``event_id``.
-    """
-    store = store or get_store(settings)
-    validated_dir = Path(validated_dir or settings.validated_dir)
-    filters = []
-    if start is not None:
-        filters.append(("ts", ">=", to_utc(start).to_pydatetime()))
-    if end is not None:
-        filters.append(("ts", "<", to_utc(end).to_pydatetime()))
-    events = pd.read_parquet(validated_dir / "events", filters=filters or None)
-    if event_types is not None:
-        events = events[events["event_type"].isin(list(event_types))]
-    events = events[list(EVENT_COLUMNS)].reset_index(drop=True)
-
-    refs = [r for r in service_features(store, services) if r.split(":", 1)[0] not in set(skip_views)]
-    base = pd.DataFrame(
-        {
-            "event_id": events["event_id"].astype(str),
-            "user_id": events["user_id"].astype(str),
-            "item_id": events["item_id"].astype(str),
-            TIMESTAMP: (events["ts"] - ONE_US).astype("datetime64[ns, UTC]"),
-        }
-    )
-    # One point-in-time query per feature view, over the distinct (key, time) pairs, merged
-    # back here. Feast's Dask offline store drops an entity row outright when its key has
-    # rows but all after the entity time (instead of returning nulls), which in one combined
-    # query would also lose the other views' values; and it collapses rows that share key
-    # and time (feast-dev/feast#6787). Per view and de-duplicated, both are harmless: a
-    # missing row means "nothing known yet" and gets the default below.
-    by_view: dict[str, list[str]] = {}
-    for ref in refs:
-        view, name = ref.split(":", 1)
-        by_view.setdefault(view, []).append(name)
-    feats = base[["event_id"]].copy()
-    for view, view_names in by_view.items():
-        keys = [c.name for c in store.get_feature_view(view).entity_columns]
-        pairs = base[[*keys, TIMESTAMP]].drop_duplicates(ignore_index=True)
-        if pairs.empty:
-            got = pairs.assign(**{n: pd.Series(dtype=object) for n in view_names})
-        else:
-            with warnings.catch_warnings():
-                # Dask compares object with string[pyarrow] key columns, equal for string ids.
-                warnings.filterwarnings("ignore", message="Merging dataframes with merge column data type")
-                got = store.get_historical_features(
-                    entity_df=pairs, features=[f"{view}:{n}" for n in view_names], full_feature_names=False
-                ).to_df()
-        got[TIMESTAMP] = pd.to_datetime(got[TIMESTAMP], utc=True).astype("datetime64[ns, UTC]")
-        for k in keys:
-            got[k] = got[k].astype(str)
-        got = got[[*keys, TIMESTAMP, *view_names]].drop_duplicates([*keys, TIMESTAMP])
-        joined = base[["event_id", *keys, TIMESTAMP]].merge(got, on=[*keys, TIMESTAMP], how="left")
-        feats = feats.merge(joined[["event_id", *view_names]], on="event_id", how="left")
-    feats = feats.rename(columns={"session_id": "_stored_session"})
-    events = events.assign(event_id=events["event_id"].astype(str))
-    out = events.merge(feats, on="event_id", how="left", validate="one_to_one")
-    out.insert(out.columns.get_loc("ts") + 1, "hour", out["ts"].dt.hour.astype(np.int64))
-
-    defaults = feature_defaults(store, refs)
-    for name, default in defaults.items():
-        col = "_stored_session" if name == "session_id" else name
-        values = out[col].astype(object).where(out[col].notna(), default)
-        if isinstance(default, bool):
-            out[col] = values.astype(bool)
-        elif isinstance(default, int):
-            out[col] = values.astype(np.int64)
-        elif isinstance(default, float):
-            out[col] = values.astype(np.float32)
-        else:
-            out[col] = values.astype(str)
-    if "session_items" in out.columns:
-        same = out["_stored_session"] == out["session_id"].astype(str)
-        out["session_items"] = out["session_items"].where(same, "")
-    out = out.drop(columns=["_stored_session"], errors="ignore")
-    return out.sort_values(["ts", "event_id"], kind="stable", ignore_index=True)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -160,13 +160,13 @@ def _read_100k(path: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, No
     flags = raw[genre_names].astype("int64").astype(bool)
     # The "unknown" genre flag means "no genre": it must not become a category of its own
     # next to real ones, and an item with only it ends up "unknown" anyway.
-    suffixes = np.array([f"{g}|" if g != UNKNOWN else "" for g in genre_names], dtype=object)
+    suffixes = np.array([g + CATEGORY_SEPARATOR if g != UNKNOWN else "" for g in genre_names], dtype=object)
     genres = pd.Series(flags.to_numpy() @ suffixes if len(raw) else [], index=raw.index)
     movies = pd.DataFrame(
         {
             "item": raw["item"],
             "title": raw["title"],
-            "genres": genres.astype(str).str.rstrip("|"),
+            "genres": genres.astype(str).str.rstrip(CATEGORY_SEPARATOR),
             "release": pd.to_datetime(raw["release"], format="%d-%b-%Y", errors="coerce", utc=True),
         }
     )

@@ -23,7 +23,8 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 import tf_keras as keras
 
-CATEGORY_SEPARATOR = "|"
+from recsys.contracts import CATEGORY_SEPARATOR
+
 MAX_CATEGORIES = 4  # an item has one or two; more are ignored
 # Ranker inputs that describe the candidate (besides the item_* counts); the rest are user/context.
 ITEM_SIDE_INPUTS = ("item_id", "category")

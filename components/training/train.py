@@ -1,8 +1,9 @@
 """Step: train the two-tower retriever and the multi-objective ranker from a training frame.
 
-The input is the feature layer's training frame (``components.features.tables.build_training_data``):
-one row per event with the event's columns, its context (``hour``, ``device``) and every
-feature as it was known strictly before the event. Two models learn from it:
+The input is the feature layer's training frame
+(``components.features.training_data.build_training_data``): one row per event with the
+event's columns, its context (``hour``, ``device``) and every feature as it was known
+strictly before the event. Two models learn from it:
 
 - the retriever, from the *positive* events (``POSITIVE_EVENT_TYPES``): "this user, in
   this state, engaged with this item", contrasted with the other items of the batch;
@@ -25,8 +26,8 @@ Output contract (``out_dir``; ``manifest.json`` is written last):
 - ``manifest.json``: input names and dtypes, D, objectives and weights, metrics, counts.
 
 Build the input tensors of any of the three with ``features_from_frame(df, inputs)`` (or the
-``query_features_from_frame`` / ``candidate_features_from_frame`` /
-``ranker_features_from_frame`` shortcuts), so training, evaluation and serving agree.
+towers' ``query_features_from_frame`` / ``candidate_features_from_frame`` shortcuts), so
+training, evaluation and serving agree.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +45,9 @@ import numpy as np
 import pandas as pd
 
 from recsys.config import TrainingConfig
+from recsys.contracts import CATEGORY_SEPARATOR
 from recsys.feature_schema import POSITIVE_EVENT_TYPES, RANK_CANDIDATES_SIGNATURE
+from recsys.manifests import Interval, TrainManifest
 from recsys.storage import code_version, write_manifest
 
 if TYPE_CHECKING:
@@ -71,7 +75,6 @@ NUMERIC_FEATURE = re.compile(r"^(user_(events|positives|purchases)|item_(impress
 # Engagement credited per outcome when it carries no measured value (see ranker_examples).
 OUTCOME_ENGAGEMENT = {"purchase": 1.0, "add_to_cart": 0.8, "like": 0.8, "click": 0.1}
 RATING_MAX = 5.0
-OBJECTIVES = ("click", "engagement")
 
 
 def use_legacy_keras() -> None:
@@ -121,11 +124,6 @@ def query_features_from_frame(df: pd.DataFrame) -> dict[str, np.ndarray]:
 def candidate_features_from_frame(items: pd.DataFrame) -> dict[str, np.ndarray]:
     """The candidate tower's inputs (``CANDIDATE_INPUTS``) from rows of an items frame."""
     return features_from_frame(items, CANDIDATE_INPUTS)
-
-
-def ranker_features_from_frame(df: pd.DataFrame, ranker_inputs: Mapping[str, str]) -> dict[str, np.ndarray]:
-    """The ranker's inputs from (user, item) pair rows; ``ranker_inputs`` is the manifest's."""
-    return features_from_frame(df, ranker_inputs)
 
 
 def numeric_feature_names(df: pd.DataFrame) -> list[str]:
@@ -202,23 +200,35 @@ def ranker_examples(
     do, and carry item features as of that time), skipping items the user touched.
     """
     et = frame["event_type"].astype(str)
+    if (et == "impression").any():
+        return _impression_examples(frame, config), "impressions"
+    return _sampled_negative_examples(frame, config, item_columns), "sampled_negatives"
+
+
+def _impression_examples(frame: pd.DataFrame, config: TrainingConfig) -> pd.DataFrame:
+    """Each impression, labelled by the outcomes that followed it in the same request."""
+    et = frame["event_type"].astype(str)
     key_of = frame["request_id"].astype(object).where(frame["request_id"].notna(), frame["session_id"])
     keyed = frame.assign(_key=key_of.astype(str))
     impressions = keyed[et == "impression"]
-    if len(impressions):
-        outcomes = keyed[et.isin(["click", "view", "rating", "add_to_cart", "purchase", "like"])]
-        outcomes = outcomes.assign(_eng=_engagement_of(outcomes, config.engagement_dwell_cap_seconds))
-        agg = outcomes.groupby(["_key", "user_id", "item_id"], observed=True).agg(
-            _clicked=("event_type", lambda s: bool((s.astype(str) == "click").any())),
-            _eng=("_eng", "max"),
-        )
-        ex = impressions.merge(agg.reset_index(), on=["_key", "user_id", "item_id"], how="left")
-        clicked = ex["_clicked"].astype(object).where(ex["_clicked"].notna(), False).astype(bool)
-        ex["label_click"] = clicked.astype(np.float32)
-        ex["label_engagement"] = np.where(clicked, ex["_eng"].fillna(0.0), 0.0).astype(np.float32)
-        ex = ex.drop(columns=["_key", "_clicked", "_eng"])
-        return ex.sort_values(["ts", "event_id"], kind="stable").reset_index(drop=True), "impressions"
+    outcomes = keyed[et.isin(["click", "view", "rating", "add_to_cart", "purchase", "like"])]
+    outcomes = outcomes.assign(_eng=_engagement_of(outcomes, config.engagement_dwell_cap_seconds))
+    agg = outcomes.groupby(["_key", "user_id", "item_id"], observed=True).agg(
+        _clicked=("event_type", lambda s: bool((s.astype(str) == "click").any())),
+        _eng=("_eng", "max"),
+    )
+    ex = impressions.merge(agg.reset_index(), on=["_key", "user_id", "item_id"], how="left")
+    clicked = ex["_clicked"].astype(object).where(ex["_clicked"].notna(), False).astype(bool)
+    ex["label_click"] = clicked.astype(np.float32)
+    ex["label_engagement"] = np.where(clicked, ex["_eng"].fillna(0.0), 0.0).astype(np.float32)
+    ex = ex.drop(columns=["_key", "_clicked", "_eng"])
+    return ex.sort_values(["ts", "event_id"], kind="stable").reset_index(drop=True)
 
+
+def _sampled_negative_examples(
+    frame: pd.DataFrame, config: TrainingConfig, item_columns: list[str]
+) -> pd.DataFrame:
+    """Each positive, and negatives that take the item columns of positives close in time."""
     pos = positives_frame(frame)
     pos = pos.assign(
         label_click=np.float32(1.0),
@@ -246,7 +256,7 @@ def ranker_examples(
         neg["event_id"] = neg["event_id"].astype(str) + f"-neg{len(negatives)}"
         negatives.append(neg)
     ex = pd.concat([pos, *negatives], ignore_index=True)
-    return ex.sort_values(["ts", "event_id"], kind="stable").reset_index(drop=True), "sampled_negatives"
+    return ex.sort_values(["ts", "event_id"], kind="stable").reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,13 +366,14 @@ def _vocab(values: pd.Series) -> list[str]:
 
 
 def _categories(items: pd.DataFrame) -> list[str]:
-    cats = {c for value in items["category"].fillna("").astype(str) for c in value.split("|") if c}
+    values = items["category"].fillna("").astype(str)
+    cats = {c for value in values for c in value.split(CATEGORY_SEPARATOR) if c}
     return sorted(cats)
 
 
 def _primary_categories(items: pd.DataFrame) -> dict[str, str]:
     """item id -> its first (primary) category."""
-    primary = items["category"].fillna("").astype(str).str.split("|").str[0]
+    primary = items["category"].fillna("").astype(str).str.split(CATEGORY_SEPARATOR, regex=False).str[0]
     return dict(zip(items["item_id"].astype(str), primary, strict=True))
 
 
@@ -377,21 +388,51 @@ def _default_log(message: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _build_retriever(
-    config: TrainingConfig,
-    users: list[str],
-    items: list[str],
-    profile_vocab: dict[str, list[str]],
-    categories: list[str],
-    catalog_text: np.ndarray,
-    item_categories: dict[str, str],
-) -> Any:
+@dataclass(frozen=True)
+class _Catalog:
+    """The whole catalog as the towers read it: every item gets an embedding."""
+
+    frame: pd.DataFrame  # one row per item id (str)
+    categories: list[str]
+    primary: dict[str, str]  # item id -> its primary category
+    text: np.ndarray  # title + description per item: what the text vectorizer adapts to
+
+    @classmethod
+    def of(cls, items: pd.DataFrame) -> _Catalog:
+        frame = items.assign(item_id=items["item_id"].astype(str)).drop_duplicates("item_id")
+        text = (frame["title"].fillna("") + " " + frame["description"].fillna("")).to_numpy(dtype=object)
+        return cls(frame, _categories(frame), _primary_categories(frame), text)
+
+
+@dataclass(frozen=True)
+class _Vocabulary:
+    """What the retriever's lookups know, from the positives it trains on."""
+
+    users: list[str]
+    items: list[str]
+    profiles: dict[str, list[str]]
+    # An item's share of positives: its chance of showing up as an in-batch negative.
+    sampling_probability: pd.Series
+
+    @classmethod
+    def of(cls, positives: pd.DataFrame, training_frame: pd.DataFrame) -> _Vocabulary:
+        counts = positives["item_id"].astype(str).value_counts()
+        return cls(
+            _vocab(positives["user_id"]),
+            sorted(counts.index),
+            {name: _vocab(training_frame[name]) for name in PROFILE_FEATURES if name in training_frame},
+            counts / counts.sum(),
+        )
+
+
+def _build_retriever(config: TrainingConfig, vocabulary: _Vocabulary, catalog: _Catalog) -> Any:
     import tf_keras as keras
 
     from components.training.models import CandidateTower, QueryTower, TwoTowerRetriever, id_lookup
 
     keras.utils.set_random_seed(config.seed)
     n_oov = config.num_oov_buckets
+    items = vocabulary.items
     item_lookup = id_lookup(items, n_oov, "item_lookup")
     item_table = keras.layers.Embedding(len(items) + n_oov + 1, config.id_dim, name="item_embedding")
     history_table = (
@@ -404,13 +445,13 @@ def _build_retriever(
         output_sequence_length=config.text_sequence_length,
         name="text_vectorizer",
     )
-    vectorizer.adapt(catalog_text)
+    vectorizer.adapt(catalog.text)
     normalize = config.temperature is not None
     query = QueryTower(
-        users=users,
+        users=vocabulary.users,
         item_lookup=item_lookup,
         history_table=history_table,
-        profile_vocab=profile_vocab,
+        profile_vocab=vocabulary.profiles,
         embedding_dim=config.embedding_dim,
         id_dim=config.id_dim,
         feature_dim=config.feature_dim,
@@ -420,13 +461,13 @@ def _build_retriever(
         max_history=config.max_history,
         normalize=normalize,
         item_bias=config.item_bias,
-        item_categories=item_categories if config.history_categories else None,
-        categories=categories,
+        item_categories=catalog.primary if config.history_categories else None,
+        categories=catalog.categories,
     )
     candidate = CandidateTower(
         item_lookup=item_lookup,
         item_table=item_table,
-        categories=categories,
+        categories=catalog.categories,
         text_vectorizer=vectorizer,
         embedding_dim=config.embedding_dim,
         feature_dim=config.feature_dim,
@@ -442,19 +483,20 @@ def _build_retriever(
     return model
 
 
-def _retriever_arrays(
-    pos: pd.DataFrame, items: pd.DataFrame, probability: pd.Series
-) -> dict[str, np.ndarray]:
+def _retriever_dataset(
+    config: TrainingConfig, positives: pd.DataFrame, catalog: _Catalog, vocabulary: _Vocabulary, shuffle: bool
+) -> tf.data.Dataset:
     # The item's content comes from the catalog, so training and the exported item embeddings
     # read the same text for the same item.
-    content = items.set_index("item_id")[["category", "title", "description"]]
-    rows = pos.drop(columns=[c for c in ("category", "title", "description") if c in pos.columns])
+    content = catalog.frame.set_index("item_id")[["category", "title", "description"]]
+    rows = positives.drop(columns=[c for c in ("category", "title", "description") if c in positives.columns])
     rows = rows.join(content, on="item_id")
     arrays = {**features_from_frame(rows, QUERY_INPUTS), **features_from_frame(rows, CANDIDATE_INPUTS)}
+    probability = vocabulary.sampling_probability
     arrays["sampling_probability"] = (
         rows["item_id"].map(probability).fillna(probability.min()).to_numpy(dtype=np.float32)
     )
-    return arrays
+    return _dataset(arrays, config.batch_size, shuffle, config.seed)
 
 
 def train_retriever(
@@ -482,70 +524,43 @@ def train_retriever(
     log = log or _default_log
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    items_frame = items_frame.assign(item_id=items_frame["item_id"].astype(str)).drop_duplicates("item_id")
+    catalog = _Catalog.of(items_frame)
     pos = positives_frame(training_frame, drop_repeats=config.drop_repeat_positives)
     if pos.empty:
         raise ValueError("no positive events in the training frame: nothing to learn from")
     train_pos, val_pos = validation_split(pos, config.validation_fraction)
-
-    def vocabularies(df: pd.DataFrame) -> tuple[list[str], list[str], dict[str, list[str]], pd.Series]:
-        counts = df["item_id"].astype(str).value_counts()
-        # Sampling probability of an item as an in-batch negative: its share of positives.
-        return (
-            _vocab(df["user_id"]),
-            sorted(counts.index),
-            {name: _vocab(training_frame[name]) for name in PROFILE_FEATURES if name in training_frame},
-            counts / counts.sum(),
-        )
-
-    categories = _categories(items_frame)
-    primary = _primary_categories(items_frame)
-    text = (items_frame["title"].fillna("") + " " + items_frame["description"].fillna("")).to_numpy(
-        dtype=object
-    )
     started = time.perf_counter()
-    users, items, profile_vocab, prob = vocabularies(train_pos)
-    model = _build_retriever(config, users, items, profile_vocab, categories, text, primary)
-    train_ds = _dataset(_retriever_arrays(train_pos, items_frame, prob), config.batch_size, True, config.seed)
+    vocabulary = _Vocabulary.of(train_pos, training_frame)
+    model = _build_retriever(config, vocabulary, catalog)
+    train_ds = _retriever_dataset(config, train_pos, catalog, vocabulary, shuffle=True)
     val_ds = (
-        _dataset(_retriever_arrays(val_pos, items_frame, prob), config.batch_size, False, config.seed)
-        if len(val_pos) >= 2
-        else None
+        _retriever_dataset(config, val_pos, catalog, vocabulary, shuffle=False) if len(val_pos) >= 2 else None
     )
     log(
         f"[retriever] {len(train_pos):,} train / {len(val_pos):,} validation positives, "
-        f"{len(users):,} users, {len(items):,} items in vocabulary"
+        f"{len(vocabulary.users):,} users, {len(vocabulary.items):,} items in vocabulary"
     )
     metrics = _fit(model, train_ds, val_ds, config.epochs, config.early_stopping_patience, "retriever", log)
     if config.refit_on_full and val_ds is not None:
         # Early stopping found the epoch count; the latest events are the most valuable, so the
         # final model learns from them too.
-        users, items, profile_vocab, prob = vocabularies(pos)
-        model = _build_retriever(config, users, items, profile_vocab, categories, text, primary)
-        full_ds = _dataset(_retriever_arrays(pos, items_frame, prob), config.batch_size, True, config.seed)
+        vocabulary = _Vocabulary.of(pos, training_frame)
+        model = _build_retriever(config, vocabulary, catalog)
+        full_ds = _retriever_dataset(config, pos, catalog, vocabulary, shuffle=True)
         refit = _fit(model, full_ds, None, metrics["best_epoch"], 0, "retriever refit", log)
         metrics["refit_loss"] = refit["loss"]
-
-    query_tower, candidate_tower = model.query_model, model.candidate_model
-    _export(query_tower, QUERY_INPUTS, out_dir / "query_tower", embedding=True)
-    _export(candidate_tower, CANDIDATE_INPUTS, out_dir / "candidate_tower", embedding=True)
-    emb = _predict(
-        lambda b: candidate_tower(b, training=False), candidate_features_from_frame(items_frame)
-    ).astype(np.float32)
-    pd.DataFrame({"item_id": items_frame["item_id"].to_numpy(), "embedding": list(emb)}).to_parquet(
-        out_dir / "item_embeddings.parquet", index=False
-    )
+    dim = _export_retriever(model, catalog.frame, out_dir)
     return {
-        "embedding_dim": int(emb.shape[1]),
+        "embedding_dim": dim,
         "query_inputs": dict(QUERY_INPUTS),
         "candidate_inputs": dict(CANDIDATE_INPUTS),
         "metrics": {f"retriever_{k}": v for k, v in metrics.items()},
         "examples": {
             "retriever_train_positives": len(train_pos),
             "retriever_validation_positives": len(val_pos),
-            "retriever_users": len(users),
-            "retriever_items": len(items),
-            "catalog_items": len(items_frame),
+            "retriever_users": len(vocabulary.users),
+            "retriever_items": len(vocabulary.items),
+            "catalog_items": len(catalog.frame),
         },
         "retriever": {
             "temperature": config.temperature,
@@ -554,6 +569,20 @@ def train_retriever(
             "seconds": round(time.perf_counter() - started, 1),
         },
     }
+
+
+def _export_retriever(model: Any, items: pd.DataFrame, out_dir: Path) -> int:
+    """Both towers as SavedModels and every catalog item's embedding; returns the dimension."""
+    query_tower, candidate_tower = model.query_model, model.candidate_model
+    _export(query_tower, QUERY_INPUTS, out_dir / "query_tower", embedding=True)
+    _export(candidate_tower, CANDIDATE_INPUTS, out_dir / "candidate_tower", embedding=True)
+    emb = _predict(
+        lambda b: candidate_tower(b, training=False), candidate_features_from_frame(items)
+    ).astype(np.float32)
+    pd.DataFrame({"item_id": items["item_id"].to_numpy(), "embedding": list(emb)}).to_parquet(
+        out_dir / "item_embeddings.parquet", index=False
+    )
+    return int(emb.shape[1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -581,10 +610,6 @@ def train_ranker(
         The ranker's part of the manifest: inputs, objectives, weights, metrics, counts.
     """
     use_legacy_keras()
-    import tf_keras as keras
-
-    from components.training.models import MultiObjectiveRanker
-
     log = log or _default_log
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -598,16 +623,52 @@ def train_ranker(
         raise ValueError("no ranker examples (no impressions and no positives) in the training frame")
     train_ex, val_ex = validation_split(examples, config.validation_fraction)
     inputs = ranker_input_spec(numeric)
-    objectives = list(config.objective_weights)
+    model = _build_ranker(config, train_ex, training_frame, items_frame, numeric)
+    train_ds = _ranker_dataset(config, train_ex, inputs, shuffle=True)
+    val_ds = _ranker_dataset(config, val_ex, inputs, shuffle=False) if len(val_ex) >= 2 else None
+    log(
+        f"[ranker] {len(train_ex):,} train / {len(val_ex):,} validation examples from {source}, "
+        f"click rate {train_ex['label_click'].mean():.3f}"
+    )
+    metrics = _fit(
+        model, train_ds, val_ds, config.ranker_epochs, config.early_stopping_patience, "ranker", log
+    )
+    _export(model, inputs, out_dir / "ranker", embedding=False)
+    return {
+        "ranker_inputs": inputs,
+        "objectives": list(config.objective_weights),
+        "objective_weights": dict(config.objective_weights),
+        "metrics": {f"ranker_{k}": v for k, v in metrics.items()},
+        "examples": {
+            "ranker_train": len(train_ex),
+            "ranker_validation": len(val_ex),
+            "ranker_source": source,
+            "ranker_click_rate": float(examples["label_click"].mean()),
+        },
+        "ranker": {"seconds": round(time.perf_counter() - started, 1)},
+    }
+
+
+def _build_ranker(
+    config: TrainingConfig,
+    examples: pd.DataFrame,
+    training_frame: pd.DataFrame,
+    items_frame: pd.DataFrame,
+    numeric: list[str],
+) -> Any:
+    """The ranker with vocabularies from its training ``examples``, numeric inputs normalized on them."""
+    import tf_keras as keras
+
+    from components.training.models import MultiObjectiveRanker
 
     keras.utils.set_random_seed(config.seed)
     normalizer = None
     if numeric:
         normalizer = keras.layers.Normalization(axis=-1)
-        normalizer.adapt(np.log1p(np.maximum(train_ex[numeric].to_numpy(dtype=np.float32), 0.0)))
+        normalizer.adapt(np.log1p(np.maximum(examples[numeric].to_numpy(dtype=np.float32), 0.0)))
     model = MultiObjectiveRanker(
-        users=_vocab(train_ex["user_id"]),
-        items=_vocab(train_ex["item_id"]),
+        users=_vocab(examples["user_id"]),
+        items=_vocab(examples["item_id"]),
         categories=_categories(items_frame),
         profile_vocab={n: _vocab(training_frame[n]) for n in PROFILE_FEATURES if n in training_frame},
         numeric_features=numeric,
@@ -622,36 +683,17 @@ def train_ranker(
         item_categories=_primary_categories(items_frame) if config.history_categories else None,
     )
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=config.ranker_learning_rate))
+    return model
 
-    def arrays(df: pd.DataFrame) -> dict[str, np.ndarray]:
-        a = features_from_frame(df, inputs)
-        for k in objectives:
-            a[f"label_{k}"] = df[f"label_{k}"].to_numpy(dtype=np.float32)
-        return a
 
-    train_ds = _dataset(arrays(train_ex), config.batch_size, True, config.seed)
-    val_ds = _dataset(arrays(val_ex), config.batch_size, False, config.seed) if len(val_ex) >= 2 else None
-    log(
-        f"[ranker] {len(train_ex):,} train / {len(val_ex):,} validation examples from {source}, "
-        f"click rate {train_ex['label_click'].mean():.3f}"
-    )
-    metrics = _fit(
-        model, train_ds, val_ds, config.ranker_epochs, config.early_stopping_patience, "ranker", log
-    )
-    _export(model, inputs, out_dir / "ranker", embedding=False)
-    return {
-        "ranker_inputs": inputs,
-        "objectives": objectives,
-        "objective_weights": dict(config.objective_weights),
-        "metrics": {f"ranker_{k}": v for k, v in metrics.items()},
-        "examples": {
-            "ranker_train": len(train_ex),
-            "ranker_validation": len(val_ex),
-            "ranker_source": source,
-            "ranker_click_rate": float(examples["label_click"].mean()),
-        },
-        "ranker": {"seconds": round(time.perf_counter() - started, 1)},
-    }
+def _ranker_dataset(
+    config: TrainingConfig, examples: pd.DataFrame, inputs: Mapping[str, str], shuffle: bool
+) -> tf.data.Dataset:
+    """The ranker's inputs and one ``label_<objective>`` per objective."""
+    arrays = features_from_frame(examples, inputs)
+    for k in config.objective_weights:
+        arrays[f"label_{k}"] = examples[f"label_{k}"].to_numpy(dtype=np.float32)
+    return _dataset(arrays, config.batch_size, shuffle, config.seed)
 
 
 def positive_histories(frame: pd.DataFrame) -> dict[str, list[str]]:
@@ -705,25 +747,24 @@ def train_models(
     retriever = train_retriever(config, training_frame, items_frame, out_dir, log)
     ranker = train_ranker(config, training_frame, items_frame, out_dir, log)
     ts = pd.to_datetime(training_frame["ts"], utc=True)
-    manifest = {
-        "step": "train",
-        "path": str(out_dir),
-        "embedding_dim": retriever["embedding_dim"],
-        "query_inputs": retriever["query_inputs"],
-        "candidate_inputs": retriever["candidate_inputs"],
-        "ranker_inputs": ranker["ranker_inputs"],
-        "objectives": ranker["objectives"],
-        "objective_weights": ranker["objective_weights"],
-        "metrics": {**retriever["metrics"], **ranker["metrics"]},
-        "examples": {"events": len(training_frame), **retriever["examples"], **ranker["examples"]},
-        "data_interval": {"start": ts.min().isoformat(), "end": ts.max().isoformat()} if len(ts) else None,
-        "parameters": config.model_dump(mode="json"),
-        "details": {"retriever": retriever["retriever"], "ranker": ranker["ranker"]},
-        "seed": config.seed,
-        "code_version": code_version(),
-    }
+    manifest = TrainManifest(
+        path=str(out_dir),
+        embedding_dim=retriever["embedding_dim"],
+        query_inputs=retriever["query_inputs"],
+        candidate_inputs=retriever["candidate_inputs"],
+        ranker_inputs=ranker["ranker_inputs"],
+        objectives=ranker["objectives"],
+        objective_weights=ranker["objective_weights"],
+        metrics={**retriever["metrics"], **ranker["metrics"]},
+        examples={"events": len(training_frame), **retriever["examples"], **ranker["examples"]},
+        data_interval=Interval(start=ts.min().isoformat(), end=ts.max().isoformat()) if len(ts) else None,
+        parameters=config.model_dump(mode="json"),
+        details={"retriever": retriever["retriever"], "ranker": ranker["ranker"]},
+        seed=config.seed,
+        code_version=code_version(),
+    )
     write_manifest(out_dir, manifest)
-    return manifest
+    return manifest.model_dump()
 
 
 def load_signature(path: Path) -> Any:

@@ -151,10 +151,8 @@ class SqliteEventLog:
         Impressions carry no durability promise (nobody waits on them), so this commit skips the
         fsync that ``synchronous=FULL`` gives posted events: the WAL reaches the disk with
         the next posted event's commit or the next checkpoint. A crash can lose the last such
-        batches, never a posted event. On the bench machine, one request's record and 10
-        impressions a batch: 1.13 -> 0.58 ms of writer time, 0.68 -> 0.53 ms of it CPU (the
-        two separate fsynced commits before); with 2-8 requests a batch the CPU is about the
-        same either way (~0.35-0.45 ms a request: JSON bodies and index updates).
+        batches, never a posted event. One commit instead of two fsynced ones halves the
+        writer's wall time (BENCHMARKS.md, "Measured costs behind design choices").
         """
         if not records and not impressions:
             return

@@ -1,0 +1,170 @@
+"""Training data: one row per event, each feature as it was known strictly before the event.
+
+``build_training_data`` joins, for each event, the latest feature row stamped *strictly
+before* the event (Feast's point-in-time join is inclusive, so the join asks for the event's
+time minus one microsecond). The event never contributes to its own features.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from recsys.config import Settings
+from recsys.feature_schema import RANKER_SERVICE, RETRIEVER_SERVICE
+from recsys.online_features import ONE_US, TIMESTAMP, feature_defaults, get_store, service_features
+from recsys.timeutil import to_utc
+
+if TYPE_CHECKING:  # Feast costs seconds to import; only the functions that need it do.
+    from feast import FeatureStore
+
+EVENT_COLUMNS = (
+    "event_id",
+    "user_id",
+    "item_id",
+    "event_type",
+    "value",
+    "ts",
+    "session_id",
+    "device",
+    "request_id",
+)
+
+
+def build_training_data(
+    settings: Settings,
+    validated_dir: Path | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    event_types: Sequence[str] | None = None,
+    services: Sequence[str] = (RETRIEVER_SERVICE, RANKER_SERVICE),
+    store: FeatureStore | None = None,
+    skip_views: Sequence[str] = (),
+) -> pd.DataFrame:
+    """One training row per event, with each feature as it was known strictly before the event.
+
+    Columns: the event's own (``EVENT_COLUMNS``), context ``hour`` (0-23, UTC) and ``device``,
+    then every feature of ``services`` (default: the retriever's and the ranker's, so both
+    models train from one frame) under its schema name. The join is Feast's point-in-time
+    ``get_historical_features`` at ``ts - 1 µs``: Feast takes rows stamped at or before the
+    entity time, so this asks for rows stamped strictly before the event.
+
+    ``session_id`` is the event's session. The stored session (a feature of the same name) is
+    only used to keep ``session_items`` when it is the event's session; items of an older
+    session become "" (the gateway does the same with the request's session).
+
+    Missing values are filled by ``feature_defaults`` (counts 0, rates 0.0, text "", False).
+
+    Args:
+        settings: the store (registry, tables) under ``settings.home``.
+        validated_dir: events to join (default ``settings.validated_dir``).
+        start, end: keep events with ``start <= ts < end``.
+        event_types: keep only these event types (e.g. positives and impressions).
+        services: the feature services whose features to join.
+        store: an open store to reuse (default: ``get_store(settings)``).
+        skip_views: feature views of those services not to join (their columns are absent):
+            views the models will not read, whose point-in-time join would only cost time.
+
+    Returns:
+        The frame, sorted by ``ts`` then ``event_id``.
+    """
+    store = store or get_store(settings)
+    events = _read_events(Path(validated_dir or settings.validated_dir), start, end, event_types)
+    refs = [r for r in service_features(store, services) if r.split(":", 1)[0] not in set(skip_views)]
+    feats = _features_before(store, events, refs).rename(columns={"session_id": "_stored_session"})
+    events = events.assign(event_id=events["event_id"].astype(str))
+    out = events.merge(feats, on="event_id", how="left", validate="one_to_one")
+    out.insert(out.columns.get_loc("ts") + 1, "hour", out["ts"].dt.hour.astype(np.int64))
+    out = _fill_defaults(out, feature_defaults(store, refs))
+    if "session_items" in out.columns:
+        same = out["_stored_session"] == out["session_id"].astype(str)
+        out["session_items"] = out["session_items"].where(same, "")
+    out = out.drop(columns=["_stored_session"], errors="ignore")
+    return out.sort_values(["ts", "event_id"], kind="stable", ignore_index=True)
+
+
+def _read_events(
+    validated_dir: Path, start: datetime | None, end: datetime | None, event_types: Sequence[str] | None
+) -> pd.DataFrame:
+    """The validated events with ``start <= ts < end`` of ``event_types``, ``EVENT_COLUMNS`` only."""
+    filters = []
+    if start is not None:
+        filters.append(("ts", ">=", to_utc(start).to_pydatetime()))
+    if end is not None:
+        filters.append(("ts", "<", to_utc(end).to_pydatetime()))
+    events = pd.read_parquet(validated_dir / "events", filters=filters or None)
+    if event_types is not None:
+        events = events[events["event_type"].isin(list(event_types))]
+    return events[list(EVENT_COLUMNS)].reset_index(drop=True)
+
+
+def _features_before(store: FeatureStore, events: pd.DataFrame, refs: Sequence[str]) -> pd.DataFrame:
+    """Per ``event_id``, the features ``refs`` (``view:name``) as of one microsecond before the event.
+
+    One point-in-time query per feature view, over the distinct (key, time) pairs, merged
+    back here. Feast's Dask offline store drops an entity row outright when its key has
+    rows but all after the entity time (instead of returning nulls), which in one combined
+    query would also lose the other views' values; and it collapses rows that share key
+    and time (feast-dev/feast#6787). Per view and de-duplicated, both are harmless: a
+    missing row means "nothing known yet" and gets the default later.
+    """
+    base = pd.DataFrame(
+        {
+            "event_id": events["event_id"].astype(str),
+            "user_id": events["user_id"].astype(str),
+            "item_id": events["item_id"].astype(str),
+            TIMESTAMP: (events["ts"] - ONE_US).astype("datetime64[ns, UTC]"),
+        }
+    )
+    by_view: dict[str, list[str]] = {}
+    for ref in refs:
+        view, name = ref.split(":", 1)
+        by_view.setdefault(view, []).append(name)
+    feats = base[["event_id"]].copy()
+    for view, view_names in by_view.items():
+        keys = [c.name for c in store.get_feature_view(view).entity_columns]
+        pairs = base[[*keys, TIMESTAMP]].drop_duplicates(ignore_index=True)
+        got = _view_as_of(store, view, view_names, pairs)
+        joined = base[["event_id", *keys, TIMESTAMP]].merge(got, on=[*keys, TIMESTAMP], how="left")
+        feats = feats.merge(joined[["event_id", *view_names]], on="event_id", how="left")
+    return feats
+
+
+def _view_as_of(store: FeatureStore, view: str, names: list[str], pairs: pd.DataFrame) -> pd.DataFrame:
+    """One feature view's ``names`` at each distinct (entity keys, time) row of ``pairs``."""
+    keys = [c for c in pairs.columns if c != TIMESTAMP]
+    if pairs.empty:
+        got = pairs.assign(**{n: pd.Series(dtype=object) for n in names})
+    else:
+        with warnings.catch_warnings():
+            # Dask compares object with string[pyarrow] key columns, equal for string ids.
+            warnings.filterwarnings("ignore", message="Merging dataframes with merge column data type")
+            got = store.get_historical_features(
+                entity_df=pairs, features=[f"{view}:{n}" for n in names], full_feature_names=False
+            ).to_df()
+    got[TIMESTAMP] = pd.to_datetime(got[TIMESTAMP], utc=True).astype("datetime64[ns, UTC]")
+    for k in keys:
+        got[k] = got[k].astype(str)
+    return got[[*keys, TIMESTAMP, *names]].drop_duplicates([*keys, TIMESTAMP])
+
+
+def _fill_defaults(out: pd.DataFrame, defaults: Mapping[str, Any]) -> pd.DataFrame:
+    """Missing feature values take their default, and each column the default's type."""
+    for name, default in defaults.items():
+        col = "_stored_session" if name == "session_id" else name
+        values = out[col].astype(object).where(out[col].notna(), default)
+        if isinstance(default, bool):
+            out[col] = values.astype(bool)
+        elif isinstance(default, int):
+            out[col] = values.astype(np.int64)
+        elif isinstance(default, float):
+            out[col] = values.astype(np.float32)
+        else:
+            out[col] = values.astype(str)
+    return out
