@@ -44,16 +44,7 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-RECSYS = REPO / ".venv" / "bin" / "recsys"
 STAGES = ("features", "candidates", "filter", "ranking", "mmr", "explore", "log", "total")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _log(msg: str) -> None:
@@ -223,22 +214,6 @@ def load(
 # --- orchestration ---------------------------------------------------------------------------
 
 
-def _wait(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 600) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
-
-
 def _cpu_ms(pid: int) -> float:
     """User + system CPU of a process so far, in ms (Linux ``/proc/PID/stat``; 0 elsewhere)."""
     try:
@@ -246,15 +221,6 @@ def _cpu_ms(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def _machine() -> str:
@@ -425,65 +391,50 @@ def main() -> None:
     users_file = home / "load_users.json"
     users_file.write_text(json.dumps(warm))
 
-    env = {**os.environ, "RECSYS_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2", "TF_USE_LEGACY_KERAS": "1"}
-    grpc_port, rest_port, port = _free_port(), _free_port(), _free_port()
-    env |= {
-        "RECSYS_GATEWAY__MODEL_SERVER_GRPC_PORT": str(grpc_port),
-        "RECSYS_GATEWAY__MODEL_SERVER_REST_PORT": str(rest_port),
-        "RECSYS_GATEWAY__PROTOCOL": args.protocol,
+    # Imported here, not at the top: the load process (this module's `load` mode) stays lean.
+    from entrypoints.local_servers import (
+        LOOPBACK,
+        local_serving,
+        server_environment,
+        setting_variable,
+        tf_serving_flags,
+    )
+
+    env = {
+        **server_environment(),
+        "RECSYS_HOME": str(home),
+        setting_variable("gateway.protocol"): args.protocol,
     }
-    ms_log, gw_log = home / "model_server.log", home / "gateway.log"
     # Each run starts from an empty event log: every request logs ~10 impressions, and a log
     # grown by earlier runs (1.7 GB after a day of runs) makes each run's writes heavier
     # than the last, so runs would not compare.
     for stale in (home / "gateway").glob("events.db*"):
         stale.unlink()
-    server = subprocess.Popen(
-        [
-            str(RECSYS),
-            "serve",
-            "model-server",
-            "--port",
-            str(grpc_port),
-            "--rest_api_port",
-            str(rest_port),
-            "--host",
-            "127.0.0.1",
-            "--model_config_file",
-            str(home / "models" / "models.config"),
-            "--allow_version_labels_for_unavailable_models",
-            "--custom_op_modules",
-            "scann.scann_ops",
-            # One thread per op: with several requests in flight on 2 cores, splitting each
-            # small op across threads costs more CPU than it saves time (docs/scaling.md).
-            "--tensorflow_intra_op_parallelism",
-            "1",
-            "--tensorflow_inter_op_parallelism",
-            "1",
-            # Two gRPC threads: Python runs one at a time, and with 16 the calls in flight
-            # mostly traded the GIL (p99 at 8 clients ~150 -> ~125 ms on the day's machine).
-            "--grpc_max_threads",
-            "2",
-        ],
-        stdout=open(ms_log, "wb"),
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=REPO,
+    flags = tf_serving_flags(
+        host=LOOPBACK,
+        model_config_file=home / "models" / "models.config",
+        allow_version_labels_for_unavailable_models=True,
+        custom_op_modules="scann.scann_ops",
+        # One thread per op: with several requests in flight on 2 cores, splitting each
+        # small op across threads costs more CPU than it saves time (docs/scaling.md).
+        tensorflow_intra_op_parallelism=1,
+        tensorflow_inter_op_parallelism=1,
+        # Two gRPC threads: Python runs one at a time, and with 16 the calls in flight
+        # mostly traded the GIL (p99 at 8 clients ~150 -> ~125 ms on the day's machine).
+        grpc_max_threads=2,
     )
-    gateway = None
-    try:
-        _wait(f"http://127.0.0.1:{rest_port}/v1/models/retrieval", server, ms_log)
-        t0 = time.perf_counter()
-        gateway = subprocess.Popen(
-            [str(RECSYS), "serve", "gateway", "--host", "127.0.0.1", "--port", str(port)],
-            stdout=open(gw_log, "wb"),
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=REPO,
-        )
-        url = f"http://127.0.0.1:{port}"
-        _wait(f"{url}/readyz", gateway, gw_log)
-        ready_s = time.perf_counter() - t0
+    with local_serving(
+        flags,
+        home,
+        ready_model="retrieval",
+        env=env,
+        model_server_timeout_s=600,
+        gateway_timeout_s=600,
+        poll_s=0.5,
+        stop_timeout_s=20,
+    ) as serving:
+        server, gateway, url = serving.model_server, serving.gateway, serving.url
+        ready_s = serving.gateway_ready_s
         _log(
             f"gateway ready in {ready_s:.1f}s (item cache of {args.items:,} items); {len(warm):,} warm users"
         )
@@ -538,10 +489,6 @@ def main() -> None:
                 + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_ms_per_request"].items())
             )
         metrics = __import__("httpx").get(f"{url}/metrics").text
-    finally:
-        if gateway is not None:
-            _stop(gateway)
-        _stop(server)
     results, spread_rows = representative_runs(runs), spread(runs)
     build_info = json.loads((home / "build.json").read_text()) if (home / "build.json").is_file() else {}
     summary = {

@@ -10,7 +10,7 @@ the requests (``--event-fraction``) posts one event with the API key from the en
 variable ``--api-key-env``; the rest ask for recommendations for users from
 ``--users-file`` (or generated ids). The JSON result holds counts, errors by kind, the
 achieved rate, latency percentiles per endpoint and the candidate sources seen.
-``tests/integration/test_soak.py`` runs it against a gateway and samples the gateway's RSS.
+``tests/integration/serving/test_soak.py`` runs it against a gateway and samples the gateway's RSS.
 """
 
 from __future__ import annotations

@@ -27,6 +27,6 @@ COPY conf/ conf/
 
 USER recsys
 EXPOSE 8080
-# The command tests/integration/test_production_gateway.py runs (with a loopback host).
+# The command tests/integration/serving/test_production_gateway.py runs (with a loopback host).
 ENTRYPOINT ["recsys"]
 CMD ["serve", "gateway", "--host", "0.0.0.0", "--port", "8080"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import sys
+import typing
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -289,97 +292,50 @@ def recommend_cmd(
     )
 
 
+def _server_options() -> list[tuple[dataclasses.Field[Any], type]]:
+    """The model server's options (``ServerOptions``' fields) with their types, in order."""
+    from serving.model_server.server import ServerOptions
+
+    types = typing.get_type_hints(ServerOptions)
+    return [(f, types[f.name]) for f in dataclasses.fields(ServerOptions)]
+
+
 class _TfFlagsCommand(typer.core.TyperCommand):
     """Reads TF Serving's boolean flag forms: ``--flag``, ``--flag=true`` and ``--flag=false``."""
 
-    bool_flags = ("allow_version_labels_for_unavailable_models", "enable_model_warmup")
-
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        bool_flags = {f.name for f, kind in _server_options() if kind is bool}
         rewritten = []
         for arg in args:
             name, _, value = arg.removeprefix("--").partition("=")
             value = value.lower()
-            if arg.startswith("--") and name in self.bool_flags and value in ("true", "false", "1", "0"):
+            if arg.startswith("--") and name in bool_flags and value in ("true", "false", "1", "0"):
                 arg = f"--{name}" if value in ("true", "1") else f"--no{name}"
             rewritten.append(arg)
         return super().parse_args(ctx, rewritten)
 
 
+def _with_server_option_flags(command: Any) -> Any:
+    """Give ``command`` one option per ``ServerOptions`` field: ``--<name>`` (booleans also
+    ``--no<name>``, TF Serving's negation), the field's default and its ``help`` metadata."""
+    parameters = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
+    for f, kind in _server_options():
+        declaration = f"--{f.name}/--no{f.name}" if kind is bool else f"--{f.name}"
+        parameters.append(
+            inspect.Parameter(
+                f.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=f.default,
+                annotation=Annotated[kind, typer.Option(declaration, help=f.metadata["help"])],
+            )
+        )
+    command.__signature__ = inspect.Signature(parameters, return_annotation=None)
+    return command
+
+
 @serve_app.command("model-server", cls=_TfFlagsCommand)
-def serve_model_server(
-    ctx: typer.Context,
-    port: Annotated[int, typer.Option("--port", help="gRPC port (PredictionService, ModelService).")] = 8500,
-    rest_api_port: Annotated[
-        int, typer.Option("--rest_api_port", help="REST port; 0 turns REST off (the binary's default).")
-    ] = 8501,
-    model_config_file: Annotated[
-        str, typer.Option("--model_config_file", help="models.config (ModelServerConfig text proto).")
-    ] = "",
-    model_config_file_poll_wait_seconds: Annotated[
-        int, typer.Option("--model_config_file_poll_wait_seconds", help="Re-read models.config; 0: never.")
-    ] = 0,
-    model_name: Annotated[
-        str, typer.Option("--model_name", help="One model's name (without --model_config_file).")
-    ] = "default",
-    model_base_path: Annotated[
-        str, typer.Option("--model_base_path", help="One model's base path: <path>/<version>/saved_model.pb.")
-    ] = "",
-    file_system_poll_wait_seconds: Annotated[
-        int, typer.Option("--file_system_poll_wait_seconds", help="Poll base paths for versions; 0: once.")
-    ] = 1,
-    allow_version_labels_for_unavailable_models: Annotated[
-        bool,
-        typer.Option(
-            "--allow_version_labels_for_unavailable_models/--noallow_version_labels_for_unavailable_models",
-            help="Let a new label point at a version that is not loaded yet (also =true|false).",
-        ),
-    ] = False,
-    max_num_load_retries: Annotated[
-        int, typer.Option("--max_num_load_retries", help="Retries of a failed version load.")
-    ] = 5,
-    load_retry_interval_micros: Annotated[
-        int, typer.Option("--load_retry_interval_micros", help="Wait between load retries.")
-    ] = 60_000_000,
-    num_load_threads: Annotated[int, typer.Option("--num_load_threads", help="Parallel loads.")] = 0,
-    enable_model_warmup: Annotated[
-        bool,
-        typer.Option(
-            "--enable_model_warmup/--noenable_model_warmup",
-            help="Replay assets.extra/tf_serving_warmup_requests at load (also =true|false).",
-        ),
-    ] = True,
-    num_request_iterations_for_warmup: Annotated[
-        int, typer.Option("--num_request_iterations_for_warmup", help="Replays of each warm-up record.")
-    ] = 1,
-    saved_model_tags: Annotated[
-        str, typer.Option("--saved_model_tags", help="Meta graph tags, comma separated.")
-    ] = "serve",
-    monitoring_config_file: Annotated[
-        str, typer.Option("--monitoring_config_file", help="MonitoringConfig (prometheus_config) text proto.")
-    ] = "",
-    tensorflow_intra_op_parallelism: Annotated[
-        int,
-        typer.Option("--tensorflow_intra_op_parallelism", help="Threads per op; 0: TensorFlow's choice."),
-    ] = 0,
-    tensorflow_inter_op_parallelism: Annotated[
-        int,
-        typer.Option("--tensorflow_inter_op_parallelism", help="Ops run at once; 0: TensorFlow's choice."),
-    ] = 0,
-    grpc_max_threads: Annotated[
-        int, typer.Option("--grpc_max_threads", help="Threads that handle gRPC calls; 0: 4 per core.")
-    ] = 0,
-    host: Annotated[
-        str, typer.Option("--host", help="Interface to bind (not a TF Serving flag; it binds all).")
-    ] = "0.0.0.0",
-    custom_op_modules: Annotated[
-        str,
-        typer.Option(
-            "--custom_op_modules",
-            help="Not a TF Serving flag: modules to import for custom ops, e.g. scann.scann_ops "
-            "(what the google/tf-serving-scann build links in).",
-        ),
-    ] = "",
-) -> None:
+@_with_server_option_flags
+def serve_model_server(ctx: typer.Context, **flags: Any) -> None:
     """Serve SavedModels over TF Serving's gRPC and REST APIs, with tensorflow_model_server's flags.
 
     A stand-in for tensorflow_model_server, which is not installable here; production runs
@@ -388,32 +344,11 @@ def serve_model_server(
     """
     from serving.model_server.server import ServerOptions, run_model_server
 
-    if not model_config_file and not model_base_path:
+    options = ServerOptions(**flags)
+    if not options.model_config_file and not options.model_base_path:
         default = _settings(ctx).models_dir / "models.config"
         if default.is_file():
-            model_config_file = str(default)
-    options = ServerOptions(
-        port=port,
-        rest_api_port=rest_api_port,
-        model_config_file=model_config_file,
-        model_config_file_poll_wait_seconds=model_config_file_poll_wait_seconds,
-        model_name=model_name,
-        model_base_path=model_base_path,
-        file_system_poll_wait_seconds=file_system_poll_wait_seconds,
-        allow_version_labels_for_unavailable_models=allow_version_labels_for_unavailable_models,
-        max_num_load_retries=max_num_load_retries,
-        load_retry_interval_micros=load_retry_interval_micros,
-        num_load_threads=num_load_threads,
-        enable_model_warmup=enable_model_warmup,
-        num_request_iterations_for_warmup=num_request_iterations_for_warmup,
-        saved_model_tags=saved_model_tags,
-        monitoring_config_file=monitoring_config_file,
-        tensorflow_intra_op_parallelism=tensorflow_intra_op_parallelism,
-        tensorflow_inter_op_parallelism=tensorflow_inter_op_parallelism,
-        grpc_max_threads=grpc_max_threads,
-        host=host,
-        custom_op_modules=custom_op_modules,
-    )
+            options.model_config_file = str(default)
     raise typer.Exit(run_model_server(options))
 
 

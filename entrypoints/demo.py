@@ -15,13 +15,11 @@ import json
 import os
 import re
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +29,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from entrypoints.local_servers import LOOPBACK, local_serving, tf_serving_flags
 from recsys.config import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def demo_api_key(settings: Settings) -> str:
@@ -125,79 +118,35 @@ def run_training_dag(settings: Settings, console: Console) -> None:
 @contextmanager
 def servers(settings: Settings, console: Console) -> Iterator[str]:
     """Start the model server and the gateway; yield the gateway's URL; stop both after."""
-    env = _env(settings)
-    grpc_port, rest_port, gw_port = free_port(), free_port(), free_port()
-    env.update(
-        RECSYS_GATEWAY__MODEL_SERVER_HOST="127.0.0.1",
-        RECSYS_GATEWAY__MODEL_SERVER_GRPC_PORT=str(grpc_port),
-        RECSYS_GATEWAY__MODEL_SERVER_REST_PORT=str(rest_port),
-    )
     logs = settings.home / "demo"
-    logs.mkdir(parents=True, exist_ok=True)
-    procs: list[subprocess.Popen] = []
-    try:
+    flags = tf_serving_flags(
+        model_config_file=settings.models_dir / "models.config",
+        allow_version_labels_for_unavailable_models=True,
+        file_system_poll_wait_seconds=1,
+    )
+    with ExitStack() as stack:
         with console.status("starting the model server (TF Serving API) and the gateway"):
-            procs.append(
-                subprocess.Popen(
-                    [
-                        str(BIN / "recsys"),
-                        "serve",
-                        "model-server",
-                        f"--port={grpc_port}",
-                        f"--rest_api_port={rest_port}",
-                        f"--model_config_file={settings.models_dir / 'models.config'}",
-                        "--allow_version_labels_for_unavailable_models",
-                        "--file_system_poll_wait_seconds=1",
-                    ],
-                    env=env,
-                    cwd=REPO,
-                    stdout=(logs / "model_server.log").open("w"),
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
+            serving = stack.enter_context(
+                local_serving(
+                    flags,
+                    logs,
+                    ready_model=settings.push.retrieval_model,
+                    env=_env(settings),
+                    model_server_host=LOOPBACK,
+                    model_server_timeout_s=180,
+                    gateway_timeout_s=180,
+                    poll_s=0.5,
+                    stop_timeout_s=20,
+                    # Out of the terminal's Ctrl-C: the demo stops them itself, children included.
+                    own_process_groups=True,
                 )
             )
-            _wait_http(
-                f"http://127.0.0.1:{rest_port}/v1/models/{settings.push.retrieval_model}", procs[-1], 180
-            )
-            procs.append(
-                subprocess.Popen(
-                    [str(BIN / "recsys"), "serve", "gateway", "--host", "127.0.0.1", "--port", str(gw_port)],
-                    env=env,
-                    cwd=REPO,
-                    stdout=(logs / "gateway.log").open("w"),
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-            _wait_http(f"http://127.0.0.1:{gw_port}/readyz", procs[-1], 180)
+        ports = serving.ports
         console.print(
-            f"[green]✓[/green] model server on :{rest_port} (REST) / :{grpc_port} (gRPC), "
-            f"gateway on http://127.0.0.1:{gw_port} (docs at /docs); logs in {logs}"
+            f"[green]✓[/green] model server on :{ports.rest} (REST) / :{ports.grpc} (gRPC), "
+            f"gateway on {serving.url} (docs at /docs); logs in {logs}"
         )
-        yield f"http://127.0.0.1:{gw_port}"
-    finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode} before {url} answered")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
+        yield serving.url
 
 
 def print_evaluation(settings: Settings, console: Console) -> dict[str, Any]:

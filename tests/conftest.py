@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from components.sources.synthetic import GenerateParams, generate_to_folder
-
-TINY_END = datetime(2026, 11, 1, tzinfo=UTC)
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def tiny_params(**overrides: object) -> GenerateParams:
-    base = dict(users=200, items=80, days=6, seed=11, end_date=TINY_END, events_per_user_day=2.0)
-    base.update(overrides)
-    return GenerateParams(**base)  # type: ignore[arg-type]
+from components.sources.synthetic import generate_to_folder
+from tests.support.tiny_data import tiny_params
 
 
 @pytest.fixture(scope="session")

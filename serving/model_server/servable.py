@@ -76,10 +76,10 @@ def _flat_call(fn: Any, signature_def: Any) -> tuple[list[str], Any] | None:
     runs the graph on ``flat inputs + captured inputs``; None to use the keyword call.
 
     Calling a loaded signature with keywords goes through TensorFlow's structured binding
-    (``bind_with_defaults``, ``TensorSpec.cast``, ~0.3 ms a call), and its ``_call_flat``
-    still maps captures for distribution strategies and checks for gradient tapes (~0.08 ms
-    of ~0.18 ms of Python a call on the bench machine) before it ends in
-    ``_inference_function.call_preflattened``. The inputs are already checked here against
+    (``bind_with_defaults``, ``TensorSpec.cast``), and its ``_call_flat`` still maps
+    captures for distribution strategies and checks for gradient tapes before it ends in
+    ``_inference_function.call_preflattened`` (the cost of each layer: BENCHMARKS.md,
+    "Measured costs behind design choices"). The inputs are already checked here against
     the SignatureDef (names, dtypes, shapes) and the model server runs no strategy and records
     no gradients, so it calls that last step itself with the flat tensor list, in the order of
     the keyword arguments. ``_arg_keywords`` and ``_inference_function`` are not public
@@ -111,9 +111,10 @@ def _tensor_maker() -> Callable[[np.ndarray, Any], Any]:
     """A function ``(array, tf dtype) -> eager tensor`` for one request's inputs (dtypes checked).
 
     ``EagerTensor(value, device, dtype)`` is what ``tf.constant`` ends in, without its Python
-    layers of dispatch and conversion checks: ~0.2 of ~0.7 ms for the ranker's 26 inputs on
-    the bench machine. The context and its device are looked up once per request, not once
-    per input. Not public TensorFlow API (TF is pinned); ``tf.constant`` otherwise.
+    layers of dispatch and conversion checks, which cost a noticeable share of a ranking call
+    with its 26 inputs (BENCHMARKS.md, "Measured costs behind design choices"). The context
+    and its device are looked up once per request, not once per input. Not public TensorFlow
+    API (TF is pinned); ``tf.constant`` otherwise.
     """
     import tensorflow as tf
 

@@ -20,7 +20,7 @@ import os
 import re
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,34 +44,74 @@ class ServerOptions:
     loopback.
     """
 
-    port: int = 8500
-    rest_api_port: int = 8501
-    model_config_file: str = ""
-    model_config_file_poll_wait_seconds: int = 0
-    model_name: str = "default"
-    model_base_path: str = ""
-    file_system_poll_wait_seconds: int = 1
-    allow_version_labels_for_unavailable_models: bool = False
-    max_num_load_retries: int = 5
-    load_retry_interval_micros: int = 60_000_000
-    num_load_threads: int = 0
-    enable_model_warmup: bool = True
-    num_request_iterations_for_warmup: int = 1
-    saved_model_tags: str = "serve"
-    monitoring_config_file: str = ""
+    # Each field is the flag ``--<name>``; ``help`` is what ``recsys serve model-server --help``
+    # says of it (the command's flags are generated from these fields, in this order).
+    port: int = field(default=8500, metadata={"help": "gRPC port (PredictionService, ModelService)."})
+    rest_api_port: int = field(
+        default=8501, metadata={"help": "REST port; 0 turns REST off (the binary's default)."}
+    )
+    model_config_file: str = field(
+        default="", metadata={"help": "models.config (ModelServerConfig text proto)."}
+    )
+    model_config_file_poll_wait_seconds: int = field(
+        default=0, metadata={"help": "Re-read models.config; 0: never."}
+    )
+    model_name: str = field(
+        default="default", metadata={"help": "One model's name (without --model_config_file)."}
+    )
+    model_base_path: str = field(
+        default="", metadata={"help": "One model's base path: <path>/<version>/saved_model.pb."}
+    )
+    file_system_poll_wait_seconds: int = field(
+        default=1, metadata={"help": "Poll base paths for versions; 0: once."}
+    )
+    allow_version_labels_for_unavailable_models: bool = field(
+        default=False,
+        metadata={"help": "Let a new label point at a version that is not loaded yet (also =true|false)."},
+    )
+    max_num_load_retries: int = field(default=5, metadata={"help": "Retries of a failed version load."})
+    load_retry_interval_micros: int = field(
+        default=60_000_000, metadata={"help": "Wait between load retries."}
+    )
+    num_load_threads: int = field(default=0, metadata={"help": "Parallel loads."})
+    enable_model_warmup: bool = field(
+        default=True,
+        metadata={"help": "Replay assets.extra/tf_serving_warmup_requests at load (also =true|false)."},
+    )
+    num_request_iterations_for_warmup: int = field(
+        default=1, metadata={"help": "Replays of each warm-up record."}
+    )
+    saved_model_tags: str = field(default="serve", metadata={"help": "Meta graph tags, comma separated."})
+    monitoring_config_file: str = field(
+        default="", metadata={"help": "MonitoringConfig (prometheus_config) text proto."}
+    )
+    # Threads per op and ops at once; 0 lets TensorFlow choose (one per core). Under many
+    # concurrent requests, 1 per op wastes less CPU on splitting small ops (docs/scaling.md).
+    tensorflow_intra_op_parallelism: int = field(
+        default=0, metadata={"help": "Threads per op; 0: TensorFlow's choice."}
+    )
+    tensorflow_inter_op_parallelism: int = field(
+        default=0, metadata={"help": "Ops run at once; 0: TensorFlow's choice."}
+    )
     # Threads handling gRPC calls; 0: tensorflow_model_server's default, 4 per core. Python
     # runs one at a time (the GIL), so on a few cores fewer threads mean fewer hand-offs
     # (bench/serving passes 2 on 2 cores).
-    grpc_max_threads: int = 0
-    # Threads per op and ops at once; 0 lets TensorFlow choose (one per core). Under many
-    # concurrent requests, 1 per op wastes less CPU on splitting small ops (docs/scaling.md).
-    tensorflow_intra_op_parallelism: int = 0
-    tensorflow_inter_op_parallelism: int = 0
-    host: str = "0.0.0.0"
+    grpc_max_threads: int = field(
+        default=0, metadata={"help": "Threads that handle gRPC calls; 0: 4 per core."}
+    )
+    host: str = field(
+        default="0.0.0.0", metadata={"help": "Interface to bind (not a TF Serving flag; it binds all)."}
+    )
     # Not a TF Serving flag: Python modules imported before any load to register custom ops
     # (``scann.scann_ops``), the stand-in's version of a server *built* with those ops
     # (google/tf-serving-scann). Empty, as stock TF Serving: a ScaNN SavedModel fails to load.
-    custom_op_modules: str = ""
+    custom_op_modules: str = field(
+        default="",
+        metadata={
+            "help": "Not a TF Serving flag: modules to import for custom ops, e.g. scann.scann_ops "
+            "(what the google/tf-serving-scann build links in)."
+        },
+    )
 
     def core_options(self) -> CoreOptions:
         return CoreOptions(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.paths import REPO
+
 DAGS = REPO / "dags"
 HEAVY = ("tensorflow", "feast", "great_expectations", "pandas", "scann", "tensorflow_recommenders")
 

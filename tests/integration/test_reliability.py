@@ -32,24 +32,29 @@ import httpx
 import pandas as pd
 import pytest
 
+from entrypoints.local_servers import RECSYS, LocalServer, ServingPorts, setting_variable
 from recsys.config import Settings, load_settings
 from recsys.event_log.sqlite import SqliteEventLog
 from recsys.model_registry import LOAD_CONFIG, MODELS_CONFIG, read_models_config, write_models_config
 from serving.gateway.policy import assign_arm
-from tests.conftest import TINY_END
-from tests.integration.conftest import copy_home, free_port, start_redis, stop_redis
-from tests.integration.test_gateway import (
+from tests.support.homes import BLESSED, copy_home
+from tests.support.paths import REPO
+from tests.support.polling import wait_for
+from tests.support.ports import free_port
+from tests.support.redis_server import start_redis, stop_redis
+from tests.support.scorer_model import build_scorer
+from tests.support.servers import (
     API_KEY,
     AUTH,
-    BLESSED,
     FRACTIONS,
-    GATEWAY,
-    RECSYS,
-    REPO,
-    _env_vars,
-    _wait_ready,
+    GATEWAY_SETTINGS,
+    InProcessGateway,
+    gateway_env,
+    scann_model_server_flags,
+    serving,
+    start_gateway,
 )
-from tests.integration.test_model_server import build_scorer, start_server, stop, wait_for
+from tests.support.tiny_data import TINY_END
 
 pytestmark = pytest.mark.integration
 
@@ -66,17 +71,15 @@ class Rel:
     home: Path
     settings: Settings
     events: pd.DataFrame
-    grpc_port: int
-    rest_port: int
-    server_args: list[str]
-    server: subprocess.Popen[bytes]
-    gateway: subprocess.Popen[bytes]
+    ports: ServingPorts
+    server: LocalServer
+    gateway: LocalServer
     gateway_log: Path
     url: str
 
     @property
     def rest(self) -> str:
-        return f"http://127.0.0.1:{self.rest_port}"
+        return f"http://127.0.0.1:{self.ports.rest}"
 
     @property
     def budget_s(self) -> float:
@@ -84,54 +87,22 @@ class Rel:
         return (gw.feature_timeout_ms + 2 * MODEL_TIMEOUT_MS) / 1000
 
 
-def _server_args(settings: Settings, grpc_port: int, rest_port: int) -> list[str]:
-    return [
-        "--port", str(grpc_port), "--rest_api_port", str(rest_port), "--host", "127.0.0.1",
-        "--model_config_file", str(settings.models_dir / MODELS_CONFIG),
-        "--allow_version_labels_for_unavailable_models", "--custom_op_modules", "scann.scann_ops",
-        "--max_num_load_retries", "0", "--file_system_poll_wait_seconds", "1",
-    ]  # fmt: skip
-
-
-def _start_gateway(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
-    out = open(log, "ab")  # noqa: SIM115 - the child holds it; closed with the process
-    try:
-        return subprocess.Popen(
-            [str(RECSYS), "serve", "gateway", "--host", "127.0.0.1", "--port", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=REPO,
-        )
-    finally:
-        out.close()
-
-
 @pytest.fixture(scope="module")
 def rel(gateway_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rel]:
     home = tmp_path_factory.mktemp("reliability") / "home"
     settings = copy_home(gateway_template, home)
-    grpc_port, rest_port = free_port(), free_port()
-    args = _server_args(settings, grpc_port, rest_port)
-    server = start_server(args, home / "model_server.log", rest_port, "retrieval")
-    port = free_port()
-    env = {**_env_vars(home, grpc_port, rest_port), "RECSYS_GATEWAY__MODEL_TIMEOUT_MS": str(MODEL_TIMEOUT_MS)}
-    log = home / "gateway.log"
-    gateway = _start_gateway(env, port, log)
-    url = f"http://127.0.0.1:{port}"
-    rel = Rel(
-        home, settings, pd.read_parquet(settings.validated_dir / "events"), grpc_port, rest_port,
-        args, server, gateway, log, url,
-    )  # fmt: skip
-    try:
-        _wait_ready(url, gateway, log)
-        _full_path(url, _warm(rel, "stable"))  # the first model calls set up channels and graphs
-        yield rel
-    finally:
-        stop(rel.gateway)
-        if rel.server.poll() is None:
-            os.kill(rel.server.pid, signal.SIGCONT)  # a test that froze it may have failed
-            stop(rel.server)
+    env = {**gateway_env(home), setting_variable("gateway.model_timeout_ms"): str(MODEL_TIMEOUT_MS)}
+    with serving(scann_model_server_flags(settings), home, env) as running:
+        rel = Rel(
+            home, settings, pd.read_parquet(settings.validated_dir / "events"), running.ports,
+            running.model_server, running.gateway, running.gateway.log, running.url,
+        )  # fmt: skip
+        try:
+            _full_path(rel.url, _warm(rel, "stable"))  # the first model calls set up channels and graphs
+            yield rel
+        finally:
+            if rel.server.running():
+                os.kill(rel.server.pid, signal.SIGCONT)  # a test that froze it may have failed
 
 
 def _warm(rel: Rel, arm: str, skip: int = 0) -> str:
@@ -173,36 +144,13 @@ def _metric(url: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-class InProcessGateway:
-    """A gateway app on uvicorn in a thread, for settings a subprocess cannot be given (environ)."""
-
-    def __init__(self, settings: Settings, environ: dict[str, str]) -> None:
-        import uvicorn
-
-        from serving.gateway.app import create_app
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        app = create_app(settings, wait_ready=True, environ=environ)
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        _wait_ready(self.url, None, None, timeout=90)
-
-    def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
-
-
 def _settings(rel: Rel, **overrides: Any) -> Settings:
     return load_settings(
         overrides={
             "home": str(rel.home),
-            **GATEWAY,
-            "gateway.model_server_grpc_port": rel.grpc_port,
-            "gateway.model_server_rest_port": rel.rest_port,
+            **GATEWAY_SETTINGS,
+            "gateway.model_server_grpc_port": rel.ports.grpc,
+            "gateway.model_server_rest_port": rel.ports.rest,
             "gateway.model_timeout_ms": MODEL_TIMEOUT_MS,
             **overrides,
         }
@@ -340,7 +288,7 @@ def test_online_store_down_serves_cached_or_default_features_marked(rel: Rel, tm
         budget = (settings.gateway.feature_timeout_ms + 2 * settings.gateway.model_timeout_ms) / 1000
         apply_feature_repo(settings)
         materialize(settings)
-        running = InProcessGateway(settings, {"RECSYS_API_KEY": API_KEY})
+        running = InProcessGateway(settings, {"RECSYS_API_KEY": API_KEY}, ready_timeout_s=90)
         seen, unseen = _warm(rel, "stable", 0), _warm(rel, "stable", 1)
         # A new gateway's first model call sets up its channel: wait until the full path serves.
         wait_for(lambda: _recommend(running.url, seen)[0]["fallback"] == [], timeout=30)
@@ -383,18 +331,15 @@ def test_online_store_down_serves_cached_or_default_features_marked(rel: Rel, tm
 
 def test_gateway_sigkill_while_events_stream_loses_no_acknowledged_event(rel: Rel) -> None:
     log_path = rel.home / "gateway" / "sigkill-events.db"
-    env = {
-        **_env_vars(rel.home, rel.grpc_port, rel.rest_port),
-        "RECSYS_GATEWAY__EVENT_LOG_PATH": str(log_path),
-    }
+    env = {**gateway_env(rel.home, rel.ports), setting_variable("gateway.event_log_path"): str(log_path)}
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     gw_log = rel.home / "sigkill-gateway.log"
 
-    def up(proc: subprocess.Popen[bytes]) -> None:
-        wait_for(lambda: proc.poll() is None and _answers(f"{url}/healthz"), timeout=90)
+    def up(gateway: LocalServer) -> None:
+        wait_for(lambda: gateway.running() and _answers(f"{url}/healthz"), timeout=90)
 
-    proc = _start_gateway(env, port, gw_log)
+    proc = start_gateway(env, port, gw_log, log_mode="ab")
     up(proc)
     acked: list[str] = []
     batches: list[list[dict[str, Any]]] = []
@@ -422,7 +367,7 @@ def test_gateway_sigkill_while_events_stream_loses_no_acknowledged_event(rel: Re
         t.start()
     wait_for(lambda: len(acked) >= 200, timeout=60)
     proc.send_signal(signal.SIGKILL)  # mid-stream: requests in flight, no shutdown of any kind
-    proc.wait()
+    proc.process.wait()
     time.sleep(0.5)
     stop_sending.set()
     for t in threads:
@@ -430,7 +375,7 @@ def test_gateway_sigkill_while_events_stream_loses_no_acknowledged_event(rel: Re
     sent = [e["event_id"] for b in batches for e in b]
     acked_now = list(acked)
 
-    proc = _start_gateway(env, port, gw_log)
+    proc = start_gateway(env, port, gw_log, log_mode="ab")
     try:
         up(proc)
         logged = Counter(_logged_ids(log_path))
@@ -447,7 +392,7 @@ def test_gateway_sigkill_while_events_stream_loses_no_acknowledged_event(rel: Re
         assert set(final) == set(sent) and set(final.values()) == {1}
         assert len(acked_now) >= 200 and len(sent) > len(acked_now) - 1
     finally:
-        stop(proc)
+        proc.stop()
 
 
 def _stream_event(worker: int, n: int, j: int) -> dict[str, Any]:
@@ -656,7 +601,9 @@ def test_write_and_admin_endpoints_need_the_api_key(rel: Rel, path: str, body: A
 
 
 def test_reads_closed_by_config_and_writes_refused_without_a_configured_key(rel: Rel) -> None:
-    closed = InProcessGateway(_settings(rel, **{"security.open_reads": False}), {"RECSYS_API_KEY": API_KEY})
+    closed = InProcessGateway(
+        _settings(rel, **{"security.open_reads": False}), {"RECSYS_API_KEY": API_KEY}, ready_timeout_s=90
+    )
     try:
         for method, path, body in (
             ("POST", "/v1/recommendations", {"user_id": "u1", "k": 2}),
@@ -669,7 +616,7 @@ def test_reads_closed_by_config_and_writes_refused_without_a_configured_key(rel:
             assert httpx.get(f"{closed.url}{probe}").status_code == 200
     finally:
         closed.close()
-    keyless = InProcessGateway(_settings(rel), {})
+    keyless = InProcessGateway(_settings(rel), {}, ready_timeout_s=90)
     try:
         r = httpx.post(f"{keyless.url}/v1/events", json=WRITE_AND_ADMIN[0][1], headers=AUTH)
         assert r.status_code == 503 and "set the environment variable RECSYS_API_KEY" in r.json()["detail"]
@@ -719,7 +666,7 @@ def test_the_api_key_is_never_logged_or_shown(rel: Rel) -> None:
             texts[str(path)] = path.read_text(errors="replace")
     shown = subprocess.run(
         [str(RECSYS), "config"],
-        env={**_env_vars(rel.home, rel.grpc_port, rel.rest_port)},
+        env=gateway_env(rel.home, rel.ports),
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -762,7 +709,7 @@ def test_schemathesis_finds_no_server_error(rel: Rel, tmp_path: Path) -> None:
 def test_killed_model_server_answers_with_popularity_within_the_timeout(rel: Rel) -> None:
     user = _warm(rel, "stable", 2)
     rel.server.send_signal(signal.SIGKILL)
-    rel.server.wait()
+    rel.server.process.wait()
     for _ in range(3):
         out, elapsed = _recommend(rel.url, user)
         assert elapsed < rel.budget_s + SLACK_S, f"{elapsed:.3f}s"

@@ -12,7 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.paths import REPO
+
 BIN = Path(sys.executable).parent
 
 

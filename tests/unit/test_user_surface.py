@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import typer.main
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.paths import REPO
+
 SNAPSHOTS = REPO / "tests" / "snapshots"
 
 

@@ -1,0 +1,89 @@
+"""Serving homes: a ``RECSYS_HOME`` with everything the servers read, built once and copied.
+
+``build_serving_home`` builds one as production does, on the tiny generated data plus two
+items published at the end of the period that nobody has touched yet: validation, feature
+tables, ``feast apply`` and materialization into the SQLite online store, real tiny models
+from the training step (``model_fixture``), a ScaNN index (forced at 82 items) and two
+pushes, so the ``stable`` label points at version 1 and ``canary`` at version 2.
+``copy_home`` gives a test module its own copy to change and break.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import timedelta
+from pathlib import Path
+
+import pandas as pd
+
+from recsys.config import IndexConfig, PushConfig, Settings, ValidationConfig, load_settings
+from recsys.contracts import ITEMS, conform
+from tests.support.model_fixture import write_train_fixture
+from tests.support.tiny_data import TINY_END
+
+# What the gate wrote for the pushed models.
+BLESSED = {"blessed": True, "reason": "test"}
+# Published two hours before the period ends; no event touches them.
+NEW_ITEMS = ("i_new_1", "i_new_2")
+
+
+def build_serving_home(raw: Path, home: Path) -> tuple[Settings, Path]:
+    """Build a serving home at ``home`` from the generated data folder ``raw``; its Settings
+    and validated data folder."""
+    from components.features.tables import apply_feature_repo, build_feature_tables, materialize
+    from components.indexing import build_index
+    from components.push import push_models
+    from components.validation import validate_data
+    from recsys.layout import features_dir
+
+    settings = load_settings(overrides={"home": str(home)})
+    data = home / "input"
+    shutil.copytree(raw, data)
+    published = TINY_END - timedelta(hours=2)
+    new = pd.DataFrame(
+        {
+            "item_id": list(NEW_ITEMS),
+            "title": ["Galaxy Quest Console", "Trail Running Shoes"],
+            "category": ["games", "sports|fashion"],
+            "description": ["a brand new console game nobody has played", "new light trail shoes"],
+            "in_stock": [True, True],
+            "published_ts": [published, published],
+        }
+    )
+    conform(new, ITEMS).to_parquet(data / "items" / "part-new.parquet", index=False)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["rows"]["items"] += len(NEW_ITEMS)
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    validate_data(ValidationConfig(), data, settings.validated_dir, as_of=TINY_END)
+    build_feature_tables(settings.features, settings.validated_dir, features_dir(settings))
+    apply_feature_repo(settings)
+    materialize(settings)
+    train = home / "train"
+    write_train_fixture(settings.validated_dir, train)
+    scann = IndexConfig(brute_force_below=10)
+    build_index(scann, train, home / "index")
+    push_models(
+        PushConfig(), train, home / "index", BLESSED, settings.models_dir, data_dir=settings.validated_dir
+    )
+    # A second training output (same weights, another manifest): version 2 becomes the canary.
+    other = home / "train-2"
+    shutil.copytree(train, other)
+    m = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**m, "note": "canary"}))
+    build_index(scann, other, home / "index-2")
+    push_models(
+        PushConfig(), other, home / "index-2", BLESSED, settings.models_dir, data_dir=settings.validated_dir
+    )
+    return settings, settings.validated_dir
+
+
+def copy_home(template: Path, dest: Path) -> Settings:
+    """Copy a built home to ``dest`` and re-point the absolute paths its configs hold; its Settings."""
+    shutil.copytree(template, dest)
+    for name in ("models.config", "models.load.config"):
+        path = dest / "models" / name
+        if path.is_file():
+            # TF Serving configs name each model's base path absolutely.
+            path.write_text(path.read_text().replace(f"{template}/", f"{dest}/"))
+    return load_settings(overrides={"home": str(dest)})

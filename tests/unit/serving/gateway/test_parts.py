@@ -1,0 +1,115 @@
+"""Pure parts of the gateway: top-k, similarity space, per-user activity, event validation, config."""
+
+from __future__ import annotations
+
+import gc
+import math
+import weakref
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from recsys.config import ConfigError, load_settings
+from serving.gateway.catalog import top_k, unit_directions
+from serving.gateway.schemas import Event, validation_problems
+from serving.gateway.snapshot import settle_heap
+from serving.gateway.user_features import UserActivity
+
+
+def test_top_k_is_best_first_and_caps_at_n() -> None:
+    scores = np.array([0.1, 0.9, 0.5, 0.7], dtype=np.float32)
+    idx, vals = top_k(scores, 2)
+    assert idx.tolist() == [1, 3] and vals.tolist() == pytest.approx([0.9, 0.7])
+    idx, _ = top_k(scores, 10)  # K larger than the catalog: everything, ordered
+    assert idx.tolist() == [1, 3, 2, 0]
+    assert top_k(scores, 0)[0].tolist() == []
+
+
+def test_unit_directions_drop_the_item_bias_column_of_normalized_towers() -> None:
+    # Two unit vectors with a bias appended (what item_bias=True exports): the bias must not
+    # count in item-item similarity, so both rows become their unit direction.
+    emb = np.array([[0.6, 0.8, 5.0], [1.0, 0.0, -3.0]], dtype=np.float32)
+    unit = unit_directions(emb)
+    assert unit.shape == (2, 2) and unit[0] @ unit[1] == pytest.approx(0.6)
+    # Un-normalized towers (no bias column to recognise): every coordinate kept, rows normalized.
+    raw = np.array([[3.0, 4.0, 0.0], [0.0, 0.0, 2.0]], dtype=np.float32)
+    assert unit_directions(raw).shape == (2, 3)
+    assert np.linalg.norm(unit_directions(raw), axis=1) == pytest.approx([1.0, 1.0])
+
+
+def test_user_activity_counts_touches_not_impressions_and_keeps_recent_first() -> None:
+    act = UserActivity(max_users=2, max_items=2)
+    act.update({"user_id": "u1", "item_id": "a", "event_type": "impression"})
+    assert act.get("u1").events == 0 and act.get("u1").seen == set()
+    for item, kind in (("a", "click"), ("b", "skip"), ("c", "purchase"), ("a", "view")):
+        act.update({"user_id": "u1", "item_id": item, "event_type": kind})
+    st = act.get("u1")
+    # A skip hides the item but is not a positive: recent keeps positives only, newest first.
+    assert st.events == 4 and st.seen == {"a", "b", "c"} and st.recent == ["a", "c"]
+    act.update({"user_id": "u2", "item_id": "x", "event_type": "click"})
+    act.update({"user_id": "u3", "item_id": "y", "event_type": "click"})
+    assert act.get("u1").events == 0  # the least recently active user was forgotten
+
+
+def _event(**kw: object) -> dict[str, object]:
+    base = {
+        "event_id": "e1",
+        "user_id": "u1",
+        "item_id": "i1",
+        "event_type": "click",
+        "ts": "2026-11-01T10:00:00Z",
+    }
+    return base | kw
+
+
+def test_event_validation_names_field_and_value() -> None:
+    assert Event.model_validate(_event()).record()["ts"] == "2026-11-01T10:00:00+00:00"
+    cases = {
+        "ts": ("2026-11-01T10:00:00", "timezone"),
+        "event_type": ("teleport", "impression"),
+        "user_id": ("u 1", "pattern"),
+        "value": (math.inf, "finite"),
+    }
+    for field, (value, words) in cases.items():
+        with pytest.raises(ValidationError) as err:
+            Event.model_validate(_event(**{field: value}))
+        [problem] = validation_problems(err.value, "events[3]")
+        assert problem["field"] == f"events[3].{field}"
+        assert problem["value"] == (str(value) if isinstance(value, float) else value)
+        assert words in problem["message"]
+
+
+def test_gateway_config_refuses_bad_fractions_and_chains() -> None:
+    s = load_settings(overrides={"gateway.arm_fractions": {"canary": 0.3, "holdout": 0.1}})
+    assert s.gateway.arm_fractions == {"canary": 0.3, "holdout": 0.1}
+    assert s.event_log_path == s.home / "gateway" / "events.db"
+    with pytest.raises(ConfigError, match="arm_fractions"):
+        load_settings(overrides={"gateway.arm_fractions": {"canary": 0.8, "holdout": 0.3}})
+    with pytest.raises(ConfigError, match="arm_fractions"):
+        load_settings(overrides={"gateway.arm_fractions": {"blue": 0.1}})
+    with pytest.raises(ConfigError, match="fallback_chain"):
+        load_settings(overrides={"gateway.fallback_chain": []})
+    with pytest.raises(ConfigError, match="fallback_chain"):
+        load_settings(overrides={"gateway.fallback_chain": ["retrieval", "magic"]})
+    env = load_settings(env={"RECSYS_GATEWAY__FALLBACK_CHAIN": "[exact, global_popularity]"})
+    assert env.gateway.fallback_chain == ["exact", "global_popularity"]
+
+
+def test_settle_heap_freezes_what_lives_and_frees_replaced_cycles():
+    class Node:
+        pass
+
+    node = Node()
+    node.self = node  # a cycle: only the collector frees it
+    ref = weakref.ref(node)
+    try:
+        settle_heap()
+        assert gc.get_freeze_count() > 0
+        del node
+        gc.collect()
+        assert ref() is not None  # frozen: skipped by collections
+        settle_heap()  # the next swap unfreezes first, so the replaced objects' cycles go
+        assert ref() is None
+    finally:
+        gc.unfreeze()
