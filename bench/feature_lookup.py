@@ -37,7 +37,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from components.features.tables import apply_feature_repo, build_feature_tables, materialize
+from components.features.store import apply_feature_repo, materialize
+from components.features.tables import build_feature_tables
 from components.sources.synthetic import GenerateParams, generate_to_folder
 from recsys.config import FeaturesConfig, Settings, settings_from_environment
 from recsys.feature_schema import RETRIEVER_SERVICE

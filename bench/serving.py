@@ -57,12 +57,9 @@ def _log(msg: str) -> None:
 def build(home: Path, items: int, users: int, days: int, seed: int) -> dict[str, Any]:
     """Data, features, models and a push under ``home``; returns the timings of each step."""
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-    from components.features.tables import (
-        apply_feature_repo,
-        build_feature_tables,
-        build_training_data,
-        materialize,
-    )
+    from components.features.store import apply_feature_repo, materialize
+    from components.features.tables import build_feature_tables
+    from components.features.training_data import build_training_data
     from components.indexing import build_index
     from components.push import push_models
     from components.sources.synthetic import GenerateParams, generate_to_folder

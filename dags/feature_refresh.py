@@ -1,6 +1,6 @@
 """Feature refresh: every hour, load the feature rows stamped in the last interval into the online store.
 
-Wiring only: the task imports and calls ``components.features.tables.materialize`` in its body,
+Wiring only: the task imports and calls ``components.features.store.materialize`` in its body,
 so parsing this file imports no Feast.
 """
 
@@ -14,7 +14,7 @@ from airflow.sdk import Asset, Param, dag, task
 DOC = """
 ### recsys feature refresh
 
-Hourly: `components.features.tables.materialize` of every feature view over
+Hourly: `components.features.store.materialize` of every feature view over
 `[interval start − overlap, interval end)` into the online store (SQLite, or Redis in
 production). The overlap (param `overlap_hours`) picks up rows that landed late for the
 previous interval — a daily snapshot stamped at the last microsecond of its day is built
@@ -51,7 +51,7 @@ ONLINE_FEATURES = Asset("recsys://online-store")
 def feature_refresh() -> None:
     @task(outlets=[ONLINE_FEATURES])
     def materialize(**context: Any) -> dict[str, Any]:
-        from components.features.tables import materialize
+        from components.features.store import materialize
         from recsys.config import settings_from_environment
 
         end = context.get("data_interval_end") or context.get("logical_date")

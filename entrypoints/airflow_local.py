@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from recsys.layout import DAGS_DIR, REPO_ROOT
+
 if TYPE_CHECKING:
     from recsys.config import AirflowConfig
 
-REPO = Path(__file__).resolve().parents[1]
 COMPONENTS = ("api-server", "scheduler", "dag-processor")
 # The CeleryExecutor's worker (production): takes task messages from the broker.
 CELERY_WORKER = "celery worker"
@@ -68,7 +69,7 @@ def airflow_env(
     port: int = 8080,
     host: str = "127.0.0.1",
     base: Mapping[str, str] | None = None,
-    dags_folder: Path = REPO / "dags",
+    dags_folder: Path = DAGS_DIR,
     config: AirflowConfig | None = None,
 ) -> dict[str, str]:
     """The environment every Airflow process of one local deployment shares.
@@ -118,7 +119,7 @@ def airflow_env(
     for key, value in defaults.items():
         env.setdefault(key, value)
     # Tasks import the project (components/) and find conf/recsys.yaml from the repo root.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env.setdefault("TF_USE_LEGACY_KERAS", "1")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -158,14 +159,15 @@ class LocalAirflow:
         with open(self.log_dir / "db-migrate.log", "w") as log:
             cmd = self._command("db", "migrate")
             out = {"stdout": log, "stderr": subprocess.STDOUT}
-            subprocess.run(cmd, env=self.env, cwd=REPO, check=True, timeout=600, **out)
+            subprocess.run(cmd, env=self.env, cwd=REPO_ROOT, check=True, timeout=600, **out)
 
     def start(self) -> LocalAirflow:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for name in self.components:
             log = open(self.log_dir / f"{name.replace(' ', '-')}.log", "ab")  # noqa: SIM115 - the child owns it
             self.procs[name] = subprocess.Popen(
-                self._command(*name.split()), env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                self._command(*name.split()), env=self.env, cwd=REPO_ROOT,
+                stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: stop() reaches its workers too
             )  # fmt: skip
             log.close()

@@ -217,7 +217,8 @@ def features_build(
 @features_app.command("apply")
 def features_apply(ctx: typer.Context) -> None:
     """Register feature_repo/ in the Feast registry under <home>/feast (`feast apply`)."""
-    from components.features.tables import FeatureRepoError, apply_feature_repo
+    from components.features.store import apply_feature_repo
+    from components.features.tables import FeatureRepoError
 
     s = _settings(ctx)
     try:
@@ -238,7 +239,8 @@ def features_apply(ctx: typer.Context) -> None:
 @features_app.command("materialize")
 def features_materialize(ctx: typer.Context, start: _StartOpt = None, end: _EndOpt = None) -> None:
     """Load the latest feature rows stamped from --start to --end (inclusive) into the online store."""
-    from components.features.tables import FeatureRepoError, materialize
+    from components.features.store import materialize
+    from components.features.tables import FeatureRepoError
 
     s = _settings(ctx)
     try:

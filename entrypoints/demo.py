@@ -31,8 +31,9 @@ from rich.table import Table
 
 from entrypoints.local_servers import LOOPBACK, local_serving, tf_serving_flags
 from recsys.config import Settings
+from recsys.contracts import CATEGORY_SEPARATOR
+from recsys.layout import DAGS_DIR, REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
@@ -54,7 +55,7 @@ def _env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         AIRFLOW_HOME=str(settings.home / "airflow"),
-        AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "dags"),
+        AIRFLOW__CORE__DAGS_FOLDER=str(DAGS_DIR),
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
         RECSYS_HOME=str(settings.home),
         TF_CPP_MIN_LOG_LEVEL="2",
@@ -75,7 +76,7 @@ def run_training_dag(settings: Settings, console: Console) -> None:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with console.status("airflow db migrate"):
         subprocess.run(
-            [str(BIN / "airflow"), "db", "migrate"], env=env, check=True, capture_output=True, cwd=REPO
+            [str(BIN / "airflow"), "db", "migrate"], env=env, check=True, capture_output=True, cwd=REPO_ROOT
         )
     tasks = [name for name, _ in STEPS]
     done = re.compile(r"\[DAG TEST\] end task task_id=(\w+)")
@@ -93,7 +94,7 @@ def run_training_dag(settings: Settings, console: Console) -> None:
         proc = subprocess.Popen(
             [str(BIN / "airflow"), "dags", "test", "training_pipeline", logical_date],
             env=env,
-            cwd=REPO,
+            cwd=REPO_ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -238,11 +239,11 @@ def show_recommendations(settings: Settings, url: str, console: Console) -> None
         )
         # The warm user now clicks three items of a category absent from their list.
         shown = {
-            items.loc[i["item_id"], "category"].split("|")[0]
+            items.loc[i["item_id"], "category"].split(CATEGORY_SEPARATOR)[0]
             for i in before["items"]
             if i["item_id"] in items.index
         }
-        fresh = items[~items["category"].str.split("|").str[0].isin(shown)].head(3)
+        fresh = items[~items["category"].str.split(CATEGORY_SEPARATOR).str[0].isin(shown)].head(3)
         now = pd.Timestamp.now(tz="UTC")
         batch = [
             {

@@ -27,8 +27,8 @@ from typing import Any
 import httpx
 
 from recsys.config import ENV_PREFIX
+from recsys.layout import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[1]
 # The console script installed beside the interpreter that runs this (the project's .venv).
 RECSYS = Path(sys.executable).parent / "recsys"
 LOOPBACK = "127.0.0.1"
@@ -198,7 +198,7 @@ def _start(
             stdout=out,
             stderr=subprocess.STDOUT,
             env=dict(server_environment() if env is None else env),
-            cwd=REPO,
+            cwd=REPO_ROOT,
             start_new_session=own_process_group,
         )
     return LocalServer(name, process, log, own_process_group)

@@ -9,7 +9,7 @@ Time: every table row carries ``event_timestamp``, the moment its value became k
 tables are daily snapshots stamped at the last microsecond of their day and computed from
 events up to that moment; a recent-items row is stamped with the event that produced it.
 Training data joins, for each event, only rows stamped strictly before the event
-(``components.features.tables.build_training_data``), so no event sees itself or the future.
+(``components.features.training_data.build_training_data``), so no event sees itself or the future.
 
 Names come from ``recsys.feature_schema`` so training, serving and this repo agree.
 

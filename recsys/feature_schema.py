@@ -1,7 +1,7 @@
 """Names of the features that the feature layer produces and the models consume.
 
 One place for them, so the Feast definitions, the training data and the serving path agree
-on every name. A training frame (``components.features.tables.build_training_data``) has one row
+on every name. A training frame (``components.features.training_data.build_training_data``) has one row
 per event with the event's own columns, its context, and each feature as it was known
 strictly before the event's timestamp (point in time).
 """
@@ -15,9 +15,6 @@ POSITIVE_EVENT_TYPES = ("click", "view", "add_to_cart", "purchase", "like", "rat
 # candidate inputs [N] (the user side is computed once). The trainer writes it, push
 # re-exports it, the gateway calls it.
 RANK_CANDIDATES_SIGNATURE = "rank_candidates"
-
-# Context derived from the event itself (known at request time).
-CONTEXT_FEATURES = ("hour", "device")
 
 # feature view "user_profile" (batch, from validated users)
 USER_PROFILE_FEATURES = ("age_bucket", "country", "signup_source")

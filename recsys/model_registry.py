@@ -8,7 +8,12 @@ A model server watches ``<base>/<model>/`` for integer-named version folders; ``
 TF Serving refuses a label on a version it has not loaded, so a label move writes
 ``models.load.config`` first (every version either config needs, labels as they were) and
 then ``models.config``; a server applies them in that order. Every read-modify-write of the
-two files (push, promote, rollback) holds ``registry_lock``, so two writers never interleave.
+two files (push, promote, rollback, the gateway putting back labels a server refused) holds
+``registry_lock``, so two writers never interleave.
+
+The model server reads ``models.config`` with its own parser, as ``tensorflow_model_server``
+reads its ``--model_config_file``: it stands in for that binary and knows nothing of this
+project. Everything else reads and writes the files through this module.
 """
 
 from __future__ import annotations
@@ -63,6 +68,23 @@ def read_models_config(base_path: Path, name: str = MODELS_CONFIG) -> dict[str, 
         }
         for c in _parse(path).model_config_list.config
     }
+
+
+def read_config_proto(base_path: Path, name: str = MODELS_CONFIG) -> Any:
+    """``models.config`` (or ``models.load.config``) as TF Serving's ``ModelServerConfig`` proto,
+    what a model server's ``HandleReloadConfigRequest`` takes; None when the file is absent."""
+    path = Path(base_path) / name
+    return _parse(path) if path.is_file() else None
+
+
+def restore_labels(base_path: Path) -> dict[str, dict[str, Any]]:
+    """Put ``models.config`` back to the labels of ``models.load.config`` (those a server still
+    serves after refusing the new ones), under the registry's lock; returns them ({}: none)."""
+    with registry_lock(Path(base_path)):
+        previous = read_load_labels(base_path)
+        if previous:
+            write_models_config(Path(base_path) / MODELS_CONFIG, previous)
+    return previous
 
 
 def read_load_labels(base_path: Path) -> dict[str, dict[str, Any]]:

@@ -465,21 +465,3 @@ def _write_parquet(df: pd.DataFrame, path: Path) -> None:
     tmp = path.with_suffix(".parquet.tmp")
     pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, path)  # readers (Feast, a concurrent materialization) never see half a file
-
-
-# The Feast store and the training data have modules of their own; the CLI, the DAGs and the
-# benchmarks import these from here.
-_MOVED = {
-    "apply_feature_repo": "components.features.store",
-    "materialize": "components.features.store",
-    "build_training_data": "components.features.training_data",
-}
-
-
-def __getattr__(name: str) -> Any:
-    # Imported on first use, since those modules import this one.
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,7 +24,15 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from recsys.config import Settings
-from recsys.model_registry import read_load_labels, rollout_in_progress, serving_labels
+from recsys.model_registry import (
+    LOAD_CONFIG,
+    MODELS_CONFIG,
+    read_config_proto,
+    read_models_config,
+    restore_labels,
+    rollout_in_progress,
+    serving_labels,
+)
 from serving.clients import ModelServerError
 
 log = logging.getLogger("serving.gateway.admin")
@@ -103,16 +111,12 @@ def reload_models(gateway: Any, timeout: float = 60.0) -> dict[str, Any]:
         AdminRefused: a labelled version failed to load or is incompatible; nothing was
             relabelled and ``models.config`` was put back to the labels still serving.
     """
-    from recsys.model_registry import LOAD_CONFIG, MODELS_CONFIG, read_models_config, write_models_config
-    from serving.model_server.config import read_model_server_config
-
     settings: Settings = gateway.settings
     base = settings.models_dir
     target = read_models_config(base)
     if not target:
         raise AdminRefused("reload", [f"no {base / MODELS_CONFIG}: nothing has been pushed"])
-    load_path = base / LOAD_CONFIG
-    load = read_model_server_config(load_path) if load_path.is_file() else None
+    load = read_config_proto(base, LOAD_CONFIG)
     try:
         if load is not None:
             gateway.client.reload_config(load)
@@ -121,13 +125,11 @@ def reload_models(gateway: Any, timeout: float = 60.0) -> dict[str, Any]:
         if problems:
             # Put models.config back to the labels the server still serves (those of the load
             # config), so every reader agrees that the refused version does not serve.
-            previous = read_load_labels(base)
-            if previous:
-                write_models_config(base / MODELS_CONFIG, previous)
+            previous = restore_labels(base)
             gateway.refresh()
             log.warning("reload refused: %s", "; ".join(problems))
             raise AdminRefused("reload", problems, {"serving": {m: s["labels"] for m, s in previous.items()}})
-        gateway.client.reload_config(read_model_server_config(base / MODELS_CONFIG))
+        gateway.client.reload_config(read_config_proto(base))
     except ModelServerError as e:
         raise AdminRefused("reload", [f"model server refused the config: {e.code}: {e.message}"]) from None
     gateway.refresh()

@@ -271,7 +271,7 @@ def test_incompatible_canary_loads_but_is_refused_and_never_promoted(rel: Rel) -
 
 
 def test_online_store_down_serves_cached_or_default_features_marked(rel: Rel, tmp_path: Path) -> None:
-    from components.features.tables import apply_feature_repo, materialize
+    from components.features.store import apply_feature_repo, materialize
 
     proc, port, log = start_redis(tmp_path)
     running: InProcessGateway | None = None

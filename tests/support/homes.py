@@ -31,7 +31,8 @@ NEW_ITEMS = ("i_new_1", "i_new_2")
 def build_serving_home(raw: Path, home: Path) -> tuple[Settings, Path]:
     """Build a serving home at ``home`` from the generated data folder ``raw``; its Settings
     and validated data folder."""
-    from components.features.tables import apply_feature_repo, build_feature_tables, materialize
+    from components.features.store import apply_feature_repo, materialize
+    from components.features.tables import build_feature_tables
     from components.indexing import build_index
     from components.push import push_models
     from components.validation import validate_data

@@ -13,13 +13,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from components.features.tables import (
-    FeatureRepoError,
-    apply_feature_repo,
-    build_feature_tables,
-    build_training_data,
-    materialize,
-)
+from components.features.store import apply_feature_repo, materialize
+from components.features.tables import FeatureRepoError, build_feature_tables
+from components.features.training_data import build_training_data
 from components.validation import validate_data
 from recsys.config import FeaturesConfig, Settings
 from recsys.feature_schema import (

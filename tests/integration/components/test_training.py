@@ -59,16 +59,18 @@ def _new_items(items: pd.DataFrame) -> pd.DataFrame:
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from components.features import tables as F
+    from components.features.store import apply_feature_repo
+    from components.features.tables import build_feature_tables
+    from components.features.training_data import build_training_data
     from recsys.layout import features_dir
 
     base = tmp_path_factory.mktemp("training")
     raw = base / "raw"
     generate_to_folder(tiny_params(**DATA), raw)
     settings = load_settings(overrides={"home": str(base / "home")})
-    F.build_feature_tables(settings.features, raw, features_dir(settings))
-    F.apply_feature_repo(settings)
-    frame = F.build_training_data(settings, raw)
+    build_feature_tables(settings.features, raw, features_dir(settings))
+    apply_feature_repo(settings)
+    frame = build_training_data(settings, raw)
     items = pd.read_parquet(raw / "items")
     catalog = pd.concat([items, _new_items(items)], ignore_index=True)
     train, holdout = time_split(frame, HOLDOUT_DAYS)

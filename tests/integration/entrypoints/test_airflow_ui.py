@@ -18,7 +18,8 @@ import time
 
 import pytest
 
-from entrypoints.airflow_local import REPO, LocalAirflow, airflow_env
+from entrypoints.airflow_local import LocalAirflow, airflow_env
+from recsys.layout import REPO_ROOT as REPO
 from tests.support.airflow_api import DAG_ID, FINISHED, trigger_and_wait
 from tests.support.airflow_env import tiny_airflow_env
 from tests.support.ports import free_port

@@ -52,7 +52,8 @@ def production_env(home: Path, redis_address: str, grpc: int, rest: int) -> dict
 
 
 def build_home(raw: Path, settings: Settings) -> None:
-    from components.features.tables import apply_feature_repo, build_feature_tables, materialize
+    from components.features.store import apply_feature_repo, materialize
+    from components.features.tables import build_feature_tables
     from components.indexing import build_index
     from components.push import push_models
     from components.validation import validate_data
