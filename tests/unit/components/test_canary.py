@@ -19,7 +19,6 @@ from components.canary import (
     z_test_not_worse,
     z_test_worse,
 )
-from recsys import model_registry
 from recsys.config import CanaryConfig, load_settings
 
 CONFIG = CanaryConfig(
@@ -201,53 +200,6 @@ def test_arm_stats_join_outcomes_by_request_and_filter_versions():
     assert c.latency_p50_ms == 30.0 and c.latency_p99_ms == pytest.approx(39.8)
     # holdout's only request is after `until`.
     assert h.requests == 0 and h.latency_p99_ms is None
-
-
-def _push_layout(base: Path, stable: int = 1, canary_version: int = 2) -> None:
-    from recsys.model_registry import MODELS_CONFIG, write_models_config
-
-    models = {}
-    for name in ("retrieval", "ranking"):
-        for v in {stable, canary_version}:
-            (base / name / str(v)).mkdir(parents=True, exist_ok=True)
-        labels = {"stable": stable, "canary": canary_version}
-        versions = sorted(set(labels.values()))
-        models[name] = {"base_path": str(base / name), "versions": versions, "labels": labels}
-    write_models_config(base / MODELS_CONFIG, models)
-
-
-def test_move_labels_promote_and_rollback(tmp_path):
-    from recsys.model_registry import LOAD_CONFIG, read_models_config
-
-    settings = load_settings(overrides={"home": str(tmp_path)})
-    _push_layout(settings.models_dir)
-    moved = model_registry.move_labels(settings, "promote")
-    assert moved["changed"]
-    models = read_models_config(settings.models_dir)
-    for name in ("retrieval", "ranking"):
-        assert models[name]["labels"] == {"stable": 2, "canary": 2}
-        assert models[name]["versions"] == [2]
-    # The load config keeps both versions loaded with the labels as they were (TF Serving
-    # may only label a loaded version, so a server applies it first).
-    text = (settings.models_dir / LOAD_CONFIG).read_text()
-    assert text.count("versions: 1") == 2 and text.count("versions: 2") == 2
-    # A second promote changes nothing; rollback of a finished rollout is a no-op too.
-    assert not model_registry.move_labels(settings, "promote")["changed"]
-
-    _push_layout(settings.models_dir, stable=2, canary_version=3)
-    model_registry.move_labels(settings, "rollback")
-    models = read_models_config(settings.models_dir)
-    assert models["ranking"]["labels"] == {"stable": 2, "canary": 2}
-
-
-def test_move_labels_refuses_a_missing_version_folder(tmp_path):
-    import shutil
-
-    settings = load_settings(overrides={"home": str(tmp_path)})
-    _push_layout(settings.models_dir)
-    shutil.rmtree(settings.models_dir / "ranking" / "2")
-    with pytest.raises(model_registry.RegistryError, match="ranking version 2 is not on disk"):
-        model_registry.move_labels(settings, "promote")
 
 
 def test_decision_record_and_report(tmp_path):
