@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from recsys.config import Settings
+from recsys.config import Settings, SourceConfig
 from recsys.manifests import IngestManifest
 from recsys.storage import read_table, write_data_tables, write_manifest
 from recsys.timeutil import to_utc
@@ -93,6 +93,42 @@ def _copy_as_it_came(frames: dict[str, pd.DataFrame], out_dir: Path) -> dict[str
         (out_dir / name).mkdir()
         df.to_parquet(out_dir / name / "part-0.parquet", index=False)
     return {name: len(df) for name, df in frames.items()}
+
+
+def source_for_folder(folder: Path) -> SourceConfig:
+    """The source that reads ``folder``: a data folder (``users/``, ``items/``, ``events/``, as
+    ``recsys data generate`` and ``recsys data import-movielens`` write) or a MovieLens download.
+
+    Raises:
+        ValueError: the folder is neither, naming what was looked for.
+    """
+    from components.sources.movielens import detect_layout
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"--data {folder}: no such folder")
+    if all((folder / table).exists() for table in ("users", "items", "events")):
+        return SourceConfig(kind="parquet", path=folder)
+    try:
+        detect_layout(folder)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(
+            f"--data {folder}: neither a data folder (users/, items/, events/) nor MovieLens: {e}"
+        ) from None
+    return SourceConfig(kind="movielens", path=folder)
+
+
+def interval_end_after_data(settings: Settings) -> datetime:
+    """The day after the source's last event (UTC midnight): the interval that holds all of it.
+
+    Raises:
+        ValueError: the source holds no event with a readable timestamp.
+    """
+    events = _read_source(settings)["events"]
+    ts = pd.to_datetime(events["ts"], utc=True, errors="coerce").dropna()
+    if ts.empty:
+        raise ValueError(f"no events with a timestamp in {settings.source.path}")
+    return (ts.max().floor("D") + pd.Timedelta(days=1)).to_pydatetime()
 
 
 def _require_path(path: Path | None, kind: str) -> Path:

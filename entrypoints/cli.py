@@ -157,14 +157,33 @@ def pipeline_run(
     ctx: typer.Context,
     interval_end: Annotated[
         datetime | None,
-        typer.Option(help="End of the run's data interval (default: generate.end_date)."),
+        typer.Option(
+            help="End of the run's data interval (default: generate.end_date; with --data, "
+            "the day after the data's last event)."
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Read this folder instead of source.*: a data folder (users/, items/, events/) "
+            "or a MovieLens download."
+        ),
     ] = None,
 ) -> None:
     """Run every pipeline step in order, the same functions the Airflow DAG calls."""
+    from components.ingest import interval_end_after_data, source_for_folder
     from components.pipeline import run_pipeline
     from components.validation import ValidationError
 
     s = _settings(ctx)
+    if data is not None:
+        try:
+            s = s.model_copy(update={"source": source_for_folder(data)})
+            interval_end = interval_end or interval_end_after_data(s)
+        except ValueError as e:
+            console.print(f"[red]{e}[/red]")
+            raise typer.Exit(2) from None
+        console.print(f"data: {data} ({s.source.kind}), interval end {interval_end:%Y-%m-%d}")
     try:
         manifests = run_pipeline(s, interval_end or s.generate.end_date, console)
     except ValidationError as e:
