@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -18,6 +18,9 @@ from recsys.config import Settings, SourceConfig
 from recsys.manifests import IngestManifest
 from recsys.storage import read_table, write_data_tables, write_manifest
 from recsys.timeutil import to_utc
+
+if TYPE_CHECKING:
+    from components.sources.synthetic import GenerateParams
 
 
 def ingest(settings: Settings, out_dir: Path, interval_end: datetime | None = None) -> dict[str, Any]:
@@ -40,6 +43,8 @@ def ingest(settings: Settings, out_dir: Path, interval_end: datetime | None = No
         rows = _copy_as_it_came(frames, out_dir)
     else:
         rows = write_data_tables(frames, out_dir)
+    if settings.source.kind == "synthetic":
+        _write_synthetic_truth(settings, out_dir)
     manifest = IngestManifest(
         path=str(out_dir), rows=rows, source=settings.source.kind, interval_end=str(interval_end)
     )
@@ -51,21 +56,9 @@ def _read_source(settings: Settings) -> dict[str, pd.DataFrame]:
     """Users, items and events of the configured source, whole."""
     src = settings.source
     if src.kind == "synthetic":
-        from components.sources.synthetic import GenerateParams, generate
+        from components.sources.synthetic import generate
 
-        g = settings.generate
-        return generate(
-            GenerateParams(
-                users=g.users,
-                items=g.items,
-                days=g.days,
-                seed=g.seed,
-                end_date=g.end_date,
-                events_per_user_day=g.events_per_user_day,
-                late_user_fraction=g.late_user_fraction,
-                late_item_fraction=g.late_item_fraction,
-            )
-        )
+        return generate(_generate_params(settings))
     if src.kind == "movielens":
         from components.sources.movielens import load_movielens
 
@@ -74,6 +67,30 @@ def _read_source(settings: Settings) -> dict[str, pd.DataFrame]:
         return frames
     folder = _require_path(src.path, "parquet")
     return {t: read_table(folder, t) for t in ("users", "items", "events")}
+
+
+def _generate_params(settings: Settings) -> GenerateParams:
+    from components.sources.synthetic import GenerateParams
+
+    g = settings.generate
+    return GenerateParams(
+        users=g.users,
+        items=g.items,
+        days=g.days,
+        seed=g.seed,
+        end_date=g.end_date,
+        events_per_user_day=g.events_per_user_day,
+        late_user_fraction=g.late_user_fraction,
+        late_item_fraction=g.late_item_fraction,
+    )
+
+
+def _write_synthetic_truth(settings: Settings, out_dir: Path) -> None:
+    """The truth the synthetic data was sampled from, in ``<out_dir>/truth/`` for the simulator
+    (``recsys simulate``); validation and training read only users/, items/ and events/."""
+    from components.sources.synthetic import TRUTH_FOLDER, draw_truth, write_truth
+
+    write_truth(draw_truth(_generate_params(settings)), out_dir / TRUTH_FOLDER)
 
 
 def _events_before(frames: dict[str, pd.DataFrame], interval_end: datetime | None) -> dict[str, pd.DataFrame]:

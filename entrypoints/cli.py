@@ -305,6 +305,10 @@ def recommend_cmd(
     except (FileNotFoundError, KeyError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
+    if summary.get("note"):
+        note = f"{summary['note']}; {summary['users']:,} users -> {summary['path']}"
+        console.print(f"[yellow]note:[/yellow] {note}")
+        return
     ranking = f"{s.push.ranking_model} re-ranked" if summary["ranked"] else "retrieval order"
     console.print(
         f"{summary['users']:,} users ({summary['unknown_users']:,} unknown) -> {summary['path']}: "
@@ -451,6 +455,40 @@ def canary_rollback(
 ) -> None:
     """Send canary traffic back to stable for both models (canary := stable), recorded as manual."""
     _canary_manual(ctx, "rollback", reason)
+
+
+@app.command("simulate")
+def simulate_cmd(
+    ctx: typer.Context,
+    truth: Annotated[
+        Path | None,
+        typer.Option(help="A truth folder, or a data folder holding truth/ (default: the latest run's)."),
+    ] = None,
+    users: Annotated[int, typer.Option(help="Users sampled from the truth (seeded).")] = 200,
+    requests_per_user: Annotated[int, typer.Option(help="Requests each user makes of each policy.")] = 10,
+    k: Annotated[int, typer.Option(help="Items per request.")] = 10,
+    seed: Annotated[int, typer.Option(help="Seeds the users' sample, the random policy and responses.")] = 0,
+    policy: Annotated[
+        list[str] | None,
+        typer.Option(help="Policies to run (repeatable): served, retrieval, popularity, random, oracle."),
+    ] = None,
+    gateway: Annotated[
+        str | None, typer.Option(help="A running gateway's URL (default: start one on a scratch copy).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: <run>/simulation).")] = None,
+) -> None:
+    """Replay users of the synthetic truth against the served system, retrieval alone, popularity,
+    random and the oracle; report reward per request and the served system's share of the oracle."""
+    from entrypoints.simulate import POLICIES, run_simulation
+
+    try:
+        run_simulation(
+            _settings(ctx), console, truth=truth, users=users, requests_per_user=requests_per_user,
+            k=k, seed=seed, policies=policy or POLICIES, gateway_url=gateway, out=out,
+        )  # fmt: skip
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
 
 
 @app.command("demo")

@@ -17,10 +17,16 @@ What the models can learn from it, and why it is built this way:
 
 Everything is vectorized in NumPy and driven by one seed: the same arguments give
 byte-identical Parquet files.
+
+Beside the data, ``generate_to_folder`` writes the truth it sampled from (``truth/``: each
+user's tastes and latent vector, each item's primary category and latent vector), which no
+pipeline step reads. The response model (``affinity_of``, ``draw_responses``) is public, so
+the simulator (``components.simulation``) replays users exactly as the data was drawn.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -30,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from recsys.contracts import AGE_BUCKETS, CATEGORY_SEPARATOR, DEVICES
-from recsys.storage import write_data_folder
+from recsys.storage import read_manifest, write_data_folder, write_manifest
 from recsys.timeutil import to_utc
 
 CATEGORY_WORDS: dict[str, list[str]] = {
@@ -120,6 +126,31 @@ class _Impressions:
 
 def generate(params: GenerateParams) -> dict[str, pd.DataFrame]:
     """Build users, items and events frames that follow the data contracts."""
+    frames, _ = generate_with_truth(params)
+    return frames
+
+
+def generate_with_truth(params: GenerateParams) -> tuple[dict[str, pd.DataFrame], SyntheticTruth]:
+    """The data frames (as ``generate``) and the truth they were sampled from."""
+    rng, period, users, items = _draw_world(params)
+    sessions = _draw_sessions(rng, params, period, users)
+    shown = _draw_impressions(rng, sessions, users, items)
+    outcomes = _draw_outcomes(rng, shown, users, items, period)
+    events = _events_frame(outcomes, shown, sessions, users, items, period)
+    return {"users": users.frame, "items": items.frame, "events": events}, _truth_of(params, users, items)
+
+
+def draw_truth(params: GenerateParams) -> SyntheticTruth:
+    """The truth ``generate(params)`` samples from, without drawing the events.
+
+    Users and items are the generator's first draws, so this is cheap and exact.
+    """
+    _, _, users, items = _draw_world(params)
+    return _truth_of(params, users, items)
+
+
+def _draw_world(params: GenerateParams) -> tuple[np.random.Generator, _Period, _Users, _Items]:
+    """The seeded generator, the period, and the users and items: the draws every output starts with."""
     # One generator drawn from in a fixed order: the order of the phases is part of the output.
     rng = np.random.default_rng(params.seed)
     end = to_utc(params.end_date)
@@ -127,20 +158,14 @@ def generate(params: GenerateParams) -> dict[str, pd.DataFrame]:
     categories = list(CATEGORY_WORDS)
     users = _draw_users(rng, params, period, len(categories))
     items = _draw_items(rng, params, period, categories)
-    sessions = _draw_sessions(rng, params, period, users)
-    shown = _draw_impressions(rng, sessions, users, items)
-    outcomes = _draw_outcomes(rng, shown, users, items, period)
-    events = _events_frame(outcomes, shown, sessions, users, items, period)
-    return {"users": users.frame, "items": items.frame, "events": events}
+    return rng, period, users, items
 
 
 def _draw_users(rng: np.random.Generator, params: GenerateParams, period: _Period, n_cat: int) -> _Users:
     """Users whose demographics shape their category prior; early ones signed up before the period."""
     n_u = params.users
     age_idx = rng.choice(6, size=n_u, p=[0.08, 0.22, 0.28, 0.2, 0.13, 0.09])
-    country_idx = rng.choice(
-        len(COUNTRIES), size=n_u, p=[0.3, 0.12, 0.12, 0.1, 0.14, 0.1, 0.07, 0.05]
-    )
+    country_idx = rng.choice(len(COUNTRIES), size=n_u, p=[0.3, 0.12, 0.12, 0.1, 0.14, 0.1, 0.07, 0.05])
     age_pref = rng.dirichlet(np.full(n_cat, 0.5), size=6)
     country_pref = rng.dirichlet(np.full(n_cat, 1.0), size=len(COUNTRIES))
     prior = 0.7 * age_pref[age_idx] + 0.3 * country_pref[country_idx]
@@ -261,43 +286,18 @@ def _draw_outcomes(
     Columns: ``imp`` (the impression's row in ``shown``), ``event_type``, ``value`` and
     ``offset`` (seconds from the period's start); events past the period's end are dropped.
     """
-    cat_affinity = np.log(users.taste[shown.user, items.primary[shown.item]] + 1e-3)
-    latent_affinity = np.einsum("ij,ij->i", users.latent[shown.user], items.latent[shown.item])
-    affinity = 0.8 * cat_affinity + 2.5 * latent_affinity
-    n = affinity.size
-    click = rng.random(n) < _sigmoid(-0.2 + affinity)
-    view = click & (rng.random(n) < 0.9)
-    dwell = np.round(rng.lognormal(3.0 + 0.6 * np.tanh(affinity), 0.6), 1)
-    cart = view & (rng.random(n) < 0.25 * _sigmoid(affinity))
-    purchase = cart & (rng.random(n) < 0.5)
-    rate = view & (rng.random(n) < 0.3)
-    stars = np.clip(np.round(3.2 + 1.4 * np.tanh(affinity + 0.5) + rng.normal(0, 0.6, n)), 1, 5)
-    like = view & (rng.random(n) < 0.15 * _sigmoid(2 * affinity))
-    dislike = click & ~like & (rng.random(n) < 0.1 * _sigmoid(-2 * affinity))
-    skip = ~click & (rng.random(n) < 0.1)
-
-    no_value = np.full(n, np.nan)
-    # (event type, which impressions it follows, its value, its step after the impression)
-    kinds = [
-        ("impression", np.ones_like(click), no_value, 0),
-        ("skip", skip, no_value, 1),
-        ("click", click, no_value, 1),
-        ("view", view, dwell, 2),
-        ("like", like, no_value, 3),
-        ("dislike", dislike, no_value, 3),
-        ("rating", rate, stars, 4),
-        ("add_to_cart", cart, no_value, 5),
-        ("purchase", purchase, no_value, 6),
-    ]
+    affinity = affinity_of(
+        users.taste[shown.user, items.primary[shown.item]], users.latent[shown.user], items.latent[shown.item]
+    )
+    responses = draw_responses(rng, affinity)
     parts = []
-    for name, mask, value, step in kinds:
-        idx = np.flatnonzero(mask)
+    for name, idx, value, step in responses.events():
         parts.append(
             pd.DataFrame(
                 {
                     "imp": idx,
                     "event_type": name,
-                    "value": value[idx],
+                    "value": value,
                     "offset": shown.offset[idx] + step * EVENT_GAP_SECONDS / 4,
                 }
             )
@@ -305,6 +305,117 @@ def _draw_outcomes(
     ev = pd.concat(parts, ignore_index=True)
     ev = ev[ev["offset"] < period.seconds].sort_values(["offset", "imp", "event_type"], kind="stable")
     return ev.reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The response model: how a user answers an item shown to them. The generator draws the data
+# set's outcomes with it and the simulator (``components.simulation``) draws a simulated
+# user's answers with it, so both follow one definition.
+# --------------------------------------------------------------------------------------------
+
+
+def affinity_of(taste_of_primary: np.ndarray, user_latent: np.ndarray, item_latent: np.ndarray) -> np.ndarray:
+    """How much a user likes an item: their taste for its primary category (log) plus the
+    agreement of their latent vectors (taste within categories).
+
+    Args:
+        taste_of_primary: the user's taste for the item's primary category, any shape ``S``.
+        user_latent: ``S + (LATENT_DIM,)``.
+        item_latent: ``S + (LATENT_DIM,)``.
+    """
+    latent = np.einsum("...j,...j->...", user_latent, item_latent)
+    return 0.8 * np.log(taste_of_primary + 1e-3) + 2.5 * latent
+
+
+@dataclass(frozen=True)
+class ResponseOdds:
+    """The chances a response is drawn with, per impression, as functions of affinity.
+
+    Each outcome needs the one before it (a view needs a click, a purchase a cart); the
+    ``*_given_*`` numbers are conditional on that. Dwell is lognormal; stars are a rounded
+    normal clipped to 1..5.
+    """
+
+    click: np.ndarray
+    cart_given_view: np.ndarray
+    like_given_view: np.ndarray
+    dislike_given_click_not_like: np.ndarray
+    dwell_log_mean: np.ndarray
+    stars_mean: np.ndarray
+    view_given_click: float = 0.9
+    purchase_given_cart: float = 0.5
+    rate_given_view: float = 0.3
+    skip_given_no_click: float = 0.1
+    dwell_log_sd: float = 0.6
+    stars_sd: float = 0.6
+
+
+def response_odds(affinity: np.ndarray) -> ResponseOdds:
+    """The response model's chances for impressions of these affinities."""
+    return ResponseOdds(
+        click=_sigmoid(-0.2 + affinity),
+        cart_given_view=0.25 * _sigmoid(affinity),
+        like_given_view=0.15 * _sigmoid(2 * affinity),
+        dislike_given_click_not_like=0.1 * _sigmoid(-2 * affinity),
+        dwell_log_mean=3.0 + 0.6 * np.tanh(affinity),
+        stars_mean=3.2 + 1.4 * np.tanh(affinity + 0.5),
+    )
+
+
+@dataclass(frozen=True)
+class Responses:
+    """What followed each of N impressions: one flag per outcome, dwell seconds and stars."""
+
+    click: np.ndarray
+    view: np.ndarray
+    dwell: np.ndarray  # seconds, meaningful where ``view``
+    cart: np.ndarray
+    purchase: np.ndarray
+    rate: np.ndarray
+    stars: np.ndarray  # 1..5, meaningful where ``rate``
+    like: np.ndarray
+    dislike: np.ndarray
+    skip: np.ndarray
+
+    def events(self) -> list[tuple[str, np.ndarray, np.ndarray, int]]:
+        """(event type, impressions it follows, their values, its step after the impression),
+        impression first, in the order the generator writes them."""
+        n = self.click.size
+        no_value = np.full(n, np.nan)
+        kinds = [
+            ("impression", np.ones_like(self.click), no_value, 0),
+            ("skip", self.skip, no_value, 1),
+            ("click", self.click, no_value, 1),
+            ("view", self.view, self.dwell, 2),
+            ("like", self.like, no_value, 3),
+            ("dislike", self.dislike, no_value, 3),
+            ("rating", self.rate, self.stars, 4),
+            ("add_to_cart", self.cart, no_value, 5),
+            ("purchase", self.purchase, no_value, 6),
+        ]
+        out = []
+        for name, mask, value, step in kinds:
+            idx = np.flatnonzero(mask)
+            out.append((name, idx, value[idx], step))
+        return out
+
+
+def draw_responses(rng: np.random.Generator, affinity: np.ndarray) -> Responses:
+    """Draw what follows impressions of these affinities (1-D), in the generator's fixed order:
+    the same ``rng`` state and affinities give the same responses."""
+    odds = response_odds(affinity)
+    n = affinity.size
+    click = rng.random(n) < odds.click
+    view = click & (rng.random(n) < odds.view_given_click)
+    dwell = np.round(rng.lognormal(odds.dwell_log_mean, odds.dwell_log_sd), 1)
+    cart = view & (rng.random(n) < odds.cart_given_view)
+    purchase = cart & (rng.random(n) < odds.purchase_given_cart)
+    rate = view & (rng.random(n) < odds.rate_given_view)
+    stars = np.clip(np.round(odds.stars_mean + rng.normal(0, odds.stars_sd, n)), 1, 5)
+    like = view & (rng.random(n) < odds.like_given_view)
+    dislike = click & ~like & (rng.random(n) < odds.dislike_given_click_not_like)
+    skip = ~click & (rng.random(n) < odds.skip_given_no_click)
+    return Responses(click, view, dwell, cart, purchase, rate, stars, like, dislike, skip)
 
 
 def _events_frame(
@@ -338,27 +449,165 @@ def _events_frame(
 
 
 def generate_to_folder(params: GenerateParams, out_dir: Path) -> dict[str, Any]:
-    """Generate and write a data folder (users/, items/, events/, manifest.json)."""
-    frames = generate(params)
-    return write_data_folder(
+    """Generate and write a data folder (users/, items/, events/, manifest.json), and beside
+    it the truth the data was sampled from (``truth/``, see ``write_truth``)."""
+    frames, truth = generate_with_truth(params)
+    manifest = write_data_folder(
         frames,
         out_dir,
         extra={
             "source": "synthetic",
-            "params": {
-                "users": params.users,
-                "items": params.items,
-                "days": params.days,
-                "seed": params.seed,
-                "end_date": params.end_date.isoformat(),
-                "events_per_user_day": params.events_per_user_day,
-            },
+            "params": _params_record(params),
             "period": {
                 "start": (params.end_date - timedelta(days=params.days)).isoformat(),
                 "end": params.end_date.isoformat(),
             },
         },
     )
+    write_truth(truth, Path(out_dir) / TRUTH_FOLDER)
+    return manifest
+
+
+def _params_record(params: GenerateParams) -> dict[str, Any]:
+    return {
+        "users": params.users,
+        "items": params.items,
+        "days": params.days,
+        "seed": params.seed,
+        "end_date": params.end_date.isoformat(),
+        "events_per_user_day": params.events_per_user_day,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The truth: what the data was sampled from. Written beside the data, never read by training.
+# --------------------------------------------------------------------------------------------
+
+# The truth's folder inside a data folder: ingest and validation read only users/, items/ and
+# events/, so nothing in the pipeline trains on it.
+TRUTH_FOLDER = "truth"
+TRUTH_KIND = "synthetic"
+# Names the response model (``affinity_of`` + ``draw_responses``); bump it when they change, so
+# a truth written by an older generator is refused rather than misread.
+RESPONSE_MODEL = "synthetic-affinity-v1"
+
+
+@dataclass(frozen=True)
+class SyntheticTruth:
+    """The latent state the generator sampled users' responses from.
+
+    A user answers an item shown to them by ``draw_responses(rng, affinity)`` with
+    ``affinity = affinity_of(taste[u, primary[i]], user_latent[u], item_latent[i])``.
+    """
+
+    categories: tuple[str, ...]
+    user_ids: np.ndarray  # [U] str
+    taste: np.ndarray  # [U, C] category preferences, rows sum to 1
+    user_latent: np.ndarray  # [U, LATENT_DIM]
+    item_ids: np.ndarray  # [I] str
+    item_primary: np.ndarray  # [I] index into ``categories``
+    item_latent: np.ndarray  # [I, LATENT_DIM]
+    item_published_ts: pd.Series  # [I] UTC timestamps
+    item_in_stock: np.ndarray  # [I] bool
+    params: dict[str, Any]
+
+
+def _truth_of(params: GenerateParams, users: _Users, items: _Items) -> SyntheticTruth:
+    return SyntheticTruth(
+        categories=tuple(CATEGORY_WORDS),
+        user_ids=users.frame["user_id"].to_numpy(dtype=object),
+        taste=users.taste,
+        user_latent=users.latent,
+        item_ids=items.frame["item_id"].to_numpy(dtype=object),
+        item_primary=items.primary,
+        item_latent=items.latent,
+        item_published_ts=items.frame["published_ts"].reset_index(drop=True),
+        item_in_stock=items.frame["in_stock"].to_numpy(dtype=bool),
+        params={
+            **_params_record(params),
+            "late_user_fraction": params.late_user_fraction,
+            "late_item_fraction": params.late_item_fraction,
+        },
+    )
+
+
+def write_truth(truth: SyntheticTruth, out_dir: Path) -> dict[str, Any]:
+    """Write ``users.parquet``, ``items.parquet`` and ``manifest.json`` (last) to ``out_dir``.
+
+    Vectors are float64 lists, so a reader recomputes the generator's affinities exactly.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    users = pd.DataFrame(
+        {"user_id": truth.user_ids, "taste": list(truth.taste), "latent": list(truth.user_latent)}
+    )
+    items = pd.DataFrame(
+        {
+            "item_id": truth.item_ids,
+            "primary_category": np.asarray(truth.categories, dtype=object)[truth.item_primary],
+            "latent": list(truth.item_latent),
+            "published_ts": truth.item_published_ts,
+            "in_stock": truth.item_in_stock,
+        }
+    )
+    users.to_parquet(out_dir / "users.parquet", index=False)
+    items.to_parquet(out_dir / "items.parquet", index=False)
+    manifest = {
+        "kind": TRUTH_KIND,
+        "response_model": RESPONSE_MODEL,
+        "categories": list(truth.categories),
+        "latent_dim": LATENT_DIM,
+        "params": truth.params,
+        "rows": {"users": len(users), "items": len(items)},
+    }
+    write_manifest(out_dir, manifest)
+    return manifest
+
+
+def read_truth(folder: Path) -> SyntheticTruth:
+    """The truth ``write_truth`` wrote to ``folder``.
+
+    Raises:
+        FileNotFoundError: no finished truth there (no ``manifest.json``).
+        ValueError: a truth of another kind or response model, naming it.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    kind, model = manifest.get("kind"), manifest.get("response_model")
+    if kind != TRUTH_KIND or model != RESPONSE_MODEL:
+        raise ValueError(
+            f"{folder}: truth kind={kind!r} response_model={model!r}; this generator reads "
+            f"kind={TRUTH_KIND!r} response_model={RESPONSE_MODEL!r}"
+        )
+    categories = tuple(manifest["categories"])
+    users = pd.read_parquet(folder / "users.parquet")
+    items = pd.read_parquet(folder / "items.parquet")
+    primary = pd.Categorical(items["primary_category"], categories=categories)
+    if (primary.codes < 0).any():
+        bad = sorted(set(items["primary_category"][primary.codes < 0]))
+        raise ValueError(f"{folder}/items.parquet: primary_category {bad} not in the manifest's categories")
+    return SyntheticTruth(
+        categories=categories,
+        user_ids=users["user_id"].astype(str).to_numpy(dtype=object),
+        taste=_matrix(users["taste"], len(categories)),
+        user_latent=_matrix(users["latent"], LATENT_DIM),
+        item_ids=items["item_id"].astype(str).to_numpy(dtype=object),
+        item_primary=primary.codes.astype(np.int64),
+        item_latent=_matrix(items["latent"], LATENT_DIM),
+        item_published_ts=pd.to_datetime(items["published_ts"], utc=True),
+        item_in_stock=items["in_stock"].to_numpy(dtype=bool),
+        params=dict(manifest.get("params", {})),
+    )
+
+
+def _matrix(column: pd.Series, width: int) -> np.ndarray:
+    rows = column.to_list()
+    out = np.asarray(rows, dtype=np.float64).reshape(len(rows), -1) if rows else np.zeros((0, width))
+    if out.shape[1] != width:
+        raise ValueError(f"truth column {column.name}: vectors of length {out.shape[1]}, expected {width}")
+    return out
 
 
 def _ids(prefix: str, n: int) -> np.ndarray:

@@ -1,0 +1,214 @@
+"""What a simulation measured, per policy: ``summary.json`` and a self-contained ``report.html``.
+
+Reward per request is the objective-weighted sum over the shown items (``Truth``): realized
+(what the simulated users did) and expected (what the truth expects of the shown items, the
+same quantity without the response's noise). Requests of one user are not independent, so
+intervals are over users: the 95% interval of a mean is the mean of per-user means ± 1.96
+standard errors, and a share of the oracle's reward is bootstrapped over users (the same users
+resampled for both policies, as every policy served the same users).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+Z95 = 1.959963984540054
+BOOTSTRAP_SAMPLES = 2000
+ORACLE = "oracle"
+
+
+def summarize(
+    records: pd.DataFrame, reference: str = ORACLE, seed: int = 0, setup: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Per policy: requests, users, reward per request (realized and expected, 95% intervals
+    over users), click rate, clicks, engagement and purchases per request, requests per serving
+    arm, and the share of ``reference``'s reward (bootstrap interval over users).
+
+    Raises:
+        ValueError: ``reference`` is not among the records' policies.
+    """
+    names = list(dict.fromkeys(records["policy"]))
+    if reference not in names:
+        raise ValueError(f"the reference policy {reference!r} was not simulated; policies: {names}")
+    per_user = {
+        metric: records.pivot_table(index="user_id", columns="policy", values=metric, aggfunc="mean")[names]
+        for metric in ("reward", "expected_reward")
+    }
+    rng = np.random.default_rng(seed)
+    n_users = len(per_user["reward"])
+    resamples = rng.integers(0, n_users, size=(BOOTSTRAP_SAMPLES, n_users))
+    policies: dict[str, Any] = {}
+    for name in names:
+        rows = records[records["policy"] == name]
+        shown = int(rows["shown"].sum())
+        entry: dict[str, Any] = {
+            "requests": len(rows),
+            "users": int(rows["user_id"].nunique()),
+            "items_shown": shown,
+            "reward_per_request": _mean_ci(per_user["reward"][name].to_numpy()),
+            "expected_reward_per_request": _mean_ci(per_user["expected_reward"][name].to_numpy()),
+            "click_rate": float(rows["clicks"].sum() / shown) if shown else 0.0,
+            "clicks_per_request": float(rows["clicks"].mean()),
+            "engagement_per_request": float(rows["engagement"].mean()),
+            "purchases_per_request": float(rows["purchases"].mean()),
+            "not_allowed": int(rows["not_allowed"].sum()),
+            "unsimulated": int(rows["unsimulated"].sum()),
+        }
+        for metric, key in (("reward", "share_of_oracle"), ("expected_reward", "expected_share_of_oracle")):
+            table = per_user[metric]
+            entry[key] = _share(table[name].to_numpy(), table[reference].to_numpy(), resamples)
+        arms = rows[rows["arm"] != ""]
+        if len(arms):
+            entry["arms"] = {
+                str(arm): {"requests": len(g), "reward_per_request": float(g["reward"].mean())}
+                for arm, g in arms.groupby("arm", sort=True)
+            }
+        policies[name] = entry
+    return {"reference": reference, "seed": seed, "setup": dict(setup or {}), "policies": policies}
+
+
+def _mean_ci(per_user: np.ndarray) -> dict[str, Any]:
+    """Mean of per-user means and its 95% interval (normal, over users)."""
+    mean = float(per_user.mean())
+    half = Z95 * float(per_user.std(ddof=1)) / math.sqrt(len(per_user)) if len(per_user) > 1 else math.nan
+    return {"mean": mean, "ci95": [mean - half, mean + half]}
+
+
+def _share(policy: np.ndarray, reference: np.ndarray, resamples: np.ndarray) -> dict[str, Any]:
+    """mean(policy) / mean(reference) over users, with a paired bootstrap 95% interval."""
+    denominator = float(reference.mean())
+    if denominator <= 0:
+        return {"mean": math.nan, "ci95": [math.nan, math.nan]}
+    boot = policy[resamples].mean(axis=1) / np.maximum(reference[resamples].mean(axis=1), 1e-12)
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    return {"mean": float(policy.mean()) / denominator, "ci95": [float(lo), float(hi)]}
+
+
+def write_report(
+    summary: Mapping[str, Any], records: pd.DataFrame, out_dir: Path, served: str = "served"
+) -> dict[str, Path]:
+    """``summary.json``, ``requests.parquet`` (one row per request) and ``report.html`` in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "summary": out_dir / "summary.json",
+        "requests": out_dir / "requests.parquet",
+        "report": out_dir / "report.html",
+    }
+    paths["summary"].write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+    records.to_parquet(paths["requests"], index=False)
+    paths["report"].write_text(_html(summary, served))
+    return paths
+
+
+def _html(summary: Mapping[str, Any], served: str) -> str:
+    policies: Mapping[str, Any] = summary["policies"]
+    reference = summary["reference"]
+    headline = ""
+    if served in policies:
+        share = policies[served]["share_of_oracle"]
+        expected = policies[served]["expected_share_of_oracle"]
+        headline = (
+            f"<p class='headline'>The served system earns <b>{share['mean']:.1%}</b> of the "
+            f"{html.escape(reference)}'s reward per request (95% interval {share['ci95'][0]:.1%} to "
+            f"{share['ci95'][1]:.1%}); by expected reward of the items shown, {expected['mean']:.1%}.</p>"
+        )
+    cols = [
+        ("requests", "requests"),
+        ("users", "users"),
+        ("reward / request", "reward_per_request"),
+        ("expected reward / request", "expected_reward_per_request"),
+        ("share of " + reference, "share_of_oracle"),
+        ("click rate", "click_rate"),
+        ("clicks / request", "clicks_per_request"),
+        ("engagement / request", "engagement_per_request"),
+        ("purchases / request", "purchases_per_request"),
+        ("not allowed", "not_allowed"),
+        ("unsimulated", "unsimulated"),
+    ]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c, _ in cols)
+    body = "".join(
+        f"<tr><th>{html.escape(name)}</th>"
+        + "".join(f"<td>{_cell(p[key])}</td>" for _, key in cols)
+        + "</tr>"
+        for name, p in policies.items()
+    )
+    arms = "".join(
+        f"<li>{html.escape(name)}: "
+        + ", ".join(
+            f"{html.escape(arm)} {a['requests']} requests, reward {a['reward_per_request']:.3f}"
+            for arm, a in p["arms"].items()
+        )
+        + "</li>"
+        for name, p in policies.items()
+        if p.get("arms")
+    )
+    setup = "".join(
+        f"<li>{html.escape(str(k))}: {html.escape(str(v))}</li>" for k, v in summary.get("setup", {}).items()
+    )
+    chart = _chart(policies, reference)
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>recsys simulation</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}.headline{{font-size:1.2em}}</style>
+</head><body>
+<h1>Simulation against the data's truth</h1>
+{headline}
+<p>Reward per request: the objective-weighted clicks and engagement of the shown items, as the
+ranker's objectives weigh them. Intervals are 95%, over users.</p>
+<img alt="reward per request" src="data:image/png;base64,{chart}">
+<table><tr><th>policy</th>{head}</tr>{body}</table>
+{f"<h2>Serving arms</h2><ul>{arms}</ul>" if arms else ""}
+<h2>Setup</h2><ul>{setup}</ul>
+</body></html>
+"""
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, Mapping) and "mean" in v:
+        lo, hi = v["ci95"]
+        return f"{v['mean']:.3f} <small>[{lo:.3f}, {hi:.3f}]</small>"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return html.escape(str(v))
+
+
+def _chart(policies: Mapping[str, Any], reference: str) -> str:
+    """Bars of realized and expected reward per request per policy, with intervals: a base64 PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names: Sequence[str] = list(policies)
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(names)), 3.6))
+    for offset, key, label, color in (
+        (-0.2, "reward_per_request", "realized", "#4c72b0"),
+        (0.2, "expected_reward_per_request", "expected", "#dd8452"),
+    ):
+        means = [policies[n][key]["mean"] for n in names]
+        err = [
+            [max(0.0, m - policies[n][key]["ci95"][0]) for n, m in zip(names, means, strict=True)],
+            [max(0.0, policies[n][key]["ci95"][1] - m) for n, m in zip(names, means, strict=True)],
+        ]
+        ax.bar(x + offset, means, width=0.4, yerr=err, capsize=4, label=label, color=color)
+    ax.axhline(policies[reference]["reward_per_request"]["mean"], color="#555", lw=0.8, ls="--")
+    ax.set_xticks(x, names)
+    ax.set_ylabel("reward per request")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
