@@ -11,7 +11,23 @@ Metrics: NDCG@10, Precision@10, Recall@10 and MAP@10 (MAP's denominator is the u
 number of relevant items, as in the published table), averaged over test users, beside a
 popularity baseline on the same split.
 
-Run: `.venv/bin/python -m bench.quality [--set ml-100k|ml-latest-small] [--home DIR]`.
+The random split is repeated over ``--split-seeds`` (default 42, 43, 44): each seed's
+numbers and their mean and spread (population standard deviation) are reported.
+
+Sequential protocol (``--protocol sequential``), as SASRec-style papers report it:
+leave-last-out (each user's last rating, by time, is the test item; the one before it the
+validation item); each system ranks *every* catalog item for the user, with the user's
+history masked; HR@10 (the test item in the top 10) and NDCG@10 (1 / log2(rank + 2) when
+it is) averaged over users. Systems: popularity, the bag-of-items retriever and the
+sequential retriever (``training.query_tower``), trained by ``train_retriever`` on a frame
+built here (profile, the rating's hour, point-in-time recent items), scored through the
+exported query tower and item embeddings, as serving does. Hyperparameters (a small grid
+per tower, and the epoch count by early stopping on the last tenth of the training
+positives by time) are chosen on the validation item with models trained without it; the
+chosen recipe is then trained on everything but the test item, once per ``--train-seeds``.
+
+Run: `.venv/bin/python -m bench.quality [--set ml-100k|ml-latest-small] [--home DIR]
+[--protocol random|sequential|both] [--split-seeds 42 43 44] [--train-seeds 1 2 3]`.
 """
 
 from __future__ import annotations
@@ -94,12 +110,14 @@ def popularity_recs(train: pd.DataFrame, users: Sequence[str], k: int) -> dict[s
     return out
 
 
-def run(dataset: str, home: Path, console: Console, overrides: dict[str, Any]) -> dict[str, Any]:
+def run(
+    dataset: str, home: Path, console: Console, overrides: dict[str, Any], split_seed: int = 42
+) -> dict[str, Any]:
     from components.batch_recommend import recommend
     from components.pipeline import run_pipeline
 
     frames = load_movielens(SHARED_DATA / dataset)
-    train, test = stratified_split(frames["events"])
+    train, test = stratified_split(frames["events"], seed=split_seed)
     drop = home / "drop"
     write_data_folder({"users": frames["users"], "items": frames["items"], "events": train}, drop)
     interval_end = (pd.to_datetime(train["ts"], utc=True).max() + pd.Timedelta(days=1)).ceil("D")
@@ -111,7 +129,7 @@ def run(dataset: str, home: Path, console: Console, overrides: dict[str, Any]) -
             "source.path": str(drop),
             "validation.future_tolerance_seconds": 0,
             **overrides,
-        }
+        },
     )
     t0 = time.perf_counter()
     manifests = run_pipeline(settings, interval_end.to_pydatetime(), console)
@@ -133,6 +151,7 @@ def run(dataset: str, home: Path, console: Console, overrides: dict[str, Any]) -
     evaluation = manifests["evaluate"]
     return {
         "dataset": dataset,
+        "split_seed": split_seed,
         "ratings": {"train": len(train), "test": len(test)},
         "model": model,
         "popularity": popularity,
@@ -143,11 +162,54 @@ def run(dataset: str, home: Path, console: Console, overrides: dict[str, Any]) -
     }
 
 
+RANDOM_METRICS = ("ndcg@10", "precision@10", "recall@10", "map@10")
+
+
+def spread(values: Sequence[float]) -> str:
+    """``mean ± population standard deviation`` of per-seed values, three decimals."""
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+
+
+def random_protocol_table(results: Sequence[dict[str, Any]]) -> Table:
+    """Per seed and per data set: the pipeline and popularity rows, then mean ± spread."""
+    seeds = sorted({r["split_seed"] for r in results})
+    t = Table(title=f"MovieLens top-10, 75/25 per-user stratified random split (split seeds {seeds})")
+    for c in ("data set", "split seed", "system", "NDCG@10", "Precision@10", "Recall@10", "MAP@10"):
+        t.add_column(c, justify="left" if c in ("data set", "system") else "right")
+    names = {"model": "recsys (retriever + ranker)", "popularity": "popularity"}
+    for dataset in dict.fromkeys(r["dataset"] for r in results):
+        runs = [r for r in results if r["dataset"] == dataset]
+        for r in runs:
+            for system, name in names.items():
+                t.add_row(
+                    dataset, str(r["split_seed"]), name, *(f"{r[system][x]:.3f}" for x in RANDOM_METRICS)
+                )
+        for system, name in names.items():
+            t.add_row(
+                dataset, "mean ± sd", name, *(spread([r[system][x] for r in runs]) for x in RANDOM_METRICS)
+            )
+        if dataset == "ml-100k":
+            for name, m in PUBLISHED_100K.items():
+                t.add_row("ml-100k", "", f"{name} (published)", *(f"{m[x]:.3f}" for x in RANDOM_METRICS))
+    return t
+
+
 def main() -> None:
+    from bench.sequential_quality import run_sequential, sequential_table
+
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--set", dest="datasets", action="append", choices=["ml-100k", "ml-latest-small"])
     p.add_argument("--home", type=Path, default=None, help="Keep state here (default: a temp dir).")
     p.add_argument("--override", action="append", default=[], help="dotted.key=value (YAML value)")
+    p.add_argument("--protocol", choices=["random", "sequential", "both"], default="random")
+    p.add_argument(
+        "--split-seeds", type=int, nargs="+", default=[42, 43, 44], help="seeds of the 75/25 split"
+    )
+    p.add_argument(
+        "--train-seeds", type=int, nargs="+", default=[1, 2, 3], help="training seeds (sequential protocol)"
+    )
+    p.add_argument("--towers", nargs="+", choices=["bag", "sequential"], default=["bag", "sequential"])
+    p.add_argument("--grid-points", type=int, default=None, help="try only the first N points per tower")
     args = p.parse_args()
     import yaml
 
@@ -156,34 +218,37 @@ def main() -> None:
         key, _, value = o.partition("=")
         overrides[key] = yaml.safe_load(value)
     console = Console()
-    results = []
-    for dataset in args.datasets or ["ml-100k", "ml-latest-small"]:
-        with tempfile.TemporaryDirectory() as tmp:
-            home = args.home / dataset if args.home else Path(tmp)
-            home.mkdir(parents=True, exist_ok=True)
-            results.append(run(dataset, home, console, overrides))
-    t = Table(title="MovieLens top-10, 75/25 per-user stratified random split (seed 42)")
-    for c in ("data set", "system", "NDCG@10", "Precision@10", "Recall@10", "MAP@10"):
-        t.add_column(c, justify="left" if c in ("data set", "system") else "right")
-    for r in results:
-        for system in ("model", "popularity"):
-            m = r[system]
-            name = "recsys (retriever + ranker)" if system == "model" else "popularity"
-            t.add_row(
-                r["dataset"],
-                name,
-                *(f"{m[x]:.3f}" for x in ("ndcg@10", "precision@10", "recall@10", "map@10")),
+    datasets = args.datasets or ["ml-100k", "ml-latest-small"]
+    report: dict[str, Any] = {}
+    if args.protocol in ("random", "both"):
+        results = []
+        for dataset in datasets:
+            for seed in args.split_seeds:
+                console.print(f"[bold]{dataset}[/]: random 75/25 split, seed {seed}")
+                with tempfile.TemporaryDirectory() as tmp:
+                    home = args.home / dataset / f"seed-{seed}" if args.home else Path(tmp)
+                    home.mkdir(parents=True, exist_ok=True)
+                    results.append(run(dataset, home, console, overrides, split_seed=seed))
+        console.print(random_protocol_table(results))
+        for r in results:
+            console.print(
+                f"{r['dataset']} seed {r['split_seed']}: {r['ratings']['train']:,} train / "
+                f"{r['ratings']['test']:,} test ratings; pipeline {r['pipeline_seconds']:.0f}s; "
+                f"training items returned: {r['train_items_returned']}"
             )
-        if r["dataset"] == "ml-100k":
-            for name, m in PUBLISHED_100K.items():
-                t.add_row("ml-100k", f"{name} (published)", *(f"{m[x]:.3f}" for x in m))
-    console.print(t)
-    for r in results:
-        console.print(
-            f"{r['dataset']}: {r['ratings']['train']:,} train / {r['ratings']['test']:,} test ratings; "
-            f"pipeline {r['pipeline_seconds']:.0f}s; training items returned: {r['train_items_returned']}"
-        )
-    print(json.dumps(results, indent=2, default=lambda v: float(v) if isinstance(v, np.floating) else str(v)))
+        report["random"] = results
+    if args.protocol in ("sequential", "both"):
+        sequential = []
+        for dataset in datasets:
+            with tempfile.TemporaryDirectory() as tmp:
+                home = args.home / dataset / "sequential" if args.home else Path(tmp)
+                home.mkdir(parents=True, exist_ok=True)
+                sequential.append(
+                    run_sequential(dataset, home, console, args.train_seeds, args.towers, args.grid_points)
+                )
+        console.print(sequential_table(sequential))
+        report["sequential"] = sequential
+    print(json.dumps(report, indent=2, default=lambda v: float(v) if isinstance(v, np.floating) else str(v)))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,12 @@ apply: each training example's ``recent_items`` are the user's *other* training 
 (newest first, ``training.max_history`` of them), and each test user's query reads all of
 their training items. Context is the rating's hour; device is unknown.
 
-Run: ``.venv/bin/python -m bench.quality_check [--set ml-100k] [--override '{"epochs": 4}']``.
+Hyperparameters are chosen with ``--validation``: the training part is split again per user
+(80/20, a different seed), the model trains on the 80% and is scored on the 20%; the test
+part is not read. Without it the run scores the test part, to report a chosen setting.
+
+Run: ``.venv/bin/python -m bench.quality_check [--set ml-100k] [--validation] [--split-seed 42]
+[--override '{"epochs": 4}']``.
 """
 
 from __future__ import annotations
@@ -72,6 +77,12 @@ def main() -> None:
     parser.add_argument("--override", default="{}", help="JSON of training.* values")
     parser.add_argument("--retrieval-weight", type=float, default=DEFAULT_RETRIEVAL_WEIGHT)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--split-seed", type=int, default=42, help="seed of the 75/25 split")
+    parser.add_argument(
+        "--validation",
+        action="store_true",
+        help="score a validation split carved from the training part (for tuning), not the test part",
+    )
     args = parser.parse_args()
 
     from components.evaluation.evaluate import evaluate
@@ -80,7 +91,10 @@ def main() -> None:
     started = time.perf_counter()
     data = load_movielens(SHARED_DATA / args.set)
     users, items, events = data["users"], data["items"], data["events"]
-    train, test = stratified_split(events)
+    train, test = stratified_split(events, seed=args.split_seed)
+    if args.validation:
+        # Tuning never reads the test part: the training part is split again.
+        train, test = stratified_split(train, ratio=0.8, seed=args.split_seed + 1000)
     config = TrainingConfig(**{**DEFAULT_OVERRIDES, **json.loads(args.override)})
     train_frame = with_history(to_frame(train, users, items), train, config.max_history, exclude_self=True)
     test_frame = to_frame(test, users, items)
@@ -95,7 +109,11 @@ def main() -> None:
     result = evaluate(
         eval_config, out / "train", train_frame, test_frame, items, out / "eval", queries=queries
     )
-    print(f"\n{args.set}: {len(train):,} train / {len(test):,} test ratings; {config.model_dump_json()}")
+    scored = "validation" if args.validation else "test"
+    print(
+        f"\n{args.set}: {len(train):,} train / {len(test):,} {scored} ratings (split seed {args.split_seed})"
+    )
+    print(config.model_dump_json())
     print(f"{'model':18s} {'ndcg@10':>8s} {'prec@10':>8s} {'recall@10':>9s}")
     for model in ("retriever", "retriever_ranker", "popularity"):
         m = result["metrics"][model]["all"]

@@ -28,6 +28,10 @@ from recsys.contracts import CATEGORY_SEPARATOR
 MAX_CATEGORIES = 4  # an item has one or two; more are ignored
 # Ranker inputs that describe the candidate (besides the item_* counts); the rest are user/context.
 ITEM_SIDE_INPUTS = ("item_id", "category")
+# A retriever batch encoded ahead of training: the towers' ``encode`` outputs under these keys.
+ENCODED_QUERY, ENCODED_CANDIDATE = "encoded_query", "encoded_candidate"
+# What the candidate tower reads of an item (train.CANDIDATE_INPUTS, all strings).
+CANDIDATE_FEATURES = ("item_id", "category", "title", "description")
 
 
 def split_tokens(text: tf.Tensor, max_len: int, sep: str | None = None) -> tf.Tensor:
@@ -151,20 +155,33 @@ class QueryTower(keras.Model):
         self.head = mlp(hidden_units, embedding_dim, "query_mlp")
 
     def call(self, features: Mapping[str, tf.Tensor], training: bool | None = None) -> tf.Tensor:
-        user = drop_ids(self.user_lookup(features["user_id"]), self.id_dropout, self.num_oov, training)
-        history = self.item_lookup(split_tokens(features["recent_items"], self.max_history))
-        hour = tf.clip_by_value(tf.cast(features["hour"], tf.int32), 0, 23)
+        return self.embed(self.encode(features), training=training)
+
+    def encode(self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """The string work: ``QUERY_INPUTS`` -> integer indices (as ``CandidateTower.encode``)."""
+        tokens = split_tokens(features["recent_items"], self.max_history)
+        encoded = {
+            "user": self.user_lookup(features["user_id"]),
+            "history": self.item_lookup(tokens),
+            "hour": tf.clip_by_value(tf.cast(features["hour"], tf.int32), 0, 23),
+            **{name: layer.lookup(features[name]) for name, layer in self.profile.items()},
+        }
+        if self.history_categories is not None:
+            # Primary category of each recent item ("" for padding and unknown items).
+            encoded["history_categories"] = self.category_lookup(self.history_categories.lookup(tokens))
+        return encoded
+
+    def embed(self, encoded: Mapping[str, tf.Tensor], training: bool | None = None) -> tf.Tensor:
+        """``encode``'s integers -> ``[B, D]`` query embeddings (id dropout in training)."""
+        user = drop_ids(encoded["user"], self.id_dropout, self.num_oov, training)
         parts = [
             self.user_embedding(user),
-            bag_mean(history, self.history_table),
-            self.hour_embedding(hour),
-            *(layer(features[name]) for name, layer in self.profile.items()),
+            bag_mean(encoded["history"], self.history_table),
+            self.hour_embedding(encoded["hour"]),
+            *(layer.embedding(encoded[name]) for name, layer in self.profile.items()),
         ]
         if self.history_categories is not None:
-            tokens = split_tokens(features["recent_items"], self.max_history)
-            # Primary category of each recent item ("" for padding and unknown items).
-            primary = self.history_categories.lookup(tokens)
-            parts.append(bag_mean(self.category_lookup(primary), self.category_embedding))
+            parts.append(bag_mean(encoded["history_categories"], self.category_embedding))
         out = self.head(tf.concat(parts, axis=1))
         out = tf.math.l2_normalize(out, axis=1) if self.normalize else out
         if self.item_bias:
@@ -172,6 +189,147 @@ class QueryTower(keras.Model):
             # bias to every dot product (see CandidateTower).
             out = tf.concat([out, tf.ones_like(out[:, :1])], axis=1)
         return out
+
+
+def reverse_tokens(text: tf.Tensor, max_len: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """``[B]`` newest-first ids -> ``[B, max_len]`` oldest first, right-padded with "", and ``[B]`` counts.
+
+    ``recent_items`` lists the newest item first; a causal encoder reads time forwards. The
+    newest ``max_len`` items are kept, then each row is reversed within its own length, so
+    position 0 is the oldest kept item and padding stays on the right.
+    """
+    newest_first = tf.strings.split(text)[:, :max_len]
+    lengths = newest_first.row_lengths()
+    starts = newest_first.row_starts()
+    rows = newest_first.value_rowids()
+    within = tf.range(tf.shape(rows, out_type=tf.int64)[0]) - tf.gather(starts, rows)
+    flipped = tf.gather(newest_first.values, tf.gather(starts, rows) + tf.gather(lengths, rows) - 1 - within)
+    oldest_first = tf.RaggedTensor.from_row_lengths(flipped, lengths)
+    return oldest_first.to_tensor(default_value="", shape=[None, max_len]), lengths
+
+
+class SequentialQueryTower(keras.Model):
+    """Embeds a request from the user's items *in order*, with a causal self-attention encoder.
+
+    The recent items (newest ``max_history``, read oldest first after a learned start token)
+    go through ``CausalSequenceEncoder``; the state after the newest item is the user's
+    sequential taste ("what comes next"). Each item's vector is its id embedding plus its
+    primary category's, so taste carries across items of a kind. The user id, profile and
+    request context (hour, device) are concatenated to that state before the head, as in
+    ``QueryTower``.
+
+    At serving ``call`` takes the same ``QUERY_INPUTS`` as the bag tower (``recent_items`` a
+    newest-first string), so the exported SavedModel is a drop-in replacement. In training
+    ``encode_positions`` returns one query per position of a sequence: position ``t`` has seen
+    the start token and the first ``t`` items, with the context of the event at ``t``; a
+    user with no history reads the start token alone (profile and context still place them).
+    """
+
+    def __init__(
+        self,
+        *,
+        users: Sequence[str],
+        item_lookup: keras.layers.StringLookup,
+        history_table: keras.layers.Embedding,
+        profile_vocab: Mapping[str, Sequence[str]],
+        embedding_dim: int,
+        id_dim: int,
+        feature_dim: int,
+        hidden_units: Sequence[int],
+        num_oov: int,
+        id_dropout: float,
+        max_history: int,
+        normalize: bool,
+        layers: int,
+        heads: int,
+        dropout: float,
+        item_bias: bool = False,
+        item_categories: Mapping[str, str] | None = None,  # item id -> primary category
+        categories: Sequence[str] = (),
+    ) -> None:
+        from components.training.sequence import CausalSequenceEncoder
+
+        super().__init__(name="query_tower")
+        self.num_oov, self.id_dropout, self.max_history = num_oov, id_dropout, max_history
+        self.normalize, self.item_bias = normalize, item_bias
+        self.user_lookup = id_lookup(users, num_oov, "user_lookup")
+        self.user_embedding = keras.layers.Embedding(len(users) + num_oov + 1, id_dim, name="user_embedding")
+        self.item_lookup = item_lookup
+        self.history_table = history_table
+        self.history_categories = None
+        if item_categories:
+            self.history_categories = tf.lookup.StaticHashTable(
+                tf.lookup.KeyValueTensorInitializer(
+                    tf.constant(list(item_categories), dtype=tf.string),
+                    tf.constant(list(item_categories.values()), dtype=tf.string),
+                ),
+                default_value="",
+            )
+            self.category_lookup = keras.layers.StringLookup(
+                vocabulary=list(categories), mask_token="", num_oov_indices=1
+            )
+            self.category_embedding = keras.layers.Embedding(
+                len(categories) + 2, id_dim, name="history_category_embedding"
+            )
+        # Position 0 of every window: what the encoder reads before the first item.
+        self.start_token = self.add_weight(
+            name="start_token", shape=(id_dim,), initializer=keras.initializers.RandomNormal(stddev=0.05)
+        )
+        self.encoder = CausalSequenceEncoder(max_history + 1, id_dim, layers, heads, dropout, name="sequence")
+        self.profile = {
+            name: CategoricalEmbedding(vocab, feature_dim, name=f"{name}_embedding")
+            for name, vocab in profile_vocab.items()
+        }
+        self.hour_embedding = keras.layers.Embedding(24, feature_dim, name="hour_embedding")
+        self.head = mlp(hidden_units, embedding_dim, "query_mlp")
+
+    def _states(self, items: tf.Tensor, training: bool | None) -> tf.Tensor:
+        """``[B, M]`` item ids oldest first -> ``[B, M + 1]`` states (position 0: start token only)."""
+        vectors = self.history_table(self.item_lookup(items))
+        if self.history_categories is not None:
+            vectors += self.category_embedding(self.category_lookup(self.history_categories.lookup(items)))
+        start = tf.broadcast_to(self.start_token, [tf.shape(items)[0], 1, self.start_token.shape[0]])
+        return self.encoder(tf.concat([start, vectors], axis=1), training=training)
+
+    def _embed(
+        self, states: tf.Tensor, features: Mapping[str, tf.Tensor], training: bool | None
+    ) -> tf.Tensor:
+        """States ``[B, d]`` or ``[B, T, d]`` + user, profile, context -> query embeddings of the same rank.
+
+        Per-user parts (id, age, country) are ``[B]``; per-event parts (hour, device) match
+        the states' rank. Per-user parts are repeated along T.
+        """
+        user = drop_ids(self.user_lookup(features["user_id"]), self.id_dropout, self.num_oov, training)
+        hour = tf.clip_by_value(tf.cast(features["hour"], tf.int32), 0, 23)
+        parts = [
+            self.user_embedding(user),
+            self.hour_embedding(hour),
+            *(layer(features[name]) for name, layer in self.profile.items()),
+        ]
+        if states.shape.rank == 3:
+            steps = tf.shape(states)[1]
+            parts = [p if p.shape.rank == 3 else tf.repeat(p[:, tf.newaxis], steps, axis=1) for p in parts]
+        out = self.head(tf.concat([states, *parts], axis=-1))
+        out = tf.math.l2_normalize(out, axis=-1) if self.normalize else out
+        if self.item_bias:
+            # The constant coordinate that meets the candidate's bias (see CandidateTower).
+            out = tf.concat([out, tf.ones_like(out[..., :1])], axis=-1)
+        return out
+
+    def encode_positions(self, features: Mapping[str, tf.Tensor], training: bool | None = None) -> tf.Tensor:
+        """One query per position: ``[B, M + 1, D]`` from ``sequence_items`` ``[B, M]`` (oldest first).
+
+        ``hour`` and ``device`` are ``[B, M + 1]``: the context of the event each position
+        predicts. ``user_id`` and the other profile features are ``[B]``.
+        """
+        return self._embed(self._states(features["sequence_items"], training), features, training)
+
+    def call(self, features: Mapping[str, tf.Tensor], training: bool | None = None) -> tf.Tensor:
+        items, counts = reverse_tokens(features["recent_items"], self.max_history)
+        states = self._states(items, training)
+        # The state after the newest item: position = number of items read (0: start token).
+        newest = tf.gather(states, tf.cast(counts, tf.int32), axis=1, batch_dims=1)
+        return self._embed(newest, features, training)
 
 
 class CandidateTower(keras.Model):
@@ -216,13 +374,29 @@ class CandidateTower(keras.Model):
         self.head = mlp(hidden_units, embedding_dim, "candidate_mlp")
 
     def call(self, features: Mapping[str, tf.Tensor], training: bool | None = None) -> tf.Tensor:
-        item = drop_ids(self.item_lookup(features["item_id"]), self.id_dropout, self.num_oov, training)
-        cats = self.category_lookup(split_tokens(features["category"], MAX_CATEGORIES, CATEGORY_SEPARATOR))
-        words = self.text_vectorizer(tf.strings.join([features["title"], features["description"]], " "))
+        return self.embed(self.encode(features), training=training)
+
+    def encode(self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """The string work: ``CANDIDATE_INPUTS`` -> item index, category ids ``[B, 4]``, word ids ``[B, L]``.
+
+        No trainable weights and no randomness, so training encodes its examples once and
+        feeds ``embed`` integers every step (the same numbers this computes per call).
+        """
+        return {
+            "item": self.item_lookup(features["item_id"]),
+            "categories": self.category_lookup(
+                split_tokens(features["category"], MAX_CATEGORIES, CATEGORY_SEPARATOR)
+            ),
+            "words": self.text_vectorizer(tf.strings.join([features["title"], features["description"]], " ")),
+        }
+
+    def embed(self, encoded: Mapping[str, tf.Tensor], training: bool | None = None) -> tf.Tensor:
+        """``encode``'s integers -> ``[B, D]`` item embeddings (id dropout in training)."""
+        item = drop_ids(encoded["item"], self.id_dropout, self.num_oov, training)
         parts = [
             self.item_table(item),
-            bag_mean(cats, self.category_embedding),
-            bag_mean(words, self.text_embedding),
+            bag_mean(encoded["categories"], self.category_embedding),
+            bag_mean(encoded["words"], self.text_embedding),
         ]
         x = tf.concat(parts, axis=1)
         out = self.head(x)
@@ -251,11 +425,13 @@ class TwoTowerRetriever(tfrs.Model):
         candidate_model: CandidateTower,
         temperature: float | None,
         logq_correction: bool,
+        uniform_negatives: UniformNegatives | None = None,
     ) -> None:
         super().__init__()
         self.query_model = query_model
         self.candidate_model = candidate_model
         self.logq_correction = logq_correction
+        self.uniform_negatives = uniform_negatives
         self.task = tfrs.tasks.Retrieval(
             # Mean over the batch: losses read in nats per positive, whatever the batch size.
             loss=keras.losses.CategoricalCrossentropy(
@@ -265,16 +441,156 @@ class TwoTowerRetriever(tfrs.Model):
             remove_accidental_hits=True,
         )
 
+    def encodes_ahead(self) -> bool:
+        """Whether training may feed the towers ``encode``'s integers, encoded once before fitting.
+
+        Both towers must split ``call`` into ``encode`` (strings -> integers) and ``embed``;
+        uniform negatives draw raw catalog strings each step, so they keep the string path.
+        """
+        towers = (self.query_model, self.candidate_model)
+        return self.uniform_negatives is None and all(hasattr(t, "encode") for t in towers)
+
     def compute_loss(self, features: Mapping[str, tf.Tensor], training: bool = False) -> tf.Tensor:
+        if ENCODED_QUERY in features:
+            logq = self.logq_correction
+            # Encoded ahead (``encodes_ahead``): no string work per step. ``item_key`` is one
+            # integer per distinct item id, so accidental hits compare integers, not strings.
+            return self.task(
+                self.query_model.embed(features[ENCODED_QUERY], training=training),
+                self.candidate_model.embed(features[ENCODED_CANDIDATE], training=training),
+                candidate_sampling_probability=features["sampling_probability"] if logq else None,
+                candidate_ids=features["item_key"],
+                compute_metrics=False,
+                compute_batch_metrics=False,
+            )
         query = self.query_model(features, training=training)
-        candidate = self.candidate_model(features, training=training)
-        return self.task(
+        return retrieval_loss(
+            self.task,
             query,
-            candidate,
-            candidate_sampling_probability=features["sampling_probability"] if self.logq_correction else None,
-            candidate_ids=features["item_id"],
-            compute_metrics=False,
-            compute_batch_metrics=False,
+            self.candidate_model,
+            {name: features[name] for name in CANDIDATE_FEATURES},
+            features["sampling_probability"],
+            self.uniform_negatives,
+            self.logq_correction,
+            training,
+        )
+
+
+class UniformNegatives(keras.layers.Layer):
+    """Items drawn uniformly from the whole catalog, added to the in-batch negatives.
+
+    In-batch negatives are as popular as the positives; items in the long tail almost never
+    appear as negatives, so the model never learns to push them down and retrieval can
+    surface tail items for everyone. A few uniform draws per batch ("mixed negative
+    sampling", Yang et al., WWW 2020) cover the tail. The catalog's candidate features are
+    constants here; the layer is part of the training model only (the towers are exported).
+
+    Args:
+        catalog: candidate feature name -> one value per catalog item.
+        probability: each item's share of the training positives (its in-batch sampling
+            probability; 0 for items no positive touched).
+        count: items drawn per batch.
+    """
+
+    def __init__(
+        self, catalog: Mapping[str, Sequence[str]], probability: Sequence[float], count: int
+    ) -> None:
+        super().__init__(name="uniform_negatives")
+        self.catalog = {name: tf.constant(list(values), dtype=tf.string) for name, values in catalog.items()}
+        self.probability = tf.constant(list(probability), dtype=tf.float32)
+        self.count = count
+        self.size = len(probability)
+
+    def sample(self) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
+        """``count`` items' candidate features and their in-batch sampling probabilities."""
+        picks = tf.random.uniform([self.count], maxval=self.size, dtype=tf.int32)
+        return {n: tf.gather(v, picks) for n, v in self.catalog.items()}, tf.gather(self.probability, picks)
+
+
+def retrieval_loss(
+    task: tfrs.tasks.Retrieval,
+    query: tf.Tensor,
+    candidate_model: keras.Model,
+    positives: Mapping[str, tf.Tensor],
+    probability: tf.Tensor,
+    uniform: UniformNegatives | None,
+    logq_correction: bool,
+    training: bool,
+) -> tf.Tensor:
+    """Sampled softmax of ``[N, D]`` queries over their ``N`` positives (+ uniform negatives).
+
+    With uniform negatives the candidate set is a mixture, and the logQ correction uses each
+    candidate's expected count in it: ``N * p(item) + U / catalog size`` (in-batch draws follow
+    popularity, uniform draws do not). Only differences between a row's logits matter, so
+    the correction needs no normalization.
+    """
+    candidate_features = dict(positives)
+    ids = positives["item_id"]
+    if uniform is not None:
+        sampled, sampled_probability = uniform.sample()
+        candidate_features = {n: tf.concat([v, sampled[n]], axis=0) for n, v in positives.items()}
+        ids = candidate_features["item_id"]
+        batch = tf.cast(tf.shape(query)[0], tf.float32)
+        probability = (
+            batch * tf.concat([probability, sampled_probability], axis=0) + uniform.count / uniform.size
+        )
+    candidate = candidate_model(candidate_features, training=training)
+    return task(
+        query,
+        candidate,
+        candidate_sampling_probability=probability if logq_correction else None,
+        candidate_ids=ids,
+        compute_metrics=False,
+        compute_batch_metrics=False,
+    )
+
+
+class SequentialRetriever(tfrs.Model):
+    """The two-tower retriever with a sequential query tower, trained on whole user sequences.
+
+    An example is a window of one user's positives in time order. ``SequentialQueryTower``
+    gives a query at every position (having read the items before it); the position's target
+    is the item that came next. All positions of the batch with ``target_weight > 0`` are
+    gathered into one flat batch of (query, next item) pairs, and the loss is the same
+    sampled softmax as ``TwoTowerRetriever``'s: every other target of the batch (other
+    positions, other users) is a negative, with logQ correction and accidental hits removed;
+    optionally uniform catalog negatives too. Padding and, for validation, positions whose
+    target is not held out carry weight 0 and never enter the softmax.
+    """
+
+    def __init__(
+        self,
+        query_model: SequentialQueryTower,
+        candidate_model: keras.Model,
+        temperature: float | None,
+        logq_correction: bool,
+        uniform_negatives: UniformNegatives | None = None,
+    ) -> None:
+        super().__init__()
+        self.query_model = query_model
+        self.candidate_model = candidate_model
+        self.logq_correction = logq_correction
+        self.uniform_negatives = uniform_negatives
+        self.task = tfrs.tasks.Retrieval(
+            loss=keras.losses.CategoricalCrossentropy(
+                from_logits=True, reduction=keras.losses.Reduction.SUM_OVER_BATCH_SIZE
+            ),
+            temperature=temperature,
+            remove_accidental_hits=True,
+        )
+
+    def compute_loss(self, features: Mapping[str, tf.Tensor], training: bool = False) -> tf.Tensor:
+        queries = self.query_model.encode_positions(features, training=training)  # [B, T, D]
+        scored = features["target_weight"] > 0  # [B, T]
+        return retrieval_loss(
+            self.task,
+            tf.boolean_mask(queries, scored),
+            self.candidate_model,
+            {name: tf.boolean_mask(features[name], scored) for name in CANDIDATE_FEATURES},
+            tf.boolean_mask(features["sampling_probability"], scored),
+            self.uniform_negatives,
+            self.logq_correction,
+            training,
         )
 
 

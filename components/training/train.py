@@ -172,7 +172,7 @@ def validation_split(df: pd.DataFrame, fraction: float) -> tuple[pd.DataFrame, p
     return df.iloc[:cut].reset_index(drop=True), df.iloc[cut:].reset_index(drop=True)
 
 
-def _engagement_of(events: pd.DataFrame, dwell_cap: float) -> pd.Series:
+def engagement_of(events: pd.DataFrame, dwell_cap: float) -> pd.Series:
     """Engagement in [0, 1] of each outcome event: log dwell, stars, or a fixed credit."""
     et = events["event_type"].astype(str)
     value = pd.to_numeric(events["value"], errors="coerce").fillna(0.0)
@@ -212,7 +212,7 @@ def _impression_examples(frame: pd.DataFrame, config: TrainingConfig) -> pd.Data
     keyed = frame.assign(_key=key_of.astype(str))
     impressions = keyed[et == "impression"]
     outcomes = keyed[et.isin(["click", "view", "rating", "add_to_cart", "purchase", "like"])]
-    outcomes = outcomes.assign(_eng=_engagement_of(outcomes, config.engagement_dwell_cap_seconds))
+    outcomes = outcomes.assign(_eng=engagement_of(outcomes, config.engagement_dwell_cap_seconds))
     agg = outcomes.groupby(["_key", "user_id", "item_id"], observed=True).agg(
         _clicked=("event_type", lambda s: bool((s.astype(str) == "click").any())),
         _eng=("_eng", "max"),
@@ -232,7 +232,7 @@ def _sampled_negative_examples(
     pos = positives_frame(frame)
     pos = pos.assign(
         label_click=np.float32(1.0),
-        label_engagement=_engagement_of(pos, config.engagement_dwell_cap_seconds).astype(np.float32),
+        label_engagement=engagement_of(pos, config.engagement_dwell_cap_seconds).astype(np.float32),
     )
     rng = np.random.default_rng(config.seed)
     n = len(pos)
@@ -264,14 +264,26 @@ def _sampled_negative_examples(
 # --------------------------------------------------------------------------------------------
 
 
-def _dataset(arrays: Mapping[str, np.ndarray], batch_size: int, shuffle: bool, seed: int) -> tf.data.Dataset:
+def _dataset(arrays: Mapping[str, Any], batch_size: int, shuffle: bool, seed: int) -> tf.data.Dataset:
+    """Batches of the rows of ``arrays`` (name -> array, or a nested dict of them), reshuffled each epoch.
+
+    The arrays become tensors once; an epoch shuffles row *indices* and each batch gathers
+    its rows, so no example passes through tf.data on its own (a per-example shuffle buffer
+    of dicts costs more than a step of the retriever on integer inputs). The batches are
+    those of shuffling the rows themselves with the same seed.
+    """
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices(dict(arrays))
+    tensors = tf.nest.map_structure(tf.convert_to_tensor, dict(arrays))
+    n = int(tf.nest.flatten(tensors)[0].shape[0])
+    rows = tf.data.Dataset.range(n)
     if shuffle:
-        n = len(next(iter(arrays.values())))
-        ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(2)
+        rows = rows.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+
+    def gather(indices: tf.Tensor) -> Any:
+        return tf.nest.map_structure(lambda t: tf.gather(t, indices), tensors)
+
+    return rows.batch(batch_size).map(gather).prefetch(2)
 
 
 def _epoch_logger(name: str, log: Callable[[str], None]) -> Any:
@@ -428,7 +440,15 @@ class _Vocabulary:
 def _build_retriever(config: TrainingConfig, vocabulary: _Vocabulary, catalog: _Catalog) -> Any:
     import tf_keras as keras
 
-    from components.training.models import CandidateTower, QueryTower, TwoTowerRetriever, id_lookup
+    from components.training.models import (
+        CandidateTower,
+        QueryTower,
+        SequentialQueryTower,
+        SequentialRetriever,
+        TwoTowerRetriever,
+        UniformNegatives,
+        id_lookup,
+    )
 
     keras.utils.set_random_seed(config.seed)
     n_oov = config.num_oov_buckets
@@ -447,7 +467,7 @@ def _build_retriever(config: TrainingConfig, vocabulary: _Vocabulary, catalog: _
     )
     vectorizer.adapt(catalog.text)
     normalize = config.temperature is not None
-    query = QueryTower(
+    query_arguments: dict[str, Any] = dict(
         users=vocabulary.users,
         item_lookup=item_lookup,
         history_table=history_table,
@@ -464,6 +484,16 @@ def _build_retriever(config: TrainingConfig, vocabulary: _Vocabulary, catalog: _
         item_categories=catalog.primary if config.history_categories else None,
         categories=catalog.categories,
     )
+    query: QueryTower | SequentialQueryTower
+    if config.query_tower == "sequential":
+        query = SequentialQueryTower(
+            **query_arguments,
+            layers=config.sequence_layers,
+            heads=config.sequence_heads,
+            dropout=config.sequence_dropout,
+        )
+    else:
+        query = QueryTower(**query_arguments)
     candidate = CandidateTower(
         item_lookup=item_lookup,
         item_table=item_table,
@@ -478,25 +508,70 @@ def _build_retriever(config: TrainingConfig, vocabulary: _Vocabulary, catalog: _
         normalize=normalize,
         item_bias=config.item_bias,
     )
-    model = TwoTowerRetriever(query, candidate, config.temperature, config.logq_correction)
+    uniform = None
+    if config.negatives == "mixed":
+        content = features_from_frame(catalog.frame, CANDIDATE_INPUTS)
+        catalog_content = {name: values.tolist() for name, values in content.items()}
+        probability = catalog.frame["item_id"].map(vocabulary.sampling_probability).fillna(0.0)
+        uniform = UniformNegatives(catalog_content, probability.tolist(), config.uniform_negatives)
+    retriever = SequentialRetriever if isinstance(query, SequentialQueryTower) else TwoTowerRetriever
+    model = retriever(query, candidate, config.temperature, config.logq_correction, uniform)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate))
     return model
 
 
 def _retriever_dataset(
-    config: TrainingConfig, positives: pd.DataFrame, catalog: _Catalog, vocabulary: _Vocabulary, shuffle: bool
+    config: TrainingConfig,
+    positives: pd.DataFrame,
+    catalog: _Catalog,
+    vocabulary: _Vocabulary,
+    shuffle: bool,
+    model: Any,
 ) -> tf.data.Dataset:
+    """The retriever's batches: encoded once into integers where ``model.encodes_ahead()``.
+
+    Tokenizing text, splitting histories and looking strings up are the same work for an
+    example in every epoch, so it is done once here with the towers' own ``encode`` and the
+    steps see integers only; the exported towers still take raw strings (``call`` runs
+    ``encode`` then ``embed``, the function the steps train).
+    """
+    from components.training.models import ENCODED_CANDIDATE, ENCODED_QUERY
+
     # The item's content comes from the catalog, so training and the exported item embeddings
     # read the same text for the same item.
     content = catalog.frame.set_index("item_id")[["category", "title", "description"]]
     rows = positives.drop(columns=[c for c in ("category", "title", "description") if c in positives.columns])
     rows = rows.join(content, on="item_id")
-    arrays = {**features_from_frame(rows, QUERY_INPUTS), **features_from_frame(rows, CANDIDATE_INPUTS)}
+    query = features_from_frame(rows, QUERY_INPUTS)
+    candidate = features_from_frame(rows, CANDIDATE_INPUTS)
     probability = vocabulary.sampling_probability
-    arrays["sampling_probability"] = (
-        rows["item_id"].map(probability).fillna(probability.min()).to_numpy(dtype=np.float32)
-    )
-    return _dataset(arrays, config.batch_size, shuffle, config.seed)
+    sampling_probability = rows["item_id"].map(probability).fillna(probability.min()).to_numpy(np.float32)
+    if not model.encodes_ahead():
+        arrays = {**query, **candidate, "sampling_probability": sampling_probability}
+        return _dataset(arrays, config.batch_size, shuffle, config.seed)
+    encoded = {
+        ENCODED_QUERY: _encode(model.query_model, query),
+        ENCODED_CANDIDATE: _encode(model.candidate_model, candidate),
+        # One integer per distinct item id: what accidental-hit removal compares.
+        "item_key": pd.factorize(rows["item_id"].astype(str))[0].astype(np.int64),
+        "sampling_probability": sampling_probability,
+    }
+    return _dataset(encoded, config.batch_size, shuffle, config.seed)
+
+
+def _encode(tower: Any, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A tower's ``encode`` of every row, bags cut to their widest row.
+
+    ``encode``'s 2-D outputs are bags of ids padded with 0, which ``bag_mean`` ignores:
+    dropping the columns that are padding in every row (a history of 50 slots that holds at
+    most 20 items) leaves each embedding as it was and spares the steps that work.
+    """
+    encoded = _predict(tower.encode, arrays)
+    for name, ids in encoded.items():
+        if ids.ndim == 2:
+            used = np.flatnonzero((ids != 0).any(axis=0))
+            encoded[name] = ids[:, : max(int(used[-1]) + 1 if used.size else 0, 1)]
+    return encoded
 
 
 def train_retriever(
@@ -520,6 +595,8 @@ def train_retriever(
     Returns:
         The retriever's part of the manifest: inputs, D, metrics and example counts.
     """
+    if config.query_tower == "sequential":
+        return train_sequential_retriever(config, training_frame, items_frame, out_dir, log)
     use_legacy_keras()
     log = log or _default_log
     out_dir = Path(out_dir)
@@ -532,9 +609,11 @@ def train_retriever(
     started = time.perf_counter()
     vocabulary = _Vocabulary.of(train_pos, training_frame)
     model = _build_retriever(config, vocabulary, catalog)
-    train_ds = _retriever_dataset(config, train_pos, catalog, vocabulary, shuffle=True)
+    train_ds = _retriever_dataset(config, train_pos, catalog, vocabulary, shuffle=True, model=model)
     val_ds = (
-        _retriever_dataset(config, val_pos, catalog, vocabulary, shuffle=False) if len(val_pos) >= 2 else None
+        _retriever_dataset(config, val_pos, catalog, vocabulary, shuffle=False, model=model)
+        if len(val_pos) >= 2
+        else None
     )
     log(
         f"[retriever] {len(train_pos):,} train / {len(val_pos):,} validation positives, "
@@ -546,7 +625,7 @@ def train_retriever(
         # final model learns from them too.
         vocabulary = _Vocabulary.of(pos, training_frame)
         model = _build_retriever(config, vocabulary, catalog)
-        full_ds = _retriever_dataset(config, pos, catalog, vocabulary, shuffle=True)
+        full_ds = _retriever_dataset(config, pos, catalog, vocabulary, shuffle=True, model=model)
         refit = _fit(model, full_ds, None, metrics["best_epoch"], 0, "retriever refit", log)
         metrics["refit_loss"] = refit["loss"]
     dim = _export_retriever(model, catalog.frame, out_dir)
@@ -563,6 +642,163 @@ def train_retriever(
             "catalog_items": len(catalog.frame),
         },
         "retriever": {
+            "temperature": config.temperature,
+            "logq_correction": config.logq_correction,
+            "normalized": config.temperature is not None,
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+    }
+
+
+# Per-event inputs of the sequential query tower (the context of each predicted event); the
+# other query inputs but recent_items describe the user and are one value per sequence.
+SEQUENCE_EVENT_INPUTS = ("hour", "device")
+
+
+def sequence_windows(users: np.ndarray, scored: np.ndarray, length: int) -> np.ndarray:
+    """Row indices of user sequences cut into windows: ``[S, length]``, -1 for padding.
+
+    ``users`` holds the user of each row, rows in time order. Each user's rows are cut from
+    the newest backwards into windows of ``length`` (the newest window is full; the oldest
+    may be short and is right-padded). A window is kept when one of its rows is ``scored``.
+    """
+    windows = []
+    for rows in pd.Series(np.arange(len(users))).groupby(users, sort=False).indices.values():
+        for end in range(len(rows), 0, -length):
+            window = rows[max(0, end - length) : end]
+            if scored[window].any():
+                windows.append(np.pad(window, (0, length - len(window)), constant_values=-1))
+    return np.asarray(windows, dtype=np.int64).reshape(-1, length)
+
+
+def sequence_examples(
+    positives: pd.DataFrame,
+    scored: np.ndarray,
+    catalog: _Catalog,
+    vocabulary: _Vocabulary,
+    max_history: int,
+) -> dict[str, np.ndarray]:
+    """The sequential retriever's examples: windows of ``max_history + 1`` positives per user.
+
+    Position ``t`` of a window predicts its ``t``-th positive (``item_id``, ``category``,
+    ``title``, ``description``, ``sampling_probability``, context ``hour`` and ``device``,
+    all ``[S, T]``) from the positives before it in the window (``sequence_items``
+    ``[S, T - 1]``: the targets shifted by one, as the tower reads them after a start token).
+    ``target_weight`` is 1 where the target is a real positive marked ``scored`` (training:
+    all; validation: the held-out ones), 0 elsewhere. The user's id and profile come from
+    the window's newest row.
+
+    Args:
+        positives: the retriever's positives, in time order.
+        scored: per row of ``positives``, whether it is a target the loss counts.
+        catalog: item content (training and the exported embeddings read the same text).
+        vocabulary: the in-batch sampling probability of each item.
+        max_history: the items a query reads (``training.max_history``).
+    """
+    content = catalog.frame.set_index("item_id")[["category", "title", "description"]]
+    rows = positives.drop(columns=[c for c in content.columns if c in positives.columns])
+    rows = rows.join(content, on="item_id")
+    windows = sequence_windows(rows["user_id"].astype(str).to_numpy(), scored, max_history + 1)
+    valid = windows >= 0
+    at = np.where(valid, windows, 0)
+    columns = {**features_from_frame(rows, QUERY_INPUTS), **features_from_frame(rows, CANDIDATE_INPUTS)}
+    probability = vocabulary.sampling_probability
+    columns["sampling_probability"] = (
+        rows["item_id"].map(probability).fillna(probability.min()).to_numpy(dtype=np.float32)
+    )
+    per_event = {*CANDIDATE_INPUTS, *SEQUENCE_EVENT_INPUTS, "sampling_probability"}
+    newest = at[np.arange(len(at)), valid.sum(axis=1) - 1]
+    arrays: dict[str, np.ndarray] = {}
+    for name, values in columns.items():
+        if name == "recent_items":
+            continue
+        if name in per_event:
+            blank = np.asarray("" if values.dtype == object else 0, dtype=values.dtype)
+            arrays[name] = np.where(valid, values[at], blank)
+        else:
+            arrays[name] = values[newest]
+    arrays["sequence_items"] = arrays["item_id"][:, :-1]
+    arrays["target_weight"] = (valid & scored[at]).astype(np.float32)
+    return arrays
+
+
+def _sequence_dataset(
+    arrays: Mapping[str, np.ndarray], batch_size: int, shuffle: bool, seed: int
+) -> tf.data.Dataset:
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices(dict(arrays))
+    if shuffle:
+        ds = ds.shuffle(len(arrays["target_weight"]), seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(2)
+
+
+def train_sequential_retriever(
+    config: TrainingConfig,
+    training_frame: pd.DataFrame,
+    items_frame: pd.DataFrame,
+    out_dir: Path,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """``train_retriever`` with the sequential query tower (``training.query_tower: sequential``).
+
+    Examples are user sequences (``sequence_examples``), every position a query. Validation
+    keeps the retriever's split by time (the last ``validation_fraction`` of the positives):
+    each held-out positive is a target read after the user's whole earlier sequence, and
+    only those targets count in the validation loss. Same outputs and manifest part as
+    ``train_retriever``; the exported query tower takes ``QUERY_INPUTS``.
+    """
+    use_legacy_keras()
+    log = log or _default_log
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    catalog = _Catalog.of(items_frame)
+    pos = positives_frame(training_frame, drop_repeats=config.drop_repeat_positives)
+    if pos.empty:
+        raise ValueError("no positive events in the training frame: nothing to learn from")
+    train_pos, val_pos = validation_split(pos, config.validation_fraction)
+    started = time.perf_counter()
+    vocabulary = _Vocabulary.of(train_pos, training_frame)
+    model = _build_retriever(config, vocabulary, catalog)
+    every = np.ones(len(train_pos), bool)
+    train_arrays = sequence_examples(train_pos, every, catalog, vocabulary, config.max_history)
+    train_ds = _sequence_dataset(train_arrays, config.sequence_batch_size, True, config.seed)
+    val_ds = None
+    if len(val_pos) >= 2:
+        held_out = np.r_[np.zeros(len(train_pos), bool), np.ones(len(val_pos), bool)]
+        both = pd.concat([train_pos, val_pos], ignore_index=True)
+        val_arrays = sequence_examples(both, held_out, catalog, vocabulary, config.max_history)
+        val_ds = _sequence_dataset(val_arrays, config.sequence_batch_size, False, config.seed)
+    log(
+        f"[retriever] sequential: {len(train_pos):,} train / {len(val_pos):,} validation positives in "
+        f"{len(train_arrays['target_weight']):,} windows of {config.max_history + 1}, "
+        f"{len(vocabulary.users):,} users, {len(vocabulary.items):,} items in vocabulary"
+    )
+    metrics = _fit(model, train_ds, val_ds, config.epochs, config.early_stopping_patience, "retriever", log)
+    if config.refit_on_full and val_ds is not None:
+        vocabulary = _Vocabulary.of(pos, training_frame)
+        model = _build_retriever(config, vocabulary, catalog)
+        full = sequence_examples(pos, np.ones(len(pos), bool), catalog, vocabulary, config.max_history)
+        full_ds = _sequence_dataset(full, config.sequence_batch_size, True, config.seed)
+        refit = _fit(model, full_ds, None, metrics["best_epoch"], 0, "retriever refit", log)
+        metrics["refit_loss"] = refit["loss"]
+    dim = _export_retriever(model, catalog.frame, out_dir)
+    return {
+        "embedding_dim": dim,
+        "query_inputs": dict(QUERY_INPUTS),
+        "candidate_inputs": dict(CANDIDATE_INPUTS),
+        "metrics": {f"retriever_{k}": v for k, v in metrics.items()},
+        "examples": {
+            "retriever_train_positives": len(train_pos),
+            "retriever_validation_positives": len(val_pos),
+            "retriever_train_sequences": len(train_arrays["target_weight"]),
+            "retriever_users": len(vocabulary.users),
+            "retriever_items": len(vocabulary.items),
+            "catalog_items": len(catalog.frame),
+        },
+        "retriever": {
+            "query_tower": "sequential",
+            "negatives": config.negatives,
             "temperature": config.temperature,
             "logq_correction": config.logq_correction,
             "normalized": config.temperature is not None,

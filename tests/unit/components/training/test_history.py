@@ -36,7 +36,7 @@ def test_the_movielens_profile_sets_leave_one_out_and_gates_the_served_system() 
     settings = load_settings(profile_path("movielens"))
     assert settings.training.history == "leave_one_out"
     assert settings.features.recent_items == settings.training.max_history
-    assert settings.evaluation.gate_model == "retriever_ranker"
+    assert settings.evaluation.gate_model == "served"
     # The default stays point-in-time: no future interaction leaks into a feature.
     assert load_settings(None).training.history == "point_in_time"
 
