@@ -3,16 +3,22 @@
 This reads exactly what a model server serves: the versions that a label of
 ``<base>/models.config`` points at (``stable`` by default), the retrieval model's ``retrieve``
 signature (query tower + index in one graph), the ranking model's ``rank`` signature, and
-the user's features as of the end of the validated data. The ranker re-orders each user's
-top ``evaluation.rerank_depth`` unseen candidates with the same rank fusion (ranker score
-plus ``evaluation.retrieval_weight`` x retrieval score, each as a rank) that the evaluation
-measures as ``retriever_ranker``, so the offline numbers describe this output.
+the user's features as of the end of the validated data. The ordering follows the serving
+policy pushed with the retrieval version (``assets.extra/serving_policy.json``), as the
+gateway does and as the evaluation's ``served`` system replays it: the ranker re-orders each
+user's top ``rank_depth`` unseen candidates with rank fusion at the chosen weight (or does
+not run, when the policy leaves it out), then MMR diversifies the top ``gateway.mmr_depth``.
+A version pushed without a policy uses ``evaluation.retrieval_weight`` and
+``evaluation.rerank_depth``. Batch lists carry no exploration slot: that is a per-request
+experiment of the gateway.
 Items the user already had an event with are removed; since that removal
 happens after retrieval, the model over-fetches (it returns ``push.retrieval_k``
 candidates) and a user who has seen more than that gets the rest from an exact search
 over the version's exported item embeddings. A user id the model never saw still gets
 recommendations: the query tower maps it to its out-of-vocabulary embedding, and the list
-is topped up by popularity if retrieval falls short.
+is topped up by popularity if retrieval falls short. When no model was ever pushed (the
+first one was refused by the gate), every user gets the most popular unseen items and the
+output says so (``source: popularity`` per line, a ``note`` in the summary) instead of failing.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ import numpy as np
 from recsys.artifacts import EMBEDDINGS_FILE, ITEM_IDS_FILE, REQUIREMENTS, assets_extra
 from recsys.config import Settings
 from recsys.layout import latest_validated_dir
-from recsys.model_registry import version_for_label
+from recsys.model_registry import read_models_config, version_for_label
+from recsys.ranking import ServingPolicy, mmr, rank_fusion, read_serving_policy, unit_directions
 from recsys.storage import read_manifest
 
 BATCH = 256
@@ -57,6 +64,9 @@ class PushedRetriever:
         self.requirements = json.loads((extra / REQUIREMENTS).read_text())
         self.item_ids = np.asarray(json.loads((extra / ITEM_IDS_FILE).read_text()), dtype=object)
         self._embeddings = np.load(extra / EMBEDDINGS_FILE)
+        self.unit = unit_directions(self._embeddings)  # MMR's similarity space, as the gateway's
+        self.position = {str(i): n for n, i in enumerate(self.item_ids)}
+        self.policy: ServingPolicy | None = read_serving_policy(self.version_dir)
         self.mode = "savedmodel"
         try:
             if self.requirements.get("custom_ops"):
@@ -92,9 +102,7 @@ class PushedRetriever:
         scores = q @ self._embeddings.T
         k = min(k, scores.shape[1])
         top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return [
-            [(str(self.item_ids[j]), float(scores[r, j])) for j in row] for r, row in enumerate(top)
-        ]
+        return [[(str(self.item_ids[j]), float(scores[r, j])) for j in row] for r, row in enumerate(top)]
 
 
 class PushedRanker:
@@ -145,7 +153,8 @@ def recommend(
 
     Returns:
         A summary: version, mode, counts of users, unknown users, users topped up by exact
-        search and by popularity, and users short of ``k`` (the catalog ran out).
+        search and by popularity, and users short of ``k`` (the catalog ran out); with
+        ``note`` when nothing was pushed and popularity served.
     """
     from components.features.rows import load_feature_source
 
@@ -153,13 +162,16 @@ def recommend(
         raise ValueError(f"k must be at least 1, got {k}")
     base_path = Path(base_path or settings.models_dir)
     model = settings.push.retrieval_model
+    data_dir = Path(data_dir) if data_dir else latest_validated_dir(settings)
+    if model not in read_models_config(base_path):
+        return _popularity_fallback(settings, users_file, k, out, data_dir, label, base_path)
     version = version_for_label(base_path, model, label)
     retriever = PushedRetriever(base_path / model / str(version))
     ranker = None
-    if rank:
+    # A policy that leaves the ranker out (it lowered the validated metric) is followed here too.
+    if rank and (retriever.policy is None or retriever.policy.ranker_served):
         ranking = settings.push.ranking_model
         ranker = PushedRanker(base_path / ranking / str(version_for_label(base_path, ranking, label)))
-    data_dir = Path(data_dir) if data_dir else latest_validated_dir(settings)
     read_manifest(data_dir)
     source = load_feature_source(settings.features, data_dir, list(retriever.requirements["inputs"]))
     recommender = _Recommender.of(settings, retriever, ranker, source, k)
@@ -175,9 +187,54 @@ def recommend(
         "version": version,
         "mode": retriever.mode,
         "ranked": ranker is not None,
+        "retrieval_weight": recommender.retrieval_weight,
+        "serving_policy": retriever.policy is not None,
+        "mmr": recommender.mmr_trade_off < 1,
         "data": str(data_dir),
         "k": k,
         **recommender.stats,
+        "users": len(users),
+    }
+
+
+def _popularity_fallback(
+    settings: Settings, users_file: Path, k: int, out: Path, data_dir: Path, label: str, base_path: Path
+) -> dict[str, Any]:
+    """The most popular unseen items per user, for when no model was ever pushed.
+
+    A first model the gate refused leaves nothing to serve; batch lists then come from the
+    popularity baseline the gate compared it with, and say so, rather than failing.
+    """
+    from components.features.rows import load_feature_source, popular_items, seen_items
+
+    read_manifest(data_dir)
+    source = load_feature_source(settings.features, data_dir)
+    popular, seen = popular_items(source), seen_items(source)
+    users = read_user_ids(users_file)
+    note = (
+        f"no {settings.push.retrieval_model!r} model was ever pushed to {base_path} (the gate refused "
+        f"the first one, or the pipeline has not run): serving the popularity fallback"
+    )
+    lines, short = [], 0
+    for user in users:
+        items = [i for i, _ in _take_scored([(i, 0.0) for i in popular], seen.get(user, set()), k)]
+        short += len(items) < k
+        lines.append(json.dumps({"user_id": user, "items": items, "source": "popularity"}))
+    _write_lines(Path(out), lines)
+    return {
+        "path": str(out),
+        "model": "popularity",
+        "label": label,
+        "version": None,
+        "mode": "popularity_fallback",
+        "ranked": False,
+        "note": note,
+        "data": str(data_dir),
+        "k": k,
+        "unknown_users": sum(u not in source.users.index for u in users),
+        "exact_topped_up": 0,
+        "popularity_topped_up": len(users),
+        "short": short,
         "users": len(users),
     }
 
@@ -194,6 +251,8 @@ class _Recommender:
     k: int
     depth: int  # candidates the ranker re-orders
     retrieval_weight: float
+    mmr_trade_off: float  # 1: no MMR
+    mmr_depth: int
     stats: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(
             ("unknown_users", "exact_topped_up", "popularity_topped_up", "short"), 0
@@ -213,20 +272,33 @@ class _Recommender:
 
         catalog = set(map(str, retriever.item_ids))
         popular = [i for i in popular_items(source) if i in catalog]
-        evaluation = settings.evaluation
+        evaluation, gateway, policy = settings.evaluation, settings.gateway, retriever.policy
+        # The pushed policy first (what the gate measured), the configuration for older versions.
+        depth = policy.rank_depth if policy is not None else evaluation.rerank_depth
+        weight = policy.fusion_weight if policy is not None else evaluation.retrieval_weight
+        trade_off = gateway.mmr_trade_off if policy is None or policy.mmr else 1.0
         return cls(
-            retriever, ranker, source, seen_items(source), popular, k, evaluation.rerank_depth,
-            evaluation.retrieval_weight,
+            retriever,
+            ranker,
+            source,
+            seen_items(source),
+            popular,
+            k,
+            depth,
+            weight,
+            trade_off,
+            gateway.mmr_depth,
         )
 
     def batch(self, users: Sequence[str]) -> list[str]:
         """One JSON line per user: retrieved, ranked, then topped up by popularity if short."""
         unseen = self._unseen_candidates(users)
-        ordered = (
+        scored = (
             _rerank(self.ranker, self.source, users, unseen, self.depth, self.retrieval_weight)
             if self.ranker is not None
-            else [[i for i, _ in kept] for kept in unseen]
+            else unseen
         )
+        ordered = [self._diversify(cands) for cands in scored]
         lines = []
         for user, cands in zip(users, ordered, strict=True):
             exclude = self.seen.get(user, set())
@@ -239,13 +311,26 @@ class _Recommender:
             lines.append(json.dumps({"user_id": user, "items": items}))
         return lines
 
+    def _diversify(self, cands: Sequence[tuple[str, float]]) -> list[str]:
+        """MMR over the top ``mmr_depth`` scored candidates, as the gateway re-ranks; the rest after."""
+        if self.mmr_trade_off >= 1 or len(cands) < 2:
+            return [i for i, _ in cands]
+        depth = min(len(cands), max(self.mmr_depth, self.k))
+        head = cands[:depth]
+        emb = self.retriever.unit[[self.retriever.position[i] for i, _ in head]]
+        picked = mmr(np.array([sc for _, sc in head]), emb, self.k, self.mmr_trade_off)
+        chosen = [head[j][0] for j in picked]
+        taken = set(chosen)
+        return chosen + [i for i, _ in cands if i not in taken]
+
     def _unseen_candidates(self, users: Sequence[str]) -> list[list[tuple[str, float]]]:
         """Retrieved (item, score) candidates per user, seen items removed; an exact search over
         the whole catalog for a user the over-fetch left short."""
         from components.features.rows import feature_rows
 
         features = feature_rows(self.source, self.retriever.requirements["inputs"], user_ids=users)
-        want = max(self.k, self.depth) if self.ranker else self.k
+        # Enough for the ranker's head and for MMR to choose among.
+        want = max(self.k, self.depth if self.ranker else 0, self.mmr_depth if self.mmr_trade_off < 1 else 0)
         unseen: list[list[tuple[str, float]]] = []
         for row, (user, cands) in enumerate(zip(users, self.retriever.retrieve(features), strict=True)):
             self.stats["unknown_users"] += user not in self.source.users.index
@@ -254,7 +339,7 @@ class _Recommender:
             if len(kept) < self.k:
                 one = {name: col[row : row + 1] for name, col in features.items()}
                 everything = self.retriever.exact(one, len(self.retriever.item_ids))[0]
-                kept = _take_scored(everything, exclude, max(self.k, self.depth))
+                kept = _take_scored(everything, exclude, want)
                 self.stats["exact_topped_up"] += 1
             unseen.append(kept)
         return unseen
@@ -289,10 +374,10 @@ def _rerank(
     candidates: Sequence[list[tuple[str, float]]],
     depth: int,
     retrieval_weight: float,
-) -> list[list[str]]:
-    """Each user's top ``depth`` candidates re-ordered by rank fusion; the rest keep their order."""
+) -> list[list[tuple[str, float]]]:
+    """Each user's top ``depth`` candidates re-ordered by rank fusion, with their fused scores;
+    the rest keep their order below them."""
     from components.features.rows import feature_rows
-    from recsys.ranking import rank_fusion
 
     heads = [c[:depth] for c in candidates]
     pair_users = [u for u, h in zip(users, heads, strict=True) for _ in h]
@@ -300,12 +385,15 @@ def _rerank(
     if not pair_items:
         return [[] for _ in users]
     scores = ranker.score(feature_rows(source, ranker.inputs, user_ids=pair_users, item_ids=pair_items))
-    out: list[list[str]] = []
+    out: list[list[tuple[str, float]]] = []
     start = 0
     for head, cands in zip(heads, candidates, strict=True):
         s = scores[start : start + len(head)]
         start += len(head)
         fused = rank_fusion(s, np.array([sc for _, sc in head]), retrieval_weight)
         order = np.argsort(-fused, kind="stable")
-        out.append([head[j][0] for j in order] + [i for i, _ in cands[depth:]])
+        # Past the ranked head the retrieval order continues, scored below every head item.
+        floor = float(fused.min()) if len(fused) else 0.0
+        tail = [(i, floor - 1.0 - n * 1e-6) for n, (i, _) in enumerate(cands[depth:])]
+        out.append([(head[j][0], float(fused[j])) for j in order] + tail)
     return out

@@ -203,12 +203,19 @@ def run_evaluate(settings: Settings, interval_end: datetime) -> dict[str, Any]:
     serving_metrics = None
     baseline_dir = serving_train_dir(settings)
     own = {train_dir.resolve(), step_dir(settings, key, "refit").resolve()}  # a rerun of this run
+    # The served system is replayed with the gateway's settings; the generator's truth, where
+    # the ingested data has one, scores its expected reward.
+    gateway, truth_data = settings.gateway, step_dir(settings, key, "ingest")
     if baseline_dir is not None and baseline_dir.resolve() not in own:
-        evaluate(settings.evaluation, baseline_dir, train, holdout, items, out / "serving_model")
+        evaluate(
+            settings.evaluation, baseline_dir, train, holdout, items, out / "serving_model",
+            gateway=gateway, truth_data=truth_data,
+        )  # fmt: skip
         serving_metrics = json.loads((out / "serving_model" / "metrics.json").read_text())
     return evaluate(
-        settings.evaluation, train_dir, train, holdout, items, out, serving_metrics=serving_metrics
-    )
+        settings.evaluation, train_dir, train, holdout, items, out, serving_metrics=serving_metrics,
+        gateway=gateway, truth_data=truth_data,
+    )  # fmt: skip
 
 
 def run_index(settings: Settings, interval_end: datetime) -> dict[str, Any]:

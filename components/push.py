@@ -22,7 +22,9 @@ PredictionLog records built from real feature rows) so a server answers its firs
 at full speed. Following TFX's Pusher: an unblessed model is refused; the version is the
 next integer; the folder is written under a temporary (non-integer, so ignored) name with
 ``saved_model.pb`` put in place last, then renamed whole; a training output that was already
-pushed is skipped.
+pushed is skipped. The retrieval version also carries ``assets.extra/serving_policy.json``:
+the ordering steps the gate measured (fusion weight, ranker and MMR on or off), which the
+gateway and batch recommendations follow.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from recsys.model_registry import (
     registry_lock,
     write_registry,
 )
+from recsys.ranking import ServingPolicy, write_serving_policy
 from recsys.storage import code_version, read_manifest, write_manifest
 from recsys.timeutil import utc_now
 
@@ -436,6 +439,7 @@ def push_models(
     """
     base_path = Path(base_path).resolve()
     _check_blessing(blessing, Path(train_dir))
+    policy = _serving_policy(blessing)
     source = _read_training_output(Path(train_dir), Path(index_dir))
     names = {"retrieval": config.retrieval_model, "ranking": config.ranking_model}
     base_path.mkdir(parents=True, exist_ok=True)
@@ -465,7 +469,7 @@ def push_models(
     )
     temps: dict[str, Path] = {}
     try:
-        exports = _export(config, source, names, base_path, version, code, warmup, temps)
+        exports = _export(config, source, names, base_path, version, code, warmup, temps, policy)
         _publish(temps, names, base_path, version)
     finally:
         for tmp in temps.values():
@@ -499,6 +503,13 @@ def _check_blessing(blessing: Path | Mapping[str, Any], train_dir: Path) -> None
     if not verdict.get("blessed", False):
         reason = verdict.get("reason") or "no reason given"
         raise PushRefused(f"model in {train_dir} is not blessed: {reason}")
+
+
+def _serving_policy(blessing: Path | Mapping[str, Any]) -> ServingPolicy | None:
+    """The serving policy the evaluation chose (fusion weight, ranker and MMR on or off);
+    None for a blessing written without one (the gateway then uses its configuration)."""
+    policy = read_blessing(blessing).get("serving_policy")
+    return ServingPolicy.model_validate(policy) if policy is not None else None
 
 
 def _read_training_output(train_dir: Path, index_dir: Path) -> _TrainingOutput:
@@ -585,9 +596,11 @@ def _export(
     code: str,
     warmup: _WarmupBatches,
     temps: dict[str, Path],
+    policy: ServingPolicy | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Export each model into a temporary folder of its model folder (listed in ``temps``),
-    with its warm-up requests and push record, and run one request through it.
+    with its warm-up requests and push record (and, for retrieval, the serving policy), and
+    run one request through it.
 
     Returns:
         Per role (retrieval, ranking): the model's name, requirements and warm-up records.
@@ -622,6 +635,10 @@ def _export(
         (extra / PUSH_RECORD).write_text(json.dumps(record.model_dump(), indent=2))
         _smoke_test(tmp, batches[0], signature)
         results[role] = {"name": name, "requirements": requirements, "warmup_records": written}
+        if role == "retrieval" and policy is not None:
+            # The ordering steps the gate measured travel with the version the gateway loads.
+            write_serving_policy(tmp, policy)
+            results[role]["serving_policy"] = policy.model_dump(mode="json")
     return results
 
 

@@ -157,7 +157,7 @@ def print_evaluation(settings: Settings, console: Console) -> dict[str, Any]:
     metrics = json.loads((out / "metrics.json").read_text())
     blessing = json.loads((out / "blessing.json").read_text())
     by_model = metrics["models"]
-    systems = [s for s in ("retriever", "retriever_ranker", "popularity") if s in by_model]
+    systems = [s for s in ("served", "retriever", "retriever_ranker", "popularity") if s in by_model]
     t = Table(title=f"offline evaluation on the time holdout (report: {out / 'report.html'})")
     t.add_column("slice")
     t.add_column("metric")
@@ -173,6 +173,8 @@ def print_evaluation(settings: Settings, console: Console) -> dict[str, Any]:
                     *(f"{by_model[s].get(slice_, {}).get(metric, float('nan')):.3f}" for s in systems),
                 )
     console.print(t)
+    for reason in (metrics.get("serving_policy") or {}).get("reasons", [])[1:]:
+        console.print(f"serving policy: {reason}", markup=False)
     verdict = "[green]blessed[/green]" if blessing.get("blessed") else "[red]refused[/red]"
     console.print(f"gate: {verdict}: {blessing.get('reason')}")
     return blessing

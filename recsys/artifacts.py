@@ -4,7 +4,8 @@ and push steps that write them and the gateway and batch recommend that read the
 A pushed version is TF Serving's layout, ``<base>/<model>/<integer version>/`` with a
 ``saved_model.pb``; beside the graph, ``assets.extra/`` holds what the serving side needs
 without TensorFlow: the item ids and embeddings (exact-search fallback, similar items), the
-server build the graph requires, the warm-up requests and the push record.
+server build the graph requires, the warm-up requests, the push record and (retrieval) the
+serving policy the evaluation chose.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ ASSETS_EXTRA = "assets.extra"
 WARMUP_FILE = "tf_serving_warmup_requests"
 PUSH_RECORD = "push.json"
 REQUIREMENTS = "requirements.json"
+# The ordering steps that serve with a retrieval version (fusion weight, ranker on/off, MMR),
+# as the evaluation chose them: ``recsys.ranking.ServingPolicy``.
+SERVING_POLICY_FILE = "serving_policy.json"
 PAD_ID = ""  # an id slot the index could not fill (fewer than K candidates found)
 
 

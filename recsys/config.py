@@ -110,6 +110,22 @@ class TrainingConfig(Section):
     share_item_embeddings: bool = False
     # The query tower also averages the catalog categories of the recent items (a taste profile).
     history_categories: bool = True
+    # The retriever's query tower. bag: the mean of the recent items' embeddings (order-free).
+    # sequential: a causal self-attention encoder over the recent items in time order
+    # (SASRec-style), trained on whole user sequences, every prefix a query, in one pass.
+    query_tower: Literal["bag", "sequential"] = "bag"
+    # Sequential tower: attention blocks, heads per block (dividing id_dim), dropout, and how
+    # many user sequences (windows of max_history + 1 positives) form a batch; a batch then
+    # holds up to sequence_batch_size * (max_history + 1) positives, each a query.
+    sequence_layers: int = Field(2, ge=1)
+    sequence_heads: int = Field(1, ge=1)
+    sequence_dropout: float = Field(0.2, ge=0, lt=1)
+    sequence_batch_size: int = Field(32, ge=2)
+    # Negatives of the retriever's sampled softmax. in_batch: the other positives of the batch
+    # (popularity-distributed). mixed: those plus ``uniform_negatives`` catalog items drawn
+    # uniformly per batch, so the long tail is pushed down too.
+    negatives: Literal["in_batch", "mixed"] = "in_batch"
+    uniform_negatives: int = Field(256, ge=1)
     text_max_tokens: int = Field(20000, ge=100)
     text_sequence_length: int = Field(32, ge=4)
     batch_size: int = Field(512, ge=8)
@@ -150,6 +166,15 @@ class TrainingConfig(Section):
     # Dwell seconds that count as full engagement (log-scaled below it).
     engagement_dwell_cap_seconds: float = Field(600.0, gt=0)
 
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TrainingConfig:
+        if self.id_dim % self.sequence_heads:
+            raise ValueError(
+                f"sequence_heads={self.sequence_heads} must divide id_dim={self.id_dim} "
+                "(each attention head reads id_dim / sequence_heads dimensions)"
+            )
+        return self
+
     @field_validator("objective_weights")
     @classmethod
     def _known_objectives(cls, v: dict[str, float]) -> dict[str, float]:
@@ -160,33 +185,50 @@ class TrainingConfig(Section):
 
 
 class EvaluationConfig(Section):
-    """Offline evaluation on a time-based holdout, and the gate that blesses a model."""
+    """Offline evaluation of the served system on a holdout, and the gate that blesses a model."""
 
     # How the holdout is cut. time: the last ``holdout_days`` whole days (new users and new
     # items included: what the next days will bring). random: ``holdout_fraction`` of each
     # user's events at random (seeded), for data whose timestamps mean little, such as a
-    # random split of ratings.
-    split: Literal["time", "random"] = "time"
+    # random split of ratings. last_item: each user's last positive (and what followed it)
+    # held out; users with a single positive item stay in training.
+    split: Literal["time", "random", "last_item"] = "time"
     # The last days of events form the holdout (split: time).
     holdout_days: int = Field(7, ge=1)
     holdout_fraction: float = Field(0.1, gt=0, lt=1)
     split_seed: int = 42
+    # A holdout with fewer users holding a relevant item than this is too small to decide:
+    # the split falls back to last_item, then random (the manifest and report say so).
+    min_holdout_users: int = Field(50, ge=1)
     ks: list[int] = [10, 50, 100]
-    # Retrieved candidates the ranker re-ranks.
+    # Retrieved candidates the ranker re-ranks in the ``retriever_ranker`` system (the served
+    # replay ranks every candidate the gateway retrieves, ``gateway.candidates``).
     rerank_depth: int = Field(200, ge=1)
     # Blend of the re-ranked score: rank-normalized ranker score plus this weight times the
-    # rank-normalized retrieval score (0: the ranker alone decides).
+    # rank-normalized retrieval score (0: the ranker alone decides). The fallback for a
+    # pushed version without a serving policy, and the weight of ``retriever_ranker``.
     retrieval_weight: float = Field(2.0, ge=0)
-    # The metric (slice "all") that gates a model, and which system it is read from. The
-    # retriever by default: top-K over logged positives carries the old system's exposure,
-    # which a ranker of p(click | shown) is not trained to reproduce (its own check is the
-    # click AUC on holdout impressions, reported beside).
+    # The fusion weights tried on a validation split carved from the training part (the last
+    # ``training.validation_fraction`` of its positives); retrieval order alone (the ranker
+    # not served) is always tried beside them. The best on ``gate_metric`` serves.
+    fusion_weights: list[float] = [0.0, 0.5, 1.0, 2.0, 4.0]
+    # What judges the served system where the generator's truth exists (synthetic data):
+    # "reward", the expected reward of the top K under the truth, chooses the serving policy
+    # and gates against popularity (logged positives carry the old system's exposure, the
+    # truth does not; the gate metric is reported beside it); "metric", the gate metric
+    # decides and the truth can only veto a step. Without truth the gate metric decides.
+    judge: Literal["reward", "metric"] = "reward"
+    # The metric (slice "all") that gates a model, and which system it is read from. served:
+    # what the gateway serves (candidates, seen filter, ranker with the chosen fusion weight,
+    # MMR, exploration slots), replayed offline.
     gate_metric: str = "ndcg@10"
-    gate_model: Literal["retriever", "retriever_ranker"] = "retriever"
+    gate_model: Literal["served", "retriever", "retriever_ranker"] = "served"
     # A candidate may trail the serving model's gate metric by at most this much (absolute).
     gate_margin: float = Field(0.02, ge=0)
     # Users whose training event count is in this top fraction form the "heavy" slice.
     heavy_user_fraction: float = Field(0.1, gt=0, le=1)
+    # Bins of the ranker's reliability table (predicted vs observed click rate).
+    calibration_bins: int = Field(10, ge=2)
 
     @field_validator("gate_metric")
     @classmethod
@@ -196,6 +238,16 @@ class EvaluationConfig(Section):
         if name not in known or (name != "mrr" and not k.isdigit()):
             raise ValueError(f"unknown metric {v!r}: use recall@K, ndcg@K, precision@K, hit_rate@K or mrr")
         return v
+
+    @field_validator("fusion_weights")
+    @classmethod
+    def _finite_weights(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 <= w < float("inf") for w in v):
+            raise ValueError(
+                f"fusion_weights must be a non-empty list of finite weights >= 0 (retrieval order "
+                f"alone is always tried); got {v}"
+            )
+        return sorted(set(v))
 
 
 class IndexConfig(Section):

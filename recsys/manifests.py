@@ -189,7 +189,13 @@ class TrainManifest(StepManifest):
 
 
 class Blessing(ManifestModel):
-    """The evaluation's verdict (``blessing.json``): may the model replace the serving one?"""
+    """The evaluation's verdict (``blessing.json``): may the model replace the serving one?
+
+    ``serving_policy`` is how the model serves (``recsys.ranking.ServingPolicy``: the fusion
+    weight chosen on validation, ranker and MMR on or off); push carries it into the version.
+    """
+
+    omitted_when_none = frozenset({"serving_policy"})
 
     blessed: bool
     reason: str
@@ -199,10 +205,14 @@ class Blessing(ManifestModel):
     popularity: float
     serving: float | None
     margin: float
+    serving_policy: dict[str, Any] | None = None
 
 
 class EvaluateManifest(StepManifest):
-    """``evaluate``: metrics per system and slice, and the blessing."""
+    """``evaluate``: metrics per system and slice, the blessing, the split the gate read (and
+    the fallback from a holdout too small to decide) and the serving policy chosen."""
+
+    omitted_when_none = frozenset({"split", "serving_policy"})
 
     step: Literal["evaluate"] = "evaluate"
     path: str
@@ -214,6 +224,8 @@ class EvaluateManifest(StepManifest):
     parameters: dict[str, Any]
     seconds: float
     code_version: str
+    split: dict[str, Any] | None = None
+    serving_policy: dict[str, Any] | None = None
 
 
 # --- index ----------------------------------------------------------------------------------------

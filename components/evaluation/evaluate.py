@@ -1,17 +1,22 @@
-"""Step: evaluate the trained models offline on a time-based holdout, and gate them.
+"""Step: evaluate the system the gateway serves, offline, and gate it.
 
-Offline evaluation replays the future: train on events before a cut-off, then ask, for each
-user active after it, "would the model have put the items this user went on to engage with
-near the top of their list?" The cut is by time (the last ``holdout_days``), not random,
-because that is the question production asks, and because only a time cut contains what
-production meets: users who signed up after training and items published after it.
+Offline evaluation replays the future: train on events before a cut, then ask, for each
+user with a positive after it, "would the served list have put the items this user went on
+to engage with near the top?" By default the cut is by time (the last ``holdout_days``),
+because that is the question production asks and only a time cut contains what production
+meets: users who signed up after training and items published after it. A holdout too small
+to decide falls back to each user's last item, then a random split (``splits``), and the
+report says so.
 
-Three systems are compared on the same users and relevant items:
+Systems compared on the same users and relevant items:
 
+- ``served``: the gateway's path replayed (``served_policy``): ``gateway.candidates``
+  retrieved exactly, business rules and seen items filtered, the ranker fused with the
+  retrieval rank at the weight chosen on validation (``fusion``), MMR, exploration slots;
 - ``retriever``: exact top-K by dot product between the query tower's embedding and every
   item embedding (``item_embeddings.parquet``);
-- ``retriever_ranker``: the retriever's top ``rerank_depth`` re-ordered by the ranker's
-  combined score (the production path, without the ANN approximation);
+- ``retriever_ranker``: the retriever's top ``rerank_depth`` re-ordered by rank fusion at
+  the configured ``retrieval_weight`` (what a version without a serving policy serves);
 - ``popularity``: the most engaged-with items of the training period, the baseline every
   personalized model must beat to earn its complexity.
 
@@ -21,18 +26,23 @@ not re-recommend what was consumed). Slices: ``all``; ``new_users`` (no training
 ``new_items`` (only relevant items published or first seen in the holdout count);
 ``heavy_users`` (the top ``heavy_user_fraction`` by training events).
 
-The gate blesses the model only when it beats popularity on ``gate_metric`` and does not
-trail the serving model's ``metrics.json`` by more than ``gate_margin``.
+Where the generator's truth exists (``reward``), each system's top-K is also scored by the
+expected reward a user would get if shown it, and a ranker, fusion weight or MMR that
+lowers it is not served. The report shows each step's contribution (retrieval -> ranker ->
+MMR -> exploration) and the ranker's own objectives (click AUC, calibration).
+
+The gate blesses the model only when the gated system (``served`` by default) beats
+popularity on ``gate_metric`` (and, with truth, on expected reward) and does not trail the
+serving model's ``metrics.json`` by more than ``gate_margin``.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
+import math
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,75 +50,38 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components.evaluation.metrics import coverage, metric_names, summarize
-from recsys.config import EvaluationConfig
+from components.evaluation.fusion import PolicyChoice, choose_policy, metric_k, weight_label
+from components.evaluation.metrics import coverage, summarize
+from components.evaluation.objectives import ranker_objectives
+from components.evaluation.report import write_report
+from components.evaluation.reward import Truth, expected_reward_at_k, load_truth
+from components.evaluation.served_policy import (
+    Replay,
+    Step,
+    build_replay,
+    business_rules,
+    head_rerank,
+    new_item_mask,
+    score_pairs,
+)
+from components.evaluation.splits import choose_split, split_holdout, time_split, validation_split
+from recsys.config import EvaluationConfig, GatewayConfig, TrainingConfig
 from recsys.feature_schema import POSITIVE_EVENT_TYPES
 from recsys.manifests import Blessing, EvaluateManifest
-from recsys.ranking import rank_fusion
+from recsys.ranking import ServingPolicy
 from recsys.storage import code_version, read_manifest, write_manifest
 
-MODELS = ("retriever", "retriever_ranker", "popularity")
+# Re-exported: the pipeline's training-data step and older callers split through this module.
+__all__ = ["MODELS", "SLICES", "evaluate", "gate", "split_holdout", "time_split"]
+
+MODELS = ("served", "retriever", "retriever_ranker", "popularity")
 SLICES = ("all", "new_users", "new_items", "heavy_users")
 ITEM_STAT = re.compile(r"^item_(impressions|positives|ctr)_(\d+)d$")
 
 
 # --------------------------------------------------------------------------------------------
-# Data: split, queries, relevance
+# Data: queries, relevance, item statistics
 # --------------------------------------------------------------------------------------------
-
-
-def time_split(events: pd.DataFrame, holdout_days: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Split events (or a training frame) at whole UTC days: the last ``holdout_days`` are held out.
-
-    The cut is the end of the last event's day minus ``holdout_days``, so the holdout is
-    exactly ``holdout_days`` whole days, whatever the time of the last event.
-
-    Args:
-        events: rows with a ``ts`` column (UTC timestamps).
-        holdout_days: how many days at the end form the holdout.
-
-    Returns:
-        (train, holdout): rows with ``ts`` before the cut, and from it on, each in time order.
-    """
-    ts = pd.to_datetime(events["ts"], utc=True)
-    if ts.empty:
-        return events.copy(), events.copy()
-    cut = split_time(ts, holdout_days)
-    order = events.assign(_ts=ts).sort_values("_ts", kind="stable").drop(columns="_ts")
-    ts_sorted = pd.to_datetime(order["ts"], utc=True)
-    return order[ts_sorted < cut].reset_index(drop=True), order[ts_sorted >= cut].reset_index(drop=True)
-
-
-def random_split(events: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per user, a seeded random ``fraction`` of their rows held out (users with one row keep it).
-
-    Returns:
-        (train, holdout), each in time order.
-    """
-    if events.empty:
-        return events.copy(), events.copy()
-    order = events.assign(_ts=pd.to_datetime(events["ts"], utc=True))
-    order = order.sort_values(["_ts", "user_id", "item_id"], kind="stable").reset_index(drop=True)
-    rng = np.random.default_rng(seed)
-    users = order["user_id"].astype(str).to_numpy()
-    rank = pd.Series(rng.random(len(order))).groupby(users).rank(method="first").to_numpy()
-    sizes = pd.Series(users).groupby(users).transform("size").to_numpy()
-    held = rank <= np.floor(fraction * sizes)
-    order = order.drop(columns="_ts")
-    return order[~held].reset_index(drop=True), order[held].reset_index(drop=True)
-
-
-def split_holdout(events: pd.DataFrame, config: EvaluationConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train, holdout) as ``evaluation.split`` says: by time or at random per user."""
-    if config.split == "random":
-        return random_split(events, config.holdout_fraction, config.split_seed)
-    return time_split(events, config.holdout_days)
-
-
-def split_time(ts: pd.Series, holdout_days: int) -> pd.Timestamp:
-    """The cut of ``time_split``: midnight after the last event, minus ``holdout_days``."""
-    last = pd.to_datetime(ts, utc=True).max()
-    return last.floor("D") + pd.Timedelta(days=1) - pd.Timedelta(days=holdout_days)
 
 
 def positive_items(frame: pd.DataFrame) -> dict[str, set[str]]:
@@ -169,7 +142,7 @@ def item_stats_at(frame: pd.DataFrame, as_of: pd.Timestamp, names: list[str]) ->
 
 
 # --------------------------------------------------------------------------------------------
-# Ranked lists of the three systems
+# Ranked lists of the retriever and the popularity baseline
 # --------------------------------------------------------------------------------------------
 
 
@@ -243,109 +216,9 @@ def popularity_ranking(
     return out
 
 
-def rerank(
-    ranker: Callable[..., Mapping[str, Any]],
-    ranker_inputs: Mapping[str, str],
-    queries: pd.DataFrame,
-    candidates: Mapping[str, list[str]],
-    retrieval_scores: Mapping[str, np.ndarray],
-    item_features: pd.DataFrame,
-    retrieval_weight: float = 0.0,
-    batch_size: int = 8192,
-) -> dict[str, list[str]]:
-    """Re-order each user's retrieved candidates by the ranker's combined ``score``.
-
-    With ``retrieval_weight`` > 0 the order is by ``rank score of the ranker + weight x rank
-    score of the retriever`` (each a rank within the user's candidates, scaled to [0, 1]):
-    rank fusion is robust to the two scores living on different scales.
-
-    Args:
-        ranker: the ranker SavedModel's ``serving_default`` (keyword tensors in).
-        ranker_inputs: the training manifest's ``ranker_inputs``.
-        queries: one row per user (index user_id) with the query-side columns.
-        candidates: user -> retrieved item ids (best first).
-        retrieval_scores: user -> retrieval scores of those candidates.
-        item_features: index item_id; the item-side columns (category, popularity).
-        retrieval_weight: weight of the retrieval rank in the fused score.
-        batch_size: pairs per ranker call.
-
-    Returns:
-        user -> re-ranked item ids.
-    """
-    import tensorflow as tf
-
-    from components.training.train import features_from_frame
-
-    users = [u for u in candidates if candidates[u]]
-    if not users:
-        return {u: [] for u in candidates}
-    counts = np.array([len(candidates[u]) for u in users])
-    item_col = np.concatenate([np.asarray(candidates[u], dtype=object) for u in users])
-    user_rows = np.repeat(np.arange(len(users)), counts)
-    item_side = [c for c in ranker_inputs if c in item_features.columns]
-    query_side = [c for c in ranker_inputs if c not in item_side and c != "item_id"]
-    q = queries.loc[users, [c for c in query_side if c in queries.columns]].reset_index(drop=True)
-    pairs = q.iloc[user_rows].reset_index(drop=True)
-    pairs["item_id"] = item_col
-    items = item_features.reindex(item_col)[item_side].reset_index(drop=True)
-    pairs = pd.concat([pairs, items], axis=1)
-    arrays = features_from_frame(pairs, ranker_inputs)
-    scores = np.empty(len(pairs), dtype=np.float32)
-    for lo in range(0, len(pairs), batch_size):
-        batch = {k: tf.constant(v[lo : lo + batch_size]) for k, v in arrays.items()}
-        scores[lo : lo + batch_size] = ranker(**batch)["score"].numpy()
-    out: dict[str, list[str]] = {u: [] for u in candidates}
-    start = 0
-    for u, n in zip(users, counts, strict=True):
-        s = scores[start : start + n]
-        fused = rank_fusion(s, np.asarray(retrieval_scores[u]), retrieval_weight)
-        order = np.argsort(-fused, kind="stable")
-        out[u] = [candidates[u][i] for i in order]
-        start += n
-    return out
-
-
-def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve: the chance a random positive outscores a random negative."""
-    labels = np.asarray(labels, dtype=bool)
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = pd.Series(np.asarray(scores, dtype=np.float64)).rank().to_numpy()  # ties share a rank
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def ranker_auc(
-    ranker: Callable[..., Mapping[str, Any]], ranker_inputs: Mapping[str, str], holdout_frame: pd.DataFrame
-) -> dict[str, Any] | None:
-    """The ranker's own offline check: click AUC on the holdout's impressions.
-
-    Top-K metrics over logged positives reward what the old system chose to show (a
-    popular item gets more impressions, hence more clicks); the ranker learns the chance
-    of a click once an item *is* shown, which is what it decides in production. Its AUC on
-    held-out impressions, beside the AUC of "more popular first" (``item_positives_30d``
-    or the first popularity feature), measures that directly. None without impressions.
-    """
-    import tensorflow as tf
-
-    from components.training.train import features_from_frame, ranker_examples
-    from recsys.config import TrainingConfig
-
-    if not (holdout_frame["event_type"].astype(str) == "impression").any():
-        return None
-    examples, _ = ranker_examples(holdout_frame, TrainingConfig(), [])
-    arrays = features_from_frame(examples, ranker_inputs)
-    scores = np.concatenate(
-        [
-            ranker(**{k: tf.constant(v[lo : lo + 8192]) for k, v in arrays.items()})["click"].numpy()
-            for lo in range(0, len(examples), 8192)
-        ]
-    )
-    out: dict[str, Any] = {"examples": len(examples), "click_auc": auc(examples["label_click"], scores)}
-    popularity = [c for c in ("item_positives_30d", "item_positives_7d") if c in examples.columns]
-    if popularity:
-        out["popularity_click_auc"] = auc(examples["label_click"], examples[popularity[0]])
-    return out
+# --------------------------------------------------------------------------------------------
+# The gate
+# --------------------------------------------------------------------------------------------
 
 
 def _metric_of(metrics: Mapping[str, Any], model: str, name: str) -> float | None:
@@ -355,15 +228,25 @@ def _metric_of(metrics: Mapping[str, Any], model: str, name: str) -> float | Non
         return None
 
 
+def _reward_of(metrics: Mapping[str, Any], model: str) -> float | None:
+    try:
+        value = metrics["reward"]["systems"][model]
+    except (KeyError, TypeError):
+        return None
+    return None if value is None else float(value)
+
+
 def gate(
     config: EvaluationConfig, metrics: Mapping[str, Any], serving_metrics: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Decide whether a model may replace the serving one.
 
-    Blessed when (1) the gated system (``gate_model``) beats the popularity baseline on
-    ``gate_metric`` over all users, strictly: a model no better than "show the bestsellers"
-    is not worth serving; and (2) it does not trail the serving model's value by more than
-    ``gate_margin`` (absolute). Without serving metrics (the first model), only (1) applies.
+    Blessed when (1) the gated system (``gate_model``, the served one by default) beats the
+    popularity baseline on ``gate_metric`` over all users, strictly: a model no better than
+    "show the bestsellers" is not worth serving; (2) where the metrics hold the generator's
+    expected reward, it beats popularity on that too; and (3) it does not trail the serving
+    model's value by more than ``gate_margin`` (absolute). Without serving metrics (the first
+    model), (3) does not apply. A holdout too small to decide is named in the reason.
 
     Args:
         config: the ``evaluation`` section.
@@ -385,6 +268,19 @@ def gate(
         f"{model} {name}={candidate:.4f} {'beats' if beats_popularity else 'does not beat'} "
         f"popularity {popularity:.4f}"
     )
+    reward, reward_popularity = _reward_of(metrics, model), _reward_of(metrics, "popularity")
+    if reward is not None and reward_popularity is not None:
+        beats_on_reward = reward > reward_popularity
+        if config.judge == "reward":
+            # The truth judges; the metric on logged positives is reported, not decisive.
+            reasons[-1] += " (reported; the generator's truth judges)"
+            beats_popularity = beats_on_reward
+        else:
+            beats_popularity = beats_popularity and beats_on_reward
+        reasons.append(
+            f"expected reward {reward:.4f} {'beats' if beats_on_reward else 'does not beat'} "
+            f"popularity's {reward_popularity:.4f}"
+        )
     keeps_up = True
     if serving_metrics is not None:
         if serving is None:
@@ -397,6 +293,9 @@ def gate(
             )
     else:
         reasons.append("no serving model to compare with")
+    note = (metrics.get("split") or {}).get("note")
+    if note:
+        reasons.append(note)
     blessed = beats_popularity and keeps_up
     return {
         "blessed": blessed,
@@ -416,14 +315,25 @@ def gate(
 
 
 @dataclass(frozen=True)
-class _Holdout:
-    """Who is evaluated and on what: users with a relevant holdout item, and their queries."""
+class EvalSet:
+    """Who is evaluated and on what: users with a relevant item, their queries, the moment."""
 
     users: list[str]
-    seen: dict[str, set[str]]  # user -> items with a positive in training (never recommended)
-    relevant: dict[str, set[str]]  # user -> holdout positives outside ``seen``
+    seen: dict[str, set[str]]  # user -> items with a positive before (never recommended)
+    relevant: dict[str, set[str]]  # user -> held-out positives outside ``seen``
     queries: pd.DataFrame  # one row per user (index user_id): the query and ranker columns
     as_of: pd.Timestamp  # the moment item statistics are taken at
+
+
+@dataclass(frozen=True)
+class _Models:
+    """The trained models of ``train_dir``, loaded once for every evaluation set."""
+
+    manifest: Mapping[str, Any]
+    item_ids: np.ndarray
+    item_embeddings: np.ndarray
+    query_fn: Any
+    ranker_fn: Any
 
 
 def evaluate(
@@ -436,61 +346,115 @@ def evaluate(
     serving_metrics: Mapping[str, Any] | Path | None = None,
     queries: pd.DataFrame | None = None,
     log: Callable[[str], None] | None = None,
+    gateway: GatewayConfig | None = None,
+    truth_data: Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the models of ``train_dir`` on the holdout; write metrics, report and blessing.
+    """Evaluate the served system of ``train_dir`` on the holdout; write metrics, report, blessing.
 
     Args:
         config: the ``evaluation`` section.
         train_dir: the training step's folder (towers, ranker, item embeddings, manifest).
         train_frame: the events (or training frame) the models were trained on: what users
-            had seen, the popularity baseline, new-user and new-item slices.
-        holdout_frame: the training frame rows of the holdout period (``time_split``).
-        items_frame: the catalog (item content and ``published_ts``).
+            had seen, the popularity baseline, new-user and new-item slices, and the
+            validation split the serving policy is chosen on.
+        holdout_frame: the training frame rows of the holdout (``split_holdout``).
+        items_frame: the catalog (item content, ``in_stock`` and ``published_ts``).
         out_dir: where ``metrics.json``, ``report.html`` (+ PNGs), ``blessing.json`` and
             ``manifest.json`` (last) go.
         serving_metrics: the serving model's ``metrics.json`` (dict or path), if any.
         queries: one row per user with the query and ranker columns; default
             ``holdout_queries(holdout_frame)`` (each user's state at the cut).
         log: where progress lines go.
+        gateway: the ``gateway`` section the served system is replayed with (candidates,
+            business rules, MMR, exploration); default its defaults.
+        truth_data: the data folder whose generator truth scores expected reward, if any.
 
     Returns:
-        The manifest: metrics per system and slice, the blessing, counts.
+        The manifest: metrics per system and slice, the blessing and serving policy, counts.
     """
     from components.training.train import use_legacy_keras
 
     use_legacy_keras()
     log = log or _default_log
+    gateway = gateway or GatewayConfig()
     started = time.perf_counter()
     train_dir, out_dir = Path(train_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.json").unlink(missing_ok=True)
-    train_manifest = read_manifest(train_dir)
-    if isinstance(serving_metrics, str | Path):
-        serving_metrics = json.loads(Path(serving_metrics).read_text())
-
-    holdout = _holdout(config, train_manifest, train_frame, holdout_frame, queries)
-    ranked, catalog_size, ranker_fn = _rank_all(
-        config, train_dir, train_manifest, train_frame, items_frame, holdout
+    serving: Mapping[str, Any] | None = (
+        json.loads(Path(serving_metrics).read_text())
+        if isinstance(serving_metrics, str | Path)
+        else serving_metrics
     )
+
+    models = _load_models(train_dir)
+    split = _describe_split(config, train_frame, holdout_frame)
+    truth, truth_note = load_truth(truth_data, _reward_weights(models.manifest))
+    log(f"[evaluate] {truth_note}")
+    choice = _choose_serving_policy(config, gateway, models, train_frame, items_frame, truth, log)
+    policy = choice.policy
+
+    holdout = _eval_set(config, models.manifest, train_frame, holdout_frame, queries)
+    if len(holdout.users) < config.min_holdout_users and not split.get("note"):
+        split["note"] = (
+            f"the holdout has {len(holdout.users)} users with a relevant item, fewer than "
+            f"min_holdout_users={config.min_holdout_users}: the verdict rests on few users"
+        )
+    retrieved, replay = _replay(config, gateway, models, train_frame, items_frame, holdout)
+    steps = _steps(replay, policy, choice)
+    ranked = {
+        "served": steps["exploration"]["lists"],
+        "retriever": retrieved,
+        "retriever_ranker": head_rerank(replay, retrieved, config.rerank_depth, config.retrieval_weight),
+        "popularity": popularity_ranking(
+            train_frame,
+            models.item_ids,
+            holdout.users,
+            holdout.seen,
+            max(max(config.ks), config.rerank_depth),
+        ),
+    }
     slices = _slices(config, train_frame, items_frame, holdout.relevant, holdout.as_of)
-    metrics = {
-        "models": _score(config, ranked, slices, holdout.users, catalog_size),
+    k = metric_k(config.gate_metric)
+    reward_of = _reward_function(truth, holdout.users, k)
+    metrics: dict[str, Any] = {
+        "models": _score(config, ranked, slices, holdout.users, len(models.item_ids)),
         "ks": sorted(config.ks),
         "slices": {name: len(rel) for name, rel in slices.items()},
-        "catalog_items": catalog_size,
+        "catalog_items": len(models.item_ids),
         "train_dir": str(train_dir),
         "holdout": {
             "start": holdout.as_of.isoformat(),
             "users": len(holdout.users),
             "relevant_pairs": int(sum(len(r) for r in holdout.relevant.values())),
         },
-        "ranker": ranker_auc(ranker_fn, train_manifest["ranker_inputs"], holdout_frame),
+        "split": split,
+        "serving_policy": policy.model_dump(mode="json"),
+        "steps": _step_table(steps, holdout.relevant, config.gate_metric, reward_of),
+        "reward": {
+            "available": truth is not None,
+            "note": truth_note,
+            "k": k,
+            "systems": {m: reward_of(ranked[m]) for m in MODELS} if reward_of else None,
+        },
+        "ranker": ranker_objectives(
+            models.ranker_fn, models.manifest["ranker_inputs"], holdout_frame, config.calibration_bins
+        ),
+        "gateway": {
+            "candidates": gateway.candidates,
+            "mmr_trade_off": gateway.mmr_trade_off,
+            "mmr_depth": gateway.mmr_depth,
+            "exploration_slots": gateway.exploration_slots,
+            "exploration_position": gateway.exploration_position,
+        },
     }
-    blessing = Blessing(**gate(config, metrics, serving_metrics))
+    verdict = gate(config, metrics, serving)
+    blessing = Blessing(**verdict, serving_policy=policy.model_dump(mode="json"))
     report = _write_outputs(out_dir, metrics, blessing.model_dump())
     log(
         f"[evaluate] {config.gate_metric}: "
         + ", ".join(f"{m} {metrics['models'][m]['all'][config.gate_metric]:.4f}" for m in MODELS)
+        + f"; fusion weight {weight_label(policy.fusion_weight)}"
         + f" -> {'blessed' if blessing.blessed else 'NOT blessed'}"
     )
     manifest = EvaluateManifest(
@@ -503,19 +467,55 @@ def evaluate(
         parameters=config.model_dump(mode="json"),
         seconds=round(time.perf_counter() - started, 1),
         code_version=code_version(),
+        split=split,
+        serving_policy=policy.model_dump(mode="json"),
     )
     write_manifest(out_dir, manifest)
     return manifest.model_dump()
 
 
-def _holdout(
+def _load_models(train_dir: Path) -> _Models:
+    from components.training.train import load_signature
+
+    manifest = read_manifest(train_dir)
+    emb_df = pd.read_parquet(train_dir / "item_embeddings.parquet")
+    return _Models(
+        manifest=manifest,
+        item_ids=emb_df["item_id"].astype(str).to_numpy(dtype=object),
+        item_embeddings=np.stack(emb_df["embedding"].to_numpy()).astype(np.float32),
+        query_fn=load_signature(train_dir / "query_tower"),
+        ranker_fn=load_signature(train_dir / "ranker"),
+    )
+
+
+def _reward_weights(train_manifest: Mapping[str, Any]) -> TrainingConfig:
+    """The reward the truth scores: the trained ranker's objective weights and dwell cap."""
+    params = train_manifest.get("parameters", {})
+    return TrainingConfig(
+        objective_weights=train_manifest.get("objective_weights") or TrainingConfig().objective_weights,
+        engagement_dwell_cap_seconds=params.get(
+            "engagement_dwell_cap_seconds", TrainingConfig().engagement_dwell_cap_seconds
+        ),
+    )
+
+
+def _describe_split(
+    config: EvaluationConfig, train_frame: pd.DataFrame, holdout_frame: pd.DataFrame
+) -> dict[str, Any]:
+    """Which split the gate reads and why (the fallback ``split_holdout`` took, if any)."""
+    whole = pd.concat([train_frame, holdout_frame], ignore_index=True)
+    _, _, choice = choose_split(whole, config)
+    return choice.as_dict()
+
+
+def _eval_set(
     config: EvaluationConfig,
     train_manifest: Mapping[str, Any],
     train_frame: pd.DataFrame,
     holdout_frame: pd.DataFrame,
     queries: pd.DataFrame | None,
-) -> _Holdout:
-    """The evaluated users: each has a holdout positive they had not engaged with in training."""
+) -> EvalSet:
+    """The evaluated users: each has a held-out positive they had not engaged with before."""
     seen = positive_items(train_frame)
     relevant = {u: rel - seen.get(u, set()) for u, rel in positive_items(holdout_frame).items()}
     relevant = {u: rel for u, rel in relevant.items() if rel}
@@ -528,59 +528,184 @@ def _holdout(
     users = [u for u in relevant if u in queries.index]
     if not users:
         raise ValueError("no holdout user has a relevant item outside their training items")
-    # The cut is where the holdout begins (time_split cuts at midnight); read it from the data.
-    # A random split has no cut: item statistics are those at the end of the training data.
-    as_of = pd.to_datetime(holdout_frame["ts"], utc=True).min().floor("D")
-    if config.split == "random":
-        as_of = pd.to_datetime(train_frame["ts"], utc=True).max().floor("D") + pd.Timedelta(days=1)
-    return _Holdout(users, seen, {u: relevant[u] for u in users}, queries, as_of)
+    return EvalSet(users, seen, {u: relevant[u] for u in users}, queries, _as_of(train_frame, holdout_frame))
 
 
-def _rank_all(
+def _as_of(train_frame: pd.DataFrame, holdout_frame: pd.DataFrame) -> pd.Timestamp:
+    """When item statistics are taken: the cut of a time split (the holdout's first midnight);
+    the end of the training data for a per-user split (random, last item), which has no cut."""
+    train_ts = pd.to_datetime(train_frame["ts"], utc=True)
+    holdout_ts = pd.to_datetime(holdout_frame["ts"], utc=True)
+    if train_ts.empty or holdout_ts.min() >= train_ts.max():
+        return holdout_ts.min().floor("D")
+    return train_ts.max().floor("D") + pd.Timedelta(days=1)
+
+
+def _item_features(
+    items_frame: pd.DataFrame,
+    train_frame: pd.DataFrame,
+    ranker_inputs: Mapping[str, str],
+    as_of: pd.Timestamp,
+) -> pd.DataFrame:
+    """Item-side ranker columns (content, and popularity statistics as of ``as_of``)."""
+    item_features = items_frame.assign(item_id=items_frame["item_id"].astype(str)).drop_duplicates("item_id")
+    stats = item_stats_at(train_frame, as_of, [c for c in ranker_inputs if ITEM_STAT.match(c)])
+    return item_features.set_index("item_id").join(stats, how="left")
+
+
+def _replay(
     config: EvaluationConfig,
-    train_dir: Path,
-    train_manifest: Mapping[str, Any],
+    gateway: GatewayConfig,
+    models: _Models,
     train_frame: pd.DataFrame,
     items_frame: pd.DataFrame,
-    holdout: _Holdout,
-) -> tuple[dict[str, dict[str, list[str]]], int, Callable[..., Mapping[str, Any]]]:
-    """Each system's ranked list per user (``MODELS``), the catalog size, and the ranker."""
-    from components.training.train import load_signature
+    eval_set: EvalSet,
+    with_retriever: bool = True,
+) -> tuple[dict[str, list[str]], Replay]:
+    """The retriever's lists (seen excluded) and the served replay of one evaluation set."""
+    users = eval_set.users
+    q_emb = _query_embeddings(models.query_fn, models.manifest["query_inputs"], eval_set.queries.loc[users])
+    retrieved: dict[str, list[str]] = {}
+    if with_retriever:
+        depth = max(max(config.ks), config.rerank_depth)
+        retrieved, _ = retrieve(q_emb, models.item_ids, models.item_embeddings, users, eval_set.seen, depth)
+    ranker_inputs = models.manifest["ranker_inputs"]
+    item_features = _item_features(items_frame, train_frame, ranker_inputs, eval_set.as_of)
 
-    emb_df = pd.read_parquet(train_dir / "item_embeddings.parquet")
-    item_ids = emb_df["item_id"].astype(str).to_numpy(dtype=object)
-    item_emb = np.stack(emb_df["embedding"].to_numpy()).astype(np.float32)
-    depth = max(max(config.ks), config.rerank_depth)
-    users = holdout.users
-    q_emb = _query_embeddings(train_dir, train_manifest["query_inputs"], holdout.queries.loc[users])
-    retrieved, retrieval_scores = retrieve(q_emb, item_ids, item_emb, users, holdout.seen, depth)
+    def ranker_scores(user_items: Mapping[str, Sequence[str]]) -> dict[str, np.ndarray]:
+        return score_pairs(models.ranker_fn, ranker_inputs, eval_set.queries, user_items, item_features)
 
-    ranker_inputs = train_manifest["ranker_inputs"]
-    item_features = items_frame.assign(item_id=items_frame["item_id"].astype(str)).drop_duplicates("item_id")
-    stats = item_stats_at(train_frame, holdout.as_of, [c for c in ranker_inputs if ITEM_STAT.match(c)])
-    item_features = item_features.set_index("item_id").join(stats, how="left")
-    head = {u: retrieved[u][: config.rerank_depth] for u in users}
-    head_scores = {u: retrieval_scores[u][: config.rerank_depth] for u in users}
-    ranker_fn = load_signature(train_dir / "ranker")
-    reranked = rerank(
-        ranker_fn, ranker_inputs, holdout.queries, head, head_scores, item_features, config.retrieval_weight
+    replay = build_replay(
+        users=users,
+        item_ids=models.item_ids,
+        item_embeddings=models.item_embeddings,
+        query_embeddings=q_emb,
+        seen=eval_set.seen,
+        allowed=business_rules(items_frame, models.item_ids, gateway),
+        new_items=new_item_mask(
+            items_frame, train_frame, models.item_ids, eval_set.as_of, gateway.new_item_days
+        ),
+        ranker_scores=ranker_scores,
+        gateway=gateway,
+        k=max(config.ks),
+        seed=config.split_seed,
+        also_score={u: retrieved[u][: config.rerank_depth] for u in users} if with_retriever else None,
     )
-    ranked = {
-        "retriever": retrieved,
-        # Past the re-ranked head the retrieval order continues, so recall@K beyond the depth counts.
-        "retriever_ranker": {u: reranked[u] + retrieved[u][config.rerank_depth :] for u in users},
-        "popularity": popularity_ranking(train_frame, item_ids, users, holdout.seen, depth),
+    return retrieved, replay
+
+
+def _choose_serving_policy(
+    config: EvaluationConfig,
+    gateway: GatewayConfig,
+    models: _Models,
+    train_frame: pd.DataFrame,
+    items_frame: pd.DataFrame,
+    truth: Truth | None,
+    log: Callable[[str], None],
+) -> PolicyChoice:
+    """The fusion weight and MMR, chosen on a validation split carved from ``train_frame``."""
+    params = models.manifest.get("parameters", {})
+    # The models learned from the events training held out for early stopping only when
+    # they were refit on everything: then no part of the training frame is unseen.
+    fraction = 0.0 if params.get("refit_on_full") else float(params.get("validation_fraction", 0.1))
+    carved = validation_split(train_frame, fraction, config.min_holdout_users)
+    log(f"[evaluate] validation split: {carved.how}")
+    try:
+        validation = _eval_set(config, models.manifest, carved.train, carved.holdout, None)
+    except ValueError:
+        policy = ServingPolicy(
+            retrieval_weight=config.retrieval_weight,
+            mmr=True,
+            rank_depth=gateway.candidates,
+            reasons=[
+                f"the validation split ({carved.how}) has no user to choose on: the configured "
+                f"retrieval_weight {config.retrieval_weight:g} and MMR serve"
+            ],
+        )
+        return PolicyChoice(policy, [], {})
+    _, replay = _replay(config, gateway, models, carved.train, items_frame, validation, with_retriever=False)
+    reward_of = _reward_function(truth, validation.users, metric_k(config.gate_metric))
+    popular = popularity_ranking(
+        carved.train, models.item_ids, validation.users, validation.seen, max(config.ks)
+    )
+    baseline = summarize(popular, validation.relevant, [metric_k(config.gate_metric)])[config.gate_metric]
+    return choose_policy(
+        replay,
+        validation.relevant,
+        config.fusion_weights,
+        config.gate_metric,
+        reward_of,
+        carved.how,
+        baseline,
+        config.judge,
+    )
+
+
+def _reward_function(
+    truth: Truth | None, users: Sequence[str], k: int
+) -> Callable[[Mapping[str, Sequence[str]]], float] | None:
+    if truth is None:
+        return None
+    return lambda lists: expected_reward_at_k(truth, lists, users, k)
+
+
+def _steps(replay: Replay, policy: ServingPolicy, choice: PolicyChoice) -> dict[str, dict[str, Any]]:
+    """The served system built up one step at a time: retrieval, ranker, MMR, exploration.
+
+    A step the policy does not serve is still measured (the ranker at its best validation
+    weight, MMR as configured) so the report shows what it would have cost; the steps after
+    it build on what serves.
+    """
+    weight = policy.fusion_weight
+    ranker_weight = weight if policy.ranker_served else (choice.best_finite_weight or 0.0)
+    gw = replay.gateway
+    plan = {
+        "retrieval": (Step(math.inf, mmr=False, explore=False), True),
+        "ranker": (Step(ranker_weight, mmr=False, explore=False), policy.ranker_served),
+        "mmr": (Step(weight, mmr=True, explore=False), policy.mmr and gw.mmr_trade_off < 1),
+        "exploration": (Step(weight, mmr=policy.mmr, explore=True), gw.exploration_slots > 0),
     }
-    return ranked, len(item_ids), ranker_fn
+    return {
+        name: {"lists": replay.lists(step), "served": served, "weight": weight_label(step.weight)}
+        for name, (step, served) in plan.items()
+    }
 
 
-def _query_embeddings(train_dir: Path, query_inputs: Mapping[str, str], queries: pd.DataFrame) -> np.ndarray:
+def _step_table(
+    steps: Mapping[str, Mapping[str, Any]],
+    relevant: Mapping[str, set[str]],
+    metric: str,
+    reward_of: Callable[[Mapping[str, Sequence[str]]], float] | None,
+) -> list[dict[str, Any]]:
+    """Each step's gate metric and expected reward on the holdout, and its change over the
+    last served step before it."""
+    k = metric_k(metric)
+    rows: list[dict[str, Any]] = []
+    last: dict[str, Any] | None = None
+    for name, step in steps.items():
+        row = {
+            "step": name,
+            "served": bool(step["served"]),
+            "weight": step["weight"],
+            metric: summarize(step["lists"], relevant, [k])[metric],
+            "expected_reward": reward_of(step["lists"]) if reward_of else None,
+        }
+        if last is not None:
+            row[f"{metric}_uplift"] = row[metric] - last[metric]
+            if reward_of:
+                row["expected_reward_uplift"] = row["expected_reward"] - last["expected_reward"]
+        rows.append(row)
+        if row["served"]:
+            last = row
+    return rows
+
+
+def _query_embeddings(query_fn: Any, query_inputs: Mapping[str, str], queries: pd.DataFrame) -> np.ndarray:
     """The query tower's embedding of each row of ``queries``, in batches."""
     import tensorflow as tf
 
-    from components.training.train import features_from_frame, load_signature
+    from components.training.train import features_from_frame
 
-    query_fn = load_signature(train_dir / "query_tower")
     arrays = features_from_frame(queries, query_inputs)
     return np.concatenate(
         [
@@ -612,7 +737,7 @@ def _write_outputs(out_dir: Path, metrics: Mapping[str, Any], blessing: Mapping[
     """``metrics.json``, ``blessing.json`` and the report; returns the report's path."""
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     (out_dir / "blessing.json").write_text(json.dumps(blessing, indent=2, sort_keys=True) + "\n")
-    return write_report(out_dir, metrics, blessing)
+    return write_report(out_dir, metrics, blessing, MODELS, SLICES)
 
 
 def _slices(
@@ -637,70 +762,6 @@ def _slices(
         "new_items": {u: r & new_items for u, r in relevant.items() if r & new_items},
         "heavy_users": {u: r for u, r in relevant.items() if u in heavy},
     }
-
-
-# --------------------------------------------------------------------------------------------
-# Report
-# --------------------------------------------------------------------------------------------
-
-
-def write_report(out_dir: Path, metrics: Mapping[str, Any], blessing: Mapping[str, Any]) -> Path:
-    """``report.html`` with one bar chart per slice (PNG beside it and embedded) and the tables."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    models = metrics["models"]
-    names = metric_names(metrics["ks"])
-    sections = []
-    for slice_name in SLICES:
-        n_users = models["retriever"][slice_name]["users"]
-        fig, ax = plt.subplots(figsize=(10, 3.6))
-        width = 0.8 / len(MODELS)
-        x = np.arange(len(names))
-        for i, model in enumerate(MODELS):
-            ax.bar(x + i * width, [models[model][slice_name][n] for n in names], width, label=model)
-        ax.set_xticks(x + width * (len(MODELS) - 1) / 2, names, rotation=30, ha="right")
-        ax.set_ylim(0, 1)
-        ax.set_title(f"{slice_name} ({n_users} users)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        png = out_dir / f"metrics_{slice_name}.png"
-        fig.savefig(png, dpi=90)
-        plt.close(fig)
-        rows = "".join(
-            f"<tr><th>{html.escape(m)}</th>"
-            + "".join(f"<td>{models[model][slice_name][m]:.4f}</td>" for model in MODELS)
-            + "</tr>"
-            for m in names
-        )
-        img = base64.b64encode(png.read_bytes()).decode()
-        sections.append(
-            f"<h2>{html.escape(slice_name)} — {n_users} users</h2>"
-            f'<img alt="{slice_name}" src="data:image/png;base64,{img}">'
-            f"<table><tr><th></th>{''.join(f'<th>{m}</th>' for m in MODELS)}</tr>{rows}</table>"
-        )
-    k0 = metrics["ks"][0]
-    cov = "".join(f"<li>{m}: {models[m]['all'][f'coverage@{k0}']:.3f}</li>" for m in MODELS)
-    verdict = "blessed" if blessing["blessed"] else "not blessed"
-    holdout = metrics["holdout"]
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Evaluation</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}</style></head><body>
-<h1>Offline evaluation: {verdict}</h1>
-<p>{html.escape(blessing["reason"])}</p>
-<p>Holdout from {html.escape(str(holdout["start"]))}: {holdout["users"]} users,
-{holdout["relevant_pairs"]} relevant (user, item) pairs; catalog {metrics["catalog_items"]} items.</p>
-<p>Catalog coverage@{k0}:</p><ul>{cov}</ul>
-<p>Ranker click AUC on holdout impressions: {html.escape(json.dumps(metrics.get("ranker")))}</p>
-{"".join(sections)}
-</body></html>
-"""
-    path = out_dir / "report.html"
-    path.write_text(page)
-    return path
 
 
 def _default_log(message: str) -> None:

@@ -263,3 +263,65 @@ def test_recommend_cli_writes_k_unseen_items_per_user(train_dir, scann_index, ti
         assert len(r["items"]) == 7 == len(set(r["items"]))
         assert set(r["items"]) <= catalog
         assert not set(r["items"]) & seen.get(r["user_id"], set())
+
+
+def test_push_carries_the_serving_policy_and_batch_recommend_follows_it(
+    train_dir, scann_index, tiny_raw, tmp_path
+):
+    from entrypoints.cli import app
+    from recsys.model_registry import version_for_label
+    from recsys.ranking import ServingPolicy, read_serving_policy
+
+    base = tmp_path / "models"
+    # The evaluation left the ranker and MMR out: retrieval order alone serves.
+    policy = {"retrieval_weight": None, "mmr": False, "rank_depth": 40, "reasons": ["the ranker lowered it"]}
+    blessing = {**BLESSED, "serving_policy": policy}
+    push_models(PushConfig(), train_dir, scann_index, blessing, base, data_dir=tiny_raw)
+    version = version_for_label(base, "retrieval", "canary")
+    assert read_serving_policy(base / "retrieval" / str(version)) == ServingPolicy(**policy)
+    users = tmp_path / "users.txt"
+    users.write_text("u001\nu002\nu003\n")
+    outputs = {}
+    for flag in ("--rank", "--no-rank"):
+        out = tmp_path / f"recs{flag}.jsonl"
+        result = CliRunner().invoke(
+            app,
+            ["recommend", "--users", str(users), "--k", "5", "--out", str(out), "--data", str(tiny_raw),
+             "--base-path", str(base), "--label", "canary", flag],
+            env={"RECSYS_HOME": str(tmp_path / "home")},
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert "retrieval order" in result.output  # the policy keeps the ranker out even with --rank
+        outputs[flag] = out.read_text()
+    assert outputs["--rank"] == outputs["--no-rank"]
+
+
+def test_recommend_serves_popularity_with_a_note_when_nothing_was_pushed(tiny_raw, tmp_path):
+    from entrypoints.cli import app
+
+    users = tmp_path / "users.txt"
+    users.write_text("u001\nnot-a-known-user\n")
+    out = tmp_path / "recs.jsonl"
+    result = CliRunner().invoke(
+        app,
+        ["recommend", "--users", str(users), "--k", "4", "--out", str(out), "--data", str(tiny_raw),
+         "--base-path", str(tmp_path / "never_pushed")],
+        env={"RECSYS_HOME": str(tmp_path / "home")},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    printed = " ".join(result.output.split())  # the console wraps long lines
+    assert "note:" in printed and "popularity fallback" in printed
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    from recsys.feature_schema import POSITIVE_EVENT_TYPES
+
+    events = pd.read_parquet(tiny_raw / "events")
+    seen = set(events.loc[events["user_id"] == "u001", "item_id"])
+    counts = events[events["event_type"].isin(POSITIVE_EVENT_TYPES)]["item_id"].value_counts()
+    assert [r["source"] for r in lines] == ["popularity", "popularity"]
+    # Each list holds the most engaged-with items it may show (ties in any order): u001's
+    # unseen ones; any for a user nobody knows.
+    known, unknown = lines[0]["items"], lines[1]["items"]
+    assert len(known) == 4 and not set(known) & seen
+    unseen_counts = counts.drop(list(seen), errors="ignore")
+    assert sorted(counts[known], reverse=True) == sorted(unseen_counts, reverse=True)[:4]
+    assert sorted(counts[unknown], reverse=True) == sorted(counts, reverse=True)[:4]

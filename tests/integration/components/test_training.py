@@ -77,7 +77,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     train_dir = base / "train"
     manifest = train_models(TrainingConfig(**TRAINING), train, catalog, train_dir, log=print)
     eval_config = EvaluationConfig(holdout_days=HOLDOUT_DAYS)
-    evaluation = evaluate(eval_config, train_dir, train, holdout, catalog, base / "eval", log=print)
+    # The generator wrote its truth beside the data: the served system is also scored on it.
+    evaluation = evaluate(
+        eval_config, train_dir, train, holdout, catalog, base / "eval", log=print, truth_data=raw
+    )
     return {
         "base": base,
         "frame": frame,
@@ -215,8 +218,51 @@ def test_retriever_beats_popularity_on_the_holdout(trained):
     # The ranker's own check: it tells clicked from skipped impressions better than chance.
     assert metrics["ranker"]["click_auc"] > 0.55
     # Every slice is reported, for every system.
-    for model in ("retriever", "retriever_ranker", "popularity"):
+    for model in ("served", "retriever", "retriever_ranker", "popularity"):
         assert set(models[model]) == {"all", "new_users", "new_items", "heavy_users"}
+
+
+def test_the_gate_reads_the_served_system_with_its_policy_steps_and_reward(trained):
+    out = trained["base"] / "eval"
+    metrics = json.loads((out / "metrics.json").read_text())
+    blessing = json.loads((out / "blessing.json").read_text())
+    assert blessing["model"] == "served"
+    assert blessing["candidate"] == pytest.approx(metrics["models"]["served"]["all"]["ndcg@10"])
+    # The serving policy: chosen on validation (never the holdout), pushed with the blessing.
+    policy = metrics["serving_policy"]
+    assert blessing["serving_policy"] == policy
+    grid = policy["validation"]["grid"]
+    assert [row["weight"] for row in grid] == ["0", "0.5", "1", "2", "4", "retrieval only"]
+    chosen = "retrieval only" if policy["retrieval_weight"] is None else f"{policy['retrieval_weight']:g}"
+    chosen_row = next(row for row in grid if row["weight"] == chosen)
+    # Synthetic data carries the generator's truth, which judges (evaluation.judge): the
+    # weight with the best validation expected reward serves.
+    assert chosen_row["expected_reward"] == max(row["expected_reward"] for row in grid)
+    assert policy["validation"]["users"] > 0 and "training part" in policy["validation"]["split"]
+    # Each step is measured; the last served one is the served system itself.
+    steps = {row["step"]: row for row in metrics["steps"]}
+    assert list(steps) == ["retrieval", "ranker", "mmr", "exploration"]
+    assert steps["exploration"]["ndcg@10"] == pytest.approx(metrics["models"]["served"]["all"]["ndcg@10"])
+    assert steps["ranker"]["served"] == (policy["retrieval_weight"] is not None)
+    # The generator's truth scores every system; the gate read it.
+    reward = metrics["reward"]
+    assert reward["available"] and set(reward["systems"]) == {
+        "served",
+        "retriever",
+        "retriever_ranker",
+        "popularity",
+    }
+    assert "expected reward" in blessing["reason"]
+    assert steps["exploration"]["expected_reward"] == pytest.approx(reward["systems"]["served"])
+    # The ranker's objectives: AUC beside popularity's, calibration with its reliability bins.
+    calibration = metrics["ranker"]["calibration"]
+    assert 0 < calibration["mean_predicted"] < 1 and 0 < calibration["observed_rate"] < 1
+    assert sum(b["count"] for b in calibration["bins"]) == metrics["ranker"]["examples"]
+    html = (out / "report.html").read_text()
+    for section in ("Serving policy", "What each step contributes", "Ranker objectives", "Simulated reward"):
+        assert section in html, section
+    assert (out / "reliability.png").is_file()
+    assert metrics["split"]["used"] == "time" and metrics["split"]["decides"]
 
 
 def test_evaluation_writes_report_blessing_and_manifest(trained):
@@ -247,6 +293,7 @@ def test_gate_refuses_a_model_worse_than_serving_beyond_the_margin(trained, tmp_
         tmp_path / "eval",
         serving_metrics=serving_path,
         log=print,
+        truth_data=trained["base"] / "raw",  # the same judge as the first evaluation
     )
     assert not manifest["blessed"]
     assert "beyond the margin" in json.loads((tmp_path / "eval" / "blessing.json").read_text())["reason"]
@@ -260,5 +307,10 @@ def test_gate_refuses_a_model_that_loses_to_popularity(trained):
     metrics = json.loads((trained["base"] / "eval" / "metrics.json").read_text())
     current = metrics["models"][config.gate_model]["all"][config.gate_metric]
     metrics["models"]["popularity"]["all"][config.gate_metric] = current + 0.01
-    decision = gate(config, metrics)
-    assert not decision["blessed"] and "does not beat popularity" in decision["reason"]
+    by_metric = gate(config.model_copy(update={"judge": "metric"}), metrics)
+    assert not by_metric["blessed"] and "does not beat popularity" in by_metric["reason"]
+    # Where the generator's truth judges, popularity must lose on expected reward.
+    rewards = metrics["reward"]["systems"]
+    rewards["popularity"] = rewards[config.gate_model] + 0.01
+    by_truth = gate(config, metrics)
+    assert not by_truth["blessed"] and "does not beat popularity's" in by_truth["reason"]

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from components.evaluation.evaluate import auc, gate, popularity_ranking, retrieve, time_split
+from components.evaluation.evaluate import gate, popularity_ranking, retrieve
 from components.evaluation.metrics import (
     coverage,
     hit_rate_at_k,
@@ -16,6 +16,8 @@ from components.evaluation.metrics import (
     reciprocal_rank,
     summarize,
 )
+from components.evaluation.objectives import auc
+from components.evaluation.splits import time_split
 from recsys.config import EvaluationConfig
 
 RANKED = ["a", "b", "c", "d", "e"]

@@ -1,0 +1,240 @@
+"""The serving policy, chosen on a validation split: the fusion weight, the ranker on or off, MMR.
+
+Each choice is a hyperparameter of what serves, so it is made on a validation split carved
+from the gate's training part (``splits.validation_split``), never on the holdout the gate
+reads:
+
+1. **fusion weight**: every weight of ``evaluation.fusion_weights`` and retrieval order alone
+   (the ranker not served) order the validation users' served candidates; the best on the
+   gate metric wins (ties go to the larger weight, retrieval alone counting as the largest:
+   the cheaper system). Where the generator's truth exists, a weight that lowers the expected
+   reward of the top-K below retrieval alone is not served (nor, then, the ranker); a weight
+   the metric passed over that would raise the expected reward is named in the reasons, since
+   logged positives carry the old system's exposure and the truth does not.
+2. **MMR**: served as configured, its offline cost reported; with truth, not served when it
+   lowers the expected reward.
+
+The result is a ``recsys.ranking.ServingPolicy`` with the reasons and the grid's scores,
+pushed with the model so the gateway and batch recommendations serve exactly this.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from components.evaluation.metrics import summarize
+from components.evaluation.served_policy import Replay, Step
+from recsys.ranking import ServingPolicy
+
+RewardOf = Callable[[Mapping[str, Sequence[str]]], float]
+RETRIEVAL_ONLY = "retrieval only"
+
+
+def weight_label(weight: float) -> str:
+    """How a fusion weight is named in reports: a number, or "retrieval only" for infinity."""
+    return RETRIEVAL_ONLY if math.isinf(weight) else f"{weight:g}"
+
+
+def metric_k(metric: str) -> int:
+    """The cut-off of a metric name (``ndcg@10`` -> 10; ``mrr`` reads the top 10)."""
+    _, _, k = metric.partition("@")
+    return int(k) if k else 10
+
+
+@dataclass(frozen=True)
+class PolicyChoice:
+    """The chosen policy, and the validation scores it was chosen on (for the report)."""
+
+    policy: ServingPolicy
+    grid: list[dict[str, Any]]  # per weight: label, metric value, expected reward (or None)
+    mmr: dict[str, Any]  # metric and reward without and with MMR at the chosen weight
+    best_finite_weight: float | None = None  # the ranker's best weight, served or not
+
+
+def choose_policy(
+    replay: Replay,
+    relevant: Mapping[str, set[str]],
+    fusion_weights: Sequence[float],
+    metric: str,
+    reward_of: RewardOf | None,
+    validation_note: str,
+    popularity: float | None = None,
+    judge: str = "metric",
+) -> PolicyChoice:
+    """Pick the fusion weight and MMR on the validation ``replay``.
+
+    The weight with the best validation ``metric`` serves (ties to the larger weight, the
+    cheaper system); with truth, not when it lowers the expected reward below retrieval order
+    alone (the ranker is then not served).
+
+    Args:
+        replay: the validation users' served candidates and scores.
+        relevant: user -> their validation positives outside their fitting-part positives.
+        fusion_weights: finite weights to try (retrieval order alone is always tried).
+        metric: the gate metric (``ndcg@10``).
+        reward_of: lists -> mean expected reward of the top-K; None without truth.
+        validation_note: how the validation split was made (into the reasons).
+        popularity: the popularity baseline's ``metric`` on the validation users, if known.
+        judge: "reward" chooses the weight by the validation expected reward where
+            ``reward_of`` exists; "metric" by ``metric``, the truth only vetoing.
+
+    Returns:
+        The policy (weight, MMR, reasons, grid), the grid and the MMR comparison.
+    """
+    k = metric_k(metric)
+
+    def value(lists: Mapping[str, Sequence[str]]) -> float:
+        return summarize(lists, relevant, [k])[metric]
+
+    grid: list[dict[str, Any]] = []
+    for weight in [*sorted(fusion_weights), math.inf]:
+        lists = replay.lists(Step(weight, mmr=False, explore=False))
+        grid.append(
+            {
+                "weight": weight_label(weight),
+                metric: value(lists),
+                "expected_reward": reward_of(lists) if reward_of else None,
+                "_weight": weight,
+            }
+        )
+    retrieval_alone = grid[-1]
+    best_finite = max(grid[:-1], key=lambda row: (row[metric], row["_weight"]))
+    chosen = max(grid, key=lambda row: (row[metric], row["_weight"]))
+    reasons = [f"chosen on validation: {validation_note}"]
+    if reward_of is not None and judge == "reward":
+        chosen = _reward_choice(grid, retrieval_alone, metric, reasons)
+    else:
+        reasons.append(_metric_reason(chosen, retrieval_alone, best_finite, metric))
+        if reward_of is not None:
+            chosen = _reward_check(chosen, retrieval_alone, grid, metric, reasons)
+    weight = chosen["_weight"]
+    mmr_served, mmr_report = _choose_mmr(replay, weight, value, reward_of, metric, reasons)
+    public = [{key: v for key, v in row.items() if key != "_weight"} for row in grid]
+    policy = ServingPolicy(
+        retrieval_weight=None if math.isinf(weight) else weight,
+        mmr=mmr_served,
+        rank_depth=replay.gateway.candidates,
+        reasons=reasons,
+        validation={
+            "metric": metric,
+            "users": len([u for u in relevant if relevant[u]]),
+            "split": validation_note,
+            "popularity": popularity,
+            "grid": public,
+            "mmr": mmr_report,
+        },
+    )
+    return PolicyChoice(policy, public, mmr_report, best_finite["_weight"])
+
+
+def _metric_reason(
+    chosen: Mapping[str, Any], retrieval_alone: Mapping[str, Any], best_finite: Mapping[str, Any], metric: str
+) -> str:
+    """Why the weight picked by the validation metric serves, or why the ranker does not."""
+    if chosen is not retrieval_alone:
+        return (
+            f"fusion weight {chosen['weight']} serves: validation {metric} {chosen[metric]:.4f} "
+            f"vs {retrieval_alone[metric]:.4f} for retrieval order alone"
+        )
+    if best_finite[metric] < retrieval_alone[metric]:
+        return (
+            f"the ranker is not served: it lowered validation {metric} from "
+            f"{retrieval_alone[metric]:.4f} (retrieval order) to {best_finite[metric]:.4f} "
+            f"(its best fusion weight, {best_finite['weight']})"
+        )
+    return (
+        f"the ranker is not served: it did not raise validation {metric} above "
+        f"{retrieval_alone[metric]:.4f} (retrieval order) at any fusion weight"
+    )
+
+
+def _reward_choice(
+    grid: Sequence[dict[str, Any]], retrieval_alone: dict[str, Any], metric: str, reasons: list[str]
+) -> dict[str, Any]:
+    """With the generator's truth as the judge: the weight with the best validation expected
+    reward serves (ties to the larger weight, the cheaper system)."""
+    reward = "expected_reward"
+    chosen = max(grid, key=lambda row: (row[reward], row["_weight"]))
+    if chosen is retrieval_alone:
+        reasons.append(
+            f"the ranker is not served: no fusion weight raised the validation expected reward above "
+            f"{retrieval_alone[reward]:.4f} (retrieval order)"
+        )
+    else:
+        reasons.append(
+            f"fusion weight {chosen['weight']} serves by the generator's truth: validation expected "
+            f"reward {chosen[reward]:.4f} vs {retrieval_alone[reward]:.4f} for retrieval order alone "
+            f"({metric} {chosen[metric]:.4f} vs {retrieval_alone[metric]:.4f} on logged positives, which "
+            "carry the old system's exposure)"
+        )
+    return dict(chosen)
+
+
+def _reward_check(
+    chosen: dict[str, Any],
+    retrieval_alone: dict[str, Any],
+    grid: Sequence[Mapping[str, Any]],
+    metric: str,
+    reasons: list[str],
+) -> dict[str, Any]:
+    """With the generator's truth: a fusion weight that lowers the validation expected reward
+    below retrieval order alone is not served. The opposite case, a ranker the metric left
+    out that would raise the expected reward, is reported: logged positives carry the old
+    system's exposure and the truth does not, so the two can disagree."""
+    reward = "expected_reward"
+    if chosen is not retrieval_alone and chosen[reward] < retrieval_alone[reward]:
+        reasons.append(
+            f"the ranker is not served: at fusion weight {chosen['weight']} it lowered the validation "
+            f"expected reward from {retrieval_alone[reward]:.4f} (retrieval order) to {chosen[reward]:.4f}"
+        )
+        return retrieval_alone
+    best = max(grid, key=lambda row: (row[reward], -row[metric]))
+    if best is not chosen and best[reward] > chosen[reward]:
+        reasons.append(
+            f"note: fusion weight {best['weight']} would raise the validation expected reward from "
+            f"{chosen[reward]:.4f} to {best[reward]:.4f}, but lowers validation {metric} from "
+            f"{chosen[metric]:.4f} to {best[metric]:.4f}: the gate reads both, so {metric} decides"
+        )
+    return chosen
+
+
+def _choose_mmr(
+    replay: Replay,
+    weight: float,
+    value: Callable[[Mapping[str, Sequence[str]]], float],
+    reward_of: RewardOf | None,
+    metric: str,
+    reasons: list[str],
+) -> tuple[bool, dict[str, Any]]:
+    """MMR at the chosen weight: served as configured unless the truth says it costs reward."""
+    trade_off = replay.gateway.mmr_trade_off
+    if trade_off >= 1:
+        reasons.append("MMR is off in the configuration (gateway.mmr_trade_off = 1)")
+        return True, {"trade_off": trade_off}
+    without = replay.lists(Step(weight, mmr=False, explore=False))
+    with_mmr = replay.lists(Step(weight, mmr=True, explore=False))
+    report: dict[str, Any] = {
+        "trade_off": trade_off,
+        "without": {metric: value(without), "expected_reward": reward_of(without) if reward_of else None},
+        "with": {metric: value(with_mmr), "expected_reward": reward_of(with_mmr) if reward_of else None},
+    }
+    before, after = report["without"], report["with"]
+    if reward_of is not None and after["expected_reward"] < before["expected_reward"]:
+        reasons.append(
+            f"MMR is not served: it lowered the validation expected reward from "
+            f"{before['expected_reward']:.4f} to {after['expected_reward']:.4f}"
+        )
+        return False, report
+    reasons.append(
+        f"MMR (trade-off {trade_off}) serves as configured: validation {metric} "
+        f"{before[metric]:.4f} -> {after[metric]:.4f}"
+        + (
+            f", expected reward {before['expected_reward']:.4f} -> {after['expected_reward']:.4f}"
+            if reward_of is not None
+            else " (no generator truth to weigh diversity against)"
+        )
+    )
+    return True, report

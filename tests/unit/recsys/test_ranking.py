@@ -1,0 +1,36 @@
+"""The kernel's ordering rules: rank fusion at its extremes and the pushed serving policy."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from recsys.ranking import ServingPolicy, rank_fusion, read_serving_policy, write_serving_policy
+
+
+def test_rank_fusion_at_weight_zero_and_infinity():
+    ranker, retrieval = np.array([0.9, 0.1, 0.5]), np.array([1.0, 3.0, 2.0])
+    assert np.array_equal(rank_fusion(ranker, retrieval, 0.0), ranker)
+    # An infinite weight is the ranker not served: retrieval scores decide alone.
+    assert np.array_equal(rank_fusion(ranker, retrieval, math.inf), retrieval)
+
+
+def test_serving_policy_round_trips_beside_a_version(tmp_path: Path):
+    version = tmp_path / "retrieval" / "3"
+    assert read_serving_policy(version) is None  # a version pushed before policies existed
+    policy = ServingPolicy(
+        retrieval_weight=None, mmr=False, rank_depth=500, reasons=["the ranker lowered it"]
+    )
+    write_serving_policy(version, policy)
+    back = read_serving_policy(version)
+    assert back == policy and not back.ranker_served and back.fusion_weight == math.inf
+    assert ServingPolicy(retrieval_weight=2.0, rank_depth=10).fusion_weight == 2.0
+
+
+def test_a_bad_policy_is_refused_naming_the_field():
+    with pytest.raises(ValidationError, match="retrieval_weight"):
+        ServingPolicy(retrieval_weight=-1.0, rank_depth=10)
