@@ -36,6 +36,7 @@ from recsys.feature_schema import (
     item_popularity_features,
 )
 from recsys.model_registry import MODELS_CONFIG, read_models_config
+from recsys.ranking import ServingPolicy, read_serving_policy, unit_directions
 
 log = logging.getLogger("serving.gateway")
 
@@ -65,6 +66,9 @@ class RetrievalAssets:
         self.position = {str(i): n for n, i in enumerate(self.item_ids)}
         self.embeddings = np.load(extra / EMBEDDINGS_FILE).astype(np.float32)
         self.unit = unit_directions(self.embeddings)
+        # The ordering steps the evaluation chose for this version (None: pushed before
+        # versions carried one; the configuration's values then apply).
+        self.serving_policy: ServingPolicy | None = read_serving_policy(self.version_dir)
         self._query_tower: Any = None
         self._lock = threading.Lock()
 
@@ -109,22 +113,6 @@ class RetrievalAssets:
             for i, s in zip(idx, scores, strict=True)
             if np.isfinite(s)
         ]
-
-
-def unit_directions(embeddings: np.ndarray) -> np.ndarray:
-    """Embeddings without an item-bias last coordinate, L2-normalized.
-
-    Training with ``item_bias`` appends a learned prior to L2-normalized tower outputs, so
-    the first D-1 coordinates of every row have unit norm; that is how the bias column is
-    recognised here (an un-normalized model keeps all its coordinates).
-    """
-    emb = np.asarray(embeddings, dtype=np.float32)
-    if emb.shape[1] > 2:
-        head = np.linalg.norm(emb[:, :-1], axis=1)
-        if len(head) and np.allclose(head, 1.0, atol=1e-3):
-            emb = emb[:, :-1]
-    norms = np.linalg.norm(emb, axis=1, keepdims=True)
-    return emb / np.where(norms > 0, norms, 1.0)
 
 
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -186,9 +174,7 @@ def load_model_versions(
             ranking_inputs[v] = dict(spec.get("inputs", {}))
             if RANK_CANDIDATES_SIGNATURE in spec:
                 ranking_user_inputs[v] = frozenset(spec[RANK_CANDIDATES_SIGNATURE]["user_inputs"])
-    return ModelVersions(
-        labels, retrieval, ranking_inputs, config_path.stat().st_mtime, ranking_user_inputs
-    )
+    return ModelVersions(labels, retrieval, ranking_inputs, config_path.stat().st_mtime, ranking_user_inputs)
 
 
 # --------------------------------------------------------------------------------------------

@@ -156,3 +156,36 @@ class ModelCalls:
                 w * pred.outputs[o].astype(np.float32) for o, w in weights.items() if o in pred.outputs
             )
         return pred.outputs["score"].astype(np.float32)
+
+    def score_pairs(self, label: str, columns: dict[str, np.ndarray]) -> np.ndarray:
+        """The ranker's weighted objective for pair rows (one row per (user, item), every input
+        ``[B]``) through its ``serving_default`` signature; raises when the call fails.
+
+        For explanations: a leave-one-input-out batch varies user inputs from row to row,
+        which ``rank_candidates`` (the user side once) cannot carry.
+        """
+        model = self.settings.push.ranking_model
+        weights = self.settings.gateway.objective_weights
+        pred = self.call(model, columns, label, "serving_default", () if weights else ("score",))
+        if weights:
+            return sum(
+                w * pred.outputs[o].astype(np.float32) for o, w in weights.items() if o in pred.outputs
+            )
+        return pred.outputs["score"].astype(np.float32)
+
+    def pair_rows(
+        self,
+        versions: ModelVersions,
+        label: str,
+        query: dict[str, np.ndarray],
+        row: dict[str, Any],
+        catalog: ItemCatalog,
+        pos: np.ndarray,
+    ) -> tuple[dict[str, np.ndarray], dict[str, str]] | None:
+        """One ranker row per (user, item at ``pos``), with the same values ``rank`` sends, and the
+        ranker's inputs; None when the label's ranking version is not known."""
+        version = versions.version(self.settings.push.ranking_model, label)
+        inputs = versions.ranking_inputs.get(version if version is not None else -1)
+        if not inputs:
+            return None
+        return self.ranker_inputs(inputs, query, row, catalog, pos), inputs

@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 import uuid
 from collections.abc import Sequence
@@ -35,20 +36,29 @@ import numpy as np
 
 from recsys.config import Settings
 from recsys.event_log.base import ServedRequest
-from recsys.ranking import rank_fusion
+from recsys.ranking import insert_exploration, mmr, rank_fusion, sample_positions
 from serving.gateway.candidates import CandidateChain
 from serving.gateway.catalog import ItemCatalog, ModelVersions, RetrievalAssets
 from serving.gateway.cold_start import cold_start
+from serving.gateway.explanations import (
+    REASON_EXPLORING,
+    SOURCE_EXPLORATION,
+    attributions,
+    driver_reasons,
+    gather_evidence,
+    leave_one_out_rows,
+    source_attribution,
+)
 from serving.gateway.impressions import ImpressionWriter
 from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.model_calls import ModelCalls
-from serving.gateway.policy import assign_arm, insert_exploration, mmr, sample_positions
+from serving.gateway.policy import assign_arm
 from serving.gateway.popularity import popularity
 from serving.gateway.schemas import RecommendationRequest
 from serving.gateway.snapshot import Snapshot, SnapshotRefresher
 from serving.gateway.user_features import UserActivity, UserFeatures
 
-SIMILAR_REASON_MIN = 0.5  # cosine above which "similar to X" is a fair explanation
+log = logging.getLogger("serving.gateway")
 MODEL_SOURCES = ("retrieval", "exact")  # candidate sources that came from the retrieval model
 
 
@@ -143,6 +153,7 @@ class RecommendationFlow:
         counts = {"retrieved": len(pos)}
         keep = allowed[pos]
         pos, scores = pos[keep], scores[keep]
+        retrieved = pos, scores  # before ranking: what the reasons and attributions read
         counts["ranked"] = 0
         timer.lap("filter")
 
@@ -163,8 +174,12 @@ class RecommendationFlow:
         explored: set[str] = set()
         if gw.exploration_slots and arm != "holdout":
             ranked_ids, explored = self._explore(catalog, allowed, pos[picked], ranked_ids, k, request_id)
-        items = self._explain(snap, assets, ranked_ids, explored, score_of, reasons, recent_pos)
+        items = self._explain(snap, assets, ranked_ids, explored, score_of, reasons, recent_pos, retrieved)
         timer.lap("explore")
+        if req.explain:
+            ranked = counts["ranked"] > 0
+            self._attribute(snap, versions, label, query, row, items, explored, retrieved[0], ranked, source)
+            timer.lap("explain")
 
         self.metrics.arm.labels(arm=arm).inc()
         served = ServedRequest(
@@ -251,15 +266,25 @@ class RecommendationFlow:
         counts: dict[str, int],
         model_versions: dict[str, int],
     ) -> np.ndarray:
-        """The candidates' scores after the ranker; the retrieval scores when ranking is skipped."""
+        """The candidates' scores after the ranker; the retrieval scores when ranking is skipped.
+
+        The fusion weight is the one the evaluation chose and pushed with the retrieval
+        version (``serving_policy.json``); a version without one uses
+        ``evaluation.retrieval_weight``. A policy that does not serve the ranker (it lowered
+        the validation metric or the expected reward) skips the ranking call altogether.
+        """
         p = self.settings.push
+        policy = self._retrieval_assets(versions, label).serving_policy
+        weight = policy.fusion_weight if policy is not None else self.settings.evaluation.retrieval_weight
+        if policy is not None and not policy.ranker_served:
+            return scores
         ranked = self.model_calls.rank(versions, label, query, row, catalog, pos)
         if ranked is None:
             fallback.append("ranking:skipped")
             self.metrics.fallback("ranking", "skipped")
             return scores
         # The same fusion of ranker and retrieval ranks that the gate evaluated.
-        fused = rank_fusion(ranked, scores, self.settings.evaluation.retrieval_weight)
+        fused = rank_fusion(ranked, scores, weight)
         counts["ranked"] = len(pos)
         model_versions[p.ranking_model] = versions.version(p.ranking_model, label) or 0
         return fused
@@ -297,8 +322,11 @@ class RecommendationFlow:
         catalog = snap.catalog
         depth = min(len(pos), max(gw.mmr_depth, k))
         top = np.argsort(-scores, kind="stable")[:depth]
+        # A pushed policy may leave MMR out (it lowered the expected reward the gate measured).
+        policy = assets.serving_policy
+        trade_off = gw.mmr_trade_off if policy is None or policy.mmr else 1.0
         emb = snap.unit_rows(assets, pos[top])
-        picked = top[mmr(scores[top], emb, k, gw.mmr_trade_off)] if gw.mmr_trade_off < 1 else top[:k]
+        picked = top[mmr(scores[top], emb, k, trade_off)] if trade_off < 1 else top[:k]
         ranked_ids = [str(catalog.item_ids[i]) for i in pos[picked]]
         return ranked_ids, picked
 
@@ -336,17 +364,18 @@ class RecommendationFlow:
         score_of: dict[str, float],
         reasons: dict[int, str],
         recent_pos: np.ndarray,
+        retrieved: tuple[np.ndarray, np.ndarray],
     ) -> list[dict[str, Any]]:
         """The answer's items, each with its score and the reason it is shown."""
         catalog = snap.catalog
         shown = [catalog.position[item] for item in ranked_ids]
         pairs = zip(ranked_ids, shown, strict=True)
         unexplained = [i for item, i in pairs if item not in explored and i not in reasons]
-        explained = self._reasons(snap, assets, unexplained, recent_pos, catalog)
+        explained = self._reasons(snap, assets, unexplained, recent_pos, retrieved)
         items: list[dict[str, Any]] = []
         for item, i in zip(ranked_ids, shown, strict=True):
             if item in explored:
-                items.append({"item_id": item, "score": None, "reason": "new item: exploring"})
+                items.append({"item_id": item, "score": None, "reason": REASON_EXPLORING})
                 continue
             reason = reasons.get(i) or explained[i]
             items.append({"item_id": item, "score": round(score_of[item], 6), "reason": reason})
@@ -358,15 +387,56 @@ class RecommendationFlow:
         assets: RetrievalAssets,
         positions: Sequence[int],
         recent_pos: np.ndarray,
-        catalog: ItemCatalog,
+        retrieved: tuple[np.ndarray, np.ndarray],
     ) -> dict[int, str]:
-        """A reason per item: its closest recent item when similar enough, else the model's pick."""
-        out = dict.fromkeys(positions, "picked for you: predicted to engage you")
-        if len(recent_pos) and positions:
-            # One [items x recent] product for the whole list.
-            sims = snap.unit_rows(assets, np.asarray(positions)) @ snap.unit_rows(assets, recent_pos).T
-            best = sims.argmax(axis=1)
-            for i, j, sim in zip(positions, best, sims[np.arange(len(positions)), best], strict=True):
-                if sim >= SIMILAR_REASON_MIN:
-                    out[i] = f"similar to {catalog.item_ids[recent_pos[j]]}, which you engaged with"
-        return out
+        """A reason per model-placed item, naming what drove it: the popularity prior, the
+        recent item it is near, the category it shares with the recent items, or the model."""
+        if not positions:
+            return {}
+        where = np.asarray(positions, dtype=np.int64)
+        said = driver_reasons(*gather_evidence(snap, assets, where, recent_pos, *retrieved))
+        return dict(zip(positions, said, strict=True))
+
+    def _attribute(
+        self,
+        snap: Snapshot,
+        versions: ModelVersions,
+        label: str,
+        query: dict[str, np.ndarray],
+        row: dict[str, Any],
+        items: list[dict[str, Any]],
+        explored: set[str],
+        pool_pos: np.ndarray,
+        ranked: bool,
+        source: str,
+    ) -> None:
+        """Each item's ``attribution``: for the items the ranker scored, its inputs by effect on
+        the score (one leave-one-input-out call); for the rest, the source that placed them."""
+        catalog = snap.catalog
+        pool = set(pool_pos.tolist())
+        scored: list[int] = []
+        for n, it in enumerate(items):
+            p = catalog.position[it["item_id"]]
+            if it["item_id"] in explored:
+                it["attribution"] = source_attribution(SOURCE_EXPLORATION)
+            elif p in pool and ranked:
+                scored.append(n)
+            else:
+                # The request's candidate source, or the popular items that topped the list up.
+                it["attribution"] = source_attribution(source if p in pool else "global_popularity")
+        if not scored:
+            return
+        pos = np.asarray([catalog.position[items[n]["item_id"]] for n in scored], dtype=np.int64)
+        try:
+            pairs = self.model_calls.pair_rows(versions, label, query, row, catalog, pos)
+            if pairs is None:
+                raise RuntimeError(f"the inputs of the ranking version labelled {label!r} are not known")
+            batch, names, at_default = leave_one_out_rows(*pairs)
+            scores = self.model_calls.score_pairs(label, batch)
+            per_item = attributions(scores, names, at_default)
+        except Exception as e:  # noqa: BLE001 - the list stands without its explanation
+            log.warning("explanation failed: %s", e)
+            self.metrics.fallback("explain", "failed")
+            per_item = [[] for _ in scored]
+        for n, attribution in zip(scored, per_item, strict=True):
+            items[n]["attribution"] = attribution

@@ -49,6 +49,25 @@ class RecommendationRequest(Strict):
     context: Context = Context()
     exclude_item_ids: list[Id] = Field([], max_length=10_000)
     filters: Filters = Filters()
+    explain: bool = Field(
+        False,
+        description="Add each item's attribution: the ranker inputs that moved its score most "
+        "(one more ranker call).",
+    )
+
+
+class Attribution(BaseModel):
+    """What moved an item's score: a ranker input, or the source that placed an item the
+    ranker did not score."""
+
+    # "input": a ranker input (recent_items, user_id, item_id, category, hour, device, a
+    # profile or count feature by name); "source": what placed an unranked item
+    # (exploration, segment_popularity, global_popularity, cold_start, retrieval, ...).
+    kind: Literal["input", "source"]
+    name: str
+    # The ranker's score as served minus its score with this input at its default ("" for
+    # text, 0 for numbers): positive when the input raised the score. Null for a source.
+    effect: float | None
 
 
 class RecommendedItem(BaseModel):
@@ -56,7 +75,13 @@ class RecommendedItem(BaseModel):
     # The ranker's weighted score (or the candidate source's score: similarity, popularity);
     # null for an exploration slot, which is there because it is new, not because it scored.
     score: float | None
+    # What put the item in the list: the recent item it is near, the category it shares
+    # with the recent items, popularity, exploration, or the model's prediction.
     reason: str
+    # Only with ``explain: true``: the inputs that moved the ranker's score most, largest
+    # effect first (or the item's source); empty when the explaining call failed (the list
+    # itself stands); absent without ``explain``.
+    attribution: list[Attribution] | None = None
 
 
 class RecommendationResponse(BaseModel):

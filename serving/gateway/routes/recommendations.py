@@ -18,9 +18,17 @@ from serving.gateway.snapshot import NotReady
 def recommendations_router(settings: Settings, access: AccessChecks) -> APIRouter:
     router = APIRouter()
 
-    @router.post("/v1/recommendations", response_model=RecommendationResponse, dependencies=[access.read])
+    # Fields the answer leaves out stay out (an item's ``attribution`` without ``explain``),
+    # rather than appearing as null.
+    @router.post(
+        "/v1/recommendations",
+        response_model=RecommendationResponse,
+        response_model_exclude_unset=True,
+        dependencies=[access.read],
+    )
     async def recommendations(req: RecommendationRequest, gateway: CurrentGateway) -> Any:
-        """Top-k items for a user: retrieve, filter, rank, diversify, explore."""
+        """Top-k items for a user: retrieve, filter, rank, diversify, explore; with
+        ``explain``, each item's attribution of the ranker's score."""
         g = gateway
         if req.k is not None and req.k > settings.gateway.max_k:
             g.metrics.requests.labels(endpoint="recommendations", status="422").inc()

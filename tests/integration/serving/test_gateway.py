@@ -142,14 +142,22 @@ def test_warm_user_gets_ranked_unseen_items_with_versions_and_reasons(env: Env) 
         assert len(ids) == 10 == len(set(ids))
         # Recent positives come back from the online store; none of them is recommended again.
         assert not set(ids) & _seen(env, user) & set(_recent_items(env, user))
-        # A reason names an item the user touched, or says the model picked it (or explores).
+        # A reason names an item the user touched or a category of the item's, or says that
+        # popularity or the model put it there (or that it explores).
         touched = _seen(env, user) | set(_recent_items(env, user))
+        cats = env.items.set_index("item_id")["category"].str.split("|")
         for item in out["items"]:
             reason = item["reason"]
             if reason.startswith("similar to "):
                 assert reason.split()[2].rstrip(",") in touched, reason
+            elif reason.startswith("in "):
+                assert reason.split()[1].rstrip(",") in cats[item["item_id"]], reason
             else:
-                assert reason in ("picked for you: predicted to engage you", "new item: exploring"), reason
+                assert reason in (
+                    "popular right now",
+                    "picked for you: predicted to engage you",
+                    "new item: exploring",
+                ), reason
         assert {"features", "candidates", "ranking", "mmr", "total"} <= set(out["timings_ms"])
 
 

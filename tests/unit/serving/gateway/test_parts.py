@@ -11,7 +11,8 @@ import pytest
 from pydantic import ValidationError
 
 from recsys.config import ConfigError, load_settings
-from serving.gateway.catalog import top_k, unit_directions
+from recsys.ranking import unit_directions
+from serving.gateway.catalog import top_k
 from serving.gateway.schemas import Event, validation_problems
 from serving.gateway.snapshot import settle_heap
 from serving.gateway.user_features import UserActivity

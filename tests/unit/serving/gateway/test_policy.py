@@ -4,7 +4,8 @@ from collections import Counter
 
 import numpy as np
 
-from serving.gateway.policy import assign_arm, insert_exploration, mmr
+from recsys.ranking import insert_exploration, mmr
+from serving.gateway.policy import assign_arm
 
 
 def test_arm_assignment_is_sticky_and_matches_fractions():
@@ -67,7 +68,7 @@ def test_rank_fusion_orders_by_both_ranks_and_is_the_ranker_alone_at_weight_zero
 
 
 def test_sample_positions_draws_distinct_allowed_unexcluded_positions() -> None:
-    from serving.gateway.policy import sample_positions
+    from recsys.ranking import sample_positions
 
     candidates = np.arange(0, 1000, 2)  # the "new" items: even positions
     allowed = np.ones(1000, dtype=bool)
@@ -81,7 +82,7 @@ def test_sample_positions_draws_distinct_allowed_unexcluded_positions() -> None:
 
 
 def test_sample_positions_finds_a_sparse_pool_exactly() -> None:
-    from serving.gateway.policy import sample_positions
+    from recsys.ranking import sample_positions
 
     candidates = np.arange(10_000)
     allowed = np.zeros(10_000, dtype=bool)
@@ -94,7 +95,7 @@ def test_sample_positions_finds_a_sparse_pool_exactly() -> None:
 
 
 def test_sample_positions_is_uniform_over_the_qualifying_set() -> None:
-    from serving.gateway.policy import sample_positions
+    from recsys.ranking import sample_positions
 
     candidates = np.arange(8)
     allowed = np.array([1, 0, 1, 1, 0, 1, 1, 0], dtype=bool)  # 0, 2, 3, 5, 6 qualify; 6 is excluded
