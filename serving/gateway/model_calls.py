@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -150,12 +150,7 @@ class ModelCalls:
         except Exception as e:  # noqa: BLE001 - an unranked list beats no list
             log.warning("ranking failed: %s", e)
             return None
-        weights = self.settings.gateway.objective_weights
-        if weights:
-            return sum(
-                w * pred.outputs[o].astype(np.float32) for o, w in weights.items() if o in pred.outputs
-            )
-        return pred.outputs["score"].astype(np.float32)
+        return self._weighted(pred.outputs)
 
     def score_pairs(self, label: str, columns: dict[str, np.ndarray]) -> np.ndarray:
         """The ranker's weighted objective for pair rows (one row per (user, item), every input
@@ -165,13 +160,18 @@ class ModelCalls:
         which ``rank_candidates`` (the user side once) cannot carry.
         """
         model = self.settings.push.ranking_model
+        only = () if self.settings.gateway.objective_weights else ("score",)
+        pred = self.call(model, columns, label, "serving_default", only)
+        return self._weighted(pred.outputs)
+
+    def _weighted(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The ranker's combined score, or the objectives weighted by ``gateway.objective_weights``."""
         weights = self.settings.gateway.objective_weights
-        pred = self.call(model, columns, label, "serving_default", () if weights else ("score",))
         if weights:
-            return sum(
-                w * pred.outputs[o].astype(np.float32) for o, w in weights.items() if o in pred.outputs
+            return cast(
+                np.ndarray, sum(w * outputs[o].astype(np.float32) for o, w in weights.items() if o in outputs)
             )
-        return pred.outputs["score"].astype(np.float32)
+        return outputs["score"].astype(np.float32)
 
     def pair_rows(
         self,
