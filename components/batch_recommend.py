@@ -8,7 +8,10 @@ policy pushed with the retrieval version (``assets.extra/serving_policy.json``),
 gateway does and as the evaluation's ``served`` system replays it: the ranker re-orders each
 user's top ``rank_depth`` unseen candidates with rank fusion at the chosen weight (or does
 not run, when the policy leaves it out), then MMR diversifies the top ``gateway.mmr_depth``.
-A version pushed without a policy uses ``evaluation.retrieval_weight`` and
+Where the policy gives the item-to-item source a share (``neighbour_weight``), its items for
+the user's recent items join the retrieved ones and the candidates are ordered by the blended
+score before the ranker, as in the gateway. A version pushed without a policy uses
+``evaluation.retrieval_weight`` and
 ``evaluation.rerank_depth``. Batch lists carry no exploration slot: that is a per-request
 experiment of the gateway.
 Items the user already had an event with are removed; since that removal
@@ -36,7 +39,16 @@ from recsys.artifacts import EMBEDDINGS_FILE, ITEM_IDS_FILE, REQUIREMENTS, asset
 from recsys.config import Settings
 from recsys.layout import latest_validated_dir
 from recsys.model_registry import read_models_config, version_for_label
-from recsys.ranking import ServingPolicy, mmr, rank_fusion, read_serving_policy, unit_directions
+from recsys.neighbours import ItemNeighbours, read_item_neighbours
+from recsys.ranking import (
+    ServingPolicy,
+    blend_sources,
+    mmr,
+    rank_fusion,
+    read_serving_policy,
+    union_candidates,
+    unit_directions,
+)
 from recsys.storage import read_manifest
 
 BATCH = 256
@@ -253,6 +265,10 @@ class _Recommender:
     retrieval_weight: float
     mmr_trade_off: float  # 1: no MMR
     mmr_depth: int
+    # The item-to-item source and its share of the candidate score (the pushed policy's).
+    neighbours: ItemNeighbours | None = None
+    neighbour_weight: float = 0.0
+    neighbour_candidates: int = 0
     stats: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(
             ("unknown_users", "exact_topped_up", "popularity_topped_up", "short"), 0
@@ -277,6 +293,8 @@ class _Recommender:
         depth = policy.rank_depth if policy is not None else evaluation.rerank_depth
         weight = policy.fusion_weight if policy is not None else evaluation.retrieval_weight
         trade_off = gateway.mmr_trade_off if policy is None or policy.mmr else 1.0
+        share = policy.neighbour_weight if policy is not None else 0.0
+        neighbours = read_item_neighbours(assets_extra(retriever.version_dir)) if share > 0 else None
         return cls(
             retriever,
             ranker,
@@ -288,13 +306,18 @@ class _Recommender:
             weight,
             trade_off,
             gateway.mmr_depth,
+            neighbours,
+            share,
+            gateway.neighbour_candidates,
         )
 
     def batch(self, users: Sequence[str]) -> list[str]:
         """One JSON line per user: retrieved, ranked, then topped up by popularity if short."""
         unseen = self._unseen_candidates(users)
+        # The ranker orders the neighbour source's items too, as the gateway does.
+        depth = self.depth + (self.neighbour_candidates if self.neighbours is not None else 0)
         scored = (
-            _rerank(self.ranker, self.source, users, unseen, self.depth, self.retrieval_weight)
+            _rerank(self.ranker, self.source, users, unseen, depth, self.retrieval_weight)
             if self.ranker is not None
             else unseen
         )
@@ -341,8 +364,29 @@ class _Recommender:
                 everything = self.retriever.exact(one, len(self.retriever.item_ids))[0]
                 kept = _take_scored(everything, exclude, want)
                 self.stats["exact_topped_up"] += 1
+            if self.neighbours is not None:
+                recent = features["recent_items"][row]
+                recent = recent.decode() if isinstance(recent, bytes) else str(recent)
+                kept = self._with_neighbours(kept, recent.split(), exclude)
             unseen.append(kept)
         return unseen
+
+    def _with_neighbours(
+        self, kept: list[tuple[str, float]], recent: list[str], exclude: set[str]
+    ) -> list[tuple[str, float]]:
+        """The retrieved candidates and the neighbour source's, by the blended score."""
+        assert self.neighbours is not None
+        ids, scores = self.neighbours.score(recent, self.neighbour_candidates)
+        keep = np.array([i not in exclude and i in self.retriever.position for i in ids], dtype=bool)
+        cands, retrieval, neighbour = union_candidates(
+            np.asarray([i for i, _ in kept], dtype=object),
+            np.asarray([sc for _, sc in kept], dtype=np.float64),
+            ids[keep] if len(ids) else ids,
+            scores[keep] if len(ids) else scores,
+        )
+        blended = blend_sources(retrieval, neighbour, self.neighbour_weight)
+        order = np.argsort(-blended, kind="stable")
+        return [(str(cands[j]), float(blended[j])) for j in order]
 
 
 def _write_lines(out: Path, lines: list[str]) -> None:

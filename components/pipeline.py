@@ -141,7 +141,8 @@ def run_train(settings: Settings, interval_end: datetime) -> dict[str, Any]:
     """Train the two-tower retriever and the multi-objective ranker on the train split.
 
     With ``training.refit_on_holdout`` the same recipe is then trained on train + holdout
-    into ``<run>/refit/``, the model that index and push ship (see ``shipped_train_dir``).
+    (nothing held out for validation) into ``<run>/refit/``, the model that index and push
+    ship (see ``shipped_train_dir``).
     """
     from components.training.train import train_models
     from recsys.storage import read_table
@@ -155,7 +156,10 @@ def run_train(settings: Settings, interval_end: datetime) -> dict[str, Any]:
     manifest = train_models(settings.training, train, items, step_dir(settings, key, "train"))
     if settings.training.refit_on_holdout and len(holdout):
         full = pd.concat([train, holdout], ignore_index=True)
-        refit = train_models(settings.training, full, items, refit_dir)
+        # The shipped model learns from every event: the validation part the evaluated model
+        # held out (for early stopping and the serving policy's choice) included.
+        recipe = settings.training.model_copy(update={"validation_fraction": 0.0})
+        refit = train_models(recipe, full, items, refit_dir)
         manifest["refit"] = {"path": refit["path"], "events": len(full), "metrics": refit.get("metrics")}
         # The rewritten manifest says which model ships.
         write_manifest(step_dir(settings, key, "train"), TrainManifest(**manifest))
@@ -209,12 +213,12 @@ def run_evaluate(settings: Settings, interval_end: datetime) -> dict[str, Any]:
     if baseline_dir is not None and baseline_dir.resolve() not in own:
         evaluate(
             settings.evaluation, baseline_dir, train, holdout, items, out / "serving_model",
-            gateway=gateway, truth_data=truth_data,
+            gateway=gateway, truth_data=truth_data, recent_items=settings.features.recent_items,
         )  # fmt: skip
         serving_metrics = json.loads((out / "serving_model" / "metrics.json").read_text())
     return evaluate(
         settings.evaluation, train_dir, train, holdout, items, out, serving_metrics=serving_metrics,
-        gateway=gateway, truth_data=truth_data,
+        gateway=gateway, truth_data=truth_data, recent_items=settings.features.recent_items,
     )  # fmt: skip
 
 

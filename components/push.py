@@ -45,6 +45,7 @@ from recsys.artifacts import (
     ASSETS_EXTRA,
     EMBEDDINGS_FILE,
     ITEM_IDS_FILE,
+    ITEM_NEIGHBOURS_FILE,
     PAD_ID,
     PUSH_RECORD,
     REQUIREMENTS,
@@ -282,6 +283,9 @@ def _write_exact_search_assets(extra: Path, train_dir: Path, ids: np.ndarray, em
     np.save(extra / EMBEDDINGS_FILE, emb)
     (extra / ITEM_IDS_FILE).write_text(json.dumps(ids.tolist()))
     shutil.copytree(train_dir / "query_tower", extra / "query_tower")
+    # The item-to-item candidate source travels with the retriever it is blended with.
+    if (train_dir / ITEM_NEIGHBOURS_FILE).is_file():
+        shutil.copy2(train_dir / ITEM_NEIGHBOURS_FILE, extra / ITEM_NEIGHBOURS_FILE)
 
 
 def _retrieval_requirements(

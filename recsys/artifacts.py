@@ -24,6 +24,9 @@ REQUIREMENTS = "requirements.json"
 # The ordering steps that serve with a retrieval version (fusion weight, ranker on/off, MMR),
 # as the evaluation chose them: ``recsys.ranking.ServingPolicy``.
 SERVING_POLICY_FILE = "serving_policy.json"
+# Each item's strongest item-to-item neighbours (``recsys.neighbours.ItemNeighbours``): the
+# second candidate source, blended with retrieval at the policy's ``neighbour_weight``.
+ITEM_NEIGHBOURS_FILE = "item_neighbours.npz"
 PAD_ID = ""  # an id slot the index could not fill (fewer than K candidates found)
 
 

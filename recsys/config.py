@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from recsys.layout import CONF_DIR
 
@@ -126,6 +134,15 @@ class TrainingConfig(Section):
     # uniformly per batch, so the long tail is pushed down too.
     negatives: Literal["in_batch", "mixed"] = "in_batch"
     uniform_negatives: int = Field(256, ge=1)
+    # Item-to-item neighbours, a second candidate source (components/training/neighbours.py):
+    # an item-item regression (EASE) over the ``neighbour_max_items`` items with the most
+    # positives (its cost is cubic in them), its L2 chosen from ``neighbour_l2_grid`` on a
+    # validation split of each user's positives; each item keeps ``neighbour_top_k`` weights.
+    # How much of the candidate score it gets is the serving policy's, chosen by evaluation.
+    item_neighbours: bool = True
+    neighbour_l2_grid: list[PositiveFloat] = Field([50.0, 200.0, 500.0, 2000.0], min_length=1)
+    neighbour_top_k: int = Field(200, ge=1)
+    neighbour_max_items: int = Field(5000, ge=2)
     text_max_tokens: int = Field(20000, ge=100)
     text_sequence_length: int = Field(32, ge=4)
     batch_size: int = Field(512, ge=8)
@@ -140,8 +157,12 @@ class TrainingConfig(Section):
     # A learned per-item prior (from id and content) as an extra embedding coordinate, so the
     # dot product is affinity + prior; the exported D is then embedding_dim + 1.
     item_bias: bool = True
-    # The last fraction of the training events (by time) is the validation split.
+    # The validation split held out of training (early stopping; the evaluation chooses the
+    # serving policy on it). time: the last ``validation_fraction`` of the positives by time.
+    # random: a seeded ``validation_fraction`` of the (user, item) pairs, for data whose order
+    # in time carries no meaning (a random split of ratings).
     validation_fraction: float = Field(0.1, ge=0, lt=1)
+    validation_split: Literal["time", "random"] = "time"
     early_stopping_patience: int = Field(2, ge=0)
     # After early stopping, train again on all events for the best number of epochs.
     refit_on_full: bool = False
@@ -212,6 +233,9 @@ class EvaluationConfig(Section):
     # ``training.validation_fraction`` of its positives); retrieval order alone (the ranker
     # not served) is always tried beside them. The best on ``gate_metric`` serves.
     fusion_weights: list[float] = [0.0, 0.5, 1.0, 2.0, 4.0]
+    # The item-to-item source's shares of the candidate score tried on the same validation
+    # split (0, the retriever's candidates alone, is always tried); the best serves.
+    neighbour_weights: list[float] = [0.25, 0.5, 0.75, 1.0]
     # What judges the served system where the generator's truth exists (synthetic data):
     # "reward", the expected reward of the top K under the truth, chooses the serving policy
     # and gates against popularity (logged positives carry the old system's exposure, the
@@ -238,6 +262,13 @@ class EvaluationConfig(Section):
         if name not in known or (name != "mrr" and not k.isdigit()):
             raise ValueError(f"unknown metric {v!r}: use recall@K, ndcg@K, precision@K, hit_rate@K or mrr")
         return v
+
+    @field_validator("neighbour_weights")
+    @classmethod
+    def _shares(cls, v: list[float]) -> list[float]:
+        if any(not 0 < w <= 1 for w in v):
+            raise ValueError(f"neighbour_weights must be shares in (0, 1] (0 is always tried); got {v}")
+        return sorted(set(v))
 
     @field_validator("fusion_weights")
     @classmethod
@@ -316,6 +347,9 @@ class GatewayConfig(Section):
     model_timeout_ms: float = Field(200.0, gt=0)
     # Candidates retrieved per request (the ranker scores all that survive filtering).
     candidates: int = Field(1000, ge=1)
+    # Items the item-to-item source adds from the user's recent items (when the pushed serving
+    # policy gives it a share); they are ranked with the retrieved candidates.
+    neighbour_candidates: int = Field(200, ge=1)
     # Users with fewer events than this get segment popularity blended with content neighbours.
     cold_start_min_events: int = Field(3, ge=0)
     # The user feature that defines a popularity segment (a user_profile feature).

@@ -52,6 +52,54 @@ def rank_fusion(
     return rank01(ranker_scores) + retrieval_weight * rank01(np.asarray(retrieval_scores))
 
 
+def union_candidates(
+    retrieved: np.ndarray,
+    retrieval_scores: np.ndarray,
+    neighbours: np.ndarray,
+    neighbour_scores: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The two candidate sources as one list: the retrieved items in their order, then the
+    neighbour source's items retrieval did not return.
+
+    An item only the neighbours found gets the lowest retrieval score of the list (retrieval
+    ranked it below its cut, and serving does not know by how much); an item the neighbours
+    did not find gets a neighbour score of 0.
+
+    Returns:
+        candidates (positions or ids, as given), their retrieval scores, their neighbour scores.
+    """
+    retrieved = np.asarray(retrieved)
+    retrieval_scores = np.asarray(retrieval_scores, dtype=np.float64)
+    neighbours = np.asarray(neighbours)
+    extra = ~np.isin(neighbours, retrieved)
+    floor = retrieval_scores.min() if len(retrieval_scores) else 0.0
+    candidates = np.concatenate([retrieved, neighbours[extra]])
+    retrieval = np.concatenate([retrieval_scores, np.full(int(extra.sum()), floor)])
+    neighbour = np.zeros(len(candidates), dtype=np.float64)
+    if len(neighbours):
+        index = {c: n for n, c in enumerate(candidates.tolist())}
+        at = np.fromiter((index[c] for c in neighbours.tolist()), dtype=np.int64, count=len(neighbours))
+        neighbour[at] = np.asarray(neighbour_scores, dtype=np.float64)
+    return candidates, retrieval, neighbour
+
+
+def blend_sources(
+    retrieval_scores: np.ndarray, neighbour_scores: np.ndarray, neighbour_weight: float
+) -> np.ndarray:
+    """The candidate score: ``(1 - w)`` x retrieval + ``w`` x neighbour score, each scaled to
+    [0, 1] over the candidates (retrieval by min-max, the non-negative neighbour scores by
+    their maximum). With ``w = 0`` the retrieval scores are returned unchanged."""
+    retrieval = np.asarray(retrieval_scores, dtype=np.float64)
+    if neighbour_weight <= 0:
+        return retrieval
+    span = retrieval.max() - retrieval.min() if len(retrieval) else 0.0
+    r01 = (retrieval - retrieval.min()) / span if span > 0 else np.zeros_like(retrieval)
+    nb = np.asarray(neighbour_scores, dtype=np.float64)
+    top = nb.max() if len(nb) else 0.0
+    n01 = nb / top if top > 0 else np.zeros_like(nb)
+    return (1.0 - neighbour_weight) * r01 + neighbour_weight * n01
+
+
 # --------------------------------------------------------------------------------------------
 # Re-ranking: MMR diversity and exploration
 # --------------------------------------------------------------------------------------------
@@ -174,7 +222,8 @@ def sample_positions(
 class ServingPolicy(BaseModel):
     """Which ordering steps serve with a pushed version, as the evaluation chose and gated them.
 
-    ``retrieval_weight`` is the fusion weight picked on a validation split; None means the
+    ``neighbour_weight`` is the item-to-item source's share of the candidate score and
+    ``retrieval_weight`` the fusion weight, both picked on a validation split; None means the
     ranker is not served (retrieval order alone: the ranker lowered the validation metric or,
     with the generator's truth, the expected reward). ``mmr`` false means MMR is not served.
     ``reasons`` say why each choice was made; ``validation`` holds the grid's scores.
@@ -183,6 +232,9 @@ class ServingPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     retrieval_weight: float | None = Field(..., ge=0)
+    # The item-to-item source's share of the candidate score (``blend_sources``); 0: the
+    # retriever's candidates alone (also for versions pushed without neighbours).
+    neighbour_weight: float = Field(0.0, ge=0, le=1)
     mmr: bool = True
     rank_depth: int = Field(..., ge=1)
     reasons: list[str] = []

@@ -62,12 +62,15 @@ from components.evaluation.served_policy import (
     business_rules,
     head_rerank,
     new_item_mask,
+    recent_positives,
     score_pairs,
 )
 from components.evaluation.splits import choose_split, split_holdout, time_split, validation_split
-from recsys.config import EvaluationConfig, GatewayConfig, TrainingConfig
+from components.training.neighbours import refit_like
+from recsys.config import EvaluationConfig, FeaturesConfig, GatewayConfig, TrainingConfig
 from recsys.feature_schema import POSITIVE_EVENT_TYPES
 from recsys.manifests import Blessing, EvaluateManifest
+from recsys.neighbours import ItemNeighbours, read_item_neighbours
 from recsys.ranking import ServingPolicy
 from recsys.storage import code_version, read_manifest, write_manifest
 
@@ -334,6 +337,7 @@ class _Models:
     item_embeddings: np.ndarray
     query_fn: Any
     ranker_fn: Any
+    neighbours: ItemNeighbours | None = None  # the item-to-item source, where training fitted one
 
 
 def evaluate(
@@ -348,6 +352,7 @@ def evaluate(
     log: Callable[[str], None] | None = None,
     gateway: GatewayConfig | None = None,
     truth_data: Path | None = None,
+    recent_items: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate the served system of ``train_dir`` on the holdout; write metrics, report, blessing.
 
@@ -368,6 +373,8 @@ def evaluate(
         gateway: the ``gateway`` section the served system is replayed with (candidates,
             business rules, MMR, exploration); default its defaults.
         truth_data: the data folder whose generator truth scores expected reward, if any.
+        recent_items: how many of a user's newest items the gateway's item-to-item source
+            reads (``features.recent_items``; default its default).
 
     Returns:
         The manifest: metrics per system and slice, the blessing and serving policy, counts.
@@ -377,6 +384,7 @@ def evaluate(
     use_legacy_keras()
     log = log or _default_log
     gateway = gateway or GatewayConfig()
+    recent = recent_items or FeaturesConfig().recent_items
     started = time.perf_counter()
     train_dir, out_dir = Path(train_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -391,7 +399,7 @@ def evaluate(
     split = _describe_split(config, train_frame, holdout_frame)
     truth, truth_note = load_truth(truth_data, _reward_weights(models.manifest))
     log(f"[evaluate] {truth_note}")
-    choice = _choose_serving_policy(config, gateway, models, train_frame, items_frame, truth, log)
+    choice = _choose_serving_policy(config, gateway, models, train_frame, items_frame, truth, recent, log)
     policy = choice.policy
 
     holdout = _eval_set(config, models.manifest, train_frame, holdout_frame, queries)
@@ -400,7 +408,7 @@ def evaluate(
             f"the holdout has {len(holdout.users)} users with a relevant item, fewer than "
             f"min_holdout_users={config.min_holdout_users}: the verdict rests on few users"
         )
-    retrieved, replay = _replay(config, gateway, models, train_frame, items_frame, holdout)
+    retrieved, replay = _replay(config, gateway, models, train_frame, items_frame, holdout, recent)
     steps = _steps(replay, policy, choice)
     ranked = {
         "served": steps["exploration"]["lists"],
@@ -485,6 +493,7 @@ def _load_models(train_dir: Path) -> _Models:
         item_embeddings=np.stack(emb_df["embedding"].to_numpy()).astype(np.float32),
         query_fn=load_signature(train_dir / "query_tower"),
         ranker_fn=load_signature(train_dir / "ranker"),
+        neighbours=read_item_neighbours(train_dir),
     )
 
 
@@ -560,9 +569,15 @@ def _replay(
     train_frame: pd.DataFrame,
     items_frame: pd.DataFrame,
     eval_set: EvalSet,
+    recent_items: int,
     with_retriever: bool = True,
+    neighbours: ItemNeighbours | None = None,
 ) -> tuple[dict[str, list[str]], Replay]:
-    """The retriever's lists (seen excluded) and the served replay of one evaluation set."""
+    """The retriever's lists (seen excluded) and the served replay of one evaluation set.
+
+    The item-to-item source (``neighbours``, default the version's own) reads each user's
+    ``recent_items`` newest positives of ``train_frame``, as the gateway reads its recent items.
+    """
     users = eval_set.users
     q_emb = _query_embeddings(models.query_fn, models.manifest["query_inputs"], eval_set.queries.loc[users])
     retrieved: dict[str, list[str]] = {}
@@ -590,6 +605,8 @@ def _replay(
         k=max(config.ks),
         seed=config.split_seed,
         also_score={u: retrieved[u][: config.rerank_depth] for u in users} if with_retriever else None,
+        neighbours=neighbours or models.neighbours,
+        histories=recent_positives(train_frame, users, recent_items),
     )
     return retrieved, replay
 
@@ -601,14 +618,18 @@ def _choose_serving_policy(
     train_frame: pd.DataFrame,
     items_frame: pd.DataFrame,
     truth: Truth | None,
+    recent_items: int,
     log: Callable[[str], None],
 ) -> PolicyChoice:
-    """The fusion weight and MMR, chosen on a validation split carved from ``train_frame``."""
+    """The neighbour share, fusion weight and MMR, chosen on a validation split carved from
+    ``train_frame``. The item-to-item source is refitted (same recipe) on the fitting part:
+    unlike the towers it costs seconds, and then it has not seen the validation positives."""
     params = models.manifest.get("parameters", {})
     # The models learned from the events training held out for early stopping only when
     # they were refit on everything: then no part of the training frame is unseen.
     fraction = 0.0 if params.get("refit_on_full") else float(params.get("validation_fraction", 0.1))
-    carved = validation_split(train_frame, fraction, config.min_holdout_users)
+    how, seed = str(params.get("validation_split", "time")), int(params.get("seed", 0))
+    carved = validation_split(train_frame, fraction, config.min_holdout_users, how, seed)
     log(f"[evaluate] validation split: {carved.how}")
     try:
         validation = _eval_set(config, models.manifest, carved.train, carved.holdout, None)
@@ -623,7 +644,15 @@ def _choose_serving_policy(
             ],
         )
         return PolicyChoice(policy, [], {})
-    _, replay = _replay(config, gateway, models, carved.train, items_frame, validation, with_retriever=False)
+    neighbours = None
+    if models.neighbours is not None:
+        params = models.manifest.get("parameters", {})
+        max_items = int(params.get("neighbour_max_items", len(models.neighbours)))
+        neighbours = refit_like(models.neighbours, carved.train, max_items)
+    _, replay = _replay(
+        config, gateway, models, carved.train, items_frame, validation, recent_items,
+        with_retriever=False, neighbours=neighbours,
+    )  # fmt: skip
     reward_of = _reward_function(truth, validation.users, metric_k(config.gate_metric))
     popular = popularity_ranking(
         carved.train, models.item_ids, validation.users, validation.seen, max(config.ks)
@@ -638,6 +667,7 @@ def _choose_serving_policy(
         carved.how,
         baseline,
         config.judge,
+        config.neighbour_weights,
     )
 
 
@@ -650,20 +680,27 @@ def _reward_function(
 
 
 def _steps(replay: Replay, policy: ServingPolicy, choice: PolicyChoice) -> dict[str, dict[str, Any]]:
-    """The served system built up one step at a time: retrieval, ranker, MMR, exploration.
+    """The served system built up one step at a time: retrieval, the item-to-item source,
+    ranker, MMR, exploration.
 
-    A step the policy does not serve is still measured (the ranker at its best validation
-    weight, MMR as configured) so the report shows what it would have cost; the steps after
-    it build on what serves.
+    A step the policy does not serve is still measured (the neighbour source at its best
+    validation share, the ranker at its best validation weight, MMR as configured) so the
+    report shows what it would have cost; the steps after it build on what serves.
     """
     weight = policy.fusion_weight
     ranker_weight = weight if policy.ranker_served else (choice.best_finite_weight or 0.0)
     gw = replay.gateway
+    blend = policy.neighbour_weight
+    # A source the policy leaves out is measured at its best validation share.
+    shares = [row for row in policy.validation.get("neighbour_grid") or [] if row["neighbour_weight"] > 0]
+    metric = policy.validation.get("metric", "")
+    best_blend = max(shares, key=lambda row: row.get(metric, 0.0))["neighbour_weight"] if shares else 0.0
     plan = {
         "retrieval": (Step(math.inf, mmr=False, explore=False), True),
-        "ranker": (Step(ranker_weight, mmr=False, explore=False), policy.ranker_served),
-        "mmr": (Step(weight, mmr=True, explore=False), policy.mmr and gw.mmr_trade_off < 1),
-        "exploration": (Step(weight, mmr=policy.mmr, explore=True), gw.exploration_slots > 0),
+        "neighbours": (Step(math.inf, mmr=False, explore=False, blend=blend or best_blend), blend > 0),
+        "ranker": (Step(ranker_weight, mmr=False, explore=False, blend=blend), policy.ranker_served),
+        "mmr": (Step(weight, mmr=True, explore=False, blend=blend), policy.mmr and gw.mmr_trade_off < 1),
+        "exploration": (Step(weight, mmr=policy.mmr, explore=True, blend=blend), gw.exploration_slots > 0),
     }
     return {
         name: {"lists": replay.lists(step), "served": served, "weight": weight_label(step.weight)}

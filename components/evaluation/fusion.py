@@ -4,14 +4,18 @@ Each choice is a hyperparameter of what serves, so it is made on a validation sp
 from the gate's training part (``splits.validation_split``), never on the holdout the gate
 reads:
 
-1. **fusion weight**: every weight of ``evaluation.fusion_weights`` and retrieval order alone
+1. **neighbour weight**: the item-to-item source's share of the candidate score (0: the
+   retriever's candidates alone, and each of ``evaluation.neighbour_weights``), read with
+   the ranker off; the best on the gate metric (or, with ``judge: reward``, the expected
+   reward) wins, ties to the smaller share. The steps below build on the chosen candidates.
+2. **fusion weight**: every weight of ``evaluation.fusion_weights`` and retrieval order alone
    (the ranker not served) order the validation users' served candidates; the best on the
    gate metric wins (ties go to the larger weight, retrieval alone counting as the largest:
    the cheaper system). Where the generator's truth exists, a weight that lowers the expected
    reward of the top-K below retrieval alone is not served (nor, then, the ranker); a weight
    the metric passed over that would raise the expected reward is named in the reasons, since
    logged positives carry the old system's exposure and the truth does not.
-2. **MMR**: served as configured, its offline cost reported; with truth, not served when it
+3. **MMR**: served as configured, its offline cost reported; with truth, not served when it
    lowers the expected reward.
 
 The result is a ``recsys.ranking.ServingPolicy`` with the reasons and the grid's scores,
@@ -63,6 +67,7 @@ def choose_policy(
     validation_note: str,
     popularity: float | None = None,
     judge: str = "metric",
+    neighbour_weights: Sequence[float] = (),
 ) -> PolicyChoice:
     """Pick the fusion weight and MMR on the validation ``replay``.
 
@@ -80,6 +85,7 @@ def choose_policy(
         popularity: the popularity baseline's ``metric`` on the validation users, if known.
         judge: "reward" chooses the weight by the validation expected reward where
             ``reward_of`` exists; "metric" by ``metric``, the truth only vetoing.
+        neighbour_weights: the item-to-item source's shares to try (when the replay has it).
 
     Returns:
         The policy (weight, MMR, reasons, grid), the grid and the MMR comparison.
@@ -89,9 +95,11 @@ def choose_policy(
     def value(lists: Mapping[str, Sequence[str]]) -> float:
         return summarize(lists, relevant, [k])[metric]
 
+    reasons = [f"chosen on validation: {validation_note}"]
+    blend, blend_grid = _choose_blend(replay, neighbour_weights, value, reward_of, judge, metric, reasons)
     grid: list[dict[str, Any]] = []
     for weight in [*sorted(fusion_weights), math.inf]:
-        lists = replay.lists(Step(weight, mmr=False, explore=False))
+        lists = replay.lists(Step(weight, mmr=False, explore=False, blend=blend))
         grid.append(
             {
                 "weight": weight_label(weight),
@@ -103,7 +111,6 @@ def choose_policy(
     retrieval_alone = grid[-1]
     best_finite = max(grid[:-1], key=lambda row: (row[metric], row["_weight"]))
     chosen = max(grid, key=lambda row: (row[metric], row["_weight"]))
-    reasons = [f"chosen on validation: {validation_note}"]
     if reward_of is not None and judge == "reward":
         chosen = _reward_choice(grid, retrieval_alone, metric, reasons)
     else:
@@ -111,10 +118,11 @@ def choose_policy(
         if reward_of is not None:
             chosen = _reward_check(chosen, retrieval_alone, grid, metric, reasons)
     weight = chosen["_weight"]
-    mmr_served, mmr_report = _choose_mmr(replay, weight, value, reward_of, metric, reasons)
+    mmr_served, mmr_report = _choose_mmr(replay, weight, blend, value, reward_of, metric, reasons)
     public = [{key: v for key, v in row.items() if key != "_weight"} for row in grid]
     policy = ServingPolicy(
         retrieval_weight=None if math.isinf(weight) else weight,
+        neighbour_weight=blend,
         mmr=mmr_served,
         rank_depth=replay.gateway.candidates,
         reasons=reasons,
@@ -124,6 +132,7 @@ def choose_policy(
             "split": validation_note,
             "popularity": popularity,
             "grid": public,
+            "neighbour_grid": blend_grid,
             "mmr": mmr_report,
         },
     )
@@ -201,9 +210,48 @@ def _reward_check(
     return chosen
 
 
+def _choose_blend(
+    replay: Replay,
+    shares: Sequence[float],
+    value: Callable[[Mapping[str, Sequence[str]]], float],
+    reward_of: RewardOf | None,
+    judge: str,
+    metric: str,
+    reasons: list[str],
+) -> tuple[float, list[dict[str, Any]]]:
+    """The item-to-item source's share of the candidate score, read with the ranker off."""
+    if replay.neighbour is None:
+        return 0.0, []
+    rows: list[dict[str, Any]] = []
+    for share in [0.0, *sorted(s for s in set(shares) if 0 < s <= 1)]:
+        lists = replay.lists(Step(math.inf, mmr=False, explore=False, blend=share))
+        rows.append(
+            {
+                "neighbour_weight": share,
+                metric: value(lists),
+                "expected_reward": reward_of(lists) if reward_of else None,
+            }
+        )
+    by = "expected_reward" if reward_of is not None and judge == "reward" else metric
+    chosen = max(rows, key=lambda row: (row[by], -row["neighbour_weight"]))
+    alone = rows[0]
+    if chosen is alone:
+        reasons.append(
+            f"the item-to-item source is not served: no share of the candidate score raised the "
+            f"validation {by} above {alone[by]:.4f} (the retriever's candidates alone)"
+        )
+    else:
+        reasons.append(
+            f"the item-to-item source serves with a {chosen['neighbour_weight']:g} share of the candidate "
+            f"score: validation {by} {chosen[by]:.4f} vs {alone[by]:.4f} for the retriever's candidates alone"
+        )
+    return float(chosen["neighbour_weight"]), rows
+
+
 def _choose_mmr(
     replay: Replay,
     weight: float,
+    blend: float,
     value: Callable[[Mapping[str, Sequence[str]]], float],
     reward_of: RewardOf | None,
     metric: str,
@@ -214,8 +262,8 @@ def _choose_mmr(
     if trade_off >= 1:
         reasons.append("MMR is off in the configuration (gateway.mmr_trade_off = 1)")
         return True, {"trade_off": trade_off}
-    without = replay.lists(Step(weight, mmr=False, explore=False))
-    with_mmr = replay.lists(Step(weight, mmr=True, explore=False))
+    without = replay.lists(Step(weight, mmr=False, explore=False, blend=blend))
+    with_mmr = replay.lists(Step(weight, mmr=True, explore=False, blend=blend))
     report: dict[str, Any] = {
         "trade_off": trade_off,
         "without": {metric: value(without), "expected_reward": reward_of(without) if reward_of else None},

@@ -70,6 +70,8 @@ def _policy_section(metrics: Mapping[str, Any]) -> str:
     metric = validation.get("metric", "")
     weight = policy.get("retrieval_weight")
     served = "retrieval order alone (ranker not served)" if weight is None else f"fusion weight {weight:g}"
+    share = policy.get("neighbour_weight") or 0.0
+    served += f", item-to-item share {share:g}" if share else ", no item-to-item source"
     reasons = "".join(f"<li>{html.escape(r)}</li>" for r in policy.get("reasons", []))
     grid = validation.get("grid") or []
     table = _table(
@@ -77,6 +79,14 @@ def _policy_section(metrics: Mapping[str, Any]) -> str:
         [
             [html.escape(row["weight"]), _num(row.get(metric)), _num(row.get("expected_reward"))]
             for row in grid
+        ],
+    )
+    shares = validation.get("neighbour_grid") or []
+    share_table = _table(
+        ["item-to-item share", f"validation {metric}", "validation expected reward"],
+        [
+            [f"{row['neighbour_weight']:g}", _num(row.get(metric)), _num(row.get("expected_reward"))]
+            for row in shares
         ],
     )
     gw = metrics.get("gateway") or {}
@@ -87,7 +97,9 @@ def _policy_section(metrics: Mapping[str, Any]) -> str:
         f" (trade-off {gw.get('mmr_trade_off')}, depth {gw.get('mmr_depth')}); "
         f"{gw.get('exploration_slots')} exploration slot(s) from position {gw.get('exploration_position')}; "
         f"{gw.get('candidates')} candidates ranked.</p>"
-        f"<ul>{reasons}</ul>" + (f"<p>Fusion weights on validation:</p>{table}" if grid else "")
+        f"<ul>{reasons}</ul>"
+        + (f"<p>Item-to-item share of the candidate score on validation:</p>{share_table}" if shares else "")
+        + (f"<p>Fusion weights on validation (at the chosen share):</p>{table}" if grid else "")
     )
 
 

@@ -1,6 +1,8 @@
 """The served system, replayed offline: what the gateway would have shown each evaluated user.
 
-The gateway answers a warm user with: ``gateway.candidates`` retrieved items; the business
+The gateway answers a warm user with: ``gateway.candidates`` retrieved items, joined (when
+the serving policy gives the item-to-item source a share) by the ``gateway.neighbour_candidates``
+items the user's recent items point to, ordered by the blended score; the business
 rules (in stock, excluded categories) and the user's seen items filtered out; every survivor
 scored by the ranker and fused with its retrieval rank (``recsys.ranking.rank_fusion``, at
 the weight of the version's serving policy); MMR over the top ``mmr_depth``; and
@@ -28,18 +30,30 @@ import pandas as pd
 
 from recsys.config import GatewayConfig
 from recsys.contracts import CATEGORY_SEPARATOR
-from recsys.ranking import insert_exploration, mmr, rank_fusion, sample_positions, unit_directions
+from recsys.feature_schema import POSITIVE_EVENT_TYPES
+from recsys.neighbours import ItemNeighbours
+from recsys.ranking import (
+    blend_sources,
+    insert_exploration,
+    mmr,
+    rank_fusion,
+    sample_positions,
+    union_candidates,
+    unit_directions,
+)
 
 BATCH = 8192  # (user, item) pairs per ranker call
 
 
 @dataclass(frozen=True)
 class Step:
-    """One served system: the fusion weight (inf: ranker off), MMR on/off, exploration on/off."""
+    """One served system: the fusion weight (inf: ranker off), MMR on/off, exploration on/off,
+    and the item-to-item source's share of the candidate score (0: retrieval's candidates alone)."""
 
     weight: float
     mmr: bool
     explore: bool
+    blend: float = 0.0
 
 
 def business_rules(items_frame: pd.DataFrame, item_ids: np.ndarray, gateway: GatewayConfig) -> np.ndarray:
@@ -126,6 +140,10 @@ class Replay:
     seed: int
     # user -> ranker scores of items scored beside the candidates (``retriever_ranker``'s head).
     extra_scores: dict[str, dict[str, float]] | None = None
+    # user -> the neighbour source's score of each candidate (``recsys.ranking.union_candidates``);
+    # the first ``retrieved[user]`` candidates are retrieval's own, the rest the neighbours' additions.
+    neighbour: dict[str, np.ndarray] | None = None
+    retrieved: dict[str, int] | None = None
 
     def ranker_score_of(self, user: str) -> dict[str, float]:
         """item id -> ranker score of every item scored for ``user``."""
@@ -141,14 +159,21 @@ class Replay:
         return {u: self.serve(u, step) for u in self.users}
 
     def serve(self, user: str, step: Step) -> list[str]:
-        """One user's list: fuse, order, MMR, exploration."""
+        """One user's list: blend the sources, fuse with the ranker, order, MMR, exploration."""
         pos, retrieval = self.candidates[user], self.retrieval[user]
+        ranker = self.ranker[user] if self.ranker is not None else None
+        if self.neighbour is not None and self.retrieved is not None:
+            if step.blend > 0:
+                retrieval = blend_sources(retrieval, self.neighbour[user], step.blend)
+            else:  # the gateway adds the neighbours' items only when they have a share
+                n = self.retrieved[user]
+                pos, retrieval, ranker = pos[:n], retrieval[:n], None if ranker is None else ranker[:n]
         if not len(pos):
             return []
-        if math.isinf(step.weight) or self.ranker is None:
+        if math.isinf(step.weight) or ranker is None:
             scores = np.asarray(retrieval, dtype=np.float64)
         else:
-            scores = rank_fusion(self.ranker[user], retrieval, step.weight)
+            scores = rank_fusion(ranker, retrieval, step.weight)
         order = np.argsort(-scores, kind="stable")
         pos, scores = pos[order], scores[order]
         gw = self.gateway
@@ -180,6 +205,18 @@ class Replay:
             gw.exploration_position,
         )
         return explored
+
+
+def recent_positives(frame: pd.DataFrame, users: Sequence[str], n: int) -> dict[str, list[str]]:
+    """Each user's ``n`` newest positive items in ``frame`` (newest first, once each): the
+    recent items the gateway's item-to-item source reads."""
+    pos = frame[frame["event_type"].astype(str).isin(POSITIVE_EVENT_TYPES)]
+    pos = pos[pos["user_id"].astype(str).isin(set(users))]
+    keys = ["ts", "event_id"] if "event_id" in pos.columns else ["ts"]
+    pos = pos.sort_values(keys, ascending=False, kind="stable")
+    pos = pos.assign(user_id=pos["user_id"].astype(str), item_id=pos["item_id"].astype(str))
+    pos = pos.drop_duplicates(["user_id", "item_id"], keep="first")
+    return pos.groupby("user_id", sort=False)["item_id"].apply(lambda s: s.head(n).tolist()).to_dict()
 
 
 def served_candidates(
@@ -277,12 +314,17 @@ def build_replay(
     k: int,
     seed: int,
     also_score: Mapping[str, Sequence[str]] | None = None,
+    neighbours: ItemNeighbours | None = None,
+    histories: Mapping[str, Sequence[str]] | None = None,
 ) -> Replay:
     """Retrieve, filter and score one evaluation set's candidates (the ranker runs here, once).
 
     Args:
         ranker_scores: scores (user -> item ids) -> user -> scores; None: no ranker.
         also_score: user -> items to score in the same pass besides the candidates.
+        neighbours: the item-to-item source; with it each user's candidates also hold the
+            ``gateway.neighbour_candidates`` items their ``histories`` (newest first, as the
+            gateway's recent items) score highest.
     """
     index = pd.Index(item_ids)
     seen_pos: dict[str, np.ndarray] = {}
@@ -292,6 +334,17 @@ def build_replay(
     candidates, retrieval = served_candidates(
         query_embeddings, item_embeddings, users, seen_pos, allowed, gateway.candidates
     )
+    neighbour, retrieved = None, None
+    if neighbours is not None:
+        retrieved = {u: len(candidates[u]) for u in users}
+        neighbour = {}
+        for u in users:
+            ids, scores = neighbours.score((histories or {}).get(u, ()), gateway.neighbour_candidates)
+            at = index.get_indexer(ids)
+            keep = (at >= 0) & allowed[np.maximum(at, 0)] & ~np.isin(at, seen_pos[u])
+            candidates[u], retrieval[u], neighbour[u] = union_candidates(
+                candidates[u], retrieval[u], at[keep], scores[keep]
+            )
     ranked, extra = None, None
     if ranker_scores is not None:
         ids = {u: [str(item_ids[p]) for p in candidates[u]] for u in users}
@@ -313,6 +366,8 @@ def build_replay(
         k=k,
         seed=seed,
         extra_scores=extra,
+        neighbour=neighbour,
+        retrieved=retrieved,
     )
 
 

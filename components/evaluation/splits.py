@@ -222,8 +222,29 @@ class ValidationChoice:
     held_out_from_models: bool  # False when the models trained on these events too
 
 
-def validation_split(train_frame: pd.DataFrame, fraction: float, min_users: int) -> ValidationChoice:
-    """The last ``fraction`` of the training part's positives (by time), as training held them out.
+def held_out_pairs(frame: pd.DataFrame, fraction: float, seed: int) -> np.ndarray:
+    """Rows whose (user, item) pair falls in a seeded ``fraction`` of all pairs: a random
+    validation carve that every step draws alike, row by row, with no shared state.
+
+    A pair is in or out whatever else the frame holds, so the retriever's positives, the
+    ranker's examples and the evaluation's events of one pair land on the same side, and about
+    ``fraction`` of each user's items are held out.
+    """
+    if fraction <= 0 or frame.empty:
+        return np.zeros(len(frame), dtype=bool)
+    pairs = frame[["user_id", "item_id"]].astype(str)
+    key = f"{seed:016d}"[-16:]  # hash_pandas_object's key is 16 characters
+    hashed = pd.util.hash_pandas_object(pairs, index=False, hash_key=key).to_numpy(dtype=np.uint64)
+    return hashed < np.uint64(fraction * float(2**64 - 1))
+
+
+def validation_split(
+    train_frame: pd.DataFrame, fraction: float, min_users: int, how: str = "time", seed: int = 0
+) -> ValidationChoice:
+    """The part of the training part's positives training held out, cut as training cut it.
+
+    ``how="random"`` (``training.validation_split``): the seeded pairs of ``held_out_pairs``.
+    ``how="time"``: the last ``fraction`` of the positives, by time.
 
     Training holds out the last ``training.validation_fraction`` of its positives (first
     positive per user and item, by time) for early stopping; cutting at the same moment gives
@@ -231,8 +252,18 @@ def validation_split(train_frame: pd.DataFrame, fraction: float, min_users: int)
     holds fewer than ``min_users`` users, each user's last item of the training part is used
     instead (the models saw it: the report says so).
     """
+    if how == "random" and fraction > 0:
+        held_mask = held_out_pairs(train_frame, fraction, seed)
+        fit, held = train_frame[~held_mask], train_frame[held_mask]
+        users = decidable_users(fit, held)
+        if users >= min_users:
+            how_text = (
+                f"a random {fraction:.0%} of the training part's (user, item) pairs (seed {seed}), "
+                f"held out of training: {users} users"
+            )
+            return ValidationChoice(canonical_order(fit), canonical_order(held), how_text, True)
     pos = positive_pairs_in_time(train_frame)
-    if fraction > 0 and len(pos) >= 2:
+    if how == "time" and fraction > 0 and len(pos) >= 2:
         cut_at = min(max(int(round(len(pos) * (1 - fraction))), 1), len(pos) - 1)
         cut = pos["ts"].iloc[cut_at]
         ts = pd.to_datetime(train_frame["ts"], utc=True)

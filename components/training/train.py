@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from components.evaluation.splits import held_out_pairs
+from components.training.neighbours import train_item_neighbours
 from recsys.config import TrainingConfig
 from recsys.contracts import CATEGORY_SEPARATOR
 from recsys.feature_schema import POSITIVE_EVENT_TYPES, RANK_CANDIDATES_SIGNATURE
@@ -162,11 +164,18 @@ def positives_frame(frame: pd.DataFrame, drop_repeats: bool = False) -> pd.DataF
     return pos.reset_index(drop=True)
 
 
-def validation_split(df: pd.DataFrame, fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(earlier, later) rows of ``df``, the later holding the last ``fraction`` by ``ts``."""
+def validation_split(
+    df: pd.DataFrame, fraction: float, how: str = "time", seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training, validation) rows of ``df``: with ``how="time"`` the validation holds the last
+    ``fraction`` by ``ts``; with ``"random"`` the rows of a seeded ``fraction`` of the (user,
+    item) pairs (``held_out_pairs``, which the evaluation's validation split draws alike)."""
     df = df.sort_values(["ts", "event_id"], kind="stable").reset_index(drop=True)
     if fraction <= 0 or len(df) < 2:
         return df, df.iloc[0:0]
+    if how == "random":
+        held = held_out_pairs(df, fraction, seed)
+        return df[~held].reset_index(drop=True), df[held].reset_index(drop=True)
     cut = int(round(len(df) * (1 - fraction)))
     cut = min(max(cut, 1), len(df) - 1)
     return df.iloc[:cut].reset_index(drop=True), df.iloc[cut:].reset_index(drop=True)
@@ -605,7 +614,9 @@ def train_retriever(
     pos = positives_frame(training_frame, drop_repeats=config.drop_repeat_positives)
     if pos.empty:
         raise ValueError("no positive events in the training frame: nothing to learn from")
-    train_pos, val_pos = validation_split(pos, config.validation_fraction)
+    train_pos, val_pos = validation_split(
+        pos, config.validation_fraction, config.validation_split, config.seed
+    )
     started = time.perf_counter()
     vocabulary = _Vocabulary.of(train_pos, training_frame)
     model = _build_retriever(config, vocabulary, catalog)
@@ -756,7 +767,9 @@ def train_sequential_retriever(
     pos = positives_frame(training_frame, drop_repeats=config.drop_repeat_positives)
     if pos.empty:
         raise ValueError("no positive events in the training frame: nothing to learn from")
-    train_pos, val_pos = validation_split(pos, config.validation_fraction)
+    train_pos, val_pos = validation_split(
+        pos, config.validation_fraction, config.validation_split, config.seed
+    )
     started = time.perf_counter()
     vocabulary = _Vocabulary.of(train_pos, training_frame)
     model = _build_retriever(config, vocabulary, catalog)
@@ -812,9 +825,9 @@ def _export_retriever(model: Any, items: pd.DataFrame, out_dir: Path) -> int:
     query_tower, candidate_tower = model.query_model, model.candidate_model
     _export(query_tower, QUERY_INPUTS, out_dir / "query_tower", embedding=True)
     _export(candidate_tower, CANDIDATE_INPUTS, out_dir / "candidate_tower", embedding=True)
-    emb = _predict(
-        lambda b: candidate_tower(b, training=False), candidate_features_from_frame(items)
-    ).astype(np.float32)
+    emb = _predict(lambda b: candidate_tower(b, training=False), candidate_features_from_frame(items)).astype(
+        np.float32
+    )
     pd.DataFrame({"item_id": items["item_id"].to_numpy(), "embedding": list(emb)}).to_parquet(
         out_dir / "item_embeddings.parquet", index=False
     )
@@ -857,7 +870,9 @@ def train_ranker(
     examples, source = ranker_examples(training_frame, config, item_columns)
     if examples.empty:
         raise ValueError("no ranker examples (no impressions and no positives) in the training frame")
-    train_ex, val_ex = validation_split(examples, config.validation_fraction)
+    train_ex, val_ex = validation_split(
+        examples, config.validation_fraction, config.validation_split, config.seed
+    )
     inputs = ranker_input_spec(numeric)
     model = _build_ranker(config, train_ex, training_frame, items_frame, numeric)
     train_ds = _ranker_dataset(config, train_ex, inputs, shuffle=True)
@@ -982,6 +997,11 @@ def train_models(
         training_frame = leave_one_out_history(training_frame, config.max_history)
     retriever = train_retriever(config, training_frame, items_frame, out_dir, log)
     ranker = train_ranker(config, training_frame, items_frame, out_dir, log)
+    neighbours = (
+        train_item_neighbours(config, training_frame, out_dir, log or _default_log)
+        if config.item_neighbours
+        else None
+    )
     ts = pd.to_datetime(training_frame["ts"], utc=True)
     manifest = TrainManifest(
         path=str(out_dir),
@@ -995,7 +1015,11 @@ def train_models(
         examples={"events": len(training_frame), **retriever["examples"], **ranker["examples"]},
         data_interval=Interval(start=ts.min().isoformat(), end=ts.max().isoformat()) if len(ts) else None,
         parameters=config.model_dump(mode="json"),
-        details={"retriever": retriever["retriever"], "ranker": ranker["ranker"]},
+        details={
+            "retriever": retriever["retriever"],
+            "ranker": ranker["ranker"],
+            **({"item_neighbours": neighbours} if neighbours else {}),
+        },
         seed=config.seed,
         code_version=code_version(),
     )

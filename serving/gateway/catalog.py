@@ -36,6 +36,7 @@ from recsys.feature_schema import (
     item_popularity_features,
 )
 from recsys.model_registry import MODELS_CONFIG, read_models_config
+from recsys.neighbours import ItemNeighbours, read_item_neighbours
 from recsys.ranking import ServingPolicy, read_serving_policy, unit_directions
 
 log = logging.getLogger("serving.gateway")
@@ -69,6 +70,8 @@ class RetrievalAssets:
         # The ordering steps the evaluation chose for this version (None: pushed before
         # versions carried one; the configuration's values then apply).
         self.serving_policy: ServingPolicy | None = read_serving_policy(self.version_dir)
+        # The item-to-item candidate source pushed with this version (None: pushed without one).
+        self.item_to_item: ItemNeighbours | None = read_item_neighbours(extra)
         self._query_tower: Any = None
         self._lock = threading.Lock()
 

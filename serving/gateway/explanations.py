@@ -20,7 +20,9 @@ driver counts when it makes the item stand out among them.
   a similarity every candidate shares put none of them there), else the category it shares
   with the most recent items, else the model's prediction as such ("picked for you").
 - Items placed by a source other than the models (segment or global popularity, cold
-  start, exploration) keep the reason their source gave.
+  start, exploration) keep the reason their source gave; so does an item the item-to-item
+  source placed (its part of the blended candidate score outweighs retrieval's): "often
+  taken with" the recent item whose weight to it is largest.
 
 **Attribution** re-scores each item the ranker scored with one input at a time replaced by
 its default ("" for text, 0 for numbers: what training saw for "not known",
@@ -61,6 +63,10 @@ SOURCE_EXPLORATION = "exploration"
 
 def similar_reason(recent_item: str) -> str:
     return f"similar to {recent_item}, which you engaged with"
+
+
+def also_taken_reason(recent_item: str) -> str:
+    return f"often taken with {recent_item}, which you engaged with"
 
 
 def category_reason(category: str, matching: int, recent: int) -> str:

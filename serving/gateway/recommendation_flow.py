@@ -36,13 +36,21 @@ import numpy as np
 
 from recsys.config import Settings
 from recsys.event_log.base import ServedRequest
-from recsys.ranking import insert_exploration, mmr, rank_fusion, sample_positions
+from recsys.ranking import (
+    blend_sources,
+    insert_exploration,
+    mmr,
+    rank_fusion,
+    sample_positions,
+    union_candidates,
+)
 from serving.gateway.candidates import CandidateChain
 from serving.gateway.catalog import ItemCatalog, ModelVersions, RetrievalAssets
 from serving.gateway.cold_start import cold_start
 from serving.gateway.explanations import (
     REASON_EXPLORING,
     SOURCE_EXPLORATION,
+    also_taken_reason,
     attributions,
     driver_reasons,
     gather_evidence,
@@ -153,6 +161,10 @@ class RecommendationFlow:
         counts = {"retrieved": len(pos)}
         keep = allowed[pos]
         pos, scores = pos[keep], scores[keep]
+        if source in MODEL_SOURCES and len(pos):
+            pos, scores = self._with_neighbours(
+                catalog, assets, recent, allowed, pos, scores, counts, reasons
+            )
         retrieved = pos, scores  # before ranking: what the reasons and attributions read
         counts["ranked"] = 0
         timer.lap("filter")
@@ -252,6 +264,44 @@ class RecommendationFlow:
         if assets is None:
             assets = versions.retrieval[max(versions.retrieval)]
         return assets
+
+    def _with_neighbours(
+        self,
+        catalog: ItemCatalog,
+        assets: RetrievalAssets,
+        recent: list[str],
+        allowed: np.ndarray,
+        pos: np.ndarray,
+        scores: np.ndarray,
+        counts: dict[str, int],
+        reasons: dict[int, str],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The retrieved candidates joined by the item-to-item source's, ordered by the blended
+        score, when the pushed policy gives that source a share (the evaluation chose it).
+
+        A candidate whose neighbour part of the blend outweighs its retrieval part is explained
+        by the recent item that points to it most."""
+        policy, neighbours = assets.serving_policy, assets.item_to_item
+        if policy is None or policy.neighbour_weight <= 0 or neighbours is None or not recent:
+            return pos, scores
+        ids, nb_scores = neighbours.score(recent, self.settings.gateway.neighbour_candidates)
+        at = np.fromiter((catalog.position.get(str(i), -1) for i in ids), dtype=np.int64, count=len(ids))
+        keep = at >= 0
+        keep[keep] = allowed[at[keep]]
+        joined, retrieval, neighbour = union_candidates(pos, scores, at[keep], nb_scores[keep])
+        counts["neighbours"] = int((neighbour > 0).sum())  # candidates the recent items point to
+        share = policy.neighbour_weight
+        blended = blend_sources(retrieval, neighbour, share)
+        order = np.argsort(-blended, kind="stable")
+        joined, blended = joined[order], blended[order]
+        driven = neighbour[order] > 0
+        driven &= share * neighbour[order] / max(neighbour.max(), 1e-12) >= blended / 2
+        at_driven = joined[driven]
+        sources = neighbours.strongest_sources(recent, [str(catalog.item_ids[p]) for p in at_driven])
+        for p, src in zip(at_driven.tolist(), sources, strict=True):
+            if src is not None:
+                reasons.setdefault(int(p), also_taken_reason(src))
+        return joined, blended
 
     def _rank(
         self,

@@ -18,6 +18,7 @@ from components.evaluation.served_policy import (
     new_item_mask,
 )
 from recsys.config import GatewayConfig
+from recsys.neighbours import ItemNeighbours
 
 ITEMS = np.array(["a", "b", "c", "d", "e", "f"], dtype=object)
 # a and b point the same way (near duplicates); the others are orthogonal to each other.
@@ -207,3 +208,41 @@ def test_truth_leaves_out_mmr_that_lowers_reward():
     assert not choice.policy.mmr
     assert any(r.startswith("MMR is not served") for r in choice.policy.reasons)
     assert choice.mmr["with"]["expected_reward"] < choice.mmr["without"]["expected_reward"]
+
+
+def _neighbours_of_e() -> ItemNeighbours:
+    """a (the user's history) points at e strongly and at d weakly; c is out of stock."""
+    ids = ITEMS
+    neighbours = np.full((len(ids), 3), -1, dtype=np.int32)
+    weights = np.zeros((len(ids), 3), dtype=np.float32)
+    neighbours[0], weights[0] = [4, 3, 2], [0.9, 0.1, 0.8]
+    return ItemNeighbours(ids, neighbours, weights, l2=1.0)
+
+
+def test_the_neighbour_source_joins_the_candidates_and_its_share_orders_them():
+    allowed = np.ones(len(ITEMS), dtype=bool)
+    allowed[2] = False
+    replay = build_replay(
+        users=["u"],
+        item_ids=ITEMS,
+        item_embeddings=EMBEDDINGS,
+        query_embeddings=np.array([[0.0, 1.0, 0.0, 0.0]], dtype=np.float32),
+        seen={"u": {"a"}},
+        allowed=allowed,
+        new_items=np.zeros(len(ITEMS), dtype=bool),
+        ranker_scores=None,
+        gateway=GatewayConfig(candidates=2, neighbour_candidates=5, mmr_trade_off=1.0, exploration_slots=0),
+        k=3,
+        seed=0,
+        neighbours=_neighbours_of_e(),
+        histories={"u": ["a"]},
+    )
+    # Retrieval's top 2: c (1.0, out of stock) and f (1.0); then b (0.01); e and d come from a.
+    assert [ITEMS[p] for p in replay.candidates["u"]] == ["f", "e", "d"]
+    assert replay.serve("u", Step(math.inf, mmr=False, explore=False)) == ["f"]  # no share: retrieval alone
+    assert replay.serve("u", Step(math.inf, mmr=False, explore=False, blend=1.0)) == ["e", "d", "f"]
+
+    choice = choose_policy(replay, {"u": {"e"}}, [0.0], "ndcg@1", None, "test", neighbour_weights=[0.5, 1.0])
+    assert choice.policy.neighbour_weight == 0.5  # ties go to the smaller share
+    assert [row["neighbour_weight"] for row in choice.policy.validation["neighbour_grid"]] == [0.0, 0.5, 1.0]
+    assert any("item-to-item source serves with a 0.5 share" in r for r in choice.policy.reasons)

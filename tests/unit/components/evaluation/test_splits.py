@@ -8,6 +8,7 @@ import pytest
 from components.evaluation.splits import (
     choose_split,
     decidable_users,
+    held_out_pairs,
     last_item_split,
     split_holdout,
     validation_split,
@@ -133,3 +134,30 @@ def test_validation_falls_back_to_last_item_when_training_held_out_nothing():
     carved = validation_split(events, fraction=0.0, min_users=5)
     assert not carved.held_out_from_models and "last item" in carved.how
     assert decidable_users(carved.train, carved.holdout) > 5
+
+
+def test_held_out_pairs_are_a_seeded_fraction_drawn_alike_in_every_frame():
+    pairs = pd.DataFrame(
+        {"user_id": [f"u{n % 50}" for n in range(5000)], "item_id": [f"i{n // 50}" for n in range(5000)]}
+    )
+    held = held_out_pairs(pairs, 0.2, seed=7)
+    assert 0.17 < held.mean() < 0.23
+    assert (held_out_pairs(pairs, 0.2, seed=7) == held).all()
+    assert (held_out_pairs(pairs, 0.2, seed=8) != held).any()
+    # A pair is on the same side whatever else the frame holds (the ranker's examples, the
+    # evaluation's events): the verdict depends on the pair alone.
+    shuffled = pairs.sample(frac=1.0, random_state=0)
+    assert (held_out_pairs(shuffled, 0.2, seed=7) == held[shuffled.index.to_numpy()]).all()
+    assert not held_out_pairs(pairs, 0.0, seed=7).any()
+
+
+def test_a_random_validation_split_is_the_held_out_pairs_when_training_drew_them():
+    rows = []
+    for u in range(30):
+        for i in range(10):
+            rows.append((f"u{u}", f"i{i}", "click", f"2026-01-0{1 + i % 9}T{u % 24:02d}:00:00Z"))
+    events = _events(rows)
+    carved = validation_split(events, 0.2, min_users=5, how="random", seed=3)
+    mask = held_out_pairs(events, 0.2, seed=3)
+    assert carved.held_out_from_models and "random 20%" in carved.how
+    assert len(carved.holdout) == mask.sum() and len(carved.train) == (~mask).sum()

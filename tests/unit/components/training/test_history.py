@@ -35,7 +35,10 @@ def test_history_is_capped_after_removing_the_rows_own_item() -> None:
 def test_the_movielens_profile_sets_leave_one_out_and_gates_the_served_system() -> None:
     settings = load_settings(profile_path("movielens"))
     assert settings.training.history == "leave_one_out"
-    assert settings.features.recent_items == settings.training.max_history
+    # The item-to-item source reads more of the profile than the query tower does.
+    assert settings.features.recent_items >= settings.training.max_history
+    # The serving policy is chosen on a validation part the evaluated models did not learn from.
+    assert settings.training.validation_fraction > 0 and settings.training.refit_on_holdout
     assert settings.evaluation.gate_model == "served"
     # The default stays point-in-time: no future interaction leaks into a feature.
     assert load_settings(None).training.history == "point_in_time"
