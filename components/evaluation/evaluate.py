@@ -646,7 +646,6 @@ def _choose_serving_policy(
         return PolicyChoice(policy, [], {})
     neighbours = None
     if models.neighbours is not None:
-        params = models.manifest.get("parameters", {})
         max_items = int(params.get("neighbour_max_items", len(models.neighbours)))
         neighbours = refit_like(models.neighbours, carved.train, max_items)
     _, replay = _replay(

@@ -233,17 +233,19 @@ def _choose_blend(
             }
         )
     by = "expected_reward" if reward_of is not None and judge == "reward" else metric
+    said = "expected reward" if by == "expected_reward" else metric
     chosen = max(rows, key=lambda row: (row[by], -row["neighbour_weight"]))
     alone = rows[0]
     if chosen is alone:
         reasons.append(
             f"the item-to-item source is not served: no share of the candidate score raised the "
-            f"validation {by} above {alone[by]:.4f} (the retriever's candidates alone)"
+            f"validation {said} above {alone[by]:.4f} (the retriever's candidates alone)"
         )
     else:
         reasons.append(
             f"the item-to-item source serves with a {chosen['neighbour_weight']:g} share of the candidate "
-            f"score: validation {by} {chosen[by]:.4f} vs {alone[by]:.4f} for the retriever's candidates alone"
+            f"score: validation {said} {chosen[by]:.4f} vs {alone[by]:.4f} for the retriever's "
+            "candidates alone"
         )
     return float(chosen["neighbour_weight"]), rows
 
