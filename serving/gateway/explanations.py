@@ -59,6 +59,7 @@ REASON_PICKED = "picked for you: predicted to engage you"
 REASON_EXPLORING = "new item: exploring"
 # What placed an item the ranker did not score, as its attribution names it.
 SOURCE_EXPLORATION = "exploration"
+SOURCE_ITEM_TO_ITEM = "item_to_item"
 
 
 def similar_reason(recent_item: str) -> str:

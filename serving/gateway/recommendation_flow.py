@@ -50,6 +50,7 @@ from serving.gateway.cold_start import cold_start
 from serving.gateway.explanations import (
     REASON_EXPLORING,
     SOURCE_EXPLORATION,
+    SOURCE_ITEM_TO_ITEM,
     also_taken_reason,
     attributions,
     driver_reasons,
@@ -161,11 +162,13 @@ class RecommendationFlow:
         counts = {"retrieved": len(pos)}
         keep = allowed[pos]
         pos, scores = pos[keep], scores[keep]
+        # Retrieval's own candidates and scores (taste + prior): what the reasons measure against.
+        retrieved = pos, scores
         if source in MODEL_SOURCES and len(pos):
             pos, scores = self._with_neighbours(
                 catalog, assets, recent, allowed, pos, scores, counts, reasons
             )
-        retrieved = pos, scores  # before ranking: what the reasons and attributions read
+        candidates = pos  # what the ranker scores: retrieval's and the item-to-item source's
         counts["ranked"] = 0
         timer.lap("filter")
 
@@ -190,7 +193,9 @@ class RecommendationFlow:
         timer.lap("explore")
         if req.explain:
             ranked = counts["ranked"] > 0
-            self._attribute(snap, versions, label, query, row, items, explored, retrieved[0], ranked, source)
+            self._attribute(
+                snap, versions, label, query, row, items, explored, retrieved[0], candidates, ranked, source
+            )
             timer.lap("explain")
 
         self.metrics.arm.labels(arm=arm).inc()
@@ -457,23 +462,27 @@ class RecommendationFlow:
         items: list[dict[str, Any]],
         explored: set[str],
         pool_pos: np.ndarray,
+        candidates: np.ndarray,
         ranked: bool,
         source: str,
     ) -> None:
         """Each item's ``attribution``: for the items the ranker scored, its inputs by effect on
         the score (one leave-one-input-out call); for the rest, the source that placed them."""
         catalog = snap.catalog
-        pool = set(pool_pos.tolist())
+        pool, joined = set(pool_pos.tolist()), set(candidates.tolist())
         scored: list[int] = []
         for n, it in enumerate(items):
             p = catalog.position[it["item_id"]]
             if it["item_id"] in explored:
                 it["attribution"] = source_attribution(SOURCE_EXPLORATION)
-            elif p in pool and ranked:
+            elif p in joined and ranked:
                 scored.append(n)
+            elif p in pool:
+                it["attribution"] = source_attribution(source)  # the request's candidate source
             else:
-                # The request's candidate source, or the popular items that topped the list up.
-                it["attribution"] = source_attribution(source if p in pool else "global_popularity")
+                # The item-to-item source's addition, or a popular item that topped the list up.
+                placed_by = SOURCE_ITEM_TO_ITEM if p in joined else "global_popularity"
+                it["attribution"] = source_attribution(placed_by)
         if not scored:
             return
         pos = np.asarray([catalog.position[items[n]["item_id"]] for n in scored], dtype=np.int64)

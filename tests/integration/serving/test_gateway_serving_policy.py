@@ -63,7 +63,7 @@ def _warm_user(events: pd.DataFrame, arm: str) -> str:
 def test_a_version_whose_policy_leaves_the_ranker_out_is_served_by_its_candidate_sources(gateway) -> None:
     url, events, settings = gateway
     user = _warm_user(events, "canary")
-    canary = httpx.post(f"{url}/v1/recommendations", json={"user_id": user, "k": 5}).json()
+    canary = httpx.post(f"{url}/v1/recommendations", json={"user_id": user, "k": 5, "explain": True}).json()
     assert canary["candidate_source"] in ("retrieval", "exact"), canary
     assert canary["model_versions"] == {"retrieval": 2}  # no ranking call was made
     assert canary["counts"]["ranked"] == 0 and "ranking:skipped" not in canary["fallback"]
@@ -77,6 +77,10 @@ def test_a_version_whose_policy_leaves_the_ranker_out_is_served_by_its_candidate
     served = [it["item_id"] for it in canary["items"] if it["reason"] != REASON_EXPLORING]
     at = [expected.index(i) for i in served]
     assert at == sorted(at), (served, expected[:20])
+    # The ranker did not score them: each attribution names the source that placed it.
+    for it in canary["items"]:
+        if it["reason"] != REASON_EXPLORING:
+            assert it["attribution"][0]["name"] in ("retrieval", "exact", "item_to_item"), it
     # Each is explained by the recent item that points to it most.
     first = canary["items"][0]
     assert first["reason"] == also_taken_reason(neighbours.strongest_sources(recent, [first["item_id"]])[0])
