@@ -42,11 +42,10 @@ from recsys.model_registry import read_models_config, version_for_label
 from recsys.neighbours import ItemNeighbours, read_item_neighbours
 from recsys.ranking import (
     ServingPolicy,
-    blend_sources,
+    blend_candidates,
     mmr,
     rank_fusion,
     read_serving_policy,
-    union_candidates,
     unit_directions,
 )
 from recsys.storage import read_manifest
@@ -378,15 +377,14 @@ class _Recommender:
         assert self.neighbours is not None
         ids, scores = self.neighbours.score(recent, self.neighbour_candidates)
         keep = np.array([i not in exclude and i in self.retriever.position for i in ids], dtype=bool)
-        cands, retrieval, neighbour = union_candidates(
+        cands, blended, _ = blend_candidates(
             np.asarray([i for i, _ in kept], dtype=object),
             np.asarray([sc for _, sc in kept], dtype=np.float64),
             ids[keep] if len(ids) else ids,
             scores[keep] if len(ids) else scores,
+            self.neighbour_weight,
         )
-        blended = blend_sources(retrieval, neighbour, self.neighbour_weight)
-        order = np.argsort(-blended, kind="stable")
-        return [(str(cands[j]), float(blended[j])) for j in order]
+        return [(str(c), float(b)) for c, b in zip(cands, blended, strict=True)]
 
 
 def _write_lines(out: Path, lines: list[str]) -> None:

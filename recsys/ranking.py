@@ -100,6 +100,29 @@ def blend_sources(
     return (1.0 - neighbour_weight) * r01 + neighbour_weight * n01
 
 
+def blend_candidates(
+    retrieved: np.ndarray,
+    retrieval_scores: np.ndarray,
+    neighbours: np.ndarray,
+    neighbour_scores: np.ndarray,
+    neighbour_weight: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The two sources joined (``union_candidates``), blended (``blend_sources``), best first.
+
+    Returns:
+        The candidates, their blended scores, and where the neighbour part of the blend
+        outweighs the retrieval part (the item-to-item source is what placed the item).
+    """
+    candidates, retrieval, neighbour = union_candidates(
+        retrieved, retrieval_scores, neighbours, neighbour_scores
+    )
+    blended = blend_sources(retrieval, neighbour, neighbour_weight)
+    retrieval_part = blend_sources(retrieval, np.zeros_like(neighbour), neighbour_weight)
+    placed = (neighbour > 0) & (blended - retrieval_part >= retrieval_part)
+    order = np.argsort(-blended, kind="stable")
+    return candidates[order], blended[order], placed[order]
+
+
 # --------------------------------------------------------------------------------------------
 # Re-ranking: MMR diversity and exploration
 # --------------------------------------------------------------------------------------------

@@ -62,7 +62,6 @@ from components.evaluation.served_policy import (
     business_rules,
     head_rerank,
     new_item_mask,
-    recent_positives,
     score_pairs,
 )
 from components.evaluation.splits import choose_split, split_holdout, time_split, validation_split
@@ -578,6 +577,8 @@ def _replay(
     The item-to-item source (``neighbours``, default the version's own) reads each user's
     ``recent_items`` newest positives of ``train_frame``, as the gateway reads its recent items.
     """
+    from components.training.train import positive_histories
+
     users = eval_set.users
     q_emb = _query_embeddings(models.query_fn, models.manifest["query_inputs"], eval_set.queries.loc[users])
     retrieved: dict[str, list[str]] = {}
@@ -606,7 +607,7 @@ def _replay(
         seed=config.split_seed,
         also_score={u: retrieved[u][: config.rerank_depth] for u in users} if with_retriever else None,
         neighbours=neighbours or models.neighbours,
-        histories=recent_positives(train_frame, users, recent_items),
+        histories={u: items[:recent_items] for u, items in positive_histories(train_frame).items()},
     )
     return retrieved, replay
 

@@ -30,7 +30,6 @@ import pandas as pd
 
 from recsys.config import GatewayConfig
 from recsys.contracts import CATEGORY_SEPARATOR
-from recsys.feature_schema import POSITIVE_EVENT_TYPES
 from recsys.neighbours import ItemNeighbours
 from recsys.ranking import (
     blend_sources,
@@ -205,18 +204,6 @@ class Replay:
             gw.exploration_position,
         )
         return explored
-
-
-def recent_positives(frame: pd.DataFrame, users: Sequence[str], n: int) -> dict[str, list[str]]:
-    """Each user's ``n`` newest positive items in ``frame`` (newest first, once each): the
-    recent items the gateway's item-to-item source reads."""
-    pos = frame[frame["event_type"].astype(str).isin(POSITIVE_EVENT_TYPES)]
-    pos = pos[pos["user_id"].astype(str).isin(set(users))]
-    keys = ["ts", "event_id"] if "event_id" in pos.columns else ["ts"]
-    pos = pos.sort_values(keys, ascending=False, kind="stable")
-    pos = pos.assign(user_id=pos["user_id"].astype(str), item_id=pos["item_id"].astype(str))
-    pos = pos.drop_duplicates(["user_id", "item_id"], keep="first")
-    return pos.groupby("user_id", sort=False)["item_id"].apply(lambda s: s.head(n).tolist()).to_dict()
 
 
 def served_candidates(

@@ -73,10 +73,8 @@ def train_item_neighbours(
 
     Writes ``<out_dir>/item_neighbours.npz`` and returns its part of the train manifest.
     """
-    from components.training.train import positives_frame
-
     started = time.perf_counter()
-    pairs = _pairs(positives_frame(training_frame, drop_repeats=True))
+    pairs = _positive_pairs(training_frame)
     grid = sorted(set(config.neighbour_l2_grid))
     l2, scores = choose_l2(pairs, grid, config.neighbour_top_k, config.neighbour_max_items, config.seed)
     table = fit_item_neighbours(pairs, l2, config.neighbour_top_k, config.neighbour_max_items)
@@ -99,9 +97,7 @@ def train_item_neighbours(
 def refit_like(table: ItemNeighbours, training_frame: pd.DataFrame, max_items: int) -> ItemNeighbours:
     """The same recipe (l2, top-k) fitted on other events: a validation replay's neighbours must
     not have seen the validation positives."""
-    from components.training.train import positives_frame
-
-    pairs = _pairs(positives_frame(training_frame, drop_repeats=True))
+    pairs = _positive_pairs(training_frame)
     return fit_item_neighbours(pairs, table.l2, int(table.neighbours.shape[1]), max_items)
 
 
@@ -110,7 +106,11 @@ def refit_like(table: ItemNeighbours, training_frame: pd.DataFrame, max_items: i
 # --------------------------------------------------------------------------------------------
 
 
-def _pairs(positives: pd.DataFrame) -> pd.DataFrame:
+def _positive_pairs(training_frame: pd.DataFrame) -> pd.DataFrame:
+    """The distinct (user_id, item_id) pairs with a positive event: the regression's rows."""
+    from components.training.train import positives_frame
+
+    positives = positives_frame(training_frame, drop_repeats=True)
     return positives[["user_id", "item_id"]].astype(str).drop_duplicates().reset_index(drop=True)
 
 

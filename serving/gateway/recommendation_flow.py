@@ -37,12 +37,11 @@ import numpy as np
 from recsys.config import Settings
 from recsys.event_log.base import ServedRequest
 from recsys.ranking import (
-    blend_sources,
+    blend_candidates,
     insert_exploration,
     mmr,
     rank_fusion,
     sample_positions,
-    union_candidates,
 )
 from serving.gateway.candidates import CandidateChain
 from serving.gateway.catalog import ItemCatalog, ModelVersions, RetrievalAssets
@@ -293,15 +292,11 @@ class RecommendationFlow:
         at = np.fromiter((catalog.position.get(str(i), -1) for i in ids), dtype=np.int64, count=len(ids))
         keep = at >= 0
         keep[keep] = allowed[at[keep]]
-        joined, retrieval, neighbour = union_candidates(pos, scores, at[keep], nb_scores[keep])
-        counts["neighbours"] = int((neighbour > 0).sum())  # candidates the recent items point to
-        share = policy.neighbour_weight
-        blended = blend_sources(retrieval, neighbour, share)
-        order = np.argsort(-blended, kind="stable")
-        joined, blended = joined[order], blended[order]
-        driven = neighbour[order] > 0
-        driven &= share * neighbour[order] / max(neighbour.max(), 1e-12) >= blended / 2
-        at_driven = joined[driven]
+        counts["neighbours"] = int(keep.sum())  # candidates the recent items point to
+        joined, blended, placed = blend_candidates(
+            pos, scores, at[keep], nb_scores[keep], policy.neighbour_weight
+        )
+        at_driven = joined[placed]
         sources = neighbours.strongest_sources(recent, [str(catalog.item_ids[p]) for p in at_driven])
         for p, src in zip(at_driven.tolist(), sources, strict=True):
             if src is not None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from recsys.neighbours import ItemNeighbours, read_item_neighbours
-from recsys.ranking import blend_sources, union_candidates
+from recsys.ranking import blend_candidates, blend_sources, union_candidates
 
 
 def _table() -> ItemNeighbours:
@@ -70,3 +70,13 @@ def test_the_strongest_source_names_the_history_item_that_points_most():
     # b is pointed at by a (0.5); d by c (0.3) and by b negatively; a by b (0.5).
     assert _table().strongest_sources(["a", "b", "c"], ["b", "d", "a", "zzz"]) == ["a", "c", "b", None]
     assert _table().strongest_sources([], ["b"]) == [None]
+
+
+def test_blend_candidates_orders_best_first_and_names_what_the_neighbours_placed():
+    cands, blended, placed = blend_candidates(
+        np.array([7, 3, 5]), np.array([3.0, 2.0, 1.0]), np.array([5, 9]), np.array([0.8, 0.4]), 0.5
+    )
+    # 7: 0.5 (retrieval), 5: 0 + 0.5 (neighbours), 3: 0.25, 9: 0.25 (neighbours).
+    assert cands.tolist() == [7, 5, 3, 9]
+    assert blended.tolist() == pytest.approx([0.5, 0.5, 0.25, 0.25])
+    assert placed.tolist() == [False, True, False, True]
