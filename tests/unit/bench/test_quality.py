@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.quality import random_protocol_table, spread, stratified_split
+from bench.quality import random_protocol_table, spread, stratified_split, time_split
 from bench.sequential_quality import (
     leave_last_out,
     popularity_metrics,
@@ -84,3 +84,17 @@ def test_the_random_protocol_reports_each_seed_and_the_spread() -> None:
     seeds = list(table.columns[1].cells)
     assert seeds == ["42", "42", "43", "43", "mean ± sd", "mean ± sd"]
     assert list(table.columns[3].cells)[4] == spread([0.30, 0.32]) == "0.310 ± 0.010"
+
+
+def test_the_time_split_holds_out_each_users_latest_quarter() -> None:
+    events = pd.DataFrame(
+        {
+            "user_id": ["u"] * 8 + ["v"] * 4,
+            "item_id": [f"i{n}" for n in range(12)],
+            "ts": pd.date_range("2026-01-01", periods=12, freq="h", tz="UTC")[::-1],
+        }
+    )
+    train, test = time_split(events)
+    assert len(train) == 9 and len(test) == 3
+    for user, part in test.groupby("user_id"):
+        assert part["ts"].min() > train[train["user_id"] == user]["ts"].max()
