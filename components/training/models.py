@@ -92,6 +92,89 @@ def mlp(units: Sequence[int], out_dim: int | None, name: str) -> keras.Sequentia
     return keras.Sequential(layers, name=name)
 
 
+class QueryContext(keras.layers.Layer):
+    """What both query towers read besides the recent items: user id, profile and request context.
+
+    The user id goes through ``id_lookup`` (hashed OOV buckets for unseen users, id dropout in
+    training); the profile features (age bucket, country, device) through one
+    ``CategoricalEmbedding`` each; the hour of the request through a 24-row table. ``encode``
+    does the string work, ``user`` and ``context`` embed its integers: a tower concatenates
+    them with what it makes of the recent items (``QueryTower`` puts its history bag between
+    the user and the context, ``SequentialQueryTower`` its sequence state before both).
+    """
+
+    def __init__(
+        self,
+        *,
+        users: Sequence[str],
+        profile_vocab: Mapping[str, Sequence[str]],
+        id_dim: int,
+        feature_dim: int,
+        num_oov: int,
+        id_dropout: float,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.num_oov, self.id_dropout = num_oov, id_dropout
+        self.user_lookup = id_lookup(users, num_oov, "user_lookup")
+        self.user_embedding = keras.layers.Embedding(len(users) + num_oov + 1, id_dim, name="user_embedding")
+        self.profile = {
+            name: CategoricalEmbedding(vocab, feature_dim, name=f"{name}_embedding")
+            for name, vocab in profile_vocab.items()
+        }
+        self.hour_embedding = keras.layers.Embedding(24, feature_dim, name="hour_embedding")
+
+    def encode(self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """``user_id``, ``hour`` and the profile features -> integer indices (``user``, ``hour``, by name)."""
+        return {
+            "user": self.user_lookup(features["user_id"]),
+            "hour": tf.clip_by_value(tf.cast(features["hour"], tf.int32), 0, 23),
+            **{name: layer.lookup(features[name]) for name, layer in self.profile.items()},
+        }
+
+    def user(self, encoded: Mapping[str, tf.Tensor], training: bool | None = None) -> tf.Tensor:
+        """The user id's embedding (id dropout in training)."""
+        return self.user_embedding(drop_ids(encoded["user"], self.id_dropout, self.num_oov, training))
+
+    def context(self, encoded: Mapping[str, tf.Tensor]) -> list[tf.Tensor]:
+        """The hour's embedding, then each profile feature's, in ``profile_vocab`` order."""
+        return [
+            self.hour_embedding(encoded["hour"]),
+            *(layer.embedding(encoded[name]) for name, layer in self.profile.items()),
+        ]
+
+
+def primary_category_table(item_categories: Mapping[str, str]) -> tf.lookup.StaticHashTable:
+    """item id -> its primary category, frozen into a model ("" for an unknown item or padding)."""
+    return tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(
+            tf.constant(list(item_categories), dtype=tf.string),
+            tf.constant(list(item_categories.values()), dtype=tf.string),
+        ),
+        default_value="",
+    )
+
+
+class HistoryCategories(keras.layers.Layer):
+    """The primary categories of a user's recent items: a taste that carries across items of a kind.
+
+    Clicks on three sports items say "sports", whichever items they were. ``ids`` maps item
+    ids (any shape) to category indices (0 for padding and unknown items), ``embedding`` is
+    their table.
+    """
+
+    def __init__(
+        self, item_categories: Mapping[str, str], categories: Sequence[str], dim: int, **kwargs: object
+    ) -> None:
+        super().__init__(**kwargs)
+        self.table = primary_category_table(item_categories)
+        self.lookup = keras.layers.StringLookup(vocabulary=list(categories), mask_token="", num_oov_indices=1)
+        self.embedding = keras.layers.Embedding(len(categories) + 2, dim, name="history_category_embedding")
+
+    def ids(self, items: tf.Tensor) -> tf.Tensor:
+        return self.lookup(self.table.lookup(items))
+
+
 class QueryTower(keras.Model):
     """Embeds a request: user id, profile, the user's recent items and the context.
 
@@ -120,38 +203,24 @@ class QueryTower(keras.Model):
         categories: Sequence[str] = (),
     ) -> None:
         super().__init__(name="query_tower")
-        self.item_bias = item_bias
-        # The categories of the user's recent items, from a catalog table frozen into the
-        # tower: a taste profile that generalizes across items (clicks on three sports items
-        # say "sports", whichever items they were).
-        self.history_categories = None
-        if item_categories:
-            keys = tf.constant(list(item_categories), dtype=tf.string)
-            values = tf.constant(list(item_categories.values()), dtype=tf.string)
-            self.history_categories = tf.lookup.StaticHashTable(
-                tf.lookup.KeyValueTensorInitializer(keys, values), default_value=""
-            )
-            self.category_lookup = keras.layers.StringLookup(
-                vocabulary=list(categories), mask_token="", num_oov_indices=1
-            )
-            self.category_embedding = keras.layers.Embedding(
-                len(categories) + 2, id_dim, name="history_category_embedding"
-            )
-        self.num_oov, self.id_dropout, self.max_history, self.normalize = (
-            num_oov,
-            id_dropout,
-            max_history,
-            normalize,
-        )
-        self.user_lookup = id_lookup(users, num_oov, "user_lookup")
-        self.user_embedding = keras.layers.Embedding(len(users) + num_oov + 1, id_dim, name="user_embedding")
+        self.item_bias, self.max_history, self.normalize = item_bias, max_history, normalize
         self.item_lookup = item_lookup
         self.history_table = history_table
-        self.profile = {
-            name: CategoricalEmbedding(vocab, feature_dim, name=f"{name}_embedding")
-            for name, vocab in profile_vocab.items()
-        }
-        self.hour_embedding = keras.layers.Embedding(24, feature_dim, name="hour_embedding")
+        # The categories of the user's recent items, from a catalog table frozen into the tower.
+        self.history_categories = (
+            HistoryCategories(item_categories, categories, id_dim, name="history_categories")
+            if item_categories
+            else None
+        )
+        self.query_context = QueryContext(
+            users=users,
+            profile_vocab=profile_vocab,
+            id_dim=id_dim,
+            feature_dim=feature_dim,
+            num_oov=num_oov,
+            id_dropout=id_dropout,
+            name="query_context",
+        )
         self.head = mlp(hidden_units, embedding_dim, "query_mlp")
 
     def call(self, features: Mapping[str, tf.Tensor], training: bool | None = None) -> tf.Tensor:
@@ -160,28 +229,21 @@ class QueryTower(keras.Model):
     def encode(self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         """The string work: ``QUERY_INPUTS`` -> integer indices (as ``CandidateTower.encode``)."""
         tokens = split_tokens(features["recent_items"], self.max_history)
-        encoded = {
-            "user": self.user_lookup(features["user_id"]),
-            "history": self.item_lookup(tokens),
-            "hour": tf.clip_by_value(tf.cast(features["hour"], tf.int32), 0, 23),
-            **{name: layer.lookup(features[name]) for name, layer in self.profile.items()},
-        }
+        encoded = {"history": self.item_lookup(tokens), **self.query_context.encode(features)}
         if self.history_categories is not None:
-            # Primary category of each recent item ("" for padding and unknown items).
-            encoded["history_categories"] = self.category_lookup(self.history_categories.lookup(tokens))
+            # Primary category of each recent item (0 for padding and unknown items).
+            encoded["history_categories"] = self.history_categories.ids(tokens)
         return encoded
 
     def embed(self, encoded: Mapping[str, tf.Tensor], training: bool | None = None) -> tf.Tensor:
         """``encode``'s integers -> ``[B, D]`` query embeddings (id dropout in training)."""
-        user = drop_ids(encoded["user"], self.id_dropout, self.num_oov, training)
         parts = [
-            self.user_embedding(user),
+            self.query_context.user(encoded, training),
             bag_mean(encoded["history"], self.history_table),
-            self.hour_embedding(encoded["hour"]),
-            *(layer.embedding(encoded[name]) for name, layer in self.profile.items()),
+            *self.query_context.context(encoded),
         ]
         if self.history_categories is not None:
-            parts.append(bag_mean(encoded["history_categories"], self.category_embedding))
+            parts.append(bag_mean(encoded["history_categories"], self.history_categories.embedding))
         out = self.head(tf.concat(parts, axis=1))
         out = tf.math.l2_normalize(out, axis=1) if self.normalize else out
         if self.item_bias:
@@ -250,44 +312,35 @@ class SequentialQueryTower(keras.Model):
         from components.training.sequence import CausalSequenceEncoder
 
         super().__init__(name="query_tower")
-        self.num_oov, self.id_dropout, self.max_history = num_oov, id_dropout, max_history
-        self.normalize, self.item_bias = normalize, item_bias
-        self.user_lookup = id_lookup(users, num_oov, "user_lookup")
-        self.user_embedding = keras.layers.Embedding(len(users) + num_oov + 1, id_dim, name="user_embedding")
+        self.max_history, self.normalize, self.item_bias = max_history, normalize, item_bias
         self.item_lookup = item_lookup
         self.history_table = history_table
-        self.history_categories = None
-        if item_categories:
-            self.history_categories = tf.lookup.StaticHashTable(
-                tf.lookup.KeyValueTensorInitializer(
-                    tf.constant(list(item_categories), dtype=tf.string),
-                    tf.constant(list(item_categories.values()), dtype=tf.string),
-                ),
-                default_value="",
-            )
-            self.category_lookup = keras.layers.StringLookup(
-                vocabulary=list(categories), mask_token="", num_oov_indices=1
-            )
-            self.category_embedding = keras.layers.Embedding(
-                len(categories) + 2, id_dim, name="history_category_embedding"
-            )
+        self.history_categories = (
+            HistoryCategories(item_categories, categories, id_dim, name="history_categories")
+            if item_categories
+            else None
+        )
         # Position 0 of every window: what the encoder reads before the first item.
         self.start_token = self.add_weight(
             name="start_token", shape=(id_dim,), initializer=keras.initializers.RandomNormal(stddev=0.05)
         )
         self.encoder = CausalSequenceEncoder(max_history + 1, id_dim, layers, heads, dropout, name="sequence")
-        self.profile = {
-            name: CategoricalEmbedding(vocab, feature_dim, name=f"{name}_embedding")
-            for name, vocab in profile_vocab.items()
-        }
-        self.hour_embedding = keras.layers.Embedding(24, feature_dim, name="hour_embedding")
+        self.query_context = QueryContext(
+            users=users,
+            profile_vocab=profile_vocab,
+            id_dim=id_dim,
+            feature_dim=feature_dim,
+            num_oov=num_oov,
+            id_dropout=id_dropout,
+            name="query_context",
+        )
         self.head = mlp(hidden_units, embedding_dim, "query_mlp")
 
     def _states(self, items: tf.Tensor, training: bool | None) -> tf.Tensor:
         """``[B, M]`` item ids oldest first -> ``[B, M + 1]`` states (position 0: start token only)."""
         vectors = self.history_table(self.item_lookup(items))
         if self.history_categories is not None:
-            vectors += self.category_embedding(self.category_lookup(self.history_categories.lookup(items)))
+            vectors += self.history_categories.embedding(self.history_categories.ids(items))
         start = tf.broadcast_to(self.start_token, [tf.shape(items)[0], 1, self.start_token.shape[0]])
         return self.encoder(tf.concat([start, vectors], axis=1), training=training)
 
@@ -299,13 +352,8 @@ class SequentialQueryTower(keras.Model):
         Per-user parts (id, age, country) are ``[B]``; per-event parts (hour, device) match
         the states' rank. Per-user parts are repeated along T.
         """
-        user = drop_ids(self.user_lookup(features["user_id"]), self.id_dropout, self.num_oov, training)
-        hour = tf.clip_by_value(tf.cast(features["hour"], tf.int32), 0, 23)
-        parts = [
-            self.user_embedding(user),
-            self.hour_embedding(hour),
-            *(layer(features[name]) for name, layer in self.profile.items()),
-        ]
+        encoded = self.query_context.encode(features)
+        parts = [self.query_context.user(encoded, training), *self.query_context.context(encoded)]
         if states.shape.rank == 3:
             steps = tf.shape(states)[1]
             parts = [p if p.shape.rank == 3 else tf.repeat(p[:, tf.newaxis], steps, axis=1) for p in parts]
@@ -630,15 +678,7 @@ class MultiObjectiveRanker(tfrs.Model):
         self.num_oov, self.id_dropout, self.max_history = num_oov, id_dropout, max_history
         # As in the query tower: the categories of the recent items, a taste profile that the
         # candidate's own categories are matched against (same embedding table).
-        self.history_categories = None
-        if item_categories:
-            self.history_categories = tf.lookup.StaticHashTable(
-                tf.lookup.KeyValueTensorInitializer(
-                    tf.constant(list(item_categories), dtype=tf.string),
-                    tf.constant(list(item_categories.values()), dtype=tf.string),
-                ),
-                default_value="",
-            )
+        self.history_categories = primary_category_table(item_categories) if item_categories else None
         self.objective_weights = dict(objective_weights)
         self.numeric_features = list(numeric_features)
         self.user_numeric = [n for n in self.numeric_features if n.startswith("user_")]

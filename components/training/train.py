@@ -37,7 +37,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -606,6 +606,55 @@ def train_retriever(
     """
     if config.query_tower == "sequential":
         return train_sequential_retriever(config, training_frame, items_frame, out_dir, log)
+    return _train_retriever(config, training_frame, items_frame, out_dir, log, _positive_batches)
+
+
+@dataclass(frozen=True)
+class _Batches:
+    """A retriever's examples as batches, and what the log and the manifest say of them."""
+
+    dataset: tf.data.Dataset
+    note: str = ""  # after "N train / M validation positives" in the log line
+    counts: Mapping[str, int] = field(default_factory=dict)  # extra manifest example counts
+
+
+# How a retriever turns positives (in time order) into batches: (config, positives, scored,
+# catalog, vocabulary, model, shuffle). ``scored`` marks the rows that are examples of the
+# loss: every row in training; in validation, the held-out rows after the training rows
+# (a sequence reads the training rows before them).
+BatchBuilder = Callable[
+    [TrainingConfig, pd.DataFrame, np.ndarray, _Catalog, _Vocabulary, Any, bool], _Batches
+]
+
+
+def _positive_batches(
+    config: TrainingConfig,
+    positives: pd.DataFrame,
+    scored: np.ndarray,
+    catalog: _Catalog,
+    vocabulary: _Vocabulary,
+    model: Any,
+    shuffle: bool,
+) -> _Batches:
+    """The two-tower retriever's batches: one example per scored positive (``_retriever_dataset``)."""
+    rows = positives[scored].reset_index(drop=True)
+    return _Batches(_retriever_dataset(config, rows, catalog, vocabulary, shuffle, model))
+
+
+def _train_retriever(
+    config: TrainingConfig,
+    training_frame: pd.DataFrame,
+    items_frame: pd.DataFrame,
+    out_dir: Path,
+    log: Callable[[str], None] | None,
+    batches: BatchBuilder,
+) -> dict[str, Any]:
+    """Fit, refit and export a retriever whose examples ``batches`` builds (``train_retriever``).
+
+    The positives are split by ``validation_split``; the model is fitted with early stopping
+    on the held-out ones, then (``refit_on_full``) built again on every positive and fitted
+    for the best epoch count, and exported with every catalog item's embedding.
+    """
     use_legacy_keras()
     log = log or _default_log
     out_dir = Path(out_dir)
@@ -620,26 +669,30 @@ def train_retriever(
     started = time.perf_counter()
     vocabulary = _Vocabulary.of(train_pos, training_frame)
     model = _build_retriever(config, vocabulary, catalog)
-    train_ds = _retriever_dataset(config, train_pos, catalog, vocabulary, shuffle=True, model=model)
-    val_ds = (
-        _retriever_dataset(config, val_pos, catalog, vocabulary, shuffle=False, model=model)
-        if len(val_pos) >= 2
-        else None
-    )
+    train = batches(config, train_pos, np.ones(len(train_pos), bool), catalog, vocabulary, model, True)
+    val = None
+    if len(val_pos) >= 2:
+        held_out = np.r_[np.zeros(len(train_pos), bool), np.ones(len(val_pos), bool)]
+        both = pd.concat([train_pos, val_pos], ignore_index=True)
+        val = batches(config, both, held_out, catalog, vocabulary, model, False)
+    kind = "sequential: " if config.query_tower == "sequential" else ""
     log(
-        f"[retriever] {len(train_pos):,} train / {len(val_pos):,} validation positives, "
+        f"[retriever] {kind}{len(train_pos):,} train / {len(val_pos):,} validation positives{train.note}, "
         f"{len(vocabulary.users):,} users, {len(vocabulary.items):,} items in vocabulary"
     )
-    metrics = _fit(model, train_ds, val_ds, config.epochs, config.early_stopping_patience, "retriever", log)
+    val_ds = val.dataset if val is not None else None
+    patience = config.early_stopping_patience
+    metrics = _fit(model, train.dataset, val_ds, config.epochs, patience, "retriever", log)
     if config.refit_on_full and val_ds is not None:
         # Early stopping found the epoch count; the latest events are the most valuable, so the
         # final model learns from them too.
         vocabulary = _Vocabulary.of(pos, training_frame)
         model = _build_retriever(config, vocabulary, catalog)
-        full_ds = _retriever_dataset(config, pos, catalog, vocabulary, shuffle=True, model=model)
-        refit = _fit(model, full_ds, None, metrics["best_epoch"], 0, "retriever refit", log)
+        full = batches(config, pos, np.ones(len(pos), bool), catalog, vocabulary, model, True)
+        refit = _fit(model, full.dataset, None, metrics["best_epoch"], 0, "retriever refit", log)
         metrics["refit_loss"] = refit["loss"]
     dim = _export_retriever(model, catalog.frame, out_dir)
+    sequential = {"query_tower": "sequential", "negatives": config.negatives} if kind else {}
     return {
         "embedding_dim": dim,
         "query_inputs": dict(QUERY_INPUTS),
@@ -648,11 +701,13 @@ def train_retriever(
         "examples": {
             "retriever_train_positives": len(train_pos),
             "retriever_validation_positives": len(val_pos),
+            **train.counts,
             "retriever_users": len(vocabulary.users),
             "retriever_items": len(vocabulary.items),
             "catalog_items": len(catalog.frame),
         },
         "retriever": {
+            **sequential,
             "temperature": config.temperature,
             "logq_correction": config.logq_correction,
             "normalized": config.temperature is not None,
@@ -759,65 +814,26 @@ def train_sequential_retriever(
     only those targets count in the validation loss. Same outputs and manifest part as
     ``train_retriever``; the exported query tower takes ``QUERY_INPUTS``.
     """
-    use_legacy_keras()
-    log = log or _default_log
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    catalog = _Catalog.of(items_frame)
-    pos = positives_frame(training_frame, drop_repeats=config.drop_repeat_positives)
-    if pos.empty:
-        raise ValueError("no positive events in the training frame: nothing to learn from")
-    train_pos, val_pos = validation_split(
-        pos, config.validation_fraction, config.validation_split, config.seed
+    return _train_retriever(config, training_frame, items_frame, out_dir, log, _sequence_batches)
+
+
+def _sequence_batches(
+    config: TrainingConfig,
+    positives: pd.DataFrame,
+    scored: np.ndarray,
+    catalog: _Catalog,
+    vocabulary: _Vocabulary,
+    model: Any,
+    shuffle: bool,
+) -> _Batches:
+    """The sequential retriever's batches: windows of ``max_history + 1`` positives per user."""
+    arrays = sequence_examples(positives, scored, catalog, vocabulary, config.max_history)
+    windows = len(arrays["target_weight"])
+    return _Batches(
+        _sequence_dataset(arrays, config.sequence_batch_size, shuffle, config.seed),
+        note=f" in {windows:,} windows of {config.max_history + 1}",
+        counts={"retriever_train_sequences": windows},
     )
-    started = time.perf_counter()
-    vocabulary = _Vocabulary.of(train_pos, training_frame)
-    model = _build_retriever(config, vocabulary, catalog)
-    every = np.ones(len(train_pos), bool)
-    train_arrays = sequence_examples(train_pos, every, catalog, vocabulary, config.max_history)
-    train_ds = _sequence_dataset(train_arrays, config.sequence_batch_size, True, config.seed)
-    val_ds = None
-    if len(val_pos) >= 2:
-        held_out = np.r_[np.zeros(len(train_pos), bool), np.ones(len(val_pos), bool)]
-        both = pd.concat([train_pos, val_pos], ignore_index=True)
-        val_arrays = sequence_examples(both, held_out, catalog, vocabulary, config.max_history)
-        val_ds = _sequence_dataset(val_arrays, config.sequence_batch_size, False, config.seed)
-    log(
-        f"[retriever] sequential: {len(train_pos):,} train / {len(val_pos):,} validation positives in "
-        f"{len(train_arrays['target_weight']):,} windows of {config.max_history + 1}, "
-        f"{len(vocabulary.users):,} users, {len(vocabulary.items):,} items in vocabulary"
-    )
-    metrics = _fit(model, train_ds, val_ds, config.epochs, config.early_stopping_patience, "retriever", log)
-    if config.refit_on_full and val_ds is not None:
-        vocabulary = _Vocabulary.of(pos, training_frame)
-        model = _build_retriever(config, vocabulary, catalog)
-        full = sequence_examples(pos, np.ones(len(pos), bool), catalog, vocabulary, config.max_history)
-        full_ds = _sequence_dataset(full, config.sequence_batch_size, True, config.seed)
-        refit = _fit(model, full_ds, None, metrics["best_epoch"], 0, "retriever refit", log)
-        metrics["refit_loss"] = refit["loss"]
-    dim = _export_retriever(model, catalog.frame, out_dir)
-    return {
-        "embedding_dim": dim,
-        "query_inputs": dict(QUERY_INPUTS),
-        "candidate_inputs": dict(CANDIDATE_INPUTS),
-        "metrics": {f"retriever_{k}": v for k, v in metrics.items()},
-        "examples": {
-            "retriever_train_positives": len(train_pos),
-            "retriever_validation_positives": len(val_pos),
-            "retriever_train_sequences": len(train_arrays["target_weight"]),
-            "retriever_users": len(vocabulary.users),
-            "retriever_items": len(vocabulary.items),
-            "catalog_items": len(catalog.frame),
-        },
-        "retriever": {
-            "query_tower": "sequential",
-            "negatives": config.negatives,
-            "temperature": config.temperature,
-            "logq_correction": config.logq_correction,
-            "normalized": config.temperature is not None,
-            "seconds": round(time.perf_counter() - started, 1),
-        },
-    }
 
 
 def _export_retriever(model: Any, items: pd.DataFrame, out_dir: Path) -> int:
