@@ -10,7 +10,8 @@ user's top ``rank_depth`` unseen candidates with rank fusion at the chosen weigh
 not run, when the policy leaves it out), then MMR diversifies the top ``gateway.mmr_depth``.
 Where the policy gives the item-to-item source a share (``neighbour_weight``), its items for
 the user's recent items join the retrieved ones and the candidates are ordered by the blended
-score before the ranker, as in the gateway. A version pushed without a policy uses
+score before the ranker, as in the gateway; so does the category taste's share
+(``taste_weight``). A version pushed without a policy uses
 ``evaluation.retrieval_weight`` and
 ``evaluation.rerank_depth``. Batch lists carry no exploration slot: that is a per-request
 experiment of the gateway.
@@ -37,15 +38,18 @@ import numpy as np
 
 from recsys.artifacts import EMBEDDINGS_FILE, ITEM_IDS_FILE, REQUIREMENTS, assets_extra
 from recsys.config import Settings
+from recsys.contracts import category_set
 from recsys.layout import latest_validated_dir
 from recsys.model_registry import read_models_config, version_for_label
 from recsys.neighbours import ItemNeighbours, read_item_neighbours
 from recsys.ranking import (
     ServingPolicy,
     blend_candidates,
+    category_taste,
     mmr,
     rank_fusion,
     read_serving_policy,
+    taste_candidates,
     unit_directions,
 )
 from recsys.storage import read_manifest
@@ -268,6 +272,9 @@ class _Recommender:
     neighbours: ItemNeighbours | None = None
     neighbour_weight: float = 0.0
     neighbour_candidates: int = 0
+    # The category taste's share (the pushed policy's), and each item's categories for it.
+    taste_weight: float = 0.0
+    categories: dict[str, frozenset[str]] = field(default_factory=dict)
     stats: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(
             ("unknown_users", "exact_topped_up", "popularity_topped_up", "short"), 0
@@ -294,6 +301,10 @@ class _Recommender:
         trade_off = gateway.mmr_trade_off if policy is None or policy.mmr else 1.0
         share = policy.neighbour_weight if policy is not None else 0.0
         neighbours = read_item_neighbours(assets_extra(retriever.version_dir)) if share > 0 else None
+        taste = policy.taste_weight if policy is not None else 0.0
+        categories = (
+            {str(i): category_set(c) for i, c in source.items["category"].items()} if taste > 0 else {}
+        )
         return cls(
             retriever,
             ranker,
@@ -308,6 +319,8 @@ class _Recommender:
             neighbours,
             share,
             gateway.neighbour_candidates,
+            taste,
+            categories,
         )
 
     def batch(self, users: Sequence[str]) -> list[str]:
@@ -352,7 +365,9 @@ class _Recommender:
 
         features = feature_rows(self.source, self.retriever.requirements["inputs"], user_ids=users)
         # Enough for the ranker's head and for MMR to choose among.
-        want = max(self.k, self.depth if self.ranker else 0, self.mmr_depth if self.mmr_trade_off < 1 else 0)
+        # The ranker and the candidate-score shares order the top ``depth``, as in the gateway.
+        reorders = self.ranker is not None or self.neighbours is not None or self.taste_weight > 0
+        want = max(self.k, self.depth if reorders else 0, self.mmr_depth if self.mmr_trade_off < 1 else 0)
         unseen: list[list[tuple[str, float]]] = []
         for row, (user, cands) in enumerate(zip(users, self.retriever.retrieve(features), strict=True)):
             self.stats["unknown_users"] += user not in self.source.users.index
@@ -363,10 +378,12 @@ class _Recommender:
                 everything = self.retriever.exact(one, len(self.retriever.item_ids))[0]
                 kept = _take_scored(everything, exclude, want)
                 self.stats["exact_topped_up"] += 1
+            recent = features["recent_items"][row]
+            recent = (recent.decode() if isinstance(recent, bytes) else str(recent)).split()
             if self.neighbours is not None:
-                recent = features["recent_items"][row]
-                recent = recent.decode() if isinstance(recent, bytes) else str(recent)
-                kept = self._with_neighbours(kept, recent.split(), exclude)
+                kept = self._with_neighbours(kept, recent, exclude)
+            if self.taste_weight > 0:
+                kept = self._with_taste(kept, recent)
             unseen.append(kept)
         return unseen
 
@@ -385,6 +402,16 @@ class _Recommender:
             self.neighbour_weight,
         )
         return [(str(c), float(b)) for c, b in zip(cands, blended, strict=True)]
+
+
+    def _with_taste(self, kept: list[tuple[str, float]], recent: list[str]) -> list[tuple[str, float]]:
+        """The candidates re-scored with the category taste's share, best first."""
+        none: frozenset[str] = frozenset()
+        taste = category_taste(
+            [self.categories.get(i, none) for i, _ in kept], [self.categories.get(i, none) for i in recent]
+        )
+        order, blended, _ = taste_candidates(np.asarray([sc for _, sc in kept]), taste, self.taste_weight)
+        return [(kept[o][0], float(b)) for o, b in zip(order.tolist(), blended, strict=True)]
 
 
 def _write_lines(out: Path, lines: list[str]) -> None:

@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     PositiveFloat,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -236,6 +237,10 @@ class EvaluationConfig(Section):
     # The item-to-item source's shares of the candidate score tried on the same validation
     # split (0, the retriever's candidates alone, is always tried); the best serves.
     neighbour_weights: list[float] = [0.25, 0.5, 0.75, 1.0]
+    # The category taste's shares of the candidate score (``recsys.ranking.blend_taste``: how
+    # many of the user's recent items share the candidate's category), tried after the
+    # neighbour share on the same split (0 always tried); the best serves.
+    taste_weights: list[float] = [0.25, 0.5, 0.75]
     # What judges the served system where the generator's truth exists (synthetic data):
     # "reward", the expected reward of the top K under the truth, chooses the serving policy
     # and gates against popularity (logged positives carry the old system's exposure, the
@@ -263,11 +268,11 @@ class EvaluationConfig(Section):
             raise ValueError(f"unknown metric {v!r}: use recall@K, ndcg@K, precision@K, hit_rate@K or mrr")
         return v
 
-    @field_validator("neighbour_weights")
+    @field_validator("neighbour_weights", "taste_weights")
     @classmethod
-    def _shares(cls, v: list[float]) -> list[float]:
+    def _shares(cls, v: list[float], info: ValidationInfo) -> list[float]:
         if any(not 0 < w <= 1 for w in v):
-            raise ValueError(f"neighbour_weights must be shares in (0, 1] (0 is always tried); got {v}")
+            raise ValueError(f"{info.field_name} must be shares in (0, 1] (0 is always tried); got {v}")
         return sorted(set(v))
 
     @field_validator("fusion_weights")

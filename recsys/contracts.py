@@ -33,6 +33,14 @@ CATEGORY_SEPARATOR = "|"
 ID_PATTERN = r"^[A-Za-z0-9_.:@-]{1,128}$"
 
 
+def category_set(category: object) -> frozenset[str]:
+    """An item's categories from its ``category`` value (``CATEGORY_SEPARATOR``-joined; a
+    missing or empty value has none)."""
+    if not isinstance(category, str) or not category:
+        return frozenset()
+    return frozenset(c for c in category.split(CATEGORY_SEPARATOR) if c)
+
+
 @dataclass(frozen=True)
 class Column:
     """One column of a contract: its logical type and whether it may be null."""

@@ -123,6 +123,61 @@ def blend_candidates(
     return candidates[order], blended[order], placed[order]
 
 
+def category_taste(
+    candidate_categories: Sequence[frozenset[str]], recent_categories: Sequence[frozenset[str]]
+) -> np.ndarray:
+    """How well each candidate fits the categories of the user's recent items, in [0, 1]: the
+    largest share of those items that carry one of the candidate's categories.
+
+    A user's few positives say more about the categories they like than about the items
+    themselves, and a share needs no training, so a user with one positive already has a
+    taste; an empty history gives zeros (no opinion).
+    """
+    out = np.zeros(len(candidate_categories), dtype=np.float64)
+    if not recent_categories:
+        return out
+    counts: dict[str, int] = {}
+    for cats in recent_categories:
+        for c in cats:
+            counts[c] = counts.get(c, 0) + 1
+    n = len(recent_categories)
+    for i, cats in enumerate(candidate_categories):
+        if cats:
+            out[i] = max(counts.get(c, 0) for c in cats) / n
+    return out
+
+
+def blend_taste(scores: np.ndarray, taste: np.ndarray, taste_weight: float) -> np.ndarray:
+    """The candidate score with the category taste's share: ``(1 - w)`` x the scores scaled to
+    [0, 1] (min-max) + ``w`` x the taste scaled by its maximum. With ``w = 0`` the scores are
+    returned unchanged."""
+    base = np.asarray(scores, dtype=np.float64)
+    if taste_weight <= 0:
+        return base
+    span = base.max() - base.min() if len(base) else 0.0
+    b01 = (base - base.min()) / span if span > 0 else np.zeros_like(base)
+    t = np.asarray(taste, dtype=np.float64)
+    top = t.max() if len(t) else 0.0
+    t01 = t / top if top > 0 else np.zeros_like(t)
+    return (1.0 - taste_weight) * b01 + taste_weight * t01
+
+
+def taste_candidates(
+    scores: np.ndarray, taste: np.ndarray, taste_weight: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The candidates re-scored with the category taste's share (``blend_taste``), best first.
+
+    Returns:
+        The order (positions into ``scores``), the blended scores in that order, and where the
+        taste part of the blend outweighs the rest (the category taste placed the item).
+    """
+    blended = blend_taste(scores, taste, taste_weight)
+    rest = blend_taste(scores, np.zeros_like(blended), taste_weight)
+    placed = (np.asarray(taste) > 0) & (blended - rest >= rest)
+    order = np.argsort(-blended, kind="stable")
+    return order, blended[order], placed[order]
+
+
 # --------------------------------------------------------------------------------------------
 # Re-ranking: MMR diversity and exploration
 # --------------------------------------------------------------------------------------------
@@ -245,8 +300,9 @@ def sample_positions(
 class ServingPolicy(BaseModel):
     """Which ordering steps serve with a pushed version, as the evaluation chose and gated them.
 
-    ``neighbour_weight`` is the item-to-item source's share of the candidate score and
-    ``retrieval_weight`` the fusion weight, both picked on a validation split; None means the
+    ``neighbour_weight`` is the item-to-item source's share of the candidate score,
+    ``taste_weight`` the category taste's share and ``retrieval_weight`` the fusion weight,
+    all picked on a validation split; None means the
     ranker is not served (retrieval order alone: the ranker lowered the validation metric or,
     with the generator's truth, the expected reward). ``mmr`` false means MMR is not served.
     ``reasons`` say why each choice was made; ``validation`` holds the grid's scores.
@@ -258,6 +314,9 @@ class ServingPolicy(BaseModel):
     # The item-to-item source's share of the candidate score (``blend_sources``); 0: the
     # retriever's candidates alone (also for versions pushed without neighbours).
     neighbour_weight: float = Field(0.0, ge=0, le=1)
+    # The category taste's share of that candidate score (``blend_taste``, after the neighbour
+    # blend); 0: not served (also for versions pushed before it existed).
+    taste_weight: float = Field(0.0, ge=0, le=1)
     mmr: bool = True
     rank_depth: int = Field(..., ge=1)
     reasons: list[str] = []

@@ -43,7 +43,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ from components.evaluation.served_policy import (
 from components.evaluation.splits import choose_split, split_holdout, time_split, validation_split
 from components.training.neighbours import refit_like
 from recsys.config import EvaluationConfig, FeaturesConfig, GatewayConfig, TrainingConfig
+from recsys.contracts import category_set
 from recsys.feature_schema import POSITIVE_EVENT_TYPES
 from recsys.manifests import Blessing, EvaluateManifest
 from recsys.neighbours import ItemNeighbours, read_item_neighbours
@@ -608,8 +609,16 @@ def _replay(
         also_score={u: retrieved[u][: config.rerank_depth] for u in users} if with_retriever else None,
         neighbours=neighbours or models.neighbours,
         histories={u: items[:recent_items] for u, items in positive_histories(train_frame).items()},
+        item_categories=_item_categories(items_frame, models.item_ids),
     )
     return retrieved, replay
+
+
+def _item_categories(items_frame: pd.DataFrame, item_ids: np.ndarray) -> list[frozenset[str]]:
+    """Each catalog item's categories, aligned with ``item_ids`` (none for an unknown item)."""
+    items = items_frame.assign(item_id=items_frame["item_id"].astype(str)).drop_duplicates("item_id")
+    category = items.set_index("item_id")["category"]
+    return [category_set(c) for c in category.reindex(item_ids).tolist()]
 
 
 def _choose_serving_policy(
@@ -668,6 +677,7 @@ def _choose_serving_policy(
         baseline,
         config.judge,
         config.neighbour_weights,
+        config.taste_weights,
     )
 
 
@@ -681,31 +691,41 @@ def _reward_function(
 
 def _steps(replay: Replay, policy: ServingPolicy, choice: PolicyChoice) -> dict[str, dict[str, Any]]:
     """The served system built up one step at a time: retrieval, the item-to-item source,
-    ranker, MMR, exploration.
+    the category taste, ranker, MMR, exploration.
 
-    A step the policy does not serve is still measured (the neighbour source at its best
+    A step the policy does not serve is still measured (a candidate-score share at its best
     validation share, the ranker at its best validation weight, MMR as configured) so the
     report shows what it would have cost; the steps after it build on what serves.
     """
     weight = policy.fusion_weight
     ranker_weight = weight if policy.ranker_served else (choice.best_finite_weight or 0.0)
     gw = replay.gateway
-    blend = policy.neighbour_weight
-    # A source the policy leaves out is measured at its best validation share.
-    shares = [row for row in policy.validation.get("neighbour_grid") or [] if row["neighbour_weight"] > 0]
-    metric = policy.validation.get("metric", "")
-    best_blend = max(shares, key=lambda row: row.get(metric, 0.0))["neighbour_weight"] if shares else 0.0
+    blend, taste = policy.neighbour_weight, policy.taste_weight
+    best_blend = _best_share(policy, "neighbour_grid", "neighbour_weight")
+    best_taste = _best_share(policy, "taste_grid", "taste_weight")
+    chosen = Step(weight, mmr=policy.mmr, explore=False, blend=blend, taste=taste)
     plan = {
         "retrieval": (Step(math.inf, mmr=False, explore=False), True),
         "neighbours": (Step(math.inf, mmr=False, explore=False, blend=blend or best_blend), blend > 0),
-        "ranker": (Step(ranker_weight, mmr=False, explore=False, blend=blend), policy.ranker_served),
-        "mmr": (Step(weight, mmr=True, explore=False, blend=blend), policy.mmr and gw.mmr_trade_off < 1),
-        "exploration": (Step(weight, mmr=policy.mmr, explore=True, blend=blend), gw.exploration_slots > 0),
+        "category taste": (
+            Step(math.inf, mmr=False, explore=False, blend=blend, taste=taste or best_taste),
+            taste > 0,
+        ),
+        "ranker": (replace(chosen, weight=ranker_weight, mmr=False), policy.ranker_served),
+        "mmr": (replace(chosen, mmr=True), policy.mmr and gw.mmr_trade_off < 1),
+        "exploration": (replace(chosen, explore=True), gw.exploration_slots > 0),
     }
     return {
         name: {"lists": replay.lists(step), "served": served, "weight": weight_label(step.weight)}
         for name, (step, served) in plan.items()
     }
+
+
+def _best_share(policy: ServingPolicy, grid: str, key: str) -> float:
+    """The best positive share of one validation grid by the policy's metric (0 if none)."""
+    metric = policy.validation.get("metric", "")
+    shares = [row for row in policy.validation.get(grid) or [] if row[key] > 0]
+    return float(max(shares, key=lambda row: row.get(metric, 0.0))[key]) if shares else 0.0
 
 
 def _step_table(

@@ -7,7 +7,10 @@ reads:
 1. **neighbour weight**: the item-to-item source's share of the candidate score (0: the
    retriever's candidates alone, and each of ``evaluation.neighbour_weights``), read with
    the ranker off; the best on the gate metric (or, with ``judge: reward``, the expected
-   reward) wins, ties to the smaller share. The steps below build on the chosen candidates.
+   reward) wins, ties to the smaller share. Then, on those candidates, the **category
+   taste**'s share (``evaluation.taste_weights``: how many of the user's recent items share
+   the candidate's category), chosen the same way. The steps below build on the chosen
+   candidate score.
 2. **fusion weight**: every weight of ``evaluation.fusion_weights`` and retrieval order alone
    (the ranker not served) order the validation users' served candidates; the best on the
    gate metric wins (ties go to the larger weight, retrieval alone counting as the largest:
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from components.evaluation.metrics import summarize
@@ -68,6 +71,7 @@ def choose_policy(
     popularity: float | None = None,
     judge: str = "metric",
     neighbour_weights: Sequence[float] = (),
+    taste_weights: Sequence[float] = (),
 ) -> PolicyChoice:
     """Pick the fusion weight and MMR on the validation ``replay``.
 
@@ -86,6 +90,7 @@ def choose_policy(
         judge: "reward" chooses the weight by the validation expected reward where
             ``reward_of`` exists; "metric" by ``metric``, the truth only vetoing.
         neighbour_weights: the item-to-item source's shares to try (when the replay has it).
+        taste_weights: the category taste's shares to try (when the replay has it).
 
     Returns:
         The policy (weight, MMR, reasons, grid), the grid and the MMR comparison.
@@ -96,18 +101,20 @@ def choose_policy(
         return summarize(lists, relevant, [k])[metric]
 
     reasons = [f"chosen on validation: {validation_note}"]
-    blend, blend_grid = _choose_blend(replay, neighbour_weights, value, reward_of, judge, metric, reasons)
+    judged = _Judged(value, reward_of, judge, metric)
+    candidates = Step(math.inf, mmr=False, explore=False)
+    blend, blend_grid = 0.0, []
+    if replay.neighbour is not None:
+        blend, blend_grid = _choose_share(replay, candidates, "blend", neighbour_weights, judged, reasons)
+        candidates = replace(candidates, blend=blend)
+    taste, taste_grid = 0.0, []
+    if replay.taste is not None and taste_weights:
+        taste, taste_grid = _choose_share(replay, candidates, "taste", taste_weights, judged, reasons)
+        candidates = replace(candidates, taste=taste)
     grid: list[dict[str, Any]] = []
     for weight in [*sorted(fusion_weights), math.inf]:
-        lists = replay.lists(Step(weight, mmr=False, explore=False, blend=blend))
-        grid.append(
-            {
-                "weight": weight_label(weight),
-                metric: value(lists),
-                "expected_reward": reward_of(lists) if reward_of else None,
-                "_weight": weight,
-            }
-        )
+        lists = replay.lists(replace(candidates, weight=weight))
+        grid.append({"weight": weight_label(weight), **judged.row(lists), "_weight": weight})
     retrieval_alone = grid[-1]
     best_finite = max(grid[:-1], key=lambda row: (row[metric], row["_weight"]))
     chosen = max(grid, key=lambda row: (row[metric], row["_weight"]))
@@ -118,11 +125,12 @@ def choose_policy(
         if reward_of is not None:
             chosen = _reward_check(chosen, retrieval_alone, grid, metric, reasons)
     weight = chosen["_weight"]
-    mmr_served, mmr_report = _choose_mmr(replay, weight, blend, value, reward_of, metric, reasons)
+    mmr_served, mmr_report = _choose_mmr(replay, replace(candidates, weight=weight), judged, reasons)
     public = [{key: v for key, v in row.items() if key != "_weight"} for row in grid]
     policy = ServingPolicy(
         retrieval_weight=None if math.isinf(weight) else weight,
         neighbour_weight=blend,
+        taste_weight=taste,
         mmr=mmr_served,
         rank_depth=replay.gateway.candidates,
         reasons=reasons,
@@ -133,6 +141,7 @@ def choose_policy(
             "popularity": popularity,
             "grid": public,
             "neighbour_grid": blend_grid,
+            "taste_grid": taste_grid,
             "mmr": mmr_report,
         },
     )
@@ -210,66 +219,77 @@ def _reward_check(
     return chosen
 
 
-def _choose_blend(
+@dataclass(frozen=True)
+class _Judged:
+    """How a validation list set is judged: the metric, and the truth's reward where it exists."""
+
+    value: Callable[[Mapping[str, Sequence[str]]], float]
+    reward_of: RewardOf | None
+    judge: str
+    metric: str
+
+    def row(self, lists: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+        reward = self.reward_of(lists) if self.reward_of else None
+        return {self.metric: self.value(lists), "expected_reward": reward}
+
+    @property
+    def by(self) -> str:
+        """The row key that decides: the expected reward with ``judge: reward`` and truth."""
+        return "expected_reward" if self.reward_of is not None and self.judge == "reward" else self.metric
+
+
+# Per share field of ``Step``: the report's key, what the share belongs to, and what a share
+# of 0 serves.
+_SHARES = {
+    "blend": ("neighbour_weight", "the item-to-item source", "the retriever's candidates alone"),
+    "taste": ("taste_weight", "the category taste", "the candidate score without it"),
+}
+
+
+def _choose_share(
     replay: Replay,
+    base: Step,
+    field: str,
     shares: Sequence[float],
-    value: Callable[[Mapping[str, Sequence[str]]], float],
-    reward_of: RewardOf | None,
-    judge: str,
-    metric: str,
+    judged: _Judged,
     reasons: list[str],
 ) -> tuple[float, list[dict[str, Any]]]:
-    """The item-to-item source's share of the candidate score, read with the ranker off."""
-    if replay.neighbour is None:
-        return 0.0, []
+    """One candidate-score share (``field`` of ``Step``), read with the ranker off on top of
+    ``base``: 0 and each of ``shares``; the best wins, ties to the smaller share."""
+    key, what, without = _SHARES[field]
     rows: list[dict[str, Any]] = []
     for share in [0.0, *sorted(s for s in set(shares) if 0 < s <= 1)]:
-        lists = replay.lists(Step(math.inf, mmr=False, explore=False, blend=share))
-        rows.append(
-            {
-                "neighbour_weight": share,
-                metric: value(lists),
-                "expected_reward": reward_of(lists) if reward_of else None,
-            }
-        )
-    by = "expected_reward" if reward_of is not None and judge == "reward" else metric
-    said = "expected reward" if by == "expected_reward" else metric
-    chosen = max(rows, key=lambda row: (row[by], -row["neighbour_weight"]))
+        rows.append({key: share, **judged.row(replay.lists(replace(base, **{field: share})))})
+    by = judged.by
+    said = "expected reward" if by == "expected_reward" else judged.metric
+    chosen = max(rows, key=lambda row: (row[by], -row[key]))
     alone = rows[0]
     if chosen is alone:
         reasons.append(
-            f"the item-to-item source is not served: no share of the candidate score raised the "
-            f"validation {said} above {alone[by]:.4f} (the retriever's candidates alone)"
+            f"{what} is not served: no share of the candidate score raised the "
+            f"validation {said} above {alone[by]:.4f} ({without})"
         )
     else:
         reasons.append(
-            f"the item-to-item source serves with a {chosen['neighbour_weight']:g} share of the candidate "
-            f"score: validation {said} {chosen[by]:.4f} vs {alone[by]:.4f} for the retriever's "
-            "candidates alone"
+            f"{what} serves with a {chosen[key]:g} share of the candidate score: validation {said} "
+            f"{chosen[by]:.4f} vs {alone[by]:.4f} for {without}"
         )
-    return float(chosen["neighbour_weight"]), rows
+    return float(chosen[key]), rows
 
 
 def _choose_mmr(
-    replay: Replay,
-    weight: float,
-    blend: float,
-    value: Callable[[Mapping[str, Sequence[str]]], float],
-    reward_of: RewardOf | None,
-    metric: str,
-    reasons: list[str],
+    replay: Replay, chosen: Step, judged: _Judged, reasons: list[str]
 ) -> tuple[bool, dict[str, Any]]:
     """MMR at the chosen weight: served as configured unless the truth says it costs reward."""
     trade_off = replay.gateway.mmr_trade_off
     if trade_off >= 1:
         reasons.append("MMR is off in the configuration (gateway.mmr_trade_off = 1)")
         return True, {"trade_off": trade_off}
-    without = replay.lists(Step(weight, mmr=False, explore=False, blend=blend))
-    with_mmr = replay.lists(Step(weight, mmr=True, explore=False, blend=blend))
+    metric, reward_of = judged.metric, judged.reward_of
     report: dict[str, Any] = {
         "trade_off": trade_off,
-        "without": {metric: value(without), "expected_reward": reward_of(without) if reward_of else None},
-        "with": {metric: value(with_mmr), "expected_reward": reward_of(with_mmr) if reward_of else None},
+        "without": judged.row(replay.lists(replace(chosen, mmr=False))),
+        "with": judged.row(replay.lists(replace(chosen, mmr=True))),
     }
     before, after = report["without"], report["with"]
     if reward_of is not None and after["expected_reward"] < before["expected_reward"]:

@@ -72,6 +72,8 @@ def _policy_section(metrics: Mapping[str, Any]) -> str:
     served = "retrieval order alone (ranker not served)" if weight is None else f"fusion weight {weight:g}"
     share = policy.get("neighbour_weight") or 0.0
     served += f", item-to-item share {share:g}" if share else ", no item-to-item source"
+    taste = policy.get("taste_weight") or 0.0
+    served += f", category taste share {taste:g}" if taste else ", no category taste"
     reasons = "".join(f"<li>{html.escape(r)}</li>" for r in policy.get("reasons", []))
     grid = validation.get("grid") or []
     table = _table(
@@ -82,13 +84,9 @@ def _policy_section(metrics: Mapping[str, Any]) -> str:
         ],
     )
     shares = validation.get("neighbour_grid") or []
-    share_table = _table(
-        ["item-to-item share", f"validation {metric}", "validation expected reward"],
-        [
-            [f"{row['neighbour_weight']:g}", _num(row.get(metric)), _num(row.get("expected_reward"))]
-            for row in shares
-        ],
-    )
+    share_table = _share_table("item-to-item share", "neighbour_weight", shares, metric)
+    tastes = validation.get("taste_grid") or []
+    taste_table = _share_table("category taste share", "taste_weight", tastes, metric)
     gw = metrics.get("gateway") or {}
     mmr = "served" if policy.get("mmr", True) else "<b>not served</b>"
     return (
@@ -99,7 +97,16 @@ def _policy_section(metrics: Mapping[str, Any]) -> str:
         f"{gw.get('candidates')} candidates ranked.</p>"
         f"<ul>{reasons}</ul>"
         + (f"<p>Item-to-item share of the candidate score on validation:</p>{share_table}" if shares else "")
+        + (f"<p>Category taste share on validation (after that share):</p>{taste_table}" if tastes else "")
         + (f"<p>Fusion weights on validation (at the chosen share):</p>{table}" if grid else "")
+    )
+
+
+def _share_table(title: str, key: str, rows: list[dict[str, Any]], metric: str) -> str:
+    """One candidate-score share grid: each share's validation metric and expected reward."""
+    return _table(
+        [title, f"validation {metric}", "validation expected reward"],
+        [[f"{row[key]:g}", _num(row.get(metric)), _num(row.get("expected_reward"))] for row in rows],
     )
 
 

@@ -2,7 +2,8 @@
 
 The gateway answers a warm user with: ``gateway.candidates`` retrieved items, joined (when
 the serving policy gives the item-to-item source a share) by the ``gateway.neighbour_candidates``
-items the user's recent items point to, ordered by the blended score; the business
+items the user's recent items point to, ordered by the blended score (and, where the policy
+gives it a share, by how well each fits the categories of the user's recent items); the business
 rules (in stock, excluded categories) and the user's seen items filtered out; every survivor
 scored by the ranker and fused with its retrieval rank (``recsys.ranking.rank_fusion``, at
 the weight of the version's serving policy); MMR over the top ``mmr_depth``; and
@@ -33,6 +34,8 @@ from recsys.contracts import CATEGORY_SEPARATOR
 from recsys.neighbours import ItemNeighbours
 from recsys.ranking import (
     blend_sources,
+    blend_taste,
+    category_taste,
     insert_exploration,
     mmr,
     rank_fusion,
@@ -47,12 +50,14 @@ BATCH = 8192  # (user, item) pairs per ranker call
 @dataclass(frozen=True)
 class Step:
     """One served system: the fusion weight (inf: ranker off), MMR on/off, exploration on/off,
-    and the item-to-item source's share of the candidate score (0: retrieval's candidates alone)."""
+    the item-to-item source's share of the candidate score (0: retrieval's candidates alone)
+    and the category taste's share after it (0: none)."""
 
     weight: float
     mmr: bool
     explore: bool
     blend: float = 0.0
+    taste: float = 0.0
 
 
 def business_rules(items_frame: pd.DataFrame, item_ids: np.ndarray, gateway: GatewayConfig) -> np.ndarray:
@@ -143,6 +148,9 @@ class Replay:
     # the first ``retrieved[user]`` candidates are retrieval's own, the rest the neighbours' additions.
     neighbour: dict[str, np.ndarray] | None = None
     retrieved: dict[str, int] | None = None
+    # user -> each candidate's category taste (``recsys.ranking.category_taste``), aligned with
+    # the candidates; None where the items' categories or the histories are unknown.
+    taste: dict[str, np.ndarray] | None = None
 
     def ranker_score_of(self, user: str) -> dict[str, float]:
         """item id -> ranker score of every item scored for ``user``."""
@@ -161,14 +169,18 @@ class Replay:
         """One user's list: blend the sources, fuse with the ranker, order, MMR, exploration."""
         pos, retrieval = self.candidates[user], self.retrieval[user]
         ranker = self.ranker[user] if self.ranker is not None else None
+        taste = self.taste[user] if self.taste is not None else None
         if self.neighbour is not None and self.retrieved is not None:
             if step.blend > 0:
                 retrieval = blend_sources(retrieval, self.neighbour[user], step.blend)
             else:  # the gateway adds the neighbours' items only when they have a share
                 n = self.retrieved[user]
                 pos, retrieval, ranker = pos[:n], retrieval[:n], None if ranker is None else ranker[:n]
+                taste = None if taste is None else taste[:n]
         if not len(pos):
             return []
+        if step.taste > 0 and taste is not None:
+            retrieval = blend_taste(retrieval, taste, step.taste)
         if math.isinf(step.weight) or ranker is None:
             scores = np.asarray(retrieval, dtype=np.float64)
         else:
@@ -303,6 +315,7 @@ def build_replay(
     also_score: Mapping[str, Sequence[str]] | None = None,
     neighbours: ItemNeighbours | None = None,
     histories: Mapping[str, Sequence[str]] | None = None,
+    item_categories: Sequence[frozenset[str]] | None = None,
 ) -> Replay:
     """Retrieve, filter and score one evaluation set's candidates (the ranker runs here, once).
 
@@ -312,6 +325,8 @@ def build_replay(
         neighbours: the item-to-item source; with it each user's candidates also hold the
             ``gateway.neighbour_candidates`` items their ``histories`` (newest first, as the
             gateway's recent items) score highest.
+        item_categories: each catalog item's categories (aligned with ``item_ids``); with
+            them and ``histories`` every candidate gets its category taste.
     """
     index = pd.Index(item_ids)
     seen_pos: dict[str, np.ndarray] = {}
@@ -332,6 +347,13 @@ def build_replay(
             candidates[u], retrieval[u], neighbour[u] = union_candidates(
                 candidates[u], retrieval[u], at[keep], scores[keep]
             )
+    taste = None
+    if item_categories is not None and histories is not None:
+        taste = {}
+        for u in users:
+            at = index.get_indexer(list(histories.get(u, ())))
+            recent = [item_categories[p] for p in at[at >= 0]]
+            taste[u] = category_taste([item_categories[p] for p in candidates[u]], recent)
     ranked, extra = None, None
     if ranker_scores is not None:
         ids = {u: [str(item_ids[p]) for p in candidates[u]] for u in users}
@@ -355,6 +377,7 @@ def build_replay(
         extra_scores=extra,
         neighbour=neighbour,
         retrieved=retrieved,
+        taste=taste,
     )
 
 

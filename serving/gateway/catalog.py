@@ -28,7 +28,7 @@ import pandas as pd
 
 from recsys.artifacts import EMBEDDINGS_FILE, ITEM_IDS_FILE, REQUIREMENTS, assets_extra
 from recsys.config import Settings
-from recsys.contracts import CATEGORY_SEPARATOR
+from recsys.contracts import category_set
 from recsys.feature_schema import (
     ITEM_ATTRIBUTE_FEATURES,
     POSITIVE_EVENT_TYPES,
@@ -341,9 +341,7 @@ def build_item_catalog(
         position=position,
         columns=columns,
         in_stock=in_stock,
-        category_sets=[
-            frozenset(c.split(CATEGORY_SEPARATOR)) if c else frozenset() for c in columns["category"]
-        ],
+        category_sets=[category_set(c) for c in columns["category"]],
         positives=positives,
         new=new,
         global_popular=global_popular,

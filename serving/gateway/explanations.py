@@ -138,6 +138,13 @@ def driver_reasons(items: ItemEvidence, recent: RecentTaste) -> list[str]:
     return out
 
 
+def taste_reason(categories: frozenset[str], recent_categories: Sequence[frozenset[str]]) -> str | None:
+    """Why the category taste placed an item: its category most of the recent items carry."""
+    counts = Counter(c for cats in recent_categories for c in cats)
+    shared = _shared_category(categories, counts)
+    return None if shared is None else category_reason(shared, counts[shared], len(recent_categories))
+
+
 def _popularity_drove(items: ItemEvidence, i: int, affinity: bool) -> bool:
     if not items.popular[i]:
         return False

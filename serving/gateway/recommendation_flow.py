@@ -38,10 +38,12 @@ from recsys.config import Settings
 from recsys.event_log.base import ServedRequest
 from recsys.ranking import (
     blend_candidates,
+    category_taste,
     insert_exploration,
     mmr,
     rank_fusion,
     sample_positions,
+    taste_candidates,
 )
 from serving.gateway.candidates import CandidateChain
 from serving.gateway.catalog import ItemCatalog, ModelVersions, RetrievalAssets
@@ -56,6 +58,7 @@ from serving.gateway.explanations import (
     gather_evidence,
     leave_one_out_rows,
     source_attribution,
+    taste_reason,
 )
 from serving.gateway.impressions import ImpressionWriter
 from serving.gateway.metrics import GatewayMetrics
@@ -167,6 +170,7 @@ class RecommendationFlow:
             pos, scores = self._with_neighbours(
                 catalog, assets, recent, allowed, pos, scores, counts, reasons
             )
+            pos, scores = self._with_taste(catalog, assets, recent_pos, pos, scores, reasons)
         candidates = pos  # what the ranker scores: retrieval's and the item-to-item source's
         counts["ranked"] = 0
         timer.lap("filter")
@@ -302,6 +306,31 @@ class RecommendationFlow:
             if src is not None:
                 reasons.setdefault(int(p), also_taken_reason(src))
         return joined, blended
+
+    @staticmethod
+    def _with_taste(
+        catalog: ItemCatalog,
+        assets: RetrievalAssets,
+        recent_pos: np.ndarray,
+        pos: np.ndarray,
+        scores: np.ndarray,
+        reasons: dict[int, str],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The candidates re-scored with the category taste's share, when the pushed policy
+        gives it one; an item the taste placed is explained by the category it shares."""
+        policy = assets.serving_policy
+        if policy is None or policy.taste_weight <= 0 or not len(recent_pos):
+            return pos, scores
+        recent_categories = [catalog.category_sets[p] for p in recent_pos]
+        taste = category_taste([catalog.category_sets[p] for p in pos], recent_categories)
+        order, blended, placed = taste_candidates(scores, taste, policy.taste_weight)
+        pos = pos[order]
+        for p in pos[placed].tolist():
+            if p not in reasons:
+                said = taste_reason(catalog.category_sets[p], recent_categories)
+                if said is not None:
+                    reasons[p] = said
+        return pos, blended
 
     def _rank(
         self,

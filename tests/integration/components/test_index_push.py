@@ -296,6 +296,39 @@ def test_push_carries_the_serving_policy_and_batch_recommend_follows_it(
     assert outputs["--rank"] == outputs["--no-rank"]
 
 
+def test_batch_recommend_orders_by_a_pushed_category_taste_share(train_dir, scann_index, tiny_raw, tmp_path):
+    from entrypoints.cli import app
+    from recsys.contracts import category_set
+    from recsys.ranking import category_taste
+
+    base = tmp_path / "models"
+    # The whole candidate score is the category taste; the ranker and MMR are not served.
+    policy = {"retrieval_weight": None, "taste_weight": 1.0, "mmr": False, "rank_depth": 40}
+    blessing = {**BLESSED, "serving_policy": policy}
+    push_models(PushConfig(), train_dir, scann_index, blessing, base, data_dir=tiny_raw)
+    source = load_feature_source(FeaturesConfig(), tiny_raw)
+    recent_items = source.users["recent_items"]
+    users = [u for u, r in recent_items.items() if isinstance(r, str) and r.strip()][:5]
+    (tmp_path / "users.txt").write_text("\n".join(users) + "\n")
+    out = tmp_path / "recs.jsonl"
+    result = CliRunner().invoke(
+        app,
+        ["recommend", "--users", str(tmp_path / "users.txt"), "--k", "5", "--out", str(out),
+         "--data", str(tiny_raw), "--base-path", str(base), "--label", "canary"],
+        env={"RECSYS_HOME": str(tmp_path / "home")},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    categories = {str(i): category_set(c) for i, c in source.items["category"].items()}
+    lifted = 0
+    for line in out.read_text().splitlines():
+        rec = json.loads(line)
+        recent = [categories[i] for i in recent_items[rec["user_id"]].split()]
+        taste = category_taste([categories[i] for i in rec["items"]], recent).tolist()
+        assert taste == sorted(taste, reverse=True), (rec, taste)  # best fit to the history first
+        lifted += taste[0] > 0
+    assert lifted == len(users)  # each list opens with an item in a category of the history
+
+
 def test_recommend_serves_popularity_with_a_note_when_nothing_was_pushed(tiny_raw, tmp_path):
     from entrypoints.cli import app
 

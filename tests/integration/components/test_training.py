@@ -241,13 +241,19 @@ def test_the_gate_reads_the_served_system_with_its_policy_steps_and_reward(train
     assert policy["validation"]["users"] > 0 and "training part" in policy["validation"]["split"]
     # Each step is measured; the last served one is the served system itself.
     steps = {row["step"]: row for row in metrics["steps"]}
-    assert list(steps) == ["retrieval", "neighbours", "ranker", "mmr", "exploration"]
+    assert list(steps) == ["retrieval", "neighbours", "category taste", "ranker", "mmr", "exploration"]
     # The item-to-item source's share was chosen on the same validation split, by the truth.
     shares = policy["validation"]["neighbour_grid"]
     assert [row["neighbour_weight"] for row in shares] == [0.0, 0.25, 0.5, 0.75, 1.0]
     served_share = next(row for row in shares if row["neighbour_weight"] == policy["neighbour_weight"])
     assert served_share["expected_reward"] == max(row["expected_reward"] for row in shares)
     assert steps["neighbours"]["served"] == (policy["neighbour_weight"] > 0)
+    # Then the category taste's share, on the chosen neighbour share, by the truth too.
+    tastes = policy["validation"]["taste_grid"]
+    assert [row["taste_weight"] for row in tastes] == [0.0, 0.25, 0.5, 0.75]
+    served_taste = next(row for row in tastes if row["taste_weight"] == policy["taste_weight"])
+    assert served_taste["expected_reward"] == max(row["expected_reward"] for row in tastes)
+    assert steps["category taste"]["served"] == (policy["taste_weight"] > 0)
     assert (trained["base"] / "train" / "item_neighbours.npz").is_file()
     assert steps["exploration"]["ndcg@10"] == pytest.approx(metrics["models"]["served"]["all"]["ndcg@10"])
     assert steps["ranker"]["served"] == (policy["retrieval_weight"] is not None)

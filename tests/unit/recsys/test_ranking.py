@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from recsys.ranking import ServingPolicy, rank_fusion, read_serving_policy, write_serving_policy
+from recsys.ranking import (
+    ServingPolicy,
+    blend_taste,
+    category_taste,
+    rank_fusion,
+    read_serving_policy,
+    taste_candidates,
+    write_serving_policy,
+)
 
 
 def test_rank_fusion_at_weight_zero_and_infinity():
@@ -34,3 +42,29 @@ def test_serving_policy_round_trips_beside_a_version(tmp_path: Path):
 def test_a_bad_policy_is_refused_naming_the_field():
     with pytest.raises(ValidationError, match="retrieval_weight"):
         ServingPolicy(retrieval_weight=-1.0, rank_depth=10)
+
+
+def test_category_taste_is_the_largest_share_of_recent_items_in_a_candidates_categories():
+    recent = [frozenset({"jazz"}), frozenset({"jazz", "soul"}), frozenset({"rock"}), frozenset({"jazz"})]
+    candidates = [frozenset({"jazz"}), frozenset({"soul", "rock"}), frozenset({"pop"}), frozenset()]
+    taste = category_taste(candidates, recent)
+    assert taste.tolist() == [0.75, 0.25, 0.0, 0.0]
+    assert category_taste(candidates, []).tolist() == [0.0] * 4  # no history, no opinion
+
+
+def test_blend_taste_at_zero_keeps_the_scores_and_at_one_follows_the_taste():
+    scores, taste = np.array([3.0, 1.0, 2.0]), np.array([0.0, 0.5, 0.25])
+    assert np.array_equal(blend_taste(scores, taste, 0.0), scores)
+    assert np.argsort(-blend_taste(scores, taste, 1.0)).tolist() == [1, 2, 0]
+    half = blend_taste(scores, taste, 0.5)
+    assert np.allclose(half, 0.5 * np.array([1.0, 0.0, 0.5]) + 0.5 * np.array([0.0, 1.0, 0.5]))
+
+
+def test_taste_candidates_orders_best_first_and_names_what_the_taste_placed():
+    scores, taste = np.array([3.0, 1.0, 2.0, 0.0]), np.array([0.0, 1.0, 0.2, 0.0])
+    order, blended, placed = taste_candidates(scores, taste, 0.5)
+    assert order.tolist() == [1, 0, 2, 3]
+    assert np.all(np.diff(blended) <= 0)
+    # item 1 is there for its category (0.5 of 1.0 against nothing from its score);
+    # item 2's score part (0.5 x 2/3) outweighs its taste part (0.5 x 0.2).
+    assert placed.tolist() == [True, False, False, False]

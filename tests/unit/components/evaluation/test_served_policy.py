@@ -246,3 +246,39 @@ def test_the_neighbour_source_joins_the_candidates_and_its_share_orders_them():
     assert choice.policy.neighbour_weight == 0.5  # ties go to the smaller share
     assert [row["neighbour_weight"] for row in choice.policy.validation["neighbour_grid"]] == [0.0, 0.5, 1.0]
     assert any("item-to-item source serves with a 0.5 share" in r for r in choice.policy.reasons)
+
+
+def test_the_category_taste_reorders_the_candidates_and_its_share_is_chosen():
+    # The user took a (jazz); retrieval ranks b > c > d > e > f; d and f are jazz too.
+    categories = [frozenset({"jazz"}), frozenset({"rock"}), frozenset({"pop"}), frozenset({"jazz"}),
+                  frozenset(), frozenset({"jazz", "pop"})]  # fmt: skip
+    replay = build_replay(
+        users=["u"],
+        item_ids=ITEMS,
+        item_embeddings=EMBEDDINGS,
+        query_embeddings=np.array([[1.0, 0.6, 0.3, 0.2]], dtype=np.float32),
+        seen={"u": {"a"}},
+        allowed=np.ones(len(ITEMS), dtype=bool),
+        new_items=np.zeros(len(ITEMS), dtype=bool),
+        ranker_scores=None,
+        gateway=GatewayConfig(candidates=6, mmr_trade_off=1.0, exploration_slots=0),
+        k=3,
+        seed=0,
+        histories={"u": ["a"]},
+        item_categories=categories,
+    )
+    assert replay.taste is not None
+    assert dict(zip(ITEMS[replay.candidates["u"]], replay.taste["u"], strict=True)) == {
+        "b": 0.0, "f": 1.0, "c": 0.0, "d": 1.0, "e": 0.0,
+    }  # fmt: skip
+    assert replay.serve("u", Step(math.inf, mmr=False, explore=False)) == ["b", "f", "c"]
+    assert replay.serve("u", Step(math.inf, mmr=False, explore=False, taste=1.0)) == ["f", "d", "b"]
+
+    choice = choose_policy(replay, {"u": {"d"}}, [0.0], "ndcg@3", None, "test", taste_weights=[0.5, 1.0])
+    # Half the score is enough to lift d into the top 3; ties go to the smaller share.
+    assert choice.policy.taste_weight == 0.5
+    assert [row["taste_weight"] for row in choice.policy.validation["taste_grid"]] == [0.0, 0.5, 1.0]
+    assert any("category taste serves with a 0.5 share" in r for r in choice.policy.reasons)
+    unchanged = choose_policy(replay, {"u": {"b"}}, [0.0], "ndcg@3", None, "test", taste_weights=[0.5])
+    assert unchanged.policy.taste_weight == 0.0
+    assert any(r.startswith("the category taste is not served") for r in unchanged.policy.reasons)

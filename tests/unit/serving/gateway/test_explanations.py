@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from recsys.artifacts import EMBEDDINGS_FILE, ITEM_IDS_FILE, REQUIREMENTS, assets_extra
+from recsys.ranking import ServingPolicy
 from serving.gateway.catalog import ItemCatalog, ModelVersions, RetrievalAssets
 from serving.gateway.explanations import (
     REASON_PICKED,
@@ -30,6 +31,7 @@ from serving.gateway.explanations import (
     similar_reason,
     source_attribution,
 )
+from serving.gateway.recommendation_flow import RecommendationFlow
 from serving.gateway.snapshot import Snapshot
 
 NAN = float("nan")
@@ -215,6 +217,27 @@ def test_without_a_prior_the_catalog_popularity_explains_an_unrelated_hit(tmp_pa
     reasons = _reasons_for(snap, assets, ["g1", "g2"], query=(0.97, 0.24))
     assert reasons["hit"] == REASON_POPULAR
     assert reasons["g3"] in {similar_reason("g1"), similar_reason("g2"), category_reason("games", 2, 2)}
+
+
+def test_the_category_taste_share_reorders_candidates_and_names_the_shared_category(tmp_path: Path) -> None:
+    snap, assets = _snapshot(tmp_path)
+    catalog = snap.catalog
+    recent_pos = catalog.positions(["g1", "g2", "b1"])  # two games, one book
+    pool = catalog.positions(["hit", "g3", "b2", "g_new", "b3"])
+    scores = np.array([5.0, 1.0, 2.0, 0.0, 0.5])  # retrieval prefers the hit, then b2
+    unchanged = RecommendationFlow._with_taste(catalog, assets, recent_pos, pool, scores, {})
+    assert unchanged[0] is pool  # a version pushed without a policy
+    assets.serving_policy = ServingPolicy(retrieval_weight=None, taste_weight=0.5, rank_depth=10)
+    reasons: dict[int, str] = {}
+    pos, blended = RecommendationFlow._with_taste(catalog, assets, recent_pos, pool, scores, reasons)
+    order = [str(catalog.item_ids[p]) for p in pos]
+    # Half the score is the taste: games (2 of 3 recent items) count twice what books do,
+    # so the games items and b3 (books|games) pass b2; the hit's lead holds.
+    assert order == ["hit", "g3", "b3", "g_new", "b2"] and np.all(np.diff(blended) <= 0)
+    # Where the taste part outweighs the rest, the reason names the shared category.
+    assert reasons[catalog.position["g_new"]] == category_reason("games", 2, 3)
+    assert reasons[catalog.position["b3"]] == category_reason("games", 2, 3)
+    assert catalog.position["hit"] not in reasons  # its own score part outweighs the taste's
 
 
 # --- attribution -------------------------------------------------------------------------------
