@@ -240,7 +240,7 @@ class EvaluationConfig(Section):
     # The category taste's shares of the candidate score (``recsys.ranking.blend_taste``: how
     # many of the user's recent items share the candidate's category), tried after the
     # neighbour share on the same split (0 always tried); the best serves.
-    taste_weights: list[float] = [0.25, 0.5, 0.75]
+    taste_weights: list[float] = [0.25, 0.5, 0.75, 1.0]
     # What judges the served system where the generator's truth exists (synthetic data):
     # "reward", the expected reward of the top K under the truth, chooses the serving policy
     # and gates against popularity (logged positives carry the old system's exposure, the

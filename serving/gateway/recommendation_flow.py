@@ -244,7 +244,9 @@ class RecommendationFlow:
         act = self.activity.get(req.user_id)
         stored_recent = str(row.get("recent_items") or "").split()
         recent = list(dict.fromkeys([*act.recent, *stored_recent]))[: self.settings.features.recent_items]
-        seen = set(recent) | act.seen | set(req.exclude_item_ids)
+        # The stored recent items all stay seen even where this session's clicks push them out
+        # of the model's window of ``recent_items``.
+        seen = set(recent) | set(stored_recent) | act.seen | set(req.exclude_item_ids)
         n_events = int(row.get(self.user_features.events_feature) or 0) + act.events
         segment = str(row.get(self.settings.gateway.segment_feature) or "")
         return row, recent, seen, n_events, segment

@@ -250,7 +250,7 @@ def test_the_gate_reads_the_served_system_with_its_policy_steps_and_reward(train
     assert steps["neighbours"]["served"] == (policy["neighbour_weight"] > 0)
     # Then the category taste's share, on the chosen neighbour share, by the truth too.
     tastes = policy["validation"]["taste_grid"]
-    assert [row["taste_weight"] for row in tastes] == [0.0, 0.25, 0.5, 0.75]
+    assert [row["taste_weight"] for row in tastes] == [0.0, 0.25, 0.5, 0.75, 1.0]
     served_taste = next(row for row in tastes if row["taste_weight"] == policy["taste_weight"])
     assert served_taste["expected_reward"] == max(row["expected_reward"] for row in tastes)
     assert steps["category taste"]["served"] == (policy["taste_weight"] > 0)
