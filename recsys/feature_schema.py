@@ -43,8 +43,10 @@ def item_popularity_features(windows_days: list[int]) -> list[str]:
 
 # feature view "user_recent_items" (push source: updated by every accepted event)
 # recent_items: the user's last positive item ids, newest first, joined by a space.
+# recent_item_times: aligned with recent_items, the epoch seconds of each item's latest
+#   positive event, joined by a space ("-1": not known; see recsys.item_ages).
 # session_items: item ids of the user's current session, newest first, joined by a space.
-RECENT_ITEM_FEATURES = ("recent_items", "session_id", "session_items")
+RECENT_ITEM_FEATURES = ("recent_items", "recent_item_times", "session_id", "session_items")
 
 # Feature services: the models fetch by service name, never by a loose list.
 RETRIEVER_SERVICE = "retriever_v1"

@@ -27,6 +27,7 @@ from recsys.feature_schema import (
     POSITIVE_EVENT_TYPES,
     RECENT_ITEM_FEATURES,
 )
+from recsys.item_ages import UNKNOWN, epoch_seconds, split_times
 from recsys.layout import FEATURE_REPO_DIR
 from recsys.timeutil import to_utc
 
@@ -171,12 +172,15 @@ def next_recent_state(state: Mapping[str, Any] | None, event: Mapping[str, Any],
     """The user's recent-items state after one event; the one rule for batch and real time.
 
     State: ``recent_items`` (distinct positive item ids, newest first, space-joined, at most
-    ``max_items``), ``session_id`` (the session of the user's latest event) and
+    ``max_items``), ``recent_item_times`` (aligned with it: the epoch seconds of each item's
+    latest positive event, ``recsys.item_ages.UNKNOWN`` where a state written before the
+    times were kept has none), ``session_id`` (the session of the user's latest event) and
     ``session_items`` (distinct positive items of that session, newest first). A new session
     starts with no items; an impression or a skip moves the session but adds no item.
     """
     state = state or {}
     recent = str(state.get("recent_items") or "").split()
+    times = split_times(state.get("recent_item_times"), len(recent))
     session_id = str(state.get("session_id") or "")
     session_items = str(state.get("session_items") or "").split()
     event_session = str(event.get("session_id") or "")
@@ -184,10 +188,14 @@ def next_recent_state(state: Mapping[str, Any] | None, event: Mapping[str, Any],
         session_id, session_items = event_session, []
     if str(event["event_type"]) in POSITIVE_EVENT_TYPES:
         item = str(event["item_id"])
-        recent = [item, *[i for i in recent if i != item]][:max_items]
+        at = str(epoch_seconds(event["ts"])) if event.get("ts") is not None else UNKNOWN
+        kept = [(i, t) for i, t in zip(recent, times, strict=True) if i != item]
+        recent = [item, *[i for i, _ in kept]][:max_items]
+        times = [at, *[t for _, t in kept]][:max_items]
         session_items = [item, *[i for i in session_items if i != item]][:max_items]
     return {
         "recent_items": " ".join(recent),
+        "recent_item_times": " ".join(times),
         "session_id": session_id,
         "session_items": " ".join(session_items),
     }
@@ -217,9 +225,10 @@ def push_event(store: FeatureStore, event: Mapping[str, Any], max_items: int = 2
     """Push the effect of one accepted event into the online store (push source, ONLINE).
 
     Reads the user's current row, applies the event (a positive item goes to the front of
-    ``recent_items`` and ``session_items``; a new ``session_id`` starts an empty session) and
-    pushes the new row. Only the online store is written: the offline copy of this view is
-    rebuilt from the event log by ``recsys features build``, which keeps one writer per file.
+    ``recent_items`` and ``session_items``, its time to the front of ``recent_item_times``; a
+    new ``session_id`` starts an empty session) and pushes the new row. Only the online store
+    is written: the offline copy of this view is rebuilt from the event log by ``recsys
+    features build``, which keeps one writer per file.
 
     The row is stamped with the event's time, or 1 µs after the stored row if that is later
     (an event that arrives late, or two at one instant): the Redis store ignores a write that
@@ -236,7 +245,8 @@ def push_event(store: FeatureStore, event: Mapping[str, Any], max_items: int = 2
         max_items: length of ``recent_items`` (``features.recent_items``).
 
     Returns:
-        The pushed row: user_id, event_timestamp, recent_items, session_id, session_items.
+        The pushed row: user_id, event_timestamp, recent_items, recent_item_times, session_id,
+        session_items.
     """
     from feast.data_source import PushMode
 

@@ -26,6 +26,7 @@ import pandas as pd
 
 from components.training.train import features_from_frame
 from recsys.config import FeaturesConfig
+from recsys.item_ages import frame_ages
 from recsys.storage import read_table
 from recsys.timeutil import to_utc
 
@@ -108,7 +109,7 @@ def feature_rows(
     Pass ``user_ids`` (a query tower), ``item_ids`` (a candidate tower) or both of the same
     length (a ranker's (user, item) pairs). Context: ``hour`` is the user's usual hour of
     activity (the hour of ``as_of`` for a user without events), ``device`` the user's last
-    device.
+    device; ``recent_item_ages`` are measured at ``as_of`` (``recent_item_ages``).
     """
     n = len(user_ids) if user_ids is not None else len(item_ids or [])
     frames = []
@@ -127,8 +128,23 @@ def feature_rows(
     if user_ids is not None and "usual_hour" in rows:
         usual = pd.to_numeric(rows.pop("usual_hour"), errors="coerce")
         rows["hour"] = usual.fillna(source.as_of.hour).astype("int64")
+    if user_ids is not None and "recent_item_ages" in inputs:
+        rows["recent_item_ages"] = recent_item_ages(rows, source.as_of)
     # The training step's conversion: the same defaults and dtypes the models were trained on.
     return features_from_frame(rows, inputs)
+
+
+def recent_item_ages(users: pd.DataFrame, as_of: pd.Timestamp) -> list[str]:
+    """``recent_item_ages`` of each row of ``users`` (``recent_items``, ``recent_item_times``) at ``as_of``.
+
+    A batch query is answered as of ``as_of``: each recent item's age is the seconds from its
+    time to then (``recsys.item_ages``; "-1" where a time is not known). A caller that puts
+    other recent items in a row must recompute this for them (``recsys.item_ages.ages_of``).
+    """
+    blank = pd.Series("", index=users.index, dtype=object)
+    items = users["recent_items"] if "recent_items" in users.columns else blank
+    times = users["recent_item_times"] if "recent_item_times" in users.columns else blank
+    return frame_ages(items, times, pd.Series(to_utc(as_of), index=users.index))
 
 
 def seen_items(source: FeatureSource) -> dict[str, set[str]]:

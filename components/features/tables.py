@@ -319,6 +319,9 @@ def recent_items_table(
 ) -> pd.DataFrame:
     """``user_recent_items`` rows: the state after each event in ``[start, end)`` that changed it.
 
+    ``recent_item_times`` holds, aligned with ``recent_items``, the epoch seconds of the event
+    that put each item there (``next_recent_state``).
+
     ``events`` must hold each user's whole history before ``end`` (the state carries over
     from earlier days). Events of a user are replayed in (ts, event_id) order; of several
     events at the same instant only the state after the last is kept, since nothing can
@@ -343,13 +346,12 @@ def recent_items_table(
     ):
         if user_id != current_user:
             current_user, state = user_id, None
-        new = next_recent_state(
-            state, {"item_id": item_id, "event_type": event_type, "session_id": session_id}, max_items
-        )
+        event = {"item_id": item_id, "event_type": event_type, "session_id": session_id, "ts": ts}
+        new = next_recent_state(state, event, max_items)
         if new != state and (start is None or ts >= start):
             if rows and rows[-1][0] == user_id and rows[-1][1] == ts:
                 rows.pop()  # same user, same instant: keep only the state after the last one
-            rows.append((user_id, ts, new["recent_items"], new["session_id"], new["session_items"]))
+            rows.append((user_id, ts, *(new[f] for f in RECENT_ITEM_FEATURES)))
         state = new
     out = pd.DataFrame(rows, columns=cols)
     out[TIMESTAMP] = pd.to_datetime(out[TIMESTAMP], utc=True).astype("datetime64[us, UTC]")

@@ -18,6 +18,7 @@ import pandas as pd
 
 from recsys.config import Settings
 from recsys.feature_schema import RANKER_SERVICE, RETRIEVER_SERVICE
+from recsys.item_ages import frame_ages
 from recsys.online_features import ONE_US, TIMESTAMP, feature_defaults, get_store, service_features
 from recsys.timeutil import to_utc
 
@@ -60,6 +61,9 @@ def build_training_data(
     session become "" (the gateway does the same with the request's session).
 
     Missing values are filled by ``feature_defaults`` (counts 0, rates 0.0, text "", False).
+    Where ``recent_items`` is joined, ``recent_item_ages`` is added: the seconds from each of
+    those items' ``recent_item_times`` to the event (``recsys.item_ages``), the query tower's
+    input as the gateway computes it at the request's time.
 
     Args:
         settings: the store (registry, tables) under ``settings.home``.
@@ -85,6 +89,10 @@ def build_training_data(
     if "session_items" in out.columns:
         same = out["_stored_session"] == out["session_id"].astype(str)
         out["session_items"] = out["session_items"].where(same, "")
+    if "recent_items" in out.columns:
+        # The query's own input: the seconds from each recent item's time to the event's.
+        times = out["recent_item_times"] if "recent_item_times" in out.columns else pd.Series("", out.index)
+        out["recent_item_ages"] = frame_ages(out["recent_items"], times, out["ts"])
     out = out.drop(columns=["_stored_session"], errors="ignore")
     return out.sort_values(["ts", "event_id"], kind="stable", ignore_index=True)
 

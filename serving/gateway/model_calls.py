@@ -12,6 +12,7 @@ import numpy as np
 
 from recsys.config import Settings
 from recsys.feature_schema import RANK_CANDIDATES_SIGNATURE
+from recsys.item_ages import ages_of
 from serving.clients import ModelServerClient, ModelServerError
 from serving.gateway.catalog import ItemCatalog, ModelVersions
 from serving.gateway.schemas import RecommendationRequest
@@ -73,15 +74,24 @@ class ModelCalls:
     def query_inputs(
         self, inputs: dict[str, str], row: dict[str, Any], recent: list[str], req: RecommendationRequest
     ) -> dict[str, np.ndarray]:
-        """One query row for the query tower, from the user's features and the request context."""
+        """One query row for the query tower, from the user's features and the request context.
+
+        ``recent_item_ages``: the seconds from each of ``recent`` to now, from the times the
+        user's row stores for them (``recsys.item_ages.ages_of``); an item the row has no time
+        for (one this process saw before the store did) reads as "age not known".
+        """
         ctx = req.context
+        now = datetime.now(UTC)
         values = {
             **row,
             "user_id": req.user_id,
             "recent_items": " ".join(recent),
-            "hour": ctx.hour if ctx.hour is not None else datetime.now(UTC).hour,
+            "hour": ctx.hour if ctx.hour is not None else now.hour,
             "device": ctx.device,
         }
+        if "recent_item_ages" in inputs:
+            stored_items, stored_times = row.get("recent_items"), row.get("recent_item_times")
+            values["recent_item_ages"] = ages_of(recent, stored_items, stored_times, int(now.timestamp()))
         return {
             name: _column(values.get(name, "" if t == "string" else 0), t, 1) for name, t in inputs.items()
         }

@@ -149,6 +149,15 @@ def test_training_data_joins_only_the_past(env, validated: Path, events: pd.Data
     expected_recent = _recent_before(events)
     assert (train.loc[expected_recent.index, "recent_items"] == expected_recent).all()
     assert (train["recent_items"] != "").any()
+    # recent_item_times: one per item, none after the event; recent_item_ages: the seconds
+    # from each to the event itself (the query tower's input).
+    event_s = (train["ts"] - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
+    for items, times, ages, at in zip(
+        train["recent_items"], train["recent_item_times"], train["recent_item_ages"], event_s, strict=True
+    ):
+        times_s = [int(t) for t in times.split()]
+        assert len(times_s) == len(items.split()) and all(t <= at for t in times_s)
+        assert ages.split() == [str(at - t) for t in times_s]
 
     # Views a training configuration will not read are left out of the join, the rest is equal.
     lean = build_training_data(
@@ -237,6 +246,11 @@ def test_pushed_event_is_read_by_the_next_lookup(env, events: pd.DataFrame) -> N
     ).to_dict()
     assert after["recent_items"][0].split()[0] == new_item
     assert after["recent_items"][0] == row["recent_items"]
+    # Each item's time, aligned with the ids: the pushed event's in front, the stored ones after.
+    times = after["recent_item_times"][0].split()
+    assert len(times) == len(after["recent_items"][0].split()) and times[0] == str(int(ts.timestamp()))
+    stored = (before["recent_item_times"][0] or "").split()
+    assert times[1:] == stored[: len(times) - 1]
     assert after["session_id"] == ["s-new"] and after["session_items"] == [new_item]
     # The batch features of the user are untouched by the push.
     assert after["user_events_7d"] == before["user_events_7d"]

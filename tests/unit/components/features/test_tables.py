@@ -140,14 +140,35 @@ def test_recent_state_dedupes_caps_and_resets_the_session() -> None:
     s = None
     s = next_recent_state(s, {"item_id": "i1", "event_type": "click", "session_id": "s1"}, 3)
     s = next_recent_state(s, {"item_id": "i2", "event_type": "impression", "session_id": "s1"}, 3)
-    assert s == {"recent_items": "i1", "session_id": "s1", "session_items": "i1"}  # impression adds nothing
+    # An impression adds nothing; an event without a time leaves its item's time unknown.
+    assert s == {"recent_items": "i1", "recent_item_times": "-1", "session_id": "s1", "session_items": "i1"}
     s = next_recent_state(s, {"item_id": "i2", "event_type": "view", "session_id": "s2"}, 3)
     # New session: its items start empty; recent items carry over.
-    assert s == {"recent_items": "i2 i1", "session_id": "s2", "session_items": "i2"}
+    assert s["recent_items"] == "i2 i1" and s["recent_item_times"] == "-1 -1"
+    assert (s["session_id"], s["session_items"]) == ("s2", "i2")
     for item in ("i3", "i1", "i4"):
         s = next_recent_state(s, {"item_id": item, "event_type": "purchase", "session_id": "s2"}, 3)
     # i1 moves to the front instead of repeating; only the 3 newest are kept.
     assert s["recent_items"] == "i4 i1 i3"
+
+
+def test_recent_state_keeps_each_items_time_aligned_with_it() -> None:
+    t0 = T("2026-10-01 10:00", tz="UTC")
+    s = None
+    for minutes, item in ((0, "i1"), (1, "i2"), (2, "i3"), (3, "i1"), (4, "i4")):
+        ts = t0 + pd.Timedelta(minutes=minutes)
+        s = next_recent_state(s, {"item_id": item, "event_type": "click", "session_id": "s1", "ts": ts}, 3)
+    at = int(t0.timestamp())
+    # i1 moved to the front with the time of its latest click (minute 3); i2 fell off with its time.
+    assert s["recent_items"] == "i4 i1 i3"
+    assert s["recent_item_times"] == f"{at + 240} {at + 180} {at + 120}"
+    # An impression moves nothing, times included.
+    shown = {"item_id": "i9", "event_type": "impression", "session_id": "s1", "ts": t0}
+    assert next_recent_state(s, shown, 3) == s
+    # A state stored before times were kept: its items' times are unknown, the new item's known.
+    old = {"recent_items": "a b", "session_id": "s1", "session_items": ""}
+    s = next_recent_state(old, {"item_id": "c", "event_type": "click", "session_id": "s1", "ts": t0}, 3)
+    assert (s["recent_items"], s["recent_item_times"]) == ("c a b", f"{at} -1 -1")
 
 
 def test_recent_items_table_has_a_row_per_change_and_carries_state_into_the_interval() -> None:
@@ -165,3 +186,7 @@ def test_recent_items_table_has_a_row_per_change_and_carries_state_into_the_inte
     assert out[["event_timestamp", "recent_items", "session_items"]].values.tolist() == [
         [T("2026-10-02 09:01", tz="UTC"), "i3 i2 i1", "i3 i2 i1"],
     ]
+    # Each item's time, aligned with the ids: e4 and e3 at 09:01, e1 (remembered) at Oct 1 10:00.
+    e3 = int(T("2026-10-02 09:01", tz="UTC").timestamp())
+    e1 = int(T("2026-10-01 10:00", tz="UTC").timestamp())
+    assert out["recent_item_times"].tolist() == [f"{e3} {e3} {e1}"]
