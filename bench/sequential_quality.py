@@ -91,14 +91,22 @@ def training_frame(
 def queries(
     history: pd.DataFrame, targets: pd.DataFrame, users: pd.DataFrame, max_history: int
 ) -> pd.DataFrame:
-    """One query row per target: the user's history newest first, profile, the target's hour."""
+    """One query row per target: the user's history newest first with the seconds from each
+    item's (latest) rating to the target's (``recent_item_ages``), profile, the target's hour."""
     newest_first = history.sort_values("ts", ascending=False, kind="stable")
-    lists = newest_first.groupby("user_id")["item_id"].agg(lambda s: list(dict.fromkeys(s))).to_dict()
+    newest = newest_first.drop_duplicates(["user_id", "item_id"], keep="first")
+    lists = newest.groupby("user_id")["item_id"].agg(list).to_dict()
+    times = newest.groupby("user_id")["ts"].agg(list).to_dict()
     q = targets[["user_id", "item_id", "ts", "device"]].merge(
         users[["user_id", "age_bucket", "country"]], on="user_id"
     )
+    ages = [
+        " ".join(str(int((at - t).total_seconds())) for t in times.get(u, [])[:max_history])
+        for u, at in zip(q["user_id"], q["ts"], strict=True)
+    ]
     return q.assign(
         recent_items=[" ".join(lists.get(u, [])[:max_history]) for u in q["user_id"]],
+        recent_item_ages=ages,
         hour=q["ts"].dt.hour.astype("int64"),
     )
 

@@ -227,7 +227,10 @@ class QueryTower(keras.Model):
         return self.embed(self.encode(features), training=training)
 
     def encode(self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        """The string work: ``QUERY_INPUTS`` -> integer indices (as ``CandidateTower.encode``)."""
+        """The string work: ``QUERY_INPUTS`` -> integer indices (as ``CandidateTower.encode``).
+
+        ``recent_item_ages`` is taken and not read: a bag has no order, and no use for when.
+        """
         tokens = split_tokens(features["recent_items"], self.max_history)
         encoded = {"history": self.item_lookup(tokens), **self.query_context.encode(features)}
         if self.history_categories is not None:
@@ -270,21 +273,87 @@ def reverse_tokens(text: tf.Tensor, max_len: int) -> tuple[tf.Tensor, tf.Tensor]
     return oldest_first.to_tensor(default_value="", shape=[None, max_len]), lengths
 
 
+# How long ago each recent item was, on a log scale: bucket 0 is "not known" (no time stored),
+# bucket k >= 1 holds ages from 2^(k-1) - 1 to 2^k - 1 hours (under an hour, 1-3 hours, 3-7
+# hours, ..., about a day in bucket 5, a week in 8, a month in 10, a year in 14), the last
+# one everything older than 2^15 - 1 hours (3.7 years).
+AGE_BUCKETS = 16
+AGE_BOUNDARIES_SECONDS = [3600.0 * (2**k - 1) for k in range(1, AGE_BUCKETS)]
+
+
+def age_buckets(seconds: tf.Tensor) -> tf.Tensor:
+    """Ages in seconds (any shape; negative: not known) -> bucket ids: 0 unknown, 1..AGE_BUCKETS."""
+    seconds = tf.cast(seconds, tf.float32)
+    bucket = 1 + tf.raw_ops.Bucketize(input=seconds, boundaries=AGE_BOUNDARIES_SECONDS)
+    return tf.where(seconds >= 0, bucket, tf.zeros_like(bucket))
+
+
+def parse_ages(text: tf.Tensor, max_len: int) -> tf.Tensor:
+    """``[B]`` space-joined ages in seconds -> ``[B, max_len]`` float32, -1 where missing or not a number.
+
+    A token that is not a plain non-negative number ("-1", "", anything else) reads as
+    unknown, so an old request or row without ages gets the unknown bucket, never an error.
+    """
+    tokens = split_tokens(text, max_len)
+    known = tf.strings.regex_full_match(tokens, r"[0-9]+(\.[0-9]*)?")
+    numbers = tf.strings.to_number(tf.where(known, tokens, "0"), tf.float32)
+    return tf.where(known, numbers, -tf.ones_like(numbers))
+
+
+def reverse_within(newest_first: tf.Tensor, counts: tf.Tensor, pad: float) -> tf.Tensor:
+    """``[B, M]`` values newest first -> oldest first within each row's first ``counts``, ``pad`` after.
+
+    Aligns a companion of ``recent_items`` (its ages) with ``reverse_tokens``'s output: the
+    counts are the items', so ages beyond the items are dropped and missing ones are ``pad``.
+    """
+    steps = tf.range(tf.shape(newest_first)[1])[tf.newaxis]
+    counts = tf.cast(counts, tf.int32)[:, tf.newaxis]
+    source = tf.maximum(counts - 1 - steps, 0)
+    values = tf.gather(newest_first, source, axis=1, batch_dims=1)
+    return tf.where(steps < counts, values, tf.fill(tf.shape(values), tf.cast(pad, values.dtype)))
+
+
+def prefix_ages(event_time: tf.Tensor, width: tf.Tensor | int) -> tf.Tensor:
+    """``[B, T]`` event times (epoch seconds) -> ``[B, T, width]`` ages of the items each position read.
+
+    Position ``t`` has read the window's items ``0..t-1`` (the events before it); item ``j``'s
+    age there is ``event_time[t] - event_time[j]``, measured from the event position ``t``
+    predicts, as serving measures it from the request. Items at or after ``t`` are -1 (not
+    known): the encoder's mask hides them, and their vectors carry nothing of the future.
+    """
+    times = tf.cast(event_time, tf.int64)
+    steps = tf.shape(times)[1]
+    ages = tf.cast(times[:, :, tf.newaxis] - times[:, tf.newaxis, :width], tf.float32)
+    before = tf.range(width)[tf.newaxis, :] < tf.range(steps)[:, tf.newaxis]  # [T, width]
+    return tf.where(before[tf.newaxis], ages, -tf.ones_like(ages))
+
+
+def _own_states(states: tf.Tensor, first: int) -> tf.Tensor:
+    """``[B, G, L, d]`` states of prefixes ``first..first+G-1`` -> ``[B, G, d]``: prefix ``t``'s at ``t``."""
+    shape = tf.shape(states)
+    position = tf.tile(first + tf.range(shape[1])[tf.newaxis], [shape[0], 1])  # [B, G]
+    return tf.gather(states, position, axis=2, batch_dims=2)
+
+
 class SequentialQueryTower(keras.Model):
     """Embeds a request from the user's items *in order*, with a causal self-attention encoder.
 
     The recent items (newest ``max_history``, read oldest first after a learned start token)
     go through ``CausalSequenceEncoder``; the state after the newest item is the user's
     sequential taste ("what comes next"). Each item's vector is its id embedding plus its
-    primary category's, so taste carries across items of a kind. The user id, profile and
-    request context (hour, device) are concatenated to that state before the head, as in
-    ``QueryTower``.
+    primary category's, so taste carries across items of a kind, plus the embedding of how
+    long before the query it was (``age_buckets``: log2 hours; an item whose time is not
+    known adds nothing, and in training a fraction ``id_dropout`` of the ages is hidden so
+    the tower learns to read such items). The user id, profile and request context (hour,
+    device) are concatenated to that state before the head, as in ``QueryTower``.
 
     At serving ``call`` takes the same ``QUERY_INPUTS`` as the bag tower (``recent_items`` a
-    newest-first string), so the exported SavedModel is a drop-in replacement. In training
-    ``encode_positions`` returns one query per position of a sequence: position ``t`` has seen
-    the start token and the first ``t`` items, with the context of the event at ``t``; a
-    user with no history reads the start token alone (profile and context still place them).
+    newest-first string, ``recent_item_ages`` the seconds since each), so the exported
+    SavedModel is a drop-in replacement. In training ``encode_positions`` returns one query
+    per position of a sequence: position ``t`` has seen the start token and the first ``t``
+    items, with the context of the event at ``t`` and the items' ages measured from that
+    event's time; a user with no history reads the start token alone (profile and context
+    still place them).
     """
 
     def __init__(
@@ -325,6 +394,8 @@ class SequentialQueryTower(keras.Model):
             name="start_token", shape=(id_dim,), initializer=keras.initializers.RandomNormal(stddev=0.05)
         )
         self.encoder = CausalSequenceEncoder(max_history + 1, id_dim, layers, heads, dropout, name="sequence")
+        self.age_embedding = keras.layers.Embedding(AGE_BUCKETS + 1, id_dim, name="age_embedding")
+        self.age_dropout = id_dropout
         self.query_context = QueryContext(
             users=users,
             profile_vocab=profile_vocab,
@@ -336,12 +407,24 @@ class SequentialQueryTower(keras.Model):
         )
         self.head = mlp(hidden_units, embedding_dim, "query_mlp")
 
-    def _states(self, items: tf.Tensor, training: bool | None) -> tf.Tensor:
-        """``[B, M]`` item ids oldest first -> ``[B, M + 1]`` states (position 0: start token only)."""
+    def _item_vectors(self, items: tf.Tensor) -> tf.Tensor:
+        """Item ids (any shape) -> their id embedding plus their primary category's."""
         vectors = self.history_table(self.item_lookup(items))
         if self.history_categories is not None:
             vectors += self.history_categories.embedding(self.history_categories.ids(items))
-        start = tf.broadcast_to(self.start_token, [tf.shape(items)[0], 1, self.start_token.shape[0]])
+        return vectors
+
+    def _age_vectors(self, buckets: tf.Tensor, training: bool | None) -> tf.Tensor:
+        """Age bucket ids -> their embeddings; zero for an unknown age (and, in training, a hidden one)."""
+        if training and self.age_dropout > 0:
+            hidden = tf.random.uniform(tf.shape(buckets)) < self.age_dropout
+            buckets = tf.where(hidden, tf.zeros_like(buckets), buckets)
+        known = tf.cast(buckets > 0, self.age_embedding.dtype)[..., tf.newaxis]
+        return self.age_embedding(buckets) * known
+
+    def _states(self, vectors: tf.Tensor, training: bool | None) -> tf.Tensor:
+        """``[N, M, d]`` item vectors oldest first -> ``[N, M + 1, d]`` states (0: the start token alone)."""
+        start = tf.broadcast_to(self.start_token, [tf.shape(vectors)[0], 1, self.start_token.shape[0]])
         return self.encoder(tf.concat([start, vectors], axis=1), training=training)
 
     def _embed(
@@ -368,13 +451,57 @@ class SequentialQueryTower(keras.Model):
         """One query per position: ``[B, M + 1, D]`` from ``sequence_items`` ``[B, M]`` (oldest first).
 
         ``hour`` and ``device`` are ``[B, M + 1]``: the context of the event each position
-        predicts. ``user_id`` and the other profile features are ``[B]``.
+        predicts; ``event_time`` ``[B, M + 1]`` (epoch seconds) its time. ``user_id`` and the
+        other profile features are ``[B]``.
+
+        Position ``t`` reads the items before it with their ages at event ``t``
+        (``event_time[t] - event_time[j]``), as serving reads them at the request's time: the
+        same item has another age for each later position, so each position's prefix goes
+        through the encoder as a sequence of its own (``_prefix_states``: ``M + 1`` sequences
+        per window). Without ``event_time`` every age is unknown and the window is encoded once.
         """
-        return self._embed(self._states(features["sequence_items"], training), features, training)
+        items = features["sequence_items"]
+        vectors = self._item_vectors(items)  # [B, M, d]
+        if "event_time" not in features:
+            return self._embed(self._states(vectors, training), features, training)
+        ages = prefix_ages(features["event_time"], tf.shape(items)[1])  # [B, T, M]
+        prefixes = vectors[:, tf.newaxis] + self._age_vectors(age_buckets(ages), training)  # [B, T, M, d]
+        return self._embed(self._prefix_states(prefixes, training), features, training)
+
+    def _prefix_states(self, prefixes: tf.Tensor, training: bool | None) -> tf.Tensor:
+        """``[B, T, M, d]`` (prefix ``t``'s item vectors) -> ``[B, T, d]``: each prefix's own last state.
+
+        Prefix ``t`` reads positions ``0..t`` only (the start token and ``t`` items; the causal
+        mask hides the rest), so the prefixes go through the encoder in groups of doubling
+        length (1, 2, 4, ... positions), each cut to its longest prefix: the same states as
+        encoding every prefix at full length, for about half the work at ``T`` = 51.
+        """
+        steps, width, dim = prefixes.shape[1], prefixes.shape[2], prefixes.shape[3]
+        if steps is None or width is None:  # lengths known only when run: one group, full length
+            steps_t, width_t = tf.shape(prefixes)[1], tf.shape(prefixes)[2]
+            states = self._states(tf.reshape(prefixes, [-1, width_t, dim]), training)
+            states = tf.reshape(states, [-1, steps_t, width_t + 1, dim])
+            return _own_states(states, 0)
+        bounds = [0, 1]
+        while bounds[-1] < steps:
+            bounds.append(min(2 * bounds[-1], steps))
+        batch, own = tf.shape(prefixes)[0], []
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            # Prefixes lo..hi-1 read at most hi - 1 items (positions 0..hi-1).
+            length = min(hi - 1, width)
+            group = tf.reshape(prefixes[:, lo:hi, :length], [batch * (hi - lo), length, dim])
+            states = tf.reshape(self._states(group, training), [batch, hi - lo, length + 1, dim])
+            own.append(_own_states(states, lo))
+        return tf.concat(own, axis=1)
 
     def call(self, features: Mapping[str, tf.Tensor], training: bool | None = None) -> tf.Tensor:
         items, counts = reverse_tokens(features["recent_items"], self.max_history)
-        states = self._states(items, training)
+        vectors = self._item_vectors(items)
+        if "recent_item_ages" in features:
+            newest_first = parse_ages(features["recent_item_ages"], self.max_history)
+            ages = reverse_within(newest_first, counts, -1.0)
+            vectors += self._age_vectors(age_buckets(ages), training)
+        states = self._states(vectors, training)
         # The state after the newest item: position = number of items read (0: start token).
         newest = tf.gather(states, tf.cast(counts, tf.int32), axis=1, batch_dims=1)
         return self._embed(newest, features, training)

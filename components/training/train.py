@@ -55,15 +55,20 @@ from recsys.storage import code_version, write_manifest
 if TYPE_CHECKING:
     import tensorflow as tf
 
-# The query tower's inputs: who (id, profile), what they did lately, and the request context.
+# The query tower's inputs: who (id, profile), what they did lately and how long ago (the
+# seconds since each recent item, aligned with recent_items: recsys.item_ages; the bag tower
+# takes it and does not read it), and the request context.
 QUERY_INPUTS: dict[str, str] = {
     "user_id": "string",
     "age_bucket": "string",
     "country": "string",
     "recent_items": "string",
+    "recent_item_ages": "string",
     "hour": "int64",
     "device": "string",
 }
+# The query inputs the ranker reads (it has no use for the recent items' ages).
+RANKER_QUERY_INPUTS: dict[str, str] = {k: v for k, v in QUERY_INPUTS.items() if k != "recent_item_ages"}
 # The candidate tower's inputs: the item's id and content.
 CANDIDATE_INPUTS: dict[str, str] = {
     "item_id": "string",
@@ -136,7 +141,7 @@ def numeric_feature_names(df: pd.DataFrame) -> list[str]:
 
 def ranker_input_spec(numeric_features: list[str]) -> dict[str, str]:
     return {
-        **QUERY_INPUTS,
+        **RANKER_QUERY_INPUTS,
         "item_id": "string",
         "category": "string",
         **{n: "float32" for n in numeric_features},
@@ -716,9 +721,10 @@ def _train_retriever(
     }
 
 
-# Per-event inputs of the sequential query tower (the context of each predicted event); the
-# other query inputs but recent_items describe the user and are one value per sequence.
-SEQUENCE_EVENT_INPUTS = ("hour", "device")
+# Per-event inputs of the sequential query tower (the context of each predicted event and its
+# time, from which the ages of the items before it are measured); the other query inputs but
+# the recent items and their ages describe the user and are one value per sequence.
+SEQUENCE_EVENT_INPUTS = ("hour", "device", "event_time")
 
 
 def sequence_windows(users: np.ndarray, scored: np.ndarray, length: int) -> np.ndarray:
@@ -748,8 +754,9 @@ def sequence_examples(
 
     Position ``t`` of a window predicts its ``t``-th positive (``item_id``, ``category``,
     ``title``, ``description``, ``sampling_probability``, context ``hour`` and ``device``,
-    all ``[S, T]``) from the positives before it in the window (``sequence_items``
-    ``[S, T - 1]``: the targets shifted by one, as the tower reads them after a start token).
+    ``event_time`` in epoch seconds, all ``[S, T]``) from the positives before it in the
+    window (``sequence_items`` ``[S, T - 1]``: the targets shifted by one, as the tower reads
+    them after a start token; the tower measures their ages from ``event_time``).
     ``target_weight`` is 1 where the target is a real positive marked ``scored`` (training:
     all; validation: the held-out ones), 0 elsewhere. The user's id and profile come from
     the window's newest row.
@@ -772,12 +779,13 @@ def sequence_examples(
     columns["sampling_probability"] = (
         rows["item_id"].map(probability).fillna(probability.min()).to_numpy(dtype=np.float32)
     )
+    columns["event_time"] = _epoch_seconds(rows["ts"])
     per_event = {*CANDIDATE_INPUTS, *SEQUENCE_EVENT_INPUTS, "sampling_probability"}
     newest = at[np.arange(len(at)), valid.sum(axis=1) - 1]
     arrays: dict[str, np.ndarray] = {}
     for name, values in columns.items():
-        if name == "recent_items":
-            continue
+        if name in ("recent_items", "recent_item_ages"):
+            continue  # the window itself is the history
         if name in per_event:
             blank = np.asarray("" if values.dtype == object else 0, dtype=values.dtype)
             arrays[name] = np.where(valid, values[at], blank)
@@ -963,14 +971,54 @@ def _ranker_dataset(
     return _dataset(arrays, config.batch_size, shuffle, config.seed)
 
 
-def positive_histories(frame: pd.DataFrame) -> dict[str, list[str]]:
-    """user -> their distinct positive items in ``frame``, newest first."""
+def _epoch_seconds(ts: pd.Series) -> np.ndarray:
+    """Whole epoch seconds (int64) of a column of times."""
+    return np.asarray((pd.to_datetime(ts, utc=True) - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1))
+
+
+def positive_history_times(frame: pd.DataFrame) -> dict[str, list[tuple[str, int]]]:
+    """user -> their distinct positive items in ``frame``, newest first, each with the epoch
+    seconds of its latest positive (as ``recent_items`` and ``recent_item_times`` hold them)."""
     positives = frame[frame["event_type"].astype(str).isin(POSITIVE_EVENT_TYPES)]
     positives = positives.assign(
-        user_id=positives["user_id"].astype(str), item_id=positives["item_id"].astype(str)
+        user_id=positives["user_id"].astype(str),
+        item_id=positives["item_id"].astype(str),
+        _seconds=_epoch_seconds(positives["ts"]),
     )
     newest_first = positives.sort_values("ts", ascending=False, kind="stable")
-    return newest_first.groupby("user_id")["item_id"].agg(lambda s: list(dict.fromkeys(s))).to_dict()
+    newest = newest_first.drop_duplicates(["user_id", "item_id"], keep="first")
+    pairs = zip(newest["item_id"], newest["_seconds"].astype(int), strict=True)
+    users = newest["user_id"].to_numpy()
+    out: dict[str, list[tuple[str, int]]] = {}
+    for user, pair in zip(users, pairs, strict=True):
+        out.setdefault(user, []).append(pair)
+    return dict(sorted(out.items()))
+
+
+def positive_histories(frame: pd.DataFrame) -> dict[str, list[str]]:
+    """user -> their distinct positive items in ``frame``, newest first."""
+    return {u: [i for i, _ in pairs] for u, pairs in positive_history_times(frame).items()}
+
+
+def with_profile_history(queries: pd.DataFrame, train_frame: pd.DataFrame, max_history: int) -> pd.DataFrame:
+    """``queries`` with ``recent_items`` = each user's positives in ``train_frame``, newest first,
+    their ``recent_item_times``, and ``recent_item_ages`` measured at each query's ``ts``.
+
+    The query rows a model trained with ``training.history = leave_one_out`` is evaluated on:
+    the whole training profile, aged as a request at the query's time would age it.
+    """
+    from recsys.item_ages import ages
+
+    lists = positive_history_times(train_frame)
+    histories = [lists.get(str(u), [])[:max_history] for u in queries["user_id"]]
+    at = _epoch_seconds(queries["ts"]) if len(queries) else np.zeros(0, np.int64)
+    return queries.assign(
+        recent_items=[" ".join(i for i, _ in h) for h in histories],
+        recent_item_times=[" ".join(str(t) for _, t in h) for h in histories],
+        recent_item_ages=[
+            ages((str(t) for _, t in h), int(now)) for h, now in zip(histories, at, strict=True)
+        ],
+    )
 
 
 def leave_one_out_history(frame: pd.DataFrame, max_history: int) -> pd.DataFrame:
@@ -978,13 +1026,21 @@ def leave_one_out_history(frame: pd.DataFrame, max_history: int) -> pd.DataFrame
 
     ``training.history = leave_one_out``: the history a query will carry at serving time (the
     user's profile), minus the row's own item, for data without a meaningful order in time.
+    ``recent_item_times`` are those items' times, and ``recent_item_ages`` are measured from
+    the user's newest positive (or the row's time, if later), as a query after the whole
+    profile would measure them.
     """
-    lists = positive_histories(frame)
-    recent = []
-    for user, item in zip(frame["user_id"], frame["item_id"], strict=True):
+    lists = positive_history_times(frame)
+    recent, times, ages = [], [], []
+    row_seconds = _epoch_seconds(frame["ts"]) if len(frame) else np.zeros(0, np.int64)
+    for user, item, at in zip(frame["user_id"], frame["item_id"], row_seconds, strict=True):
         history = lists.get(str(user), [])
-        recent.append(" ".join([i for i in history[: max_history + 1] if i != str(item)][:max_history]))
-    return frame.assign(recent_items=recent)
+        kept = [(i, t) for i, t in history[: max_history + 1] if i != str(item)][:max_history]
+        now = max([int(at), *(t for _, t in history[:1])])
+        recent.append(" ".join(i for i, _ in kept))
+        times.append(" ".join(str(t) for _, t in kept))
+        ages.append(" ".join(str(now - t) for _, t in kept))
+    return frame.assign(recent_items=recent, recent_item_times=times, recent_item_ages=ages)
 
 
 def train_models(

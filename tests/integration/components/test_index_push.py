@@ -179,7 +179,8 @@ def test_push_versions_labels_retention_and_artifacts(train_dir, scann_index, ti
     assert {"serving_default", "retrieve", "embed"} <= set(retrieval.signatures)
     query = {
         "user_id": ["u001", "never-seen"], "age_bucket": ["25-34", ""], "country": ["US", ""],
-        "recent_items": ["i01 i02", ""], "hour": np.array([9, 21], dtype=np.int64), "device": ["mobile", ""],
+        "recent_items": ["i01 i02", ""], "recent_item_ages": ["60 3600", ""],
+        "hour": np.array([9, 21], dtype=np.int64), "device": ["mobile", ""],
     }
     out = retrieval.signatures["retrieve"](**{k: tf.constant(v) for k, v in query.items()})
     ids = out["item_ids"].numpy()

@@ -93,3 +93,13 @@ def test_the_sequential_tower_names_the_next_item_of_a_walk(tmp_path: Path) -> N
     hits = np.mean([f"i{(s + 3) % N_ITEMS}" in r for s, r in zip(starts, ranked, strict=True)])
     # Chance is 3 in 30; a model blind to order would be torn between both ends of the walk.
     assert hits >= 0.7, ranked
+
+    # The exported tower reads the recent items' ages: the same items a minute apart, or a
+    # month apart, or with no times known, are three different queries.
+    assert "recent_item_ages" in out["query_inputs"]
+    aged = queries.loc[np.repeat(np.arange(4), 3)].reset_index(drop=True)  # 4 users, 3 ages each
+    aged["recent_item_ages"] = ["60 120 180", "2592000 2592060 2592120", ""] * 4
+    inputs = {k: tf.constant(v) for k, v in query_features_from_frame(aged).items()}
+    by_age = signature(**inputs)["embedding"].numpy().reshape(4, 3, -1)
+    assert np.abs(by_age[:, 0] - by_age[:, 1]).max(axis=1).min() > 1e-4
+    assert np.abs(by_age[:, 0] - by_age[:, 2]).max(axis=1).min() > 1e-4

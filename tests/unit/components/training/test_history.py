@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from components.training.train import leave_one_out_history
+from components.training.train import leave_one_out_history, with_profile_history
 from recsys.config import load_settings, profile_path
 
 
@@ -25,6 +25,38 @@ def test_each_row_gets_the_users_other_positives_newest_first() -> None:
     out = leave_one_out_history(_frame(), max_history=10)
     # The row's own item is left out; the impression of "x" is no positive, so never history.
     assert out["recent_items"].tolist() == ["c b", "c a", "b a", "", "c b a"]
+
+
+def test_leave_one_out_histories_carry_their_items_times_and_ages_from_the_whole_profile() -> None:
+    out = leave_one_out_history(_frame(), max_history=10)
+    day = 86_400
+    jan = {d: int(pd.Timestamp(f"2026-01-0{d}", tz="UTC").timestamp()) for d in range(1, 6)}
+    assert out["recent_item_times"].tolist() == [
+        f"{jan[3]} {jan[2]}",
+        f"{jan[3]} {jan[1]}",
+        f"{jan[2]} {jan[1]}",
+        "",
+        f"{jan[3]} {jan[2]} {jan[1]}",
+    ]
+    # Ages from the user's newest positive (Jan 3), or the row's time if later (the
+    # impression on Jan 5): as a query after the whole profile measures them.
+    assert out["recent_item_ages"].tolist() == [
+        f"0 {day}",
+        f"0 {2 * day}",
+        f"{day} {2 * day}",
+        "",
+        f"{2 * day} {3 * day} {4 * day}",
+    ]
+
+
+def test_profile_queries_carry_the_whole_profile_aged_at_the_query() -> None:
+    queries = pd.DataFrame({"user_id": ["u1", "u9"], "ts": pd.to_datetime(["2026-01-10"] * 2, utc=True)})
+    out = with_profile_history(queries, _frame(), max_history=2)
+    day = 86_400
+    assert out["recent_items"].tolist() == ["c b", ""]
+    assert out["recent_item_ages"].tolist() == [f"{7 * day} {8 * day}", ""]
+    jan = {d: int(pd.Timestamp(f"2026-01-0{d}", tz="UTC").timestamp()) for d in (2, 3)}
+    assert out["recent_item_times"].tolist() == [f"{jan[3]} {jan[2]}", ""]
 
 
 def test_history_is_capped_after_removing_the_rows_own_item() -> None:

@@ -7,6 +7,7 @@ the serving path reads the same state training scores), not quality.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from components.training.train import sequence_windows, use_legacy_keras
@@ -16,7 +17,16 @@ use_legacy_keras()
 import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
-from components.training.models import SequentialQueryTower, id_lookup, reverse_tokens  # noqa: E402
+from components.training.models import (  # noqa: E402
+    AGE_BUCKETS,
+    SequentialQueryTower,
+    age_buckets,
+    id_lookup,
+    parse_ages,
+    prefix_ages,
+    reverse_tokens,
+    reverse_within,
+)
 from components.training.sequence import CausalSequenceEncoder  # noqa: E402
 from recsys.config import TrainingConfig  # noqa: E402
 
@@ -64,6 +74,34 @@ def test_sequences_are_cut_from_the_newest_backwards_and_unscored_windows_droppe
     assert windows.tolist() == [[2, 3, 4], [0, 1, -1]]
 
 
+def test_sequence_examples_carry_each_events_time_for_the_ages() -> None:
+    from components.training.train import _Catalog, _Vocabulary, sequence_examples
+
+    ts = pd.to_datetime(["2026-01-01 00:00", "2026-01-01 01:00", "2026-01-02 00:00"], utc=True)
+    positives = pd.DataFrame(
+        {
+            "event_id": ["e1", "e2", "e3"],
+            "user_id": "u1",
+            "item_id": ["i1", "i2", "i3"],
+            "event_type": "click",
+            "ts": ts,
+            "hour": 0,
+            "device": "web",
+            "recent_items": ["", "i1", "i2 i1"],
+            "recent_item_ages": ["", "3600", "82800 86400"],
+        }
+    )
+    items = pd.DataFrame({"item_id": ITEMS, "title": ITEMS, "category": "even", "description": ""})
+    catalog = _Catalog.of(items)
+    arrays = sequence_examples(positives, np.ones(3, bool), catalog, _Vocabulary.of(positives, positives), 3)
+    seconds = [int(t.timestamp()) for t in ts]
+    # One window of 4 positions: the three events' times, then padding (0).
+    assert arrays["event_time"].tolist() == [[*seconds, 0]]
+    assert arrays["sequence_items"].astype(str).tolist() == [["i1", "i2", "i3"]]
+    # The stored ages are not an input here: the tower measures them from event_time.
+    assert "recent_item_ages" not in arrays and "recent_items" not in arrays
+
+
 def test_a_position_never_sees_the_items_after_it() -> None:
     keras.utils.set_random_seed(0)
     encoder = CausalSequenceEncoder(max_length=5, dim=8, layers=2, heads=2, dropout=0.0)
@@ -101,6 +139,123 @@ def test_the_served_query_is_the_training_query_after_the_same_items() -> None:
             }
         ).numpy()[0]
         np.testing.assert_allclose(served, per_position[n], atol=1e-5)
+
+
+def test_the_served_query_with_ages_is_the_training_query_at_the_same_time() -> None:
+    tower = _tower(max_history=4)
+    # Five events over four days: the items' ages differ for each later position.
+    times = [1_000_000, 1_000_000 + 600, 1_000_000 + 7_200, 1_000_000 + 90_000, 1_000_000 + 360_000]
+    training = {
+        "user_id": tf.constant(["u1"]),
+        "age_bucket": tf.constant(["18-24"]),
+        "country": tf.constant(["US"]),
+        "sequence_items": tf.constant([["i1", "i2", "i3", "i4"]]),
+        "hour": tf.constant([[1, 2, 3, 4, 5]], tf.int64),
+        "device": tf.constant([["web", "ios", "web", "ios", "web"]]),
+        "event_time": tf.constant([times], tf.int64),
+    }
+    per_position = tower.encode_positions(training).numpy()[0]
+    for n in range(5):
+        # The request comes at event n's time; the gateway measures each item's age from it.
+        recent = " ".join(f"i{k}" for k in range(n, 0, -1))
+        ages = " ".join(str(times[n] - times[k - 1]) for k in range(n, 0, -1))
+        served = tower(
+            {
+                "user_id": tf.constant(["u1"]),
+                "age_bucket": tf.constant(["18-24"]),
+                "country": tf.constant(["US"]),
+                "recent_items": tf.constant([recent]),
+                "recent_item_ages": tf.constant([ages]),
+                "hour": tf.constant([n + 1], tf.int64),
+                "device": tf.constant([["web", "ios"][n % 2]]),
+            }
+        ).numpy()[0]
+        np.testing.assert_allclose(served, per_position[n], atol=1e-5)
+
+
+def test_a_position_reads_ages_from_its_own_event_and_never_a_later_ones_time() -> None:
+    ages = prefix_ages(tf.constant([[100, 200, 400, 1000]], tf.int64), 3).numpy()[0]
+    # Position t has read items 0..t-1, aged from event t's time; later items are unknown (-1).
+    assert ages.tolist() == [[-1, -1, -1], [100, -1, -1], [300, 200, -1], [900, 800, 600]]
+    tower = _tower(max_history=3)
+    base = {
+        "user_id": tf.constant(["u1"]),
+        "age_bucket": tf.constant(["18-24"]),
+        "country": tf.constant(["US"]),
+        "sequence_items": tf.constant([["i1", "i2", "i3"]]),
+        "hour": tf.constant([[1, 1, 1, 1]], tf.int64),
+        "device": tf.constant([["web"] * 4]),
+    }
+    days = 86_400
+    before = tower.encode_positions(
+        {**base, "event_time": tf.constant([[0, days, 2 * days, 3 * days]], tf.int64)}
+    )
+    later = tower.encode_positions(
+        {**base, "event_time": tf.constant([[0, days, 2 * days, 90 * days]], tf.int64)}
+    )
+    # Only the last event's time moved: the positions before it are unchanged, the last moves.
+    np.testing.assert_allclose(before.numpy()[0, :3], later.numpy()[0, :3], atol=1e-6)
+    assert np.abs(before.numpy()[0, 3] - later.numpy()[0, 3]).max() > 1e-4
+
+
+def test_prefixes_encoded_in_groups_of_doubling_length_are_prefixes_encoded_whole() -> None:
+    tower = _tower(max_history=6)
+    prefixes = tf.random.stateless_normal([2, 7, 6, 8], seed=[1, 2])
+    grouped = tower._prefix_states(prefixes, training=False)  # static lengths: groups 1, 1, 2, 3
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 8])])
+    def whole(x: tf.Tensor) -> tf.Tensor:  # lengths unknown until run: one group at full length
+        return tower._prefix_states(x, training=False)
+
+    np.testing.assert_allclose(grouped.numpy(), whole(prefixes).numpy(), atol=1e-5)
+
+
+def test_ages_are_bucketed_by_log2_hours_with_an_unknown_bucket() -> None:
+    hour, day = 3600, 86_400
+    seconds = [-1, 0, hour - 1, hour, 3 * hour - 1, 3 * hour, day, 7 * day, 30 * day, 365 * day, 3650 * day]
+    # 0: unknown; 1: under an hour; 2: 1-3 hours; 3: 3-7 hours; a day 5, a week 8, a month 10,
+    # a year 14, and everything past 2^15 - 1 hours in the last bucket.
+    assert age_buckets(tf.constant(seconds, tf.float32)).numpy().tolist() == [
+        0,
+        1,
+        1,
+        2,
+        2,
+        3,
+        5,
+        8,
+        10,
+        14,
+        16,
+    ]
+    assert AGE_BUCKETS == 16
+
+
+def test_served_ages_are_parsed_leniently_and_aligned_with_the_items_oldest_first() -> None:
+    parsed = parse_ages(tf.constant(["30 20 10", "5 -1 x 7.5", "", "1 2"]), 4).numpy()
+    # Not a non-negative number, or missing: -1 (unknown), never an error.
+    assert parsed.tolist() == [[30, 20, 10, -1], [5, -1, -1, 7.5], [-1, -1, -1, -1], [1, 2, -1, -1]]
+    # Items c b a (newest first) with ages 30 20 10 read oldest first: a=10, b=20, c=30. The
+    # second row has two items and three ages (the extra is dropped); the last, two items and
+    # one age (the missing one is unknown).
+    _, counts = reverse_tokens(tf.constant(["c b a", "y x", "", "q p"]), 4)
+    aligned = reverse_within(
+        tf.constant(parse_ages(tf.constant(["30 20 10", "5 -1 9", "", "4"]), 4)), counts, -1.0
+    )
+    assert aligned.numpy().tolist() == [[10, 20, 30, -1], [-1, 5, -1, -1], [-1, -1, -1, -1], [-1, 4, -1, -1]]
+
+
+def test_only_the_ages_change_the_query_and_unknown_ages_add_nothing() -> None:
+    tower = _tower()
+    base = {"user_id": tf.constant(["u1"] * 4), "hour": tf.constant([3] * 4, tf.int64)}
+    base |= {"age_bucket": tf.constant(["18-24"] * 4), "country": tf.constant(["US"] * 4)}
+    base |= {"device": tf.constant(["web"] * 4), "recent_items": tf.constant(["i1 i2 i3"] * 4)}
+    ages = tf.constant(["60 3600 86400", "60 3600 8640000", "", "-1 -1 -1"])
+    out = tower({**base, "recent_item_ages": ages}).numpy()
+    assert np.abs(out[0] - out[1]).max() > 1e-4  # an item a hundred days old, not one day
+    np.testing.assert_allclose(out[2], out[3], atol=1e-6)  # missing = unknown
+    without = tower({k: v for k, v in base.items()}).numpy()  # a caller that sends no ages at all
+    np.testing.assert_allclose(out[2], without[0], atol=1e-6)
 
 
 def test_order_of_the_recent_items_changes_the_query() -> None:
