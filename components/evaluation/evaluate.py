@@ -106,12 +106,11 @@ def holdout_queries(holdout_frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def profile_history(queries: pd.DataFrame, train_frame: pd.DataFrame, max_history: int) -> pd.DataFrame:
-    """``queries`` with ``recent_items`` = each user's training positives, newest first."""
-    from components.training.train import positive_histories
+    """``queries`` with ``recent_items`` = each user's training positives, newest first, with
+    their times and their ages at each query's time (as training built them)."""
+    from components.training.train import with_profile_history
 
-    lists = positive_histories(train_frame)
-    recent = [" ".join(lists.get(str(u), [])[:max_history]) for u in queries["user_id"]]
-    return queries.assign(recent_items=recent)
+    return with_profile_history(queries, train_frame, max_history)
 
 
 def item_stats_at(frame: pd.DataFrame, as_of: pd.Timestamp, names: list[str]) -> pd.DataFrame:

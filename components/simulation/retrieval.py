@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from components.features.rows import FeatureSource, feature_rows
+from recsys.item_ages import ages_of, epoch_seconds
 from recsys.model_registry import version_for_label
 
 
@@ -43,6 +44,13 @@ class PushedQueryEmbedder:
         features = feature_rows(self.source, self.inputs, user_ids=[user_id])
         if "recent_items" in features:
             features["recent_items"] = np.asarray([" ".join(recent_items)], dtype=object)
+        if "recent_item_ages" in features:
+            # Each merged item keeps its stored time (the simulation's own: unknown), as the
+            # gateway ages a request's recent items.
+            row = self.source.users.reindex([user_id]).iloc[0]
+            stored_items, stored_times = row.get("recent_items"), row.get("recent_item_times")
+            aged = ages_of(recent_items, stored_items, stored_times, epoch_seconds(self.source.as_of))
+            features["recent_item_ages"] = np.asarray([aged], dtype=object)
         ranked = self.retriever.exact(features, len(self.item_ids))[0]
         scores = np.full(len(self.item_ids), -np.inf)
         for item, score in ranked:
