@@ -237,7 +237,7 @@ class EvaluationConfig(Section):
     # The item-to-item source's shares of the candidate score tried on the same validation
     # split (0, the retriever's candidates alone, is always tried); the best serves.
     neighbour_weights: list[float] = [0.25, 0.5, 0.75, 1.0]
-    # The category taste's shares of the candidate score (``recsys.ranking.blend_taste``: how
+    # The category taste's shares of the candidate score (``recsys.ranking.blend_sources``: how
     # many of the user's recent items share the candidate's category), tried after the
     # neighbour share on the same split (0 always tried); the best serves.
     taste_weights: list[float] = [0.25, 0.5, 0.75, 1.0]

@@ -88,7 +88,10 @@ def blend_sources(
 ) -> np.ndarray:
     """The candidate score: ``(1 - w)`` x retrieval + ``w`` x neighbour score, each scaled to
     [0, 1] over the candidates (retrieval by min-max, the non-negative neighbour scores by
-    their maximum). With ``w = 0`` the retrieval scores are returned unchanged."""
+    their maximum). With ``w = 0`` the retrieval scores are returned unchanged.
+
+    The category taste joins the same way, on top of that blend: ``blend_sources(blended,
+    taste, taste_weight)``."""
     retrieval = np.asarray(retrieval_scores, dtype=np.float64)
     if neighbour_weight <= 0:
         return retrieval
@@ -147,32 +150,17 @@ def category_taste(
     return out
 
 
-def blend_taste(scores: np.ndarray, taste: np.ndarray, taste_weight: float) -> np.ndarray:
-    """The candidate score with the category taste's share: ``(1 - w)`` x the scores scaled to
-    [0, 1] (min-max) + ``w`` x the taste scaled by its maximum. With ``w = 0`` the scores are
-    returned unchanged."""
-    base = np.asarray(scores, dtype=np.float64)
-    if taste_weight <= 0:
-        return base
-    span = base.max() - base.min() if len(base) else 0.0
-    b01 = (base - base.min()) / span if span > 0 else np.zeros_like(base)
-    t = np.asarray(taste, dtype=np.float64)
-    top = t.max() if len(t) else 0.0
-    t01 = t / top if top > 0 else np.zeros_like(t)
-    return (1.0 - taste_weight) * b01 + taste_weight * t01
-
-
 def taste_candidates(
     scores: np.ndarray, taste: np.ndarray, taste_weight: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The candidates re-scored with the category taste's share (``blend_taste``), best first.
+    """The candidates re-scored with the category taste's share (``blend_sources``), best first.
 
     Returns:
         The order (positions into ``scores``), the blended scores in that order, and where the
         taste part of the blend outweighs the rest (the category taste placed the item).
     """
-    blended = blend_taste(scores, taste, taste_weight)
-    rest = blend_taste(scores, np.zeros_like(blended), taste_weight)
+    blended = blend_sources(scores, taste, taste_weight)
+    rest = blend_sources(scores, np.zeros_like(blended), taste_weight)
     placed = (np.asarray(taste) > 0) & (blended - rest >= rest)
     order = np.argsort(-blended, kind="stable")
     return order, blended[order], placed[order]
@@ -314,7 +302,7 @@ class ServingPolicy(BaseModel):
     # The item-to-item source's share of the candidate score (``blend_sources``); 0: the
     # retriever's candidates alone (also for versions pushed without neighbours).
     neighbour_weight: float = Field(0.0, ge=0, le=1)
-    # The category taste's share of that candidate score (``blend_taste``, after the neighbour
+    # The category taste's share of that candidate score (``blend_sources``, after the neighbour
     # blend); 0: not served (also for versions pushed before it existed).
     taste_weight: float = Field(0.0, ge=0, le=1)
     mmr: bool = True

@@ -34,7 +34,6 @@ from recsys.contracts import CATEGORY_SEPARATOR
 from recsys.neighbours import ItemNeighbours
 from recsys.ranking import (
     blend_sources,
-    blend_taste,
     category_taste,
     insert_exploration,
     mmr,
@@ -180,7 +179,7 @@ class Replay:
         if not len(pos):
             return []
         if step.taste > 0 and taste is not None:
-            retrieval = blend_taste(retrieval, taste, step.taste)
+            retrieval = blend_sources(retrieval, taste, step.taste)
         if math.isinf(step.weight) or ranker is None:
             scores = np.asarray(retrieval, dtype=np.float64)
         else:

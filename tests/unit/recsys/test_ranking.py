@@ -11,7 +11,6 @@ from pydantic import ValidationError
 
 from recsys.ranking import (
     ServingPolicy,
-    blend_taste,
     category_taste,
     rank_fusion,
     read_serving_policy,
@@ -50,14 +49,6 @@ def test_category_taste_is_the_largest_share_of_recent_items_in_a_candidates_cat
     taste = category_taste(candidates, recent)
     assert taste.tolist() == [0.75, 0.25, 0.0, 0.0]
     assert category_taste(candidates, []).tolist() == [0.0] * 4  # no history, no opinion
-
-
-def test_blend_taste_at_zero_keeps_the_scores_and_at_one_follows_the_taste():
-    scores, taste = np.array([3.0, 1.0, 2.0]), np.array([0.0, 0.5, 0.25])
-    assert np.array_equal(blend_taste(scores, taste, 0.0), scores)
-    assert np.argsort(-blend_taste(scores, taste, 1.0)).tolist() == [1, 2, 0]
-    half = blend_taste(scores, taste, 0.5)
-    assert np.allclose(half, 0.5 * np.array([1.0, 0.0, 0.5]) + 0.5 * np.array([0.0, 1.0, 0.5]))
 
 
 def test_taste_candidates_orders_best_first_and_names_what_the_taste_placed():
