@@ -43,7 +43,8 @@ import argparse
 import json
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +244,15 @@ def time_protocol_table(results: Sequence[dict[str, Any]]) -> Table:
     return t
 
 
+@contextmanager
+def _home(root: Path | None, dataset: str, name: str) -> Iterator[Path]:
+    """A run's state folder: ``root/dataset/name`` (kept) or a temporary one."""
+    with tempfile.TemporaryDirectory() as tmp:
+        home = root / dataset / name if root else Path(tmp)
+        home.mkdir(parents=True, exist_ok=True)
+        yield home
+
+
 def main() -> None:
     from bench.sequential_quality import run_sequential, sequential_table
 
@@ -274,9 +284,7 @@ def main() -> None:
         for dataset in datasets:
             for seed in args.split_seeds:
                 console.print(f"[bold]{dataset}[/]: random 75/25 split, seed {seed}")
-                with tempfile.TemporaryDirectory() as tmp:
-                    home = args.home / dataset / f"seed-{seed}" if args.home else Path(tmp)
-                    home.mkdir(parents=True, exist_ok=True)
+                with _home(args.home, dataset, f"seed-{seed}") as home:
                     results.append(run(dataset, home, console, overrides, split_seed=seed))
         console.print(random_protocol_table(results))
         for r in results:
@@ -291,28 +299,16 @@ def main() -> None:
         for dataset in datasets:
             for seed in args.train_seeds:
                 console.print(f"[bold]{dataset}[/]: latest quarter per user held out, train seed {seed}")
-                with tempfile.TemporaryDirectory() as tmp:
-                    home = args.home / dataset / f"time-{seed}" if args.home else Path(tmp)
-                    home.mkdir(parents=True, exist_ok=True)
-                    timed.append(
-                        run(
-                            dataset,
-                            home,
-                            console,
-                            {"training.seed": seed, **overrides},
-                            split="time",
-                            profile="recsys",
-                        )
-                        | {"train_seed": seed}
-                    )
+                with _home(args.home, dataset, f"time-{seed}") as home:
+                    trained = {"training.seed": seed, **overrides}
+                    result = run(dataset, home, console, trained, split="time", profile="recsys")
+                    timed.append(result | {"train_seed": seed})
         console.print(time_protocol_table(timed))
         report["time"] = timed
     if args.protocol in ("sequential", "both"):
         sequential = []
         for dataset in datasets:
-            with tempfile.TemporaryDirectory() as tmp:
-                home = args.home / dataset / "sequential" if args.home else Path(tmp)
-                home.mkdir(parents=True, exist_ok=True)
+            with _home(args.home, dataset, "sequential") as home:
                 sequential.append(
                     run_sequential(dataset, home, console, args.train_seeds, args.towers, args.grid_points)
                 )
