@@ -443,6 +443,21 @@ class CanaryConfig(Section):
     margin: float = Field(0.01, ge=0, lt=1)
 
 
+class EventExportConfig(Section):
+    """The event log's export into the lake and its retention (``recsys events export``).
+
+    Each closed UTC day of logged events becomes ``<home>/lake/events/date=<day>/``; once a
+    day's file is durable, that day leaves the log. The canary analysis reads served requests
+    and their outcomes from the log, so exported days can stay there a while.
+    """
+
+    # Trim the log of exported days (false: export only; the log keeps growing).
+    trim: bool = True
+    # Closed days kept in the log after their export, for the canary analysis, which reads the
+    # log (0: trim a day as soon as it is exported). Served-request records are not trimmed.
+    keep_days: int = Field(7, ge=0)
+
+
 class SecurityConfig(Section):
     """Who may call the gateway: an API key for writes and admin actions, optionally reads.
 
@@ -512,6 +527,7 @@ class Settings(BaseModel):
     push: PushConfig = PushConfig()
     gateway: GatewayConfig = GatewayConfig()
     canary: CanaryConfig = CanaryConfig()
+    event_export: EventExportConfig = EventExportConfig()
     airflow: AirflowConfig = AirflowConfig()
     security: SecurityConfig = SecurityConfig()
 

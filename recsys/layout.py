@@ -2,7 +2,8 @@
 
 Every step writes ``<home>/runs/<run_key>/<step>/`` with its ``manifest.json`` last; the run key
 is the UTC date (and time, if not midnight) its interval ends. Feature tables live under
-``<home>/features``, canary decisions under ``<home>/canary``. The pipeline, batch recommend,
+``<home>/features``, canary decisions under ``<home>/canary``, the event log's export under
+``<home>/lake/events``. The pipeline, batch recommend,
 the gateway and the canary analysis all find each other's outputs through these functions.
 """
 
@@ -43,6 +44,16 @@ def features_dir(settings: Settings) -> Path:
 def canary_dir(settings: Settings) -> Path:
     """Canary decisions, their reports and analyses: ``<home>/canary``."""
     return settings.home / "canary"
+
+
+def lake_events_dir(settings: Settings) -> Path:
+    """The event log's export: ``<home>/lake/events``, one ``date=YYYY-MM-DD/`` folder per UTC day."""
+    return settings.home / "lake" / "events"
+
+
+def lake_events_day_dir(settings: Settings, day: str) -> Path:
+    """One exported day of events: ``<home>/lake/events/date=<day>/``."""
+    return lake_events_dir(settings) / f"date={day}"
 
 
 def latest_validated_dir(settings: Settings) -> Path:

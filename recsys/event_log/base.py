@@ -8,8 +8,10 @@ back. ``recsys.event_log.sqlite`` (embedded) and ``recsys.event_log.redis_stream
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 import pandas as pd
@@ -40,6 +42,9 @@ class ServedRequest:
     status: str  # ok | error
     fallback: str | None = None  # the fallback used, if any
     items: list[str] = field(default_factory=list)
+    # Where the candidates came from (retrieval, exact, segment_popularity, ...), when the
+    # caller says: each impression of the request carries it into the log and the export.
+    candidate_source: str | None = None
 
 
 class EventLog(Protocol):
@@ -70,4 +75,45 @@ class EventLog(Protocol):
 
     def to_frame(self) -> pd.DataFrame: ...
 
+    def event_days(self) -> list[str]:
+        """The UTC days (``YYYY-MM-DD``, sorted) that the logged events' ``ts`` fall on."""
+        ...
+
+    def events_between(self, start: datetime, end: datetime) -> list[dict[str, Any]]:
+        """Logged events with ``start <= ts < end``, in log order, as ``event_record`` gives them."""
+        ...
+
+    def trim_events(self, event_ids: Collection[str], before: datetime) -> list[str]:
+        """Remove logged events whose id is in ``event_ids`` and whose ``ts`` is before ``before``.
+
+        Only what the caller names goes (the export names what its lake files durably hold),
+        so an event logged since it read the log is never lost. The ids leave the
+        de-duplication index with their events: a retry of a trimmed event is accepted again,
+        and the export's merge by event_id keeps the lake's copy. Returns the removed ids;
+        the Redis log may keep some named ones until a later call (it trims a prefix of its
+        stream).
+        """
+        ...
+
     def close(self) -> None: ...
+
+
+def event_record(columns: dict[str, Any], body: str | None) -> dict[str, Any]:
+    """A logged event as one dict: what the poster sent beyond the contract (the body's
+    extra keys: an impression's arm, position, model_versions...) and the contract's columns
+    as the log normalised them (``ts`` in UTC ISO 8601, ``value`` a float or None, an absent
+    ``request_id`` None)."""
+    out: dict[str, Any] = {}
+    if body:
+        try:
+            extra = json.loads(body)
+        except ValueError:
+            extra = None
+        if isinstance(extra, dict):
+            out.update(extra)
+    for c in COLUMNS:
+        v = columns.get(c)
+        out[c] = None if v == "" and c in ("value", "request_id") else v
+    if out.get("value") is not None:
+        out["value"] = float(out["value"])
+    return out

@@ -28,14 +28,15 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from datetime import datetime
 from typing import Any, cast
 from urllib.parse import urlsplit
 
 import pandas as pd
 
 from recsys.contracts import EVENTS, conform
-from recsys.event_log.base import COLUMNS, AppendResult, ServedRequest
+from recsys.event_log.base import COLUMNS, AppendResult, ServedRequest, event_record
 from recsys.timeutil import utc_iso
 
 log = logging.getLogger(__name__)
@@ -230,6 +231,52 @@ class RedisStreamsEventLog:
         df["value"] = pd.to_numeric(df["value"].replace("", None), errors="coerce")
         df["request_id"] = df["request_id"].replace("", None)
         return conform(df, EVENTS)
+
+    def event_days(self) -> list[str]:
+        """The UTC days of the logged events' ``ts`` (stored as UTC ISO 8601: its date prefix)."""
+        return sorted({f["ts"][:10] for _, f in self._scan(self.events_key)})
+
+    def events_between(self, start: datetime, end: datetime) -> list[dict[str, Any]]:
+        """Events with ``start <= ts < end`` in stream order, body extras included.
+
+        A stream entry's id is when it was added, not the event's ``ts`` (a late event is added
+        after later ones), so the whole stream is read; the export trims it to what is new.
+        """
+        lo, hi = utc_iso(start), utc_iso(end)
+        return [
+            event_record(f, f.get("body"))
+            for _, f in self._scan(self.events_key)
+            if lo <= f["ts"] < hi
+        ]
+
+    def trim_events(self, event_ids: Collection[str], before: datetime) -> list[str]:
+        """Trim the stream's oldest entries while they are named events before ``before``.
+
+        ``XTRIM MINID`` removes a prefix of the stream, so this stops at the first entry that
+        is not named (an event not exported yet stays, and so does everything added after it,
+        until a later export names them). ``MINID`` is the entry just after the last one read,
+        so an entry added meanwhile (its id is higher) is never removed. The removed ids leave
+        the id hash in the same MULTI/EXEC.
+        """
+        ids = set(event_ids)
+        cut = utc_iso(before)
+        removed: list[str] = []
+        last = None
+        for entry, f in self._scan(self.events_key):
+            if f.get("event_id") not in ids or f["ts"] >= cut:
+                break
+            removed.append(f["event_id"])
+            last = entry
+        if last is None:
+            return []
+        ms, seq = last.split("-")
+        with self._lock:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.xtrim(self.events_key, minid=f"{ms}-{int(seq) + 1}", approximate=False)
+            for start in range(0, len(removed), 1000):
+                pipe.hdel(self.ids_key, *removed[start : start + 1000])
+            pipe.execute()
+        return sorted(removed)
 
     def close(self) -> None:
         with self._lock:

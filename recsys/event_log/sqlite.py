@@ -12,14 +12,15 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from recsys.contracts import EVENTS, conform
-from recsys.event_log.base import COLUMNS, OUTCOME_COLUMNS, AppendResult, ServedRequest
+from recsys.event_log.base import COLUMNS, OUTCOME_COLUMNS, AppendResult, ServedRequest, event_record
 from recsys.timeutil import utc_iso
 
 _INSERT_EVENT = (
@@ -216,6 +217,50 @@ class SqliteEventLog:
         rows = [e for _, e in self.iter_since(0)]
         df = pd.DataFrame(rows, columns=COLUMNS)
         return conform(df, EVENTS)
+
+    def event_days(self) -> list[str]:
+        """The UTC days of the logged events (``ts`` is stored as UTC ISO 8601, so its date prefix)."""
+        with self._lock:
+            rows = self._db.execute("SELECT DISTINCT substr(ts, 1, 10) FROM events ORDER BY 1").fetchall()
+        return [r[0] for r in rows]
+
+    def events_between(self, start: datetime, end: datetime) -> list[dict[str, Any]]:
+        """Events with ``start <= ts < end`` in log order, body extras included (``event_record``).
+
+        ``ts`` is UTC ISO 8601 text, whose order is time order, so the bounds compare as text.
+        """
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(COLUMNS)}, body FROM events WHERE ts >= ? AND ts < ? ORDER BY seq",
+                (utc_iso(start), utc_iso(end)),
+            ).fetchall()
+        return [event_record(dict(zip(COLUMNS, row[:-1], strict=True)), row[-1]) for row in rows]
+
+    def trim_events(self, event_ids: Collection[str], before: datetime) -> list[str]:
+        """Delete the named events with ``ts`` before ``before``, in one transaction."""
+        ids = sorted(set(event_ids))
+        if not ids:
+            return []
+        cut = utc_iso(before)
+        removed: list[str] = []
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for start in range(0, len(ids), 500):
+                    chunk = ids[start : start + 500]
+                    marks = ",".join("?" * len(chunk))
+                    removed += [
+                        r[0]
+                        for r in self._db.execute(
+                            f"DELETE FROM events WHERE event_id IN ({marks}) AND ts < ? RETURNING event_id",
+                            (*chunk, cut),
+                        ).fetchall()
+                    ]
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return sorted(removed)
 
     @property
     def location(self) -> str:

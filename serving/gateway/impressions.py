@@ -80,6 +80,9 @@ class ImpressionWriter:
             }
             for n, it in enumerate(items)
         ]
+        if served.candidate_source is not None:
+            for rec in records:
+                rec["candidate_source"] = served.candidate_source
         self._queue.put((served, records))
         self.metrics.impressions.labels(arm=served.arm).inc(len(records))
 
