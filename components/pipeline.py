@@ -25,6 +25,20 @@ from recsys.manifests import PushNotBlessedManifest, TrainingDataManifest, Train
 from recsys.storage import read_manifest, write_manifest
 
 
+def run_export_events(settings: Settings, interval_end: datetime) -> dict[str, Any]:
+    """Export the event log's days before ``interval_end`` into the lake; trim exported closed days."""
+    from components.events_export import export_events
+    from recsys.timeutil import to_utc
+
+    # The interval's days: the last one ends at interval_end (exclusive).
+    through = (to_utc(interval_end) - pd.Timedelta(microseconds=1)).date()
+    manifest = export_events(settings, through=through)
+    out = step_dir(settings, run_key_for(interval_end), "export_events")
+    out.mkdir(parents=True, exist_ok=True)
+    write_manifest(out, {**manifest, "path": manifest["lake"]})
+    return {**manifest, "path": manifest["lake"]}
+
+
 def run_ingest(settings: Settings, interval_end: datetime) -> dict[str, Any]:
     """Ingest the configured source, events before ``interval_end``."""
     from components.ingest import ingest
@@ -274,6 +288,7 @@ def run_push(settings: Settings, interval_end: datetime) -> dict[str, Any]:
 
 # The steps in the order the DAG runs them.
 STEPS: list[tuple[str, Callable[[Settings, datetime], dict[str, Any]]]] = [
+    ("export_events", run_export_events),
     ("ingest", run_ingest),
     ("validate", run_validate),
     ("build_features", run_build_features),

@@ -21,6 +21,9 @@ Each task calls one step function from `components/pipeline.py` (the same ones
 `$RECSYS_HOME/runs/<interval end date>/<step>/` with a `manifest.json`; each task returns
 its manifest's path and prints the numbers worth reading.
 
+* **export_events**: the gateway's event log (SQLite or Redis Streams), each UTC day of the
+  interval into `$RECSYS_HOME/lake/events/date=<day>/` with its serving context; closed days
+  older than `event_export.keep_days` leave the log once their file is durable.
 * **ingest**: the configured source (synthetic, MovieLens, or a Parquet drop) into Parquet.
 * **validate**: Great Expectations suites; bad rows to quarantine; the report's path is in
   the log. Fails when a table rule breaks or too many rows are bad.
@@ -46,6 +49,7 @@ DEFAULT_ARGS = {
     "execution_timeout": timedelta(minutes=30),
 }
 
+LOGGED_EVENTS = Asset("recsys://lake/events")
 VALIDATED_DATA = Asset("recsys://validated-data")
 FEATURE_TABLES = Asset("recsys://feature-tables")
 ONLINE_FEATURES = Asset("recsys://online-store")
@@ -84,8 +88,14 @@ def _run_step(name: str, context: dict[str, Any]) -> dict[str, Any]:
     doc_md=DOC,
 )
 def training_pipeline() -> None:
+    @task(outlets=[LOGGED_EVENTS])
+    def export_events(**context: Any) -> str:
+        manifest = _run_step("export_events", context)
+        print(f"export_events: {len(manifest['days'])} days exported, {manifest['trimmed']} events trimmed")
+        return manifest["path"]
+
     @task
-    def ingest(**context: Any) -> str:
+    def ingest(_: str, **context: Any) -> str:
         return _run_step("ingest", context)["path"]
 
     @task(outlets=[VALIDATED_DATA])
@@ -133,7 +143,7 @@ def training_pipeline() -> None:
         print(f"push: {manifest.get('reason') or manifest.get('models')}")
         return str(manifest.get("version"))
 
-    features_loaded = materialize(apply_features(build_features(validate(ingest()))))
+    features_loaded = materialize(apply_features(build_features(validate(ingest(export_events())))))
     blessed = gate(evaluate(train(training_data(features_loaded))))
     index_built = index()
     blessed >> index_built

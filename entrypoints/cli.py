@@ -38,6 +38,11 @@ canary_app = typer.Typer(
     help="The canary rollout: per-arm numbers, and promote or roll back by hand.", no_args_is_help=True
 )
 app.add_typer(canary_app, name="canary")
+events_app = typer.Typer(
+    help="The gateway's event log: export it into the lake by UTC day and trim what is exported.",
+    no_args_is_help=True,
+)
+app.add_typer(events_app, name="events")
 console = Console(stderr=True)
 
 
@@ -455,6 +460,52 @@ def canary_rollback(
 ) -> None:
     """Send canary traffic back to stable for both models (canary := stable), recorded as manual."""
     _canary_manual(ctx, "rollback", reason)
+
+
+@events_app.command("export")
+def events_export(
+    ctx: typer.Context,
+    day: Annotated[str | None, typer.Option(help="Export this UTC day only (YYYY-MM-DD).")] = None,
+    through: Annotated[
+        str | None,
+        typer.Option(help="Export every logged day up to this one, UTC (YYYY-MM-DD; default: yesterday)."),
+    ] = None,
+    no_trim: Annotated[
+        bool, typer.Option("--no-trim", help="Leave the log as it is (default: event_export.trim).")
+    ] = False,
+) -> None:
+    """Write the event log's days into <home>/lake/events/date=YYYY-MM-DD/ and trim exported closed days.
+
+    Idempotent by event_id: re-running changes nothing; a late event is merged into its day once.
+    Today, and closed days within event_export.keep_days, stay in the log.
+    """
+    from components.events_export import export_events, parse_day
+
+    if day is not None and through is not None:
+        console.print("[red]error:[/red] --day and --through: give one or neither")
+        raise typer.Exit(2)
+    try:
+        parsed_day = parse_day(day, "--day") if day is not None else None
+        parsed_through = parse_day(through, "--through") if through is not None else None
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    s = _settings(ctx)
+    with console.status("exporting the event log"):
+        manifest = export_events(s, day=parsed_day, through=parsed_through, trim=False if no_trim else None)
+    if manifest["log"] is None:
+        console.print(f"no event log at {s.event_log_path}: nothing to export")
+        return
+    t = Table(title=f"{manifest['log']} -> {manifest['lake']}")
+    for c in ("day", "rows", "new", "file", "trimmed from log"):
+        t.add_column(c, justify="left" if c in ("day", "file") else "right")
+    for d, r in manifest["days"].items():
+        t.add_row(d, f"{r['rows']:,}", f"{r['new']:,}", "written" if r["written"] else "unchanged",
+                  f"{r['trimmed']:,}")  # fmt: skip
+    console.print(t)
+    if not manifest["days"]:
+        console.print(f"no logged events through {manifest['through']}")
+    console.print(f"trimmed {manifest['trimmed']:,} events from the log")
 
 
 @app.command("simulate")

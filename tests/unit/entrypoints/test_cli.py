@@ -39,3 +39,14 @@ def test_bad_config_override_is_a_clear_error(monkeypatch):
     result = runner.invoke(app, ["config"])
     assert result.exit_code == 2
     assert "validation.max_bad_fraction=7" in result.output
+
+
+def test_events_export_names_a_bad_day(monkeypatch, tmp_path):
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path))
+    result = runner.invoke(app, ["events", "export", "--through", "2026-11-31"])
+    assert result.exit_code == 2
+    assert "--through: '2026-11-31' is not a day (YYYY-MM-DD)" in " ".join(result.output.split())
+    # No log yet: nothing to export, and none is created.
+    result = runner.invoke(app, ["events", "export"])
+    assert result.exit_code == 0 and "nothing to export" in result.output
+    assert not (tmp_path / "gateway" / "events.db").exists()
