@@ -89,9 +89,7 @@ class EventLog(Protocol):
         Only what the caller names goes (the export names what its lake files durably hold),
         so an event logged since it read the log is never lost. The ids leave the
         de-duplication index with their events: a retry of a trimmed event is accepted again,
-        and the export's merge by event_id keeps the lake's copy. Returns the removed ids;
-        the Redis log may keep some named ones until a later call (it trims a prefix of its
-        stream).
+        and the export's merge by event_id keeps the lake's copy. Returns the removed ids.
         """
         ...
 

@@ -250,29 +250,40 @@ class RedisStreamsEventLog:
         ]
 
     def trim_events(self, event_ids: Collection[str], before: datetime) -> list[str]:
-        """Trim the stream's oldest entries while they are named events before ``before``.
+        """Remove the named events before ``before``: ``XTRIM MINID`` over the stream's prefix
+        of named entries, ``XDEL`` for named entries behind an unnamed one, and their ids out of
+        the id hash, in one MULTI/EXEC.
 
-        ``XTRIM MINID`` removes a prefix of the stream, so this stops at the first entry that
-        is not named (an event not exported yet stays, and so does everything added after it,
-        until a later export names them). ``MINID`` is the entry just after the last one read,
-        so an entry added meanwhile (its id is higher) is never removed. The removed ids leave
-        the id hash in the same MULTI/EXEC.
+        A stream entry's id is when it was added, not the event's ``ts``: the prefix of a day is
+        cut with ``MINID``, and a closed day's events added after an open day's (late events,
+        impressions written by the batching thread) are deleted one by one. ``MINID`` is the
+        entry just after the last one read, so an entry added meanwhile (its id is higher) stays.
         """
         ids = set(event_ids)
         cut = utc_iso(before)
-        removed: list[str] = []
+        prefix: list[str] = []
+        scattered: list[tuple[str, str]] = []  # (entry id, event id)
         last = None
+        in_prefix = True
         for entry, f in self._scan(self.events_key):
-            if f.get("event_id") not in ids or f["ts"] >= cut:
-                break
-            removed.append(f["event_id"])
-            last = entry
-        if last is None:
+            named = f.get("event_id") in ids and f["ts"] < cut
+            if in_prefix and named:
+                prefix.append(f["event_id"])
+                last = entry
+                continue
+            in_prefix = False
+            if named:
+                scattered.append((entry, f["event_id"]))
+        removed = prefix + [e for _, e in scattered]
+        if not removed:
             return []
-        ms, seq = last.split("-")
         with self._lock:
             pipe = self._client.pipeline(transaction=True)
-            pipe.xtrim(self.events_key, minid=f"{ms}-{int(seq) + 1}", approximate=False)
+            if last is not None:
+                ms, seq = last.split("-")
+                pipe.xtrim(self.events_key, minid=f"{ms}-{int(seq) + 1}", approximate=False)
+            for start in range(0, len(scattered), 1000):
+                pipe.xdel(self.events_key, *[entry for entry, _ in scattered[start : start + 1000]])
             for start in range(0, len(removed), 1000):
                 pipe.hdel(self.ids_key, *removed[start : start + 1000])
             pipe.execute()
