@@ -289,14 +289,16 @@ def age_buckets(seconds: tf.Tensor) -> tf.Tensor:
 
 
 def parse_ages(text: tf.Tensor, max_len: int) -> tf.Tensor:
-    """``[B]`` space-joined ages in seconds -> ``[B, max_len]`` float32, -1 where missing or not a number.
+    """``[B]`` space-joined ages in seconds -> ``[B, max_len]`` float64, -1 where missing or not a number.
 
     A token that is not a plain non-negative number ("-1", "", anything else) reads as
     unknown, so an old request or row without ages gets the unknown bucket, never an error.
+    Double precision: differences of ages (``serving_ages``) stay whole seconds, as the
+    differences of epoch seconds do in training.
     """
     tokens = split_tokens(text, max_len)
     known = tf.strings.regex_full_match(tokens, r"[0-9]+(\.[0-9]*)?")
-    numbers = tf.strings.to_number(tf.where(known, tokens, "0"), tf.float32)
+    numbers = tf.strings.to_number(tf.where(known, tokens, "0"), tf.float64)
     return tf.where(known, numbers, -tf.ones_like(numbers))
 
 
@@ -313,26 +315,58 @@ def reverse_within(newest_first: tf.Tensor, counts: tf.Tensor, pad: float) -> tf
     return tf.where(steps < counts, values, tf.fill(tf.shape(values), tf.cast(pad, values.dtype)))
 
 
-def prefix_ages(event_time: tf.Tensor, width: tf.Tensor | int) -> tf.Tensor:
-    """``[B, T]`` event times (epoch seconds) -> ``[B, T, width]`` ages of the items each position read.
+def pairwise_ages(
+    target: tf.Tensor, target_known: tf.Tensor, keys: tf.Tensor, keys_known: tf.Tensor
+) -> tf.Tensor:
+    """Times of each position's target event and of each position's item -> ``[B, T, T]`` ages.
 
-    Position ``t`` has read the window's items ``0..t-1`` (the events before it); item ``j``'s
-    age there is ``event_time[t] - event_time[j]``, measured from the event position ``t``
-    predicts, as serving measures it from the request. Items at or after ``t`` are -1 (not
-    known): the encoder's mask hides them, and their vectors carry nothing of the future.
+    ``target`` ``[B, T]``: when the event that query position ``j`` predicts happened;
+    ``keys`` ``[B, T]``: when key position ``i``'s item happened (same unit, any origin).
+    Entry ``[b, j, i]`` is ``target[j] - keys[i]`` in seconds (clipped at 0) for ``i <= j``
+    where both times are known, and -1 (unknown) elsewhere: a position never sees a later one.
+    """
+    seconds = tf.cast(target, tf.float64)[:, :, tf.newaxis] - tf.cast(keys, tf.float64)[:, tf.newaxis, :]
+    steps = tf.shape(target)[1]
+    causal = tf.linalg.band_part(tf.ones([steps, steps], tf.bool), -1, 0)[tf.newaxis]  # i <= j
+    known = causal & target_known[:, :, tf.newaxis] & keys_known[:, tf.newaxis, :]
+    return tf.cast(tf.where(known, tf.maximum(seconds, 0.0), -tf.ones_like(seconds)), tf.float32)
+
+
+def training_ages(event_time: tf.Tensor) -> tf.Tensor:
+    """``[B, T]`` event times of a training window (epoch seconds, -1 unknown) -> ``[B, T, T]`` ages.
+
+    Position ``j`` predicts event ``j`` and has read the start token (position 0, no time)
+    and the window's items ``0..j-1`` (at positions ``1..j``): item ``i - 1``'s age at row
+    ``j`` is ``event_time[j] - event_time[i - 1]``, measured from the event position ``j``
+    predicts, as serving measures the ages from the request (``serving_ages``).
     """
     times = tf.cast(event_time, tf.int64)
-    steps = tf.shape(times)[1]
-    ages = tf.cast(times[:, :, tf.newaxis] - times[:, tf.newaxis, :width], tf.float32)
-    before = tf.range(width)[tf.newaxis, :] < tf.range(steps)[:, tf.newaxis]  # [T, width]
-    return tf.where(before[tf.newaxis], ages, -tf.ones_like(ages))
+    known = times >= 0
+    keys = tf.concat([tf.zeros_like(times[:, :1]), times[:, :-1]], axis=1)
+    keys_known = tf.concat([tf.zeros_like(known[:, :1]), known[:, :-1]], axis=1)
+    return pairwise_ages(times, known, keys, keys_known)
 
 
-def _own_states(states: tf.Tensor, first: int) -> tf.Tensor:
-    """``[B, G, L, d]`` states of prefixes ``first..first+G-1`` -> ``[B, G, d]``: prefix ``t``'s at ``t``."""
-    shape = tf.shape(states)
-    position = tf.tile(first + tf.range(shape[1])[tf.newaxis], [shape[0], 1])  # [B, G]
-    return tf.gather(states, position, axis=2, batch_dims=2)
+def serving_ages(ages: tf.Tensor, counts: tf.Tensor) -> tf.Tensor:
+    """``[B, M]`` recent items' ages (oldest first, -1 unknown), ``[B]`` counts -> ``[B, M + 1, M + 1]``.
+
+    The matrix ``training_ages`` gives the same window: the query row (position ``counts``,
+    after the newest item) reads each item's given age, measured from the request; an
+    earlier row ``j`` predicted item ``j``, so it reads item ``i - 1``'s age as
+    ``ages[i - 1] - ages[j]`` (the time from item ``i - 1`` to item ``j``). Times here are
+    minus the ages (the request at 0); rows after the query row are unknown.
+    """
+    known = ages >= 0
+    times = -tf.cast(ages, tf.float64)
+    steps = tf.range(tf.shape(ages)[1] + 1)[tf.newaxis]  # [1, M + 1]
+    last = tf.cast(counts, tf.int32)[:, tf.newaxis]
+    padded_times = tf.concat([times, tf.zeros_like(times[:, :1])], axis=1)
+    padded_known = tf.concat([known, tf.zeros_like(known[:, :1])], axis=1)
+    target = tf.where(steps == last, tf.zeros_like(padded_times), padded_times)
+    target_known = (steps == last) | ((steps < last) & padded_known)
+    keys = tf.concat([tf.zeros_like(times[:, :1]), times], axis=1)
+    keys_known = tf.concat([tf.zeros_like(known[:, :1]), known], axis=1) & (steps <= last)
+    return pairwise_ages(target, target_known, keys, keys_known)
 
 
 class SequentialQueryTower(keras.Model):
@@ -341,19 +375,24 @@ class SequentialQueryTower(keras.Model):
     The recent items (newest ``max_history``, read oldest first after a learned start token)
     go through ``CausalSequenceEncoder``; the state after the newest item is the user's
     sequential taste ("what comes next"). Each item's vector is its id embedding plus its
-    primary category's, so taste carries across items of a kind, plus the embedding of how
-    long before the query it was (``age_buckets``: log2 hours; an item whose time is not
-    known adds nothing, and in training a fraction ``id_dropout`` of the ages is hidden so
-    the tower learns to read such items). The user id, profile and request context (hour,
-    device) are concatenated to that state before the head, as in ``QueryTower``.
+    primary category's, so taste carries across items of a kind. How long before the
+    predicted event each item was (``age_buckets``: log2 hours) enters TiSASRec-style: a
+    ``[T, T]`` matrix of age buckets per window (row ``j``: the items position ``j`` reads,
+    aged from the event ``j`` predicts) biases every attention logit, and the age of the
+    newest item a position has read is embedded and added to its state. An item whose time
+    is not known adds nothing (bucket 0), and in training a fraction ``id_dropout`` of the
+    items' times is hidden so the tower learns to read such items. The user id, profile and
+    request context (hour, device) are concatenated to the state before the head, as in
+    ``QueryTower``.
 
     At serving ``call`` takes the same ``QUERY_INPUTS`` as the bag tower (``recent_items`` a
     newest-first string, ``recent_item_ages`` the seconds since each), so the exported
     SavedModel is a drop-in replacement. In training ``encode_positions`` returns one query
-    per position of a sequence: position ``t`` has seen the start token and the first ``t``
-    items, with the context of the event at ``t`` and the items' ages measured from that
-    event's time; a user with no history reads the start token alone (profile and context
-    still place them).
+    per position of a sequence, the whole window in one pass: position ``t`` has seen the
+    start token and the first ``t`` items, with the context of the event at ``t`` and the
+    items' ages measured from that event's time (``training_ages``; serving builds the same
+    matrix from the request's ages, ``serving_ages``); a user with no history reads the
+    start token alone (profile and context still place them).
     """
 
     def __init__(
@@ -393,7 +432,9 @@ class SequentialQueryTower(keras.Model):
         self.start_token = self.add_weight(
             name="start_token", shape=(id_dim,), initializer=keras.initializers.RandomNormal(stddev=0.05)
         )
-        self.encoder = CausalSequenceEncoder(max_history + 1, id_dim, layers, heads, dropout, name="sequence")
+        self.encoder = CausalSequenceEncoder(
+            max_history + 1, id_dim, layers, heads, dropout, AGE_BUCKETS, name="sequence"
+        )
         self.age_embedding = keras.layers.Embedding(AGE_BUCKETS + 1, id_dim, name="age_embedding")
         self.age_dropout = id_dropout
         self.query_context = QueryContext(
@@ -414,18 +455,32 @@ class SequentialQueryTower(keras.Model):
             vectors += self.history_categories.embedding(self.history_categories.ids(items))
         return vectors
 
-    def _age_vectors(self, buckets: tf.Tensor, training: bool | None) -> tf.Tensor:
-        """Age bucket ids -> their embeddings; zero for an unknown age (and, in training, a hidden one)."""
-        if training and self.age_dropout > 0:
-            hidden = tf.random.uniform(tf.shape(buckets)) < self.age_dropout
-            buckets = tf.where(hidden, tf.zeros_like(buckets), buckets)
+    def _age_vectors(self, buckets: tf.Tensor) -> tf.Tensor:
+        """Age bucket ids -> their embeddings; zero for an unknown age."""
         known = tf.cast(buckets > 0, self.age_embedding.dtype)[..., tf.newaxis]
         return self.age_embedding(buckets) * known
 
-    def _states(self, vectors: tf.Tensor, training: bool | None) -> tf.Tensor:
-        """``[N, M, d]`` item vectors oldest first -> ``[N, M + 1, d]`` states (0: the start token alone)."""
+    def _hide_ages(self, buckets: tf.Tensor, training: bool | None) -> tf.Tensor:
+        """In training, a fraction ``id_dropout`` of each window's items lose their time (every row)."""
+        if not training or self.age_dropout <= 0:
+            return buckets
+        shape = tf.shape(buckets)
+        hidden = tf.random.uniform([shape[0], 1, shape[2]]) < self.age_dropout
+        return tf.where(hidden, tf.zeros_like(buckets), buckets)
+
+    def _states(self, vectors: tf.Tensor, ages: tf.Tensor | None, training: bool | None) -> tf.Tensor:
+        """``[B, M, d]`` item vectors oldest first -> ``[B, M + 1, d]`` states (0: the start token alone).
+
+        ``ages``: ``[B, M + 1, M + 1]`` age buckets (``training_ages`` or ``serving_ages``,
+        bucketed), or None where no times are known. Each position's state gets the embedding
+        of the age of the newest item it has read (the matrix's diagonal).
+        """
         start = tf.broadcast_to(self.start_token, [tf.shape(vectors)[0], 1, self.start_token.shape[0]])
-        return self.encoder(tf.concat([start, vectors], axis=1), training=training)
+        if ages is None:
+            return self.encoder(tf.concat([start, vectors], axis=1), training=training)
+        ages = self._hide_ages(ages, training)
+        states = self.encoder(tf.concat([start, vectors], axis=1), ages, training=training)
+        return states + self._age_vectors(tf.linalg.diag_part(ages))
 
     def _embed(
         self, states: tf.Tensor, features: Mapping[str, tf.Tensor], training: bool | None
@@ -451,57 +506,25 @@ class SequentialQueryTower(keras.Model):
         """One query per position: ``[B, M + 1, D]`` from ``sequence_items`` ``[B, M]`` (oldest first).
 
         ``hour`` and ``device`` are ``[B, M + 1]``: the context of the event each position
-        predicts; ``event_time`` ``[B, M + 1]`` (epoch seconds) its time. ``user_id`` and the
-        other profile features are ``[B]``.
+        predicts; ``event_time`` ``[B, M + 1]`` (epoch seconds, -1 unknown) its time. ``user_id``
+        and the other profile features are ``[B]``.
 
-        Position ``t`` reads the items before it with their ages at event ``t``
-        (``event_time[t] - event_time[j]``), as serving reads them at the request's time: the
-        same item has another age for each later position, so each position's prefix goes
-        through the encoder as a sequence of its own (``_prefix_states``: ``M + 1`` sequences
-        per window). Without ``event_time`` every age is unknown and the window is encoded once.
+        The window goes through the encoder once: row ``t`` of the age matrix
+        (``training_ages``) holds the items' ages at event ``t``, so each position reads the
+        items before it aged from its own event, as serving reads them at the request's time.
+        Without ``event_time`` every age is unknown.
         """
-        items = features["sequence_items"]
-        vectors = self._item_vectors(items)  # [B, M, d]
-        if "event_time" not in features:
-            return self._embed(self._states(vectors, training), features, training)
-        ages = prefix_ages(features["event_time"], tf.shape(items)[1])  # [B, T, M]
-        prefixes = vectors[:, tf.newaxis] + self._age_vectors(age_buckets(ages), training)  # [B, T, M, d]
-        return self._embed(self._prefix_states(prefixes, training), features, training)
-
-    def _prefix_states(self, prefixes: tf.Tensor, training: bool | None) -> tf.Tensor:
-        """``[B, T, M, d]`` (prefix ``t``'s item vectors) -> ``[B, T, d]``: each prefix's own last state.
-
-        Prefix ``t`` reads positions ``0..t`` only (the start token and ``t`` items; the causal
-        mask hides the rest), so the prefixes go through the encoder in groups of doubling
-        length (1, 2, 4, ... positions), each cut to its longest prefix: the same states as
-        encoding every prefix at full length, for about half the work at ``T`` = 51.
-        """
-        steps, width, dim = prefixes.shape[1], prefixes.shape[2], prefixes.shape[3]
-        if steps is None or width is None:  # lengths known only when run: one group, full length
-            steps_t, width_t = tf.shape(prefixes)[1], tf.shape(prefixes)[2]
-            states = self._states(tf.reshape(prefixes, [-1, width_t, dim]), training)
-            states = tf.reshape(states, [-1, steps_t, width_t + 1, dim])
-            return _own_states(states, 0)
-        bounds = [0, 1]
-        while bounds[-1] < steps:
-            bounds.append(min(2 * bounds[-1], steps))
-        batch, own = tf.shape(prefixes)[0], []
-        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-            # Prefixes lo..hi-1 read at most hi - 1 items (positions 0..hi-1).
-            length = min(hi - 1, width)
-            group = tf.reshape(prefixes[:, lo:hi, :length], [batch * (hi - lo), length, dim])
-            states = tf.reshape(self._states(group, training), [batch, hi - lo, length + 1, dim])
-            own.append(_own_states(states, lo))
-        return tf.concat(own, axis=1)
+        vectors = self._item_vectors(features["sequence_items"])  # [B, M, d]
+        ages = age_buckets(training_ages(features["event_time"])) if "event_time" in features else None
+        return self._embed(self._states(vectors, ages, training), features, training)
 
     def call(self, features: Mapping[str, tf.Tensor], training: bool | None = None) -> tf.Tensor:
         items, counts = reverse_tokens(features["recent_items"], self.max_history)
-        vectors = self._item_vectors(items)
+        ages = None
         if "recent_item_ages" in features:
             newest_first = parse_ages(features["recent_item_ages"], self.max_history)
-            ages = reverse_within(newest_first, counts, -1.0)
-            vectors += self._age_vectors(age_buckets(ages), training)
-        states = self._states(vectors, training)
+            ages = age_buckets(serving_ages(reverse_within(newest_first, counts, -1.0), counts))
+        states = self._states(self._item_vectors(items), ages, training)
         # The state after the newest item: position = number of items read (0: start token).
         newest = tf.gather(states, tf.cast(counts, tf.int32), axis=1, batch_dims=1)
         return self._embed(newest, features, training)

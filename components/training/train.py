@@ -754,9 +754,10 @@ def sequence_examples(
 
     Position ``t`` of a window predicts its ``t``-th positive (``item_id``, ``category``,
     ``title``, ``description``, ``sampling_probability``, context ``hour`` and ``device``,
-    ``event_time`` in epoch seconds, all ``[S, T]``) from the positives before it in the
-    window (``sequence_items`` ``[S, T - 1]``: the targets shifted by one, as the tower reads
-    them after a start token; the tower measures their ages from ``event_time``).
+    ``event_time`` in epoch seconds, -1 for padding, all ``[S, T]``) from the positives before
+    it in the window (``sequence_items`` ``[S, T - 1]``: the targets shifted by one, as the
+    tower reads them after a start token; the tower measures their ages at each position
+    from ``event_time``, ``models.training_ages``).
     ``target_weight`` is 1 where the target is a real positive marked ``scored`` (training:
     all; validation: the held-out ones), 0 elsewhere. The user's id and profile come from
     the window's newest row.
@@ -787,7 +788,9 @@ def sequence_examples(
         if name in ("recent_items", "recent_item_ages"):
             continue  # the window itself is the history
         if name in per_event:
-            blank = np.asarray("" if values.dtype == object else 0, dtype=values.dtype)
+            # Padding: no item, no context, and no time (-1: the tower ages nothing from it).
+            pad = "" if values.dtype == object else -1 if name == "event_time" else 0
+            blank = np.asarray(pad, dtype=values.dtype)
             arrays[name] = np.where(valid, values[at], blank)
         else:
             arrays[name] = values[newest]

@@ -23,9 +23,10 @@ from components.training.models import (  # noqa: E402
     age_buckets,
     id_lookup,
     parse_ages,
-    prefix_ages,
     reverse_tokens,
     reverse_within,
+    serving_ages,
+    training_ages,
 )
 from components.training.sequence import CausalSequenceEncoder  # noqa: E402
 from recsys.config import TrainingConfig  # noqa: E402
@@ -95,22 +96,51 @@ def test_sequence_examples_carry_each_events_time_for_the_ages() -> None:
     catalog = _Catalog.of(items)
     arrays = sequence_examples(positives, np.ones(3, bool), catalog, _Vocabulary.of(positives, positives), 3)
     seconds = [int(t.timestamp()) for t in ts]
-    # One window of 4 positions: the three events' times, then padding (0).
-    assert arrays["event_time"].tolist() == [[*seconds, 0]]
+    # One window of 4 positions: the three events' times, then padding (-1: not known).
+    assert arrays["event_time"].tolist() == [[*seconds, -1]]
     assert arrays["sequence_items"].astype(str).tolist() == [["i1", "i2", "i3"]]
     # The stored ages are not an input here: the tower measures them from event_time.
     assert "recent_item_ages" not in arrays and "recent_items" not in arrays
 
 
+def _learned_age_biases(layer: keras.layers.Layer, seed: int = 0) -> None:
+    """Give every attention block's age-bias table values, as training would (they start at 0)."""
+    rng = np.random.default_rng(seed)
+    for weight in layer.weights:
+        if "age_bias" in weight.name:
+            weight.assign(rng.normal(0.0, 1.0, weight.shape).astype(np.float32))
+
+
 def test_a_position_never_sees_the_items_after_it() -> None:
     keras.utils.set_random_seed(0)
-    encoder = CausalSequenceEncoder(max_length=5, dim=8, layers=2, heads=2, dropout=0.0)
+    encoder = CausalSequenceEncoder(max_length=5, dim=8, layers=2, heads=2, dropout=0.0, age_buckets=4)
     x = tf.random.normal([1, 5, 8])
+    ages = tf.constant(np.tril(np.random.default_rng(1).integers(0, 5, [1, 5, 5])), tf.int32)
+    encoder(x, ages)
+    _learned_age_biases(encoder)
     changed_tail = tf.concat([x[:, :3], tf.random.normal([1, 2, 8])], axis=1)
-    before, after = encoder(x).numpy(), encoder(changed_tail).numpy()
+    before, after = encoder(x, ages).numpy(), encoder(changed_tail, ages).numpy()
     np.testing.assert_allclose(before[:, :3], after[:, :3], atol=1e-5)
     # ...and the positions that do see the change move (the check above could not fail otherwise).
     assert np.abs(before[:, 3:] - after[:, 3:]).max() > 1e-3
+
+
+def test_an_age_bias_on_one_key_moves_only_the_positions_that_see_it() -> None:
+    keras.utils.set_random_seed(0)
+    encoder = CausalSequenceEncoder(max_length=5, dim=8, layers=2, heads=2, dropout=0.0, age_buckets=4)
+    x = tf.random.normal([1, 5, 8])
+    unknown = tf.zeros([1, 5, 5], tf.int32)
+    plain = encoder(x).numpy()
+    # Bucket 0 (not known) adds nothing, and the learned rows start at zero: plain SASRec.
+    np.testing.assert_allclose(encoder(x, unknown).numpy(), plain, atol=1e-6)
+    _learned_age_biases(encoder)
+    np.testing.assert_allclose(encoder(x, unknown).numpy(), plain, atol=1e-6)
+    # Key 2 gets an age in the rows that can attend to it (2, 3, 4).
+    key_two = np.zeros([1, 5, 5], np.int32)
+    key_two[0, 2:, 2] = 3
+    aged = encoder(x, tf.constant(key_two)).numpy()
+    np.testing.assert_allclose(aged[:, :2], plain[:, :2], atol=1e-6)
+    assert np.abs(aged[:, 2:] - plain[:, 2:]).max(axis=-1).min() > 1e-4
 
 
 def test_the_served_query_is_the_training_query_after_the_same_items() -> None:
@@ -173,10 +203,55 @@ def test_the_served_query_with_ages_is_the_training_query_at_the_same_time() -> 
         np.testing.assert_allclose(served, per_position[n], atol=1e-5)
 
 
+def test_training_ages_are_measured_from_each_positions_own_event() -> None:
+    ages = training_ages(tf.constant([[100, 200, 400, 1000]], tf.int64)).numpy()[0]
+    # Row j predicts event j and has read the start token (column 0, no time) and items
+    # 0..j-1 (columns 1..j), aged from event j's time; later columns are unknown (-1).
+    assert ages.tolist() == [
+        [-1, -1, -1, -1],
+        [-1, 100, -1, -1],
+        [-1, 300, 200, -1],
+        [-1, 900, 800, 600],
+    ]
+
+
+def test_serving_ages_are_differences_of_the_requests_ages() -> None:
+    # Three items oldest first, 900, 800 and 600 s before the request; a fourth slot unused.
+    ages = serving_ages(tf.constant([[900.0, 800.0, 600.0, -1.0]]), tf.constant([3])).numpy()[0]
+    # The query row (3) reads the given ages; row 2 predicted the newest item, so its ages are
+    # measured from it (900 - 600, 800 - 600); row 1 from the second (900 - 800).
+    assert ages.tolist() == [
+        [-1, -1, -1, -1, -1],
+        [-1, 100, -1, -1, -1],
+        [-1, 300, 200, -1, -1],
+        [-1, 900, 800, 600, -1],
+        [-1, -1, -1, -1, -1],
+    ]
+
+
+def test_training_and_serving_age_the_same_window_alike() -> None:
+    rng = np.random.default_rng(3)
+    max_history = 6
+    for _ in range(20):
+        n = int(rng.integers(0, max_history + 1))  # items read before the request
+        times = np.sort(rng.integers(1_700_000_000, 1_800_000_000, max_history + 1))
+        times[rng.random(max_history + 1) < 0.2] = -1  # some items' times not known
+        request = int(times.max()) + int(rng.integers(0, 10**6))
+        times[n] = request  # the event position n predicts: the request
+        train = training_ages(tf.constant([times], tf.int64)).numpy()[0]
+        served_ages = [float(request - t) if t >= 0 else -1.0 for t in times[:n]] + [-1.0] * (max_history - n)
+        served = serving_ages(tf.constant([served_ages], tf.float64), tf.constant([n])).numpy()[0]
+        # Rows up to the query row are what the served state reads; the rest is unknown there.
+        np.testing.assert_array_equal(served[: n + 1], train[: n + 1])
+        assert (served[n + 1 :] == -1).all()
+        # Never a later item, never the start token; an item without a time is unknown in
+        # every row, and so is the row that predicted it.
+        assert (served[np.triu_indices(max_history + 1, 1)] == -1).all() and (served[:, 0] == -1).all()
+        for i in np.flatnonzero(times[:n] < 0):
+            assert (served[:, i + 1] == -1).all() and (served[i] == -1).all()
+
+
 def test_a_position_reads_ages_from_its_own_event_and_never_a_later_ones_time() -> None:
-    ages = prefix_ages(tf.constant([[100, 200, 400, 1000]], tf.int64), 3).numpy()[0]
-    # Position t has read items 0..t-1, aged from event t's time; later items are unknown (-1).
-    assert ages.tolist() == [[-1, -1, -1], [100, -1, -1], [300, 200, -1], [900, 800, 600]]
     tower = _tower(max_history=3)
     base = {
         "user_id": tf.constant(["u1"]),
@@ -186,28 +261,24 @@ def test_a_position_reads_ages_from_its_own_event_and_never_a_later_ones_time() 
         "hour": tf.constant([[1, 1, 1, 1]], tf.int64),
         "device": tf.constant([["web"] * 4]),
     }
+    tower.encode_positions(base)  # built, then given age biases
+    _learned_age_biases(tower.encoder)
     days = 86_400
     before = tower.encode_positions(
         {**base, "event_time": tf.constant([[0, days, 2 * days, 3 * days]], tf.int64)}
-    )
+    ).numpy()[0]
     later = tower.encode_positions(
         {**base, "event_time": tf.constant([[0, days, 2 * days, 90 * days]], tf.int64)}
-    )
+    ).numpy()[0]
     # Only the last event's time moved: the positions before it are unchanged, the last moves.
-    np.testing.assert_allclose(before.numpy()[0, :3], later.numpy()[0, :3], atol=1e-6)
-    assert np.abs(before.numpy()[0, 3] - later.numpy()[0, 3]).max() > 1e-4
-
-
-def test_prefixes_encoded_in_groups_of_doubling_length_are_prefixes_encoded_whole() -> None:
-    tower = _tower(max_history=6)
-    prefixes = tf.random.stateless_normal([2, 7, 6, 8], seed=[1, 2])
-    grouped = tower._prefix_states(prefixes, training=False)  # static lengths: groups 1, 1, 2, 3
-
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 8])])
-    def whole(x: tf.Tensor) -> tf.Tensor:  # lengths unknown until run: one group at full length
-        return tower._prefix_states(x, training=False)
-
-    np.testing.assert_allclose(grouped.numpy(), whole(prefixes).numpy(), atol=1e-5)
+    np.testing.assert_allclose(before[:3], later[:3], atol=1e-6)
+    assert np.abs(before[3] - later[3]).max() > 1e-4
+    # An earlier event's time moves its own position and the later ones that read its item.
+    earlier = tower.encode_positions(
+        {**base, "event_time": tf.constant([[0, 40 * days, 41 * days, 42 * days]], tf.int64)}
+    ).numpy()[0]
+    np.testing.assert_allclose(before[:1], earlier[:1], atol=1e-6)
+    assert np.abs(before[1:] - earlier[1:]).max(axis=-1).min() > 1e-4
 
 
 def test_ages_are_bucketed_by_log2_hours_with_an_unknown_bucket() -> None:
@@ -250,9 +321,13 @@ def test_only_the_ages_change_the_query_and_unknown_ages_add_nothing() -> None:
     base = {"user_id": tf.constant(["u1"] * 4), "hour": tf.constant([3] * 4, tf.int64)}
     base |= {"age_bucket": tf.constant(["18-24"] * 4), "country": tf.constant(["US"] * 4)}
     base |= {"device": tf.constant(["web"] * 4), "recent_items": tf.constant(["i1 i2 i3"] * 4)}
+    tower(base)  # built, then given age biases
+    _learned_age_biases(tower.encoder)
     ages = tf.constant(["60 3600 86400", "60 3600 8640000", "", "-1 -1 -1"])
     out = tower({**base, "recent_item_ages": ages}).numpy()
-    assert np.abs(out[0] - out[1]).max() > 1e-4  # an item a hundred days old, not one day
+    # The oldest item a hundred days old, not one: the newest item's age is the same, but the
+    # positions before it read other ages, and the query attends to them.
+    assert np.abs(out[0] - out[1]).max() > 1e-4
     np.testing.assert_allclose(out[2], out[3], atol=1e-6)  # missing = unknown
     without = tower({k: v for k, v in base.items()}).numpy()  # a caller that sends no ages at all
     np.testing.assert_allclose(out[2], without[0], atol=1e-6)
