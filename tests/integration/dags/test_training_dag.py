@@ -47,6 +47,10 @@ def test_dag_run_wrote_every_step_with_a_manifest(airflow_run):
     ingest = json.loads((run / "ingest" / "manifest.json").read_text())
     validate = json.loads((run / "validate" / "manifest.json").read_text())
     assert ingest["rows"]["users"] == 300
+    # No gateway ran in this home: no event log to export, and none was created.
+    exported = json.loads((run / "export_events" / "manifest.json").read_text())
+    assert exported["days"] == {} and exported["path"] == str(home / "lake" / "events")
+    assert not (home / "gateway" / "events.db").exists()
     assert validate["status"] == "passed"
     for table, counts in validate["tables"].items():
         assert counts["input"] == counts["accepted"] + counts["quarantined"]
