@@ -115,7 +115,13 @@ def export_events(
             days = [d for d in log.event_days() if d == wanted_day.isoformat()]
         else:
             days = [d for d in log.event_days() if d <= last.isoformat()]
-        rows_by_day = {d: log.events_between(*day_bounds(date.fromisoformat(d))) for d in days}
+        # One read over the span (a Redis log is scanned whole per read), split by UTC day.
+        rows_by_day: dict[str, list[dict[str, Any]]] = {d: [] for d in days}
+        if days:
+            span = day_bounds(date.fromisoformat(days[0]))[0], day_bounds(date.fromisoformat(days[-1]))[1]
+            for r in log.events_between(*span):
+                if r["ts"][:10] in rows_by_day:
+                    rows_by_day[r["ts"][:10]].append(r)
         requests = _request_context(log)
         shown = _impression_context(r for rows in rows_by_day.values() for r in rows)
         # Outcomes whose impression left the log already: the lake's previous days.
