@@ -212,6 +212,7 @@ class RecommendationFlow:
             status="ok",
             fallback=",".join(fallback) or None,
             items=[it["item_id"] for it in items],
+            candidate_source=source,
         )
         self.impressions.log_served(served, req, items)
         timer.lap("log")

@@ -292,6 +292,8 @@ def test_impressions_are_logged_with_request_id_and_arm(env: Env) -> None:
     assert [r[0] for r in rows] == [i["item_id"] for i in out["items"]]
     body = json.loads(rows[0][1])
     assert body["arm"] == "canary" and body["model_versions"] == {"retrieval": 2, "ranking": 2}
+    # The serving context training reads back from the lake: where the candidates came from.
+    assert body["candidate_source"] == out["candidate_source"] and body["position"] == 0
 
 
 def test_served_requests_reach_the_canary_analysis(env: Env) -> None:
