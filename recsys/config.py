@@ -368,6 +368,19 @@ class GatewayConfig(Section):
     exploration_slots: int = Field(1, ge=0)
     exploration_position: int = Field(3, ge=0)
     new_item_days: int = Field(7, ge=0)
+    # How the slots' items are chosen (recsys.exploration): uniform at random, epsilon-greedy or
+    # Thompson sampling on Beta posteriors of a slot impression's click probability (learned
+    # online from posted clicks that carry the request_id), or none (no exploration).
+    exploration_policy: Literal["uniform", "epsilon_greedy", "thompson", "none"] = "uniform"
+    exploration_epsilon: float = Field(0.1, ge=0, le=1)
+    # The posteriors' Beta prior, and whether they are per (segment, item) or per item.
+    exploration_prior_alpha: float = Field(1.0, gt=0)
+    exploration_prior_beta: float = Field(1.0, gt=0)
+    exploration_by_segment: bool = True
+    # New items a learning policy chooses among per request (a uniform sample when more are new).
+    exploration_pool: int = Field(256, ge=1)
+    # Arms (and slot impressions waiting for their click) the gateway keeps in memory.
+    exploration_max_arms: int = Field(100_000, ge=1)
     # Sticky arms by user hash; stable gets the rest. Holdout gets popularity only.
     arm_fractions: dict[str, float] = {"canary": 0.1, "holdout": 0.05}
     arm_salt: str = "recsys"
