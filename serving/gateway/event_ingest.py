@@ -9,6 +9,7 @@ from typing import Any
 
 from recsys.config import Settings
 from recsys.event_log.base import EventLog
+from serving.gateway.exploration import ExplorationBandit
 from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.schemas import Event
 from serving.gateway.user_features import UserActivity
@@ -26,6 +27,7 @@ class EventIngest:
         store: the Feast online store the events are pushed to.
         store_lock: held for each push (a read-modify-write of the user's row).
         metrics: events accepted, duplicate, and failed pushes.
+        exploration: the exploration slots' bandit, which learns from clicks naming a request.
     """
 
     def __init__(
@@ -36,6 +38,7 @@ class EventIngest:
         store: Any,
         store_lock: threading.Lock,
         metrics: GatewayMetrics,
+        exploration: ExplorationBandit | None = None,
     ) -> None:
         self.settings = settings
         self.event_log = event_log
@@ -43,6 +46,7 @@ class EventIngest:
         self.store = store
         self.store_lock = store_lock
         self.metrics = metrics
+        self.exploration = exploration
 
     def ingest(self, events: Sequence[Event]) -> dict[str, Any]:
         """Durable append first, then the user's in-process state, then the online store."""
@@ -62,6 +66,8 @@ class EventIngest:
         new.sort(key=lambda r: r["ts"])
         for rec in new:
             self.activity.update(rec)
+        if self.exploration is not None:
+            self.exploration.observe(new)  # duplicates were left out above
         pushed = True
         for rec in new:
             try:

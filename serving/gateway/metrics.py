@@ -80,5 +80,12 @@ class GatewayMetrics:
             "recsys_gateway_impression_log_failures", "Impression batches the event log refused.", registry=r
         )
 
+        self.exploration = Counter(
+            "recsys_gateway_exploration",
+            "The exploration bandit's observations: slot impressions (trial) and their clicks (click).",
+            ["outcome"],
+            registry=r,
+        )
+
     def fallback(self, stage: str, to: str) -> None:
         self.fallbacks.labels(stage=stage, to=to).inc()

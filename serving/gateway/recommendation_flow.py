@@ -42,7 +42,6 @@ from recsys.ranking import (
     insert_exploration,
     mmr,
     rank_fusion,
-    sample_positions,
     taste_candidates,
 )
 from serving.gateway.candidates import CandidateChain
@@ -60,6 +59,7 @@ from serving.gateway.explanations import (
     source_attribution,
     taste_reason,
 )
+from serving.gateway.exploration import ExplorationBandit
 from serving.gateway.impressions import ImpressionWriter
 from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.model_calls import ModelCalls
@@ -98,6 +98,7 @@ class RecommendationFlow:
         candidate_chain: candidates down the fallback chain.
         impressions: where each served request and its impressions are queued.
         metrics: the gateway's Prometheus metrics.
+        exploration: the exploration slots' bandit (default: one of its own).
     """
 
     def __init__(
@@ -110,8 +111,10 @@ class RecommendationFlow:
         candidate_chain: CandidateChain,
         impressions: ImpressionWriter,
         metrics: GatewayMetrics,
+        exploration: ExplorationBandit | None = None,
     ) -> None:
         self.settings = settings
+        self.exploration = exploration or ExplorationBandit(settings, metrics)
         self.snapshots = snapshots
         self.user_features = user_features
         self.activity = activity
@@ -191,7 +194,9 @@ class RecommendationFlow:
 
         explored: set[str] = set()
         if gw.exploration_slots and arm != "holdout":
-            ranked_ids, explored = self._explore(catalog, allowed, pos[picked], ranked_ids, k, request_id)
+            ranked_ids, explored = self._explore(
+                catalog, allowed, pos[picked], ranked_ids, k, request_id, segment
+            )
         items = self._explain(snap, assets, ranked_ids, explored, score_of, reasons, recent_pos, retrieved)
         timer.lap("explore")
         if req.explain:
@@ -215,6 +220,8 @@ class RecommendationFlow:
             candidate_source=source,
         )
         self.impressions.log_served(served, req, items)
+        if explored:
+            self.exploration.served(request_id, segment, [i for i in served.items if i in explored])
         timer.lap("log")
         timer.ms["total"] = round((time.perf_counter() - timer.start) * 1000, 3)
         for stage, ms in timer.ms.items():
@@ -420,12 +427,20 @@ class RecommendationFlow:
         ranked_ids: list[str],
         k: int,
         request_id: str,
+        segment: str = "",
     ) -> tuple[list[str], set[str]]:
-        """New items into the exploration slots: the list, and the ids placed there."""
+        """New items into the exploration slots, as the configured bandit chooses them
+        (``gateway.exploration_policy``): the list, and the ids placed there."""
         gw = self.settings.gateway
         rng = np.random.default_rng(int(hashlib.sha256(request_id.encode()).hexdigest()[:16], 16))
-        chosen = sample_positions(
-            catalog.new_positions, allowed, set(picked_pos.tolist()), gw.exploration_slots, rng
+        chosen = self.exploration.choose(
+            catalog.item_ids,
+            catalog.new_positions,
+            allowed,
+            set(picked_pos.tolist()),
+            gw.exploration_slots,
+            segment,
+            rng,
         )
         if not len(chosen):
             return ranked_ids, set()

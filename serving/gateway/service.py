@@ -25,6 +25,7 @@ from recsys.event_log.base import EventLog
 from serving.clients import ModelServerClient
 from serving.gateway.candidates import CandidateChain
 from serving.gateway.event_ingest import EventIngest
+from serving.gateway.exploration import ExplorationBandit
 from serving.gateway.impressions import ImpressionWriter
 from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.model_calls import ModelCalls
@@ -80,8 +81,16 @@ class Gateway:
             settings, self.store, self.store_lock, self.model_calls, self.user_features.defaults
         )
         self.impressions = ImpressionWriter(settings, self.event_log, self.metrics)
+        # The exploration slots' bandit: chooses at serve time, learns from posted clicks.
+        self.exploration = ExplorationBandit(settings, self.metrics)
         self.event_ingest = EventIngest(
-            settings, self.event_log, self.activity, self.store, self.store_lock, self.metrics
+            settings,
+            self.event_log,
+            self.activity,
+            self.store,
+            self.store_lock,
+            self.metrics,
+            self.exploration,
         )
         self.recommendations = RecommendationFlow(
             settings,
@@ -92,6 +101,7 @@ class Gateway:
             CandidateChain(settings, self.model_calls, self.metrics),
             self.impressions,
             self.metrics,
+            self.exploration,
         )
         self._readiness = Readiness(settings, self.snapshots, self.client, self.event_log)
 

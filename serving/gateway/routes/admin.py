@@ -1,4 +1,5 @@
-"""``POST /v1/admin/reload``, ``POST /v1/admin/canary/promote|rollback`` (``serving.gateway.admin``)."""
+"""``POST /v1/admin/reload``, ``POST /v1/admin/canary/promote|rollback`` (``serving.gateway.admin``),
+``GET /v1/admin/exploration`` (the exploration bandit's posteriors)."""
 
 from __future__ import annotations
 
@@ -40,5 +41,10 @@ def admin_router(access: AccessChecks, manual_rollout: ManualRollout | None) -> 
         """``promote`` (stable := canary, only if the canary serves) or ``rollback`` (canary := stable)."""
         reason = body.reason if body else ""
         return await _run_admin(lambda: move_canary(gateway, action, reason, manual_rollout))
+
+    @router.get("/v1/admin/exploration", dependencies=[access.read])
+    def admin_exploration(gateway: CurrentGateway, top: int = 20) -> Any:
+        """The exploration bandit: its policy, totals, and the arms with most slot impressions."""
+        return gateway.exploration.summary(max(0, min(top, 1000)))
 
     return router
