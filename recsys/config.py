@@ -130,6 +130,9 @@ class TrainingConfig(Section):
     sequence_heads: int = Field(1, ge=1)
     sequence_dropout: float = Field(0.2, ge=0, lt=1)
     sequence_batch_size: int = Field(32, ge=2)
+    # Whether the sequential tower reads the time since each recent item (an attention bias
+    # per age bucket, TiSASRec-style); off, it reads the order alone (SASRec).
+    sequence_item_ages: bool = True
     # Negatives of the retriever's sampled softmax. in_batch: the other positives of the batch
     # (popularity-distributed). mixed: those plus ``uniform_negatives`` catalog items drawn
     # uniformly per batch, so the long tail is pushed down too.
@@ -471,6 +474,36 @@ class EventExportConfig(Section):
     keep_days: int = Field(7, ge=0)
 
 
+class MonitoringConfig(Section):
+    """Drift monitoring (``recsys monitor``, the hourly ``monitoring`` DAG): the latest serving
+    window against the training window; a crossed threshold triggers ``training_pipeline``.
+
+    The training window is the last ``training_window_days`` of the latest validated data (what
+    the serving models learned from); the serving window is the event log's last
+    ``serving_window_hours`` before the run's end. Per feature, the population stability index
+    (PSI, ``sum((q - p) * ln(q / p))`` over the feature's bins) is compared with its threshold.
+    """
+
+    serving_window_hours: int = Field(24, ge=1)
+    training_window_days: int = Field(7, ge=1)
+    # PSI above which a feature has drifted (0.1: some shift; 0.25: a large one). Features:
+    # category_impressions, category_positives, event_type, device, hour, item_popularity.
+    psi_threshold: float = Field(0.2, gt=0)
+    # Per-feature thresholds overriding ``psi_threshold`` (feature name -> PSI).
+    psi_thresholds: dict[str, float] = {}
+    # A feature is judged only with at least this many events in both windows.
+    min_events: int = Field(200, ge=1)
+    # Drift when click-through per impression (all traffic) moves by more than this fraction
+    # of the training window's (0.3: -30% or +30%); 0 turns the check off.
+    max_ctr_relative_change: float = Field(0.3, ge=0)
+    # Heavy users: the most active fraction of the training window's users.
+    heavy_user_fraction: float = Field(0.1, gt=0, le=1)
+    # Bins of the training window's item popularity (quantiles) for the served items' PSI.
+    popularity_bins: int = Field(10, ge=2)
+    # Trigger ``training_pipeline`` when drift is found (false: report only).
+    trigger_retraining: bool = True
+
+
 class SecurityConfig(Section):
     """Who may call the gateway: an API key for writes and admin actions, optionally reads.
 
@@ -541,6 +574,7 @@ class Settings(BaseModel):
     gateway: GatewayConfig = GatewayConfig()
     canary: CanaryConfig = CanaryConfig()
     event_export: EventExportConfig = EventExportConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
     airflow: AirflowConfig = AirflowConfig()
     security: SecurityConfig = SecurityConfig()
 

@@ -30,7 +30,7 @@ import shutil
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -61,6 +61,9 @@ GENERIC_WORDS = "new classic premium best value edition pro mini max essential".
 COUNTRIES = ("US", "GB", "DE", "FR", "IN", "BR", "JP", "ES")
 SIGNUP_SOURCES = ("organic", "ads", "referral", "social", "email")
 EVENT_GAP_SECONDS = 20.0
+SHIFT_KINDS = ("tastes", "category_mix")
+# Under ``category_mix``, the share of impressions drawn from the shifted mix instead of tastes.
+SHIFT_MIX_SHARE = 0.6
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,12 @@ class GenerateParams:
     events_per_user_day: float = 1.2
     late_user_fraction: float = 0.15
     late_item_fraction: float = 0.2
+    # From this day of the period on (0 = its first day) what users want changes; None: never.
+    # ``tastes``: each user's category tastes move to other categories (a fixed permutation);
+    # what is shown still follows the old tastes (as a model trained before would show it), so
+    # responses change. ``category_mix``: what is shown leans to a few categories.
+    shift_day: int | None = None
+    shift_kind: Literal["tastes", "category_mix"] = "tastes"
 
 
 LATENT_DIM = 8
@@ -133,9 +142,10 @@ def generate(params: GenerateParams) -> dict[str, pd.DataFrame]:
 def generate_with_truth(params: GenerateParams) -> tuple[dict[str, pd.DataFrame], SyntheticTruth]:
     """The data frames (as ``generate``) and the truth they were sampled from."""
     rng, period, users, items = _draw_world(params)
+    shift = _draw_shift(params, users.taste.shape[1])
     sessions = _draw_sessions(rng, params, period, users)
-    shown = _draw_impressions(rng, sessions, users, items)
-    outcomes = _draw_outcomes(rng, shown, users, items, period)
+    shown = _draw_impressions(rng, sessions, users, items, shift)
+    outcomes = _draw_outcomes(rng, shown, users, items, period, shift)
     events = _events_frame(outcomes, shown, sessions, users, items, period)
     return {"users": users.frame, "items": items.frame, "events": events}, _truth_of(params, users, items)
 
@@ -159,6 +169,34 @@ def _draw_world(params: GenerateParams) -> tuple[np.random.Generator, _Period, _
     users = _draw_users(rng, params, period, len(categories))
     items = _draw_items(rng, params, period, categories)
     return rng, period, users, items
+
+
+@dataclass(frozen=True)
+class _Shift:
+    """A change of what users want from ``offset`` seconds into the period on."""
+
+    offset: float
+    kind: str
+    permutation: np.ndarray  # [C] tastes: the shifted taste of category c is the taste of permutation[c]
+    mix: np.ndarray  # [C] category_mix: the shifted category mix (sums to 1)
+    seed: int  # of the shift's own draws (which impressions follow the mix)
+
+
+def _draw_shift(params: GenerateParams, n_cat: int) -> _Shift | None:
+    """The shift ``params`` asks for, drawn from its own generator (seeded by the seed), so the
+    main draws, and the data before the shift day, are the same as without it."""
+    if params.shift_day is None:
+        return None
+    if params.shift_kind not in SHIFT_KINDS:
+        raise ValueError(f"shift_kind={params.shift_kind!r}: expected one of {', '.join(SHIFT_KINDS)}")
+    if not 0 <= params.shift_day < params.days:
+        raise ValueError(f"shift_day={params.shift_day}: expected a day of the period, 0..{params.days - 1}")
+    rng = np.random.default_rng([params.seed, 1])
+    # A permutation with no fixed point: every category's taste moves somewhere else.
+    permutation = (np.arange(n_cat) + rng.integers(1, n_cat)) % n_cat
+    mix = np.full(n_cat, 0.02 / n_cat)
+    mix[rng.choice(n_cat, size=3, replace=False)] += 0.98 / 3
+    return _Shift(params.shift_day * 86400.0, params.shift_kind, permutation, mix / mix.sum(), params.seed)
 
 
 def _draw_users(rng: np.random.Generator, params: GenerateParams, period: _Period, n_cat: int) -> _Users:
@@ -246,9 +284,10 @@ def _draw_sessions(
 
 
 def _draw_impressions(
-    rng: np.random.Generator, sessions: _Sessions, users: _Users, items: _Items
+    rng: np.random.Generator, sessions: _Sessions, users: _Users, items: _Items, shift: _Shift | None = None
 ) -> _Impressions:
-    """Impressions: a category by the user's taste, an item by popularity within it."""
+    """Impressions: a category by the user's taste, an item by popularity within it (from a
+    ``category_mix`` shift's day on, partly by the shifted category mix)."""
     n_cat, n_i = users.taste.shape[1], len(items.primary)
     session = np.repeat(np.arange(len(sessions.user)), sessions.length)
     session_first = np.repeat(np.cumsum(sessions.length) - sessions.length, sessions.length)
@@ -260,6 +299,14 @@ def _draw_impressions(
     cum_taste = np.cumsum(users.taste, axis=1)
     r = rng.random(len(user))[:, None]
     category = np.minimum((cum_taste[user] < r).sum(axis=1), n_cat - 1)
+    if shift is not None:
+        after = np.flatnonzero(offset >= shift.offset)
+        shift_rng = np.random.default_rng([shift.seed, 2])
+        if shift.kind == "category_mix":
+            mixed = after[shift_rng.random(after.size) < SHIFT_MIX_SHARE]
+            category[mixed] = np.minimum(
+                np.searchsorted(np.cumsum(shift.mix), shift_rng.random(mixed.size)), n_cat - 1
+            )
     trending = rng.random(len(user)) < 0.15
     item = np.empty(len(user), dtype=np.int64)
     for c in range(n_cat):
@@ -279,16 +326,25 @@ def _draw_impressions(
 
 
 def _draw_outcomes(
-    rng: np.random.Generator, shown: _Impressions, users: _Users, items: _Items, period: _Period
+    rng: np.random.Generator,
+    shown: _Impressions,
+    users: _Users,
+    items: _Items,
+    period: _Period,
+    shift: _Shift | None = None,
 ) -> pd.DataFrame:
     """What followed each impression, driven by affinity: one row per event, in time order.
 
     Columns: ``imp`` (the impression's row in ``shown``), ``event_type``, ``value`` and
     ``offset`` (seconds from the period's start); events past the period's end are dropped.
     """
-    affinity = affinity_of(
-        users.taste[shown.user, items.primary[shown.item]], users.latent[shown.user], items.latent[shown.item]
-    )
+    taste = users.taste[shown.user, items.primary[shown.item]]
+    if shift is not None and shift.kind == "tastes":
+        # From the shift's day on users respond to their shifted tastes, too.
+        after = shown.offset >= shift.offset
+        shifted = users.taste[shown.user, shift.permutation[items.primary[shown.item]]]
+        taste = np.where(after, shifted, taste)
+    affinity = affinity_of(taste, users.latent[shown.user], items.latent[shown.item])
     responses = draw_responses(rng, affinity)
     parts = []
     for name, idx, value, step in responses.events():
@@ -469,7 +525,7 @@ def generate_to_folder(params: GenerateParams, out_dir: Path) -> dict[str, Any]:
 
 
 def _params_record(params: GenerateParams) -> dict[str, Any]:
-    return {
+    record: dict[str, Any] = {
         "users": params.users,
         "items": params.items,
         "days": params.days,
@@ -477,6 +533,9 @@ def _params_record(params: GenerateParams) -> dict[str, Any]:
         "end_date": params.end_date.isoformat(),
         "events_per_user_day": params.events_per_user_day,
     }
+    if params.shift_day is not None:  # absent without a shift: those manifests stay as they were
+        record["shift"] = {"day": params.shift_day, "kind": params.shift_kind}
+    return record
 
 
 # --------------------------------------------------------------------------------------------
