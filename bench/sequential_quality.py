@@ -50,6 +50,7 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "bag": [{"query_tower": "bag"}, {"query_tower": "bag", "negatives": "mixed"}],
     "sequential": [
         {"query_tower": "sequential", "sequence_layers": 2, "sequence_dropout": 0.2},
+        {"query_tower": "sequential", "sequence_dropout": 0.2, "sequence_item_ages": False},
         {"query_tower": "sequential", "sequence_layers": 2, "sequence_dropout": 0.5},
         {"query_tower": "sequential", "sequence_layers": 2, "sequence_dropout": 0.2, "negatives": "mixed"},
     ],

@@ -416,11 +416,15 @@ class SequentialQueryTower(keras.Model):
         item_bias: bool = False,
         item_categories: Mapping[str, str] | None = None,  # item id -> primary category
         categories: Sequence[str] = (),
+        item_ages: bool = True,
     ) -> None:
         from components.training.sequence import CausalSequenceEncoder
 
         super().__init__(name="query_tower")
         self.max_history, self.normalize, self.item_bias = max_history, normalize, item_bias
+        # Whether the time since each recent item is read (``training.sequence_item_ages``);
+        # without it the input is taken and not read, and the tower is plain SASRec.
+        self.item_ages = item_ages
         self.item_lookup = item_lookup
         self.history_table = history_table
         self.history_categories = (
@@ -476,7 +480,7 @@ class SequentialQueryTower(keras.Model):
         of the age of the newest item it has read (the matrix's diagonal).
         """
         start = tf.broadcast_to(self.start_token, [tf.shape(vectors)[0], 1, self.start_token.shape[0]])
-        if ages is None:
+        if ages is None or not self.item_ages:
             return self.encoder(tf.concat([start, vectors], axis=1), training=training)
         ages = self._hide_ages(ages, training)
         states = self.encoder(tf.concat([start, vectors], axis=1), ages, training=training)

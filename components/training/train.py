@@ -505,6 +505,7 @@ def _build_retriever(config: TrainingConfig, vocabulary: _Vocabulary, catalog: _
             layers=config.sequence_layers,
             heads=config.sequence_heads,
             dropout=config.sequence_dropout,
+            item_ages=config.sequence_item_ages,
         )
     else:
         query = QueryTower(**query_arguments)
