@@ -73,7 +73,7 @@ def test_training_pipeline_wiring_and_defaults(dagbag):
         assert t.retry_exponential_backoff
 
 
-@pytest.mark.parametrize("dag_id", ["canary_rollout", "feature_refresh"])
+@pytest.mark.parametrize("dag_id", ["canary_rollout", "feature_refresh", "monitoring"])
 def test_operational_dags_defaults(dagbag, dag_id):
     dag = dagbag.dags[dag_id]
     assert dag.catchup is False and dag.max_active_runs == 1
@@ -100,3 +100,13 @@ def test_feature_refresh_is_hourly_and_updates_the_online_store(dagbag):
     assert dag.timetable.expression == "0 * * * *"
     assert {o.name for o in dag.task_dict["materialize"].outlets} == {"recsys://online-store"}
     assert dag.params["overlap_hours"] >= 0
+
+
+def test_monitoring_is_hourly_and_triggers_training_only_after_the_drift_check(dagbag):
+    dag = dagbag.dags["monitoring"]
+    assert dag.timetable.expression == "0 * * * *"
+    assert dag.task_dict["check_drift"].upstream_task_ids == set()
+    retrain = dag.task_dict["retrain"]
+    assert retrain.upstream_task_ids == {"check_drift"}
+    assert retrain.trigger_dag_id == "training_pipeline" and "training_pipeline" in dagbag.dags
+    assert "retrain_conf" in retrain.conf  # the drift's reason goes into the triggered run's conf
