@@ -84,6 +84,13 @@ def data_generate(
         float | None, typer.Option(help="Average events per user and day (default: config).")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output data folder (default: <home>/data/raw).")] = None,
+    shift_day: Annotated[
+        int | None,
+        typer.Option(help="From this day of the period on (0: its first), what users want changes."),
+    ] = None,
+    shift_kind: Annotated[
+        str, typer.Option(help="The shift: tastes (responses change) or category_mix (what is shown).")
+    ] = "tastes",
 ) -> None:
     """Generate seeded synthetic users, items and events with real structure."""
     from components.sources.synthetic import GenerateParams, generate_to_folder
@@ -99,6 +106,8 @@ def data_generate(
         events_per_user_day=events_per_user_day or g.events_per_user_day,
         late_user_fraction=g.late_user_fraction,
         late_item_fraction=g.late_item_fraction,
+        shift_day=shift_day,
+        shift_kind=shift_kind,  # type: ignore[arg-type]
     )
     out = out or s.raw_dir
     with console.status(f"generating {params.users} users, {params.items} items, {params.days} days"):
@@ -460,6 +469,32 @@ def canary_rollback(
 ) -> None:
     """Send canary traffic back to stable for both models (canary := stable), recorded as manual."""
     _canary_manual(ctx, "rollback", reason)
+
+
+@app.command("monitor")
+def monitor(
+    ctx: typer.Context,
+    until: Annotated[
+        datetime | None, typer.Option(help="End of the serving window, UTC (default: this hour).")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Training data folder (default: the latest validated data).")
+    ] = None,
+) -> None:
+    """Drift of the latest serving window against the training window (as the monitoring DAG):
+    PSI per feature, CTR per arm and segment, catalog coverage; exits 1 on drift."""
+    from components.monitoring import monitor_drift, summary_line
+
+    manifest = monitor_drift(_settings(ctx), until=until, data=data)
+    for name, value in manifest["features"].items():
+        console.print(f"  {name:<22} PSI {value:.4f}")
+    ctr = manifest["ctr"]
+    console.print(f"  CTR {ctr['serving']} serving vs {ctr['reference']} training")
+    console.print(f"  catalog coverage {manifest['coverage']}")
+    console.print(summary_line(manifest))
+    console.print(f"report: {manifest['report']}")
+    if manifest["drifted"]:
+        raise typer.Exit(1)
 
 
 @events_app.command("export")
