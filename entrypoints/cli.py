@@ -562,6 +562,13 @@ def simulate_cmd(
         str | None, typer.Option(help="A running gateway's URL (default: start one on a scratch copy).")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: <run>/simulation).")] = None,
+    exploration: Annotated[
+        str,
+        typer.Option(
+            help="Exploration policies to compare, comma-separated (uniform,epsilon_greedy,thompson,none): "
+            "popularity with the exploration slot filled by each, learning from the simulated clicks."
+        ),
+    ] = "",
 ) -> None:
     """Replay users of the synthetic truth against the served system, retrieval alone, popularity,
     random and the oracle; report reward per request and the served system's share of the oracle."""
@@ -571,6 +578,7 @@ def simulate_cmd(
         run_simulation(
             _settings(ctx), console, truth=truth, users=users, requests_per_user=requests_per_user,
             k=k, seed=seed, policies=policy or POLICIES, gateway_url=gateway, out=out,
+            exploration=[e.strip() for e in exploration.split(",") if e.strip()],
         )  # fmt: skip
     except (FileNotFoundError, KeyError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")

@@ -29,6 +29,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from components.simulation.exploration import (
+    ExploringPolicy,
+    exploration_summary,
+    new_items,
+    true_click_rates,
+)
 from components.simulation.loop import World, build_world, load_feature_source, simulate
 from components.simulation.policies import (
     OraclePolicy,
@@ -228,6 +234,8 @@ def run_simulation(
     gateway_url: str | None = None,
     label: str = "stable",
     out: Path | None = None,
+    exploration: Sequence[str] = (),
+    new_item_count: int = 50,
 ) -> dict[str, Any]:
     """Simulate ``users`` users of the truth against each policy and write the report.
 
@@ -244,6 +252,10 @@ def run_simulation(
             default: start one here.
         label: the retrieval version the ``retrieval`` policy reads.
         out: the output folder (default: the run's ``simulation/``).
+        exploration: exploration policies (``recsys.exploration.EXPLORATION_KINDS``) each run
+            as popularity with the gateway's exploration slots filled by it from the
+            ``new_item_count`` least popular items, learning from the simulated clicks in
+            process (``components.simulation.exploration``); reported side by side.
 
     Returns:
         The summary (also in ``<out>/summary.json``).
@@ -272,6 +284,7 @@ def run_simulation(
     built["popularity"] = PopularityPolicy(world.universe, world.popular_items)
     built["random"] = RandomPolicy(world.universe, seed)
     built["oracle"] = OraclePolicy(world.universe, truth_model)
+    exploring = _exploring_policies(settings, world, truth_model, exploration, new_item_count, seed)
     setup = {
         "truth": str(inputs.truth),
         "validated": str(inputs.validated),
@@ -298,12 +311,47 @@ def run_simulation(
             run_tag = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
             built[SERVED] = GatewayPolicy(client, not_simulatable, run_tag)
             setup["gateway"] = url
-        records = _with_progress(console, world, [built[p] for p in chosen], requests_per_user, k, seed)
+        run = [built[p] for p in chosen if p != "oracle"] + [*exploring, built["oracle"]]
+        records = _with_progress(console, world, run, requests_per_user, k, seed)
     summary = summarize(records, seed=seed, setup=setup)
+    if exploring:
+        summary["exploration"] = exploration_summary(records, exploring)
     paths = write_report(summary, records, inputs.out, served=SERVED)
     print_summary(console, summary)
     console.print(f"report: {paths['report']} ({time.perf_counter() - started:.0f}s)")
     return summary
+
+
+def _exploring_policies(
+    settings: Settings, world: World, truth: Any, kinds: Sequence[str], n_new: int, seed: int
+) -> list[ExploringPolicy]:
+    """Popularity with the gateway's exploration slots, once per exploration policy."""
+    from recsys.exploration import EXPLORATION_KINDS
+
+    unknown = sorted(set(kinds) - set(EXPLORATION_KINDS))
+    if unknown:
+        raise ValueError(f"--exploration {unknown}: not a policy; choose from {list(EXPLORATION_KINDS)}")
+    if not kinds:
+        return []
+    gw = settings.gateway
+    new = new_items(world.universe, world.popular_items, n_new)
+    rates = true_click_rates(truth, [u.user_id for u in world.users], new)
+    return [
+        ExploringPolicy(
+            PopularityPolicy(world.universe, world.popular_items),
+            world.universe,
+            kind,  # type: ignore[arg-type]
+            new,
+            rates,
+            seed,
+            slots=max(1, gw.exploration_slots),
+            position=gw.exploration_position,
+            epsilon=gw.exploration_epsilon,
+            prior_alpha=gw.exploration_prior_alpha,
+            prior_beta=gw.exploration_prior_beta,
+        )
+        for kind in dict.fromkeys(kinds)
+    ]
 
 
 def _catalog_ids(validated: Path) -> set[str]:

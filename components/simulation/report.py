@@ -157,6 +157,7 @@ def _html(summary: Mapping[str, Any], served: str) -> str:
         f"<li>{html.escape(str(k))}: {html.escape(str(v))}</li>" for k, v in summary.get("setup", {}).items()
     )
     chart = _chart(policies, reference)
+    exploration = _exploration_html(summary.get("exploration") or {}, reference)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>recsys simulation</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse}}
@@ -169,9 +170,45 @@ ranker's objectives weigh them. Intervals are 95%, over users.</p>
 <img alt="reward per request" src="data:image/png;base64,{chart}">
 <table><tr><th>policy</th>{head}</tr>{body}</table>
 {f"<h2>Serving arms</h2><ul>{arms}</ul>" if arms else ""}
+{exploration}
 <h2>Setup</h2><ul>{setup}</ul>
 </body></html>
 """
+
+
+EXPLORATION_COLUMNS = (
+    ("exploration", "exploration"),
+    ("reward / request", "reward_per_request"),
+    ("expected reward / request", "expected_reward_per_request"),
+    ("regret / request", "regret_per_request"),
+    ("slot impressions", "slot_trials"),
+    ("slot clicks", "slot_clicks"),
+    ("new items", "new_items"),
+    ("clicked", "new_items_clicked"),
+    ("learned", "new_items_learned"),
+    ("median requests to first click", "median_requests_to_first_click"),
+    ("median requests to learn", "median_requests_to_learned"),
+)
+
+
+def _exploration_html(exploration: Mapping[str, Any], reference: str) -> str:
+    """The exploration policies' table (``components.simulation.exploration``), if any ran."""
+    if not exploration:
+        return ""
+    tolerance = next(iter(exploration.values())).get("learned_tolerance", 0.05)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c, _ in EXPLORATION_COLUMNS)
+    body = "".join(
+        f"<tr><th>{html.escape(name)}</th>"
+        + "".join(f"<td>{_cell(e.get(key))}</td>" for _, key in EXPLORATION_COLUMNS)
+        + "</tr>"
+        for name, e in exploration.items()
+    )
+    return f"""<h2>Exploration policies</h2>
+<p>The same base list with its exploration slot filled by each policy from the new items, learning
+from the simulated clicks. Regret: the {html.escape(reference)}'s expected reward per request less
+the policy's. A new item is learned when its posterior mean click rate comes within {tolerance:g}
+of the truth's (over the simulated users); requests count the policy's requests so far.</p>
+<table><tr><th>policy</th>{head}</tr>{body}</table>"""
 
 
 def _cell(v: Any) -> str:
