@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,6 +34,22 @@ def tiny_airflow_env(airflow_home: Path, recsys_home: Path) -> dict[str, str]:
         GX_ANALYTICS_ENABLED="false",
     )
     return env
+
+
+def run_dags_test(
+    dag_id: str, logical_date: str, env: dict[str, str], log_dir: Path, timeout: int = 300
+) -> str:
+    """``airflow dags test dag_id logical_date`` in ``env``: its output, also written to
+    ``log_dir/dags_test.log``, after checking that the run succeeded."""
+    proc = subprocess.run(
+        [str(AIRFLOW), "dags", "test", dag_id, logical_date],
+        env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+    )  # fmt: skip
+    log = proc.stdout + proc.stderr
+    (log_dir / "dags_test.log").write_text(log)
+    assert proc.returncode == 0, log[-4000:]
+    assert "state=success" in log
+    return log
 
 
 def airflow_entrypoint(*args: str) -> list[str]:

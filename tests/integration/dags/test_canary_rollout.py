@@ -21,8 +21,7 @@ from recsys.config import load_settings
 from recsys.event_log.base import ServedRequest
 from recsys.event_log.sqlite import SqliteEventLog
 from recsys.model_registry import MODELS_CONFIG, read_models_config, write_models_config
-from tests.support.airflow_env import AIRFLOW, tiny_airflow_env
-from tests.support.paths import REPO
+from tests.support.airflow_env import AIRFLOW, run_dags_test, tiny_airflow_env
 
 pytestmark = pytest.mark.integration
 
@@ -140,14 +139,7 @@ def test_canary_rollout_dag(migrated_airflow, tmp_path, scenario, logical_date, 
     home = tmp_path / "recsys"
     prepare_home(home, scenario)
     env = {**tiny_airflow_env(migrated_airflow, home), **CANARY_ENV}
-    proc = subprocess.run(
-        [str(AIRFLOW), "dags", "test", "canary_rollout", logical_date],
-        env=env, capture_output=True, text=True, timeout=300, cwd=REPO,
-    )  # fmt: skip
-    log = proc.stdout + proc.stderr
-    (tmp_path / "dags_test.log").write_text(log)
-    assert proc.returncode == 0, log[-4000:]
-    assert "state=success" in log
+    run_dags_test("canary_rollout", logical_date, env, tmp_path)
 
     assert labels(home) == {m: {"stable": after, "canary": after} for m in ("retrieval", "ranking")}
     records = [json.loads(x) for x in (home / "canary" / "decisions.jsonl").read_text().splitlines()]

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.support.airflow_env import AIRFLOW, tiny_airflow_env
+from tests.support.airflow_env import AIRFLOW, run_dags_test, tiny_airflow_env
 from tests.support.drift_data import DRIFT_ENV, prepare_drift_home
 from tests.support.paths import REPO
 
@@ -45,14 +45,7 @@ def test_monitoring_dag_triggers_training_only_on_drift(migrated_airflow, tmp_pa
     prepare_drift_home(home, shift)
     before = _training_runs(migrated_airflow)
     env = {**tiny_airflow_env(migrated_airflow, home), **DRIFT_ENV}
-    proc = subprocess.run(
-        [str(AIRFLOW), "dags", "test", "monitoring", logical_date],
-        env=env, capture_output=True, text=True, timeout=300, cwd=REPO,
-    )  # fmt: skip
-    log = proc.stdout + proc.stderr
-    (tmp_path / "dags_test.log").write_text(log)
-    assert proc.returncode == 0, log[-4000:]
-    assert "state=success" in log
+    log = run_dags_test("monitoring", logical_date, env, tmp_path)
     assert (home / "monitoring" / "2026-11-01" / "report.html").is_file()
     new = [run for run in _training_runs(migrated_airflow) if run not in before]
     if shift is None:
