@@ -136,13 +136,7 @@ def _html(summary: Mapping[str, Any], served: str) -> str:
         ("not allowed", "not_allowed"),
         ("unsimulated", "unsimulated"),
     ]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c, _ in cols)
-    body = "".join(
-        f"<tr><th>{html.escape(name)}</th>"
-        + "".join(f"<td>{_cell(p[key])}</td>" for _, key in cols)
-        + "</tr>"
-        for name, p in policies.items()
-    )
+    head, body = _policy_rows(cols, policies)
     arms = "".join(
         f"<li>{html.escape(name)}: "
         + ", ".join(
@@ -196,19 +190,27 @@ def _exploration_html(exploration: Mapping[str, Any], reference: str) -> str:
     if not exploration:
         return ""
     tolerance = next(iter(exploration.values())).get("learned_tolerance", 0.05)
-    head = "".join(f"<th>{html.escape(c)}</th>" for c, _ in EXPLORATION_COLUMNS)
-    body = "".join(
-        f"<tr><th>{html.escape(name)}</th>"
-        + "".join(f"<td>{_cell(e.get(key))}</td>" for _, key in EXPLORATION_COLUMNS)
-        + "</tr>"
-        for name, e in exploration.items()
-    )
+    head, body = _policy_rows(EXPLORATION_COLUMNS, exploration)
     return f"""<h2>Exploration policies</h2>
 <p>The same base list with its exploration slot filled by each policy from the new items, learning
 from the simulated clicks. Regret: the {html.escape(reference)}'s expected reward per request less
 the policy's. A new item is learned when its posterior mean click rate comes within {tolerance:g}
 of the truth's (over the simulated users); requests count the policy's requests so far.</p>
 <table><tr><th>policy</th>{head}</tr>{body}</table>"""
+
+
+def _policy_rows(
+    columns: Sequence[tuple[str, str]], rows: Mapping[str, Mapping[str, Any]]
+) -> tuple[str, str]:
+    """A policy table's header cells and its rows (one per policy; a missing value is blank)."""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c, _ in columns)
+    body = "".join(
+        f"<tr><th>{html.escape(name)}</th>"
+        + "".join(f"<td>{_cell(row.get(key))}</td>" for _, key in columns)
+        + "</tr>"
+        for name, row in rows.items()
+    )
+    return head, body
 
 
 def _cell(v: Any) -> str:
