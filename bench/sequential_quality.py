@@ -12,10 +12,11 @@ feature layer's point-in-time join gives. Queries go through the exported query 
 
 Selection: each tower has a small grid (``GRIDS``); a grid point trains on everything but
 the last two items per user, with early stopping on the last tenth of those positives by
-time, and is scored on the validation item. The best grid point on validation NDCG@10,
-with its early-stopped epoch count, then trains on everything but the test item (no
-validation split) once per training seed, and is scored on the test item. The test item
-chooses nothing.
+time (``training.early_stopping_metric``'s default: their NDCG@10 ranked over the catalog
+for the sequential tower, their loss for the bag tower), and is scored on the validation
+item. The best grid point on validation NDCG@10, with its early-stopped epoch count, then
+trains on everything but the test item (no validation split) once per training seed, and
+is scored on the test item. The test item chooses nothing.
 """
 
 from __future__ import annotations

@@ -328,25 +328,107 @@ def _fit(
     patience: int,
     name: str,
     log: Callable[[str], None],
+    ranking: Any | None = None,
 ) -> dict[str, Any]:
-    """Fit with early stopping on the validation loss; returns the losses and the best epoch."""
+    """Fit with early stopping; returns the metrics at the best epoch and its number.
+
+    Early stopping watches the validation loss, or with ``ranking`` (``_held_out_ranking``:
+    a callback that adds ``val_ndcg_at_10`` and ``val_recall_at_10`` to each epoch's logs)
+    the held-out positives' NDCG@10, the larger the better.
+    """
     import tf_keras as keras
 
-    callbacks = [_epoch_logger(name, log)]
+    ranked = ranking is not None and val is not None
+    monitor, mode = ("val_ndcg_at_10", "max") if ranked else ("val_loss", "min")
+    # The ranking callback first: the epoch line and early stopping read what it logs.
+    callbacks = [ranking] if ranked else []
+    callbacks.append(_epoch_logger(name, log))
     if val is not None:
         callbacks.append(
             keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=patience, restore_best_weights=True, mode="min"
+                monitor=monitor, patience=patience, restore_best_weights=True, mode=mode
             )
         )
     hist = model.fit(train, validation_data=val, epochs=epochs, callbacks=callbacks, verbose=0).history
-    losses = hist.get("val_loss") or hist["loss"]
-    best = int(np.argmin(losses))
+    if ranked:
+        best = int(np.argmax(hist[monitor]))
+    else:
+        best = int(np.argmin(hist.get("val_loss") or hist["loss"]))
     out: dict[str, Any] = {"epochs_run": len(hist["loss"]), "best_epoch": best + 1}
     for k, v in hist.items():
         if not k.endswith(("regularization_loss", "total_loss")):  # zero / equal to loss here
             out[k] = float(v[best])
     return out
+
+
+def full_ranking_metrics(
+    queries: np.ndarray,
+    items: np.ndarray,
+    targets: np.ndarray,
+    masked_queries: np.ndarray,
+    masked_items: np.ndarray,
+    k: int = 10,
+    chunk: int = 1024,
+) -> dict[str, float]:
+    """NDCG@k and recall@k of each query's one target item ranked against every catalog item.
+
+    A query's score of an item is their dot product. The target's rank is the number of
+    unmasked items scoring strictly above it (ties in the target's favour), as
+    ``bench.sequential_quality`` counts it; with one relevant item, NDCG@k is
+    ``1 / log2(rank + 2)`` when ``rank < k`` and recall@k (HR@k) is whether ``rank < k``.
+
+    Args:
+        queries: ``[N, D]`` query embeddings.
+        items: ``[I, D]`` every catalog item's embedding.
+        targets: ``[N]`` the catalog row of each query's target; -1 (not in the catalog): a miss.
+        masked_queries, masked_items: (query, catalog row) pairs taken out of the ranking, such
+            as the user's earlier positives; a pair naming its query's target is ignored.
+        k: the cut-off.
+        chunk: queries scored at once (``[chunk, I]`` scores in memory).
+
+    Returns:
+        ``{"ndcg": ..., "recall": ...}``, means over the queries (0 without queries).
+    """
+    n = len(targets)
+    if n == 0:
+        return {"ndcg": 0.0, "recall": 0.0}
+    order = np.argsort(masked_queries, kind="stable")
+    masked_queries, masked_items = masked_queries[order], masked_items[order]
+    ranks = np.empty(n, dtype=np.int64)
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk, n)
+        scores = queries[lo:hi] @ items.T
+        target = targets[lo:hi]
+        start, end = np.searchsorted(masked_queries, [lo, hi])
+        row, item = masked_queries[start:end] - lo, masked_items[start:end]
+        keep = (item >= 0) & (item != target[row])
+        scores[row[keep], item[keep]] = -np.inf
+        known = target >= 0
+        own = scores[np.arange(hi - lo), np.where(known, target, 0)]
+        # An unknown target is a miss whatever the cut-off.
+        ranks[lo:hi] = np.where(known, (scores > own[:, None]).sum(axis=1), max(len(items), k))
+    hit = ranks < k
+    gain = np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)
+    return {"ndcg": float(gain.mean()), "recall": float(hit.mean())}
+
+
+def earlier_positives(users: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(query, row) pairs: for query ``q``, every row of ``rows[q]``'s user before ``rows[q]``.
+
+    ``users`` holds the user of each row, rows in time order; what the validation ranking
+    masks for a held-out positive is its user's earlier positives, as the sequential
+    protocol masks the user's history. Vectorised: rows grouped by user, each query's pairs
+    a run of its user's group.
+    """
+    codes = pd.factorize(users)[0]
+    order = np.argsort(codes, kind="stable")  # rows by user, in time order within a user
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))
+    first = np.searchsorted(codes[order], codes)  # where each row's user starts in ``order``
+    counts = position[rows] - first[rows]
+    queries = np.repeat(np.arange(len(rows)), counts)
+    offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    return queries, order[np.repeat(first[rows], counts) + offsets]
 
 
 def _export(model: Any, inputs: Mapping[str, str], path: Path, embedding: bool) -> None:
@@ -622,6 +704,9 @@ class _Batches:
     dataset: tf.data.Dataset
     note: str = ""  # after "N train / M validation positives" in the log line
     counts: Mapping[str, int] = field(default_factory=dict)  # extra manifest example counts
+    # The positive (row of the builder's ``positives``) that each example the loss counts
+    # predicts, in the dataset's order: what the validation ranking scores (``_held_out_ranking``).
+    rows: np.ndarray | None = None
 
 
 # How a retriever turns positives (in time order) into batches: (config, positives, scored,
@@ -644,7 +729,77 @@ def _positive_batches(
 ) -> _Batches:
     """The two-tower retriever's batches: one example per scored positive (``_retriever_dataset``)."""
     rows = positives[scored].reset_index(drop=True)
-    return _Batches(_retriever_dataset(config, rows, catalog, vocabulary, shuffle, model))
+    dataset = _retriever_dataset(config, rows, catalog, vocabulary, shuffle, model)
+    return _Batches(dataset, rows=np.flatnonzero(scored))
+
+
+def _early_stopping_metric(config: TrainingConfig) -> str:
+    """``training.early_stopping_metric``; unset: ndcg for the sequential tower, loss for the bag."""
+    if config.early_stopping_metric is not None:
+        return config.early_stopping_metric
+    return "ndcg" if config.query_tower == "sequential" else "loss"
+
+
+def _held_out_queries(model: Any, dataset: tf.data.Dataset) -> np.ndarray:
+    """The query embedding of each example the validation loss counts, in the dataset's order."""
+    import tensorflow as tf
+
+    from components.training.models import ENCODED_QUERY, SequentialRetriever
+
+    parts = []
+    for batch in dataset:
+        if isinstance(model, SequentialRetriever):
+            # Every position of a window is a query; the held-out targets carry the weight.
+            positions = model.query_model.encode_positions(batch, training=False)
+            queries = tf.boolean_mask(positions, batch["target_weight"] > 0)
+        elif ENCODED_QUERY in batch:
+            queries = model.query_model.embed(batch[ENCODED_QUERY], training=False)
+        else:
+            queries = model.query_model(batch, training=False)
+        parts.append(queries.numpy())
+    return np.concatenate(parts)
+
+
+def _held_out_ranking(val: _Batches, positives: pd.DataFrame, catalog: _Catalog) -> Any:
+    """A callback that ranks the whole catalog for each held-out positive at each epoch's end.
+
+    Each query the validation loss counts (``val.rows``: the positive of ``positives`` it
+    predicts) scores every catalog item through the candidate tower as it stands; the user's
+    earlier positives are masked (``earlier_positives``), and ``full_ranking_metrics``'s
+    NDCG@10 and recall@10 go into the epoch's logs as ``val_ndcg_at_10`` and
+    ``val_recall_at_10``, for the epoch line and early stopping (``_fit``). The protocol of
+    ``bench.sequential_quality``, on the validation split: a matmul and a count per epoch.
+    """
+    import tf_keras as keras
+
+    assert val.rows is not None, "the validation batches do not say which positive each example predicts"
+    rows = val.rows
+    index = pd.Index(catalog.frame["item_id"].astype(str))
+    item_rows = index.get_indexer(positives["item_id"].astype(str))  # -1: not in the catalog
+    targets = item_rows[rows]
+    masked_queries, earlier = earlier_positives(positives["user_id"].astype(str).to_numpy(), rows)
+    masked_items = item_rows[earlier]
+    catalog_inputs = candidate_features_from_frame(catalog.frame)
+
+    class HeldOutRanking(keras.callbacks.Callback):
+        """NDCG@10 and recall@10 of the held-out positives over the whole catalog, per epoch."""
+
+        def on_train_begin(self, logs: dict | None = None) -> None:
+            # The string work on the catalog once; each epoch embeds its integers.
+            self._encoded = _predict(self.model.candidate_model.encode, catalog_inputs)
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            tower = self.model.candidate_model
+            items = _predict(lambda b: tower.embed(b, training=False), self._encoded)
+            queries = _held_out_queries(self.model, val.dataset)
+            if len(queries) != len(targets):
+                raise ValueError(f"{len(queries)} validation queries for {len(targets)} held-out positives")
+            metrics = full_ranking_metrics(queries, items, targets, masked_queries, masked_items)
+            if logs is not None:
+                logs["val_ndcg_at_10"] = metrics["ndcg"]
+                logs["val_recall_at_10"] = metrics["recall"]
+
+    return HeldOutRanking()
 
 
 def _train_retriever(
@@ -658,7 +813,8 @@ def _train_retriever(
     """Fit, refit and export a retriever whose examples ``batches`` builds (``train_retriever``).
 
     The positives are split by ``validation_split``; the model is fitted with early stopping
-    on the held-out ones, then (``refit_on_full``) built again on every positive and fitted
+    on the held-out ones (their loss, or their NDCG@10 ranked against the whole catalog:
+    ``training.early_stopping_metric``), then (``refit_on_full``) built again on every positive and fitted
     for the best epoch count, and exported with every catalog item's embedding.
     """
     use_legacy_keras()
@@ -687,8 +843,11 @@ def _train_retriever(
         f"{len(vocabulary.users):,} users, {len(vocabulary.items):,} items in vocabulary"
     )
     val_ds = val.dataset if val is not None else None
+    ranking = None
+    if val is not None and _early_stopping_metric(config) == "ndcg":
+        ranking = _held_out_ranking(val, both, catalog)
     patience = config.early_stopping_patience
-    metrics = _fit(model, train.dataset, val_ds, config.epochs, patience, "retriever", log)
+    metrics = _fit(model, train.dataset, val_ds, config.epochs, patience, "retriever", log, ranking)
     if config.refit_on_full and val_ds is not None:
         # Early stopping found the epoch count; the latest events are the most valuable, so the
         # final model learns from them too.
@@ -841,10 +1000,13 @@ def _sequence_batches(
     """The sequential retriever's batches: windows of ``max_history + 1`` positives per user."""
     arrays = sequence_examples(positives, scored, catalog, vocabulary, config.max_history)
     windows = len(arrays["target_weight"])
+    # The positive at each weighted position, row-major: the order the validation queries come in.
+    cut = sequence_windows(positives["user_id"].astype(str).to_numpy(), scored, config.max_history + 1)
     return _Batches(
         _sequence_dataset(arrays, config.sequence_batch_size, shuffle, config.seed),
         note=f" in {windows:,} windows of {config.max_history + 1}",
         counts={"retriever_train_sequences": windows},
+        rows=cut[arrays["target_weight"] > 0],
     )
 
 
