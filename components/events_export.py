@@ -46,12 +46,12 @@ from recsys.contracts import EVENTS, conform
 from recsys.event_log import open_event_log
 from recsys.event_log.base import EventLog
 from recsys.layout import lake_events_day_dir, lake_events_dir
-from recsys.timeutil import utc_now
+from recsys.timeutil import to_utc, utc_now
 
 DATA_FILE = "part-0.parquet"
 DAY_MANIFEST = "_manifest.json"  # "_": Parquet dataset readers skip it
 CONTEXT_COLUMNS = ["arm", "model_versions", "position", "candidate_source"]
-COLUMNS = [*EVENTS.names, *CONTEXT_COLUMNS]
+COLUMNS = [*EVENTS.names, *(c for c in CONTEXT_COLUMNS if c not in EVENTS.names)]
 
 
 def parse_day(value: str | date, option: str = "day") -> date:
@@ -157,6 +157,22 @@ def export_events(
     finally:
         log.close()
     return manifest
+
+
+def read_lake_events(settings: Settings, before: datetime | None = None) -> pd.DataFrame:
+    """The exported served traffic: every lake day's events (the events contract's columns,
+    ``position`` included) with ``ts`` before ``before`` (all: None), sorted by time then id."""
+    parts = [
+        pd.read_parquet(path, columns=EVENTS.names)
+        for path in sorted(lake_events_dir(settings).glob(f"date=*/{DATA_FILE}"))
+        if (path.parent / DAY_MANIFEST).is_file()  # a day whose export finished
+    ]
+    if not parts:
+        return conform(pd.DataFrame(columns=EVENTS.names), EVENTS)
+    events = conform(pd.concat(parts, ignore_index=True), EVENTS)
+    if before is not None:
+        events = events[events["ts"] < to_utc(before)]
+    return events.sort_values(["ts", "event_id"], kind="stable", ignore_index=True)
 
 
 def _open_log(settings: Settings) -> EventLog | None:

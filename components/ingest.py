@@ -37,6 +37,7 @@ def ingest(settings: Settings, out_dir: Path, interval_end: datetime | None = No
     """
     out_dir = Path(out_dir)
     frames = _events_before(_read_source(settings), interval_end)
+    frames, served = _with_served_traffic(settings, frames, interval_end)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     if settings.source.kind == "parquet":
@@ -46,10 +47,31 @@ def ingest(settings: Settings, out_dir: Path, interval_end: datetime | None = No
     if settings.source.kind == "synthetic":
         _write_synthetic_truth(settings, out_dir)
     manifest = IngestManifest(
-        path=str(out_dir), rows=rows, source=settings.source.kind, interval_end=str(interval_end)
+        path=str(out_dir),
+        rows=rows,
+        source=settings.source.kind,
+        interval_end=str(interval_end),
+        served_events=served,
     )
     write_manifest(out_dir, manifest)
     return manifest.model_dump()
+
+
+def _with_served_traffic(
+    settings: Settings, frames: dict[str, pd.DataFrame], interval_end: datetime | None
+) -> tuple[dict[str, pd.DataFrame], int]:
+    """The source's events plus the lake's served traffic before ``interval_end``; how many
+    served events were added. An event the source already holds (same id) is not added again."""
+    if not settings.source.served_traffic:
+        return frames, 0
+    from components.events_export import read_lake_events
+
+    served = read_lake_events(settings, before=interval_end)
+    served = served[~served["event_id"].isin(set(frames["events"]["event_id"].astype(str)))]
+    if served.empty:
+        return frames, 0
+    events = pd.concat([frames["events"], served], ignore_index=True)
+    return {**frames, "events": events}, len(served)
 
 
 def _read_source(settings: Settings) -> dict[str, pd.DataFrame]:

@@ -395,6 +395,15 @@ def _value_rules(gxe: Any, contract: TableContract, config: ValidationConfig) ->
                     lambda df, i, c=c: f"{c} is empty",
                 )
             )
+    if "position" in contract.names:
+        rules.append(
+            RowRule(
+                gxe.ExpectColumnValuesToBeBetween(column="position", min_value=0),
+                "value_range",
+                "position",
+                lambda df, i: f"position={_show(df.at[i, 'position'])} is negative (a rank counts from 0)",
+            )
+        )
     if contract.name == "events":
         ranges = [
             ("rating", config.rating_min, config.rating_max),

@@ -83,6 +83,10 @@ class SourceConfig(Section):
     # parquet: a data folder of users/, items/, events/ written by another system.
     kind: Literal["synthetic", "movielens", "parquet"] = "synthetic"
     path: Path | None = None
+    # Add the served traffic exported to the lake (``recsys events export``: the gateway's
+    # impressions with their rank and what followed them) to the source's events, so the
+    # models learn from what the system showed and what users did with it.
+    served_traffic: bool = True
 
 
 class TrainingConfig(Section):
@@ -197,6 +201,13 @@ class TrainingConfig(Section):
     objective_weights: dict[str, float] = {"click": 1.0, "engagement": 0.5}
     # Dwell seconds that count as full engagement (log-scaled below it).
     engagement_dwell_cap_seconds: float = Field(600.0, gt=0)
+    # The rank an impression was shown at, as a ranker input in training: a learned bias per
+    # objective and rank on the heads' logits, held at ``serving_position`` when scoring, so
+    # the heads learn what users like rather than where the old ranking put it (users click
+    # the top of a list more whatever it holds). Ranks from ``position_buckets - 1`` on share
+    # one bias; an example whose rank was not logged reads none. 0 buckets: no position input.
+    position_buckets: int = Field(20, ge=0)
+    serving_position: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> TrainingConfig:

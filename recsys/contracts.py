@@ -118,6 +118,9 @@ EVENTS = TableContract(
         Column("device", "string"),
         # Ties an outcome to the impression that caused it; null outside served traffic.
         Column("request_id", "string", nullable=True),
+        # The 0-based rank of the shown item in its list (an impression's, and an outcome's
+        # tied to one): the ranker's position feature. Null where no source logged it.
+        Column("position", "float", nullable=True, required=False),
     ),
 )
 

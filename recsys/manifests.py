@@ -65,6 +65,7 @@ class IngestManifest(DataFolderManifest):
 
     source: str
     interval_end: str
+    served_events: int = 0  # served traffic from the lake added to the source's events
 
 
 # --- validate ---------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ EVENT_COLUMNS = (
     "session_id",
     "device",
     "request_id",
+    "position",
 )
 
 
@@ -107,6 +108,8 @@ def _read_events(
     if end is not None:
         filters.append(("ts", "<", to_utc(end).to_pydatetime()))
     events = pd.read_parquet(validated_dir / "events", filters=filters or None)
+    if "position" not in events.columns:  # validated before the contract had it
+        events["position"] = pd.Series(np.nan, index=events.index, dtype="float64")
     if event_types is not None:
         events = events[events["event_type"].isin(list(event_types))]
     return events[list(EVENT_COLUMNS)].reset_index(drop=True)

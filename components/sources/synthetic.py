@@ -487,7 +487,8 @@ def _events_frame(
     session_of = shown.session[imp]
     session_ids = _ids("s", len(sessions.user))
     # One request shows a page of up to 10 items; outcomes carry the impression's request.
-    page = _positions_within(shown.session)[imp] // 10
+    slot = _positions_within(shown.session)[imp]
+    page = slot // 10
     request_ids = pd.Series(session_ids[session_of]).str.cat(pd.Series(page).astype(str), sep="-r")
     return pd.DataFrame(
         {
@@ -500,6 +501,8 @@ def _events_frame(
             "session_id": session_ids[session_of],
             "device": np.array(DEVICES)[sessions.device[session_of]],
             "request_id": request_ids.to_numpy(),
+            # Every event of an impression carries its rank on the page, as served traffic does.
+            "position": (slot % 10).astype(np.float64),
         }
     )
 

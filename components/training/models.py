@@ -827,6 +827,8 @@ class MultiObjectiveRanker(tfrs.Model):
         id_dropout: float,
         max_history: int,
         item_categories: Mapping[str, str] | None = None,  # item id -> primary category
+        position_buckets: int = 0,
+        serving_position: int = 0,
     ) -> None:
         super().__init__(name="ranker")
         self.num_oov, self.id_dropout, self.max_history = num_oov, id_dropout, max_history
@@ -858,6 +860,18 @@ class MultiObjectiveRanker(tfrs.Model):
         self.item_projection = keras.layers.Dense(id_dim)
         self.body = mlp(hidden_units, None, "ranker_mlp")
         self.heads = {k: keras.layers.Dense(1, name=f"{k}_head") for k in self.objective_weights}
+        self.position_buckets = position_buckets
+        self.serving_bucket = min(serving_position, max(position_buckets - 1, 0)) + 1
+        # [bucket, objective] logit offsets; row 0 (rank not logged) is never read.
+        self.position_bias = (
+            self.add_weight(
+                name="position_bias",
+                shape=(position_buckets + 1, len(self.objective_weights)),
+                initializer="zeros",
+            )
+            if position_buckets
+            else None
+        )
         self.tasks = {
             "click": tfrs.tasks.Ranking(
                 loss=keras.losses.BinaryCrossentropy(),
@@ -922,8 +936,26 @@ class MultiObjectiveRanker(tfrs.Model):
             parts.append(self._numeric(features, item_numeric, len(self.user_numeric)))
         return tf.concat(parts, axis=1), item_category
 
-    def _heads(self, hidden: tf.Tensor) -> dict[str, tf.Tensor]:
-        out = {k: tf.sigmoid(tf.squeeze(head(hidden), axis=1)) for k, head in self.heads.items()}
+    def _position_offsets(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor | None:
+        """``[B or 1, objectives]`` logit offsets of the examples' ranks; at serving (no
+        ``position`` input) the fixed ``serving_position``'s, the same for every candidate."""
+        if self.position_bias is None:
+            return None
+        table = self.position_bias
+        if "position" not in features:
+            return tf.gather(table, [self.serving_bucket])
+        rank = tf.cast(features["position"], tf.int32)
+        logged = tf.cast(rank >= 0, tf.float32)[:, None]
+        bucket = tf.minimum(tf.maximum(rank, 0), self.position_buckets - 1) + 1
+        return tf.gather(table, bucket) * logged
+
+    def _heads(self, hidden: tf.Tensor, offsets: tf.Tensor | None) -> dict[str, tf.Tensor]:
+        out = {}
+        for n, (k, head) in enumerate(self.heads.items()):
+            logit = tf.squeeze(head(hidden), axis=1)
+            if offsets is not None:
+                logit += offsets[:, n]
+            out[k] = tf.sigmoid(logit)
         out["score"] = tf.add_n([w * out[k] for k, w in self.objective_weights.items()])
         return out
 
@@ -934,7 +966,7 @@ class MultiObjectiveRanker(tfrs.Model):
         # How well the candidate's categories fit the user's recent taste, as one number.
         matches = [] if taste is None else [tf.reduce_sum(taste * item_category, axis=1, keepdims=True)]
         hidden = self.body(tf.concat([user_side, item_side, affinity, *matches], axis=1), training=training)
-        return self._heads(hidden)
+        return self._heads(hidden, self._position_offsets(features))
 
     def score_candidates(
         self, user_features: Mapping[str, tf.Tensor], item_features: Mapping[str, tf.Tensor]
@@ -972,7 +1004,7 @@ class MultiObjectiveRanker(tfrs.Model):
         hidden = first.activation(pre)
         for layer in rest:
             hidden = layer(hidden)
-        return self._heads(hidden)
+        return self._heads(hidden, self._position_offsets({}))
 
     def compute_loss(self, features: Mapping[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         out = self(features, training=training)

@@ -1086,7 +1086,21 @@ def train_ranker(
             "ranker_source": source,
             "ranker_click_rate": float(examples["label_click"].mean()),
         },
-        "ranker": {"seconds": round(time.perf_counter() - started, 1)},
+        "ranker": {"seconds": round(time.perf_counter() - started, 1), **_position_bias(model, train_ex)},
+    }
+
+
+def _position_bias(model: Any, examples: pd.DataFrame) -> dict[str, Any]:
+    """What the ranker learned of rank: each objective's logit bias per rank (from 0), the
+    rank held at serving, and how many training examples had a logged rank."""
+    if model.position_bias is None:
+        return {}
+    table = model.position_bias.numpy()[1:]  # row 0: rank not logged
+    logged = pd.to_numeric(examples.get("position"), errors="coerce") if "position" in examples else None
+    return {
+        "position_bias": {k: [round(float(v), 4) for v in table[:, n]] for n, k in enumerate(model.heads)},
+        "serving_position": model.serving_bucket - 1,
+        "examples_with_position": int(logged.notna().sum()) if logged is not None else 0,
     }
 
 
@@ -1122,6 +1136,8 @@ def _build_ranker(
         id_dropout=config.id_dropout,
         max_history=config.max_history,
         item_categories=_primary_categories(items_frame) if config.history_categories else None,
+        position_buckets=config.position_buckets,
+        serving_position=config.serving_position,
     )
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=config.ranker_learning_rate))
     return model
@@ -1130,8 +1146,12 @@ def _build_ranker(
 def _ranker_dataset(
     config: TrainingConfig, examples: pd.DataFrame, inputs: Mapping[str, str], shuffle: bool
 ) -> tf.data.Dataset:
-    """The ranker's inputs and one ``label_<objective>`` per objective."""
+    """The ranker's inputs, the logged rank (-1 where none; a training-only input) and one
+    ``label_<objective>`` per objective."""
     arrays = features_from_frame(examples, inputs)
+    if config.position_buckets:
+        rank = examples["position"] if "position" in examples else pd.Series(np.nan, index=examples.index)
+        arrays["position"] = pd.to_numeric(rank, errors="coerce").fillna(-1).to_numpy(dtype=np.int64)
     for k in config.objective_weights:
         arrays[f"label_{k}"] = examples[f"label_{k}"].to_numpy(dtype=np.float32)
     return _dataset(arrays, config.batch_size, shuffle, config.seed)

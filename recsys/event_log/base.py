@@ -18,7 +18,9 @@ import pandas as pd
 
 from recsys.contracts import EVENTS
 
-COLUMNS = [c.name for c in EVENTS.columns]
+# The log's own columns: the contract's required ones. The serving context of an impression
+# (its rank among them) rides in the logged body, as the export reads it.
+COLUMNS = EVENTS.required_names
 # What ``outcomes_frame`` holds: each distinct (request, item, event type) tied to a request.
 OUTCOME_COLUMNS = ["request_id", "item_id", "event_type"]
 
