@@ -569,12 +569,31 @@ def simulate_cmd(
             "popularity with the exploration slot filled by each, learning from the simulated clicks."
         ),
     ] = "",
+    loop: Annotated[
+        int,
+        typer.Option(
+            help="Run N rounds of the closed loop instead: serve the users from the gateway, post what "
+            "they did, export, retrain and push, and report reward per arm and round (loop home under --out)."
+        ),
+    ] = 0,
+    holdout_fraction: Annotated[
+        float, typer.Option(help="--loop: the users the gateway serves popularity (the holdout arm).")
+    ] = 0.2,
 ) -> None:
     """Replay users of the synthetic truth against the served system, retrieval alone, popularity,
     random and the oracle; report reward per request and the served system's share of the oracle."""
     from entrypoints.simulate import POLICIES, run_simulation
 
     try:
+        if loop:
+            from entrypoints.simulate_loop import run_loop
+
+            run_loop(
+                _settings(ctx), console, rounds=loop, truth=truth, users=users,
+                requests_per_user=requests_per_user, k=k, seed=seed,
+                holdout_fraction=holdout_fraction, out=out,
+            )  # fmt: skip
+            return
         run_simulation(
             _settings(ctx), console, truth=truth, users=users, requests_per_user=requests_per_user,
             k=k, seed=seed, policies=policy or POLICIES, gateway_url=gateway, out=out,

@@ -184,14 +184,23 @@ def local_gateway(settings: Settings, validated: Path, out: Path, console: Conso
     """Start the model server and the gateway over a scratch serving home; yield the gateway's
     URL; stop both and remove the scratch home after."""
     scratch = scratch_serving_home(settings, validated, out / "serving_home")
-    env = {
-        **os.environ,
-        "RECSYS_HOME": str(scratch),
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        "TF_USE_LEGACY_KERAS": "1",
-    }
+    try:
+        env = {**os.environ, "RECSYS_HOME": str(scratch)}
+        with servers_on(settings, scratch / "models", env, out / "logs", console) as url:
+            yield url
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextmanager
+def servers_on(
+    settings: Settings, models: Path, env: dict[str, str], logs: Path, console: Console
+) -> Iterator[str]:
+    """Start the model server on ``models`` and the gateway with ``env`` (which names their
+    home); yield the gateway's URL; stop both after."""
+    env = {**env, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_USE_LEGACY_KERAS": "1"}
     flags = tf_serving_flags(
-        model_config_file=scratch / "models" / MODELS_CONFIG,
+        model_config_file=models / MODELS_CONFIG,
         allow_version_labels_for_unavailable_models=True,
         # A retrieval version with a ScaNN index needs ScaNN's ops (google/tf-serving-scann).
         custom_op_modules="scann.scann_ops",
@@ -199,26 +208,23 @@ def local_gateway(settings: Settings, validated: Path, out: Path, console: Conso
         max_num_load_retries=0,
         file_system_poll_wait_seconds=1,
     )
-    try:
-        with ExitStack() as stack:
-            with console.status("starting the model server and the gateway on a scratch serving home"):
-                serving = stack.enter_context(
-                    local_serving(
-                        flags,
-                        out / "logs",
-                        ready_model=settings.push.retrieval_model,
-                        env=env,
-                        model_server_host=LOOPBACK,
-                        model_server_timeout_s=180,
-                        gateway_timeout_s=180,
-                        poll_s=0.5,
-                        own_process_groups=True,
-                    )
+    with ExitStack() as stack:
+        with console.status(f"starting the model server and the gateway on {models.parent}"):
+            serving = stack.enter_context(
+                local_serving(
+                    flags,
+                    logs,
+                    ready_model=settings.push.retrieval_model,
+                    env=env,
+                    model_server_host=LOOPBACK,
+                    model_server_timeout_s=180,
+                    gateway_timeout_s=180,
+                    poll_s=0.5,
+                    own_process_groups=True,
                 )
-            console.print(f"gateway on {serving.url}; logs in {out / 'logs'}")
-            yield serving.url
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+            )
+        console.print(f"gateway on {serving.url}; logs in {logs}")
+        yield serving.url
 
 
 def run_simulation(

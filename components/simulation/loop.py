@@ -112,7 +112,7 @@ def _simulated_user(source: FeatureSource, user_id: str, index: int) -> Simulate
 
 
 @dataclass
-class _UserState:
+class UserState:
     """A user's simulation so far under one policy."""
 
     touched: set[str] = field(default_factory=set)  # items with any event but an impression
@@ -126,6 +126,8 @@ def simulate(
     k: int,
     seed: int,
     on_request: Callable[[str], None] | None = None,
+    states: dict[tuple[str, str], UserState] | None = None,
+    first_request: int = 0,
 ) -> pd.DataFrame:
     """Replay every user of ``world`` against every policy; one record per request.
 
@@ -136,6 +138,10 @@ def simulate(
         k: items per request.
         seed: with the user's index and the request number, seeds each response.
         on_request: called with the policy's name after each request (progress).
+        states: (policy, user id) -> what that user did so far under that policy, carried
+            in and updated (a later round of the same users); None: every user starts afresh.
+        first_request: the first request's number (a later round continues the numbering,
+            so its responses draw fresh seeds).
 
     Returns:
         Records with ``RECORD_COLUMNS``: per request the items shown (``items``, space-joined,
@@ -150,10 +156,11 @@ def simulate(
     if len(set(names)) != len(names):
         raise ValueError(f"policy names must differ, got {names}")
     rows: list[dict[str, Any]] = []
+    states = {} if states is None else states
     for policy in policies:
         for user in world.users:
-            state = _UserState()
-            for number in range(requests_per_user):
+            state = states.setdefault((policy.name, user.user_id), UserState())
+            for number in range(first_request, first_request + requests_per_user):
                 rows.append(_one_request(world, policy, user, state, number, k, seed))
                 if on_request is not None:
                     on_request(policy.name)
@@ -161,7 +168,7 @@ def simulate(
 
 
 def _one_request(
-    world: World, policy: Policy, user: SimulatedUser, state: _UserState, number: int, k: int, seed: int
+    world: World, policy: Policy, user: SimulatedUser, state: UserState, number: int, k: int, seed: int
 ) -> dict[str, Any]:
     """Ask, respond, record, and carry what the user did into their state."""
     # The gateway's filter: the recent items (the simulation's first, then the data's, as many
@@ -196,7 +203,7 @@ def _one_request(
     }
 
 
-def _carry(state: _UserState, events: pd.DataFrame) -> None:
+def _carry(state: UserState, events: pd.DataFrame) -> None:
     """The user's events into their state, as the gateway's memory of a user takes them."""
     event_type = events["event_type"].to_numpy()
     item_id = events["item_id"].to_numpy()

@@ -160,3 +160,61 @@ def test_bad_arguments_are_refused_by_name(world):
     twin = RandomPolicy(world.universe, 1)
     with pytest.raises(ValueError, match="policy names must differ"):
         simulate(world, [RandomPolicy(world.universe, 0), twin], 1, 10, seed=0)
+
+
+class ArmedPolicy:
+    """Random items; users of even index on arm "stable", odd on "holdout"."""
+
+    name = "served"
+
+    def __init__(self, universe: Universe) -> None:
+        self.random = RandomPolicy(universe, 3)
+
+    def recommend(self, request: Request) -> Recommendation:
+        arm = "stable" if sum(map(ord, request.user_id)) % 2 == 0 else "holdout"
+        return Recommendation(self.random.recommend(request).item_ids, arm=arm)
+
+    def observe(self, request: Request, shown: Recommendation, response: SimulatedResponse) -> None:
+        pass
+
+
+def test_a_later_round_carries_what_users_did_and_draws_fresh_responses(world):
+    states: dict = {}
+    first = simulate(world, [OraclePolicy(world.universe, world.truth)], 2, 5, seed=0, states=states)
+    touched = {u: set(s.touched) for (_, u), s in states.items()}
+    assert any(touched.values())
+    later = Recording(OraclePolicy(world.universe, world.truth))
+    again = simulate(world, [later], 2, 5, seed=0, states={("oracle", u): s for (_, u), s in states.items()},
+                     first_request=2)  # fmt: skip
+    assert sorted(again["request"].unique()) == [2, 3]
+    for request, shown, _ in later.seen:
+        # What a user touched in the first round is never shown in the second.
+        assert not touched[request.user_id] & set(shown)
+    fresh = simulate(world, [OraclePolicy(world.universe, world.truth)], 2, 5, seed=0)
+    assert fresh["items"].tolist() == first["items"].tolist()  # no state: the same first round
+
+
+def test_the_loop_summary_is_per_round_and_arm_against_the_oracle_on_the_same_users(world, tmp_path):
+    from components.simulation.report import summarize_loop, write_loop_report
+
+    rounds = []
+    for r in (1, 2):
+        policies = [ArmedPolicy(world.universe), OraclePolicy(world.universe, world.truth)]
+        rounds.append(simulate(world, policies, 2, 5, seed=r).assign(round=r))
+    records = pd.concat(rounds, ignore_index=True)
+    retrain = {"after_round": 1, "served_events": 7, "blessed": True, "reason": "ok", "pushed_version": 3}
+    summary = summarize_loop(records, [retrain], served="served", setup={"rounds": 2})
+    assert [row["round"] for row in summary["rounds"]] == [1, 2]
+    assert set(summary["arms"]) == {"stable", "holdout"}
+    row = summary["rounds"][1]
+    served = records[(records["round"] == 2) & (records["policy"] == "served")]
+    oracle = records[(records["round"] == 2) & (records["policy"] == "oracle")]
+    for arm, got in served.groupby("arm"):
+        on_same = oracle[oracle["user_id"].isin(got["user_id"])]["expected_reward"].mean()
+        assert row["arms"][arm]["expected_reward_per_request"] == pytest.approx(got["expected_reward"].mean())
+        assert row["arms"][arm]["share_of_oracle"] == pytest.approx(got["expected_reward"].mean() / on_same)
+        assert row["arms"][arm]["requests"] == len(got)
+    assert summary["rounds"][0]["retrain"]["pushed_version"] == 3 and row["retrain"] is None
+    paths = write_loop_report(summary, records, tmp_path)
+    page = paths["report"].read_text()
+    assert "pushed v3" in page and "holdout" in page and "data:image/png;base64," in page

@@ -1,0 +1,230 @@
+"""`recsys simulate --loop N`: the closed loop, round by round, against the data's truth.
+
+Each round, the same simulated users (``components.simulation``) ask the running gateway for
+items and respond as the truth says, their events posted back as a client posts them; the
+gateway logs what it served. Then the training pipeline runs as the scheduler runs it: the
+event log is exported to the lake, ingest adds that served traffic to the source, and the
+models are retrained, gated and pushed; a pushed version is promoted, and the next round is
+served by it. Each round's reward per request is reported per serving arm: ``stable`` (the
+models) and ``holdout`` (the popularity list the gateway serves a fixed slice of users),
+beside the oracle on the same users.
+
+It all happens in a loop home of its own (``<out>/home``: a copy of the home's models and
+online store, the same source), so the home's models, log and store are left as they were.
+The loop home uses the embedded stores (SQLite event log and online store); a configured
+Redis would be shared with the home, so the loop refuses it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pandas as pd
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from components.simulation.loop import UserState, build_world, load_feature_source, simulate
+from components.simulation.policies import OraclePolicy
+from components.simulation.report import ORACLE, summarize_loop, write_loop_report
+from components.simulation.truth import load_truth
+from entrypoints.demo import demo_api_key
+from entrypoints.simulate import (
+    SERVED,
+    GatewayPolicy,
+    _catalog_ids,
+    resolve_inputs,
+    scratch_serving_home,
+    servers_on,
+)
+from recsys.config import ENV_PREFIX, Settings
+from recsys.timeutil import utc_now
+
+LOOP_STEP = "simulation_loop"
+
+
+@dataclass(frozen=True)
+class LoopSetup:
+    """The loop's own home and settings, and the file the servers read them from."""
+
+    home: Path
+    settings: Settings
+    config_file: Path
+
+
+def loop_setup(settings: Settings, validated: Path, out: Path, holdout_fraction: float) -> LoopSetup:
+    """A loop home holding a copy of what serving reads, and settings that point at it.
+
+    Raises:
+        ValueError: a Redis event log or online store is configured (the loop would write
+            into the home's), or ``holdout_fraction`` is not in (0, 1).
+    """
+    if not 0 < holdout_fraction < 1:
+        raise ValueError(f"--holdout-fraction must be in (0, 1), got {holdout_fraction}")
+    if settings.gateway.event_log_backend != "sqlite" or settings.features.online_store != "sqlite":
+        raise ValueError(
+            "the loop runs on the embedded stores: gateway.event_log_backend and features.online_store "
+            f"must be sqlite (got {settings.gateway.event_log_backend}, {settings.features.online_store})"
+        )
+    home = scratch_serving_home(settings, validated, out / "home")
+    loop = settings.model_copy(
+        update={
+            "home": home.resolve(),
+            "push": settings.push.model_copy(update={"base_path": None}),
+            "gateway": settings.gateway.model_copy(
+                update={
+                    "event_log_path": None,
+                    # Every user not held out is served by the models a round pushed.
+                    "arm_fractions": {"canary": 0.0, "holdout": holdout_fraction},
+                }
+            ),
+        }
+    )
+    config_file = home / "loop.yaml"
+    config_file.write_text(yaml.safe_dump(loop.model_dump(mode="json"), sort_keys=False))
+    return LoopSetup(home.resolve(), loop, config_file)
+
+
+def run_loop(
+    settings: Settings,
+    console: Console,
+    *,
+    rounds: int,
+    truth: Path | None = None,
+    users: int = 200,
+    requests_per_user: int = 10,
+    k: int = 10,
+    seed: int = 0,
+    holdout_fraction: float = 0.2,
+    out: Path | None = None,
+) -> dict[str, Any]:
+    """Serve, respond, export, retrain and push, ``rounds`` times; report reward per arm and round.
+
+    Args:
+        settings: the configuration of the home whose pushed models the first round serves.
+        console: where progress and the summary go.
+        rounds: serving rounds; a retrain follows every round but the last.
+        truth: a truth folder or a data folder holding one (default: the latest run's).
+        users, requests_per_user, k, seed: as ``recsys simulate``; the same users every round,
+            each carrying what they did in earlier rounds (not shown again, newest first).
+        holdout_fraction: the users the gateway serves popularity (the ``holdout`` arm).
+        out: the output folder (default: the latest run's ``simulation_loop/``).
+
+    Returns:
+        The summary (also in ``<out>/summary.json``; the report in ``<out>/report.html``).
+    """
+    if rounds < 1:
+        raise ValueError(f"--loop must be at least 1, got {rounds}")
+    inputs = resolve_inputs(settings, truth, out)
+    out_dir = inputs.out if out is not None else inputs.out.parent / LOOP_STEP
+    started = time.perf_counter()
+    setup = loop_setup(settings, inputs.validated, out_dir, holdout_fraction)
+    truth_model = load_truth(inputs.truth, settings.training)
+    source = load_feature_source(settings, inputs.validated)
+    world = build_world(settings, truth_model, source, inputs.validated, users, seed)
+    not_simulatable = _not_simulatable(inputs.validated, truth_model)
+    key = demo_api_key(settings)  # before the servers start: they inherit it
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    env.update({"RECSYS_CONFIG": str(setup.config_file), settings.security.api_key_env: key})
+    states: dict[tuple[str, str], UserState] = {}
+    records, retrains = [], []
+    first_day = datetime.combine(utc_now().date(), datetime.min.time(), tzinfo=UTC)
+    for r in range(rounds):
+        console.rule(f"round {r + 1} of {rounds}: serving")
+        logs = out_dir / "logs" / f"round-{r + 1}"
+        with servers_on(setup.settings, setup.home / "models", env, logs, console) as url:
+            with httpx.Client(base_url=url, timeout=30, headers={"X-API-Key": key}) as client:
+                served = GatewayPolicy(client, not_simulatable, f"loop{seed}-r{r + 1}")
+                policies = [served, OraclePolicy(world.universe, truth_model)]
+                with console.status(f"{len(world.users)} users x {requests_per_user} requests"):
+                    done = simulate(
+                        world, policies, requests_per_user, k, seed,
+                        states=states, first_request=r * requests_per_user,
+                    )  # fmt: skip
+        records.append(done.assign(round=r + 1))
+        if r + 1 < rounds:
+            console.rule(f"round {r + 1} of {rounds}: export, retrain, push")
+            # Each round's run is a day of its own: the interval holds every round so far.
+            retrains.append(_retrain(setup.settings, first_day + timedelta(days=r + 1), r + 1, console))
+    summary = summarize_loop(
+        pd.concat(records, ignore_index=True),
+        retrains,
+        served=SERVED,
+        setup={
+            "truth": str(inputs.truth),
+            "home": str(setup.home),
+            "rounds": rounds,
+            "users": len(world.users),
+            "requests_per_user": requests_per_user,
+            "k": k,
+            "seed": seed,
+            "holdout_fraction": holdout_fraction,
+        },
+    )
+    paths = write_loop_report(summary, pd.concat(records, ignore_index=True), out_dir)
+    print_loop_summary(console, summary)
+    console.print(f"report: {paths['report']} ({time.perf_counter() - started:.0f}s)")
+    return summary
+
+
+def _not_simulatable(validated: Path, truth: Any) -> list[str]:
+    catalog = sorted(_catalog_ids(validated))
+    return [i for i, known in zip(catalog, truth.has_items(catalog), strict=True) if not known]
+
+
+def _retrain(
+    settings: Settings, interval_end: datetime, after_round: int, console: Console
+) -> dict[str, Any]:
+    """One pipeline run over the interval, then the pushed version promoted to stable."""
+    from components.pipeline import run_pipeline
+    from recsys.model_registry import move_labels
+
+    t0 = time.perf_counter()
+    manifests = run_pipeline(settings, interval_end, console)
+    gate = manifests.get("gate", {})
+    pushed = manifests.get("push", {}).get("version")
+    if pushed is not None:
+        move_labels(settings, "promote")
+    return {
+        "after_round": after_round,
+        "interval_end": interval_end.isoformat(),
+        "served_events": manifests["ingest"].get("served_events", 0),
+        "blessed": bool(gate.get("blessed")),
+        "reason": gate.get("reason"),
+        "pushed_version": pushed,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def print_loop_summary(console: Console, summary: dict[str, Any]) -> None:
+    """Expected reward per request, per round and arm, beside the oracle's on the same users."""
+    t = Table(title="expected reward per request by round (share of the oracle on the same users)")
+    arms = summary["arms"]
+    t.add_column("round")
+    for arm in arms:
+        t.add_column(arm, justify="right")
+    t.add_column(ORACLE, justify="right")
+    t.add_column("then", justify="left")
+    for row in summary["rounds"]:
+        cells = [
+            f"{row['arms'][a]['expected_reward_per_request']:.3f} ({row['arms'][a]['share_of_oracle']:.0%})"
+            if a in row["arms"]
+            else ""
+            for a in arms
+        ]
+        retrain = row.get("retrain")
+        then = (
+            ""
+            if retrain is None
+            else f"pushed v{retrain['pushed_version']}"
+            if retrain["pushed_version"] is not None
+            else f"refused: {retrain['reason']}"
+        )
+        t.add_row(str(row["round"]), *cells, f"{row['oracle_expected_reward_per_request']:.3f}", then)
+    console.print(t)
