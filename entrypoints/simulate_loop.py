@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from components.simulation.loop import UserState, build_world, load_feature_source, simulate
-from components.simulation.policies import OraclePolicy
+from components.simulation.policies import OraclePolicy, Policy
 from components.simulation.report import ORACLE, summarize_loop, write_loop_report
 from components.simulation.truth import load_truth
 from entrypoints.demo import demo_api_key
@@ -141,7 +141,7 @@ def run_loop(
         with servers_on(setup.settings, setup.home / "models", env, logs, console) as url:
             with httpx.Client(base_url=url, timeout=30, headers={"X-API-Key": key}) as client:
                 served = GatewayPolicy(client, not_simulatable, f"loop{seed}-r{r + 1}")
-                policies = [served, OraclePolicy(world.universe, truth_model)]
+                policies: list[Policy] = [served, OraclePolicy(world.universe, truth_model)]
                 with console.status(f"{len(world.users)} users x {requests_per_user} requests"):
                     done = simulate(
                         world, policies, requests_per_user, k, seed,
