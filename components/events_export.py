@@ -6,7 +6,8 @@ kernel's ``EventLog``) and writes each UTC day of events to
 the serving context that training needs:
 
 - ``arm`` and ``model_versions`` (JSON text, keys sorted) of the request that served it,
-- ``position`` (0-based rank in the answer) and ``candidate_source`` of the impression.
+- ``position`` (0-based rank in the answer), ``candidate_source`` and ``score`` (what the
+  served ranking scored it; drift monitoring's reference) of the impression.
 
 An impression carries its context in its logged body; an outcome (a click tied to a
 ``request_id``) takes the arm and versions from the served-request record and the position
@@ -50,7 +51,7 @@ from recsys.timeutil import to_utc, utc_now
 
 DATA_FILE = "part-0.parquet"
 DAY_MANIFEST = "_manifest.json"  # "_": Parquet dataset readers skip it
-CONTEXT_COLUMNS = ["arm", "model_versions", "position", "candidate_source"]
+CONTEXT_COLUMNS = ["arm", "model_versions", "position", "candidate_source", "score"]
 COLUMNS = [*EVENTS.names, *(c for c in CONTEXT_COLUMNS if c not in EVENTS.names)]
 
 
@@ -175,6 +176,19 @@ def read_lake_events(settings: Settings, before: datetime | None = None) -> pd.D
     return events.sort_values(["ts", "event_id"], kind="stable", ignore_index=True)
 
 
+def read_lake_scores(settings: Settings) -> pd.Series:
+    """event_id -> the score the served ranking gave, for the lake's impressions that have one."""
+    parts = []
+    for path in sorted(lake_events_dir(settings).glob(f"date=*/{DATA_FILE}")):
+        df = pd.read_parquet(path)
+        if "score" in df:
+            parts.append(df.loc[df["score"].notna(), ["event_id", "score"]])
+    if not parts:
+        return pd.Series(dtype="float64")
+    scored = pd.concat(parts, ignore_index=True)
+    return pd.Series(scored["score"].to_numpy(dtype="float64"), index=scored["event_id"].astype(str))
+
+
 def _open_log(settings: Settings) -> EventLog | None:
     """The configured log, opened to read and trim; None where a SQLite log was never created."""
     if settings.gateway.event_log_backend == "sqlite" and not settings.event_log_path.is_file():
@@ -215,6 +229,7 @@ def _own_context(r: dict[str, Any]) -> dict[str, Any]:
         "model_versions": None if versions is None else _versions_text(versions),
         "position": r.get("position"),
         "candidate_source": r.get("candidate_source"),
+        "score": r.get("score"),
     }
 
 
@@ -223,7 +238,7 @@ def _lake_impressions(settings: Settings, day: str) -> dict[tuple[str, str], dic
     path = lake_events_day_dir(settings, day) / DATA_FILE
     if not path.is_file():
         return {}
-    df = pd.read_parquet(path, columns=["request_id", "item_id", "event_type", *CONTEXT_COLUMNS])
+    df = lake_frame(pd.read_parquet(path))  # a file written before a context column existed has it null
     df = df[(df["event_type"] == "impression") & df["request_id"].notna()]
     return {
         (r["request_id"], r["item_id"]): {c: _scalar(r[c]) for c in CONTEXT_COLUMNS}
@@ -270,6 +285,8 @@ def lake_frame(df: pd.DataFrame) -> pd.DataFrame:
         out[c] = df[c].astype("string") if c in df else pd.Series(pd.NA, index=df.index, dtype="string")
     position = df["position"] if "position" in df else pd.Series(None, index=df.index)
     out["position"] = pd.to_numeric(position).astype("Int64")
+    score = df["score"] if "score" in df else pd.Series(None, index=df.index)
+    out["score"] = pd.to_numeric(score).astype("float64")
     out = out.sort_values(["ts", "event_id"], kind="stable").reset_index(drop=True)
     return out[COLUMNS]
 

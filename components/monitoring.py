@@ -134,6 +134,17 @@ def read_serving_events(settings: Settings, start: datetime, end: datetime) -> p
     return frame
 
 
+def with_served_scores(settings: Settings, reference: pd.DataFrame) -> pd.DataFrame:
+    """``reference`` with the ``score`` each of its served impressions was given, from the lake
+    (the training data holds served traffic without its scores); unchanged where none has one."""
+    from components.events_export import read_lake_scores
+
+    scores = read_lake_scores(settings)
+    if scores.empty or reference.empty:
+        return reference
+    return reference.assign(score=reference["event_id"].astype(str).map(scores))
+
+
 def _primary_category(items: pd.DataFrame) -> dict[str, str]:
     cats = items["category"].fillna("").astype(str).str.split(CATEGORY_SEPARATOR, regex=False).str[0]
     return dict(zip(items["item_id"].astype(str), cats, strict=True))
@@ -317,7 +328,9 @@ def monitor_drift(
     # The training window: the data's last days before the serving window.
     train_end = min(events["ts"].max() + pd.Timedelta(microseconds=1), start) if len(events) else start
     train_start = train_end - pd.Timedelta(days=config.training_window_days)
-    reference = events[(events["ts"] >= train_start) & (events["ts"] < train_end)]
+    reference = with_served_scores(
+        settings, events[(events["ts"] >= train_start) & (events["ts"] < train_end)]
+    )
     current = read_serving_events(settings, start.to_pydatetime(), end.to_pydatetime())
 
     result = compare_windows(config, reference, current, items)

@@ -77,6 +77,9 @@ class ImpressionWriter:
                 "position": n,
                 "model_versions": served.versions,
                 "reason": it["reason"],
+                # What the served ranking scored it (None in an exploration slot): drift
+                # monitoring compares its distribution with the training window's.
+                "score": it.get("score"),
             }
             for n, it in enumerate(items)
         ]

@@ -37,7 +37,7 @@ def _fill(settings) -> SqliteEventLog:
     shown = [
         _event(f"r1:{n}", "2026-11-02T23:59:58.5+00:00", "impression", "r1", item=f"i{n + 1}", arm="canary",
                position=n, model_versions={"ranking": 3, "retrieval": 2}, reason="picked",
-               candidate_source="retrieval")  # fmt: skip
+               candidate_source="retrieval", score=0.5 - n / 10)  # fmt: skip
         for n in range(2)
     ]
     log.log_served([served], shown)
@@ -63,6 +63,7 @@ def test_each_closed_day_is_one_file_with_serving_context_and_the_log_keeps_toda
     day2 = pd.read_parquet(lake_events_day_dir(settings, "2026-11-02") / DATA_FILE)
     imp = day2.set_index("event_id").loc["r1:1"]
     assert (imp["arm"], imp["position"], imp["candidate_source"]) == ("canary", 1, "retrieval")
+    assert imp["score"] == pytest.approx(0.4)
     assert imp["model_versions"] == '{"ranking": 3, "retrieval": 2}'
     click = pd.read_parquet(lake_events_day_dir(settings, "2026-11-03") / DATA_FILE).iloc[0]
     assert (click["event_id"], click["arm"], click["position"]) == ("d", "canary", 1)
@@ -140,3 +141,11 @@ def test_a_bad_day_names_the_option_and_value(settings):
     with pytest.raises(ValueError, match=r"through: '2026-13-01' is not a day"):
         export_events(settings, through="2026-13-01", now=NOW)
     assert parse_day("2026-11-01").isoformat() == "2026-11-01"
+
+
+def test_the_lakes_scores_are_read_back_by_event_id(settings):
+    from components.events_export import read_lake_scores
+
+    _fill(settings).close()
+    export_events(settings, now=NOW)
+    assert read_lake_scores(settings).to_dict() == pytest.approx({"r1:0": 0.5, "r1:1": 0.4})

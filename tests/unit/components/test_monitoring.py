@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -88,3 +89,21 @@ def test_compare_windows_flags_a_category_shift_and_a_ctr_drop_with_reasons():
     assert any(r.startswith("ctr: ") for r in result["reasons"])
     assert result["label_rate"]["serving"]["all"]["ctr"] == pytest.approx(20 / 400)
     assert result["coverage"]["serving"] == 0.5  # items of a and b only
+
+
+def test_a_models_scores_moving_away_from_the_training_windows_are_drift_per_arm():
+    config = MonitoringConfig(min_events=50)
+    reference = _events(800, ["a", "b", "c", "d"], clicks_every=5, start="2026-10-01")
+    rng = np.random.default_rng(0)
+    reference["score"] = rng.uniform(0.0, 1.0, len(reference))
+    current = _events(400, ["a", "b", "c", "d"], clicks_every=5, start="2026-10-10")
+    current["arm"] = np.where(np.arange(len(current)) % 2 == 0, "stable", "canary")
+    # The stable model scores as in training; the canary's scores crowd at the top.
+    current["score"] = np.where(current["arm"] == "stable", rng.uniform(0.0, 1.0, len(current)),
+                                rng.uniform(0.8, 1.0, len(current)))  # fmt: skip
+    result = compare_windows(config, reference, current, ITEMS)
+    assert result["features"]["score_canary"]["drifted"]
+    assert not result["features"]["score_stable"]["drifted"]
+    assert [r for r in result["reasons"] if r.startswith("score_")] == [
+        r for r in result["reasons"] if r.startswith("score_canary: PSI")
+    ]
