@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from rich.console import Console
@@ -23,6 +23,9 @@ from recsys.config import Settings
 from recsys.layout import run_key_for, step_dir
 from recsys.manifests import PushNotBlessedManifest, TrainingDataManifest, TrainManifest
 from recsys.storage import read_manifest, write_manifest
+
+if TYPE_CHECKING:
+    from components.training.warm_start import TrainingPlan
 
 
 def run_export_events(settings: Settings, interval_end: datetime) -> dict[str, Any]:
@@ -154,6 +157,10 @@ def _training_frames(settings: Settings, interval_end: datetime) -> tuple[pd.Dat
 def run_train(settings: Settings, interval_end: datetime) -> dict[str, Any]:
     """Train the two-tower retriever and the multi-objective ranker on the train split.
 
+    With ``training.incremental`` the run may warm-start both models from the serving version
+    and train on the events after its training interval only (``_training_plan``); the
+    decision and its reason are logged and recorded in the manifest.
+
     With ``training.refit_on_holdout`` the same recipe is then trained on train + holdout
     (nothing held out for validation) into ``<run>/refit/``, the model that index and push
     ship (see ``shipped_train_dir``).
@@ -167,17 +174,33 @@ def run_train(settings: Settings, interval_end: datetime) -> dict[str, Any]:
     refit_dir = step_dir(settings, key, "refit")
     if refit_dir.exists():
         shutil.rmtree(refit_dir)  # a rerun without refit must not ship an old refit
-    manifest = train_models(settings.training, train, items, step_dir(settings, key, "train"))
+    plan = _training_plan(settings, interval_end, train)
+    manifest = train_models(settings.training, train, items, step_dir(settings, key, "train"), plan=plan)
     if settings.training.refit_on_holdout and len(holdout):
         full = pd.concat([train, holdout], ignore_index=True)
         # The shipped model learns from every event: the validation part the evaluated model
         # held out (for early stopping and the serving policy's choice) included.
         recipe = settings.training.model_copy(update={"validation_fraction": 0.0})
-        refit = train_models(recipe, full, items, refit_dir)
+        refit = train_models(recipe, full, items, refit_dir, plan=plan)
         manifest["refit"] = {"path": refit["path"], "events": len(full), "metrics": refit.get("metrics")}
         # The rewritten manifest says which model ships.
         write_manifest(step_dir(settings, key, "train"), TrainManifest(**manifest))
     return manifest
+
+
+def _training_plan(settings: Settings, interval_end: datetime, train: pd.DataFrame) -> TrainingPlan:
+    """Full or incremental (``warm_start.plan_training``), from the serving version; logged."""
+    from components.training.warm_start import plan_training
+
+    own = {step_dir(settings, run_key_for(interval_end), s).resolve() for s in ("train", "refit")}
+    serving = serving_train_dir(settings)
+    newest = pd.to_datetime(train["ts"], utc=True).max() if len(train) else None
+    plan = plan_training(settings.training, serving, interval_end, newest_event=newest)
+    if plan.incremental and serving is not None and serving.resolve() in own:
+        # The run's output is rewritten as it trains: it cannot be the model it starts from.
+        plan = plan.as_full("a rerun of the run whose model serves")
+    Console(stderr=True, soft_wrap=True).print(f"[train] {plan.describe()}", highlight=False)
+    return plan
 
 
 def shipped_train_dir(settings: Settings, interval_end: datetime) -> Path:

@@ -208,6 +208,17 @@ class TrainingConfig(Section):
     # one bias; an example whose rank was not logged reads none. 0 buckets: no position input.
     position_buckets: int = Field(20, ge=0)
     serving_position: int = Field(0, ge=0)
+    # Incremental training (components/training/warm_start.py): start both models from the
+    # serving version's weights (old ids keep their rows, new ids get fresh ones) and fit
+    # ``incremental_epochs`` on the events after its training interval only. Cheaper per run,
+    # but a warm start drifts from what a fresh fit would learn, so a run retrains in full
+    # when the serving version's last full retrain is ``full_retrain_every_days`` or more
+    # before the run's interval end (and when nothing serves, or it cannot be warm-started:
+    # trained by older code without checkpoints, other architecture parameters, or the
+    # sequential query tower).
+    incremental: bool = False
+    incremental_epochs: int = Field(2, ge=1)
+    full_retrain_every_days: int = Field(7, ge=1)
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> TrainingConfig:

@@ -167,9 +167,17 @@ class TrainManifest(StepManifest):
 
     ``refit`` names the model trained again on train + holdout, when the run made one: that
     is the model index and push ship.
+
+    ``training_mode`` says how the models were trained (``components.training.warm_start``):
+    "full", from scratch, or "incremental", warm-started from ``warm_started_from`` (the
+    serving version's training folder) and fitted on ``data_interval`` alone; ``full_retrain_of``
+    is the date of the full retrain the models descend from (a full run's own), and
+    ``checkpoints`` where the weights and vocabularies a later warm start reads are.
     """
 
-    omitted_when_none = frozenset({"refit"})
+    omitted_when_none = frozenset(
+        {"refit", "training_reason", "full_retrain_of", "warm_started_from", "warm_start", "checkpoints"}
+    )
 
     step: Literal["train"] = "train"
     path: str
@@ -187,6 +195,13 @@ class TrainManifest(StepManifest):
     seed: int
     code_version: str
     refit: dict[str, Any] | None = None
+    training_mode: Literal["full", "incremental"] = "full"
+    training_reason: str | None = None
+    full_retrain_of: str | None = None
+    warm_started_from: str | None = None
+    # Incremental runs: the events they trained after, epochs, variables copied and tables grown.
+    warm_start: dict[str, Any] | None = None
+    checkpoints: dict[str, str] | None = None
 
 
 class Blessing(ManifestModel):

@@ -23,7 +23,11 @@ Output contract (``out_dir``; ``manifest.json`` is written last):
 - ``ranker/``: SavedModel, ``serving_default(**ranker_inputs) -> {objective: [B], ..., "score": [B]}``
   (one row per (user, candidate) pair), and ``rank_candidates`` with the same inputs and
   outputs, user and context inputs ``[1]`` and candidate inputs ``[N]`` (the user side once);
-- ``manifest.json``: input names and dtypes, D, objectives and weights, metrics, counts.
+- ``checkpoints/retriever/``, ``checkpoints/ranker/``: each model's Keras weights and the
+  vocabularies it was built from, what a later incremental run warm-starts from
+  (``components.training.warm_start``);
+- ``manifest.json``: input names and dtypes, D, objectives and weights, metrics, counts, and
+  how the models were trained (full or incremental, and the full retrain they descend from).
 
 Build the input tensors of any of the three with ``features_from_frame(df, inputs)`` (or the
 towers' ``query_features_from_frame`` / ``candidate_features_from_frame`` shortcuts), so
@@ -37,7 +41,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +50,15 @@ import pandas as pd
 
 from components.evaluation.splits import held_out_pairs
 from components.training.neighbours import train_item_neighbours
+from components.training.warm_start import (
+    CHECKPOINTS,
+    MODELS,
+    CopyReport,
+    TrainingPlan,
+    WarmStartError,
+    save_checkpoint,
+    warm_model,
+)
 from recsys.config import TrainingConfig
 from recsys.contracts import CATEGORY_SEPARATOR
 from recsys.feature_schema import POSITIVE_EVENT_TYPES, RANK_CANDIDATES_SIGNATURE
@@ -521,6 +534,10 @@ class _Vocabulary:
     profiles: dict[str, list[str]]
     # An item's share of positives: its chance of showing up as an in-batch negative.
     sampling_probability: pd.Series
+    # The catalog's categories and the text vectorizer's tokens ("" and "[UNK]" first);
+    # None: from the catalog as the model is built (``with_catalog`` fixes them ahead).
+    categories: list[str] | None = None
+    text: list[str] | None = None
 
     @classmethod
     def of(cls, positives: pd.DataFrame, training_frame: pd.DataFrame) -> _Vocabulary:
@@ -531,6 +548,26 @@ class _Vocabulary:
             {name: _vocab(training_frame[name]) for name in PROFILE_FEATURES if name in training_frame},
             counts / counts.sum(),
         )
+
+    def with_catalog(self, config: TrainingConfig, catalog: _Catalog) -> _Vocabulary:
+        return replace(self, categories=catalog.categories, text=_text_vocabulary(config, catalog))
+
+    def lookups(self) -> dict[str, Any]:
+        """The lists the model's lookups are built from (a warm start's ``vocabularies.json``)."""
+        names = ("users", "items", "profiles", "categories", "text")
+        return {name: getattr(self, name) for name in names}
+
+    def with_lookups(self, lookups: Mapping[str, Any]) -> _Vocabulary:
+        return replace(self, **lookups)
+
+
+def _text_vocabulary(config: TrainingConfig, catalog: _Catalog) -> list[str]:
+    """The tokens of the catalog's titles and descriptions, most frequent first."""
+    import tf_keras as keras
+
+    vectorizer = keras.layers.TextVectorization(max_tokens=config.text_max_tokens)
+    vectorizer.adapt(catalog.text)
+    return [str(token) for token in vectorizer.get_vocabulary()]
 
 
 def _build_retriever(config: TrainingConfig, vocabulary: _Vocabulary, catalog: _Catalog) -> Any:
@@ -556,12 +593,13 @@ def _build_retriever(config: TrainingConfig, vocabulary: _Vocabulary, catalog: _
         if config.share_item_embeddings
         else keras.layers.Embedding(len(items) + n_oov + 1, config.id_dim, name="history_embedding")
     )
+    categories = vocabulary.categories if vocabulary.categories is not None else catalog.categories
     vectorizer = keras.layers.TextVectorization(
         max_tokens=config.text_max_tokens,
         output_sequence_length=config.text_sequence_length,
+        vocabulary=vocabulary.text if vocabulary.text is not None else _text_vocabulary(config, catalog),
         name="text_vectorizer",
     )
-    vectorizer.adapt(catalog.text)
     normalize = config.temperature is not None
     query_arguments: dict[str, Any] = dict(
         users=vocabulary.users,
@@ -578,7 +616,7 @@ def _build_retriever(config: TrainingConfig, vocabulary: _Vocabulary, catalog: _
         normalize=normalize,
         item_bias=config.item_bias,
         item_categories=catalog.primary if config.history_categories else None,
-        categories=catalog.categories,
+        categories=categories,
     )
     query: QueryTower | SequentialQueryTower
     if config.query_tower == "sequential":
@@ -594,7 +632,7 @@ def _build_retriever(config: TrainingConfig, vocabulary: _Vocabulary, catalog: _
     candidate = CandidateTower(
         item_lookup=item_lookup,
         item_table=item_table,
-        categories=catalog.categories,
+        categories=categories,
         text_vectorizer=vectorizer,
         embedding_dim=config.embedding_dim,
         feature_dim=config.feature_dim,
@@ -677,6 +715,7 @@ def train_retriever(
     items_frame: pd.DataFrame,
     out_dir: Path,
     log: Callable[[str], None] | None = None,
+    plan: TrainingPlan | None = None,
 ) -> dict[str, Any]:
     """Train the two-tower retriever; export both towers and every item's embedding.
 
@@ -688,13 +727,15 @@ def train_retriever(
         out_dir: the training step's folder; writes ``query_tower/``, ``candidate_tower/``
             and ``item_embeddings.parquet`` there (not the manifest: ``train_models`` does).
         log: where per-epoch lines go (default: stderr via rich).
+        plan: an incremental ``TrainingPlan`` warm-starts from its serving version's checkpoint
+            (``components.training.warm_start``); None or full: trained from scratch.
 
     Returns:
         The retriever's part of the manifest: inputs, D, metrics and example counts.
     """
     if config.query_tower == "sequential":
         return train_sequential_retriever(config, training_frame, items_frame, out_dir, log)
-    return _train_retriever(config, training_frame, items_frame, out_dir, log, _positive_batches)
+    return _train_retriever(config, training_frame, items_frame, out_dir, log, _positive_batches, plan)
 
 
 @dataclass(frozen=True)
@@ -809,13 +850,17 @@ def _train_retriever(
     out_dir: Path,
     log: Callable[[str], None] | None,
     batches: BatchBuilder,
+    plan: TrainingPlan | None = None,
 ) -> dict[str, Any]:
     """Fit, refit and export a retriever whose examples ``batches`` builds (``train_retriever``).
 
     The positives are split by ``validation_split``; the model is fitted with early stopping
     on the held-out ones (their loss, or their NDCG@10 ranked against the whole catalog:
     ``training.early_stopping_metric``), then (``refit_on_full``) built again on every positive and fitted
-    for the best epoch count, and exported with every catalog item's embedding.
+    for the best epoch count, and exported with every catalog item's embedding. An
+    incremental ``plan`` starts from the serving version's weights and fits
+    ``incremental_epochs`` without early stopping. The weights and vocabularies a later warm
+    start reads go to ``checkpoints/retriever/``.
     """
     use_legacy_keras()
     log = log or _default_log
@@ -829,8 +874,8 @@ def _train_retriever(
         pos, config.validation_fraction, config.validation_split, config.seed
     )
     started = time.perf_counter()
-    vocabulary = _Vocabulary.of(train_pos, training_frame)
-    model = _build_retriever(config, vocabulary, catalog)
+    vocabulary = _Vocabulary.of(train_pos, training_frame).with_catalog(config, catalog)
+    model, vocabulary, warm = _retriever_model(config, vocabulary, catalog, plan)
     train = batches(config, train_pos, np.ones(len(train_pos), bool), catalog, vocabulary, model, True)
     val = None
     if len(val_pos) >= 2:
@@ -846,17 +891,18 @@ def _train_retriever(
     ranking = None
     if val is not None and _early_stopping_metric(config) == "ndcg":
         ranking = _held_out_ranking(val, both, catalog)
-    patience = config.early_stopping_patience
-    metrics = _fit(model, train.dataset, val_ds, config.epochs, patience, "retriever", log, ranking)
+    epochs, patience = _epochs(config, config.epochs, plan)
+    metrics = _fit(model, train.dataset, val_ds, epochs, patience, "retriever", log, ranking)
     if config.refit_on_full and val_ds is not None:
         # Early stopping found the epoch count; the latest events are the most valuable, so the
         # final model learns from them too.
-        vocabulary = _Vocabulary.of(pos, training_frame)
-        model = _build_retriever(config, vocabulary, catalog)
+        vocabulary = _Vocabulary.of(pos, training_frame).with_catalog(config, catalog)
+        model, vocabulary, warm = _retriever_model(config, vocabulary, catalog, plan)
         full = batches(config, pos, np.ones(len(pos), bool), catalog, vocabulary, model, True)
         refit = _fit(model, full.dataset, None, metrics["best_epoch"], 0, "retriever refit", log)
         metrics["refit_loss"] = refit["loss"]
     dim = _export_retriever(model, catalog.frame, out_dir)
+    save_checkpoint(model, vocabulary.lookups(), out_dir / CHECKPOINTS / "retriever")
     sequential = {"query_tower": "sequential", "negatives": config.negatives} if kind else {}
     return {
         "embedding_dim": dim,
@@ -877,8 +923,45 @@ def _train_retriever(
             "logq_correction": config.logq_correction,
             "normalized": config.temperature is not None,
             "seconds": round(time.perf_counter() - started, 1),
+            **({"warm_start": warm.summary()} if warm is not None else {}),
         },
     }
+
+
+def _epochs(config: TrainingConfig, epochs: int, plan: TrainingPlan | None) -> tuple[int, int]:
+    """(epochs, early stopping patience): an incremental run fits ``incremental_epochs`` to the end."""
+    if plan is not None and plan.incremental:
+        return config.incremental_epochs, config.incremental_epochs
+    return epochs, config.early_stopping_patience
+
+
+def _retriever_model(
+    config: TrainingConfig, vocabulary: _Vocabulary, catalog: _Catalog, plan: TrainingPlan | None
+) -> tuple[Any, _Vocabulary, CopyReport | None]:
+    """The retriever to fit, its vocabulary and, warm-started (incremental ``plan``), what was copied."""
+
+    def build(lookups: Mapping[str, Any]) -> Any:
+        return _build_retriever(config, vocabulary.with_lookups(lookups), catalog)
+
+    if plan is None or not plan.incremental:
+        return build(vocabulary.lookups()), vocabulary, None
+    sample = catalog.frame.head(2)
+
+    def create_variables(model: Any) -> None:
+        model.query_model(_tensors(query_features_from_frame(sample)), training=False)
+        model.candidate_model(_tensors(candidate_features_from_frame(sample)), training=False)
+
+    limits = {"text": config.text_max_tokens}
+    model, lookups, report = warm_model(
+        build, vocabulary.lookups(), plan.checkpoint("retriever"), create_variables, limits
+    )
+    return model, vocabulary.with_lookups(lookups), report
+
+
+def _tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    import tensorflow as tf
+
+    return {name: tf.constant(values) for name, values in arrays.items()}
 
 
 # Per-event inputs of the sequential query tower (the context of each predicted event and its
@@ -1035,8 +1118,12 @@ def train_ranker(
     items_frame: pd.DataFrame,
     out_dir: Path,
     log: Callable[[str], None] | None = None,
+    plan: TrainingPlan | None = None,
 ) -> dict[str, Any]:
     """Train the multi-objective ranker (click, engagement) and export ``ranker/``.
+
+    An incremental ``plan`` warm-starts it as ``train_retriever`` does the retriever; the
+    weights and vocabularies go to ``checkpoints/ranker/``.
 
     Args:
         config: the ``training`` section (``objective_weights`` name the objectives).
@@ -1044,6 +1131,7 @@ def train_ranker(
         items_frame: the catalog; item content for sampled negatives comes from the frame.
         out_dir: the training step's folder; writes ``ranker/``.
         log: where per-epoch lines go.
+        plan: how to train (``train_retriever``'s).
 
     Returns:
         The ranker's part of the manifest: inputs, objectives, weights, metrics, counts.
@@ -1064,17 +1152,18 @@ def train_ranker(
         examples, config.validation_fraction, config.validation_split, config.seed
     )
     inputs = ranker_input_spec(numeric)
-    model = _build_ranker(config, train_ex, training_frame, items_frame, numeric)
+    vocabularies = _ranker_vocabularies(train_ex, training_frame, items_frame)
+    model, vocabularies, warm = _ranker_model(config, vocabularies, train_ex, items_frame, numeric, plan)
     train_ds = _ranker_dataset(config, train_ex, inputs, shuffle=True)
     val_ds = _ranker_dataset(config, val_ex, inputs, shuffle=False) if len(val_ex) >= 2 else None
     log(
         f"[ranker] {len(train_ex):,} train / {len(val_ex):,} validation examples from {source}, "
         f"click rate {train_ex['label_click'].mean():.3f}"
     )
-    metrics = _fit(
-        model, train_ds, val_ds, config.ranker_epochs, config.early_stopping_patience, "ranker", log
-    )
+    epochs, patience = _epochs(config, config.ranker_epochs, plan)
+    metrics = _fit(model, train_ds, val_ds, epochs, patience, "ranker", log)
     _export(model, inputs, out_dir / "ranker", embedding=False)
+    save_checkpoint(model, vocabularies, out_dir / CHECKPOINTS / "ranker")
     return {
         "ranker_inputs": inputs,
         "objectives": list(config.objective_weights),
@@ -1086,8 +1175,48 @@ def train_ranker(
             "ranker_source": source,
             "ranker_click_rate": float(examples["label_click"].mean()),
         },
-        "ranker": {"seconds": round(time.perf_counter() - started, 1), **_position_bias(model, train_ex)},
+        "ranker": {
+            "seconds": round(time.perf_counter() - started, 1),
+            **_position_bias(model, train_ex),
+            **({"warm_start": warm.summary()} if warm is not None else {}),
+        },
     }
+
+
+def _ranker_vocabularies(
+    examples: pd.DataFrame, training_frame: pd.DataFrame, items_frame: pd.DataFrame
+) -> dict[str, Any]:
+    """The lists the ranker's lookups are built from: ids of its ``examples``, the catalog's
+    categories, the frame's profile values."""
+    return {
+        "users": _vocab(examples["user_id"]),
+        "items": _vocab(examples["item_id"]),
+        "categories": _categories(items_frame),
+        "profiles": {n: _vocab(training_frame[n]) for n in PROFILE_FEATURES if n in training_frame},
+    }
+
+
+def _ranker_model(
+    config: TrainingConfig,
+    vocabularies: dict[str, Any],
+    examples: pd.DataFrame,
+    items_frame: pd.DataFrame,
+    numeric: list[str],
+    plan: TrainingPlan | None,
+) -> tuple[Any, dict[str, Any], CopyReport | None]:
+    """The ranker to fit, its vocabularies and, warm-started (incremental ``plan``), what was copied."""
+
+    def build(lookups: Mapping[str, Any]) -> Any:
+        # The vocabularies given, the frame is not read: the examples stand in for it.
+        return _build_ranker(config, examples, examples, items_frame, numeric, lookups)
+
+    if plan is None or not plan.incremental:
+        return build(vocabularies), vocabularies, None
+    sample = _tensors(features_from_frame(examples.head(2), ranker_input_spec(numeric)))
+    model, merged, report = warm_model(
+        build, vocabularies, plan.checkpoint("ranker"), lambda m: m(sample, training=False)
+    )
+    return model, merged, report
 
 
 def _position_bias(model: Any, examples: pd.DataFrame) -> dict[str, Any]:
@@ -1110,8 +1239,10 @@ def _build_ranker(
     training_frame: pd.DataFrame,
     items_frame: pd.DataFrame,
     numeric: list[str],
+    vocabularies: Mapping[str, Any] | None = None,
 ) -> Any:
-    """The ranker with vocabularies from its training ``examples``, numeric inputs normalized on them."""
+    """The ranker with vocabularies from its training ``examples`` (or ``vocabularies``,
+    ``_ranker_vocabularies``'s lists), numeric inputs normalized on the examples."""
     import tf_keras as keras
 
     from components.training.models import MultiObjectiveRanker
@@ -1121,11 +1252,12 @@ def _build_ranker(
     if numeric:
         normalizer = keras.layers.Normalization(axis=-1)
         normalizer.adapt(np.log1p(np.maximum(examples[numeric].to_numpy(dtype=np.float32), 0.0)))
+    vocabularies = vocabularies or _ranker_vocabularies(examples, training_frame, items_frame)
     model = MultiObjectiveRanker(
-        users=_vocab(examples["user_id"]),
-        items=_vocab(examples["item_id"]),
-        categories=_categories(items_frame),
-        profile_vocab={n: _vocab(training_frame[n]) for n in PROFILE_FEATURES if n in training_frame},
+        users=vocabularies["users"],
+        items=vocabularies["items"],
+        categories=vocabularies["categories"],
+        profile_vocab=vocabularies["profiles"],
         numeric_features=numeric,
         numeric_normalizer=normalizer,
         objective_weights=config.objective_weights,
@@ -1235,6 +1367,7 @@ def train_models(
     items_frame: pd.DataFrame,
     out_dir: Path,
     log: Callable[[str], None] | None = None,
+    plan: TrainingPlan | None = None,
 ) -> dict[str, Any]:
     """The training step: retriever and ranker into ``out_dir``, then ``manifest.json`` last.
 
@@ -1244,6 +1377,11 @@ def train_models(
         items_frame: the whole catalog (validated items).
         out_dir: the step's folder (``<home>/runs/<run>/train``).
         log: where progress lines go (default: stderr).
+        plan: full or incremental (``warm_start.plan_training``); None: a full train. An
+            incremental run trains both models on the frame's events after ``plan.after``,
+            warm-started from ``plan.warm_from``; where that cannot be done
+            (``WarmStartError``) it logs why and trains in full. The item-to-item table, a
+            closed-form fit, always learns from the whole frame.
 
     Returns:
         The manifest (see the module docstring for the contract).
@@ -1251,16 +1389,42 @@ def train_models(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.json").unlink(missing_ok=True)  # a re-run is incomplete until it ends
+    log = log or _default_log
     if config.history == "leave_one_out":
         training_frame = leave_one_out_history(training_frame, config.max_history)
-    retriever = train_retriever(config, training_frame, items_frame, out_dir, log)
-    ranker = train_ranker(config, training_frame, items_frame, out_dir, log)
+    plan = plan or TrainingPlan("full", "no plan given")
+    if plan.incremental:
+        try:
+            return _train_and_record(config, training_frame, items_frame, out_dir, log, plan)
+        except WarmStartError as error:
+            log(f"[train] the serving version cannot be warm-started from ({error}): training in full")
+            plan = plan.as_full(f"warm start refused: {error}")
+    return _train_and_record(config, training_frame, items_frame, out_dir, log, plan)
+
+
+def _train_and_record(
+    config: TrainingConfig,
+    training_frame: pd.DataFrame,
+    items_frame: pd.DataFrame,
+    out_dir: Path,
+    log: Callable[[str], None],
+    plan: TrainingPlan,
+) -> dict[str, Any]:
+    """``train_models`` for one plan: both models, the item-to-item table, the manifest."""
+    frame = training_frame
+    if plan.incremental:
+        ts = pd.to_datetime(training_frame["ts"], utc=True)
+        frame = training_frame[ts > pd.Timestamp(plan.after)].reset_index(drop=True)
+        log(f"[train] {plan.describe()}: {len(frame):,} of {len(training_frame):,} events")
+    retriever = train_retriever(config, frame, items_frame, out_dir, log, plan)
+    ranker = train_ranker(config, frame, items_frame, out_dir, log, plan)
     neighbours = (
-        train_item_neighbours(config, training_frame, out_dir, log or _default_log)
-        if config.item_neighbours
-        else None
+        train_item_neighbours(config, training_frame, out_dir, log) if config.item_neighbours else None
     )
-    ts = pd.to_datetime(training_frame["ts"], utc=True)
+    ts = pd.to_datetime(frame["ts"], utc=True)
+    warm_start = None
+    if plan.incremental:
+        warm_start = {"after": plan.after, "epochs": config.incremental_epochs, "reason": plan.reason}
     manifest = TrainManifest(
         path=str(out_dir),
         embedding_dim=retriever["embedding_dim"],
@@ -1270,7 +1434,7 @@ def train_models(
         objectives=ranker["objectives"],
         objective_weights=ranker["objective_weights"],
         metrics={**retriever["metrics"], **ranker["metrics"]},
-        examples={"events": len(training_frame), **retriever["examples"], **ranker["examples"]},
+        examples={"events": len(frame), **retriever["examples"], **ranker["examples"]},
         data_interval=Interval(start=ts.min().isoformat(), end=ts.max().isoformat()) if len(ts) else None,
         parameters=config.model_dump(mode="json"),
         details={
@@ -1280,6 +1444,13 @@ def train_models(
         },
         seed=config.seed,
         code_version=code_version(),
+        training_mode=plan.mode,
+        training_reason=plan.reason,
+        # A full run without a plan's interval end descends from itself, dated by its data.
+        full_retrain_of=plan.full_retrain_of or (ts.max().isoformat() if len(ts) else None),
+        warm_started_from=str(plan.warm_from) if plan.incremental else None,
+        warm_start=warm_start,
+        checkpoints={m: f"{CHECKPOINTS}/{m}" for m in MODELS},
     )
     write_manifest(out_dir, manifest)
     return manifest.model_dump()
