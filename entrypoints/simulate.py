@@ -342,6 +342,23 @@ def _exploring_policies(
     gw = settings.gateway
     new = new_items(world.universe, world.popular_items, n_new)
     rates = true_click_rates(truth, [u.user_id for u in world.users], new)
+    features = None
+    if "linucb" in kinds:
+        # The gateway's: the stable retrieval version's unit embeddings (no item-bias column).
+        import json
+
+        from recsys.artifacts import EMBEDDINGS_FILE, ITEM_IDS_FILE, assets_extra
+        from recsys.model_registry import version_for_label
+        from recsys.ranking import unit_directions
+
+        model = settings.push.retrieval_model
+        try:
+            version = version_for_label(settings.models_dir, model, "stable")
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"--exploration linucb reads a pushed retrieval version: {e}") from e
+        extra = assets_extra(settings.models_dir / model / str(version))
+        ids = [str(i) for i in json.loads((extra / ITEM_IDS_FILE).read_text())]
+        features = (ids, unit_directions(np.load(extra / EMBEDDINGS_FILE)))
     return [
         ExploringPolicy(
             PopularityPolicy(world.universe, world.popular_items),
@@ -355,6 +372,9 @@ def _exploring_policies(
             epsilon=gw.exploration_epsilon,
             prior_alpha=gw.exploration_prior_alpha,
             prior_beta=gw.exploration_prior_beta,
+            features=features if kind == "linucb" else None,
+            linucb_alpha=gw.exploration_linucb_alpha,
+            linucb_ridge=gw.exploration_linucb_ridge,
         )
         for kind in dict.fromkeys(kinds)
     ]

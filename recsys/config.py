@@ -402,10 +402,17 @@ class GatewayConfig(Section):
     new_item_days: int = Field(7, ge=0)
     # How the slots' items are chosen (recsys.exploration): uniform at random, epsilon-greedy or
     # Thompson sampling on Beta posteriors of a slot impression's click probability (learned
-    # online from posted clicks that carry the request_id), or none (no exploration).
-    exploration_policy: Literal["uniform", "epsilon_greedy", "thompson", "none"] = "uniform"
+    # online from posted clicks that carry the request_id), LinUCB on the item's retrieval
+    # embedding (one ridge regression shared by all items, so a click teaches about the
+    # items near it), or none (no exploration).
+    exploration_policy: Literal["uniform", "epsilon_greedy", "thompson", "linucb", "none"] = "uniform"
     exploration_epsilon: float = Field(0.1, ge=0, le=1)
-    # The posteriors' Beta prior, and whether they are per (segment, item) or per item.
+    # LinUCB's weight of the uncertainty bonus (higher: tries unfamiliar directions longer) and
+    # its ridge (the prior's precision: higher shrinks theta harder toward 0 on few trials).
+    exploration_linucb_alpha: float = Field(1.0, gt=0)
+    exploration_linucb_ridge: float = Field(1.0, gt=0)
+    # The posteriors' Beta prior, and whether they are per (segment, item) or per item (LinUCB:
+    # one regression per segment, or one in all).
     exploration_prior_alpha: float = Field(1.0, gt=0)
     exploration_prior_beta: float = Field(1.0, gt=0)
     exploration_by_segment: bool = True

@@ -7,6 +7,10 @@ yet) so it can earn a signal. Which one is a bandit's choice (``gateway.explorat
 - ``epsilon_greedy``: with probability ``epsilon`` a uniform pick, otherwise the arm of highest
   posterior mean (ties broken at random);
 - ``thompson``: Thompson sampling: one draw from each arm's Beta posterior, the highest draws win;
+- ``linucb``: a linear upper confidence bound on the item's embedding (``LinUCB``): one ridge
+  regression of a click on the item's L2-normalised candidate-tower embedding, shared by all
+  items (per segment), so a click on one item teaches about the items near it; the highest
+  ``theta . x + alpha * sqrt(x' A^-1 x)`` win;
 - ``none``: no exploration at all (the slots keep the ranked items).
 
 Arms are ``(segment, item)`` pairs (the segment is the gateway's popularity segment, or ``""``
@@ -18,6 +22,11 @@ repeated impression or click event never counts twice. Memory is bounded: past `
 arms the least recently touched is forgotten (it falls back to the prior), and past
 ``max_pending`` the oldest trials no longer wait for their click.
 
+``LinUCB`` counts the same trials and clicks, once each per ``(request_id, item)``: a trial adds
+``x x'`` to its segment's ``A`` when the impression is recorded (its reward 0 until told
+otherwise), and the click that names it adds ``x`` to ``b``, which turns that trial's reward
+into 1. Its memory is bounded the same way (items' embeddings, segments, pending trials).
+
 Everything here is pure (no I/O, no clock, randomness from the caller's generator); a caller
 that shares a ``BetaPosteriors`` between threads holds its own lock.
 """
@@ -27,12 +36,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
-ExplorationKind = Literal["uniform", "epsilon_greedy", "thompson", "none"]
-EXPLORATION_KINDS: tuple[ExplorationKind, ...] = ("uniform", "epsilon_greedy", "thompson", "none")
+ExplorationKind = Literal["uniform", "epsilon_greedy", "thompson", "linucb", "none"]
+EXPLORATION_KINDS: tuple[ExplorationKind, ...] = ("uniform", "epsilon_greedy", "thompson", "linucb", "none")
 Arm = tuple[str, str]  # (segment, item_id)
 
 
@@ -158,6 +167,241 @@ class BetaPosteriors:
         }
 
 
+class _Ridge:
+    """One segment's ridge regression of a click on the embedding: ``A^-1`` and ``b``.
+
+    ``A^-1`` is kept by Sherman-Morrison (``O(d^2)`` a trial, no solve at choose time).
+    """
+
+    __slots__ = ("a_inv", "b", "trials", "clicks")
+
+    def __init__(self, dim: int, ridge: float) -> None:
+        self.a_inv = np.eye(dim) / ridge
+        self.b = np.zeros(dim)
+        self.trials = 0
+        self.clicks = 0
+
+    def add(self, x: np.ndarray) -> None:
+        """``A += x x'``: one more trial at ``x``."""
+        ax = self.a_inv @ x
+        self.a_inv -= np.outer(ax, ax) / (1.0 + float(x @ ax))
+
+    @property
+    def theta(self) -> np.ndarray:
+        return self.a_inv @ self.b
+
+
+class LinUCB:
+    """A linear UCB bandit whose arms are items described by their embedding.
+
+    Every item is the vector ``x`` of its candidate-tower embedding (L2-normalised), and the
+    click probability of a slot impression is modelled as ``theta . x``: one ridge regression
+    per segment (``""`` for one shared by all), ``A = ridge * I + sum x x'`` over its trials and
+    ``b = sum reward * x``, ``theta = A^-1 b``. An item's score is ``theta . x + alpha *
+    sqrt(x' A^-1 x)``, the estimate plus its uncertainty, and the highest scores fill the
+    slots. Unlike the Beta posteriors, a click on one item raises the score of the items whose
+    embeddings point the same way, so a new item near engaging ones is tried sooner.
+
+    An item without an embedding (new since the retrieval version was trained) scores the
+    prior's ``alpha * sqrt(1 / ridge)``, the uncertainty of a unit vector before any trial: the
+    most a score's bonus can be. For exploration that is the right default: such an item is
+    exactly what the slots exist for, nothing here can say it is worse than the rest, and its
+    features arrive with the next retrieval version. Its trials count in the totals but teach
+    the regression nothing.
+
+    The regression is in one embedding space: ``set_features`` with another ``space`` (a new
+    retrieval version) or another dimension starts over from the prior.
+
+    Args:
+        alpha: the weight of the uncertainty bonus, > 0.
+        ridge: the ridge ``lambda`` (the prior's precision), > 0.
+        max_items: items whose embedding is remembered; the least recently set are forgotten.
+        max_pending: trials remembered for their click (and for idempotency).
+        max_segments: segments with a regression; the least recently trained are forgotten.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        ridge: float = 1.0,
+        max_items: int = 100_000,
+        max_pending: int = 100_000,
+        max_segments: int = 1_000,
+    ) -> None:
+        if alpha <= 0 or ridge <= 0:
+            raise ValueError(f"LinUCB needs alpha, ridge > 0; got {alpha}, {ridge}")
+        if min(max_items, max_pending, max_segments) < 1:
+            raise ValueError("max_items, max_pending and max_segments must be at least 1")
+        self.alpha = float(alpha)
+        self.ridge = float(ridge)
+        self.max_items = max_items
+        self.max_pending = max_pending
+        self.max_segments = max_segments
+        self.dim: int | None = None
+        self.space: int | str | None = None
+        self._features: OrderedDict[str, np.ndarray] = OrderedDict()  # unit rows, float32
+        self._ridges: OrderedDict[str, _Ridge] = OrderedDict()
+        # (request_id, item) -> [its segment's regression (None: no embedding), x, clicked]
+        self._trials: OrderedDict[tuple[str, str], list[Any]] = OrderedDict()
+        self.total_trials = 0
+        self.total_clicks = 0
+
+    def __len__(self) -> int:
+        return len(self._features)
+
+    @property
+    def prior_score(self) -> float:
+        """The score of an item without an embedding (and of every item before any trial)."""
+        return self.alpha * float(np.sqrt(1.0 / self.ridge))
+
+    def _reset(self) -> None:
+        self._features.clear()
+        self._ridges.clear()
+        self._trials.clear()  # their x are of the old space: their clicks count nothing now
+
+    def set_features(self, items: Sequence[str], vectors: np.ndarray, space: int | str | None = None) -> None:
+        """The embeddings of ``items`` (one row each, normalised here). A zero or non-finite row
+        means the item has none. Another ``space`` or dimension than before starts over."""
+        x = np.asarray(vectors, dtype=np.float64).reshape(len(items), -1)
+        dim = x.shape[1]
+        if self.dim is not None and (dim != self.dim or (space is not None and space != self.space)):
+            self._reset()
+        self.dim = dim
+        if space is not None:
+            self.space = space
+        with np.errstate(invalid="ignore", over="ignore"):
+            norms = np.linalg.norm(x, axis=1)
+        ok = np.isfinite(norms) & (norms > 0)
+        unit = (x / np.where(ok, norms, 1.0)[:, None]).astype(np.float32)
+        for item, row, good in zip(items, unit, ok.tolist(), strict=True):
+            key = str(item)
+            if good:
+                self._features[key] = row
+                self._features.move_to_end(key)
+            else:
+                self._features.pop(key, None)
+        while len(self._features) > self.max_items:
+            self._features.popitem(last=False)
+
+    def features(self, items: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``items``' unit embeddings (zeros where unknown) and which are known."""
+        dim = self.dim or 0
+        x = np.zeros((len(items), dim), dtype=np.float64)
+        known = np.zeros(len(items), dtype=bool)
+        for n, item in enumerate(items):
+            row = self._features.get(str(item))
+            if row is not None:
+                x[n], known[n] = row, True
+        return x, known
+
+    def _state(self, segment: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(A^-1, theta)`` of ``segment`` (the prior's where it has no trials)."""
+        r = self._ridges.get(segment)
+        if r is None:
+            dim = self.dim or 0
+            return np.eye(dim) / self.ridge, np.zeros(dim)
+        return r.a_inv, r.theta
+
+    def scores(self, segment: str, items: Sequence[str]) -> np.ndarray:
+        """Each item's upper confidence bound ``theta . x + alpha * sqrt(x' A^-1 x)``."""
+        out = np.full(len(items), self.prior_score)
+        x, known = self.features(items)
+        if not known.any():
+            return out
+        a_inv, theta = self._state(segment)
+        xk = x[known]
+        var = np.einsum("ij,jk,ik->i", xk, a_inv, xk)
+        out[known] = xk @ theta + self.alpha * np.sqrt(np.maximum(var, 0.0))
+        return out
+
+    def mean(self, segment: str, items: Sequence[str]) -> np.ndarray:
+        """The regression's click probability ``theta . x`` of each item, clipped to [0, 1]
+        (0, the prior's, for an item without an embedding)."""
+        x, _ = self.features(items)
+        _, theta = self._state(segment)
+        return np.clip(x @ theta, 0.0, 1.0) if len(theta) else np.zeros(len(items))
+
+    def _ridge(self, segment: str) -> _Ridge:
+        r = self._ridges.get(segment)
+        if r is None:
+            r = self._ridges[segment] = _Ridge(self.dim or 0, self.ridge)
+            while len(self._ridges) > self.max_segments:
+                self._ridges.popitem(last=False)
+        else:
+            self._ridges.move_to_end(segment)
+        return r
+
+    def record_trial(self, request_id: str, segment: str, item: str) -> bool:
+        """An impression of ``item`` in a slot of ``request_id``: ``A += x x'``, once. True if counted."""
+        key = (request_id, item)
+        if key in self._trials:
+            return False
+        row = self._features.get(item)
+        x = None if row is None else row.astype(np.float64)
+        r = None
+        if x is not None:
+            r = self._ridge(segment)
+            r.add(x)
+            r.trials += 1
+        self._trials[key] = [r, x, False]
+        while len(self._trials) > self.max_pending:
+            self._trials.popitem(last=False)
+        self.total_trials += 1
+        return True
+
+    def record_click(self, request_id: str, item: str) -> bool:
+        """A click on ``item`` after ``request_id`` showed it in a slot: its trial's reward
+        becomes 1 (``b += x``), once. A click on an item that request did not explore (or
+        whose trial was forgotten) counts nothing. True if counted."""
+        trial = self._trials.get((request_id, item))
+        if trial is None or trial[2]:
+            return False
+        trial[2] = True
+        r, x = trial[0], trial[1]
+        if r is not None:
+            r.b += x
+            r.clicks += 1
+        self.total_clicks += 1
+        return True
+
+    def update(self, observations: Iterable[tuple[str, str, str, bool]]) -> int:
+        """Trials (and clicks) of ``(request_id, segment, item, clicked)``; how many counted."""
+        n = 0
+        for request_id, segment, item, clicked in observations:
+            n += self.record_trial(request_id, segment, item)
+            if clicked:
+                self.record_click(request_id, item)
+        return n
+
+    def summary(self, top: int = 20) -> dict[str, object]:
+        """What the regressions hold: totals, dimension, and the segments with most trials."""
+        ranked = sorted(self._ridges.items(), key=lambda kv: -kv[1].trials)[:top]
+        segments = [
+            {
+                "segment": seg,
+                "trials": r.trials,
+                "clicks": r.clicks,
+                "theta_norm": float(np.linalg.norm(r.theta)),
+            }
+            for seg, r in ranked
+        ]
+        return {
+            "dimension": self.dim,
+            "space": self.space,
+            "items_with_embedding": len(self._features),
+            "segments": len(self._ridges),
+            "pending_trials": len(self._trials),
+            "trials": self.total_trials,
+            "clicks": self.total_clicks,
+            "alpha": self.alpha,
+            "ridge": self.ridge,
+            "top_segments": segments,
+        }
+
+
+Learner = BetaPosteriors | LinUCB  # what a learning policy reads and updates
+
+
 @dataclass(frozen=True)
 class ExplorationPolicy:
     """How exploration items are chosen from a pool (``EXPLORATION_KINDS``).
@@ -179,23 +423,35 @@ class ExplorationPolicy:
     @property
     def learns(self) -> bool:
         """Whether the choice reads the posteriors (and so is worth their upkeep)."""
-        return self.kind in ("epsilon_greedy", "thompson")
+        return self.kind in ("epsilon_greedy", "thompson", "linucb")
 
     def choose(
         self,
         pool: Sequence[str],
-        posteriors: BetaPosteriors,
+        posteriors: Learner,
         segment: str,
         n: int,
         rng: np.random.Generator,
     ) -> list[str]:
-        """Up to ``n`` distinct items of ``pool`` for the slots, in slot order."""
+        """Up to ``n`` distinct items of ``pool`` for the slots, in slot order.
+
+        ``posteriors`` is a ``LinUCB`` for ``linucb``, ``BetaPosteriors`` for the others.
+        """
         items = list(dict.fromkeys(str(i) for i in pool))
         n = min(n, len(items))
         if n <= 0 or self.kind == "none":
             return []
         if self.kind == "uniform":
             return [items[i] for i in rng.choice(len(items), size=n, replace=False)]
+        if self.kind == "linucb":
+            if not isinstance(posteriors, LinUCB):
+                raise TypeError(f"linucb chooses with a LinUCB, not {type(posteriors).__name__}")
+            # Rounded so that equal scores (items without an embedding, all at the prior's)
+            # tie exactly and the random key breaks the tie.
+            scores = np.round(posteriors.scores(segment, items), 12)
+            return [items[i] for i in np.lexsort((rng.random(len(items)), -scores))[:n]]
+        if not isinstance(posteriors, BetaPosteriors):
+            raise TypeError(f"{self.kind} chooses with BetaPosteriors, not {type(posteriors).__name__}")
         alpha, beta = posteriors.params(segment, items)
         if self.kind == "thompson":
             draws = rng.beta(alpha, beta)

@@ -2,14 +2,16 @@
 
 ``ExploringPolicy`` is the gateway's exploration stage on a simulated policy: the base policy
 (popularity, retrieval) fills the list, then the slots take new items as an exploration
-policy of ``recsys.exploration`` chooses them (uniform, epsilon-greedy, Thompson, none), and
-what the simulated user does with a slot's item (a click or not) updates the Beta posteriors
-exactly as the gateway's posted clicks do, once per ``(request, item)``. One policy per
+policy of ``recsys.exploration`` chooses them (uniform, epsilon-greedy, Thompson, LinUCB,
+none), and what the simulated user does with a slot's item (a click or not) updates the Beta
+posteriors (LinUCB: its ridge regression on the items' embeddings, those of the pushed
+retrieval version) exactly as the gateway's posted clicks do, once per ``(request, item)``. One policy per
 exploration kind runs on the same users and seeds (``loop.simulate``), so their rewards
 differ by the exploration alone.
 
 For each new item, the tracker records how many of the policy's requests passed before the
-item's first click in a slot, and before its posterior mean came within ``tolerance`` of the
+item's first click in a slot, and before its posterior mean (LinUCB: the regression's
+``theta . x``) came within ``tolerance`` of the
 truth's click probability of the item (averaged over the simulated users): how fast a new
 item's engagement is learned. ``exploration_summary`` puts them with reward per request and
 regret against the oracle (its expected reward per request less the policy's).
@@ -28,7 +30,7 @@ import pandas as pd
 from components.simulation.policies import Policy, Recommendation, Request, Universe
 from components.simulation.truth import SimulatedResponse, Truth
 from components.sources.synthetic import response_odds
-from recsys.exploration import BetaPosteriors, ExplorationKind, ExplorationPolicy
+from recsys.exploration import BetaPosteriors, ExplorationKind, ExplorationPolicy, Learner, LinUCB
 from recsys.ranking import insert_exploration
 
 LEARNED_TOLERANCE = 0.05
@@ -59,9 +61,7 @@ class LearningTracker:
     first_click: dict[str, int] = field(default_factory=dict)
     learned: dict[str, int] = field(default_factory=dict)
 
-    def after(
-        self, posteriors: BetaPosteriors, segment: str, items: Sequence[str], clicked: Sequence[bool]
-    ) -> None:
+    def after(self, posteriors: Learner, segment: str, items: Sequence[str], clicked: Sequence[bool]) -> None:
         """One request done; ``items`` were explored in it, ``clicked`` which got a click."""
         self.requests += 1
         for item, click in zip(items, clicked, strict=True):
@@ -85,6 +85,9 @@ class ExploringPolicy:
         seed: with the user and request, seeds each choice.
         slots, position: as ``gateway.exploration_slots`` and ``exploration_position``.
         epsilon, prior_alpha, prior_beta: as the gateway's settings.
+        features: for ``linucb``, item ids and their embeddings (the pushed retrieval
+            version's); a pool item without one scores the prior's maximal uncertainty.
+        linucb_alpha, linucb_ridge: as ``gateway.exploration_linucb_alpha`` and ``_ridge``.
     """
 
     def __init__(
@@ -100,6 +103,9 @@ class ExploringPolicy:
         epsilon: float = 0.1,
         prior_alpha: float = 1.0,
         prior_beta: float = 1.0,
+        features: tuple[Sequence[str], np.ndarray] | None = None,
+        linucb_alpha: float = 1.0,
+        linucb_ridge: float = 1.0,
     ) -> None:
         self.base = base
         self._positions = universe.position
@@ -108,7 +114,11 @@ class ExploringPolicy:
         self.pool = list(pool)
         self.seed = seed
         self.slots, self.position = slots, position
-        self.posteriors = BetaPosteriors(prior_alpha, prior_beta)
+        self.posteriors: Learner = BetaPosteriors(prior_alpha, prior_beta)
+        if kind == "linucb":
+            self.posteriors = LinUCB(linucb_alpha, linucb_ridge)
+            if features is not None:
+                self.posteriors.set_features(list(features[0]), features[1])
         self.tracker = LearningTracker(true_rate)
 
     @staticmethod

@@ -195,7 +195,7 @@ class RecommendationFlow:
         explored: set[str] = set()
         if gw.exploration_slots and arm != "holdout":
             ranked_ids, explored = self._explore(
-                catalog, allowed, pos[picked], ranked_ids, k, request_id, segment
+                catalog, allowed, pos[picked], ranked_ids, k, request_id, segment, snap
             )
         items = self._explain(snap, assets, ranked_ids, explored, score_of, reasons, recent_pos, retrieved)
         timer.lap("explore")
@@ -428,11 +428,18 @@ class RecommendationFlow:
         k: int,
         request_id: str,
         segment: str = "",
+        snap: Snapshot | None = None,
     ) -> tuple[list[str], set[str]]:
         """New items into the exploration slots, as the configured bandit chooses them
         (``gateway.exploration_policy``): the list, and the ids placed there."""
         gw = self.settings.gateway
         rng = np.random.default_rng(int(hashlib.sha256(request_id.encode()).hexdigest()[:16], 16))
+        features = None
+        if snap is not None and self.exploration.needs_features:
+            # The stable version's space whatever the request's arm: one regression learns
+            # from every arm's slots, and only a promotion moves it to another space.
+            stable = self._retrieval_assets(snap.versions, "stable")
+            features = (stable.version, lambda p: snap.unit_rows(stable, p))
         chosen = self.exploration.choose(
             catalog.item_ids,
             catalog.new_positions,
@@ -441,6 +448,7 @@ class RecommendationFlow:
             gw.exploration_slots,
             segment,
             rng,
+            features,
         )
         if not len(chosen):
             return ranked_ids, set()

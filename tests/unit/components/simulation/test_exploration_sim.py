@@ -20,7 +20,7 @@ from components.sources.synthetic import draw_truth
 from recsys.config import TrainingConfig
 from tests.support.tiny_data import tiny_params
 
-KINDS = ("uniform", "epsilon_greedy", "thompson", "none")
+KINDS = ("uniform", "epsilon_greedy", "thompson", "linucb", "none")
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,20 @@ def run() -> tuple[World, list[ExploringPolicy], pd.DataFrame, list[str]]:
     world = World(truth, universe, users, popular_items=truth.item_ids[::-1], recent_limit=20)
     new = new_items(universe, world.popular_items, 10)
     rates = true_click_rates(truth, [u.user_id for u in users], new)
+    # LinUCB's item embeddings: each item's truth affinity with the simulated users (what a
+    # retrieval model's embedding approximates), for every new item but the last (which has
+    # none, as an item newer than the retrieval version)
+    embedding = truth.affinity([u.user_id for u in users], new[:-1]).T
     exploring = [
-        ExploringPolicy(PopularityPolicy(universe, world.popular_items), universe, kind, new, rates, seed=0)
+        ExploringPolicy(
+            PopularityPolicy(universe, world.popular_items),
+            universe,
+            kind,
+            new,
+            rates,
+            seed=0,
+            features=(new[:-1], embedding),
+        )
         for kind in KINDS
     ]
     plain = PopularityPolicy(universe, world.popular_items)
@@ -51,7 +63,7 @@ def test_slots_hold_new_items_and_none_is_the_base_policy(run) -> None:
     _, exploring, records, new = run
     by = {p: g.reset_index(drop=True) for p, g in records.groupby("policy")}
     assert by["popularity+none"]["items"].tolist() == by["popularity"]["items"].tolist()
-    for kind in ("uniform", "epsilon_greedy", "thompson"):
+    for kind in ("uniform", "epsilon_greedy", "thompson", "linucb"):
         lists = by[f"popularity+{kind}"]["items"].str.split()
         # position 3 of every list is a new item (one slot), and nothing else changed length
         assert all(items[3] in new and len(items) == 6 for items in lists)
@@ -77,3 +89,13 @@ def test_summary_reports_reward_regret_and_learning_speed(run, tmp_path) -> None
     full["exploration"] = summary
     html = write_report(full, records, tmp_path)["report"].read_text()
     assert "Exploration policies" in html and "popularity+thompson" in html and "requests to learn" in html
+
+
+def test_linucb_learns_on_the_given_embeddings(run) -> None:
+    _, exploring, _, new = run
+    (lin,) = [p for p in exploring if p.policy.kind == "linucb"]
+    summary = lin.posteriors.summary()
+    # one regression (the simulation has no segments) on the 20 users' affinities
+    assert summary["dimension"] == 20 and summary["segments"] == 1
+    assert summary["items_with_embedding"] == len(new) - 1  # the newest has none
+    assert summary["trials"] == lin.tracker.requests == 160

@@ -106,3 +106,40 @@ def test_per_item_posteriors_pool_segments_and_uniform_does_no_upkeep() -> None:
     uniform.served("r1", "FR", ["i6"])
     assert uniform.observe([{"event_type": "click", "request_id": "r1", "item_id": "i6"}]) == 0
     assert len(uniform.posteriors) == 0
+
+
+def test_linucb_learns_on_the_embeddings_the_request_path_passes() -> None:
+    bandit = ExplorationBandit(_settings("linucb", exploration_by_segment=False))
+    assert bandit.needs_features and not ExplorationBandit(_settings("thompson")).needs_features
+    # i6 and i7 point one way, i8 another; the clicks go to i6 only
+    emb = np.zeros((len(ITEMS), 3))
+    emb[6], emb[7], emb[8] = [1.0, 0.1, 0.0], [1.0, -0.1, 0.0], [0.0, 0.0, 1.0]
+    seen: list[int] = []
+
+    def rows(pos: np.ndarray) -> np.ndarray:
+        seen.extend(pos.tolist())
+        return emb[pos]
+
+    def choose(seed: int, version: int = 1) -> str:
+        allowed = np.ones(len(ITEMS), dtype=bool)
+        allowed[9] = False
+        (c,) = bandit.choose(ITEMS, NEW, allowed, {5}, 1, "FR", np.random.default_rng(seed), (version, rows))
+        return str(ITEMS[c])
+
+    for r in range(80):
+        item = choose(r)
+        bandit.served(f"req{r}", "FR", [item])
+        bandit.served(f"req{r}", "FR", [item])  # again: one trial
+        clicks = [{"event_type": "click", "request_id": f"req{r}", "item_id": item}] * 2
+        bandit.observe(clicks if item == "i6" else [])
+    assert set(seen) == {6, 7, 8}  # the pool's rows were asked for
+    summary = bandit.summary()
+    assert summary["policy"] == "linucb" and summary["dimension"] == 3 and summary["trials"] == 80
+    assert 0 < summary["clicks"] == summary["top_segments"][0]["clicks"]
+    # it learned the direction i6 shares with i7: i8 is hardly chosen any more
+    late = [choose(1000 + s) for s in range(50)]
+    assert late.count("i8") < 5 and late.count("i6") > 25
+    assert bandit.observe([{"event_type": "click", "request_id": "nope", "item_id": "i6"}]) == 0
+    # a promotion to another stable version is another embedding space: the prior again
+    choose(0, version=2)
+    assert bandit.summary()["segments"] == 0 and bandit.posteriors.total_trials == 0
