@@ -565,8 +565,9 @@ def simulate_cmd(
     exploration: Annotated[
         str,
         typer.Option(
-            help="Exploration policies to compare, comma-separated (uniform,epsilon_greedy,thompson,none): "
-            "popularity with the exploration slot filled by each, learning from the simulated clicks."
+            help="Exploration policies to compare, comma-separated "
+            "(uniform,epsilon_greedy,thompson,linucb,none): popularity with the exploration slot "
+            "filled by each, learning from the simulated clicks."
         ),
     ] = "",
     loop: Annotated[
@@ -579,6 +580,9 @@ def simulate_cmd(
     holdout_fraction: Annotated[
         float, typer.Option(help="--loop: the users the gateway serves popularity (the holdout arm).")
     ] = 0.2,
+    canary_fraction: Annotated[
+        float, typer.Option(help="--loop: the users a newly pushed version serves for one round (canary).")
+    ] = 0.4,
 ) -> None:
     """Replay users of the synthetic truth against the served system, retrieval alone, popularity,
     random and the oracle; report reward per request and the served system's share of the oracle."""
@@ -591,7 +595,7 @@ def simulate_cmd(
             run_loop(
                 _settings(ctx), console, rounds=loop, truth=truth, users=users,
                 requests_per_user=requests_per_user, k=k, seed=seed,
-                holdout_fraction=holdout_fraction, out=out,
+                holdout_fraction=holdout_fraction, canary_fraction=canary_fraction, out=out,
             )  # fmt: skip
             return
         run_simulation(

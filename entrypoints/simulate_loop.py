@@ -4,10 +4,11 @@ Each round, the same simulated users (``components.simulation``) ask the running
 items and respond as the truth says, their events posted back as a client posts them; the
 gateway logs what it served. Then the training pipeline runs as the scheduler runs it: the
 event log is exported to the lake, ingest adds that served traffic to the source, and the
-models are retrained, gated and pushed; a pushed version is promoted, and the next round is
-served by it. Each round's reward per request is reported per serving arm: ``stable`` (the
-models) and ``holdout`` (the popularity list the gateway serves a fixed slice of users),
-beside the oracle on the same users.
+models are retrained, gated and pushed. As in a canary rollout, a pushed version serves the
+``canary`` arm for one round beside the ``stable`` one it would replace, and is promoted
+before the next retrain: each round compares the newest model with the one before it on the
+same round's users (who have consumed as much of what they like), beside ``holdout`` (the
+popularity list the gateway serves a fixed slice of users) and the oracle on the same users.
 
 It all happens in a loop home of its own (``<out>/home``: a copy of the home's models and
 online store, the same source), so the home's models, log and store are left as they were.
@@ -58,15 +59,20 @@ class LoopSetup:
     config_file: Path
 
 
-def loop_setup(settings: Settings, validated: Path, out: Path, holdout_fraction: float) -> LoopSetup:
+def loop_setup(
+    settings: Settings, validated: Path, out: Path, holdout_fraction: float, canary_fraction: float
+) -> LoopSetup:
     """A loop home holding a copy of what serving reads, and settings that point at it.
 
     Raises:
         ValueError: a Redis event log or online store is configured (the loop would write
-            into the home's), or ``holdout_fraction`` is not in (0, 1).
+            into the home's), or the arm fractions leave no stable arm.
     """
-    if not 0 < holdout_fraction < 1:
-        raise ValueError(f"--holdout-fraction must be in (0, 1), got {holdout_fraction}")
+    if not (0 < holdout_fraction < 1 and 0 < canary_fraction < 1 and holdout_fraction + canary_fraction < 1):
+        raise ValueError(
+            f"--holdout-fraction {holdout_fraction} and --canary-fraction {canary_fraction} must each be "
+            "in (0, 1) and leave users for the stable arm"
+        )
     if settings.gateway.event_log_backend != "sqlite" or settings.features.online_store != "sqlite":
         raise ValueError(
             "the loop runs on the embedded stores: gateway.event_log_backend and features.online_store "
@@ -80,8 +86,7 @@ def loop_setup(settings: Settings, validated: Path, out: Path, holdout_fraction:
             "gateway": settings.gateway.model_copy(
                 update={
                     "event_log_path": None,
-                    # Every user not held out is served by the models a round pushed.
-                    "arm_fractions": {"canary": 0.0, "holdout": holdout_fraction},
+                    "arm_fractions": {"canary": canary_fraction, "holdout": holdout_fraction},
                 }
             ),
         }
@@ -102,6 +107,7 @@ def run_loop(
     k: int = 10,
     seed: int = 0,
     holdout_fraction: float = 0.2,
+    canary_fraction: float = 0.4,
     out: Path | None = None,
 ) -> dict[str, Any]:
     """Serve, respond, export, retrain and push, ``rounds`` times; report reward per arm and round.
@@ -114,6 +120,7 @@ def run_loop(
         users, requests_per_user, k, seed: as ``recsys simulate``; the same users every round,
             each carrying what they did in earlier rounds (not shown again, newest first).
         holdout_fraction: the users the gateway serves popularity (the ``holdout`` arm).
+        canary_fraction: the users a newly pushed version serves for a round (``canary``).
         out: the output folder (default: the latest run's ``simulation_loop/``).
 
     Returns:
@@ -124,7 +131,7 @@ def run_loop(
     inputs = resolve_inputs(settings, truth, out)
     out_dir = inputs.out if out is not None else inputs.out.parent / LOOP_STEP
     started = time.perf_counter()
-    setup = loop_setup(settings, inputs.validated, out_dir, holdout_fraction)
+    setup = loop_setup(settings, inputs.validated, out_dir, holdout_fraction, canary_fraction)
     truth_model = load_truth(inputs.truth, settings.training)
     source = load_feature_source(settings, inputs.validated)
     world = build_world(settings, truth_model, source, inputs.validated, users, seed)
@@ -133,11 +140,12 @@ def run_loop(
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     env.update({"RECSYS_CONFIG": str(setup.config_file), settings.security.api_key_env: key})
     states: dict[tuple[str, str], UserState] = {}
-    records, retrains = [], []
+    records, retrains, versions = [], [], {}
     first_day = datetime.combine(utc_now().date(), datetime.min.time(), tzinfo=UTC)
     for r in range(rounds):
         console.rule(f"round {r + 1} of {rounds}: serving")
         logs = out_dir / "logs" / f"round-{r + 1}"
+        versions[r + 1] = _arm_versions(setup.settings)
         with servers_on(setup.settings, setup.home / "models", env, logs, console) as url:
             with httpx.Client(base_url=url, timeout=30, headers={"X-API-Key": key}) as client:
                 served = GatewayPolicy(client, not_simulatable, f"loop{seed}-r{r + 1}")
@@ -156,6 +164,7 @@ def run_loop(
         pd.concat(records, ignore_index=True),
         retrains,
         served=SERVED,
+        versions=versions,
         setup={
             "truth": str(inputs.truth),
             "home": str(setup.home),
@@ -165,6 +174,7 @@ def run_loop(
             "k": k,
             "seed": seed,
             "holdout_fraction": holdout_fraction,
+            "canary_fraction": canary_fraction,
         },
     )
     paths = write_loop_report(summary, pd.concat(records, ignore_index=True), out_dir)
@@ -178,19 +188,26 @@ def _not_simulatable(validated: Path, truth: Any) -> list[str]:
     return [i for i, known in zip(catalog, truth.has_items(catalog), strict=True) if not known]
 
 
+def _arm_versions(settings: Settings) -> dict[str, dict[str, int]]:
+    """arm -> {model: version} serving it now (the holdout arm serves popularity, no model)."""
+    from recsys.model_registry import serving_labels
+
+    return serving_labels(settings)
+
+
 def _retrain(
     settings: Settings, interval_end: datetime, after_round: int, console: Console
 ) -> dict[str, Any]:
-    """One pipeline run over the interval, then the pushed version promoted to stable."""
+    """The canary that served the last round promoted, then one pipeline run over the interval
+    (its pushed version becomes the next round's canary)."""
     from components.pipeline import run_pipeline
     from recsys.model_registry import move_labels
 
     t0 = time.perf_counter()
+    move_labels(settings, "promote")  # a no-op while canary and stable are the same version
     manifests = run_pipeline(settings, interval_end, console)
     gate = manifests.get("gate", {})
     pushed = manifests.get("push", {}).get("version")
-    if pushed is not None:
-        move_labels(settings, "promote")
     return {
         "after_round": after_round,
         "interval_end": interval_end.isoformat(),

@@ -262,9 +262,11 @@ def summarize_loop(
     served: str,
     reference: str = ORACLE,
     setup: Mapping[str, Any] | None = None,
+    versions: Mapping[int, Mapping[str, Mapping[str, int]]] | None = None,
 ) -> dict[str, Any]:
     """Per round and serving arm of ``served``: requests, users, reward per request (realized and
-    expected) and its share of ``reference``'s expected reward on the same users that round;
+    expected) and its share of ``reference``'s expected reward on the same users that round,
+    and the model versions that served the arm (``versions``: round -> arm -> {model: version});
     each round's retrain (``retrains``, by ``after_round``) beside it.
 
     ``records`` are ``simulate``'s with a ``round`` column.
@@ -286,6 +288,7 @@ def summarize_loop(
                 "expected_reward_per_request": expected,
                 "click_rate": float(got["clicks"].sum() / max(1, got["shown"].sum())),
                 "share_of_oracle": expected / oracle if oracle > 0 else math.nan,
+                "versions": dict((versions or {}).get(int(number), {}).get(str(arm), {})),
             }
         rows.append(
             {
@@ -319,11 +322,10 @@ def _loop_html(summary: Mapping[str, Any]) -> str:
     arms, rounds = summary["arms"], summary["rounds"]
     head = "".join(f"<th>{html.escape(a)}: expected reward (share of oracle)</th>" for a in arms)
     body = ""
+    cell = "<td>{expected_reward_per_request:.3f} ({share_of_oracle:.0%}), {users} users{served_by}</td>"
     for row in rounds:
         cells = "".join(
-            "<td>{expected_reward_per_request:.3f} ({share_of_oracle:.0%}), {users} users</td>".format(
-                **row["arms"][a]
-            )
+            cell.format(**row["arms"][a], served_by=_served_by(row["arms"][a].get("versions")))
             if a in row["arms"]
             else "<td></td>"
             for a in arms
@@ -359,6 +361,13 @@ same users the same round is the ceiling.</p>
 <h2>Setup</h2><ul>{setup}</ul>
 </body></html>
 """
+
+
+def _served_by(versions: Mapping[str, int] | None) -> str:
+    if not versions:
+        return ""
+    shown = ", ".join(f"{html.escape(m)} v{v}" for m, v in sorted(versions.items()))
+    return f"<br><small>{shown}</small>"
 
 
 def _loop_chart(summary: Mapping[str, Any]) -> str:

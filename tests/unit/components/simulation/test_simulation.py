@@ -203,7 +203,8 @@ def test_the_loop_summary_is_per_round_and_arm_against_the_oracle_on_the_same_us
         rounds.append(simulate(world, policies, 2, 5, seed=r).assign(round=r))
     records = pd.concat(rounds, ignore_index=True)
     retrain = {"after_round": 1, "served_events": 7, "blessed": True, "reason": "ok", "pushed_version": 3}
-    summary = summarize_loop(records, [retrain], served="served", setup={"rounds": 2})
+    versions = {2: {"stable": {"retrieval": 2, "ranking": 2}, "canary": {"retrieval": 3}}}
+    summary = summarize_loop(records, [retrain], served="served", setup={"rounds": 2}, versions=versions)
     assert [row["round"] for row in summary["rounds"]] == [1, 2]
     assert set(summary["arms"]) == {"stable", "holdout"}
     row = summary["rounds"][1]
@@ -215,6 +216,9 @@ def test_the_loop_summary_is_per_round_and_arm_against_the_oracle_on_the_same_us
         assert row["arms"][arm]["share_of_oracle"] == pytest.approx(got["expected_reward"].mean() / on_same)
         assert row["arms"][arm]["requests"] == len(got)
     assert summary["rounds"][0]["retrain"]["pushed_version"] == 3 and row["retrain"] is None
+    assert row["arms"]["stable"]["versions"] == {"retrieval": 2, "ranking": 2}
+    assert row["arms"]["holdout"]["versions"] == {} == summary["rounds"][0]["arms"]["stable"]["versions"]
     paths = write_loop_report(summary, records, tmp_path)
     page = paths["report"].read_text()
     assert "pushed v3" in page and "holdout" in page and "data:image/png;base64," in page
+    assert "ranking v2, retrieval v2" in page
