@@ -13,10 +13,16 @@ so it lives on a broker rather than in one replica's file. The promises are the 
   ``append`` has reached the disk, like SQLite's ``synchronous=FULL`` commit. That is a
   property of the server, not of this client: the log checks ``appendonly`` and
   ``appendfsync`` when it opens and refuses a server that would answer before the fsync
-  (``everysec`` loses up to a second of acknowledged events on a crash). A managed Redis
-  that hides ``CONFIG`` cannot be checked; the log then says so in a warning and trusts the
-  deployment. (Redis 7.2's ``WAITAOF`` would make the wait explicit per call; the installed
-  server is 7.0.)
+  (``everysec`` loses up to a second of acknowledged events on a crash). A server that
+  will not answer ``CONFIG GET`` (renamed, or denied by an ACL, as managed services do)
+  cannot be checked, and is refused as well: durability is verified, never assumed
+  (``gateway.event_log_require_fsync: false`` is the operator's explicit choice to accept
+  it). (Redis 7.2's ``WAITAOF`` would make the wait explicit per call; the installed server
+  is 7.0.)
+- **a batch is all or nothing**: every event of a batch is turned into script arguments
+  before anything is sent, and the script calls (one per ``batch`` events) go in one
+  ``MULTI``/``EXEC``, so no other client sees part of a batch and a batch that cannot be sent
+  whole (a malformed event, a connection lost before ``EXEC``) stores nothing.
 
 Keys share the ``{...}`` hash tag of the prefix, so on Redis Cluster the script's keys sit in
 one slot. Served requests go to ``<prefix>:requests`` (a stream; a re-logged request id is
@@ -37,6 +43,7 @@ import pandas as pd
 
 from recsys.contracts import EVENTS, conform
 from recsys.event_log.base import COLUMNS, AppendResult, ServedRequest, event_record
+from recsys.faults import ACK_BEFORE_WRITE, ACK_BEFORE_WRITE_DELAY_S, COMMIT_PER_ROW, armed
 from recsys.timeutil import utc_iso
 
 log = logging.getLogger(__name__)
@@ -83,8 +90,8 @@ class RedisStreamsEventLog:
         prefix: key prefix (``<prefix>:events``, ``<prefix>:ids``, ``<prefix>:requests``).
         require_fsync: refuse a server without ``appendonly yes`` and ``appendfsync always``;
             readers (the canary analysis) pass False, since they do not acknowledge anything.
-        batch: events per script call; bounds the script's arguments and the time the server
-            spends in one atomic call.
+        batch: events per script call; bounds one script's arguments. The calls of one
+            ``append`` still run as one ``MULTI``/``EXEC`` (all or nothing).
     """
 
     def __init__(
@@ -119,7 +126,14 @@ class RedisStreamsEventLog:
                 **cast(dict[str, str], self._client.config_get("appendonly")),
                 **cast(dict[str, str], self._client.config_get("appendfsync")),
             }
-        except redis.ResponseError as e:  # CONFIG renamed or forbidden (managed services)
+        except redis.ResponseError as e:  # CONFIG renamed or denied (ACL, managed services)
+            if required:
+                raise EventLogDurabilityError(
+                    f"gateway.event_log_redis_url: cannot verify that {self.location} fsyncs every write "
+                    f"(CONFIG GET appendonly/appendfsync answered {e}); allow CONFIG GET for the "
+                    "gateway's user, or set gateway.event_log_require_fsync: false to accept an "
+                    "unverified server"
+                ) from e
             log.warning("cannot read the Redis persistence settings of %s (%s): durability unchecked",
                         self.location, e)
             return None
@@ -134,22 +148,40 @@ class RedisStreamsEventLog:
         return got
 
     def append(self, events: Sequence[dict[str, Any]]) -> AppendResult:
-        """Store events; ids already in the log (or earlier in this batch) are duplicates."""
+        """Store events, all or none; ids already in the log (or earlier in this batch) are duplicates.
+
+        Every event becomes script arguments first (a malformed one raises before anything is
+        sent); the script calls then run in one ``MULTI``/``EXEC``, in order, so a later call
+        sees the ids of an earlier one and no reader sees part of the batch.
+        """
+        if not events:
+            return AppendResult([], [])
+        ids = [str(e["event_id"]) for e in events]
+        calls = [_script_args(events[at : at + self.batch]) for at in range(0, len(events), self.batch)]
+        keys = [self.ids_key, self.events_key]
+        if armed(ACK_BEFORE_WRITE):  # the broken log of a test: answers first, writes later
+            writer = threading.Timer(ACK_BEFORE_WRITE_DELAY_S, self._run_calls_one_by_one, (keys, calls))
+            writer.daemon = True
+            writer.start()
+            return AppendResult(ids, [])
+        if armed(COMMIT_PER_ROW):  # the broken log of a test: each call on its own
+            replies = self._run_calls_one_by_one(keys, calls)
+        else:
+            with self._lock:
+                pipe = self._client.pipeline(transaction=True)
+                for argv in calls:
+                    self._script(keys=keys, args=argv, client=pipe)
+                replies = pipe.execute()
+        flags = [flag for reply in replies for flag in reply]
         accepted: list[str] = []
         duplicates: list[str] = []
-        for start in range(0, len(events), self.batch):
-            chunk = events[start : start + self.batch]
-            argv: list[Any] = [len(chunk)]
-            for e in chunk:
-                fields = _event_fields(e)
-                argv += [e["event_id"], len(fields)]
-                for k, v in fields.items():
-                    argv += [k, v]
-            with self._lock:
-                flags = self._script(keys=[self.ids_key, self.events_key], args=argv)
-            for e, stored in zip(chunk, flags, strict=True):
-                (accepted if stored == 1 else duplicates).append(e["event_id"])
+        for event_id, stored in zip(ids, flags, strict=True):
+            (accepted if stored == 1 else duplicates).append(event_id)
         return AppendResult(accepted, duplicates)
+
+    def _run_calls_one_by_one(self, keys: list[str], calls: list[list[Any]]) -> list[Any]:
+        with self._lock:
+            return [self._script(keys=keys, args=argv) for argv in calls]
 
     def log_request(self, record: ServedRequest) -> None:
         """Record a served request (its impressions go through ``append`` as events)."""
@@ -292,6 +324,17 @@ class RedisStreamsEventLog:
     def close(self) -> None:
         with self._lock:
             self._client.close()
+
+
+def _script_args(chunk: Sequence[dict[str, Any]]) -> list[Any]:
+    """``APPEND_SCRIPT``'s ARGV for a chunk of events (raises on a malformed event)."""
+    argv: list[Any] = [len(chunk)]
+    for e in chunk:
+        fields = _event_fields(e)
+        argv += [e["event_id"], len(fields)]
+        for k, v in fields.items():
+            argv += [k, v]
+    return argv
 
 
 def _event_fields(e: dict[str, Any]) -> dict[str, str]:

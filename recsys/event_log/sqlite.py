@@ -21,6 +21,7 @@ import pandas as pd
 
 from recsys.contracts import EVENTS, conform
 from recsys.event_log.base import COLUMNS, OUTCOME_COLUMNS, AppendResult, ServedRequest, event_record
+from recsys.faults import ACK_BEFORE_WRITE, ACK_BEFORE_WRITE_DELAY_S, COMMIT_PER_ROW, armed
 from recsys.timeutil import utc_iso
 
 _INSERT_EVENT = (
@@ -102,6 +103,13 @@ class SqliteEventLog:
     def append(self, events: Sequence[dict[str, Any]]) -> AppendResult:
         """Store events in one transaction; already-logged event ids are reported, not stored."""
         rows = _event_rows(events)
+        if armed(ACK_BEFORE_WRITE):
+            writer = threading.Timer(ACK_BEFORE_WRITE_DELAY_S, self._insert_rows_one_by_one, (rows,))
+            writer.daemon = True
+            writer.start()
+            return AppendResult([r[0] for r in rows], [])
+        if armed(COMMIT_PER_ROW):
+            return AppendResult(*self._insert_rows_one_by_one(rows))
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -127,6 +135,16 @@ class SqliteEventLog:
         for row in rows:
             stored = self._db.execute(_INSERT_EVENT, row).rowcount == 1
             (accepted if stored else duplicates).append(row[0])
+        return accepted, duplicates
+
+    def _insert_rows_one_by_one(self, rows: list[tuple[Any, ...]]) -> tuple[list[str], list[str]]:
+        """The broken log of the failpoints: each row committed on its own (no batch transaction)."""
+        accepted: list[str] = []
+        duplicates: list[str] = []
+        with self._lock:
+            for row in rows:
+                stored = self._db.execute(_INSERT_EVENT, row).rowcount == 1  # autocommit
+                (accepted if stored else duplicates).append(row[0])
         return accepted, duplicates
 
     def log_request(self, record: ServedRequest) -> None:
