@@ -488,6 +488,10 @@ class CanaryConfig(Section):
     # Guardrails on the canary arm: beyond either, roll back without waiting for a sample...
     max_error_rate: float = Field(0.02, ge=0, le=1)
     max_p99_latency_ms: float = Field(250.0, gt=0)
+    # A canary request answered from popularity because its model calls failed or timed out
+    # (``candidates:segment_popularity|global_popularity|none`` in its fallback) is a failure of
+    # the canary even though the user got an answer: beyond this share, roll back at once.
+    max_fallback_rate: float = Field(0.05, ge=0, le=1)
     # ...once it has served this many requests (one failure out of one is not a rate).
     guardrail_min_requests: int = Field(20, ge=1)
     # Non-inferiority margin (absolute, in click-through per request): the canary is promoted

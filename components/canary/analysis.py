@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -11,12 +12,13 @@ import pandas as pd
 
 from components.canary.arms import arm_stats
 from components.canary.decision import decide
+from recsys.artifacts import push_record_path
 from recsys.config import CanaryConfig, Settings
 from recsys.event_log import read_configured_log
 from recsys.event_log.sqlite import read_sqlite_log
 from recsys.manifests import CanaryAnalysis
 from recsys.model_registry import rollout_in_progress, serving_labels
-from recsys.timeutil import optional_utc_iso, utc_now
+from recsys.timeutil import optional_utc_iso, to_utc, utc_now
 
 
 def analyze_canary(
@@ -49,10 +51,30 @@ def analyze_canary(
 def analyze(
     settings: Settings, since: datetime | None = None, until: datetime | None = None
 ) -> dict[str, Any]:
-    """``analyze_canary`` on the configured event log and the labels of ``models.config``."""
-    requests, events, location = read_configured_log(settings)
+    """``analyze_canary`` on the configured event log and the labels of ``models.config``.
+
+    The window starts, unless ``since`` is given, at the canary's push (``canary_pushed_at``):
+    only traffic served since the version existed can speak for it, whatever the log holds
+    from before (requests of earlier canaries, requests logged without versions).
+    """
     serving = serving_labels(settings)
+    if since is None and serving and rollout_in_progress(serving):
+        since = canary_pushed_at(settings.models_dir, serving["canary"])
+    requests, events, location = read_configured_log(settings)
     return _analysis(settings.canary, requests, events, location, since, until, serving).model_dump()
+
+
+def canary_pushed_at(base_path: Path, canary: Mapping[str, int]) -> datetime | None:
+    """When the canary's versions were pushed: the latest ``pushed_at`` of their push records
+    (None when no record says)."""
+    times = []
+    for model, version in canary.items():
+        path = push_record_path(base_path, model, version)
+        if path.is_file():
+            pushed_at = json.loads(path.read_text()).get("pushed_at")
+            if pushed_at:
+                times.append(to_utc(pushed_at))
+    return max(times) if times else None
 
 
 def _analysis(

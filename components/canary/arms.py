@@ -33,10 +33,15 @@ class ArmStats:
     latency_p95_ms: float | None
     latency_p99_ms: float | None
     excluded_requests: int = 0  # served by other model versions than the ones labelled now
+    fallbacks: int = 0  # answered from popularity because the arm's model calls failed
 
     @property
     def error_rate(self) -> float:
         return self.errors / self.requests if self.requests else 0.0
+
+    @property
+    def fallback_rate(self) -> float:
+        return self.fallbacks / self.requests if self.requests else 0.0
 
     @property
     def ctr_request(self) -> float:
@@ -52,6 +57,7 @@ class ArmStats:
         return {
             **asdict(self),
             "error_rate": self.error_rate,
+            "fallback_rate": self.fallback_rate,
             "ctr_request": self.ctr_request,
             "ctr_request_ci": [lo, hi],
             "ctr_impression": self.ctr_impression,
@@ -59,16 +65,28 @@ class ArmStats:
         }
 
 
+# A request's fallback entries that mean "the arm's models did not answer: popularity did".
+POPULARITY_FALLBACKS = ("candidates:segment_popularity", "candidates:global_popularity", "candidates:none")
+
+
 def _served_by(versions: Any, wanted: Mapping[str, int]) -> bool:
     """A request counts for an arm only if the versions that served it are the labelled ones.
 
+    ``versions`` are those the model server's answers named (``ServedRequest.versions``).
     After a promotion a new canary starts from zero: requests of the previous canary must not
-    vouch for it. A request that names no version for a model (e.g. a fallback that skipped
-    it) does not contradict the label.
+    vouch for it. A request that names no version for a model (a fallback whose model call
+    failed, a cold start) does not contradict the label: it counts for the arm, so a canary
+    whose calls fail is charged with its fallbacks. Requests from before the canary was pushed
+    are outside the analysis window (``analyze``), so old unversioned requests never count.
     """
     if not isinstance(versions, Mapping) or not wanted:
         return True
     return all(versions.get(m) in (None, v) for m, v in wanted.items())
+
+
+def _fell_back(fallback: Any) -> bool:
+    """Whether a request's candidates came from popularity because its model calls failed."""
+    return isinstance(fallback, str) and any(f in POPULARITY_FALLBACKS for f in fallback.split(","))
 
 
 def arm_stats(
@@ -150,6 +168,7 @@ def _measure(arm: str, rows: pd.DataFrame, per_request: pd.DataFrame, excluded: 
         latency_p95_ms=_percentile(lat, 95),
         latency_p99_ms=_percentile(lat, 99),
         excluded_requests=excluded,
+        fallbacks=int(rows["fallback"].map(_fell_back).sum()) if "fallback" in rows else 0,
     )
 
 

@@ -11,7 +11,8 @@ from recsys.config import CanaryConfig
 
 Decision = Literal["promote", "rollback", "wait", "noop"]
 RULE = (
-    "guardrails first: canary error rate > max_error_rate or canary p99 latency > max_p99_latency_ms "
+    "guardrails first: canary error rate > max_error_rate, canary popularity-fallback rate > "
+    "max_fallback_rate or canary p99 latency > max_p99_latency_ms "
     "(with >= guardrail_min_requests canary requests) -> rollback at once; "
     "canary or stable below min_requests_per_arm requests or min_impressions impressions -> wait; "
     "canary CTR/request significantly below stable's (one-sided pooled z-test, p < alpha) -> rollback; "
@@ -49,16 +50,20 @@ def compare(new: ArmStats, base: ArmStats, config: CanaryConfig, margin: float) 
 
 
 def check_guardrails(canary: ArmStats, config: CanaryConfig) -> dict[str, Any]:
-    """Error rate and p99 latency of the canary against their limits.
+    """Error rate, popularity-fallback rate and p99 latency of the canary against their limits.
 
-    Guardrails need no comparison and no large sample: a canary that fails requests or is
-    slow hurts users now, so it rolls back as soon as ``guardrail_min_requests`` requests show it.
+    Guardrails need no comparison and no large sample: a canary that fails requests, whose
+    model calls fail or time out (its users answered from popularity), or that is slow hurts
+    users now, so it rolls back as soon as ``guardrail_min_requests`` requests show it.
     """
     broken: list[str] = []
     checked = canary.requests >= config.guardrail_min_requests
     if checked and canary.error_rate > config.max_error_rate:
         rate, limit = canary.error_rate, config.max_error_rate
         broken.append(f"error rate {rate:.2%} ({canary.errors}/{canary.requests}) > {limit:.2%}")
+    if checked and canary.fallback_rate > config.max_fallback_rate:
+        rate, limit = canary.fallback_rate, config.max_fallback_rate
+        broken.append(f"fallback rate {rate:.2%} ({canary.fallbacks}/{canary.requests}) > {limit:.2%}")
     if checked and canary.latency_p99_ms is not None and canary.latency_p99_ms > config.max_p99_latency_ms:
         broken.append(f"p99 latency {canary.latency_p99_ms:.1f} ms > {config.max_p99_latency_ms:g} ms")
     return {"checked": checked, "ok": not broken, "broken": broken}

@@ -52,7 +52,8 @@ def write_report(record: Mapping[str, Any], out_dir: Path) -> Path:
     plot_ctr(record["arms"], out_dir / "ctr.png", confidence)
     cols = [
         "requests", "errors", "error_rate", "impressions", "clicks", "clicked_requests", "ctr_request",
-        "ctr_impression", "add_to_cart", "purchases", "latency_p95_ms", "latency_p99_ms", "excluded_requests",
+        "ctr_impression", "add_to_cart", "purchases", "latency_p95_ms", "latency_p99_ms", "fallbacks",
+        "excluded_requests",
     ]  # fmt: skip
 
     def cell(v: Any) -> str:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -18,11 +20,14 @@ from serving.gateway.catalog import ItemCatalog, ModelVersions
 from serving.gateway.schemas import RecommendationRequest
 
 log = logging.getLogger("serving.gateway")
-# A dependency that failed hard is not called again for this long (a tiny circuit breaker):
-# a dead model server then costs one timeout per window, not one per request.
+# A dependency that failed hard is not called again for this long (a tiny circuit breaker,
+# one per (model, label)): a dead model server then costs one timeout per window and label,
+# not one per request, and a slow or broken canary never opens the breaker of stable.
 BREAKER_SECONDS = {"UNAVAILABLE": 1.0, "DEADLINE_EXCEEDED": 1.0, "NOT_FOUND": 5.0, "FAILED_PRECONDITION": 5.0}
 # Failures that mean "the server is down or too busy", as opposed to "cannot serve this model".
 OVERLOAD_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
+# The versions the model server's answers named during one request (``ModelCalls.recording``).
+_SERVED: ContextVar[dict[str, int] | None] = ContextVar("served_versions", default=None)
 
 
 def _column(value: Any, dtype: str, n: int) -> np.ndarray:
@@ -44,7 +49,28 @@ class ModelCalls:
     def __init__(self, settings: Settings, client: ModelServerClient) -> None:
         self.settings = settings
         self.client = client
-        self._broken: dict[str, tuple[float, str]] = {}
+        self._broken: dict[tuple[str, str], tuple[float, str]] = {}
+
+    @staticmethod
+    @contextlib.contextmanager
+    def recording() -> Iterator[dict[str, int]]:
+        """Collect, for the calls made inside the block, the version each model's answer named.
+
+        What the canary analysis trusts: the version that actually served a request, not the
+        one the label was expected to point at (a label moves between the gateway's snapshot
+        and the call, and a server may not have applied a new config yet). An answer that
+        names no version (TF Serving's REST) records nothing.
+        """
+        served: dict[str, int] = {}
+        token = _SERVED.set(served)
+        try:
+            yield served
+        finally:
+            _SERVED.reset(token)
+
+    def breaker_open(self, model: str, label: str) -> bool:
+        """Whether calls to ``model`` under ``label`` are refused at once right now."""
+        return self._broken.get((model, label), (0.0, ""))[0] > time.monotonic()
 
     def call(
         self,
@@ -54,22 +80,28 @@ class ModelCalls:
         signature: str,
         output_filter: Sequence[str] = (),
     ) -> Any:
-        """One predict, refused at once while the breaker is open for ``model`` or for every model."""
+        """One predict, refused at once while the breaker of (``model``, ``label``) is open.
+
+        The version the answer names is recorded for the request (``recording``).
+        """
         now = time.monotonic()
-        for key in ("*", model):
-            until, code = self._broken.get(key, (0.0, ""))
-            if until > now:
-                # The same code that opened the breaker: the fallback chain reads it.
-                raise ModelServerError(code, f"{model}: skipped while the breaker is open")
+        until, code = self._broken.get((model, label), (0.0, ""))
+        if until > now:
+            # The same code that opened the breaker: the fallback chain reads it.
+            raise ModelServerError(code, f"{model}@{label}: skipped while the breaker is open")
         try:
-            return self.client.predict(
+            pred = self.client.predict(
                 model, inputs, label=label, signature_name=signature, output_filter=output_filter
             )
         except ModelServerError as e:
             wait = BREAKER_SECONDS.get(e.code)
             if wait:
-                self._broken["*" if e.code in OVERLOAD_CODES else model] = (now + wait, e.code)
+                self._broken[(model, label)] = (now + wait, e.code)
             raise
+        served = _SERVED.get()
+        if served is not None and pred.version:
+            served[model] = int(pred.version)
+        return pred
 
     def query_inputs(
         self, inputs: dict[str, str], row: dict[str, Any], recent: list[str], req: RecommendationRequest

@@ -156,10 +156,15 @@ class RecommendationFlow:
             )
         else:
             query = self.model_calls.query_inputs(assets.inputs, row, recent, req)
-            pos, scores, source = self.candidate_chain.candidates(
-                snap, assets, label, query, segment, allowed, fallback, reasons
-            )
-            if source in MODEL_SOURCES:
+            with self.model_calls.recording() as served_versions:
+                pos, scores, source = self.candidate_chain.candidates(
+                    snap, assets, label, query, segment, allowed, fallback, reasons
+                )
+            if source == "retrieval" and self.settings.push.retrieval_model in served_versions:
+                # The version the model server's answer named, not the one the label should be.
+                model_versions.update(served_versions)
+            elif source == "exact":
+                # Exact search runs in this process on the version's own exported embeddings.
                 model_versions[self.settings.push.retrieval_model] = assets.version
         self.metrics.candidate_source.labels(source=source).inc()
         timer.lap("candidates")
@@ -367,7 +372,8 @@ class RecommendationFlow:
         weight = policy.fusion_weight if policy is not None else self.settings.evaluation.retrieval_weight
         if policy is not None and not policy.ranker_served:
             return scores
-        ranked = self.model_calls.rank(versions, label, query, row, catalog, pos)
+        with self.model_calls.recording() as served_versions:
+            ranked = self.model_calls.rank(versions, label, query, row, catalog, pos)
         if ranked is None:
             fallback.append("ranking:skipped")
             self.metrics.fallback("ranking", "skipped")
@@ -375,7 +381,9 @@ class RecommendationFlow:
         # The same fusion of ranker and retrieval ranks that the gate evaluated.
         fused = rank_fusion(ranked, scores, weight)
         counts["ranked"] = len(pos)
-        model_versions[p.ranking_model] = versions.version(p.ranking_model, label) or 0
+        if p.ranking_model in served_versions:
+            # The version the model server's answer named, not the one the label should be.
+            model_versions[p.ranking_model] = served_versions[p.ranking_model]
         return fused
 
     def _top_up(
