@@ -118,7 +118,8 @@ def run_loop(
         rounds: serving rounds; a retrain follows every round but the last.
         truth: a truth folder or a data folder holding one (default: the latest run's).
         users, requests_per_user, k, seed: as ``recsys simulate``; the same users every round,
-            each carrying what they did in earlier rounds (not shown again, newest first).
+            each carrying their positive items of earlier rounds (never shown again; what
+            they skipped may be, in a later session, as the gateway serves it).
         holdout_fraction: the users the gateway serves popularity (the ``holdout`` arm).
         canary_fraction: the users a newly pushed version serves for a round (``canary``).
         out: the output folder (default: the latest run's ``simulation_loop/``).
@@ -156,6 +157,10 @@ def run_loop(
                         states=states, first_request=r * requests_per_user,
                     )  # fmt: skip
         records.append(done.assign(round=r + 1))
+        for state in states.values():
+            # The next round is a new session: across sessions the gateway remembers a user's
+            # recent positive items (carried in ``recent``), not what they skipped or disliked.
+            state.touched.clear()
         if r + 1 < rounds:
             console.rule(f"round {r + 1} of {rounds}: export, retrain, push")
             # Each round's run is a day of its own: the interval holds every round so far.
