@@ -90,12 +90,15 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         name, version, label = _spec(request.model_spec)
         signature = request.model_spec.signature_name or "serving_default"
         served: int | None = None
+        label_signature = ""  # a metric label only once the servable has run it
         code = "OK"
         try:
             if not request.HasField("model_spec"):
                 raise invalid_argument("Missing ModelSpec")
             servable = self.core.get_servable(name, version, label)
             served = servable.version
+            if signature in servable.signature_defs:
+                label_signature = signature
             try:
                 inputs = {alias: ndarray_from_proto(t) for alias, t in request.inputs.items()}
             except ServingError:
@@ -103,6 +106,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             except Exception as e:  # noqa: BLE001 - any malformed TensorProto
                 raise invalid_argument(f"tensor parsing error: {e}") from None
             signature, outputs = servable.run(signature, inputs, list(request.output_filter))
+            label_signature = signature
             response = predict_pb2.PredictResponse()
             response.model_spec.name = name
             response.model_spec.signature_name = signature
@@ -118,7 +122,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             self.metrics.record_request(
                 model=name,
                 version=served,
-                signature=signature,
+                signature=label_signature,
                 api="predict",
                 protocol="grpc",
                 code=code,
@@ -129,17 +133,20 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         t0 = time.perf_counter()
         name, version, label = _spec(request.model_spec)
         code = "OK"
+        served: int | None = None
         try:
             if not request.HasField("model_spec"):
                 raise invalid_argument("Missing ModelSpec")
-            return metadata_proto(self.core, name, version, label, list(request.metadata_field))
+            response = metadata_proto(self.core, name, version, label, list(request.metadata_field))
+            served = response.model_spec.version.value
+            return response
         except ServingError as e:
             code = e.code
             _abort(context, e)
         finally:
             self.metrics.record_request(
                 model=name,
-                version=version,
+                version=served,
                 signature="",
                 api="GetModelMetadata",
                 protocol="grpc",

@@ -10,6 +10,10 @@
 2. Extras of this stand-in only (``model_server_*``): requests and latency per model,
    version and signature, and load failures per version. TF Serving does not export
    these, so a dashboard that must also run against production should not depend on them.
+
+Label values come only from what the server was configured with and loaded: a request for a
+model the server never heard of is counted under ``UNKNOWN_MODEL`` (its version and signature
+empty), so names in URLs cannot grow the series without bound.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 # TF Serving's request latency buckets: exponential, 10us * 1.8^i, 33 of them (~ 2.6e9 us).
 _TF_BUCKETS_US = [10.0 * 1.8**i for i in range(33)]
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# The model label of requests naming a model that is not in the server's configuration.
+UNKNOWN_MODEL = "<unknown>"
 # TF Serving's default PrometheusConfig path.
 PROMETHEUS_PATH = "/monitoring/prometheus/metrics"
 
@@ -80,6 +86,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        # Models the manager has configured (set_available, record_load): the only model labels.
+        self._models: set[str] = set()
         self.request_count = _TfCounter(":tensorflow:serving:request_count", ("model_name", "status"))
         self.request_latency = _TfHistogram(
             ":tensorflow:serving:request_latency", ("model_name", "API", "entrypoint")
@@ -132,9 +140,15 @@ class Metrics:
         code: str,
         seconds: float,
     ) -> None:
-        """Count one request. ``api`` is TF Serving's name: ``predict``, ``GetModelMetadata``, ..."""
+        """Count one request. ``api`` is TF Serving's name: ``predict``, ``GetModelMetadata``, ...
+
+        ``version`` and ``signature`` must be what served (None and "" when nothing did); a
+        ``model`` the server is not configured with is counted as ``UNKNOWN_MODEL``.
+        """
         entrypoint = "GRPC" if protocol == "grpc" else "REST"
         with self._lock:
+            if model not in self._models:
+                model, version, signature = UNKNOWN_MODEL, None, ""
             self.request_count.inc(model, code)
             self.request_latency.observe(seconds * 1e6, model, api, entrypoint)
             if code == "OK":
@@ -147,6 +161,7 @@ class Metrics:
         self, *, model: str, version: int, path: str, code: str, warmup_seconds: float | None
     ) -> None:
         with self._lock:
+            self._models.add(model)
             self.load_attempts.inc(path, "success" if code == "OK" else "fail")
             if warmup_seconds is not None:
                 self.warmup_latency.observe(warmup_seconds * 1e6, path, code)
@@ -154,6 +169,8 @@ class Metrics:
             self.load_failures.labels(model, str(version), code).inc()
 
     def set_available(self, model: str, count: int) -> None:
+        with self._lock:
+            self._models.add(model)
         self.available_versions.labels(model).set(count)
 
     def render(self) -> bytes:

@@ -11,6 +11,9 @@ maps the code to (400 for INVALID_ARGUMENT and FAILED_PRECONDITION, 404 for NOT_
 ...). Model status and metadata are the gRPC answers printed with protobuf's JSON printer,
 as TF Serving prints them, so ``version`` is a string (``"2"``) and enums are names.
 
+A POST body above ``max_body_bytes`` (declared or streamed) is refused with 413 before it is
+read whole; TF Serving leaves that to a proxy in front of it.
+
 One quirk kept on purpose: TF Serving's status handler ignores a label, so
 ``GET /v1/models/m/labels/canary`` lists every version of ``m``; ask for the label's
 predictions or metadata to learn which version it names.
@@ -45,6 +48,8 @@ _STATUS_RE = re.compile(
     re.IGNORECASE,
 )
 _INT64_MAX = 2**63 - 1
+# The largest predict body read (a 1000-row ranking request in JSON is about 1 MB).
+MAX_REST_BODY_BYTES = 32 * 1024 * 1024
 log = logging.getLogger("serving.model_server")
 
 
@@ -70,13 +75,37 @@ def _parse_path(method: str, path: str) -> tuple[str, int | None, str | None, st
     return unquote(name or ""), version, unquote(label) if label else None, verb or "", True
 
 
-def create_app(core: ServerCore, metrics: Metrics, prometheus_path: str | None = PROMETHEUS_PATH) -> FastAPI:
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, or ``_TooLarge`` as soon as the declared or streamed size passes ``limit``."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _TooLarge
+    chunks, seen = [], 0
+    async for chunk in request.stream():
+        seen += len(chunk)
+        if seen > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(
+    core: ServerCore,
+    metrics: Metrics,
+    prometheus_path: str | None = PROMETHEUS_PATH,
+    max_body_bytes: int = MAX_REST_BODY_BYTES,
+) -> FastAPI:
     """The REST front end over a ``ServerCore``.
 
     Args:
         core: the model manager to answer from.
         metrics: where requests are counted and what the Prometheus page renders.
         prometheus_path: where the metrics page is served; None to serve none.
+        max_body_bytes: larger request bodies get 413 ``{"error": ...}`` unread.
     """
     app = FastAPI(title="model server (TF Serving REST API)", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -90,7 +119,11 @@ def create_app(core: ServerCore, metrics: Metrics, prometheus_path: str | None =
     async def v1(request: Request) -> Response:
         raw = request.scope.get("raw_path") or request.url.path.encode()
         path = raw.decode("latin-1").split("?", 1)[0]
-        body = await request.body() if request.method == "POST" else b""
+        try:
+            body = await _read_body(request, max_body_bytes) if request.method == "POST" else b""
+        except _TooLarge:
+            message = f"Request body larger than {max_body_bytes} bytes"
+            return _json({"error": message}, 413, indent=4)
         # Model work runs on a worker thread so one slow predict never blocks the event loop.
         return await run_in_threadpool(_handle, core, metrics, request.method, path, body)
 
@@ -110,16 +143,17 @@ def _handle(core: ServerCore, metrics: Metrics, method: str, path: str, body: by
                 f"Both model version ({version}) and model version label ({label}) cannot be supplied."
             )
         if method == "POST":
-            api = verb
+            api = verb.lower()  # the path matches case-insensitively; the label is one spelling
             if verb != "predict":
                 raise ServingError("UNIMPLEMENTED", f"{verb} is not supported by this model server")
             doc = parse_predict_body(body)
             requested_signature = doc.get("signature_name", "")
-            signature = requested_signature or "serving_default"
+            wanted = requested_signature or "serving_default"
             servable = core.get_servable(name, version, label)
             served = servable.version
-            if signature not in servable.signature_defs:
-                raise invalid_argument(f'Serving signature name: "{signature}" not found in signature def')
+            if wanted not in servable.signature_defs:
+                raise invalid_argument(f'Serving signature name: "{wanted}" not found in signature def')
+            signature = wanted  # a label value only once the servable has it
             fmt, inputs = tensors_from_json(doc, servable.input_dtypes(signature), requested_signature)
             _, outputs = servable.run(signature, inputs)
             return _json(json_from_tensors(outputs, fmt))
@@ -146,9 +180,11 @@ def _handle(core: ServerCore, metrics: Metrics, method: str, path: str, body: by
         return _error(ServingError("INTERNAL", str(e)))
     finally:
         if name:
+            # Label values only from what the server loaded: a URL's unknown model, version
+            # or signature must not create a new series (metrics.py maps unknown models).
             metrics.record_request(
                 model=name,
-                version=served if served is not None else version,
+                version=served,
                 signature=signature,
                 api=api,
                 protocol="rest",

@@ -76,6 +76,10 @@ _FLOAT_MAX_INT = {DT_FLOAT: 2**24 - 1, DT_DOUBLE: 2**53 - 1}
 _FLOAT_MAX = {DT_FLOAT: float(np.finfo(np.float32).max), DT_DOUBLE: float(np.finfo(np.float64).max)}
 
 ROW, COLUMNAR = "row", "columnar"
+# TensorFlow's compact form (one value, or none, standing for a tensor filled with it) is
+# expanded only up to this many elements: a declared shape is otherwise bounded by the values
+# the request carries, so a few bytes can never ask for gigabytes.
+MAX_FILL_ELEMENTS = 1 << 20
 
 
 def dtype_name(dtype: int) -> str:
@@ -106,12 +110,19 @@ def ndarray_from_proto(proto: Any) -> np.ndarray:
     """A NumPy array from a ``TensorProto`` (``tensor_content`` or the typed ``*_val`` fields).
 
     Accepts what ``tf.make_tensor_proto`` writes and what TF Serving writes, including a
-    single value standing for a filled tensor, as TensorFlow's ``Tensor::FromProto`` does.
+    single value standing for a filled tensor, as TensorFlow's ``Tensor::FromProto`` does
+    (up to ``MAX_FILL_ELEMENTS``). A negative dimension, or a shape that needs more values
+    than the proto carries (beyond that fill), is INVALID_ARGUMENT before anything is allocated.
     """
     dtype = proto.dtype
     np_type = numpy_dtype(dtype)
     shape = [d.size for d in proto.tensor_shape.dim]
+    if any(d < 0 for d in shape):
+        raise invalid_argument(f"Tensor shape {shape} has a negative dimension")
     count = math.prod(shape)  # 1 for a scalar; np.prod's array round trip, paid per input, is slower
+    carried = _carried(proto, dtype, np_type)
+    if count > carried and (carried > 1 or count > MAX_FILL_ELEMENTS):
+        raise invalid_argument(f"Tensor has {carried} values but shape {shape} needs {count}")
     if dtype == DT_STRING:
         values: Any = list(proto.string_val)
         array = np.empty(len(values), dtype=object)
@@ -137,6 +148,24 @@ def ndarray_from_proto(proto: Any) -> np.ndarray:
     if array.size == 0 and count > 0:
         return np.zeros(shape, dtype=array.dtype) if dtype != DT_STRING else np.full(shape, b"", dtype=object)
     raise invalid_argument(f"Tensor has {array.size} values but shape {shape} needs {count}")
+
+
+def _carried(proto: Any, dtype: int, np_type: Any) -> int:
+    """How many values a ``TensorProto`` carries, counted without decoding them."""
+    if dtype == DT_STRING:
+        return len(proto.string_val)
+    if proto.tensor_content:
+        return len(proto.tensor_content) // np.dtype(np_type).itemsize
+    field = {
+        DT_FLOAT: "float_val",
+        DT_DOUBLE: "double_val",
+        DT_INT64: "int64_val",
+        DT_BOOL: "bool_val",
+        DT_UINT32: "uint32_val",
+        DT_UINT64: "uint64_val",
+        DT_HALF: "half_val",
+    }.get(dtype, "int_val")
+    return len(getattr(proto, field))
 
 
 def proto_from_ndarray(array: np.ndarray, dtype: int | None = None) -> Any:
