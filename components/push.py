@@ -29,6 +29,7 @@ gateway and batch recommendations follow.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -76,6 +77,10 @@ RANKING_SIGNATURES = ("serving_default", "rank")
 
 class PushRefused(RuntimeError):
     """The model may not be pushed (not blessed, or its inputs are unusable)."""
+
+
+class PushInProgress(RuntimeError):
+    """Another attempt, still running, is writing the version this push would recover or take."""
 
 
 def read_blessing(blessing: Path | Mapping[str, Any]) -> dict[str, Any]:
@@ -139,8 +144,27 @@ def _finish_version(tmp: Path, final: Path) -> None:
     pb = tmp / "saved_model.pb"
     held = tmp.parent / f".{tmp.name}.saved_model.pb"
     os.replace(pb, held)
+    _fsync_tree(tmp)  # everything else on disk before the pb and the name say "ready"
     os.replace(held, pb)
+    _fsync_tree(tmp)
     os.replace(tmp, final)
+    _fsync_path(final.parent)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root`` (folders after their entries)."""
+    for folder, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            _fsync_path(Path(folder) / name)
+        _fsync_path(Path(folder))
 
 
 @dataclass(frozen=True)
@@ -450,6 +474,8 @@ def push_models(
     with registry_lock(base_path):
         pushed, current = _recover(base_path, names.values(), source.sha256)
         version = pushed if pushed is not None else _next_version(base_path, names.values())
+        # Held until the version is labelled: recovery by another attempt leaves it alone.
+        attempt = _reserve(base_path, version) if pushed is None else None
     if pushed is not None:
         skipped = PushSkippedManifest(
             reason=f"training output {source.sha256[:12]} already pushed as version {pushed}",
@@ -473,15 +499,19 @@ def push_models(
     )
     temps: dict[str, Path] = {}
     try:
-        exports = _export(config, source, names, base_path, version, code, warmup, temps, policy)
-        _publish(temps, names, base_path, version)
+        try:
+            exports = _export(config, source, names, base_path, version, code, warmup, temps, policy)
+            _publish(temps, names, base_path, version)
+        finally:
+            for tmp in temps.values():
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+        with registry_lock(base_path):
+            models, retired = _label(base_path, names.values(), version, config.keep_versions)
+            _retain(base_path, retired)
     finally:
-        for tmp in temps.values():
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    with registry_lock(base_path):
-        models, retired = _label(base_path, names.values(), version, config.keep_versions)
-        _retain(base_path, retired)
+        if attempt is not None:
+            _release(base_path, version, attempt)
     index = source.index_manifest
     manifest = PushManifest(
         version=version,
@@ -544,16 +574,80 @@ def _recover(
     for v in _pushed_versions(base_path, names, train_hash):
         if _push_complete(base_path, names, v, train_hash, current):
             return v, current
+        if _attempt_alive(base_path, v):
+            # Not a crash: a running attempt (a retry started while the first still runs)
+            # is between publishing and labelling. Its version is not ours to delete.
+            raise PushInProgress(f"another push attempt is still writing version {v} under {base_path}")
         for name in names:
             if v not in current.get(name, {}).get("versions", []):
                 shutil.rmtree(base_path / name / str(v), ignore_errors=True)
-            for tmp in (base_path / name).glob(f".push-{v}-*"):
-                shutil.rmtree(tmp, ignore_errors=True)  # the crashed attempt's export
+    for name in names:
+        for tmp in (base_path / name).glob(".push-*-*"):
+            writing = _temp_version(tmp)
+            if writing is not None and not _attempt_alive(base_path, writing):
+                shutil.rmtree(tmp, ignore_errors=True)  # a crashed attempt's export
+                Path(tmp.parent / f".{tmp.name}.saved_model.pb").unlink(missing_ok=True)
     return None, current
 
 
 def _next_version(base_path: Path, names: Iterable[str]) -> int:
-    return 1 + max([0, *[v for n in names for v in integer_versions(base_path / n)]])
+    """One above every version on disk and every version a running attempt has reserved."""
+    on_disk = [v for n in names for v in integer_versions(base_path / n)]
+    return 1 + max([0, *on_disk, *_live_attempts(base_path)])
+
+
+# A push attempt holds an exclusive flock on ``<base>/.push-<version>.attempt`` from choosing
+# its version until the version is labelled. The kernel drops the lock when the process dies
+# (a SIGKILL, an OOM kill), so "the lock is free" means "whoever wrote this is gone".
+
+
+def _attempt_file(base_path: Path, version: int) -> Path:
+    return base_path / f".push-{version}.attempt"
+
+
+def _reserve(base_path: Path, version: int) -> Any:
+    """Take version ``version`` for this attempt (call it holding ``registry_lock``)."""
+    f = open(_attempt_file(base_path, version), "a")  # noqa: SIM115 - held until _release
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise PushInProgress(f"another push attempt holds version {version} under {base_path}") from None
+    return f
+
+
+def _release(base_path: Path, version: int, attempt: Any) -> None:
+    _attempt_file(base_path, version).unlink(missing_ok=True)
+    attempt.close()  # closing drops the lock
+
+
+def _attempt_alive(base_path: Path, version: int) -> bool:
+    """Whether a running attempt holds version ``version``."""
+    path = _attempt_file(base_path, version)
+    if not path.is_file():
+        return False
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+def _live_attempts(base_path: Path) -> list[int]:
+    found = []
+    for path in base_path.glob(".push-*.attempt"):
+        v = path.name[len(".push-") : -len(".attempt")]
+        if v.isdigit() and _attempt_alive(base_path, int(v)):
+            found.append(int(v))
+    return found
+
+
+def _temp_version(tmp: Path) -> int | None:
+    """The version a temporary export folder ``.push-<version>-<id>`` was written for."""
+    v = tmp.name[len(".push-") :].split("-", 1)[0]
+    return int(v) if v.isdigit() else None
 
 
 def _read_push_record(base_path: Path, name: str, version: int) -> dict[str, Any] | None:
@@ -691,6 +785,8 @@ def _label(
         the newest ``keep_versions`` and labelled by neither config.
     """
     current = read_models_config(base_path)
+    loading = read_models_config(base_path, LOAD_CONFIG)
+    writing = set(_live_attempts(base_path))  # versions other attempts are writing
     serve: dict[str, dict[str, Any]] = {}
     load: dict[str, dict[str, Any]] = {}
     retired: dict[str, list[int]] = {}
@@ -702,7 +798,10 @@ def _label(
         if stable not in on_disk:
             stable = version  # the labelled folder is gone: the new version is all there is
         labels = {"stable": stable, "canary": version}
-        keep = set(on_disk[-keep_versions:]) | set(labels.values())
+        # Never retired: a version either config labels now (a server may serve it until it
+        # applies the new config) or one another attempt is writing.
+        labelled = set(old_labels.values()) | set(loading.get(name, {}).get("labels", {}).values())
+        keep = set(on_disk[-keep_versions:]) | set(labels.values()) | labelled | writing
         retired[name] = [v for v in on_disk if v not in keep]
         serve[name] = {
             "base_path": str(model_dir),

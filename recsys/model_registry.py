@@ -77,10 +77,19 @@ def read_config_proto(base_path: Path, name: str = MODELS_CONFIG) -> Any:
     return _parse(path) if path.is_file() else None
 
 
-def restore_labels(base_path: Path) -> dict[str, dict[str, Any]]:
+def restore_labels(
+    base_path: Path, refused: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, dict[str, Any]]:
     """Put ``models.config`` back to the labels of ``models.load.config`` (those a server still
-    serves after refusing the new ones), under the registry's lock; returns them ({}: none)."""
+    serves after refusing the new ones), under the registry's lock; returns them ({}: none).
+
+    With ``refused`` (the ``models.config`` that was refused, as read before), nothing is
+    written when the file no longer says that: another writer (a push, a rollback) replaced
+    it since, and its labels are not this caller's to undo.
+    """
     with registry_lock(Path(base_path)):
+        if refused is not None and read_models_config(base_path) != refused:
+            return {}
         previous = read_load_labels(base_path)
         if previous:
             write_models_config(Path(base_path) / MODELS_CONFIG, previous)
@@ -113,9 +122,21 @@ def write_models_config(path: Path, models: Mapping[str, Mapping[str, Any]]) -> 
         for label, version in sorted(m["labels"].items()):
             c.version_labels[label] = version
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text_format.MessageToString(cfg))
+    with open(tmp, "w") as f:
+        f.write(text_format.MessageToString(cfg))
+        f.flush()
+        os.fsync(f.fileno())  # the content is on disk before the name points at it...
     os.replace(tmp, path)
+    _fsync_dir(path.parent)  # ...and the rename itself survives a power loss
     return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_registry(

@@ -13,7 +13,7 @@ from components.canary.decision import RULE
 from components.canary.report import write_report
 from recsys.config import Settings
 from recsys.layout import canary_dir
-from recsys.manifests import CanaryDecisionRecord
+from recsys.manifests import CanaryAnalysis, CanaryDecisionRecord
 from recsys.model_registry import RegistryError, move_labels, serving_labels
 from recsys.storage import code_version
 from recsys.timeutil import to_utc, utc_now
@@ -104,10 +104,37 @@ def apply(settings: Settings, analysis: Mapping[str, Any], decided_by: str = "au
 
 def manual(settings: Settings, action: Literal["promote", "rollback"], reason: str = "") -> dict[str, Any]:
     """A person's promote or rollback (``recsys canary promote|rollback``), recorded with the
-    numbers the analysis shows at that moment, whatever they say."""
-    analysis = analyze(settings)
+    numbers the analysis shows at that moment, whatever they say.
+
+    A rollback needs no numbers: with the event log down (Redis unreachable, the file
+    unreadable) it still moves the labels and is recorded with the reason the analysis could
+    not run. A promote is refused then: the canary is never promoted blind.
+    """
+    try:
+        analysis = analyze(settings)
+    except Exception as e:  # noqa: BLE001 - any failure to read the log, whatever the backend
+        if action != "rollback":
+            raise CanaryError(f"cannot {action}: the canary analysis failed ({type(e).__name__}: {e})") from e
+        analysis = _no_analysis(settings, f"{type(e).__name__}: {e}")
     moved = _move_labels(settings, action)
     return record_decision(settings, analysis, action, "manual", labels=moved, note=reason)
+
+
+def _no_analysis(settings: Settings, error: str) -> dict[str, Any]:
+    """What a decision is recorded with when the event log cannot be read: no numbers, the error."""
+    return CanaryAnalysis(
+        decision="wait",
+        reason=f"analysis unavailable: the event log could not be read ({error})",
+        guardrails={"checked": False, "ok": True, "broken": []},
+        tests={},
+        rule=RULE,
+        arms={},
+        window={"since": None, "until": None},
+        serving=serving_labels(settings) or None,
+        source="unavailable",
+        config=settings.canary.model_dump(),
+        analyzed_at=utc_now().isoformat(),
+    ).model_dump()
 
 
 def run_guardrails(settings: Settings, until: datetime | None = None) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from recsys.model_registry import (
     MODELS_CONFIG,
     read_config_proto,
     read_models_config,
+    registry_lock,
     restore_labels,
     rollout_in_progress,
     serving_labels,
@@ -113,10 +114,14 @@ def reload_models(gateway: Any, timeout: float = 60.0) -> dict[str, Any]:
     """
     settings: Settings = gateway.settings
     base = settings.models_dir
-    target = read_models_config(base)
+    # Both files read under the registry's lock: a push, promote or rollback writes them
+    # together under it, so the load config and models.config applied here belong together.
+    with registry_lock(base):
+        target = read_models_config(base)
+        load = read_config_proto(base, LOAD_CONFIG)
+        serve = read_config_proto(base)
     if not target:
         raise AdminRefused("reload", [f"no {base / MODELS_CONFIG}: nothing has been pushed"])
-    load = read_config_proto(base, LOAD_CONFIG)
     try:
         if load is not None:
             gateway.client.reload_config(load)
@@ -125,11 +130,12 @@ def reload_models(gateway: Any, timeout: float = 60.0) -> dict[str, Any]:
         if problems:
             # Put models.config back to the labels the server still serves (those of the load
             # config), so every reader agrees that the refused version does not serve.
-            previous = restore_labels(base)
+            # Only if models.config still says what was refused: a writer since is not undone.
+            previous = restore_labels(base, refused=target)
             gateway.refresh()
             log.warning("reload refused: %s", "; ".join(problems))
             raise AdminRefused("reload", problems, {"serving": {m: s["labels"] for m, s in previous.items()}})
-        gateway.client.reload_config(read_config_proto(base))
+        gateway.client.reload_config(serve)
     except ModelServerError as e:
         raise AdminRefused("reload", [f"model server refused the config: {e.code}: {e.message}"]) from None
     gateway.refresh()
