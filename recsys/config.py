@@ -431,6 +431,16 @@ class GatewayConfig(Section):
     default_k: int = Field(10, ge=1)
     max_k: int = Field(100, ge=1)
     max_batch_events: int = Field(500, ge=1)
+    # Bounds on a request's lists (the schema's own caps are 1000 and 10000): each filter
+    # category is a lookup, each excluded id a set entry, so these bound a request's work.
+    max_filter_categories: int = Field(50, ge=1, le=1_000)
+    max_exclude_item_ids: int = Field(10_000, ge=0, le=10_000)
+    # A posted event may be this far ahead of the gateway's clock (client clock skew); later
+    # ones get a 422 naming the value, as the pipeline's validation would quarantine them.
+    max_event_future_skew_seconds: float = Field(300.0, ge=0)
+    # Requests handled at once; beyond that the gateway answers 503 with Retry-After at once
+    # rather than queueing without bound (each request holds a thread and ~1000 candidates).
+    max_concurrent_requests: int = Field(64, ge=1)
     # Where candidates come from, in order, when the step before fails: the model server's
     # retrieval (ANN), exact search over the version's exported embeddings in the gateway,
     # popularity in the user's segment, global popularity.

@@ -132,7 +132,13 @@ class ModelServerClient:
 
                 self._channel = grpc.insecure_channel(
                     self.grpc_target,
-                    options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)],
+                    options=[
+                        ("grpc.max_receive_message_length", -1),
+                        ("grpc.max_send_message_length", -1),
+                        # gRPC's reconnect backoff grows to 120 s by default: a server that comes
+                        # back after a long outage would wait that long to be used again.
+                        ("grpc.max_reconnect_backoff_ms", 2000),
+                    ],
                 )
                 self._stubs = (
                     prediction_service_pb2_grpc.PredictionServiceStub(self._channel),

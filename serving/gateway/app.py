@@ -14,7 +14,15 @@
 Routes: one ``APIRouter`` per concern in ``serving.gateway.routes``, each given the app's
 ``Gateway`` by a dependency. Access (``serving.gateway.security``): events and admin need the
 ``X-API-Key`` header; reads too unless ``security.open_reads``; bodies above
-``security.max_request_bytes`` get a 413.
+``security.max_request_bytes`` get a 413. Beyond ``gateway.max_concurrent_requests`` in
+flight, a request is shed at once with 503 and ``Retry-After`` (``ConcurrencyLimit``), not
+queued; the probes and ``/metrics`` are never shed.
+
+Startup never crash-loops on a dependency: the ``Gateway`` is built on a thread that retries
+with backoff (one clear line per failed attempt, e.g. the event log's Redis unreachable)
+while ``/healthz`` answers and everything else is a 503 naming the reason. With the model
+server down the gateway serves popularity, marked, and ``/readyz`` is not ready until the
+model server has answered once (``serving.gateway.readiness``).
 
 The work is CPU-bound NumPy and blocking clients: it runs on the thread pool (plain ``def``
 endpoints, or an explicit ``run_in_threadpool``), and the event loop only moves bytes.
@@ -22,13 +30,17 @@ endpoints, or an explicit ``run_in_threadpool``), and the event loop only moves 
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
 
 from recsys.config import Settings
 from serving.gateway.admin import ManualRollout
@@ -43,6 +55,102 @@ from serving.gateway.schemas import Event, EventBatch
 from serving.gateway.security import ApiKeyGuard, BodyLimit
 from serving.gateway.service import Gateway
 
+log = logging.getLogger("serving.gateway")
+# Backoff between attempts to build the gateway (its event log, its feature store): the first
+# wait, doubled after each failure up to the last.
+START_RETRY_SECONDS = (1.0, 30.0)
+# Paths never shed by the concurrency limit: probes must answer under load, and /metrics shows it.
+UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# What a shed request is told to wait before trying again (seconds).
+SHED_RETRY_AFTER_S = 1
+
+
+class ConcurrencyLimit:
+    """ASGI middleware: at most ``limit`` requests in flight; the next is answered 503 with
+    ``Retry-After`` at once, so overload is shed instead of queued without bound (a queued
+    request would time out in the client anyway, after holding memory and a connection)."""
+
+    def __init__(self, app: Any, limit: int, retry_after_s: int = SHED_RETRY_AFTER_S) -> None:
+        self.app, self.limit, self.retry_after_s = app, limit, retry_after_s
+        self.in_flight = 0  # only touched on the event loop: no lock needed
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("path") in UNLIMITED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            body = json.dumps(
+                {"detail": f"overloaded: {self.limit} requests in flight "
+                 "(gateway.max_concurrent_requests); retry later"}
+            ).encode()  # fmt: skip
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(self.retry_after_s).encode()),
+            ]
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+class GatewayStarter:
+    """Builds and starts the ``Gateway`` on a thread, retrying with backoff until it works.
+
+    A dependency down at startup (the event log's Redis, say) is one clear log line per
+    attempt and a 503 naming it (``reason``), not a crash with a stack trace that the
+    orchestrator restarts into the same crash.
+
+    Args:
+        build: makes the gateway (``Gateway(settings)``); may raise while a dependency is down.
+        on_ready: given the started gateway.
+    """
+
+    def __init__(self, build: Callable[[], Gateway], on_ready: Callable[[Gateway], None]) -> None:
+        self.build, self.on_ready = build, on_ready
+        self.gateway: Gateway | None = None
+        self.reason = "starting"
+        self.attempts = 0
+        self.started = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gateway-start", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        delay, longest = START_RETRY_SECONDS
+        while not self._stop.is_set():
+            self.attempts += 1
+            try:
+                gw = self.build()
+            except Exception as e:  # noqa: BLE001 - every cause is retried; the message names it
+                self.reason = f"cannot start (attempt {self.attempts}): {type(e).__name__}: {e}"[:500]
+                log.error("gateway %s; retrying in %.0f s", self.reason, delay)
+                log.debug("start failure", exc_info=True)
+                self._stop.wait(delay)
+                delay = min(delay * 2, longest)
+                continue
+            if self._stop.is_set():
+                gw.stop()
+                return
+            self.gateway = gw
+            self.on_ready(gw)
+            if self.attempts > 1:
+                log.info("gateway started after %d attempts", self.attempts)
+            self.started.set()
+            return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        if self.gateway is not None:
+            self.gateway.stop()
+
 
 def create_app(
     settings: Settings,
@@ -50,6 +158,7 @@ def create_app(
     wait_ready: bool = False,
     environ: Mapping[str, str] | None = None,
     manual_rollout: ManualRollout | None = None,
+    build_gateway: Callable[[Settings], Gateway] = Gateway,
 ) -> FastAPI:
     """The gateway app; its lifespan starts (and stops) the ``Gateway``'s background work.
 
@@ -60,18 +169,34 @@ def create_app(
         environ: where the API key is read from (default ``os.environ``).
         manual_rollout: records a person's promote or rollback (``components.canary.manual``,
             passed in by the entry point); without it the admin canary actions are refused.
+        build_gateway: what builds the gateway when none is given, retried until it works.
     """
     access = access_checks(ApiKeyGuard(settings.security, environ))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        gw = gateway or Gateway(settings)
-        app.state.gateway = gw
-        gw.start(wait=wait_ready)
+        if gateway is not None:
+            app.state.gateway = gateway
+            gateway.start(wait=wait_ready)
+            try:
+                yield
+            finally:
+                gateway.stop()
+            return
+
+        def ready(gw: Gateway) -> None:
+            gw.start(wait=wait_ready)
+            app.state.gateway = gw
+
+        starter = GatewayStarter(lambda: build_gateway(settings), ready)
+        app.state.starter = starter
+        starter.start()
+        if wait_ready:
+            await run_in_threadpool(starter.started.wait)
         try:
             yield
         finally:
-            gw.stop()
+            await asyncio.to_thread(starter.stop)
 
     app = FastAPI(
         title="recsys gateway",
@@ -80,6 +205,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.add_middleware(BodyLimit, limit=settings.security.max_request_bytes)
+    # Added last, so it runs first: a shed request costs no body read and no thread.
+    app.add_middleware(ConcurrencyLimit, limit=settings.gateway.max_concurrent_requests)
     app.exception_handler(RequestValidationError)(invalid_request)
     app.include_router(recommendations_router(settings, access))
     app.include_router(events_router(settings, access))

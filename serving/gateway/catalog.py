@@ -194,6 +194,9 @@ class ItemCatalog:
     ``new`` marks items to explore: published within ``new_item_days`` of the newest item,
     or never shown nor engaged with. ``segment_popular`` maps a segment value (a country) to
     item positions by positive events of users in that segment, most first.
+    ``category_index`` maps each category the catalog carries to its items' positions, built
+    with the catalog: a request's category filter is a lookup there, never a scan, and nothing
+    is cached per value a request names (an unknown category matches no item).
     """
 
     item_ids: np.ndarray
@@ -206,9 +209,13 @@ class ItemCatalog:
     global_popular: np.ndarray
     segment_popular: dict[str, np.ndarray]
     source_mtime: float
-    _category_masks: dict[str, np.ndarray] = field(default_factory=dict)
+    category_index: dict[str, np.ndarray] = field(default_factory=dict)
     _request_columns: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
     _new_positions: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if not self.category_index:
+            self.category_index = build_category_index(self.category_sets)
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -236,17 +243,27 @@ class ItemCatalog:
         return self._new_positions
 
     def category_mask(self, category: str) -> np.ndarray:
-        """True where an item carries ``category`` (any of its '|'-joined ones); computed once."""
-        mask = self._category_masks.get(category)
-        if mask is None:
-            mask = np.fromiter((category in c for c in self.category_sets), dtype=bool, count=len(self))
-            self._category_masks[category] = mask
+        """True where an item carries ``category`` (any of its '|'-joined ones): a lookup in
+        ``category_index``, a fresh array each call (the caller may change it)."""
+        mask = np.zeros(len(self), dtype=bool)
+        positions = self.category_index.get(category)
+        if positions is not None:
+            mask[positions] = True
         return mask
 
     def positions(self, ids: Iterable[str]) -> np.ndarray:
         """Positions of known ids (unknown ids are dropped)."""
         pos = self.position
         return np.fromiter((pos[i] for i in ids if i in pos), dtype=np.int64)
+
+
+def build_category_index(category_sets: Sequence[frozenset[str]]) -> dict[str, np.ndarray]:
+    """Each category to the positions of the items that carry it, ascending."""
+    lists: dict[str, list[int]] = {}
+    for n, cats in enumerate(category_sets):
+        for c in cats:
+            lists.setdefault(c, []).append(n)
+    return {c: np.asarray(p, dtype=np.int64) for c, p in lists.items()}
 
 
 def read_item_features(

@@ -1,4 +1,12 @@
-"""``/readyz``: ready once models and the item cache are loaded; the model server's state is shown."""
+"""``/readyz``: ready once models and the item cache are loaded and the model server has
+answered once; the model server's state is shown.
+
+A gateway started while its model server is down serves popularity (marked in ``fallback``)
+but is not ready, so a rollout with a wrong model server address stops at the first replica
+instead of replacing good ones; it becomes ready by itself when the server answers. A model
+server lost *after* that keeps the gateway ready, naming the models in ``degraded``: every
+replica would lose it at once, and answering degraded beats answering nothing.
+"""
 
 from __future__ import annotations
 
@@ -36,9 +44,12 @@ class Readiness:
         self.client = client
         self.event_log = event_log
         self._status_cache: tuple[float, dict[str, Any]] | None = None
+        # Whether the model server has answered a status call since this gateway started.
+        self.model_server_answered = False
 
     def check(self) -> tuple[bool, dict[str, Any]]:
-        """Ready when models and items are loaded; the model server's state is reported."""
+        """Ready when models and items are loaded and the model server has answered once; the
+        model server's state is reported."""
         snap = self.snapshots.current
         checks: dict[str, Any] = {"event_log": self.event_log.location}
         if snap is None:
@@ -53,8 +64,12 @@ class Readiness:
                 try:
                     states = self.client.status(model, timeout=0.5)
                     server[model] = {str(s.version): s.state for s in states}
+                    self.model_server_answered = True
                 except ModelServerError as e:
                     server[model] = f"{e.code}: {e.message[:200]}"
+                    # NOT_FOUND etc. is the server answering; UNAVAILABLE and deadlines are not.
+                    if e.code not in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "UNKNOWN"):
+                        self.model_server_answered = True
             self._status_cache = (now, server)
         checks["model_server"] = self._status_cache[1]
         degraded = [
@@ -64,4 +79,11 @@ class Readiness:
         ]
         checks["degraded"] = degraded
         checks["warm_up"] = dict(self.snapshots.warm_up_results)
+        if not self.model_server_answered:
+            gw = self.settings.gateway
+            checks["waiting_for"] = (
+                f"the model server ({gw.model_server_host}, gRPC {gw.model_server_grpc_port}, "
+                f"REST {gw.model_server_rest_port}) has not answered since start"
+            )
+            return False, checks
         return True, checks

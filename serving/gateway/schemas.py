@@ -3,21 +3,43 @@
 Ids follow the data contract (``recsys.contracts.ID_PATTERN``); an event must carry a
 timezone-aware timestamp and a finite value, so what the log stores is what the pipeline's
 validation would accept.
+
+Every list and string a request carries is bounded here (``max_length``), so a request's
+cost is bounded before any work starts; the limits an operator may want to tighten are
+configuration too (``gateway.max_filter_categories``, ``gateway.max_exclude_item_ids``,
+``gateway.max_batch_events``), checked by the routes with a 422 naming the field and bound.
 """
 
 from __future__ import annotations
 
 import math
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from recsys.contracts import DEVICES, EVENT_TYPES, ID_PATTERN
 
 Id = Annotated[str, Field(pattern=ID_PATTERN, examples=["u_42"])]
 EventType = Literal[EVENT_TYPES]  # type: ignore[valid-type]
 Device = Literal[DEVICES]  # type: ignore[valid-type]
+# Hard caps of the request schema (configuration may set lower limits, never higher ones).
+MAX_CATEGORY_CHARS = 128
+MAX_FILTER_CATEGORIES = 1_000
+MAX_EXCLUDE_ITEM_IDS = 10_000
+Category = Annotated[str, Field(max_length=MAX_CATEGORY_CHARS, examples=["books"])]
+# The earliest event time the log takes: the Unix epoch. Feature timestamps are epoch seconds
+# and the pipeline's frames hold nanoseconds since it, so older times (year 1, say) cannot
+# be stored faithfully; they are refused here rather than failing later.
+EARLIEST_EVENT_TS = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class Strict(BaseModel):
@@ -37,8 +59,8 @@ class Filters(Strict):
     """Per-request filters, applied on top of the configured business rules."""
 
     # Keep only items with at least one of these categories (empty: no restriction).
-    categories: list[str] = []
-    exclude_categories: list[str] = []
+    categories: list[Category] = Field([], max_length=MAX_FILTER_CATEGORIES)
+    exclude_categories: list[Category] = Field([], max_length=MAX_FILTER_CATEGORIES)
 
 
 class RecommendationRequest(Strict):
@@ -47,7 +69,7 @@ class RecommendationRequest(Strict):
         None, ge=1, description="Items to return (default gateway.default_k, max gateway.max_k)."
     )
     context: Context = Context()
-    exclude_item_ids: list[Id] = Field([], max_length=10_000)
+    exclude_item_ids: list[Id] = Field([], max_length=MAX_EXCLUDE_ITEM_IDS)
     filters: Filters = Filters()
     explain: bool = Field(
         False,
@@ -117,6 +139,26 @@ class Event(Strict):
     def _finite(cls, v: float | None) -> float | None:
         if v is not None and not math.isfinite(v):
             raise ValueError("value must be a finite number")
+        return v
+
+    @field_validator("ts")
+    @classmethod
+    def _plausible_time(cls, v: datetime, info: ValidationInfo) -> datetime:
+        """Not before the epoch; with ``context={"now": ..., "max_future_skew_seconds": ...}``
+        (the events route gives it), not further ahead of now than the allowed clock skew."""
+        # timestamp(), not astimezone(UTC): year 1 or 9999 with an offset overflows the latter.
+        at = v.timestamp()
+        if at < EARLIEST_EVENT_TS.timestamp():
+            raise ValueError(f"ts {v.isoformat()} is before {EARLIEST_EVENT_TS.isoformat()}")
+        context = info.context or {}
+        if "max_future_skew_seconds" in context:
+            now: datetime = context.get("now") or datetime.now(UTC)
+            skew = float(context["max_future_skew_seconds"])
+            if at > now.timestamp() + skew:
+                raise ValueError(
+                    f"ts {v.isoformat()} is more than {skew:g} s ahead of the gateway's clock "
+                    f"({now.isoformat()}; gateway.max_event_future_skew_seconds)"
+                )
         return v
 
     def record(self) -> dict[str, Any]:

@@ -139,10 +139,16 @@ def wait_gateway_ready(
 
 class InProcessGateway:
     """A gateway app on uvicorn in a thread, on a free loopback port: for settings a subprocess
-    cannot be given (overrides in this process, an ``environ`` of its own)."""
+    cannot be given (overrides in this process, an ``environ`` of its own). With
+    ``expect_ready=False`` (a model server that is down), it waits for ``/healthz`` instead:
+    such a gateway has loaded its models and items but is not ready."""
 
     def __init__(
-        self, settings: Settings, environ: Mapping[str, str] | None = None, ready_timeout_s: float = 60
+        self,
+        settings: Settings,
+        environ: Mapping[str, str] | None = None,
+        ready_timeout_s: float = 60,
+        expect_ready: bool = True,
     ) -> None:
         import uvicorn
 
@@ -154,7 +160,13 @@ class InProcessGateway:
         self.server = uvicorn.Server(uvicorn.Config(app, host=LOOPBACK, port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        wait_gateway_ready(self.url, timeout_s=ready_timeout_s)
+        if expect_ready:
+            wait_gateway_ready(self.url, timeout_s=ready_timeout_s)
+        else:
+            try:
+                local_servers.wait_until_answers(f"{self.url}/healthz", ready_timeout_s)
+            except ServerNotReady as e:
+                pytest.fail(f"gateway not started: {e}")
 
     def close(self) -> None:
         self.server.should_exit = True

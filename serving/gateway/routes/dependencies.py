@@ -5,16 +5,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, HTTPException, Request, Security
 
 from serving.gateway.security import Access, ApiKeyGuard, api_key_header
 from serving.gateway.service import Gateway
 
 
 async def current_gateway(request: Request) -> Gateway:
-    """The gateway the app's lifespan started (``app.state.gateway``)."""
+    """The gateway the app's lifespan started (``app.state.gateway``); a 503 naming why while
+    it is still being built (``serving.gateway.app.GatewayStarter`` retries a dependency down)."""
     # async: FastAPI would run a plain def dependency on the thread pool, one more thread hop.
-    return request.app.state.gateway
+    gateway = getattr(request.app.state, "gateway", None)
+    if gateway is None:
+        starter = getattr(request.app.state, "starter", None)
+        reason = starter.reason if starter is not None else "starting"
+        raise HTTPException(503, detail=f"not ready: {reason}", headers={"Retry-After": "1"})
+    return gateway
 
 
 CurrentGateway = Annotated[Gateway, Depends(current_gateway)]

@@ -30,10 +30,10 @@ def recommendations_router(settings: Settings, access: AccessChecks) -> APIRoute
         """Top-k items for a user: retrieve, filter, rank, diversify, explore; with
         ``explain``, each item's attribution of the ranker's score."""
         g = gateway
-        if req.k is not None and req.k > settings.gateway.max_k:
+        problems = _over_limits(settings, req)
+        if problems:
             g.metrics.requests.labels(endpoint="recommendations", status="422").inc()
-            message = f"k may be at most gateway.max_k = {settings.gateway.max_k}"
-            return problem(422, [{"field": "k", "value": req.k, "message": message}])
+            return problem(422, problems)
         started = time.perf_counter()
         try:
             # The work runs on the thread pool (blocking model calls, NumPy); the endpoint itself
@@ -52,3 +52,22 @@ def recommendations_router(settings: Settings, access: AccessChecks) -> APIRoute
         return out
 
     return router
+
+
+def _over_limits(settings: Settings, req: RecommendationRequest) -> list[dict[str, Any]]:
+    """The configured bounds a request passes (the schema's caps are checked before this):
+    ``k``, the filter lists and the excluded ids, each refusal naming field, value and bound."""
+    gw = settings.gateway
+    out = []
+    if req.k is not None and req.k > gw.max_k:
+        out.append({"field": "k", "value": req.k, "message": f"k may be at most gateway.max_k = {gw.max_k}"})
+    sizes = {
+        "filters.categories": (len(req.filters.categories), "max_filter_categories"),
+        "filters.exclude_categories": (len(req.filters.exclude_categories), "max_filter_categories"),
+        "exclude_item_ids": (len(req.exclude_item_ids), "max_exclude_item_ids"),
+    }
+    for field, (n, name) in sizes.items():
+        bound = getattr(gw, name)
+        if n > bound:
+            out.append({"field": field, "value": n, "message": f"at most gateway.{name} = {bound} entries"})
+    return out

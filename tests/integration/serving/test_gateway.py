@@ -35,6 +35,7 @@ from recsys.config import Settings, load_settings
 from recsys.event_log.sqlite import SqliteEventLog
 from serving.gateway.policy import assign_arm
 from tests.support.homes import NEW_ITEMS, copy_home
+from tests.support.polling import wait_for
 from tests.support.ports import free_port
 from tests.support.servers import (
     AUTH,
@@ -472,18 +473,22 @@ def test_server_without_scann_ops_falls_back_to_exact_search(env: Env, stock_ser
 
 
 def test_dead_model_server_answers_with_popularity_within_the_timeout(env: Env) -> None:
-    dead = free_port()
+    """Started with nothing listening: popularity, marked, within the budget, and not ready;
+    then a model server comes up on those ports and the gateway recovers by itself."""
+    grpc_port, rest_port = free_port(), free_port()
     running = InProcessGateway(
         _settings(
             env,
             **{
-                "gateway.model_server_grpc_port": dead,
-                "gateway.model_server_rest_port": dead,
+                "gateway.model_server_grpc_port": grpc_port,
+                "gateway.model_server_rest_port": rest_port,
                 "gateway.fallback_chain": ["retrieval", "segment_popularity", "global_popularity"],
                 "gateway.model_timeout_ms": 100,
             },
-        )
+        ),
+        expect_ready=False,
     )
+    server = None
     try:
         user = _warm_user(env, "stable")
         t0 = time.perf_counter()
@@ -496,5 +501,28 @@ def test_dead_model_server_answers_with_popularity_within_the_timeout(env: Env) 
         assert (
             f'recsys_gateway_fallbacks_total{{stage="candidates",to="{out["candidate_source"]}"}} 1.0' in text
         )
+        # Never reached the model server since start: not ready, saying what it waits for.
+        r = httpx.get(f"{running.url}/readyz")
+        assert r.status_code == 503 and "has not answered since start" in r.json()["waiting_for"]
+        flags = ["--port", str(grpc_port), "--rest_api_port", str(rest_port)]
+        server = start_model_server(
+            [*flags, *scann_model_server_flags(env.settings)],
+            env.home / "late_server.log",
+            rest_port,
+            "retrieval",
+        )
+        # It comes back: ready, and the full path serves again, without a restart.
+        wait_for(lambda: httpx.get(f"{running.url}/readyz").status_code == 200, timeout=30)
+        wait_for(
+            lambda: (
+                httpx.post(f"{running.url}/v1/recommendations", json={"user_id": user, "k": 5}).json()[
+                    "fallback"
+                ]
+                == []
+            ),
+            timeout=30,
+        )
     finally:
         running.close()
+        if server is not None:
+            server.stop()
