@@ -47,6 +47,10 @@ def demo_api_key(settings: Settings) -> str:
     name = settings.security.api_key_env
     if not os.environ.get(name):
         os.environ[name] = secrets.token_urlsafe(32)
+    # A profile with an admin key of its own: the demo makes that one too (never the same).
+    admin = settings.security.admin_key_env
+    if admin and not os.environ.get(admin):
+        os.environ[admin] = secrets.token_urlsafe(32)
     return os.environ[name]
 
 

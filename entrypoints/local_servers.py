@@ -300,7 +300,10 @@ def local_serving(
         **(server_environment() if env is None else env),
         **model_server_variables(ports.grpc, ports.rest, model_server_host),
     }
-    flags = ["--port", str(ports.grpc), "--rest_api_port", str(ports.rest), *model_server_flags]
+    # The gateway's admin endpoints move labels through the reload RPC, which the stand-in
+    # model server takes only when asked (and only for base paths beside models.config).
+    flags = ["--port", str(ports.grpc), "--rest_api_port", str(ports.rest), "--allow_reload_config",
+             *model_server_flags]  # fmt: skip
     started: list[LocalServer] = []
     try:
         model_server = start_model_server(

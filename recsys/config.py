@@ -555,7 +555,8 @@ class MonitoringConfig(Section):
 
 
 class SecurityConfig(Section):
-    """Who may call the gateway: an API key for writes and admin actions, optionally reads.
+    """Who may call the gateway: an API key for writes (and reads, optionally), an admin key
+    of its own for admin actions (or the API key where ``admin_key_env`` is null).
 
     The key itself is never configuration: it is read from the environment variable named
     by ``api_key_env`` when the gateway starts, so it never sits in a YAML file, in
@@ -565,6 +566,11 @@ class SecurityConfig(Section):
 
     # The environment variable holding the API key (sent as the X-API-Key header).
     api_key_env: str = Field("RECSYS_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # The environment variable holding the admin key (reload, canary promote and rollback), so
+    # a client that may post events cannot move models. null: admin actions take the API key
+    # (the embedded demo); the production profile names its own, and the gateway refuses to
+    # start when both variables hold the same key.
+    admin_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     # True: recommendations, similar items and /metrics need no key. False: they need it too.
     # /healthz and /readyz stay open for probes either way.
     open_reads: bool = True
@@ -743,9 +749,12 @@ def load_settings(
         raise ConfigError(f"invalid configuration{where}: {problems}") from None
 
 
-# Variables with the prefix that are not field overrides: the config file, the API key
-# (a secret, read only by the gateway; see SecurityConfig) and test failpoints.
-_NON_FIELD_VARS = {"RECSYS_CONFIG", "RECSYS_PROFILE", "RECSYS_API_KEY", "RECSYS_FAILPOINTS"}
+# Variables with the prefix that are not field overrides: the config file, the API and admin
+# keys (secrets, read only by the gateway; see SecurityConfig) and test failpoints.
+_NON_FIELD_VARS = {
+    "RECSYS_CONFIG", "RECSYS_PROFILE", "RECSYS_API_KEY", "RECSYS_ADMIN_KEY", "RECSYS_FAILPOINTS",
+    "RECSYS_API_KEY_FILE", "RECSYS_ADMIN_KEY_FILE",
+}  # fmt: skip
 
 
 # Profiles are conf/<name>.yaml files: RECSYS_PROFILE=production reads conf/production.yaml.

@@ -1,11 +1,13 @@
 """Who may call the gateway, and how much they may send.
 
-- ``ApiKeyGuard``: write and admin endpoints need the ``X-API-Key`` header to equal the key
-  in the environment variable ``security.api_key_env``; read endpoints too unless
-  ``security.open_reads``. The comparison is ``hmac.compare_digest`` over bytes, so the
-  time it takes does not depend on how many leading characters of a guess are right. The
-  key is read once at startup and kept only as bytes in this object: it is never part of
-  ``Settings``, never logged and never echoed in an error.
+- ``ApiKeyGuard``: write endpoints need the ``X-API-Key`` header to equal the key in the
+  environment variable ``security.api_key_env``; read endpoints too unless
+  ``security.open_reads``. Admin endpoints (reload, canary promote and rollback) need the
+  key in ``security.admin_key_env`` when that is set (production), so an event producer's
+  key cannot move models; the API key where it is null (the embedded demo). The comparison
+  is ``hmac.compare_digest`` over bytes, so the time it takes does not depend on how many
+  leading characters of a guess are right. The keys are read once at startup and kept only
+  as bytes in this object: never part of ``Settings``, never logged, never echoed in an error.
 - ``BodyLimit``: an ASGI middleware that refuses a body above ``security.max_request_bytes``
   with 413, from the Content-Length header or, for a chunked body, as soon as the bytes
   read pass the limit, so an oversized request never sits whole in memory.
@@ -17,6 +19,7 @@ import hmac
 import json
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import HTTPException
@@ -43,14 +46,27 @@ class ApiKeyGuard:
 
     def __init__(self, config: SecurityConfig, environ: Mapping[str, str] | None = None) -> None:
         env = os.environ if environ is None else environ
-        key = env.get(config.api_key_env, "")
+        key = _read_key(env, config.api_key_env)
         self._key: bytes | None = key.encode() if key else None
         self.env_name = config.api_key_env
         self.open_reads = config.open_reads
+        # Admin actions: a key of their own when security.admin_key_env names one.
+        self.admin_env_name = config.admin_key_env or config.api_key_env
+        admin = _read_key(env, self.admin_env_name)
+        self._admin_key: bytes | None = admin.encode() if admin else None
+        if config.admin_key_env and self._admin_key is not None and self._admin_key == self._key:
+            raise ValueError(
+                f"security.admin_key_env: {config.admin_key_env} holds the same key as "
+                f"{config.api_key_env}; the admin key must be a key of its own"
+            )
 
     @property
     def configured(self) -> bool:
         return self._key is not None
+
+    @property
+    def admin_configured(self) -> bool:
+        return self._admin_key is not None
 
     def needs_key(self, access: Access) -> bool:
         return access != "read" or not self.open_reads
@@ -59,18 +75,30 @@ class ApiKeyGuard:
         """Return if the request may proceed; raise 401/403/503 naming what is wrong (never the key)."""
         if not self.needs_key(access):
             return
-        if self._key is None:
+        admin = access == "admin"
+        key, env_name = (self._admin_key, self.admin_env_name) if admin else (self._key, self.env_name)
+        if key is None:
             # Fail closed: a gateway started without a key takes no writes rather than anyone's.
+            what = "admin key" if env_name != self.env_name else "API key"
             raise HTTPException(
                 503,
-                f"{access} endpoints are disabled: no API key configured (set the environment "
-                f"variable {self.env_name} for the gateway)",
+                f"{access} endpoints are disabled: no {what} configured (set the environment "
+                f"variable {env_name} for the gateway)",
             )
         if not presented:
             message = f"missing API key: send it in the {API_KEY_HEADER} header"
             raise HTTPException(401, message, {"WWW-Authenticate": "ApiKey"})
-        if not hmac.compare_digest(presented.encode(), self._key):
+        if not hmac.compare_digest(presented.encode(), key):
             raise HTTPException(403, f"invalid API key in the {API_KEY_HEADER} header")
+
+
+def _read_key(env: Mapping[str, str], name: str) -> str:
+    """The key in variable ``name``, or in the file ``<name>_FILE`` names (a Compose or
+    Kubernetes secret mounted as a file, the convention of the official Docker images)."""
+    if env.get(name):
+        return env[name]
+    path = env.get(f"{name}_FILE")
+    return Path(path).read_text().strip() if path else ""
 
 
 class BodyLimit:

@@ -11,6 +11,7 @@ unchanged against ``tensorflow_model_server``.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from concurrent import futures
 from typing import Any
@@ -158,9 +159,12 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     """GetModelStatus and HandleReloadConfigRequest (the config API behind canary moves)."""
 
-    def __init__(self, core: ServerCore, metrics: Metrics) -> None:
+    def __init__(self, core: ServerCore, metrics: Metrics, reload_root: str | None = None) -> None:
         self.core = core
         self.metrics = metrics
+        # Not TF Serving's behaviour: reloads are refused unless the server was started with
+        # --allow_reload_config, and then take only base paths under this folder.
+        self.reload_root = reload_root
 
     def GetModelStatus(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         try:
@@ -182,6 +186,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
                     "ServerModelConfig type not supported by HandleReloadConfigRequest. "
                     "Only ModelConfigList is currently supported"
                 )
+            check_reload_allowed(request.config, self.reload_root)
             self.core.reload_config(request.config)
             response.status.error_code = 0
             return response
@@ -190,14 +195,44 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
             _abort(context, e)
 
 
+def check_reload_allowed(config: Any, root: str | None) -> None:
+    """Refuse a reload (PERMISSION_DENIED) unless enabled, and any base path outside ``root``.
+
+    The reload RPC can point the server at any folder it can read, so it is the model
+    server's control plane: closed unless the server was started with
+    ``--allow_reload_config``, and then only for base paths under the model root (symbolic
+    links and ``..`` resolved first).
+    """
+    if root is None:
+        raise ServingError(
+            "PERMISSION_DENIED",
+            "HandleReloadConfigRequest is disabled on this server (start it with --allow_reload_config)",
+        )
+    real_root = os.path.realpath(root)
+    for model in config.model_config_list.config:
+        real = os.path.realpath(model.base_path)
+        if os.path.commonpath([real_root, real]) != real_root:
+            raise ServingError(
+                "PERMISSION_DENIED",
+                f"base_path {model.base_path!r} of model {model.name!r} is outside the model root {root}",
+            )
+
+
 def create_grpc_server(
-    core: ServerCore, metrics: Metrics, port: int, host: str = "0.0.0.0", max_workers: int = 16
+    core: ServerCore,
+    metrics: Metrics,
+    port: int,
+    host: str = "0.0.0.0",
+    max_workers: int = 16,
+    reload_root: str | None = None,
 ) -> tuple[grpc.Server, int]:
     """A started-able gRPC server with both services; returns it and the bound port.
 
     Args:
         port: 0 picks a free port (the bound one is returned).
         host: TF Serving listens on all interfaces (``0.0.0.0``); tests pass ``127.0.0.1``.
+        reload_root: HandleReloadConfigRequest takes base paths under this folder only;
+            None refuses every reload.
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
@@ -209,7 +244,9 @@ def create_grpc_server(
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         PredictionServicer(core, metrics), server
     )
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(core, metrics), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+        ModelServicer(core, metrics, reload_root), server
+    )
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"could not bind gRPC port {host}:{port}")

@@ -113,6 +113,32 @@ class ServerOptions:
         },
     )
 
+    # Not TF Serving flags: the reload RPC (HandleReloadConfigRequest) can point the server at
+    # any folder it can read, so the stand-in closes it unless asked, and then accepts only
+    # base paths under the model root. Stock TF Serving has no such switch: keep its gRPC port
+    # off any public network (docker/compose.yaml publishes neither of its ports).
+    allow_reload_config: bool = field(
+        default=False,
+        metadata={
+            "help": "Not a TF Serving flag: accept HandleReloadConfigRequest (refused otherwise; "
+            "also =true|false)."
+        },
+    )
+    model_root: str = field(
+        default="",
+        metadata={
+            "help": "Not a TF Serving flag: a reload's base paths must lie under this folder; "
+            "empty: the folder of --model_config_file (or of --model_base_path)."
+        },
+    )
+
+    def reload_root(self) -> str | None:
+        """The folder a reload's base paths must lie under; None when reloads are refused."""
+        if not self.allow_reload_config:
+            return None
+        source = self.model_config_file or self.model_base_path
+        return self.model_root or (os.path.dirname(os.path.abspath(source)) if source else None)
+
     def core_options(self) -> CoreOptions:
         return CoreOptions(
             file_system_poll_wait_seconds=self.file_system_poll_wait_seconds,
@@ -219,7 +245,7 @@ class ModelServer:
 
         threads = self.options.grpc_max_threads or 4 * (os.cpu_count() or 1)
         self.grpc_server, self.grpc_port = create_grpc_server(
-            self.core, self.metrics, self.options.port, self.options.host, threads
+            self.core, self.metrics, self.options.port, self.options.host, threads, self.options.reload_root()
         )
         self.grpc_server.start()
         host, port = self.options.host, self.grpc_port

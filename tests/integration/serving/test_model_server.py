@@ -98,6 +98,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     args = [
         "--port", str(grpc_port), "--rest_api_port", str(rest_port), "--host", "127.0.0.1",
         "--model_config_file", str(config), "--file_system_poll_wait_seconds", "1",
+        "--allow_reload_config",  # the canary moves below go through HandleReloadConfigRequest
         # A corrupt version should end at once; TF Serving's default retries for 5 minutes.
         "--max_num_load_retries", "0",
     ]  # fmt: skip

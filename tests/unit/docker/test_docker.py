@@ -78,16 +78,15 @@ def test_every_part_of_the_production_shape_is_a_service_with_a_health_check() -
     services = compose()["services"]
     expected = {
         "postgres", "redis", "airflow-init", "airflow-api-server", "airflow-scheduler",
-        "airflow-dag-processor", "airflow-worker", "tf-serving", "gateway",
+        "airflow-dag-processor", "airflow-worker", "tf-serving", "gateway", "redis-events",
     }  # fmt: skip
     assert expected <= set(services)
     for name, svc in services.items():
         if name != "airflow-init":  # a one-shot migration: "completed successfully" is its check
             assert svc.get("healthcheck", {}).get("test"), f"{name} has no health check"
     # The event log's durability promise rests on the broker fsyncing every write.
-    redis_cmd = services["redis"]["command"]
-    assert redis_cmd[redis_cmd.index("--appendonly") + 1] == "yes"
-    assert redis_cmd[redis_cmd.index("--appendfsync") + 1] == "always"
+    redis_cmd = services["redis-events"]["command"][-1]
+    assert "--appendonly yes" in redis_cmd and "--appendfsync always" in redis_cmd
 
 
 def test_model_base_path_and_home_are_shared_volumes_where_the_profile_expects_them() -> None:
@@ -98,6 +97,9 @@ def test_model_base_path_and_home_are_shared_volumes_where_the_profile_expects_t
     def mounts(service: str) -> dict[str, str]:
         out = {}
         for v in doc["services"][service].get("volumes", []):
+            if isinstance(v, dict):  # long syntax: a tmpfs has no source
+                out[v["target"]] = v.get("source", v["type"])
+                continue
             source, target, *_ = v.split(":")
             out[target] = source
         return out
