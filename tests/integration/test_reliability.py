@@ -337,7 +337,8 @@ def test_gateway_sigkill_while_events_stream_loses_no_acknowledged_event(rel: Re
     gw_log = rel.home / "sigkill-gateway.log"
 
     def up(gateway: LocalServer) -> None:
-        wait_for(lambda: gateway.running() and _answers(f"{url}/healthz"), timeout=90)
+        # /healthz answers as soon as the process does; writes wait until the gateway is built.
+        wait_for(lambda: gateway.running() and _built(url), timeout=90)
 
     proc = start_gateway(env, port, gw_log, log_mode="ab")
     up(proc)
@@ -407,6 +408,15 @@ def _answers(url: str) -> bool:
     try:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.HTTPError:
+        return False
+
+
+def _built(url: str) -> bool:
+    """The gateway behind ``url`` is built: /readyz reports its checks (ready or not), rather
+    than the 503 it answers while it is still starting."""
+    try:
+        return "ready" in httpx.get(f"{url}/readyz", timeout=1).json()
+    except (httpx.HTTPError, ValueError):
         return False
 
 
