@@ -47,6 +47,7 @@ from recsys.contracts import EVENTS, conform
 from recsys.event_log import open_event_log
 from recsys.event_log.base import EventLog
 from recsys.layout import lake_events_day_dir, lake_events_dir
+from recsys.storage import fsync_path
 from recsys.timeutil import to_utc, utc_now
 
 DATA_FILE = "part-0.parquet"
@@ -345,17 +346,9 @@ def _write_durably(df: pd.DataFrame, path: Path) -> None:
     """Temporary file (hidden from dataset readers), fsync, rename, fsync of the folder."""
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp, compression="zstd")
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
-    _fsync(path.parent)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path.parent)
 
 
 def _read_day_manifest(folder: Path) -> dict[str, Any]:
@@ -375,7 +368,7 @@ def _write_day_manifest(folder: Path, content: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync(folder)
+    fsync_path(folder)
 
 
 def exported_days(settings: Settings) -> dict[str, dict[str, Any]]:

@@ -68,7 +68,7 @@ from recsys.model_registry import (
     write_registry,
 )
 from recsys.ranking import ServingPolicy, write_serving_policy
-from recsys.storage import code_version, read_manifest, write_manifest
+from recsys.storage import code_version, fsync_path, read_manifest, write_manifest
 from recsys.timeutil import utc_now
 
 RETRIEVAL_SIGNATURES = ("serving_default", "retrieve")
@@ -148,23 +148,15 @@ def _finish_version(tmp: Path, final: Path) -> None:
     os.replace(held, pb)
     _fsync_tree(tmp)
     os.replace(tmp, final)
-    _fsync_path(final.parent)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(final.parent)
 
 
 def _fsync_tree(root: Path) -> None:
     """fsync every file and folder under ``root`` (folders after their entries)."""
     for folder, _dirs, files in os.walk(root, topdown=False):
         for name in files:
-            _fsync_path(Path(folder) / name)
-        _fsync_path(Path(folder))
+            fsync_path(Path(folder) / name)
+        fsync_path(Path(folder))
 
 
 @dataclass(frozen=True)

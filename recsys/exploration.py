@@ -45,7 +45,27 @@ EXPLORATION_KINDS: tuple[ExplorationKind, ...] = ("uniform", "epsilon_greedy", "
 Arm = tuple[str, str]  # (segment, item_id)
 
 
-class BetaPosteriors:
+class _SlotLearner:
+    """What every slot learner does with a batch of observations, through its own
+    ``record_trial`` and ``record_click``."""
+
+    def record_trial(self, request_id: str, segment: str, item: str) -> bool:
+        raise NotImplementedError
+
+    def record_click(self, request_id: str, item: str) -> bool:
+        raise NotImplementedError
+
+    def update(self, observations: Iterable[tuple[str, str, str, bool]]) -> int:
+        """Trials (and clicks) of ``(request_id, segment, item, clicked)``; how many counted."""
+        n = 0
+        for request_id, segment, item, clicked in observations:
+            n += self.record_trial(request_id, segment, item)
+            if clicked:
+                self.record_click(request_id, item)
+        return n
+
+
+class BetaPosteriors(_SlotLearner):
     """Per-``(segment, item)`` Beta posteriors of a slot impression's click probability.
 
     Args:
@@ -135,15 +155,6 @@ class BetaPosteriors:
         self.total_clicks += 1
         return True
 
-    def update(self, observations: Iterable[tuple[str, str, str, bool]]) -> int:
-        """Trials (and clicks) of ``(request_id, segment, item, clicked)``; how many counted."""
-        n = 0
-        for request_id, segment, item, clicked in observations:
-            n += self.record_trial(request_id, segment, item)
-            if clicked:
-                self.record_click(request_id, item)
-        return n
-
     def summary(self, top: int = 20) -> dict[str, object]:
         """What the posteriors hold: totals, and the arms with most trials (a small admin read)."""
         ranked = sorted(self._counts.items(), key=lambda kv: -kv[1][0])[:top]
@@ -191,7 +202,7 @@ class _Ridge:
         return self.a_inv @ self.b
 
 
-class LinUCB:
+class LinUCB(_SlotLearner):
     """A linear UCB bandit whose arms are items described by their embedding.
 
     Every item is the vector ``x`` of its candidate-tower embedding (L2-normalised), and the
@@ -363,15 +374,6 @@ class LinUCB:
             r.clicks += 1
         self.total_clicks += 1
         return True
-
-    def update(self, observations: Iterable[tuple[str, str, str, bool]]) -> int:
-        """Trials (and clicks) of ``(request_id, segment, item, clicked)``; how many counted."""
-        n = 0
-        for request_id, segment, item, clicked in observations:
-            n += self.record_trial(request_id, segment, item)
-            if clicked:
-                self.record_click(request_id, item)
-        return n
 
     def summary(self, top: int = 20) -> dict[str, object]:
         """What the regressions hold: totals, dimension, and the segments with most trials."""

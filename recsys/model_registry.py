@@ -26,6 +26,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from recsys.storage import fsync_path
+
 if TYPE_CHECKING:
     from recsys.config import Settings
 
@@ -127,16 +129,8 @@ def write_models_config(path: Path, models: Mapping[str, Mapping[str, Any]]) -> 
         f.flush()
         os.fsync(f.fileno())  # the content is on disk before the name points at it...
     os.replace(tmp, path)
-    _fsync_dir(path.parent)  # ...and the rename itself survives a power loss
+    fsync_path(path.parent)  # ...and the rename itself survives a power loss
     return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_registry(

@@ -87,6 +87,15 @@ def write_data_folder(
     return manifest.model_dump()
 
 
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's fsync makes the renames inside it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_manifest(out_dir: Path, manifest: StepManifest | Mapping[str, Any]) -> Path:
     """Write ``manifest.json`` last and atomically: its presence marks the folder complete."""
     out_dir = Path(out_dir)

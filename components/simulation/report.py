@@ -246,11 +246,7 @@ def _chart(policies: Mapping[str, Any], reference: str) -> str:
     ax.set_xticks(x, names)
     ax.set_ylabel("reward per request")
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
+    return _png(fig)
 
 
 # --- the closed loop (``recsys simulate --loop``) ------------------------------------------------
@@ -388,6 +384,13 @@ def _loop_chart(summary: Mapping[str, Any]) -> str:
     ax.set_xlabel("round")
     ax.set_ylabel("expected reward per request")
     ax.legend()
+    return _png(fig)
+
+
+def _png(fig: Any) -> str:
+    """A matplotlib figure as a base64 PNG for an ``<img>``; the figure is closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
