@@ -76,6 +76,11 @@ class FeaturesConfig(Section):
     project: str = "recsys"
 
 
+    # Every call to the online store's Redis ends within these (a hung or paused server costs
+    # a request its feature deadline and the push thread one timeout, never a thread forever).
+    # Added to the connection string unless it names them itself.
+    redis_socket_timeout_seconds: float = Field(2.0, gt=0)
+    redis_connect_timeout_seconds: float = Field(1.0, gt=0)
 class SourceConfig(Section):
     """Where the pipeline's ingest step reads from."""
 
@@ -446,6 +451,10 @@ class GatewayConfig(Section):
     # popularity in the user's segment, global popularity.
     fallback_chain: list[Literal["retrieval", "exact", "segment_popularity", "global_popularity"]] = [
         "retrieval", "exact", "segment_popularity", "global_popularity",
+    # Accepted events waiting for their online-store push (one background thread writes them,
+    # so a slow store never holds a request). Beyond this a push is dropped and counted: the
+    # event itself is already durable, and the next feature rebuild brings the store up to date.
+    push_queue_size: int = Field(10_000, ge=1)
     ]  # fmt: skip
     # The durable event log; default <home>/gateway/events.db.
     event_log_path: Path | None = None
@@ -466,6 +475,9 @@ class GatewayConfig(Section):
 
     @field_validator("arm_fractions")
     @classmethod
+    # Socket and connect timeouts of the event log's Redis client: an append that cannot
+    # finish in time answers 503 (nothing was promised), never a request held forever.
+    event_log_redis_timeout_seconds: float = Field(10.0, gt=0)
     def _known_arms(cls, v: dict[str, float]) -> dict[str, float]:
         unknown = set(v) - {"canary", "holdout"}
         if unknown or any(not 0 <= f <= 1 for f in v.values()) or sum(v.values()) > 1:

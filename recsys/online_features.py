@@ -34,7 +34,7 @@ from recsys.timeutil import to_utc
 if TYPE_CHECKING:  # Feast costs seconds to import; only the functions that need it do.
     from feast import FeatureStore, RepoConfig
 
-    from recsys.config import Settings
+    from recsys.config import FeaturesConfig, Settings
 
 TIMESTAMP = "event_timestamp"
 ONE_US = pd.Timedelta(microseconds=1)
@@ -51,7 +51,7 @@ def store_yaml(settings: Settings) -> dict[str, Any]:
     """
     f = settings.features
     if f.online_store == "redis":
-        online: dict[str, Any] = {"type": "redis", "connection_string": f.redis_connection_string}
+        online: dict[str, Any] = {"type": "redis", "connection_string": redis_connection_string(f)}
     else:
         online = {"type": "sqlite", "path": str(settings.feast_dir / "online_store.db")}
     return {
@@ -68,6 +68,23 @@ def store_yaml(settings: Settings) -> dict[str, Any]:
 
 def repo_config(settings: Settings) -> RepoConfig:
     """The Feast ``RepoConfig`` of these settings (see ``store_yaml``).
+def redis_connection_string(features: FeaturesConfig) -> str:
+    """Feast's Redis connection string with the configured socket and connect timeouts.
+
+    Feast hands the string's ``key=value`` options to the Redis client; without them a call
+    to a hung server never returns. Options the string already names are kept as written.
+    """
+    conn = features.redis_connection_string
+    named = {part.split("=", 1)[0].strip() for part in conn.split(",") if "=" in part}
+    for option, seconds in (
+        ("socket_timeout", features.redis_socket_timeout_seconds),
+        ("socket_connect_timeout", features.redis_connect_timeout_seconds),
+    ):
+        if option not in named:
+            conn += f",{option}={seconds:g}"
+    return conn
+
+
 
     ``repo_path`` is the feature repo, as for the `feast` CLI; the FileSource paths that
     ``apply_feature_repo`` registers are absolute, so they do not depend on it.

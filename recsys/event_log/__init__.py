@@ -31,7 +31,12 @@ def open_event_log(settings: Settings, reader: bool = False) -> EventLog:
         from recsys.event_log.redis_streams import RedisStreamsEventLog
 
         require = gw.event_log_require_fsync and not reader
-        return RedisStreamsEventLog(gw.event_log_redis_url, gw.event_log_key_prefix, require_fsync=require)
+        return RedisStreamsEventLog(
+            gw.event_log_redis_url,
+            gw.event_log_key_prefix,
+            require_fsync=require,
+            timeout=gw.event_log_redis_timeout_seconds,
+        )
     from recsys.event_log.sqlite import SqliteEventLog
 
     return SqliteEventLog(settings.event_log_path)

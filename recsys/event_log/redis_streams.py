@@ -92,10 +92,16 @@ class RedisStreamsEventLog:
             readers (the canary analysis) pass False, since they do not acknowledge anything.
         batch: events per script call; bounds one script's arguments. The calls of one
             ``append`` still run as one ``MULTI``/``EXEC`` (all or nothing).
+        timeout: seconds a connect or a reply may take before the call fails.
     """
 
     def __init__(
-        self, url: str, prefix: str = "{recsys}:eventlog", require_fsync: bool = True, batch: int = 500
+        self,
+        url: str,
+        prefix: str = "{recsys}:eventlog",
+        require_fsync: bool = True,
+        batch: int = 500,
+        timeout: float = 10.0,
     ) -> None:
         import redis
 
@@ -105,7 +111,9 @@ class RedisStreamsEventLog:
         self.ids_key = f"{prefix}:ids"
         self.requests_key = f"{prefix}:requests"
         self.batch = batch
-        self._client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10)
+        self._client = redis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
         self._script = self._client.register_script(APPEND_SCRIPT)
         self._lock = threading.Lock()
         self.fsync = self._check_fsync(require_fsync)
@@ -134,8 +142,11 @@ class RedisStreamsEventLog:
                     "gateway's user, or set gateway.event_log_require_fsync: false to accept an "
                     "unverified server"
                 ) from e
-            log.warning("cannot read the Redis persistence settings of %s (%s): durability unchecked",
-                        self.location, e)
+            log.warning(
+                "cannot read the Redis persistence settings of %s (%s): durability unchecked",
+                self.location,
+                e,
+            )
             return None
         ok = got.get("appendonly") == "yes" and got.get("appendfsync") == "always"
         if required and not ok:
@@ -275,11 +286,7 @@ class RedisStreamsEventLog:
         after later ones), so the whole stream is read; the export trims it to what is new.
         """
         lo, hi = utc_iso(start), utc_iso(end)
-        return [
-            event_record(f, f.get("body"))
-            for _, f in self._scan(self.events_key)
-            if lo <= f["ts"] < hi
-        ]
+        return [event_record(f, f.get("body")) for _, f in self._scan(self.events_key) if lo <= f["ts"] < hi]
 
     def trim_events(self, event_ids: Collection[str], before: datetime) -> list[str]:
         """Remove the named events before ``before``: ``XTRIM MINID`` over the stream's prefix

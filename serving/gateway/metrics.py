@@ -6,7 +6,7 @@ tests) keep their own counts.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Sub-millisecond to a second: the stages live between 0.1 ms (filtering) and the timeouts.
 BUCKETS = (
@@ -75,6 +75,14 @@ class GatewayMetrics:
         )
         self.push_failures = Counter(
             "recsys_gateway_push_failures", "Accepted events whose online-store push failed.", registry=r
+        )
+        self.push_dropped = Counter(
+            "recsys_gateway_push_dropped",
+            "Accepted events not pushed to the online store because the push queue was full.",
+            registry=r,
+        )
+        self.push_queue = Gauge(
+            "recsys_gateway_push_queue", "Accepted events waiting for their online-store push.", registry=r
         )
         self.impression_log_failures = Counter(
             "recsys_gateway_impression_log_failures", "Impression batches the event log refused.", registry=r

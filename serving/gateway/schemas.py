@@ -185,9 +185,10 @@ class EventResult(BaseModel):
 class EventsResponse(BaseModel):
     accepted: int
     duplicates: int
-    # False when an accepted event is durable but its online-store push failed (the
-    # gateway's own state still reflects it; the nightly rebuild repairs the store).
-    pushed: bool
+    # The online-store push happens after the answer, from a bounded queue. False when the
+    # queue was full and some accepted events will not be pushed: they are durable, the
+    # gateway's own state reflects them, and the next feature rebuild brings the store along.
+    push_queued: bool
     results: list[EventResult]
 
 

@@ -24,7 +24,7 @@ from recsys.event_log import open_event_log
 from recsys.event_log.base import EventLog
 from serving.clients import ModelServerClient
 from serving.gateway.candidates import CandidateChain
-from serving.gateway.event_ingest import EventIngest
+from serving.gateway.event_ingest import EventIngest, OnlinePusher
 from serving.gateway.exploration import ExplorationBandit
 from serving.gateway.impressions import ImpressionWriter
 from serving.gateway.metrics import GatewayMetrics
@@ -62,8 +62,8 @@ class Gateway:
         gw = settings.gateway
         self.metrics = GatewayMetrics()
         self.store = store if store is not None else get_store(settings)
-        # Pushes read-modify-write a user's row, and the item cache reads whole views: they take
-        # this lock; per-request reads do not (see UserFeatures._read_user).
+        # Pushes read-modify-write a user's row: they take this lock, one at a time. Reads (per
+        # request, and the item cache's rebuild) do not (see UserFeatures._read_user).
         self.store_lock = threading.Lock()
         host = gw.model_server_host
         self.client = client or ModelServerClient(
@@ -78,17 +78,17 @@ class Gateway:
         self.user_features = UserFeatures(settings, self.store)
         self.model_calls = ModelCalls(settings, self.client)
         self.snapshots = SnapshotRefresher(
-            settings, self.store, self.store_lock, self.model_calls, self.user_features.defaults
+            settings, self.store, self.model_calls, self.user_features.defaults
         )
         self.impressions = ImpressionWriter(settings, self.event_log, self.metrics)
         # The exploration slots' bandit: chooses at serve time, learns from posted clicks.
         self.exploration = ExplorationBandit(settings, self.metrics)
+        self.pusher = OnlinePusher(settings, self.store, self.store_lock, self.metrics)
         self.event_ingest = EventIngest(
             settings,
             self.event_log,
             self.activity,
-            self.store,
-            self.store_lock,
+            self.pusher,
             self.metrics,
             self.exploration,
         )
@@ -111,12 +111,14 @@ class Gateway:
         """Start the background threads: initial load + refresh, and the impression writer."""
         self.snapshots.start()
         self.impressions.start()
+        self.pusher.start()
         if wait:
             self.snapshots.wait_loaded()
 
     def stop(self) -> None:
         self.snapshots.stop()
         self.impressions.stop()
+        self.pusher.stop()
         self.user_features.close()
         self.client.close()
         self.event_log.close()
@@ -146,8 +148,12 @@ class Gateway:
         self.impressions.flush(timeout)
 
     def ingest(self, events: Sequence[Event]) -> dict[str, Any]:
-        """Durable append first, then the user's in-process state, then the online store."""
+        """Durable append first, then the user's in-process state, then the online-store queue."""
         return self.event_ingest.ingest(events)
+
+    def flush_pushes(self, timeout: float = 5.0) -> bool:
+        """Wait until the online-store pushes queued so far have been tried (tests, shutdown)."""
+        return self.pusher.flush(timeout)
 
     def similar(self, item_id: str, k: int) -> dict[str, Any]:
         """Content/taste neighbours of an item in the stable retrieval version's embedding space."""

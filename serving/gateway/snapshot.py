@@ -99,8 +99,9 @@ class SnapshotRefresher:
 
     Args:
         settings: the configuration (models dir, push model names, gateway business rules).
-        store: the Feast store the item cache is read from.
-        store_lock: held while the item cache reads whole views (pushes write rows under it).
+        store: the Feast store the item cache is read from. The rebuild after a
+            materialization reads it without the pushes' lock (pushes write user rows, the
+            cache reads item views) and swaps in when done, so events and requests go on.
         model_calls: the model server client and the input builders, for the warm-up.
         user_defaults: a user row with nothing known, for the warm-up requests.
     """
@@ -109,13 +110,11 @@ class SnapshotRefresher:
         self,
         settings: Settings,
         store: Any,
-        store_lock: threading.Lock,
         model_calls: ModelCalls,
         user_defaults: dict[str, Any],
     ) -> None:
         self.settings = settings
         self.store = store
-        self.store_lock = store_lock
         self.model_calls = model_calls
         self.user_defaults = user_defaults
         self.current: Snapshot | None = None
@@ -149,8 +148,14 @@ class SnapshotRefresher:
                 self.refresh()
                 self.load_error = None
             except Exception as e:  # noqa: BLE001 - keep serving the last good snapshot
-                self.load_error = f"{type(e).__name__}: {e}"
-                log.exception("gateway refresh failed")
+                error = f"{type(e).__name__}: {e}"
+                # One trace per distinct failure, not one per retry (every second while a
+                # dependency is down before the first load); /readyz shows the error meanwhile.
+                if error != self.load_error:
+                    log.exception("gateway refresh failed")
+                else:
+                    log.debug("gateway refresh failed again: %s", error)
+                self.load_error = error
             self._stop.wait(self.settings.gateway.refresh_seconds if self.current else RETRY_SECONDS)
 
     def get(self) -> Snapshot:
@@ -198,8 +203,7 @@ class SnapshotRefresher:
             catalog = current.catalog
         else:
             t0 = time.perf_counter()
-            with self.store_lock:
-                catalog = build_item_catalog(self.settings, self.store, np.asarray(ids, dtype=object), mat)
+            catalog = build_item_catalog(self.settings, self.store, np.asarray(ids, dtype=object), mat)
             log.info("item cache: %d items in %.1fs", len(catalog), time.perf_counter() - t0)
         to_catalog, to_version = {}, {}
         for v, assets in versions.retrieval.items():

@@ -270,10 +270,31 @@ def test_incompatible_canary_loads_but_is_refused_and_never_promoted(rel: Rel) -
 # --- faults: the online store -----------------------------------------------------------------
 
 
-def test_online_store_down_serves_cached_or_default_features_marked(rel: Rel, tmp_path: Path) -> None:
+@dataclass
+class StoreGateway:
+    """A gateway whose Feast online store is a private Redis (the production profile's)."""
+
+    redis: subprocess.Popen[bytes]
+    settings: Settings
+    running: InProcessGateway
+    seen: str  # a warm user the store knows
+    unseen: str  # another, whose events the fault tests post
+    fresh: str  # one nobody requests before the store is killed (so nothing of it is cached)
+
+    def recent_items(self, user: str) -> list[str]:
+        from recsys.online_features import get_store
+
+        got = get_store(self.settings).get_online_features(
+            features=["user_recent_items:recent_items"], entity_rows=[{"user_id": user}]
+        )
+        return str(got.to_dict()["recent_items"][0] or "").split()
+
+
+@pytest.fixture(scope="module")
+def store_gateway(rel: Rel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreGateway]:
     from components.features.store import apply_feature_repo, materialize
 
-    proc, port, log = start_redis(tmp_path)
+    proc, port, log = start_redis(tmp_path_factory.mktemp("feature-redis"))
     running: InProcessGateway | None = None
     try:
         settings = _settings(
@@ -281,49 +302,141 @@ def test_online_store_down_serves_cached_or_default_features_marked(rel: Rel, tm
             **{
                 "features.online_store": "redis",
                 "features.redis_connection_string": f"127.0.0.1:{port}",
-                # Generous: this test is about the store; model deadlines are tested above.
+                # Generous: these tests are about the store; model deadlines are tested above.
                 "gateway.model_timeout_ms": 1000,
             },
         )
-        budget = (settings.gateway.feature_timeout_ms + 2 * settings.gateway.model_timeout_ms) / 1000
         apply_feature_repo(settings)
         materialize(settings)
         running = InProcessGateway(settings, {"RECSYS_API_KEY": API_KEY}, ready_timeout_s=90)
         seen, unseen = _warm(rel, "stable", 0), _warm(rel, "stable", 1)
         # A new gateway's first model call sets up its channel: wait until the full path serves.
         wait_for(lambda: _recommend(running.url, seen)[0]["fallback"] == [], timeout=30)
-
-        proc.kill()  # the store is gone: connection refused from here on
-        proc.wait()
-        out, elapsed = _recommend(running.url, seen)
-        assert elapsed < budget + SLACK_S
-        # Read a moment ago: the last good row keeps the user's personalization, and says so.
-        assert out["fallback"] == ["features:cached"] and out["candidate_source"] == "retrieval"
-        out, elapsed = _recommend(running.url, unseen)
-        assert elapsed < budget + SLACK_S
-        assert out["fallback"][0] == "features:defaults" and len(out["items"]) == 10
-        assert _metric(running.url, "recsys_gateway_fallbacks_total", stage="features", to="cached") == 1
-        assert _metric(running.url, "recsys_gateway_fallbacks_total", stage="features", to="defaults") == 1
-        # Events are still taken: durable in the log, the failed push is reported and counted.
-        event = {
-            "event_id": "store-down-1", "user_id": unseen, "item_id": "i01", "event_type": "click",
-            "ts": datetime.now(UTC).isoformat(), "session_id": "s", "device": "desktop",
-        }  # fmt: skip
-        r = httpx.post(f"{running.url}/v1/events", json=event, headers=AUTH, timeout=30)
-        assert r.status_code == 200 and r.json()["accepted"] == 1 and r.json()["pushed"] is False, r.text
-        assert _metric(running.url, "recsys_gateway_push_failures_total") == 1
-        event_log = SqliteEventLog(settings.event_log_path)
-        try:
-            assert event_log.event_ids().count("store-down-1") == 1
-        finally:
-            event_log.close()
+        yield StoreGateway(proc, settings, running, seen, unseen, _warm(rel, "stable", 2))
     finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)  # a test that paused it may have failed
         if running is not None:
             running.close()
         if proc.poll() is None:
             stop_redis(proc, log)
         else:
             log.close()  # type: ignore[attr-defined]
+
+
+def _store_budget(sg: StoreGateway) -> float:
+    gw = sg.settings.gateway
+    return (gw.feature_timeout_ms + 2 * gw.model_timeout_ms) / 1000 + SLACK_S
+
+
+def _click(user: str, item: str, event_id: str) -> dict[str, Any]:
+    return {
+        "event_id": event_id, "user_id": user, "item_id": item, "event_type": "click",
+        "ts": datetime.now(UTC).isoformat(), "session_id": "s", "device": "desktop",
+    }  # fmt: skip
+
+
+def _traffic(sg: StoreGateway, tag: str, until: Any, min_rounds: int = 5) -> tuple[list[dict[str, Any]], int]:
+    """Post a click and ask for recommendations, round after round, until ``until()`` (at least
+    ``min_rounds``): every answer within the budget. Returns the answers and events accepted."""
+    answers, accepted, n = [], 0, 0
+    while n < min_rounds or not until():
+        assert n < 200, "traffic never saw the condition end"
+        t0 = time.perf_counter()
+        r = httpx.post(
+            f"{sg.running.url}/v1/events",
+            json=_click(sg.unseen, "i02", f"{tag}-{n}"),
+            headers=AUTH,
+            timeout=30,
+        )
+        took = time.perf_counter() - t0
+        assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
+        assert took < SLACK_S, f"event post {n} took {took:.2f}s"
+        accepted += 1
+        for user in (sg.seen, sg.unseen):
+            out, elapsed = _recommend(sg.running.url, user)
+            assert elapsed < _store_budget(sg), f"{tag} request {n} took {elapsed:.2f}s: {out['fallback']}"
+            assert len(out["items"]) == 10
+            answers.append(out)
+        n += 1
+    return answers, accepted
+
+
+def test_a_paused_online_store_stalls_neither_events_nor_recommendations(store_gateway: StoreGateway) -> None:
+    sg = store_gateway
+    os.kill(sg.redis.pid, signal.SIGSTOP)  # accepts connections, answers nothing: a hung store
+    paused_at = time.monotonic()
+    try:
+        answers, accepted = _traffic(sg, "paused", until=lambda: time.monotonic() - paused_at > 4)
+    finally:
+        os.kill(sg.redis.pid, signal.SIGCONT)
+    # Every answer says how it degraded: the user's row came from the cache or the defaults.
+    assert all(
+        a["fallback"] and a["fallback"][0] in ("features:cached", "features:defaults") for a in answers
+    )
+    assert accepted >= 5
+    log = SqliteEventLog(sg.settings.event_log_path)
+    try:
+        assert sum(i.startswith("paused-") for i in log.event_ids()) == accepted  # all durable
+    finally:
+        log.close()
+    # Back: the push queue drains (each push tried; those that timed out are counted) and the
+    # next event reaches the store.
+    r = httpx.post(f"{sg.running.url}/v1/events", json=_click(sg.unseen, "i03", "resumed-0"), headers=AUTH)
+    assert r.status_code == 200 and r.json()["push_queued"] is True
+    wait_for(lambda: sg.recent_items(sg.unseen)[:1] == ["i03"], timeout=30)
+    wait_for(lambda: _recommend(sg.running.url, sg.seen)[0]["fallback"] == [], timeout=30)
+
+
+def test_a_materialization_mid_traffic_swaps_the_item_cache_in(store_gateway: StoreGateway) -> None:
+    from components.features.store import materialize
+
+    sg = store_gateway
+    gateway = sg.running.server.config.app.state.gateway
+    before = gateway.snapshot().catalog.source_mtime
+    job = threading.Thread(target=materialize, args=(sg.settings,))
+    job.start()
+    try:
+        # Traffic from before the materialization starts writing until its item cache serves.
+        _, accepted = _traffic(
+            sg, "materializing", until=lambda: gateway.snapshot().catalog.source_mtime != before
+        )
+    finally:
+        job.join(timeout=120)
+    assert gateway.snapshot().catalog.source_mtime != before and accepted >= 5
+
+
+def test_online_store_down_serves_cached_or_default_features_marked(store_gateway: StoreGateway) -> None:
+    sg = store_gateway
+    running, seen, unseen = sg.running, sg.seen, sg.fresh
+    sg.redis.kill()  # the store is gone: connection refused from here on
+    sg.redis.wait()
+    out, elapsed = _recommend(running.url, seen)
+    assert elapsed < _store_budget(sg)
+    # Read a moment ago: the last good row keeps the user's personalization, and says so.
+    assert out["fallback"] == ["features:cached"] and out["candidate_source"] == "retrieval"
+    cached = _metric(running.url, "recsys_gateway_fallbacks_total", stage="features", to="cached")
+    defaults = _metric(running.url, "recsys_gateway_fallbacks_total", stage="features", to="defaults")
+    out, elapsed = _recommend(running.url, unseen)
+    assert elapsed < _store_budget(sg)
+    assert out["fallback"][0] == "features:defaults" and len(out["items"]) == 10
+    assert _metric(running.url, "recsys_gateway_fallbacks_total", stage="features", to="cached") == cached
+    assert (
+        _metric(running.url, "recsys_gateway_fallbacks_total", stage="features", to="defaults")
+        == defaults + 1
+    )
+    # Events are still taken: durable in the log; the failed push is counted, after the answer.
+    failures = _metric(running.url, "recsys_gateway_push_failures_total")
+    r = httpx.post(
+        f"{running.url}/v1/events", json=_click(unseen, "i01", "store-down-1"), headers=AUTH, timeout=30
+    )
+    assert r.status_code == 200 and r.json()["accepted"] == 1 and r.json()["push_queued"], r.text
+    wait_for(lambda: _metric(running.url, "recsys_gateway_push_failures_total") == failures + 1, timeout=10)
+    event_log = SqliteEventLog(sg.settings.event_log_path)
+    try:
+        assert event_log.event_ids().count("store-down-1") == 1
+    finally:
+        event_log.close()
 
 
 # --- faults: the gateway killed while events stream in ----------------------------------------

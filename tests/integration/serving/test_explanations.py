@@ -27,6 +27,7 @@ from serving.clients import ModelServerClient
 from serving.gateway.explanations import ATTRIBUTION_TOP, REASON_EXPLORING, REASON_PICKED, REASON_POPULAR
 from serving.gateway.policy import assign_arm
 from tests.support.homes import copy_home
+from tests.support.polling import wait_for
 from tests.support.ports import free_port
 from tests.support.servers import (
     API_KEY,
@@ -107,7 +108,9 @@ def _gamer(env: Env, prefix: str) -> tuple[str, list[str]]:
         for n, item in enumerate(clicked)
     ]
     r = httpx.post(f"{env.url}/v1/events", json={"events": events}, headers=AUTH, timeout=10)
-    assert r.status_code == 200 and r.json()["accepted"] == 4 and r.json()["pushed"], r.text
+    assert r.status_code == 200 and r.json()["accepted"] == 4 and r.json()["push_queued"], r.text
+    # Pushed to the online store after the answer: wait until the store's row has the clicks.
+    wait_for(lambda: set(clicked) <= set(_recent_items(env, user)), timeout=10)
     return user, _recent_items(env, user)
 
 

@@ -190,8 +190,9 @@ def test_recommendations_shift_after_a_few_events_and_touched_items_do_not_retur
         json={"events": [_event(user, it, n=n) for n, it in enumerate(touched)]},
         headers=AUTH,
     )
-    assert r.status_code == 200 and r.json()["accepted"] == 3 and r.json()["pushed"] is True
-    assert _recent_items(env, user) == touched[::-1]  # pushed: the online store saw them, newest first
+    assert r.status_code == 200 and r.json()["accepted"] == 3 and r.json()["push_queued"] is True
+    # Pushed after the answer, from the gateway's queue: the online store sees them, newest first.
+    wait_for(lambda: _recent_items(env, user) == touched[::-1], timeout=10)
     after = _recommend(env, user, k=10)
     ids = [i["item_id"] for i in after["items"]]
     assert not after["cold_start"]  # 3 events = cold_start_min_events: the models take over
@@ -327,7 +328,7 @@ def test_events_are_idempotent_by_event_id(env: Env) -> None:
     assert first["accepted"] == 1 and second == {
         "accepted": 0,
         "duplicates": 2,
-        "pushed": True,
+        "push_queued": True,
         "results": [{"event_id": event["event_id"], "status": "duplicate"}] * 2,
     }
     log = SqliteEventLog(env.settings.event_log_path)

@@ -26,6 +26,7 @@ from recsys.config import Settings, load_settings
 from recsys.event_log.redis_streams import RedisStreamsEventLog
 from recsys.layout import CONF_DIR
 from tests.support.model_fixture import write_train_fixture
+from tests.support.polling import wait_for
 from tests.support.ports import free_port
 from tests.support.redis_server import aof_redis
 from tests.support.servers import scann_model_server_flags, serving
@@ -134,7 +135,7 @@ def test_gateway_reads_features_from_redis_and_logs_to_redis_streams(prod: dict[
     batch = [_event(user, it, n, out["request_id"]) for n, it in enumerate(clicked)]
     first = _post_events(prod["url"], batch)
     assert first.status_code == 200, first.text
-    assert first.json()["accepted"] == 2 and first.json()["pushed"] is True
+    assert first.json()["accepted"] == 2 and first.json()["push_queued"] is True
     again = _post_events(prod["url"], batch)  # a client retry: idempotent by event_id
     assert again.json()["accepted"] == 0 and again.json()["duplicates"] == 2
 
@@ -159,10 +160,14 @@ def test_gateway_reads_features_from_redis_and_logs_to_redis_streams(prod: dict[
     from recsys.online_features import get_store
 
     store = get_store(settings)
-    got = store.get_online_features(
-        features=["user_recent_items:recent_items"], entity_rows=[{"user_id": user}]
-    )
-    assert str(got.to_dict()["recent_items"][0]).split()[:2] == clicked[::-1]
+
+    def recent() -> list[str]:
+        got = store.get_online_features(
+            features=["user_recent_items:recent_items"], entity_rows=[{"user_id": user}]
+        )
+        return str(got.to_dict()["recent_items"][0]).split()[:2]
+
+    wait_for(lambda: recent() == clicked[::-1], timeout=10)  # pushed from the gateway's queue
     after = httpx.post(f"{prod['url']}/v1/recommendations", json={"user_id": user, "k": 5}, timeout=10).json()
     assert not set(clicked) & {i["item_id"] for i in after["items"]}
 
@@ -173,7 +178,6 @@ def test_canary_analysis_reads_the_gateway_outcomes_from_redis(prod: dict[str, A
     body = {"user_id": "prod-canary-user", "k": 3}
     r = httpx.post(f"{prod['url']}/v1/recommendations", json=body, timeout=10)
     assert r.status_code == 200
-
 
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:

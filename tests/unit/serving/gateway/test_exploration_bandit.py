@@ -8,12 +8,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-import pytest
 
-import recsys.online_features
 from recsys.config import Settings
 from recsys.event_log.base import AppendResult
-from serving.gateway.event_ingest import EventIngest
+from serving.gateway.event_ingest import EventIngest, OnlinePusher
 from serving.gateway.exploration import ExplorationBandit
 from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.schemas import Event
@@ -65,14 +63,13 @@ def _click(event_id: str, item: str, request_id: str | None) -> Event:
     )
 
 
-def test_thompson_learns_from_slot_impressions_and_posted_clicks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(recsys.online_features, "push_event", lambda *a, **k: None)
+def test_thompson_learns_from_slot_impressions_and_posted_clicks() -> None:
     metrics = GatewayMetrics()
     bandit = ExplorationBandit(_settings("thompson"), metrics)
     log: Any = _Log()
-    ingest = EventIngest(
-        _settings("thompson"), log, UserActivity(max_items=5), None, threading.Lock(), metrics, bandit
-    )
+    # Not started: the pushes only queue (this test is about the bandit).
+    pusher = OnlinePusher(_settings("thompson"), None, threading.Lock(), metrics)
+    ingest = EventIngest(_settings("thompson"), log, UserActivity(max_items=5), pusher, metrics, bandit)
     # i6 is clicked every time it is explored, i7 and i8 never
     for r in range(60):
         (item,) = _choose(bandit, r)

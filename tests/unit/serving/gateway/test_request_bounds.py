@@ -47,7 +47,7 @@ class StubGateway:
     def ingest(self, events: list[Any]) -> dict[str, Any]:
         self.ingested += events
         results = [{"event_id": e.event_id, "status": "accepted"} for e in events]
-        return {"accepted": len(events), "duplicates": 0, "pushed": True, "results": results}
+        return {"accepted": len(events), "duplicates": 0, "push_queued": True, "results": results}
 
     def recommend(self, req: Any) -> dict[str, Any]:
         self.hold.wait(10)
