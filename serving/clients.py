@@ -57,8 +57,8 @@ class ModelServerError(Exception):
 class Prediction:
     """Outputs of one predict call.
 
-    ``version`` is the version that answered when the server says so (gRPC always does;
-    TF Serving's REST answer does not, so over REST it is the requested version or None).
+    ``version`` is the version that answered: gRPC's answer names it; over REST (whose answer
+    does not) a call by label goes to the version the label resolves to, so it is that one.
     """
 
     outputs: dict[str, np.ndarray]
@@ -106,6 +106,8 @@ class ModelServerClient:
         self._stubs: tuple[Any, Any] | None = None
         self._lock = threading.Lock()
         self._signatures: dict[tuple[str, int | None, str | None], tuple[float, dict[str, Any]]] = {}
+        # REST: the version each label resolves to (TF Serving's REST predict answer names none).
+        self._label_versions: dict[tuple[str, str], tuple[float, int]] = {}
 
     # --- plumbing -------------------------------------------------------------------
 
@@ -220,6 +222,21 @@ class ModelServerClient:
         response.metadata["signature_def"].Unpack(sig_map)
         return json_format.MessageToDict(sig_map, preserving_proto_field_name=True)["signature_def"]
 
+    def _label_version(self, model: str, label: str, timeout: float | None) -> int:
+        """The version ``label`` resolves to on the server (REST metadata), cached ``metadata_ttl``.
+
+        TF Serving's REST predict answer carries no ``model_spec``: a call by label could not
+        say which version served it. Calling the version the label resolves to can: the server
+        answers only if that version is loaded. A label moved since is seen at the next
+        resolve (or at once after ``reload_config``).
+        """
+        cached = self._label_versions.get((model, label))
+        if cached is None or time.monotonic() - cached[0] > self.metadata_ttl:
+            data = self._rest("GET", self._path(model, None, label) + "/metadata", timeout=timeout)
+            cached = (time.monotonic(), int(data["model_spec"]["version"]))
+            self._label_versions[(model, label)] = cached
+        return cached[1]
+
     def _signature(
         self,
         model: str,
@@ -277,6 +294,9 @@ class ModelServerClient:
         decode = transport == "rest"
         arrays = {k: _as_array(v, sig["inputs"].get(k, {}).get("dtype"), decode) for k, v in inputs.items()}
         if transport == "rest":
+            if label and version is None:
+                # By the version the label names, so the answer is known to come from it.
+                version, label = self._label_version(model, label, timeout), None
             body = {"signature_name": signature_name, "inputs": {k: _to_json(a) for k, a in arrays.items()}}
             data = self._rest("POST", self._path(model, version, label) + ":predict", body, timeout)
             names = sorted(sig["outputs"])
@@ -344,6 +364,7 @@ class ModelServerClient:
         request.config.CopyFrom(config)
         self._call_grpc(models.HandleReloadConfigRequest, request, timeout or max(self.timeout, 30.0))
         self._signatures.clear()
+        self._label_versions.clear()
 
     def wait_until_available(
         self, model: str, version: int | None = None, timeout: float = 30.0

@@ -63,6 +63,14 @@ START_RETRY_SECONDS = (1.0, 30.0)
 UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 # What a shed request is told to wait before trying again (seconds).
 SHED_RETRY_AFTER_S = 1
+# A shed request's metric label: its route family (a fixed set, never the raw path).
+SHED_ENDPOINTS = (("/v1/recommendations", "recommendations"), ("/v1/events", "events"),
+                  ("/v1/items", "items"), ("/v1/admin", "admin"))  # fmt: skip
+
+
+def shed_endpoint(path: str) -> str:
+    """The metric label of a shed request's path: a known route family, or ``other``."""
+    return next((name for prefix, name in SHED_ENDPOINTS if path.startswith(prefix)), "other")
 
 
 class ConcurrencyLimit:
@@ -90,12 +98,23 @@ class ConcurrencyLimit:
             ]
             await send({"type": "http.response.start", "status": 503, "headers": headers})
             await send({"type": "http.response.body", "body": body})
+            self._count_shed(scope)
             return
         self.in_flight += 1
         try:
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
+
+    @staticmethod
+    def _count_shed(scope: dict[str, Any]) -> None:
+        # The gateway (and its metrics) exists once started; a request shed before is not counted.
+        app = scope.get("app")
+        gateway = getattr(getattr(app, "state", None), "gateway", None)
+        if gateway is not None:
+            path = shed_endpoint(scope.get("path", ""))
+            gateway.metrics.shed.labels(endpoint=path).inc()
+            gateway.metrics.requests.labels(endpoint=path, status="503").inc()
 
 
 class GatewayStarter:

@@ -84,6 +84,12 @@ class GatewayMetrics:
         self.push_queue = Gauge(
             "recsys_gateway_push_queue", "Accepted events waiting for their online-store push.", registry=r
         )
+        self.shed = Counter(
+            "recsys_gateway_shed",
+            "Requests answered 503 at once because gateway.max_concurrent_requests were in flight.",
+            ["endpoint"],
+            registry=r,
+        )
         self.impression_log_failures = Counter(
             "recsys_gateway_impression_log_failures", "Impression batches the event log refused.", registry=r
         )

@@ -393,6 +393,14 @@ def test_moving_a_label_takes_load_then_label(server: Server, stubs: tuple[Any, 
     }
     r = httpx.get(f"{server.rest}/v1/models/canary/labels/canary/metadata")
     assert r.json()["model_spec"]["version"] == "2"
+    # REST's predict answer names no version: the client calls the version the label resolves
+    # to, so its answer does name the version that served (the canary's evidence needs it).
+    from serving.clients import ModelServerClient
+
+    with ModelServerClient(rest_url=server.rest, grpc_target=f"127.0.0.1:{server.grpc_port}") as c:
+        for label, version in (("canary", 2), ("stable", 1)):
+            out = c.predict("canary", {"x": [0.0]}, label=label, signature_name="other", transport="rest")
+            assert (out.version, out.outputs["doubled"].tolist()) == (version, [float(version)])
     # TF Serving's status handler ignores the label and lists every version of the model.
     r = httpx.get(f"{server.rest}/v1/models/canary/labels/canary")
     assert [s["version"] for s in r.json()["model_version_status"]] == ["2", "1"]

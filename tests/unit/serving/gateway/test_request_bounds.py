@@ -206,6 +206,10 @@ def test_requests_beyond_the_concurrency_limit_get_503_with_retry_after(tmp_path
     assert shed.status_code == 503 and shed.headers["retry-after"] == "1"
     assert "gateway.max_concurrent_requests" in shed.json()["detail"]
     assert probe.status_code == 200 and [r.status_code for r in held] == [200, 200]
+    # Counted, by route family: shed load shows on /metrics, not only in clients' logs.
+    sample = stub.metrics.registry.get_sample_value
+    assert sample("recsys_gateway_shed_total", {"endpoint": "recommendations"}) == 1
+    assert sample("recsys_gateway_requests_total", {"endpoint": "recommendations", "status": "503"}) == 1
 
 
 # --- startup with a dependency down ----------------------------------------------------------
