@@ -1,16 +1,28 @@
 """A bounded soak of a running gateway: open-loop load at a fixed rate, from its own process.
 
     .venv/bin/python -m bench.soak --url http://127.0.0.1:8080 --rps 100 --seconds 180 \\
-        --users-file users.txt --out soak.json
+        --users-file users.txt --items-file items.txt --new-user-fraction 0.1 \\
+        --expect-source retrieval=0.6:0.85 --expect-source global_popularity=0.05:0.2 \\
+        --expect-cold-start 0.05:0.15 --max-p99-ms 3000 --out soak.json
 
 Requests are scheduled at a fixed rate whatever the gateway does (open loop), and each
 latency is measured from the moment the request was *due*, not sent, so a stall shows in
 the percentiles instead of quietly lowering the rate (no coordinated omission). A share of
 the requests (``--event-fraction``) posts one event with the API key from the environment
-variable ``--api-key-env``; the rest ask for recommendations for users from
-``--users-file`` (or generated ids). The JSON result holds counts, errors by kind, the
-achieved rate, latency percentiles per endpoint and the candidate sources seen.
-``tests/integration/serving/test_soak.py`` runs it against a gateway and samples the gateway's RSS.
+variable ``--api-key-env`` (items from ``--items-file``, in turn); the rest ask for
+recommendations for users from ``--users-file`` (or generated ids), and a share of those
+(``--new-user-fraction``) for a brand-new id each time, one no store has a row for and no
+event names, so the cold-start path is part of the load.
+
+The JSON result holds counts, errors by kind, the achieved rate, latency percentiles per
+endpoint, the candidate sources seen (counts and shares of the answered recommendations),
+the share flagged ``cold_start``, the share that took a fallback, and the arms. Bounds given
+on the command line are checked here and reported under ``bounds`` and ``violations``: the
+share of each candidate source (``--expect-source NAME=LO:HI``, repeatable), the share of
+cold-start answers (``--expect-cold-start LO:HI``), the recommendations' p99
+(``--max-p99-ms``), and always zero errors. The exit status is 1 when any bound is broken,
+each named on stderr. ``tests/integration/serving/test_soak.py`` runs it against a gateway and
+samples the gateway's RSS.
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import threading
 import time
@@ -29,6 +42,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+# The event item when no ``--items-file`` is given (an id of the tiny generated catalog).
+DEFAULT_EVENT_ITEM = "i01"
+# The brand-new users' ids start with this.
+NEW_USER_PREFIX = "soak-new-"
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -43,6 +61,76 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": rank(0.50), "p95": rank(0.95), "p99": rank(0.99), "max": round(v[-1], 2)}
 
 
+def parse_band(text: str) -> tuple[float, float]:
+    """``"LO:HI"`` as two shares in [0, 1] with LO <= HI."""
+    lo_s, sep, hi_s = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LO:HI, e.g. 0.6:1.0")
+    try:
+        lo, hi = float(lo_s), float(hi_s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LO:HI, e.g. 0.6:1.0") from e
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 0 <= LO <= HI <= 1")
+    return lo, hi
+
+
+def parse_source_band(text: str) -> tuple[str, tuple[float, float]]:
+    """``"NAME=LO:HI"``: a candidate source and the band its share must fall in."""
+    name, sep, band = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SOURCE=LO:HI, e.g. retrieval=0.6:1.0")
+    return name, parse_band(band)
+
+
+def _share_bound(name: str, value: float, band: tuple[float, float]) -> dict[str, Any]:
+    lo, hi = band
+    ok = lo <= value <= hi
+    return {
+        "bound": f"share of {name} in [{lo:g}, {hi:g}]",
+        "value": round(value, 4),
+        "ok": ok,
+        **({} if ok else {"violation": f"share of {name} is {value:.4f}, outside [{lo:g}, {hi:g}]"}),
+    }
+
+
+def check_bounds(
+    result: dict[str, Any],
+    sources: dict[str, tuple[float, float]] | None = None,
+    cold_start: tuple[float, float] | None = None,
+    max_p99_ms: float | None = None,
+) -> list[dict[str, Any]]:
+    """The bounds on a soak's ``result``, each with its value, ``ok`` and, when broken, a
+    ``violation`` naming it. Zero errors is always one of them; a share is of the answered
+    recommendations, and a source never seen has share 0."""
+    n_errors = sum(result["errors"].values())
+    bounds: list[dict[str, Any]] = [
+        {
+            "bound": "errors == 0",
+            "value": n_errors,
+            "ok": n_errors == 0,
+            **({"violation": f"{n_errors} errors: {result['errors']}"} if n_errors else {}),
+        }
+    ]
+    shares = result["candidate_source_shares"]
+    for name, band in (sources or {}).items():
+        bounds.append(_share_bound(f"candidate source {name}", shares.get(name, 0.0), band))
+    if cold_start is not None:
+        bounds.append(_share_bound("cold-start answers", result["cold_start_share"], cold_start))
+    if max_p99_ms is not None:
+        p99 = result["latency_ms"]["recommendations"].get("p99")
+        ok = p99 is not None and p99 <= max_p99_ms
+        bounds.append(
+            {
+                "bound": f"recommendations p99 <= {max_p99_ms:g} ms",
+                "value": p99,
+                "ok": ok,
+                **({} if ok else {"violation": f"recommendations p99 is {p99} ms, over {max_p99_ms:g} ms"}),
+            }
+        )
+    return bounds
+
+
 def run_soak(
     url: str,
     rps: float,
@@ -52,31 +140,41 @@ def run_soak(
     event_fraction: float = 0.1,
     k: int = 10,
     workers: int = 32,
+    new_user_fraction: float = 0.0,
+    items: list[str] | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Drive ``url`` at ``rps`` for ``seconds``; return counts, errors and latency percentiles."""
+    """Drive ``url`` at ``rps`` for ``seconds``; return counts, errors, latency percentiles and
+    what the recommendations answered from (sources, cold start, fallbacks, arms)."""
     local = threading.local()
     lock = threading.Lock()
     latencies: dict[str, list[float]] = {"recommendations": [], "events": []}
     errors: Counter[str] = Counter()
     sources: Counter[str] = Counter()
+    arms: Counter[str] = Counter()
+    flags: Counter[str] = Counter()
     statuses: Counter[str] = Counter()
+    kinds: Counter[str] = Counter()
     headers = {"X-API-Key": api_key} if api_key else {}
+    event_items = items or [DEFAULT_EVENT_ITEM]
+    every = max(1, round(1 / event_fraction)) if event_fraction > 0 else 0
+    rng = random.Random(seed)  # which requests ask for a new user: drawn in the scheduling thread
 
     def client() -> httpx.Client:
         if not hasattr(local, "client"):
             local.client = httpx.Client(base_url=url, timeout=10.0, headers=headers)
         return local.client
 
-    def one(n: int, due: float) -> None:
-        is_event = event_fraction > 0 and (n % max(1, round(1 / event_fraction))) == 0
-        user = users[n % len(users)]
+    def one(n: int, due: float, new_user: bool) -> None:
+        is_event = every > 0 and n % every == 0
+        user = f"{NEW_USER_PREFIX}{uuid.uuid4().hex}" if new_user else users[n % len(users)]
         kind = "events" if is_event else "recommendations"
         try:
             if is_event:
                 body = {
                     "event_id": f"soak-{uuid.uuid4().hex}",
                     "user_id": user,
-                    "item_id": "i01",
+                    "item_id": event_items[(n // every) % len(event_items)],
                     "event_type": "view",
                     "value": 3.0,
                     "ts": datetime.now(UTC).isoformat(),
@@ -87,15 +185,19 @@ def run_soak(
             else:
                 r = client().post("/v1/recommendations", json={"user_id": user, "k": k})
             elapsed = (time.perf_counter() - due) * 1000
+            out = r.json() if r.status_code < 300 and not is_event else {}
             with lock:
                 statuses[f"{kind}:{r.status_code}"] += 1
                 if r.status_code >= 300:
                     errors[f"{kind}:{r.status_code}"] += 1
-                else:
-                    latencies[kind].append(elapsed)
-                    if not is_event:
-                        sources[r.json().get("candidate_source", "?")] += 1
-        except httpx.HTTPError as e:
+                    return
+                latencies[kind].append(elapsed)
+                if not is_event:
+                    sources[out.get("candidate_source", "?")] += 1
+                    arms[out.get("arm", "?")] += 1
+                    flags["cold_start"] += bool(out.get("cold_start"))
+                    flags["fallback"] += bool(out.get("fallback"))
+        except (httpx.HTTPError, ValueError) as e:
             with lock:
                 errors[f"{kind}:{type(e).__name__}"] += 1
 
@@ -106,24 +208,37 @@ def run_soak(
             due = start + n / rps
             if due - start >= seconds:
                 break
+            is_event = every > 0 and n % every == 0
+            new_user = not is_event and new_user_fraction > 0 and rng.random() < new_user_fraction
+            kinds["events" if is_event else "new_users" if new_user else "known_users"] += 1
             delay = due - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            pool.submit(one, n, due)
+            pool.submit(one, n, due, new_user)
             n += 1
     wall = time.perf_counter() - start
     done = sum(len(v) for v in latencies.values())
+    answered = len(latencies["recommendations"])
     return {
         "target_rps": rps,
         "seconds": round(wall, 1),
         "requests": n,
+        "requests_by_kind": dict(kinds),  # events; recommendations for known and new users
         "ok": done,
         "achieved_rps": round(done / wall, 1),
         "errors": dict(errors),
         "statuses": dict(statuses),
         "latency_ms": {kind: percentiles(v) for kind, v in latencies.items()},
         "candidate_sources": dict(sources),
+        "candidate_source_shares": {s: round(c / answered, 4) for s, c in sources.items()},
+        "cold_start_share": round(flags["cold_start"] / answered, 4) if answered else 0.0,
+        "fallback_share": round(flags["fallback"] / answered, 4) if answered else 0.0,
+        "arms": dict(arms),
     }
+
+
+def _ids(path: Path | None) -> list[str] | None:
+    return [u for u in path.read_text().split() if u] if path else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,17 +246,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", required=True)
     p.add_argument("--rps", type=float, default=100.0)
     p.add_argument("--seconds", type=float, default=120.0)
-    p.add_argument("--users-file", type=Path)
+    p.add_argument("--users-file", type=Path, help="user ids to ask for, one a line (default: made up)")
+    p.add_argument("--items-file", type=Path, help=f"item ids events name (default: {DEFAULT_EVENT_ITEM})")
     p.add_argument("--event-fraction", type=float, default=0.1)
+    p.add_argument(
+        "--new-user-fraction", type=float, default=0.0,
+        help="share of the recommendation requests for a brand-new user id",
+    )  # fmt: skip
     p.add_argument("--api-key-env", default="RECSYS_API_KEY")
     p.add_argument("--workers", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--expect-source", type=parse_source_band, action="append", default=[], metavar="SOURCE=LO:HI",
+        help="band the share of a candidate source must fall in (repeatable)",
+    )  # fmt: skip
+    p.add_argument(
+        "--expect-cold-start", type=parse_band, metavar="LO:HI", help="band of the cold-start answers' share"
+    )
+    p.add_argument("--max-p99-ms", type=float, help="bound on the recommendations' p99 latency")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    users = (
-        [u for u in args.users_file.read_text().split() if u]
-        if args.users_file
-        else [f"soak-user-{i}" for i in range(1000)]
-    )
+    users = _ids(args.users_file) or [f"soak-user-{i}" for i in range(1000)]
     result = run_soak(
         args.url,
         args.rps,
@@ -150,12 +275,20 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.get(args.api_key_env),
         args.event_fraction,
         workers=args.workers,
+        new_user_fraction=args.new_user_fraction,
+        items=_ids(args.items_file),
+        seed=args.seed,
     )
+    bounds = check_bounds(result, dict(args.expect_source), args.expect_cold_start, args.max_p99_ms)
+    result["bounds"] = bounds
+    result["violations"] = [b["violation"] for b in bounds if not b["ok"]]
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.write_text(text)
     print(text)
-    return 0 if not result["errors"] else 1
+    for v in result["violations"]:
+        print(f"soak: bound broken: {v}", file=sys.stderr)
+    return 1 if result["violations"] else 0
 
 
 if __name__ == "__main__":
