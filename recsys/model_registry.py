@@ -11,6 +11,10 @@ then ``models.config``; a server applies them in that order. Every read-modify-w
 two files (push, promote, rollback, the gateway putting back labels a server refused) holds
 ``registry_lock``, so two writers never interleave.
 
+Writing the files changes nothing on a running server: the gateway applies them to it with
+HandleReloadConfigRequest (``serving.gateway.config_sync``, within one refresh period of the
+write, under ``apply_lock``); the server reads ``models.config`` itself only when it starts.
+
 The model server reads ``models.config`` with its own parser, as ``tensorflow_model_server``
 reads its ``--model_config_file``: it stands in for that binary and knows nothing of this
 project. Everything else reads and writes the files through this module.
@@ -37,6 +41,7 @@ MODELS_CONFIG = "models.config"
 LOAD_CONFIG = "models.load.config"
 LABELS = ("stable", "canary")
 _LOCK_FILE = ".labels.lock"
+_APPLY_LOCK_FILE = ".apply.lock"
 
 
 class RegistryError(RuntimeError):
@@ -90,10 +95,13 @@ def restore_labels(
     it since, and its labels are not this caller's to undo.
     """
     with registry_lock(Path(base_path)):
-        if refused is not None and read_models_config(base_path) != refused:
+        current = read_models_config(base_path)
+        if refused is not None and current != refused:
             return {}
         previous = read_load_labels(base_path)
-        if previous:
+        # Nothing rewritten when it already says that: a reader watching the file for changes
+        # (the gateway's config_sync) must not see a change that is none, or it would retry.
+        if previous and previous != current:
             write_models_config(Path(base_path) / MODELS_CONFIG, previous)
     return previous
 
@@ -109,9 +117,8 @@ def read_load_labels(base_path: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def write_models_config(path: Path, models: Mapping[str, Mapping[str, Any]]) -> Path:
-    """Write a ModelServerConfig (text format) atomically: a server never reads half a file."""
-    from google.protobuf import text_format
+def config_proto(models: Mapping[str, Mapping[str, Any]]) -> Any:
+    """{model: {"base_path", "versions", "labels"}} as TF Serving's ``ModelServerConfig`` proto."""
     from tensorflow_serving.config import model_server_config_pb2
 
     cfg = model_server_config_pb2.ModelServerConfig()
@@ -123,6 +130,14 @@ def write_models_config(path: Path, models: Mapping[str, Mapping[str, Any]]) -> 
         c.model_version_policy.specific.versions.extend(sorted(set(m["versions"])))
         for label, version in sorted(m["labels"].items()):
             c.version_labels[label] = version
+    return cfg
+
+
+def write_models_config(path: Path, models: Mapping[str, Mapping[str, Any]]) -> Path:
+    """Write a ModelServerConfig (text format) atomically: a server never reads half a file."""
+    from google.protobuf import text_format
+
+    cfg = config_proto(models)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     with open(tmp, "w") as f:
         f.write(text_format.MessageToString(cfg))
@@ -146,15 +161,35 @@ def write_registry(
 
 
 @contextlib.contextmanager
-def registry_lock(base: Path) -> Iterator[None]:
-    """Hold the registry's lock: the DAG and a person at the CLI may move labels at once."""
-    base.mkdir(parents=True, exist_ok=True)
-    with open(base / _LOCK_FILE, "w") as f:
+def _flock(path: Path) -> Iterator[None]:
+    # flock is per open file: two threads of one process exclude each other as two processes do.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def registry_lock(base: Path) -> Iterator[None]:
+    """Hold the registry's lock: the DAG and a person at the CLI may move labels at once."""
+    with _flock(Path(base) / _LOCK_FILE):
+        yield
+
+
+@contextlib.contextmanager
+def apply_lock(base: Path) -> Iterator[None]:
+    """Hold the lock of applying the registry to a model server (``models.load.config``, then
+    ``models.config``), apart from ``registry_lock`` so that writers never wait on a load.
+
+    One applier at a time, across threads and gateway processes: otherwise one could send the
+    load config (the labels as they were) after another had sent the new labels, and put a
+    rolled-back canary in service again for the length of a check.
+    """
+    with _flock(Path(base) / _APPLY_LOCK_FILE):
+        yield
 
 
 def version_for_label(base_path: Path, model: str, label: str = "stable") -> int:

@@ -222,6 +222,24 @@ class ModelServerClient:
         response.metadata["signature_def"].Unpack(sig_map)
         return json_format.MessageToDict(sig_map, preserving_proto_field_name=True)["signature_def"]
 
+    def label_version(
+        self, model: str, label: str, *, transport: Transport | None = None, timeout: float | None = None
+    ) -> int:
+        """The version ``label`` resolves to on the server now (GetModelMetadata's ``model_spec``).
+
+        Raises:
+            ModelServerError: the label is unknown to the server (or the call failed).
+        """
+        if (transport or self.transport) == "rest":
+            data = self._rest("GET", self._path(model, None, label) + "/metadata", timeout=timeout)
+            return int(data["model_spec"]["version"])
+        from tensorflow_serving.apis import get_model_metadata_pb2
+
+        prediction, _ = self._grpc()
+        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        self._spec(request.model_spec, model, None, label)
+        return int(self._call_grpc(prediction.GetModelMetadata, request, timeout).model_spec.version.value)
+
     def _label_version(self, model: str, label: str, timeout: float | None) -> int:
         """The version ``label`` resolves to on the server (REST metadata), cached ``metadata_ttl``.
 
@@ -232,8 +250,7 @@ class ModelServerClient:
         """
         cached = self._label_versions.get((model, label))
         if cached is None or time.monotonic() - cached[0] > self.metadata_ttl:
-            data = self._rest("GET", self._path(model, None, label) + "/metadata", timeout=timeout)
-            cached = (time.monotonic(), int(data["model_spec"]["version"]))
+            cached = (time.monotonic(), self.label_version(model, label, transport="rest", timeout=timeout))
             self._label_versions[(model, label)] = cached
         return cached[1]
 

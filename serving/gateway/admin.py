@@ -3,14 +3,18 @@
 All of them need the API key (``serving.gateway.security``) and none takes a path: the
 files they read are the configured ``<models dir>/models.load.config`` and ``models.config``.
 
-``reload_models`` is the safe way to put a push (or a label move) in service, in TF
-Serving's two steps: first the load config (every version either config needs, labels as
-they were), then, only when every labelled version is AVAILABLE on the server and offers
-the signature the gateway calls, ``models.config`` with the new labels. A version that
-fails to load or does not fit (a corrupted export, another model's SavedModel) is refused:
-the server keeps the labels it had, ``models.config`` on disk is put back to them (so the
-gateway, the canary analysis and the server agree on what serves), and the refusal names
-each model, version, state and error.
+``reload_models`` is the one way a push or a label move (the canary DAG's promote or
+rollback, ``recsys canary``) reaches the model server: the gateway's refresh thread runs it
+within one ``gateway.refresh_seconds`` of a change to ``models.config``
+(``serving.gateway.config_sync``), and ``POST /v1/admin/reload`` runs it at once and answers
+with the result. The server never polls the file. It goes in TF Serving's two steps: first
+the load config (every version either config needs, labels as they were), then, only when
+every labelled version is AVAILABLE on the server and offers the signature the gateway
+calls, ``models.config`` with the new labels. A version that fails to load or does not fit
+(a corrupted export, another model's SavedModel) is refused: the server keeps the labels it
+had (and drops what it loaded for the refused ones), ``models.config`` on disk is put back
+to them (so the gateway, the canary analysis and the server agree on what serves), and the
+refusal names each model, version, state and error.
 
 ``promote`` runs the same checks on the canary before moving any label, so a canary that
 is not serving can never become stable.
@@ -27,6 +31,8 @@ from recsys.config import Settings
 from recsys.model_registry import (
     LOAD_CONFIG,
     MODELS_CONFIG,
+    apply_lock,
+    config_proto,
     read_config_proto,
     read_models_config,
     registry_lock,
@@ -40,6 +46,8 @@ log = logging.getLogger("serving.gateway.admin")
 
 # The signature the gateway calls on each role's model (CandidateChain.candidates, ModelCalls.rank).
 SIGNATURES = {"retrieval": "retrieve", "ranking": "rank"}
+# A call that failed with one of these never reached the server's decision: try again later.
+UNREACHABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 
 
 # A person's promote or rollback, recorded with the canary analysis' numbers at that moment
@@ -51,9 +59,13 @@ ManualRollout = Callable[[Settings, Literal["promote", "rollback"], str], dict[s
 class AdminRefused(RuntimeError):
     """An admin action that was checked and refused; ``problems`` names each reason."""
 
-    def __init__(self, action: str, problems: list[str], detail: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, action: str, problems: list[str], detail: dict[str, Any] | None = None, retry: bool = False
+    ) -> None:
         super().__init__(f"{action} refused: " + "; ".join(problems))
         self.action, self.problems, self.detail = action, problems, detail or {}
+        # The model server could not be reached: nothing was checked or refused; try again.
+        self.retry = retry
 
 
 def _roles(settings: Settings) -> dict[str, str]:
@@ -102,44 +114,102 @@ def check_versions(client: Any, settings: Settings, wanted: dict[str, set[int]],
     return problems
 
 
+def serves(client: Any, settings: Settings, target: dict[str, dict[str, Any]]) -> bool:
+    """True when the server already serves ``target``'s labels: each label resolves to the
+    version ``models.config`` names, and each of those is AVAILABLE with the gateway's signature.
+
+    Nothing needs applying then, and nothing is: sending the load config again (the labels as
+    they were) would put the previous labels back in service for the length of the checks.
+    """
+    wanted: dict[str, set[int]] = {}
+    for model, spec in target.items():
+        for label, version in spec["labels"].items():
+            try:
+                if client.label_version(model, label, timeout=5) != int(version):
+                    return False
+            except ModelServerError as e:
+                if e.code in UNREACHABLE:
+                    raise  # no answer is no evidence: send nothing (the caller tries again)
+                return False  # the server does not know the label, or its version is not loaded
+            wanted.setdefault(model, set()).add(int(version))
+    return not check_versions(client, settings, wanted, timeout=0.0)
+
+
 def reload_models(gateway: Any, timeout: float = 60.0) -> dict[str, Any]:
     """Apply the load config, check every labelled version, then apply ``models.config``.
 
+    One applier at a time (``apply_lock``, across gateways); a server that already serves the
+    labels of ``models.config`` is left as it is (``serves``).
+
     Returns:
-        {"applied": True, "labels": {model: labels}} when the server now serves the labels.
+        {"applied": True, "changed": bool, "labels": {model: labels}} when the server now
+        serves the labels (``changed``: whether this call had to apply them).
 
     Raises:
         AdminRefused: a labelled version failed to load or is incompatible; nothing was
-            relabelled and ``models.config`` was put back to the labels still serving.
+            relabelled, ``models.config`` was put back to the labels still serving and the
+            server told to drop what it loaded for the refused ones. With ``retry`` set, the
+            model server could not be reached: nothing was decided.
     """
     settings: Settings = gateway.settings
     base = settings.models_dir
-    # Both files read under the registry's lock: a push, promote or rollback writes them
-    # together under it, so the load config and models.config applied here belong together.
-    with registry_lock(base):
-        target = read_models_config(base)
-        load = read_config_proto(base, LOAD_CONFIG)
-        serve = read_config_proto(base)
-    if not target:
-        raise AdminRefused("reload", [f"no {base / MODELS_CONFIG}: nothing has been pushed"])
-    try:
-        if load is not None:
-            gateway.client.reload_config(load)
-        wanted = {m: {int(v) for v in spec["labels"].values()} for m, spec in target.items()}
-        problems = check_versions(gateway.client, settings, wanted, timeout)
-        if problems:
-            # Put models.config back to the labels the server still serves (those of the load
-            # config), so every reader agrees that the refused version does not serve.
-            # Only if models.config still says what was refused: a writer since is not undone.
-            previous = restore_labels(base, refused=target)
-            gateway.refresh()
-            log.warning("reload refused: %s", "; ".join(problems))
-            raise AdminRefused("reload", problems, {"serving": {m: s["labels"] for m, s in previous.items()}})
-        gateway.client.reload_config(serve)
-    except ModelServerError as e:
-        raise AdminRefused("reload", [f"model server refused the config: {e.code}: {e.message}"]) from None
+    refused: AdminRefused | None = None
+    with apply_lock(base):
+        # Both files read under the registry's lock: a push, promote or rollback writes them
+        # together under it, so the load config and models.config applied here belong together.
+        with registry_lock(base):
+            target = read_models_config(base)
+            load = read_config_proto(base, LOAD_CONFIG)
+            serve = read_config_proto(base)
+        if not target:
+            raise AdminRefused("reload", [f"no {base / MODELS_CONFIG}: nothing has been pushed"])
+        labels = {m: s["labels"] for m, s in target.items()}
+        try:
+            changed = not serves(gateway.client, settings, target)
+            if changed:
+                refused = _apply(gateway, target, load, serve, timeout)
+        except ModelServerError as e:
+            unreachable = e.code in UNREACHABLE
+            what = "model server did not answer" if unreachable else "model server refused the config"
+            raise AdminRefused("reload", [f"{what}: {e.code}: {e.message}"], retry=unreachable) from None
     gateway.refresh()
-    return {"applied": True, "labels": {m: s["labels"] for m, s in target.items()}}
+    if refused is not None:
+        raise refused
+    return {"applied": True, "changed": changed, "labels": labels}
+
+
+def _apply(
+    gateway: Any, target: dict[str, dict[str, Any]], load: Any, serve: Any, timeout: float
+) -> AdminRefused | None:
+    """TF Serving's two steps; the refusal (labels put back) when a labelled version is not fit."""
+    settings: Settings = gateway.settings
+    if load is not None:
+        gateway.client.reload_config(load)
+    wanted = {m: {int(v) for v in spec["labels"].values()} for m, spec in target.items()}
+    problems = check_versions(gateway.client, settings, wanted, timeout)
+    if not problems:
+        gateway.client.reload_config(serve)
+        return None
+    _raise_if_unreachable(gateway.client, target)  # a server gone mid-way refused nothing
+    # Put models.config back to the labels the server still serves (those of the load
+    # config), so every reader agrees that the refused version does not serve.
+    # Only if models.config still says what was refused: a writer since is not undone.
+    previous = restore_labels(settings.models_dir, refused=target)
+    if previous:
+        try:  # the same labels, without the refused versions: the server unloads them
+            gateway.client.reload_config(config_proto(previous))
+        except ModelServerError as e:
+            log.warning("could not unload the refused versions: %s: %s", e.code, e.message)
+    log.warning("reload refused: %s", "; ".join(problems))
+    return AdminRefused("reload", problems, {"serving": {m: s["labels"] for m, s in previous.items()}})
+
+
+def _raise_if_unreachable(client: Any, target: dict[str, dict[str, Any]]) -> None:
+    try:
+        client.status(next(iter(target)), None, timeout=5)
+    except ModelServerError as e:
+        if e.code in UNREACHABLE:
+            raise
 
 
 def move_canary(

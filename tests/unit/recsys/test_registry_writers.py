@@ -27,7 +27,7 @@ from recsys.model_registry import (
     write_models_config,
     write_registry,
 )
-from serving.clients import VersionStatus
+from serving.clients import ModelServerError, VersionStatus
 from serving.gateway.admin import AdminRefused, reload_models
 
 NAMES = ("retrieval", "ranking")
@@ -107,6 +107,11 @@ class _Client:
 
     def reload_config(self, proto) -> None:
         self.applied.append({c.name: dict(c.version_labels) for c in proto.model_config_list.config})
+
+    def label_version(self, model, label, timeout=5):
+        if not self.applied or label not in self.applied[-1].get(model, {}):
+            raise ModelServerError("NOT_FOUND", f"no label {label}")
+        return self.applied[-1][model][label]
 
     def status(self, model, version, timeout=5):
         if self.on_status is not None:
