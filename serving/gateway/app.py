@@ -9,7 +9,9 @@
 - ``GET /healthz`` (the process answers), ``GET /readyz`` (models and items loaded; the
   model server's state), ``GET /metrics`` (Prometheus).
 - ``POST /v1/admin/reload``, ``POST /v1/admin/canary/promote|rollback``: put ``models.config``
-  in service safely, move the canary labels (``serving.gateway.admin``).
+  in service safely now, move the canary labels (``serving.gateway.admin``). Without them a
+  changed ``models.config`` is put in service within ``gateway.refresh_seconds`` by the
+  same checked reload (``serving.gateway.config_sync``).
 
 Routes: one ``APIRouter`` per concern in ``serving.gateway.routes``, each given the app's
 ``Gateway`` by a dependency. Access (``serving.gateway.security``): events and admin need the

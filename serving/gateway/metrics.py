@@ -90,6 +90,13 @@ class GatewayMetrics:
             ["endpoint"],
             registry=r,
         )
+        self.model_config_applies = Counter(
+            "recsys_gateway_model_config_applies",
+            "Writes of models.config the gateway put in service on the model server, by outcome "
+            "(applied, in_sync: already served, refused: labels put back, unreachable, error).",
+            ["result"],
+            registry=r,
+        )
         self.impression_log_failures = Counter(
             "recsys_gateway_impression_log_failures", "Impression batches the event log refused.", registry=r
         )

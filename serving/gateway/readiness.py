@@ -16,6 +16,7 @@ from typing import Any
 from recsys.config import Settings
 from recsys.event_log.base import EventLog
 from serving.clients import ModelServerClient, ModelServerError
+from serving.gateway.config_sync import ModelConfigSync
 from serving.gateway.snapshot import SnapshotRefresher
 
 # Probes come often; the model server is asked about its models at most this often.
@@ -30,6 +31,7 @@ class Readiness:
         snapshots: the snapshot loader (loaded or not, its error, the last warm-up).
         client: the model server client, asked for each model's version states.
         event_log: the event log, whose location is reported.
+        config_sync: the applier of ``models.config``, whose last outcome is reported.
     """
 
     def __init__(
@@ -38,8 +40,10 @@ class Readiness:
         snapshots: SnapshotRefresher,
         client: ModelServerClient,
         event_log: EventLog,
+        config_sync: ModelConfigSync | None = None,
     ) -> None:
         self.settings = settings
+        self.config_sync = config_sync
         self.snapshots = snapshots
         self.client = client
         self.event_log = event_log
@@ -79,6 +83,9 @@ class Readiness:
         ]
         checks["degraded"] = degraded
         checks["warm_up"] = dict(self.snapshots.warm_up_results)
+        if self.config_sync is not None:
+            # The last change of models.config this gateway applied, found served, or refused.
+            checks["model_config"] = dict(self.config_sync.state)
         if not self.model_server_answered:
             gw = self.settings.gateway
             checks["waiting_for"] = (

@@ -4,6 +4,7 @@
 one job:
 
 - ``snapshot``: the models and item cache, reloaded off the request path, warmed, swapped whole;
+- ``config_sync``: a changed ``models.config`` applied to the model server (checked, two steps);
 - ``user_features``: the user's online row with a deadline and fallbacks, and ``UserActivity``;
 - ``model_calls``: the model server's calls with their breaker, and the inputs they carry;
 - ``candidates``, ``cold_start``, ``popularity``: where a request's candidates come from;
@@ -24,6 +25,7 @@ from recsys.event_log import open_event_log
 from recsys.event_log.base import EventLog
 from serving.clients import ModelServerClient
 from serving.gateway.candidates import CandidateChain
+from serving.gateway.config_sync import ModelConfigSync
 from serving.gateway.event_ingest import EventIngest, OnlinePusher
 from serving.gateway.exploration import ExplorationBandit
 from serving.gateway.impressions import ImpressionWriter
@@ -77,8 +79,14 @@ class Gateway:
         self.activity = UserActivity(max_items=settings.features.recent_items)
         self.user_features = UserFeatures(settings, self.store)
         self.model_calls = ModelCalls(settings, self.client)
+        # models.config reaches the model server through this gateway (refresh thread, admin).
+        self.config_sync = ModelConfigSync(self, self.metrics)
         self.snapshots = SnapshotRefresher(
-            settings, self.store, self.model_calls, self.user_features.defaults
+            settings,
+            self.store,
+            self.model_calls,
+            self.user_features.defaults,
+            apply_config=self.config_sync.check,
         )
         self.impressions = ImpressionWriter(settings, self.event_log, self.metrics)
         # The exploration slots' bandit: chooses at serve time, learns from posted clicks.
@@ -103,7 +111,7 @@ class Gateway:
             self.metrics,
             self.exploration,
         )
-        self._readiness = Readiness(settings, self.snapshots, self.client, self.event_log)
+        self._readiness = Readiness(settings, self.snapshots, self.client, self.event_log, self.config_sync)
 
     # --- lifecycle ---------------------------------------------------------------------
 

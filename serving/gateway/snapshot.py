@@ -1,9 +1,10 @@
 """The models and item cache a request reads, loaded off the request path and swapped whole.
 
-A background thread reloads model versions when ``models.config`` changes and the item
-cache when a materialization lands, warms each new (retrieval, ranking) version pair with
-one request, then swaps the new ``Snapshot`` in: a request that took the previous one keeps
-it to the end.
+A background thread first puts a changed ``models.config`` in service on the model server
+(``apply_config``: ``serving.gateway.config_sync``), then reloads model versions when
+``models.config`` changes and the item cache when a materialization lands, warms each new
+(retrieval, ranking) version pair with one request, then swaps the new ``Snapshot`` in: a
+request that took the previous one keeps it to the end.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import gc
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +106,9 @@ class SnapshotRefresher:
             cache reads item views) and swaps in when done, so events and requests go on.
         model_calls: the model server client and the input builders, for the warm-up.
         user_defaults: a user row with nothing known, for the warm-up requests.
+        apply_config: called on the refresh thread before each refresh once a snapshot
+            serves: applies a changed ``models.config`` to the model server, so the gateway's
+            snapshot moves to new labels only after the server has (or has refused them).
     """
 
     def __init__(
@@ -112,8 +117,10 @@ class SnapshotRefresher:
         store: Any,
         model_calls: ModelCalls,
         user_defaults: dict[str, Any],
+        apply_config: Callable[[], object] | None = None,
     ) -> None:
         self.settings = settings
+        self.apply_config = apply_config
         self.store = store
         self.model_calls = model_calls
         self.user_defaults = user_defaults
@@ -144,6 +151,8 @@ class SnapshotRefresher:
 
     def _refresh_loop(self) -> None:
         while not self._stop.is_set():
+            if self.current is not None and self.apply_config is not None:
+                self.apply_config()
             try:
                 self.refresh()
                 self.load_error = None

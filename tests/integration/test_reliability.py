@@ -35,7 +35,15 @@ import pytest
 from entrypoints.local_servers import RECSYS, LocalServer, ServingPorts, setting_variable
 from recsys.config import Settings, load_settings
 from recsys.event_log.sqlite import SqliteEventLog
-from recsys.model_registry import LOAD_CONFIG, MODELS_CONFIG, read_models_config, write_models_config
+from recsys.model_registry import (
+    LOAD_CONFIG,
+    MODELS_CONFIG,
+    read_models_config,
+    registry_lock,
+    write_models_config,
+    write_registry,
+)
+from serving.clients import ModelServerClient, ModelServerError
 from serving.gateway.policy import assign_arm
 from tests.support.homes import BLESSED, copy_home
 from tests.support.paths import REPO
@@ -209,6 +217,9 @@ def _corrupt(path: Path) -> None:
     tmp.rename(path)
 
 
+SERVED = {"retrieval": {"stable": 1, "canary": 2}, "ranking": {"stable": 1, "canary": 2}}
+
+
 def _labels(rel: Rel) -> dict[str, dict[str, int]]:
     return {m: dict(c["labels"]) for m, c in read_models_config(rel.settings.models_dir).items()}
 
@@ -217,27 +228,45 @@ def _admin(rel: Rel, path: str, **body: Any) -> httpx.Response:
     return httpx.post(f"{rel.url}/v1/admin/{path}", json=body or None, headers=AUTH, timeout=120)
 
 
+def _readyz(rel: Rel) -> dict[str, Any]:
+    return httpx.get(f"{rel.url}/readyz", timeout=10).json()
+
+
+def _refused_after(rel: Rel, before: float) -> dict[str, Any]:
+    """Wait until the gateway has refused another models.config by itself; what it refused."""
+    metric = "recsys_gateway_model_config_applies_total"
+    wait_for(lambda: _metric(rel.url, metric, result="refused") > before, timeout=60)
+    wait_for(lambda: _labels(rel) == SERVED, timeout=30)  # and put back the labels that serve
+    return _readyz(rel)["model_config"]["last_refused"]
+
+
 def test_corrupted_canary_fails_to_load_stable_serves_and_it_is_never_promoted(rel: Rel) -> None:
     from components.canary import read_decisions
 
+    refused = _metric(rel.url, "recsys_gateway_model_config_applies_total", result="refused")
     _publish_canary(rel, 3, _corrupt)
-    # Promote before the server even tried it: the canary is not serving, so no.
-    r = _admin(rel, "canary/promote", reason="looks fine")
-    assert r.status_code == 409, r.text
-    assert any("retrieval version 3" in p for p in r.json()["detail"]["problems"])
-    assert _labels(rel)["retrieval"] == {"stable": 1, "canary": 3}  # nothing moved
-    assert not [d for d in read_decisions(rel.settings) if d["action"] == "promote"]
-    # Putting it in service: the server tries, the load fails, the labels that served stay.
-    r = _admin(rel, "reload")
-    assert r.status_code == 409, r.text
-    problems = r.json()["detail"]["problems"]
+    # Nobody calls the gateway: its refresh applies the push, the server tries version 3, the
+    # load fails, and the gateway puts back the labels that serve.
+    problems = _refused_after(rel, refused)["problems"]
     assert any(re.search(r"retrieval version 3 is END .*DATA_LOSS", p) for p in problems), problems
     assert any(p.startswith("ranking version 3 is END") for p in problems), problems
-    assert _labels(rel) == {"retrieval": {"stable": 1, "canary": 2}, "ranking": {"stable": 1, "canary": 2}}
     status = httpx.get(f"{rel.rest}/v1/models/retrieval").json()["model_version_status"]
     assert {s["version"]: s["state"] for s in status}["3"] == "END"
     meta = httpx.get(f"{rel.rest}/v1/models/retrieval/labels/canary/metadata").json()
     assert meta["model_spec"]["version"] == "2"
+    # Applying by hand now finds the labels served: nothing to change.
+    r = _admin(rel, "reload")
+    assert r.status_code == 200 and r.json()["changed"] is False, r.text
+    # Promote while models.config names version 3 (the registry held, so the gateway cannot
+    # put the labels back first): the canary is not serving, so no.
+    with registry_lock(rel.settings.models_dir):
+        _publish_canary(rel, 3, lambda path: None)
+        r = _admin(rel, "canary/promote", reason="looks fine")
+        assert r.status_code == 409, r.text
+        assert any("retrieval version 3" in p for p in r.json()["detail"]["problems"])
+        assert _labels(rel)["retrieval"] == {"stable": 1, "canary": 3}  # nothing moved
+    assert not [d for d in read_decisions(rel.settings) if d["action"] == "promote"]
+    wait_for(lambda: _labels(rel) == SERVED, timeout=60)  # refused again, put back again
     for arm, version in (("stable", 1), ("canary", 2)):
         out = _full_path(rel.url, _warm(rel, arm))
         assert out["model_versions"] == {"retrieval": version, "ranking": version}
@@ -246,25 +275,141 @@ def test_corrupted_canary_fails_to_load_stable_serves_and_it_is_never_promoted(r
 def test_incompatible_canary_loads_but_is_refused_and_never_promoted(rel: Rel) -> None:
     from components.canary import read_decisions
 
+    refused = _metric(rel.url, "recsys_gateway_model_config_applies_total", result="refused")
     # A valid SavedModel of another model: it loads, but has none of the signatures called.
     _publish_canary(rel, 4, lambda path: build_scorer(path, 4))
-    r = _admin(rel, "reload")
-    assert r.status_code == 409, r.text
-    problems = r.json()["detail"]["problems"]
-    assert "retrieval version 4 is incompatible: no signature 'retrieve'" in " ".join(problems)
-    assert "ranking version 4 is incompatible: no signature 'rank'" in " ".join(problems)
-    assert _labels(rel)["retrieval"] == {"stable": 1, "canary": 2}
-    # The server has version 4 loaded now; a models.config that names it canary is still refused.
-    _publish_canary(rel, 4, lambda path: None)
-    r = _admin(rel, "canary/promote")
-    assert r.status_code == 409 and "incompatible" in r.text, r.text
-    assert _labels(rel)["retrieval"] == {"stable": 1, "canary": 4}
+    problems = " ".join(_refused_after(rel, refused)["problems"])
+    assert "retrieval version 4 is incompatible: no signature 'retrieve'" in problems
+    assert "ranking version 4 is incompatible: no signature 'rank'" in problems
+    # A models.config that names it canary again is refused by promote too.
+    with registry_lock(rel.settings.models_dir):
+        _publish_canary(rel, 4, lambda path: None)
+        r = _admin(rel, "canary/promote")
+        assert r.status_code == 409 and "retrieval version 4" in r.text, r.text
+        assert _labels(rel)["retrieval"] == {"stable": 1, "canary": 4}
     assert not [d for d in read_decisions(rel.settings) if d["action"] == "promote"]
-    # Back to the good canary through the same door: applied.
+    wait_for(lambda: _labels(rel) == SERVED, timeout=60)
+    # Back to the good canary through the admin door: applied (already, by the gateway).
     _publish_canary(rel, 2, lambda path: None)
     r = _admin(rel, "reload")
     assert r.status_code == 200 and r.json()["applied"] is True, r.text
     assert _full_path(rel.url, _warm(rel, "stable"))["model_versions"] == {"retrieval": 1, "ranking": 1}
+
+
+# --- a canary rolled back by the rollout DAG's steps: the model server follows ----------------
+
+ROLLED_BACK = {"retrieval": {"stable": 1, "canary": 1}, "ranking": {"stable": 1, "canary": 1}}
+# Any canary request breaks the p99 guardrail once three are logged: a rollback at once.
+BROKEN_GUARDRAIL = {"canary.guardrail_min_requests": 3, "canary.max_p99_latency_ms": 0.001}
+
+
+def _server_labels(client: ModelServerClient) -> dict[str, dict[str, Any]]:
+    """The version each label resolves to on the model server (GetModelMetadata), or the error."""
+    out: dict[str, dict[str, Any]] = {}
+    for model in ("retrieval", "ranking"):
+        out[model] = {}
+        for label in ("stable", "canary"):
+            try:
+                out[model][label] = client.label_version(model, label, timeout=5)
+            except ModelServerError as e:
+                out[model][label] = e.code
+    return out
+
+
+def _available(client: ModelServerClient, model: str) -> set[int]:
+    return {s.version for s in client.status(model, timeout=5) if s.state == "AVAILABLE"}
+
+
+def _served_canary(rel: Rel, client: ModelServerClient) -> None:
+    """Canary 2 again, written as a push writes it; returns once the model server serves it."""
+    base = rel.settings.models_dir
+    models = {}
+    for name in ("retrieval", "ranking"):
+        models[name] = {"base_path": str(base / name), "versions": [1, 2]}
+    with registry_lock(base):
+        write_registry(
+            base,
+            {n: {**m, "labels": {"stable": 1, "canary": 1}} for n, m in models.items()},
+            {n: {**m, "labels": {"stable": 1, "canary": 2}} for n, m in models.items()},
+        )
+    wait_for(lambda: _server_labels(client) == SERVED, timeout=60)
+    # And the gateway's snapshot with it (until then a canary answer by 2 falls back).
+    wait_for(
+        lambda: _full_path(rel.url, _warm(rel, "canary"))["model_versions"]["retrieval"] == 2, timeout=30
+    )
+
+
+def _canary_traffic(rel: Rel, settings: Settings, requests: int = 3) -> None:
+    from components.canary import analyze
+
+    before = analyze(settings)["arms"]["canary"]["requests"]
+    for n in range(requests):
+        _full_path(rel.url, _warm(rel, "canary", n))  # served by the canary's models, not a fallback
+    wait_for(lambda: analyze(settings)["arms"]["canary"]["requests"] >= before + requests, timeout=30)
+
+
+@pytest.fixture()
+def model_server(rel: Rel) -> Iterator[ModelServerClient]:
+    """A client of the module's model server; the canary is back at version 2 afterwards."""
+    with ModelServerClient(grpc_target=f"127.0.0.1:{rel.ports.grpc}", timeout=5) as client:
+        assert _server_labels(client) == SERVED
+        try:
+            yield client
+        finally:
+            if _labels(rel) != SERVED:
+                _served_canary(rel, client)
+
+
+def test_a_canary_rolled_back_by_the_dag_no_longer_serves_on_the_model_server(
+    rel: Rel, model_server: ModelServerClient
+) -> None:
+    """The guardrails step (``run_guardrails``, what the DAG's first task calls) rolls back; no
+    one calls the gateway's admin API or the model server, yet within a refresh the server
+    resolves ``canary`` to stable's version, unloads the canary, and canary users get stable's."""
+    from components.canary import run_guardrails
+
+    settings = _settings(rel, **BROKEN_GUARDRAIL)
+    _canary_traffic(rel, settings)
+    result = run_guardrails(settings)
+    assert result["rolled_back"] is True, result
+    wait_for(lambda: _server_labels(model_server) == ROLLED_BACK, timeout=30)
+    # The canary version unloads (models.config keeps only the labelled ones).
+    wait_for(
+        lambda: [_available(model_server, m) for m in ("retrieval", "ranking")] == [{1}, {1}], timeout=30
+    )
+    out = _full_path(rel.url, _warm(rel, "canary"))
+    assert out["arm"] == "canary" and out["model_versions"] == {"retrieval": 1, "ranking": 1}
+
+
+def test_a_rollback_with_the_event_log_down_takes_effect_on_the_model_server(
+    rel: Rel, model_server: ModelServerClient, tmp_path: Path
+) -> None:
+    """The DAG's analyze step wrote a rollback; then the event log becomes unreachable (a Redis
+    URL on a closed port, as a lost broker looks to the DAG's workers). The decide step
+    (``run_decision``) rolls back all the same and the server follows. A person's rollback
+    (``recsys canary rollback``, which reads the log for its record) does too, recorded as
+    made without evidence."""
+    from components.canary import analyze, manual, run_analysis, run_decision
+
+    up = _settings(rel, **BROKEN_GUARDRAIL)
+    log_down = {"gateway.event_log_backend": "redis_streams",
+                "gateway.event_log_redis_url": f"redis://127.0.0.1:{free_port()}/0"}  # fmt: skip
+    down = _settings(rel, **BROKEN_GUARDRAIL, **log_down)
+    _canary_traffic(rel, up)
+    analysis = run_analysis(up, out_dir=tmp_path)
+    assert json.loads(analysis.read_text())["decision"] == "rollback"
+    with pytest.raises(Exception, match="(?i)connect|refused"):
+        analyze(down)  # the log is down indeed
+    record = run_decision(down, analysis)
+    assert record["action"] == "rollback" and record["labels"]["after"]["retrieval"]["canary"] == 1
+    wait_for(lambda: _server_labels(model_server) == ROLLED_BACK, timeout=30)
+
+    _served_canary(rel, model_server)
+    record = manual(down, "rollback", "canary looks wrong")
+    assert record["source"] == "unavailable" and "event log could not be read" in record["reason"]
+    wait_for(lambda: _server_labels(model_server) == ROLLED_BACK, timeout=30)
+    out = _full_path(rel.url, _warm(rel, "canary"))
+    assert out["model_versions"] == {"retrieval": 1, "ranking": 1}
 
 
 # --- faults: the online store -----------------------------------------------------------------
