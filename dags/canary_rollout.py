@@ -32,6 +32,10 @@ Every hour, and whenever new models are pushed, this DAG:
    impressions, or inconclusive). Every decision is appended with its numbers to
    `$RECSYS_HOME/canary/decisions.jsonl`, with an HTML report and a CTR plot.
 
+Labels move in `models.config` only; the gateway puts each move in service on the model
+server within `gateway.refresh_seconds` (checked, as `POST /v1/admin/reload` does). A
+rollback needs no event log once the analysis is written: `decide` reads only its file.
+
 A person can do the same by hand: `recsys canary status | promote | rollback`.
 """
 

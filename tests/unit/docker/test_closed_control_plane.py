@@ -8,11 +8,14 @@ production profile) and names what is open.
 - every Redis has a password and a ``maxmemory``; the event log's Redis is not the feature
   store's (nor the broker's);
 - the gateway gets neither Airflow's database URL nor its secrets folder (<home>/airflow);
-- Airflow runs the FAB auth manager, not the simple one.
+- Airflow runs the FAB auth manager, not the simple one;
+- one way label changes reach TF Serving: the gateway's reload call, never the server polling
+  ``models.config`` (the compose file says so where TF Serving is defined, the README too).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -107,3 +110,24 @@ def test_airflow_runs_the_fab_auth_manager() -> None:
                 f"{name}: {env.get('AIRFLOW__CORE__AUTH_MANAGER')}"
             )
             assert not any(k.startswith("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER") for k in env), name
+
+
+def test_tf_serving_learns_of_label_changes_only_from_the_gateway() -> None:
+    command = _compose()["services"]["tf-serving"]["command"]
+    flags = dict(f.split("=", 1) if "=" in f else (f, "") for f in command)
+    # TF Serving's default is 0 (read once at start); with polling on, each poll would apply
+    # models.config unchecked and override the gateway's refusal of a broken canary.
+    assert flags.get("--model_config_file_poll_wait_seconds", "0") == "0", command
+    assert flags["--model_config_file"] == "/models/models.config"
+    gateway = _compose()["services"]["gateway"]
+    # The gateway applies models.config and puts back refused labels: it needs the volume writable.
+    assert "models:/models" in gateway["volumes"], gateway["volumes"]
+    text = COMPOSE.read_text()
+    definition = text[: text.index("\n  tf-serving:")].rsplit("\n\n", 1)[-1]
+    assert "HandleReloadConfigRequest" in definition and "gateway" in definition, definition
+    # The docs tell the same: no model server started with polling on, and the mechanism named.
+    docs = [REPO / "README.md", REPO / "RELIABILITY.md", *sorted((REPO / "docs").glob("*.md"))]
+    for doc in docs:
+        polling = re.search(r"model_config_file_poll_wait_seconds[= ]+[1-9]", doc.read_text())
+        assert polling is None, f"{doc.name} runs a model server that polls models.config: {polling}"
+    assert "serving/gateway/config_sync.py" in (REPO / "README.md").read_text()
