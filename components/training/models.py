@@ -34,6 +34,56 @@ ENCODED_QUERY, ENCODED_CANDIDATE = "encoded_query", "encoded_candidate"
 CANDIDATE_FEATURES = ("item_id", "category", "title", "description")
 
 
+def replica_loss(per_example: tf.Tensor) -> tf.Tensor:
+    """This replica's share of the mean loss over the global batch (``tf.nn.compute_average_loss``).
+
+    Alone (one replica) it is the batch mean. Under ``tf.distribute`` (``training.workers > 1``)
+    each replica holds its slice of the global batch and the optimizer *sums* the replicas'
+    gradients, so each divides its examples' sum by the global batch size (its own size times
+    the replicas in sync), which Keras does for losses given to ``compile`` but not for a
+    TFRS ``compute_loss``. The losses are built with ``reduction=NONE`` for this: Keras
+    refuses a batch mean under a strategy. An empty slice (the last batch split unevenly) adds 0.
+    """
+    return tf.nn.compute_average_loss(per_example)
+
+
+# What a TFRS model's step logs of its loss: each replica's share under a strategy (``replica_loss``).
+# The models here add no regularization losses; one that did would scale them by the replicas in
+# sync (``tf.nn.scale_regularization_loss``), as TFRS's step does not.
+LOSS_LOGS = ("loss", "regularization_loss", "total_loss")
+
+
+class ReplicaLogs:
+    """Mixin for the ``tfrs.Model``s here: a step's logs read the same with one worker or several.
+
+    TFRS's ``train_step`` / ``test_step`` (kept: ``Model.fit`` runs them through the
+    strategy's optimizer path) log the loss a replica computed, which under ``tf.distribute``
+    is its share of the global mean (``replica_loss``); Keras metrics (AUC, RMSE) already log
+    their value over every replica. Keras then adds the per-worker values up under
+    MultiWorkerMirroredStrategy ("auto" reduction), which doubles the metrics with two workers.
+    Here the loss shares are summed across the replicas inside the step and Keras takes the
+    first replica's logs, so every worker logs (and early-stops on) the same global values.
+    """
+
+    @property
+    def distribute_reduction_method(self) -> str:
+        return "first"  # the logs are already global (see above)
+
+    def train_step(self, inputs: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        return _summed_losses(super().train_step(inputs))  # type: ignore[misc]
+
+    def test_step(self, inputs: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        return _summed_losses(super().test_step(inputs))  # type: ignore[misc]
+
+
+def _summed_losses(logs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    context = tf.distribute.get_replica_context()
+    shares = {k: logs[k] for k in LOSS_LOGS if k in logs}
+    if context is None or context.num_replicas_in_sync == 1 or not shares:
+        return logs
+    return {**logs, **context.all_reduce(tf.distribute.ReduceOp.SUM, shares)}
+
+
 def split_tokens(text: tf.Tensor, max_len: int, sep: str | None = None) -> tf.Tensor:
     """``[B]`` strings -> ``[B, max_len]`` tokens, truncated, padded with "" (the mask token)."""
     ragged = tf.strings.split(text, sep=sep)[:, :max_len]
@@ -611,7 +661,7 @@ class CandidateTower(keras.Model):
         return out
 
 
-class TwoTowerRetriever(tfrs.Model):
+class TwoTowerRetriever(ReplicaLogs, tfrs.Model):
     """Two-tower retrieval trained with a sampled softmax over in-batch negatives.
 
     For each (query, positive item) in a batch, every other item of the batch is a negative.
@@ -635,9 +685,10 @@ class TwoTowerRetriever(tfrs.Model):
         self.logq_correction = logq_correction
         self.uniform_negatives = uniform_negatives
         self.task = tfrs.tasks.Retrieval(
-            # Mean over the batch: losses read in nats per positive, whatever the batch size.
+            # Per positive; compute_loss takes the mean over the batch (``replica_loss``), so
+            # losses read in nats per positive, whatever the batch size.
             loss=keras.losses.CategoricalCrossentropy(
-                from_logits=True, reduction=keras.losses.Reduction.SUM_OVER_BATCH_SIZE
+                from_logits=True, reduction=keras.losses.Reduction.NONE
             ),
             temperature=temperature,
             remove_accidental_hits=True,
@@ -657,7 +708,7 @@ class TwoTowerRetriever(tfrs.Model):
             logq = self.logq_correction
             # Encoded ahead (``encodes_ahead``): no string work per step. ``item_key`` is one
             # integer per distinct item id, so accidental hits compare integers, not strings.
-            return self.task(
+            per_example = self.task(
                 self.query_model.embed(features[ENCODED_QUERY], training=training),
                 self.candidate_model.embed(features[ENCODED_CANDIDATE], training=training),
                 candidate_sampling_probability=features["sampling_probability"] if logq else None,
@@ -665,6 +716,7 @@ class TwoTowerRetriever(tfrs.Model):
                 compute_metrics=False,
                 compute_batch_metrics=False,
             )
+            return replica_loss(per_example)
         query = self.query_model(features, training=training)
         return retrieval_loss(
             self.task,
@@ -737,7 +789,7 @@ def retrieval_loss(
             batch * tf.concat([probability, sampled_probability], axis=0) + uniform.count / uniform.size
         )
     candidate = candidate_model(candidate_features, training=training)
-    return task(
+    per_example = task(
         query,
         candidate,
         candidate_sampling_probability=probability if logq_correction else None,
@@ -745,9 +797,10 @@ def retrieval_loss(
         compute_metrics=False,
         compute_batch_metrics=False,
     )
+    return replica_loss(per_example)
 
 
-class SequentialRetriever(tfrs.Model):
+class SequentialRetriever(ReplicaLogs, tfrs.Model):
     """The two-tower retriever with a sequential query tower, trained on whole user sequences.
 
     An example is a window of one user's positives in time order. ``SequentialQueryTower``
@@ -775,7 +828,7 @@ class SequentialRetriever(tfrs.Model):
         self.uniform_negatives = uniform_negatives
         self.task = tfrs.tasks.Retrieval(
             loss=keras.losses.CategoricalCrossentropy(
-                from_logits=True, reduction=keras.losses.Reduction.SUM_OVER_BATCH_SIZE
+                from_logits=True, reduction=keras.losses.Reduction.NONE
             ),
             temperature=temperature,
             remove_accidental_hits=True,
@@ -796,7 +849,7 @@ class SequentialRetriever(tfrs.Model):
         )
 
 
-class MultiObjectiveRanker(tfrs.Model):
+class MultiObjectiveRanker(ReplicaLogs, tfrs.Model):
     """Scores (user, item, context) candidates for several objectives and combines them.
 
     Heads: ``click`` (probability that a shown item is clicked) and ``engagement`` (expected
@@ -873,12 +926,13 @@ class MultiObjectiveRanker(tfrs.Model):
             else None
         )
         self.tasks = {
+            # Per example ([B, 1] in, [B] out); compute_loss takes the mean (``replica_loss``).
             "click": tfrs.tasks.Ranking(
-                loss=keras.losses.BinaryCrossentropy(),
+                loss=keras.losses.BinaryCrossentropy(reduction=keras.losses.Reduction.NONE),
                 metrics=[keras.metrics.AUC(name="click_auc")],
             ),
             "engagement": tfrs.tasks.Ranking(
-                loss=keras.losses.MeanSquaredError(),
+                loss=keras.losses.MeanSquaredError(reduction=keras.losses.Reduction.NONE),
                 metrics=[keras.metrics.RootMeanSquaredError(name="engagement_rmse")],
             ),
         }
@@ -1008,6 +1062,10 @@ class MultiObjectiveRanker(tfrs.Model):
 
     def compute_loss(self, features: Mapping[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         out = self(features, training=training)
-        return tf.add_n(
-            [self.tasks[k](labels=features[f"label_{k}"], predictions=out[k]) for k in self.objective_weights]
+        per_example = tf.add_n(
+            [
+                self.tasks[k](labels=features[f"label_{k}"][:, None], predictions=out[k][:, None])
+                for k in self.objective_weights
+            ]
         )
+        return replica_loss(per_example)
