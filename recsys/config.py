@@ -224,6 +224,12 @@ class TrainingConfig(Section):
     incremental: bool = False
     incremental_epochs: int = Field(2, ge=1)
     full_retrain_every_days: int = Field(7, ge=1)
+    # Processes that train the retriever and the ranker together, data parallel, under
+    # tf.distribute.MultiWorkerMirroredStrategy (components/training/multi_worker.py): the train
+    # step starts them on loopback, each fits its shard of every batch (batch_size stays the
+    # global batch) and the gradients are summed. 1: one process, no strategy. In-batch
+    # negatives are those of a worker's share of the batch (batch_size / workers).
+    workers: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> TrainingConfig:

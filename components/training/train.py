@@ -32,6 +32,10 @@ Output contract (``out_dir``; ``manifest.json`` is written last):
 Build the input tensors of any of the three with ``features_from_frame(df, inputs)`` (or the
 towers' ``query_features_from_frame`` / ``candidate_features_from_frame`` shortcuts), so
 training, evaluation and serving agree.
+
+With ``training.workers > 1`` the same code runs in that many processes under
+``tf.distribute.MultiWorkerMirroredStrategy`` (``components.training.multi_worker``); the
+output contract is the same, and the manifest adds ``details.distribution``.
 """
 
 from __future__ import annotations
@@ -310,7 +314,22 @@ def _dataset(arrays: Mapping[str, Any], batch_size: int, shuffle: bool, seed: in
     def gather(indices: tf.Tensor) -> Any:
         return tf.nest.map_structure(lambda t: tf.gather(t, indices), tensors)
 
-    return rows.batch(batch_size).map(gather).prefetch(2)
+    return _sharded_by_data(rows.batch(batch_size).map(gather).prefetch(2))
+
+
+def _sharded_by_data(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """``dataset`` as ``training.workers > 1`` splits it: every worker keeps its share of each batch.
+
+    Under ``tf.distribute`` a batch is the global batch: it is cut into one slice per worker
+    and each worker keeps its own (``AutoShardPolicy.DATA``). The rows are in-memory tensors,
+    with no files to shard by (the default policy falls back to this after a warning), and
+    every worker builds the same seeded order, which sharding by data needs. One process: no effect.
+    """
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
 
 
 def _epoch_logger(name: str, log: Callable[[str], None]) -> Any:
@@ -1050,7 +1069,7 @@ def _sequence_dataset(
     ds = tf.data.Dataset.from_tensor_slices(dict(arrays))
     if shuffle:
         ds = ds.shuffle(len(arrays["target_weight"]), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(2)
+    return _sharded_by_data(ds.batch(batch_size).prefetch(2))
 
 
 def train_sequential_retriever(
@@ -1371,6 +1390,10 @@ def train_models(
 ) -> dict[str, Any]:
     """The training step: retriever and ranker into ``out_dir``, then ``manifest.json`` last.
 
+    With ``training.workers > 1`` the step runs in that many processes, data parallel under
+    ``tf.distribute.MultiWorkerMirroredStrategy`` (``components.training.multi_worker``): the
+    same outputs, written by the first worker, and the manifest's ``details.distribution``.
+
     Args:
         config: the ``training`` section.
         training_frame: the feature layer's training frame (``build_training_data``).
@@ -1390,27 +1413,53 @@ def train_models(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.json").unlink(missing_ok=True)  # a re-run is incomplete until it ends
     log = log or _default_log
+    if config.workers > 1:
+        from components.training.multi_worker import train_on_workers
+
+        return train_on_workers(config, training_frame, items_frame, out_dir, log, plan)
+    manifest = fit_models(config, training_frame, items_frame, out_dir, log, plan)
+    write_manifest(out_dir, manifest)
+    return manifest.model_dump()
+
+
+def fit_models(
+    config: TrainingConfig,
+    training_frame: pd.DataFrame,
+    items_frame: pd.DataFrame,
+    out_dir: Path,
+    log: Callable[[str], None],
+    plan: TrainingPlan | None = None,
+    chief: bool = True,
+) -> TrainManifest:
+    """``train_models``'s work in this process: every output but the manifest, which it returns.
+
+    A worker of ``training.workers > 1`` calls it inside its strategy's scope, so the models are
+    built and fitted under the strategy. ``chief`` false (a worker other than the first, writing
+    to a scratch folder) skips the item-to-item table: a closed-form fit in NumPy, nothing to share.
+    """
     if config.history == "leave_one_out":
         training_frame = leave_one_out_history(training_frame, config.max_history)
     plan = plan or TrainingPlan("full", "no plan given")
     if plan.incremental:
         try:
-            return _train_and_record(config, training_frame, items_frame, out_dir, log, plan)
+            return _fit_and_describe(config, training_frame, items_frame, out_dir, log, plan, chief)
         except WarmStartError as error:
             log(f"[train] the serving version cannot be warm-started from ({error}): training in full")
             plan = plan.as_full(f"warm start refused: {error}")
-    return _train_and_record(config, training_frame, items_frame, out_dir, log, plan)
+    return _fit_and_describe(config, training_frame, items_frame, out_dir, log, plan, chief)
 
 
-def _train_and_record(
+def _fit_and_describe(
     config: TrainingConfig,
     training_frame: pd.DataFrame,
     items_frame: pd.DataFrame,
     out_dir: Path,
     log: Callable[[str], None],
     plan: TrainingPlan,
-) -> dict[str, Any]:
-    """``train_models`` for one plan: both models, the item-to-item table, the manifest."""
+    chief: bool,
+) -> TrainManifest:
+    """``fit_models`` for one plan: both models, the item-to-item table, the manifest."""
+    out_dir = Path(out_dir)
     frame = training_frame
     if plan.incremental:
         ts = pd.to_datetime(training_frame["ts"], utc=True)
@@ -1419,7 +1468,9 @@ def _train_and_record(
     retriever = train_retriever(config, frame, items_frame, out_dir, log, plan)
     ranker = train_ranker(config, frame, items_frame, out_dir, log, plan)
     neighbours = (
-        train_item_neighbours(config, training_frame, out_dir, log) if config.item_neighbours else None
+        train_item_neighbours(config, training_frame, out_dir, log)
+        if config.item_neighbours and chief
+        else None
     )
     ts = pd.to_datetime(frame["ts"], utc=True)
     warm_start = None
@@ -1452,8 +1503,7 @@ def _train_and_record(
         warm_start=warm_start,
         checkpoints={m: f"{CHECKPOINTS}/{m}" for m in MODELS},
     )
-    write_manifest(out_dir, manifest)
-    return manifest.model_dump()
+    return manifest
 
 
 def load_signature(path: Path) -> Any:
