@@ -31,6 +31,12 @@ and records every try in the manifest. Only when that fails does the build fail.
 Below ``index.brute_force_below`` items the index is exact (ScaNN's brute-force scorer): a
 small catalog is scanned in microseconds and an ANN would only cost recall. The manifest
 says which one was built.
+
+The served retrieval model does not run ScaNN's ops by default (a stock TensorFlow Serving
+lacks them): it searches the same k-means leaves with core TensorFlow ops and scores their
+items exactly (``components.in_graph_index``). The build saves the searcher's partition for
+it and measures, on the same queries, how many leaves that search needs for the target
+(manifest ``partitioned``).
 """
 
 from __future__ import annotations
@@ -47,10 +53,14 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from recsys.artifacts import EMBEDDINGS_FILE, ITEM_IDS_FILE, SCANN_CONFIG_FILE, SCANN_DIR
+from recsys.artifacts import EMBEDDINGS_FILE, ITEM_IDS_FILE, PARTITION_FILE, SCANN_CONFIG_FILE, SCANN_DIR
 from recsys.config import IndexConfig
-from recsys.manifests import IndexManifest, RecallQueries
+from recsys.manifests import IndexManifest, PartitionedSearch, RecallQueries
 from recsys.storage import code_version, read_manifest, write_manifest
+
+# Leaves average at least this many items: below it, scoring a leaf's centroid costs about what
+# scoring its items does, and the partition saves nothing.
+MIN_AVERAGE_LEAF = 16
 
 
 class IndexBuildError(RuntimeError):
@@ -84,11 +94,18 @@ class IndexParams:
 def index_params(num_items: int, dim: int, config: IndexConfig, k: int | None = None) -> IndexParams:
     """Derive the index parameters from the catalog size; pure, so the bench proves them.
 
-    - ``num_leaves ≈ sqrt(N)`` balances the two costs of a query: scoring the leaf
-      centroids (grows with the number of leaves) and scoring the items of the searched
-      leaves (N / num_leaves each). 1M items give 1,000 leaves of ~1,000 items.
-    - ``num_leaves_to_search`` is a fraction of the leaves (5%: 50 of 1,000), with a floor,
-      since at small N a handful of leaves holds too few items to find k good ones.
+    - ``num_leaves ≈ leaves_per_sqrt_n x sqrt(N)`` (4 sqrt(N); at most N / 16) balances the
+      two costs of a query: scoring the leaf centroids (grows with the number of leaves) and
+      scoring the items of the searched leaves (N / num_leaves each). ScaNN's rule of thumb
+      is sqrt(N); the served search (``components.in_graph_index``) scores centroids with
+      one dense matmul but gathers each searched item, so it gains from finer leaves: 1M
+      items give 4,000 leaves of ~250 items.
+    - k-means trains on a sample of at least 50 items per leaf (and 100k), and merges leaves
+      that get fewer than a tenth of that average, counted in the sample (where ScaNN
+      counts them).
+    - ``num_leaves_to_search`` (ScaNN's) is a fraction of the leaves (5%: 200 of 4,000),
+      with a floor, since at small N a handful of leaves holds too few items to find k good
+      ones. The in-graph search measures its own count (``build_index``).
     - AH with ``dimensions_per_block`` = 2 and an anisotropic threshold of 0.2 is ScaNN's
       recommended setting for dot-product search.
     - ``reorder = reorder_multiplier * k`` (400 for k = 100) exact re-scores.
@@ -107,11 +124,15 @@ def index_params(num_items: int, dim: int, config: IndexConfig, k: int | None = 
     k = min(k or config.recall_k, num_items)
     if num_items < config.brute_force_below:
         return IndexParams("brute_force", num_items, dim, k, 0, 0, 0, 0, 0, 0.0, 0)
-    num_leaves = max(2, min(num_items, round(math.sqrt(num_items))))
+    num_leaves = round(config.leaves_per_sqrt_n * math.sqrt(num_items))
+    num_leaves = max(2, min(num_leaves, num_items // MIN_AVERAGE_LEAF))
     to_search = math.ceil(num_leaves * config.leaves_to_search_fraction)
     to_search = min(num_leaves, max(config.min_leaves_to_search, to_search))
-    # k-means merges leaves smaller than this; keep it below the average leaf size.
-    min_partition = max(1, min(50, num_items // (2 * num_leaves)))
+    sample = min(num_items, max(100_000, 50 * num_leaves))
+    # k-means merges leaves with fewer sample points than this: a tenth of the sample's
+    # average leaf. (A floor of 50 against 25 sample points per leaf, 4,000 leaves trained on
+    # 100k, cost the partition most of what the finer leaves gain.)
+    min_partition = max(1, min(50, sample // (10 * num_leaves)))
     return IndexParams(
         algorithm="scann",
         num_items=num_items,
@@ -120,7 +141,7 @@ def index_params(num_items: int, dim: int, config: IndexConfig, k: int | None = 
         num_leaves=num_leaves,
         num_leaves_to_search=to_search,
         min_partition_size=min_partition,
-        training_sample_size=min(num_items, 100_000),
+        training_sample_size=sample,
         dimensions_per_block=config.dimensions_per_block,
         anisotropic_quantization_threshold=0.2,
         reorder=min(num_items, config.reorder_multiplier * k),
@@ -174,8 +195,13 @@ def tune_to_recall(
     tries: list[dict[str, Any]] = []
     for step in range(steps + 1):
         recall = recall_at_k(search(searcher, queries, params.k, params)[0], exact_idx)
-        tries.append({"leaves_to_search": params.num_leaves_to_search, "reorder": params.reorder,
-                      "recall": round(recall, 5)})
+        tries.append(
+            {
+                "leaves_to_search": params.num_leaves_to_search,
+                "reorder": params.reorder,
+                "recall": round(recall, 5),
+            }
+        )
         grown = replace(
             params,
             num_leaves_to_search=min(params.num_leaves, 2 * params.num_leaves_to_search),
@@ -290,6 +316,7 @@ class _MeasuredIndex:
     tries: list[dict[str, Any]]
     build_seconds: float
     exact_qps: float
+    exact_idx: np.ndarray  # the recall queries' exact top k (rows), the reference
 
 
 def build_index(
@@ -304,14 +331,17 @@ def build_index(
         config: the ``index`` section (recall target, derivation knobs).
         train_dir: the training step's folder (``item_embeddings.parquet``, ``manifest.json``).
         out_dir: replaced by this build: ``scann/`` (the serialized searcher), the embeddings
-            and ids in index order (for exact-search fallbacks), the ScaNN config text, and
-            ``manifest.json`` last.
+            and ids in index order (for exact-search fallbacks), the ScaNN config text, the
+            searcher's partition (``partition.npz``: centroids and each item's leaf, for the
+            in-graph search), and ``manifest.json`` last.
         queries: real query embeddings [Q, D] to measure recall with (a sample of
             ``config.eval_queries`` is used); None: perturbed item embeddings.
 
     Returns:
         The manifest: algorithm and parameters, recall@k against exact search with its
-        target and query source, build seconds, query latency (ScaNN and exact).
+        target and query source, build seconds, query latency (ScaNN and exact), and
+        ``partitioned``: the in-graph search's leaves-to-search, the fewest leaves whose
+        recall@k on the same queries reaches the target, with that recall and its cost.
 
     Raises:
         IndexRecallError: recall below ``config.recall_target`` (names both); nothing written.
@@ -327,6 +357,9 @@ def build_index(
     latency = _latency(measured.searcher, recall_queries.embeddings, measured.params.k)
     _write_index(out_dir, measured.searcher, ids, emb)
     params = measured.params
+    partitioned = None
+    if params.algorithm == "scann":
+        partitioned = _measure_partition(config, out_dir, recall_queries.embeddings, measured.exact_idx)
     manifest = IndexManifest(
         path=str(out_dir),
         train_dir=str(train_dir),
@@ -355,8 +388,14 @@ def build_index(
         build_seconds=round(measured.build_seconds, 3),
         latency=latency,
         exact_qps=round(measured.exact_qps, 1),
-        files={"scann": SCANN_DIR, "embeddings": EMBEDDINGS_FILE, "item_ids": ITEM_IDS_FILE,
-               "scann_config": SCANN_CONFIG_FILE},
+        files={
+            "scann": SCANN_DIR,
+            "embeddings": EMBEDDINGS_FILE,
+            "item_ids": ITEM_IDS_FILE,
+            "scann_config": SCANN_CONFIG_FILE,
+        }
+        | ({"partition": PARTITION_FILE} if partitioned is not None else {}),
+        partitioned=partitioned,
         code_version=code_version(),
     )
     write_manifest(out_dir, manifest)
@@ -403,7 +442,49 @@ def _build_to_recall(
         searcher = build_searcher(emb, params)
         build_seconds += time.perf_counter() - t0
         recall = recall_at_k(search(searcher, q, params.k)[0], exact_idx)
-    return _MeasuredIndex(searcher, params, recall, tries, build_seconds, exact_qps)
+    return _MeasuredIndex(searcher, params, recall, tries, build_seconds, exact_qps, exact_idx)
+
+
+def _measure_partition(
+    config: IndexConfig, out_dir: Path, queries: np.ndarray, exact_idx: np.ndarray
+) -> PartitionedSearch:
+    """Save the written searcher's partition for the in-graph search and choose its leaves."""
+    from components.in_graph_index import read_scann_partition
+
+    partition = read_scann_partition(out_dir / SCANN_DIR)
+    partition.save(out_dir / PARTITION_FILE)
+    return partitioned_setting(partition, queries, exact_idx, config.recall_target)
+
+
+def partitioned_setting(
+    partition: Any, queries: np.ndarray, exact_idx: np.ndarray, target: float
+) -> PartitionedSearch:
+    """The in-graph search's leaves-to-search over ``partition`` (a ``LeafPartition``).
+
+    That search scores every candidate exactly, so its recall@k at n leaves is the share of
+    the exact top k (``exact_idx``, the ``queries``' reference) lying in each query's best n
+    leaves: computed here for every n from the leaves' ranks, and the fewest n that reach
+    ``target`` are kept (all leaves, exact search, always do).
+    """
+    from components.in_graph_index import fewest_leaves_for, items_searched, leaf_order, recall_by_leaves
+
+    order = leaf_order(partition, queries)
+    recalls = recall_by_leaves(partition, order, exact_idx)
+    leaves = fewest_leaves_for(recalls, target)
+    searched = items_searched(partition, order, leaves)
+    sizes = partition.sizes()
+    curve = [n for n in (2**i for i in range(32)) if n < partition.num_leaves] + [partition.num_leaves]
+    return PartitionedSearch(
+        num_leaves=partition.num_leaves,
+        leaves_to_search=leaves,
+        recall_at_k=round(float(recalls[leaves - 1]), 5),
+        recall_target=target,
+        items_searched_mean=round(float(searched.mean()), 1),
+        items_searched_max=int(searched.max()),
+        leaf_items_mean=round(float(sizes.mean()), 1),
+        leaf_items_max=int(sizes.max()),
+        recall_by_leaves={str(n): round(float(recalls[n - 1]), 5) for n in curve},
+    )
 
 
 def _check_recall(config: IndexConfig, measured: _MeasuredIndex, queries: _RecallQueries) -> None:

@@ -16,6 +16,9 @@ SCANN_DIR = "scann"  # scann_ops_pybind serialize(): load with scann_ops_pybind.
 EMBEDDINGS_FILE = "item_embeddings.npy"  # float32 [N, D], row i is item_ids[i]
 ITEM_IDS_FILE = "item_ids.json"
 SCANN_CONFIG_FILE = "scann_config.pbtxt"  # the ScannConfig text the searcher was built with
+# The searcher's k-means partition (``components.in_graph_index.LeafPartition``): each leaf's
+# centroid and each item's leaf, what the in-graph partitioned search reads.
+PARTITION_FILE = "partition.npz"
 
 ASSETS_EXTRA = "assets.extra"
 WARMUP_FILE = "tf_serving_warmup_requests"

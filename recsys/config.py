@@ -344,7 +344,14 @@ class IndexConfig(Section):
     eval_queries: int = Field(500, ge=10)
     # Below this many items exact search is fast enough and an ANN only costs recall.
     brute_force_below: int = Field(2000, ge=0)
-    # Fraction of the ~sqrt(N) leaves searched per query, and the floor on that number.
+    # Leaves of the k-means partition: leaves_per_sqrt_n * sqrt(N), at most N / 16 (FAISS's
+    # guideline for an inverted file is 4 to 16 sqrt(N)). The served search scores every
+    # centroid in one matmul and gathers the searched leaves' items, each gathered value dearer
+    # than a centroid's, so a finer partition than ScaNN's usual sqrt(N) answers faster at the
+    # same recall (BENCHMARKS.md, "in-graph partitioned search").
+    leaves_per_sqrt_n: float = Field(4.0, gt=0)
+    # Fraction of the leaves ScaNN searches per query, and the floor on that number (the
+    # in-graph partitioned search measures its own count at every build).
     leaves_to_search_fraction: float = Field(0.05, gt=0, le=1)
     min_leaves_to_search: int = Field(10, ge=1)
     # Asymmetric hashing: dimensions per 4-bit block (2 is ScaNN's accuracy-friendly choice).

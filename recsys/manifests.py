@@ -255,6 +255,22 @@ class RecallQueries(ManifestModel):
     noise: float | None
 
 
+class PartitionedSearch(ManifestModel):
+    """The in-graph partitioned search over an index's ScaNN leaves: how many leaves a query
+    searches (the fewest whose recall@k reaches the target on the recall queries), that recall,
+    and what it costs (items scored per query; leaf sizes)."""
+
+    num_leaves: int
+    leaves_to_search: int
+    recall_at_k: float
+    recall_target: float
+    items_searched_mean: float
+    items_searched_max: int
+    leaf_items_mean: float
+    leaf_items_max: int
+    recall_by_leaves: dict[str, float]  # leaves searched (1, 2, 4, ..., all) -> recall@k
+
+
 class IndexManifest(StepManifest):
     """``index``: the index built, its parameters and tuning, measured recall and latency."""
 
@@ -279,6 +295,10 @@ class IndexManifest(StepManifest):
     exact_qps: float
     files: dict[str, str]
     code_version: str
+    # ScaNN indexes only (None, and left out, for an exact one).
+    partitioned: PartitionedSearch | None = None
+
+    omitted_when_none = frozenset({"partitioned"})
 
 
 # --- push -------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 The training output comes from ``model_fixture.write_train_fixture`` (the real training
 step, a few epochs) over the shared tiny generated data (200 users, 80 items).
 80 items is below ``index.brute_force_below``, so the default build is exact; the ScaNN
-path is forced with ``brute_force_below=10`` (9 leaves of ~9 items).
+path is forced with ``brute_force_below=10`` (5 leaves of ~16 items).
 """
 
 from __future__ import annotations
@@ -76,14 +76,19 @@ def test_small_catalog_builds_an_exact_index_and_measures_it(train_dir, tmp_path
 def test_scann_index_recall_is_measured_with_real_queries(scann_index):
     m = json.loads((scann_index / "manifest.json").read_text())
     assert m["algorithm"] == "scann"
-    assert m["params"]["num_leaves"] == 9  # round(sqrt(80))
+    assert m["params"]["num_leaves"] == 5  # 80 // 16: leaves average 16 items or more
     assert m["recall_queries"]["source"] == "query_embeddings"
     assert m["recall_at_k"] >= m["recall_target"] == 0.95
     assert (scann_index / "scann" / "scann_assets.pbtxt").is_file()
+    # The in-graph search over the same leaves: the fewest that reach the target, measured.
+    part = m["partitioned"]
+    assert part["num_leaves"] == 5 and 1 <= part["leaves_to_search"] <= 5
+    assert part["recall_at_k"] >= 0.95 and part["recall_by_leaves"]["5"] == 1.0
+    assert part["items_searched_mean"] <= 80 and (scann_index / "partition.npz").is_file()
 
 
 def test_recall_below_target_fails_naming_recall_and_target(train_dir, tmp_path):
-    # Search 1 leaf of 9 with no tuning allowed, against a target of 1.0: must fail.
+    # Search 1 leaf of 5 with no tuning allowed, against a target of 1.0: must fail.
     cfg = IndexConfig(
         brute_force_below=10, recall_target=1.0, leaves_to_search_fraction=0.01, min_leaves_to_search=1,
         reorder_multiplier=1, max_tuning_steps=0,

@@ -22,29 +22,37 @@ def test_k_is_capped_at_the_catalog():
 
 
 def test_one_million_items_match_the_measured_production_setting():
-    # sqrt(1M) = 1000 leaves; 5% of them searched = 50; reorder 4 x 100 = 400 (STACK.md).
+    # 4 x sqrt(1M) = 4000 leaves; ScaNN searches 5% of them = 200; reorder 4 x 100 = 400
+    # (BENCHMARKS.md, the in-graph partitioned search).
     p = index_params(1_000_000, 64, IndexConfig())
-    assert (p.algorithm, p.num_leaves, p.num_leaves_to_search, p.reorder) == ("scann", 1000, 50, 400)
+    assert (p.algorithm, p.num_leaves, p.num_leaves_to_search, p.reorder) == ("scann", 4000, 200, 400)
     assert p.dimensions_per_block == 2
-    assert p.training_sample_size == 100_000
+    # k-means trains on 50 items per leaf and merges leaves under a tenth of that (5).
+    assert (p.training_sample_size, p.min_partition_size) == (200_000, 5)
 
 
 @pytest.mark.parametrize("n", [2000, 5000, 20_000, 100_000, 3_000_000])
 def test_leaves_grow_as_sqrt_n_and_search_has_a_floor(n):
     p = index_params(n, 32, IndexConfig())
     assert p.algorithm == "scann"
-    assert abs(p.num_leaves - n**0.5) <= 1
+    # 4 sqrt(N) leaves, but none averaging under 16 items (2000 items: 125 leaves, not 179).
+    assert p.num_leaves == min(round(4 * n**0.5), n // 16)
     # At least min_leaves_to_search (10) leaves, never more than there are.
     assert 10 <= p.num_leaves_to_search <= p.num_leaves
-    # k-means keeps leaves at least this big; it must stay below the average leaf size.
-    assert p.min_partition_size <= n / p.num_leaves
+    # k-means keeps leaves at least this big, counted in its training sample: far below the
+    # sample's average leaf.
+    assert p.min_partition_size <= max(1, p.training_sample_size / p.num_leaves / 10)
     assert p.reorder == min(n, 400)
 
 
 def test_brute_force_threshold_and_knobs_come_from_config():
-    cfg = IndexConfig(brute_force_below=0, leaves_to_search_fraction=0.2, reorder_multiplier=2, recall_k=10)
+    cfg = IndexConfig(
+        brute_force_below=0, leaves_per_sqrt_n=1, leaves_to_search_fraction=0.2, reorder_multiplier=2,
+        recall_k=10,
+    )  # fmt: skip
     p = index_params(10_000, 8, cfg)
     assert p.algorithm == "scann"
+    assert p.num_leaves == 100  # 1 x sqrt(10k)
     assert p.num_leaves_to_search == 20  # 20% of 100 leaves
     assert p.reorder == 20  # 2 x k
 
