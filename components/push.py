@@ -8,13 +8,16 @@ slice of traffic tries before the canary DAG promotes or rolls it back).
 
 Two models are pushed together under one version number:
 
-- ``retrieval``: query features -> the top-K item ids and scores. The ScaNN index is inside
-  the SavedModel (``scann_ops``, built from the index step's exact ScannConfig), so one
-  Predict call does query tower + ANN. A stock ``tensorflow/serving`` cannot load it ("Op
-  type not registered 'Scann...'"): ``assets.extra/requirements.json`` names the server build
-  it needs, and ``assets.extra`` also holds the query tower (no custom ops) with the item
-  embeddings and ids, so a gateway can fall back to exact search. A catalog small enough
-  for an exact index gets a plain matmul + top-k and runs on any server.
+- ``retrieval``: query features -> the top-K item ids and scores; one Predict call does query
+  tower + index. ``push.retrieval_index`` says which index is in the graph. By default
+  (``partitioned``) it is the index step's ScaNN leaves searched with core TensorFlow ops
+  (``components.in_graph_index``: centroids, the best leaves, exact scores of their items),
+  so a stock ``tensorflow/serving`` loads it. ``scann_ops`` puts ScaNN's own ops in the graph
+  (built from the index step's exact ScannConfig); a stock server cannot load that ("Op type
+  not registered 'Scann...'"). ``exact`` is a plain matmul + top-k, as is any index the step
+  built exact. ``assets.extra/requirements.json`` names the server build the graph needs, and
+  ``assets.extra`` also holds the query tower (no custom ops) with the item embeddings and
+  ids, so a gateway can fall back to exact search.
 - ``ranking``: features of (user, candidate) pairs -> one score per objective plus ``score``.
 
 Each version folder carries warm-up requests (``assets.extra/tf_serving_warmup_requests``,
@@ -48,6 +51,7 @@ from recsys.artifacts import (
     ITEM_IDS_FILE,
     ITEM_NEIGHBOURS_FILE,
     PAD_ID,
+    PARTITION_FILE,
     PUSH_RECORD,
     REQUIREMENTS,
     SCANN_CONFIG_FILE,
@@ -55,7 +59,7 @@ from recsys.artifacts import (
     assets_extra,
     push_record_path,
 )
-from recsys.config import FeaturesConfig, PushConfig
+from recsys.config import FeaturesConfig, PushConfig, RetrievalIndex
 from recsys.faults import failpoint
 from recsys.feature_schema import RANK_CANDIDATES_SIGNATURE
 from recsys.manifests import PushManifest, PushRecord, PushSkippedManifest, StepManifest
@@ -206,63 +210,104 @@ def _warmup_batches(
 
 
 def export_retrieval(
-    train_dir: Path, index_dir: Path, out: Path, k: int, server_image: str = "google/tf-serving-scann"
+    train_dir: Path,
+    index_dir: Path,
+    out: Path,
+    k: int,
+    server_image: str = "google/tf-serving-scann",
+    retrieval_index: RetrievalIndex = "partitioned",
 ) -> dict[str, Any]:
     """Save the retrieval SavedModel (query tower + index) with its fallback assets into ``out``.
 
     Signatures: ``serving_default`` and ``retrieve`` (features -> ``item_ids`` [B, K],
     ``item_rows`` [B, K] (rows of ``item_ids.json``), ``scores`` [B, K], best first;
     K = min(k, catalog)), ``embed`` (features -> ``embedding``).
+
+    Args:
+        retrieval_index: the index in the graph (``push.retrieval_index``): ``partitioned``
+            (the index's ScaNN leaves, core ops), ``scann_ops`` (ScaNN's ops) or ``exact``;
+            an index built exact is exported exact.
+
+    Raises:
+        PushRefused: ``partitioned`` asked of an index folder without the partition.
     """
     import tensorflow as tf
 
     index_manifest = read_manifest(index_dir)
     ids = np.asarray(json.loads((index_dir / ITEM_IDS_FILE).read_text()), dtype=object)
     emb = np.load(index_dir / EMBEDDINGS_FILE).astype(np.float32)
-    use_scann = index_manifest["algorithm"] == "scann"
+    kind = _index_kind(index_manifest, retrieval_index)
     k = min(k, len(ids))
-    # The index step's ScannConfig: the same tree and hashing it measured recall with.
-    scann_config = (index_dir / SCANN_CONFIG_FILE).read_text() if use_scann else None
-    reorder = max(int(index_manifest["params"]["reorder"]), k)
     query_model = tf.saved_model.load(str(train_dir / "query_tower"))
-    module = _retrieval_module(query_model, ids, emb, scann_config, k, reorder)
+    module = _retrieval_module(query_model, ids, _search_index(kind, index_dir, index_manifest, emb, k), k)
     specs = _signature_specs(query_model.signatures["serving_default"])
     retrieve = module.retrieve.get_concrete_function(specs)
     signatures = {name: retrieve for name in RETRIEVAL_SIGNATURES}
     signatures["embed"] = module.embed.get_concrete_function(specs)
-    tf.saved_model.save(
-        module,
-        str(out),
-        signatures=signatures,
-        options=tf.saved_model.SaveOptions(namespace_whitelist=["Scann"]),
-    )
+    options = tf.saved_model.SaveOptions(namespace_whitelist=["Scann"] if kind == "scann_ops" else None)
+    tf.saved_model.save(module, str(out), signatures=signatures, options=options)
     extra = assets_extra(out)
     _write_exact_search_assets(extra, train_dir, ids, emb)
-    requirements = _retrieval_requirements(index_manifest, k, specs, server_image)
+    requirements = _retrieval_requirements(index_manifest, kind, k, specs, server_image)
     (extra / REQUIREMENTS).write_text(json.dumps(requirements, indent=2))
     return requirements
 
 
-def _retrieval_module(
-    query_model: Any, ids: np.ndarray, emb: np.ndarray, scann_config: str | None, k: int, reorder: int
-) -> Any:
-    """A ``tf.Module`` holding the query tower and the index: ScaNN with ``scann_config``, or
-    an exact matmul + top-k over ``emb`` without one."""
-    import tensorflow as tf
+def _index_kind(index_manifest: Mapping[str, Any], asked: RetrievalIndex) -> RetrievalIndex:
+    """The index the graph holds: what was asked, or exact for an index the step built exact."""
+    return asked if index_manifest["algorithm"] == "scann" else "exact"
 
-    use_scann = scann_config is not None
+
+def _search_index(
+    kind: RetrievalIndex, index_dir: Path, index_manifest: Mapping[str, Any], emb: np.ndarray, k: int
+) -> Any:
+    """A ``tf.Module`` whose ``search(queries, k)`` gives (scores [B, k], rows [B, k]; -1 pads)."""
+    from components.in_graph_index import LeafPartition, LeafTables, exact_index, partitioned_index
+
+    if kind == "exact":
+        return exact_index(emb)
+    if kind == "scann_ops":
+        # The index step's ScannConfig: the same tree and hashing it measured recall with.
+        scann_config = (index_dir / SCANN_CONFIG_FILE).read_text()
+        return _scann_index(emb, scann_config, max(int(index_manifest["params"]["reorder"]), k))
+    partitioned = index_manifest.get("partitioned")
+    if partitioned is None or not (index_dir / PARTITION_FILE).is_file():
+        raise PushRefused(
+            f"index {index_dir} has no partition for the in-graph search (built before it existed): "
+            "rebuild the index, or set push.retrieval_index to scann_ops or exact"
+        )
+    tables = LeafTables.build(LeafPartition.load(index_dir / PARTITION_FILE), emb)
+    return partitioned_index(tables, int(partitioned["leaves_to_search"]))
+
+
+def _scann_index(emb: np.ndarray, scann_config: str, reorder: int) -> Any:
+    """ScaNN's searcher as ops in the graph (``scann_ops``), with the index step's config."""
+    import tensorflow as tf
+    from scann import scann_ops
+
+    class ScannIndex(tf.Module):
+        def __init__(self) -> None:
+            super().__init__(name="scann_index")
+            self.scann = scann_ops.create_searcher(tf.constant(emb), scann_config).serialize_to_module()
+
+        def search(self, queries: tf.Tensor, k: int) -> tuple[tf.Tensor, tf.Tensor]:
+            searcher = scann_ops.searcher_from_module(self.scann)
+            found = searcher.search_batched(queries, final_num_neighbors=k, pre_reorder_num_neighbors=reorder)
+            return found.distances, tf.cast(found.indices, tf.int32)
+
+    return ScannIndex()
+
+
+def _retrieval_module(query_model: Any, ids: np.ndarray, index: Any, k: int) -> Any:
+    """A ``tf.Module`` holding the query tower and ``index`` (a module with ``search``)."""
+    import tensorflow as tf
 
     class Retrieval(tf.Module):
         def __init__(self) -> None:
             super().__init__()
             self.query_model = query_model
             self.item_ids = tf.Variable(ids.astype(str).astype(object), trainable=False, dtype=tf.string)
-            if use_scann:
-                from scann import scann_ops
-
-                self.scann = scann_ops.create_searcher(tf.constant(emb), scann_config).serialize_to_module()
-            else:
-                self.item_embeddings = tf.Variable(emb, trainable=False)
+            self.index = index
 
         def _embed(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
             return self.query_model.signatures["serving_default"](**features)["embedding"]
@@ -273,16 +318,9 @@ def _retrieval_module(
 
         @tf.function
         def retrieve(self, features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-            q = self._embed(features)
-            if use_scann:
-                from scann import scann_ops
-
-                searcher = scann_ops.searcher_from_module(self.scann)
-                found = searcher.search_batched(q, final_num_neighbors=k, pre_reorder_num_neighbors=reorder)
-                idx, scores = tf.cast(found.indices, tf.int32), found.distances
-            else:
-                scores, idx = tf.math.top_k(tf.matmul(q, self.item_embeddings, transpose_b=True), k=k)
-            # ScaNN pads with -1 when the searched leaves hold fewer than K items.
+            scores, idx = self.index.search(self._embed(features), k)
+            # Every index pads with row -1 when the searched part of the catalog holds fewer
+            # than K items (ScaNN's leaves, the partitioned search's, or K above the catalog).
             valid = idx >= 0
             item_ids = tf.where(valid, tf.gather(self.item_ids, tf.maximum(idx, 0)), PAD_ID)
             scores = tf.where(valid, scores, tf.float32.min)
@@ -305,23 +343,33 @@ def _write_exact_search_assets(extra: Path, train_dir: Path, ids: np.ndarray, em
 
 
 def _retrieval_requirements(
-    index_manifest: Mapping[str, Any], k: int, specs: Mapping[str, Any], server_image: str
+    index_manifest: Mapping[str, Any],
+    kind: RetrievalIndex,
+    k: int,
+    specs: Mapping[str, Any],
+    server_image: str,
 ) -> dict[str, Any]:
     """``requirements.json`` of the retrieval model: the server build it needs, its signatures
     and how to search without it."""
     import tensorflow as tf
 
-    use_scann = index_manifest["algorithm"] == "scann"
-    return {
+    use_scann = kind == "scann_ops"
+    server = {
+        "scann_ops": f"TensorFlow Serving built with ScaNN's ops: the {server_image} image or ScaNN's "
+        "tf_serving build; stock tensorflow/serving fails with \"Op type not registered 'Scann...'\"",
+        "partitioned": "stock tensorflow/serving: core TensorFlow ops only (ScaNN's leaves searched "
+        "in-graph), no custom ops",
+        "exact": "stock tensorflow/serving (exact index: no custom ops)",
+    }[kind]
+    partitioned = index_manifest.get("partitioned") if kind == "partitioned" else None
+    # The recall of the search the graph runs, as the index step measured it.
+    recall = {"exact": 1.0, "scann_ops": index_manifest.get("recall_at_k")}.get(kind)
+    requirements = {
         "model": "retrieval",
         "index": index_manifest["algorithm"],
+        "retrieval_index": kind,
         "custom_ops": ["Scann"] if use_scann else [],
-        "server": (
-            f"TensorFlow Serving built with ScaNN's ops: the {server_image} image or ScaNN's "
-            "tf_serving build; stock tensorflow/serving fails with \"Op type not registered 'Scann...'\""
-            if use_scann
-            else "stock tensorflow/serving (exact index: no custom ops)"
-        ),
+        "server": server,
         "tensorflow": tf.__version__,
         "scann": _version("scann") if use_scann else None,
         "k": k,
@@ -338,8 +386,12 @@ def _retrieval_requirements(
             "item_ids": ITEM_IDS_FILE,
         },
         "inputs": {name: spec.dtype.name for name, spec in specs.items()},
-        "index_recall_at_k": index_manifest.get("recall_at_k"),
+        "index_recall_at_k": partitioned["recall_at_k"] if partitioned is not None else recall,
     }
+    if partitioned is not None:
+        kept = ("num_leaves", "leaves_to_search", "items_searched_mean")
+        requirements["partitioned"] = {key: partitioned[key] for key in kept}
+    return requirements
 
 
 def export_ranking(train_dir: Path, out: Path) -> dict[str, Any]:
@@ -398,11 +450,13 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _smoke_test(saved_model: Path, batch: Mapping[str, np.ndarray], signature: str) -> None:
+def _smoke_test(
+    saved_model: Path, batch: Mapping[str, np.ndarray], signature: str, custom_ops: Sequence[str] = ()
+) -> None:
     """Run one warm-up request through the exported model before it is published."""
     import tensorflow as tf
 
-    if signature == "retrieve":
+    if signature == "retrieve" and custom_ops:
         from scann import scann_ops  # noqa: F401  (registers the Scann ops before loading)
     loaded = tf.saved_model.load(str(saved_model))
     loaded.signatures[signature](**{k: tf.constant(v) for k, v in batch.items()})
@@ -705,7 +759,12 @@ def _export(
         temps[role] = tmp
         if role == "retrieval":
             requirements = export_retrieval(
-                source.train_dir, source.index_dir, tmp, config.retrieval_k, config.scann_server_image
+                source.train_dir,
+                source.index_dir,
+                tmp,
+                config.retrieval_k,
+                config.scann_server_image,
+                config.retrieval_index,
             )
             batches, signature = warmup.retrieval, "retrieve"
         else:
@@ -723,7 +782,7 @@ def _export(
             model=name,
         )
         (extra / PUSH_RECORD).write_text(json.dumps(record.model_dump(), indent=2))
-        _smoke_test(tmp, batches[0], signature)
+        _smoke_test(tmp, batches[0], signature, requirements.get("custom_ops", ()))
         results[role] = {"name": name, "requirements": requirements, "warmup_records": written}
         if role == "retrieval" and policy is not None:
             # The ordering steps the gate measured travel with the version the gateway loads.

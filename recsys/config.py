@@ -367,6 +367,10 @@ class IndexConfig(Section):
     seed: int = 0
 
 
+# The index in the retrieval SavedModel (``push.retrieval_index``; components/push.py).
+RetrievalIndex = Literal["partitioned", "scann_ops", "exact"]
+
+
 class PushConfig(Section):
     """Publishing models to TF Serving's layout ``<base>/<model>/<version>/``."""
 
@@ -381,6 +385,15 @@ class PushConfig(Section):
     keep_versions: int = Field(3, ge=1)
     # Warm-up PredictionLog records per model (TF Serving reads at most 1000).
     warmup_records: int = Field(32, ge=1, le=1000)
+    # How the retrieval SavedModel searches the catalog:
+    # - partitioned: the index's ScaNN leaves searched with core TensorFlow ops (centroids,
+    #   the best leaves, exact scores of their items), as many leaves as the index step
+    #   measured for index.recall_target; stock tensorflow/serving loads it;
+    # - scann_ops: ScaNN's own ops in the graph; needs a server built with them
+    #   (scann_server_image): stock TF Serving says "Op type not registered 'Scann...'";
+    # - exact: a matmul and top-k over every item (core ops; reads the whole catalog per query).
+    # An index the step built exact (below index.brute_force_below) is exported exact.
+    retrieval_index: RetrievalIndex = "partitioned"
     # The server build that a SavedModel holding ScaNN ops needs.
     scann_server_image: str = "google/tf-serving-scann"
 

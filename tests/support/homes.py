@@ -4,7 +4,11 @@
 items published at the end of the period that nobody has touched yet: validation, feature
 tables, ``feast apply`` and materialization into the SQLite online store, real tiny models
 from the training step (``model_fixture``), a ScaNN index (forced at 82 items) and two
-pushes, so the ``stable`` label points at version 1 and ``canary`` at version 2.
+pushes, so the ``stable`` label points at version 1 and ``canary`` at version 2. The
+retrieval versions hold ScaNN's ops (``push.retrieval_index: scann_ops``), served as the
+google/tf-serving-scann build serves them, so the path of a server that lacks those ops
+stays testable; the default core-ops retrieval model is served in
+``tests/integration/serving/test_core_ops_retrieval.py``.
 ``copy_home`` gives a test module its own copy to change and break.
 
 ``build_scale_home`` builds one the same way from the generator at a given size (the soak's
@@ -32,6 +36,8 @@ from tests.support.tiny_data import TINY_END, tiny_params
 BLESSED = {"blessed": True, "reason": "test"}
 # Published two hours before the period ends; no event touches them.
 NEW_ITEMS = ("i_new_1", "i_new_2")
+# How the homes push: the retrieval model with ScaNN's ops in its graph.
+PUSH = PushConfig(retrieval_index="scann_ops")
 
 
 def build_serving_home(raw: Path, home: Path) -> tuple[Settings, Path]:
@@ -106,18 +112,14 @@ def _build_from_data(settings: Settings, data: Path, index: IndexConfig) -> dict
     write_train_fixture(settings.validated_dir, train)
     lap("train")
     build_index(index, train, home / "index")
-    push_models(
-        PushConfig(), train, home / "index", BLESSED, settings.models_dir, data_dir=settings.validated_dir
-    )
+    push_models(PUSH, train, home / "index", BLESSED, settings.models_dir, data_dir=settings.validated_dir)
     # A second training output (same weights, another manifest): version 2 becomes the canary.
     other = home / "train-2"
     shutil.copytree(train, other)
     m = json.loads((other / "manifest.json").read_text())
     (other / "manifest.json").write_text(json.dumps({**m, "note": "canary"}))
     build_index(index, other, home / "index-2")
-    push_models(
-        PushConfig(), other, home / "index-2", BLESSED, settings.models_dir, data_dir=settings.validated_dir
-    )
+    push_models(PUSH, other, home / "index-2", BLESSED, settings.models_dir, data_dir=settings.validated_dir)
     lap("index_and_push")
     return seconds
 

@@ -176,12 +176,12 @@ def test_push_versions_labels_retention_and_artifacts(train_dir, scann_index, ti
     users = {tf.make_ndarray(r.predict_log.request.inputs["user_id"])[0] for r in records}
     assert len(users) > 1 and all(u.startswith(b"u") for u in users)
 
-    # The retrieval model holds ScaNN, says so, and its retrieve signature returns K ids.
+    # The retrieval model searches ScaNN's leaves with core ops (push.retrieval_index's default),
+    # says it needs no custom ops, and its retrieve signature returns K ids.
     req = json.loads((base / "retrieval" / "4" / "assets.extra" / "requirements.json").read_text())
-    assert req["custom_ops"] == ["Scann"] and "tf-serving-scann" in req["server"]
+    assert req["retrieval_index"] == "partitioned" and req["custom_ops"] == []
+    assert "stock tensorflow/serving" in req["server"] and req["scann"] is None
     assert (base / "retrieval" / "4" / "assets.extra" / "query_tower" / "saved_model.pb").is_file()
-    from scann import scann_ops  # noqa: F401
-
     retrieval = tf.saved_model.load(str(base / "retrieval" / "4"))
     assert {"serving_default", "retrieve", "embed"} <= set(retrieval.signatures)
     query = {
