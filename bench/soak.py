@@ -7,7 +7,8 @@
 
 Requests are scheduled at a fixed rate whatever the gateway does (open loop), and each
 latency is measured from the moment the request was *due*, not sent, so a stall shows in
-the percentiles instead of quietly lowering the rate (no coordinated omission). A share of
+the percentiles instead of quietly lowering the rate (no coordinated omission); the schedule
+and the light HTTP client are ``bench.open_loop``'s, as ``bench.serving --open-loop`` uses them. A share of
 the requests (``--event-fraction``) posts one event with the API key from the environment
 variable ``--api-key-env`` (items from ``--items-file``, in turn); the rest ask for
 recommendations for users from ``--users-file`` (or generated ids), and a share of those
@@ -32,33 +33,19 @@ import json
 import os
 import random
 import sys
-import threading
-import time
 import uuid
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-import httpx
+from bench.open_loop import arrivals, drive, http_request, percentiles
 
 # The event item when no ``--items-file`` is given (an id of the tiny generated catalog).
 DEFAULT_EVENT_ITEM = "i01"
 # The brand-new users' ids start with this.
 NEW_USER_PREFIX = "soak-new-"
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    """p50/p95/p99/max of ``values`` in ms (nearest rank), or {} when empty."""
-    if not values:
-        return {}
-    v = sorted(values)
-
-    def rank(q: float) -> float:
-        return round(v[min(len(v) - 1, max(0, int(round(q * len(v))) - 1))], 2)
-
-    return {"p50": rank(0.50), "p95": rank(0.95), "p99": rank(0.99), "max": round(v[-1], 2)}
 
 
 def parse_band(text: str) -> tuple[float, float]:
@@ -145,9 +132,11 @@ def run_soak(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Drive ``url`` at ``rps`` for ``seconds``; return counts, errors, latency percentiles and
-    what the recommendations answered from (sources, cold start, fallbacks, arms)."""
-    local = threading.local()
-    lock = threading.Lock()
+    what the recommendations answered from (sources, cold start, fallbacks, arms).
+
+    The schedule and the client are ``bench.open_loop``'s (a fixed rate here; at most
+    ``workers`` requests in flight, each on a keep-alive connection).
+    """
     latencies: dict[str, list[float]] = {"recommendations": [], "events": []}
     errors: Counter[str] = Counter()
     sources: Counter[str] = Counter()
@@ -156,76 +145,64 @@ def run_soak(
     statuses: Counter[str] = Counter()
     kinds: Counter[str] = Counter()
     headers = {"X-API-Key": api_key} if api_key else {}
+    host = urlsplit(url).netloc
     event_items = items or [DEFAULT_EVENT_ITEM]
     every = max(1, round(1 / event_fraction)) if event_fraction > 0 else 0
-    rng = random.Random(seed)  # which requests ask for a new user: drawn in the scheduling thread
+    rng = random.Random(seed)  # which requests ask for a new user, in the order they are due
+    schedule = arrivals(rps, seconds)
+    is_event = [every > 0 and n % every == 0 for n in range(len(schedule))]
+    new_user = [not e and new_user_fraction > 0 and rng.random() < new_user_fraction for e in is_event]
+    for e, new in zip(is_event, new_user, strict=True):
+        kinds["events" if e else "new_users" if new else "known_users"] += 1
 
-    def client() -> httpx.Client:
-        if not hasattr(local, "client"):
-            local.client = httpx.Client(base_url=url, timeout=10.0, headers=headers)
-        return local.client
+    def request(n: int) -> bytes:
+        user = f"{NEW_USER_PREFIX}{uuid.uuid4().hex}" if new_user[n] else users[n % len(users)]
+        if is_event[n]:
+            body = {
+                "event_id": f"soak-{uuid.uuid4().hex}",
+                "user_id": user,
+                "item_id": event_items[(n // every) % len(event_items)],
+                "event_type": "view",
+                "value": 3.0,
+                "ts": datetime.now(UTC).isoformat(),
+                "session_id": f"soak-{user}",
+                "device": "desktop",
+            }
+            return http_request("POST", "/v1/events", host, json.dumps(body).encode(), headers)
+        body = {"user_id": user, "k": k}
+        return http_request("POST", "/v1/recommendations", host, json.dumps(body).encode(), headers)
 
-    def one(n: int, due: float, new_user: bool) -> None:
-        is_event = every > 0 and n % every == 0
-        user = f"{NEW_USER_PREFIX}{uuid.uuid4().hex}" if new_user else users[n % len(users)]
-        kind = "events" if is_event else "recommendations"
+    outcomes, start = drive(url, schedule, request, connections=workers, timeout=10.0)
+    for o in outcomes:
+        kind = "events" if is_event[o.n] else "recommendations"
+        if o.error is not None:
+            errors[f"{kind}:{o.error}"] += 1
+            continue
+        statuses[f"{kind}:{o.status}"] += 1
+        if o.status >= 300:
+            errors[f"{kind}:{o.status}"] += 1
+            continue
         try:
-            if is_event:
-                body = {
-                    "event_id": f"soak-{uuid.uuid4().hex}",
-                    "user_id": user,
-                    "item_id": event_items[(n // every) % len(event_items)],
-                    "event_type": "view",
-                    "value": 3.0,
-                    "ts": datetime.now(UTC).isoformat(),
-                    "session_id": f"soak-{user}",
-                    "device": "desktop",
-                }
-                r = client().post("/v1/events", json=body)
-            else:
-                r = client().post("/v1/recommendations", json={"user_id": user, "k": k})
-            elapsed = (time.perf_counter() - due) * 1000
-            out = r.json() if r.status_code < 300 and not is_event else {}
-            with lock:
-                statuses[f"{kind}:{r.status_code}"] += 1
-                if r.status_code >= 300:
-                    errors[f"{kind}:{r.status_code}"] += 1
-                    return
-                latencies[kind].append(elapsed)
-                if not is_event:
-                    sources[out.get("candidate_source", "?")] += 1
-                    arms[out.get("arm", "?")] += 1
-                    flags["cold_start"] += bool(out.get("cold_start"))
-                    flags["fallback"] += bool(out.get("fallback"))
-        except (httpx.HTTPError, ValueError) as e:
-            with lock:
-                errors[f"{kind}:{type(e).__name__}"] += 1
-
-    start = time.perf_counter()
-    n = 0
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        while True:
-            due = start + n / rps
-            if due - start >= seconds:
-                break
-            is_event = every > 0 and n % every == 0
-            new_user = not is_event and new_user_fraction > 0 and rng.random() < new_user_fraction
-            kinds["events" if is_event else "new_users" if new_user else "known_users"] += 1
-            delay = due - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            pool.submit(one, n, due, new_user)
-            n += 1
-    wall = time.perf_counter() - start
+            out = json.loads(o.body) if kind == "recommendations" else {}
+        except ValueError as e:
+            errors[f"{kind}:{type(e).__name__}"] += 1
+            continue
+        latencies[kind].append(o.latency_ms)
+        if kind == "recommendations":
+            sources[out.get("candidate_source", "?")] += 1
+            arms[out.get("arm", "?")] += 1
+            flags["cold_start"] += bool(out.get("cold_start"))
+            flags["fallback"] += bool(out.get("fallback"))
+    wall = max((o.done for o in outcomes), default=start) - start
     done = sum(len(v) for v in latencies.values())
     answered = len(latencies["recommendations"])
     return {
         "target_rps": rps,
         "seconds": round(wall, 1),
-        "requests": n,
+        "requests": len(schedule),
         "requests_by_kind": dict(kinds),  # events; recommendations for known and new users
         "ok": done,
-        "achieved_rps": round(done / wall, 1),
+        "achieved_rps": round(done / wall, 1) if wall > 0 else 0.0,
         "errors": dict(errors),
         "statuses": dict(statuses),
         "latency_ms": {kind: percentiles(v) for kind, v in latencies.items()},
@@ -254,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         help="share of the recommendation requests for a brand-new user id",
     )  # fmt: skip
     p.add_argument("--api-key-env", default="RECSYS_API_KEY")
-    p.add_argument("--workers", type=int, default=32)
+    p.add_argument("--workers", type=int, default=32, help="requests in flight at most (connections)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--expect-source", type=parse_source_band, action="append", default=[], metavar="SOURCE=LO:HI",
