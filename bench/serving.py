@@ -1,6 +1,7 @@
 """Benchmark: the gateway end to end on a 100k-item catalog, at 1, 8 and 32 concurrent clients.
 
-Run: `.venv/bin/python -m bench.serving [--items 100000 --seconds 20 --concurrency 1,8,32]`.
+Run: `.venv/bin/python -m bench.serving [--items 100000 --seconds 20 --concurrency 1,8,32]`;
+open loop: `.venv/bin/python -m bench.serving --open-loop [--rates 25,50,100,150,200]`.
 
 Build (once; reused from ``<home>/bench/serving`` unless ``--rebuild``):
 
@@ -25,6 +26,17 @@ response's ``timings_ms``. ``--repeats N`` runs every level N times (levels inte
 the tables show each level's median-p99 pass, and a spread table the range over the passes.
 Prints a table, writes ``results.json`` and, with ``--record``,
 appends a section to BENCHMARKS.md.
+
+``--open-loop`` drives the same servers open loop instead (``bench.open_loop``): at each of
+``--rates`` (25, 50, 100, 150, 200 req/s) a load process of its own sends Poisson arrivals
+(seeded) over at most ``--connections`` (64) keep-alive connections, each latency counted
+from the time the request was due (no coordinated omission). Per rate: p50/p90/p99, errors,
+503s (shed), the rate sent and the rate served, the share of answers on the full path, and
+the gateway's and model server's CPU per request read from /proc over the measured window.
+Then the highest rate whose p99 is within ``--slo-ms`` (50) with at most 0.1% shed or
+failed, and an overload step at ``--overload-factor`` (2) times it: served req/s against
+that rate, the 503s and the admitted requests' latency (``--max-concurrent`` sets
+``gateway.max_concurrent_requests`` for the run). Writes ``results_open_loop.json``.
 """
 
 from __future__ import annotations
@@ -208,6 +220,91 @@ def load(
     }
 
 
+def open_load(
+    url: str,
+    users: list[str],
+    rate: float,
+    seconds: float,
+    warmup: float,
+    k: int,
+    connections: int,
+    seed: int,
+    pids: dict[str, int],
+) -> dict[str, Any]:
+    """Open loop at ``rate``: Poisson arrivals (seeded), each latency from the time it was due.
+
+    The requests due in ``warmup`` are sent but not counted. Over the measured window the
+    servers' CPU (``pids``, read from /proc at the window's edges) and this process's are
+    divided by the requests answered 200 in the window; ``served_rps`` counts those answers,
+    ``achieved_rps`` the requests sent. A 503 (the gateway's load shedding) is ``shed``, any
+    other failure an error.
+    """
+    from urllib.parse import urlsplit
+
+    from bench.open_loop import arrivals, drive, http_request, percentiles, sampler
+
+    schedule = arrivals(rate, warmup + seconds, seed)
+    host = urlsplit(url).netloc
+    picks = np.random.default_rng(seed).integers(len(users), size=len(schedule))
+    requests = [
+        http_request("POST", "/v1/recommendations", host, json.dumps({"user_id": users[i], "k": k}).encode())
+        for i in picks.tolist()
+    ]
+
+    def counters() -> dict[str, float]:
+        return {"at": time.perf_counter(), "load": time.process_time() * 1000,
+                **{name: _cpu_ms(pid) for name, pid in pids.items()}}  # fmt: skip
+
+    edges: list[dict[str, float]] = []
+    marks = [(at, sampler(edges, counters)) for at in (warmup, warmup + seconds)]
+    outcomes, start = drive(url, schedule, requests.__getitem__, connections, timeout=10.0, marks=marks)
+    begin, end = edges[0]["at"], edges[1]["at"]
+    measured = [o for o in outcomes if o.due - start >= warmup]
+    ok = [o for o in measured if o.status == 200]
+    served_in_window = sum(1 for o in outcomes if o.status == 200 and begin <= o.done < end)
+    errors: dict[str, int] = {}
+    for o in measured:
+        if o.status not in (200, 503):
+            key = o.error or str(o.status)
+            errors[key] = errors.get(key, 0) + 1
+    bodies = [json.loads(o.body) for o in ok]
+    stages = {}
+    for stage in STAGES:
+        vals = np.array([b["timings_ms"].get(stage, 0.0) for b in bodies]) if bodies else np.zeros(1)
+        stages[stage] = {q: float(np.percentile(vals, p)) for q, p in (("p50", 50), ("p95", 95), ("p99", 99))}
+    sources: dict[str, int] = {}
+    for b in bodies:
+        sources[b["candidate_source"]] = sources.get(b["candidate_source"], 0) + 1
+    ranked = np.array([b["counts"].get("ranked", 0) for b in bodies] or [0])
+    # The whole path: the model server's retrieval, and every survivor ranked (not a fallback).
+    full_path = sum(
+        1 for b in bodies if b["candidate_source"] == "retrieval" and b["counts"].get("ranked", 0)
+    )
+    window_s = end - begin
+    cpu = {
+        name: (edges[1][name] - edges[0][name]) / max(served_in_window, 1)
+        for name in ("model_server", "gateway", "load")
+        if name in edges[0]
+    }
+    return {
+        "rate": rate,
+        "seconds": window_s,
+        "requests": len(measured),
+        "ok": len(ok),
+        "shed": sum(1 for o in measured if o.status == 503),
+        "errors": sum(errors.values()),
+        "errors_by_kind": errors,
+        "achieved_rps": len(measured) / seconds,
+        "served_rps": served_in_window / window_s,
+        "full_path_share": full_path / len(bodies) if bodies else 0.0,
+        "latency_ms": percentiles([o.latency_ms for o in ok], (50, 90, 99)),
+        "stages_ms": stages,
+        "candidate_sources": sources,
+        "ranked_per_full_request": float(ranked[ranked > 0].mean()) if (ranked > 0).any() else 0.0,
+        "cpu_ms_per_request": cpu,
+    }
+
+
 # --- orchestration ---------------------------------------------------------------------------
 
 
@@ -340,9 +437,225 @@ def _table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _closed_loop_passes(
+    args: argparse.Namespace, serving: Any, users_file: Path, env: dict[str, str]
+) -> list[dict[str, Any]]:
+    """``--repeats`` closed-loop passes of every ``--concurrency`` level, levels interleaved."""
+    server, gateway, url = serving.model_server, serving.gateway, serving.url
+    runs = []
+    levels = [int(x) for x in args.concurrency.split(",")]
+    for c in [c for _ in range(args.repeats) for c in levels]:
+        load_1m = os.getloadavg()[0]
+        probe_ms = speed_probe()
+        cpu_before = {"model_server": _cpu_ms(server.pid), "gateway": _cpu_ms(gateway.pid)}
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.serving",
+                "load",
+                "--url",
+                url,
+                "--users-file",
+                str(users_file),
+                "--concurrency",
+                str(c),
+                "--seconds",
+                str(args.seconds),
+                "--warmup",
+                str(args.warmup),
+                "--k",
+                str(args.k),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO,
+            env=env,
+        )
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r["load_1m_before"] = load_1m
+        r["speed_probe_ms"] = probe_ms
+        # CPU per answered request, by process (/proc counters; the servers' idle threads
+        # and background work such as the impression writer included).
+        answered = max(r.get("answered_with_warmup", 0), 1)
+        r["cpu_ms_per_request"] = {
+            name: (_cpu_ms(pid) - cpu_before[name]) / answered
+            for name, pid in (("model_server", server.pid), ("gateway", gateway.pid))
+        }
+        r["cpu_ms_per_request"]["load"] = r.get("load_cpu_ms_per_request", 0.0)
+        runs.append(r)
+        _log(
+            f"{c:>2} clients: {r['throughput_rps']:.0f} req/s, e2e p50 {r['e2e_ms']['p50']:.1f} "
+            f"p95 {r['e2e_ms']['p95']:.1f} p99 {r['e2e_ms']['p99']:.1f} ms, errors {r['errors']}, "
+            f"sources {r['candidate_sources']}, ranked {r['ranked_per_full_request']:.0f}, "
+            f"load {load_1m:.1f}, probe {probe_ms:.0f} ms, CPU ms/request "
+            + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_ms_per_request"].items())
+        )
+    return runs
+
+
+def _open_loop_pass(
+    args: argparse.Namespace, serving: Any, users_file: Path, env: dict[str, str], rate: float, seed: int
+) -> dict[str, Any]:
+    """One open-loop rate from a load process of its own, with the machine's state before it."""
+    load_1m = os.getloadavg()[0]
+    probe_ms = speed_probe()
+    pids = f"model_server={serving.model_server.pid},gateway={serving.gateway.pid}"
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.serving", "open-load", "--url", serving.url,
+         "--users-file", str(users_file), "--rate", str(rate), "--seconds", str(args.seconds),
+         "--warmup", str(args.warmup), "--k", str(args.k), "--connections", str(args.connections),
+         "--seed", str(seed), "--pids", pids],
+        capture_output=True, text=True, check=True, cwd=REPO, env=env,
+    )  # fmt: skip
+    r: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    r["load_1m_before"], r["load_1m_after"], r["speed_probe_ms"] = load_1m, os.getloadavg()[0], probe_ms
+    lat, cpu = r["latency_ms"], r["cpu_ms_per_request"]
+    _log(
+        f"{rate:>5.0f} req/s scheduled: sent {r['achieved_rps']:.0f}, served {r['served_rps']:.0f} req/s, "
+        f"p50 {lat.get('p50', 0):.1f} p90 {lat.get('p90', 0):.1f} p99 {lat.get('p99', 0):.1f} ms, "
+        f"shed {r['shed']}, errors {r['errors_by_kind']}, sources {r['candidate_sources']}, "
+        f"ranked {r['ranked_per_full_request']:.0f}, load {load_1m:.1f} -> {r['load_1m_after']:.1f}, "
+        f"probe {probe_ms:.0f} ms, CPU ms/request " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
+    )
+    return r
+
+
+def sustainable(
+    runs: list[dict[str, Any]], slo_ms: float, max_failed: float = 0.001
+) -> dict[str, Any] | None:
+    """The highest-rate run whose p99 is within ``slo_ms`` and which shed or failed at most
+    ``max_failed`` of its requests (None when no run did)."""
+    good = [
+        r
+        for r in runs
+        if r.get("ok")
+        and r["latency_ms"]["p99"] <= slo_ms
+        and r["shed"] + r["errors"] <= max_failed * r["requests"]
+    ]
+    return max(good, key=lambda r: r["rate"]) if good else None
+
+
+def _shed_total(url: str) -> float:
+    """``recsys_gateway_shed_total`` summed over its endpoints, from the gateway's /metrics."""
+    import httpx
+
+    text = httpx.get(f"{url}/metrics").text
+    return sum(
+        float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith("recsys_gateway_shed_total")
+    )
+
+
+def _open_loop(
+    args: argparse.Namespace, home: Path, serving: Any, users_file: Path, env: dict[str, str], ready_s: float
+) -> None:
+    """Every ``--rates`` rate, then the overload step; prints the tables, writes results.json."""
+    runs = []
+    for n, rate in enumerate(float(x) for x in args.rates.split(",")):
+        runs.append(_open_loop_pass(args, serving, users_file, env, rate, args.seed + n))
+    best = sustainable(runs, args.slo_ms)
+    overload = None
+    if best is not None and args.overload_factor > 0:
+        shed_before = _shed_total(serving.url)
+        overload = _open_loop_pass(
+            args, serving, users_file, env, best["rate"] * args.overload_factor, args.seed + len(runs)
+        )
+        overload["shed_counted_by_gateway"] = _shed_total(serving.url) - shed_before
+        overload["served_vs_sustainable"] = overload["served_rps"] / best["rate"]
+    summary = {
+        "date": datetime.now(UTC).date().isoformat(),
+        "machine": _machine(),
+        "mode": "open-loop",
+        "items": args.items,
+        "protocol": args.protocol,
+        "seconds_per_rate": args.seconds,
+        "warmup_s": args.warmup,
+        "connections": args.connections,
+        "k": args.k,
+        "slo_ms": args.slo_ms,
+        "gateway_ready_s": ready_s,
+        "runs": runs,
+        "sustainable_rate": best["rate"] if best else None,
+        "overload": overload,
+    }
+    (home / "results_open_loop.json").write_text(json.dumps(summary, indent=2))
+    table = _open_table(summary)
+    print(table)
+    if args.record:
+        _record_open_loop(summary, table)
+
+
+def _open_table(summary: dict[str, Any]) -> str:
+    runs = summary["runs"] + ([summary["overload"]] if summary["overload"] else [])
+    lines = [
+        "| rate req/s | requests | sent req/s | served req/s | full path | p50 ms | p90 ms | p99 ms "
+        "| max ms | errors | shed (503) | gateway CPU ms/req | model server CPU ms/req "
+        "| load CPU ms/req | load 1m before -> after | probe ms |",
+        "|" + " ---: |" * 16,
+    ]
+    for r in runs:
+        lat, cpu = r["latency_ms"], r["cpu_ms_per_request"]
+        rate = f"{r['rate']:.0f}" + (" (overload)" if r is summary["overload"] else "")
+        lines.append(
+            f"| {rate} | {r['requests']:,} | {r['achieved_rps']:.0f} | {r['served_rps']:.0f} | "
+            f"{r.get('full_path_share', 0):.0%} | "
+            f"{lat.get('p50', 0):.1f} | {lat.get('p90', 0):.1f} | {lat.get('p99', 0):.1f} | "
+            f"{lat.get('max', 0):.1f} | {r['errors']} | {r['shed']} | {cpu.get('gateway', 0):.2f} | "
+            f"{cpu.get('model_server', 0):.2f} | {cpu.get('load', 0):.2f} | "
+            f"{r['load_1m_before']:.1f} -> {r['load_1m_after']:.1f} | {r['speed_probe_ms']:.0f} |"
+        )
+    lines += [
+        "",
+        "Full path: the share of answers from the model server's retrieval with every candidate "
+        "ranked (the rest: the popularity holdout arm, ~5%, and fallbacks).",
+        "",
+        "Per stage inside the gateway (p50 / p95 / p99 ms, from each answer's `timings_ms`):",
+        "",
+    ]
+    lines.append("| rate req/s | " + " | ".join(STAGES) + " |")
+    lines.append("| ---: | " + " | ".join("---:" for _ in STAGES) + " |")
+    for r in runs:
+        s = r["stages_ms"]
+        cells = [f"{s[x]['p50']:.1f} / {s[x]['p95']:.1f} / {s[x]['p99']:.1f}" for x in STAGES]
+        lines.append(f"| {r['rate']:.0f} | " + " | ".join(cells) + " |")
+    best, over = summary["sustainable_rate"], summary["overload"]
+    lines.append("")
+    lines.append(
+        f"Highest rate with p99 <= {summary['slo_ms']:.0f} ms (and at most 0.1% shed or failed): "
+        + (f"{best:.0f} req/s." if best else "none of the rates.")
+    )
+    if over:
+        lines.append(
+            f"Overload at {over['rate']:.0f} req/s: served {over['served_rps']:.0f} req/s = "
+            f"{over['served_vs_sustainable']:.0%} of the sustainable {best:.0f} "
+            f"({over.get('full_path_share', 0):.0%} of them on the full path); shed {over['shed']} "
+            f"(the gateway's recsys_gateway_shed_total rose by {over['shed_counted_by_gateway']:.0f}); "
+            f"the admitted requests' p99 {over['latency_ms'].get('p99', 0):.1f} ms."
+        )
+    return "\n".join(lines)
+
+
+def _record_open_loop(summary: dict[str, Any], table: str) -> None:
+    rates = ",".join(f"{r['rate']:.0f}" for r in summary["runs"])
+    section = f"""
+## Serving: open loop on a 100k-item catalog ({summary["date"]})
+
+`.venv/bin/python -m bench.serving --open-loop --rates {rates}`
+({summary["items"]:,} items; gateway -> model server over {summary["protocol"]}; Poisson arrivals,
+each latency from the time the request was due; {summary["seconds_per_rate"]:.0f} s per rate after
+{summary["warmup_s"]:.0f} s of warm-up; at most {summary["connections"]} connections; k = {summary["k"]};
+machine: {summary["machine"]}). Model server, gateway and the load process share the cores.
+
+{table}
+"""
+    with open(REPO / "BENCHMARKS.md", "a") as f:
+        f.write(section)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", nargs="?", default="run", choices=["run", "load"])
+    p.add_argument("mode", nargs="?", default="run", choices=["run", "load", "open-load"])
     p.add_argument("--items", type=int, default=100_000)
     p.add_argument("--users", type=int, default=3000)
     p.add_argument("--days", type=int, default=7)
@@ -361,10 +674,35 @@ def main() -> None:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--protocol", default="grpc", choices=["grpc", "rest"])
     p.add_argument("--record", action="store_true", help="append a section to BENCHMARKS.md")
+    # open loop
+    p.add_argument("--open-loop", action="store_true", help="Poisson arrivals at --rates instead of clients")
+    p.add_argument("--rates", default="25,50,100,150,200", help="open loop: requests a second, in order")
+    p.add_argument("--connections", type=int, default=64, help="open loop: at most this many at once")
+    p.add_argument("--slo-ms", type=float, default=50.0, help="open loop: the p99 a sustainable rate keeps")
+    p.add_argument(
+        "--overload-factor",
+        type=float,
+        default=2.0,
+        help="open loop: a last step at this multiple of the highest sustainable rate (0: none)",
+    )
+    p.add_argument(
+        "--max-concurrent", type=int, default=None, help="gateway.max_concurrent_requests for this run"
+    )
     # load mode (the separate load process)
     p.add_argument("--url")
     p.add_argument("--users-file", type=Path)
+    p.add_argument("--rate", type=float)
+    p.add_argument("--pids", default="", help="open-load: name=pid,... whose CPU is read")
     args = p.parse_args()
+
+    if args.mode == "open-load":
+        users = json.loads(args.users_file.read_text())
+        pids = {name: int(pid) for name, pid in (x.split("=") for x in args.pids.split(",") if x)}
+        out = open_load(
+            args.url, users, args.rate, args.seconds, args.warmup, args.k, args.connections, args.seed, pids
+        )
+        print(json.dumps(out))
+        return
 
     if args.mode == "load":
         users = json.loads(args.users_file.read_text())
@@ -402,6 +740,8 @@ def main() -> None:
         "RECSYS_HOME": str(home),
         setting_variable("gateway.protocol"): args.protocol,
     }
+    if args.max_concurrent is not None:
+        env[setting_variable("gateway.max_concurrent_requests")] = str(args.max_concurrent)
     # Each run starts from an empty event log: every request logs ~10 impressions, and a log
     # grown by earlier runs (1.7 GB after a day of runs) makes each run's writes heavier
     # than the last, so runs would not compare.
@@ -430,61 +770,14 @@ def main() -> None:
         poll_s=0.5,
         stop_timeout_s=20,
     ) as serving:
-        server, gateway, url = serving.model_server, serving.gateway, serving.url
-        ready_s = serving.gateway_ready_s
+        url, ready_s = serving.url, serving.gateway_ready_s
         _log(
             f"gateway ready in {ready_s:.1f}s (item cache of {args.items:,} items); {len(warm):,} warm users"
         )
-        runs = []
-        levels = [int(x) for x in args.concurrency.split(",")]
-        for c in [c for _ in range(args.repeats) for c in levels]:
-            load_1m = os.getloadavg()[0]
-            probe_ms = speed_probe()
-            cpu_before = {"model_server": _cpu_ms(server.pid), "gateway": _cpu_ms(gateway.pid)}
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "bench.serving",
-                    "load",
-                    "--url",
-                    url,
-                    "--users-file",
-                    str(users_file),
-                    "--concurrency",
-                    str(c),
-                    "--seconds",
-                    str(args.seconds),
-                    "--warmup",
-                    str(args.warmup),
-                    "--k",
-                    str(args.k),
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-                cwd=REPO,
-                env=env,
-            )
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            r["load_1m_before"] = load_1m
-            r["speed_probe_ms"] = probe_ms
-            # CPU per answered request, by process (/proc counters; the servers' idle threads
-            # and background work such as the impression writer included).
-            answered = max(r.get("answered_with_warmup", 0), 1)
-            r["cpu_ms_per_request"] = {
-                name: (_cpu_ms(pid) - cpu_before[name]) / answered
-                for name, pid in (("model_server", server.pid), ("gateway", gateway.pid))
-            }
-            r["cpu_ms_per_request"]["load"] = r.get("load_cpu_ms_per_request", 0.0)
-            runs.append(r)
-            _log(
-                f"{c:>2} clients: {r['throughput_rps']:.0f} req/s, e2e p50 {r['e2e_ms']['p50']:.1f} "
-                f"p95 {r['e2e_ms']['p95']:.1f} p99 {r['e2e_ms']['p99']:.1f} ms, errors {r['errors']}, "
-                f"sources {r['candidate_sources']}, ranked {r['ranked_per_full_request']:.0f}, "
-                f"load {load_1m:.1f}, probe {probe_ms:.0f} ms, CPU ms/request "
-                + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_ms_per_request"].items())
-            )
+        if args.open_loop:
+            _open_loop(args, home, serving, users_file, env, ready_s)
+            return
+        runs = _closed_loop_passes(args, serving, users_file, env)
         metrics = __import__("httpx").get(f"{url}/metrics").text
     results, spread_rows = representative_runs(runs), spread(runs)
     build_info = json.loads((home / "build.json").read_text()) if (home / "build.json").is_file() else {}

@@ -1,6 +1,6 @@
 """bench/serving's summary of repeated load passes: the median-p99 pass and the spread."""
 
-from bench.serving import _spread_table, representative_runs, spread
+from bench.serving import _spread_table, representative_runs, spread, sustainable
 
 
 def _run(level: int, rps: float, p50: float, p99: float, **extra: float) -> dict:
@@ -53,3 +53,17 @@ def test_spread_shows_the_speed_probe_range_only_when_every_pass_has_one():
     unprobed = spread([_run(8, 170, 46.0, 80.0, speed_probe_ms=61.0), _run(8, 210, 37.0, 60.0)])
     assert "probe_ms" not in unprobed[0]
     assert "probe ms" not in _spread_table(unprobed)
+
+
+def _rate(rate: float, p99: float, requests: int = 1000, shed: int = 0, errors: int = 0) -> dict:
+    return {"rate": rate, "requests": requests, "ok": requests - shed - errors, "shed": shed,
+            "errors": errors, "latency_ms": {"p99": p99}}  # fmt: skip
+
+
+def test_the_sustainable_rate_is_the_highest_within_the_p99_and_failure_bounds():
+    runs = [_rate(25, 20.0), _rate(50, 30.0), _rate(100, 45.0, shed=2), _rate(150, 49.0), _rate(200, 80.0)]
+    # 100 req/s shed 0.2% of its requests (over 0.1%); 150 keeps p99 <= 50 ms; 200 does not.
+    assert sustainable(runs, 50.0)["rate"] == 150
+    assert sustainable(runs, 25.0)["rate"] == 25
+    assert sustainable([_rate(25, 60.0)], 50.0) is None
+    assert sustainable([_rate(25, 10.0, requests=1000, errors=1)], 50.0)["rate"] == 25  # 0.1% allowed
