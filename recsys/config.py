@@ -71,16 +71,16 @@ class ValidationConfig(Section):
 class FeaturesConfig(Section):
     online_store: Literal["sqlite", "redis"] = "sqlite"
     redis_connection_string: str = "127.0.0.1:6379"
-    windows_days: list[int] = [1, 7, 30]
-    recent_items: int = Field(20, ge=1)
-    project: str = "recsys"
-
-
     # Every call to the online store's Redis ends within these (a hung or paused server costs
     # a request its feature deadline and the push thread one timeout, never a thread forever).
     # Added to the connection string unless it names them itself.
     redis_socket_timeout_seconds: float = Field(2.0, gt=0)
     redis_connect_timeout_seconds: float = Field(1.0, gt=0)
+    windows_days: list[int] = [1, 7, 30]
+    recent_items: int = Field(20, ge=1)
+    project: str = "recsys"
+
+
 class SourceConfig(Section):
     """Where the pipeline's ingest step reads from."""
 
@@ -472,15 +472,15 @@ class GatewayConfig(Section):
     # Requests handled at once; beyond that the gateway answers 503 with Retry-After at once
     # rather than queueing without bound (each request holds a thread and ~1000 candidates).
     max_concurrent_requests: int = Field(64, ge=1)
+    # Accepted events waiting for their online-store push (one background thread writes them,
+    # so a slow store never holds a request). Beyond this a push is dropped and counted: the
+    # event itself is already durable, and the next feature rebuild brings the store up to date.
+    push_queue_size: int = Field(10_000, ge=1)
     # Where candidates come from, in order, when the step before fails: the model server's
     # retrieval (ANN), exact search over the version's exported embeddings in the gateway,
     # popularity in the user's segment, global popularity.
     fallback_chain: list[Literal["retrieval", "exact", "segment_popularity", "global_popularity"]] = [
         "retrieval", "exact", "segment_popularity", "global_popularity",
-    # Accepted events waiting for their online-store push (one background thread writes them,
-    # so a slow store never holds a request). Beyond this a push is dropped and counted: the
-    # event itself is already durable, and the next feature rebuild brings the store up to date.
-    push_queue_size: int = Field(10_000, ge=1)
     ]  # fmt: skip
     # The durable event log; default <home>/gateway/events.db.
     event_log_path: Path | None = None
@@ -496,14 +496,14 @@ class GatewayConfig(Section):
     # A 2xx promises the event is on disk: refuse a Redis that does not fsync every write
     # (appendonly yes + appendfsync always). false accepts losing up to a second of events.
     event_log_require_fsync: bool = True
+    # Socket and connect timeouts of the event log's Redis client: an append that cannot
+    # finish in time answers 503 (nothing was promised), never a request held forever.
+    event_log_redis_timeout_seconds: float = Field(10.0, gt=0)
     # How often the item cache checks for a new materialization and new model versions.
     refresh_seconds: float = Field(10.0, gt=0)
 
     @field_validator("arm_fractions")
     @classmethod
-    # Socket and connect timeouts of the event log's Redis client: an append that cannot
-    # finish in time answers 503 (nothing was promised), never a request held forever.
-    event_log_redis_timeout_seconds: float = Field(10.0, gt=0)
     def _known_arms(cls, v: dict[str, float]) -> dict[str, float]:
         unknown = set(v) - {"canary", "holdout"}
         if unknown or any(not 0 <= f <= 1 for f in v.values()) or sum(v.values()) > 1:

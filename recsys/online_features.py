@@ -66,8 +66,6 @@ def store_yaml(settings: Settings) -> dict[str, Any]:
     }
 
 
-def repo_config(settings: Settings) -> RepoConfig:
-    """The Feast ``RepoConfig`` of these settings (see ``store_yaml``).
 def redis_connection_string(features: FeaturesConfig) -> str:
     """Feast's Redis connection string with the configured socket and connect timeouts.
 
@@ -85,6 +83,8 @@ def redis_connection_string(features: FeaturesConfig) -> str:
     return conn
 
 
+def repo_config(settings: Settings) -> RepoConfig:
+    """The Feast ``RepoConfig`` of these settings (see ``store_yaml``).
 
     ``repo_path`` is the feature repo, as for the `feast` CLI; the FileSource paths that
     ``apply_feature_repo`` registers are absolute, so they do not depend on it.
