@@ -21,6 +21,7 @@ import os
 from datetime import timedelta
 
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource
+from feast.data_format import ParquetFormat
 from feast.types import Bool, Float32, Int64, String
 from feast.value_type import ValueType
 
@@ -65,35 +66,42 @@ item = Entity(
 )
 
 # --- Sources: Parquet tables written by `recsys features build` ----------------------------
+# Each path is a folder of Parquet files (one per day). The format is named: the DuckDB offline
+# store reads a source only when it says Parquet or its path ends in ".parquet".
 
 user_profile_source = FileSource(
     name="user_profile",
     path=_table("user_profile"),
     timestamp_field="event_timestamp",
+    file_format=ParquetFormat(),
     description="One row per user, stamped at signup: demographics do not change over time.",
 )
 user_engagement_source = FileSource(
     name="user_engagement",
     path=_table("user_engagement"),
     timestamp_field="event_timestamp",
+    file_format=ParquetFormat(),
     description="Daily snapshots: one row per signed-up user per day, counts over trailing windows.",
 )
 item_attributes_source = FileSource(
     name="item_attributes",
     path=_table("item_attributes"),
     timestamp_field="event_timestamp",
+    file_format=ParquetFormat(),
     description="One row per item, stamped at publication.",
 )
 item_popularity_source = FileSource(
     name="item_popularity",
     path=_table("item_popularity"),
     timestamp_field="event_timestamp",
+    file_format=ParquetFormat(),
     description="Daily snapshots: one row per published item per day, counts over trailing windows.",
 )
 user_recent_items_source = FileSource(
     name="user_recent_items",
     path=_table("user_recent_items"),
     timestamp_field="event_timestamp",
+    file_format=ParquetFormat(),
     description="One row per event: the user's recent items and session right after it.",
 )
 # Real time: the gateway pushes the new recent-items row of a user on every accepted event

@@ -46,8 +46,10 @@ def store_yaml(settings: Settings) -> dict[str, Any]:
     """The effective ``feature_store.yaml`` for these settings, as a dict.
 
     Same project and definitions as ``feature_repo/feature_store.yaml``, but the registry and
-    the SQLite file are under ``settings.home`` and the online store follows
-    ``features.online_store``. Absolute paths, so the file works wherever it is read from.
+    the SQLite file are under ``settings.home``, the online store follows
+    ``features.online_store`` and the offline store (where training data's point-in-time
+    join runs) ``features.offline_store``. Absolute paths, so the file works wherever it is
+    read from.
     """
     f = settings.features
     if f.online_store == "redis":
@@ -61,7 +63,7 @@ def store_yaml(settings: Settings) -> dict[str, Any]:
         # an apply reaches it within a minute without a restart.
         "registry": {"path": str(settings.feast_dir / "registry.db"), "cache_ttl_seconds": 60},
         "online_store": online,
-        "offline_store": {"type": "dask"},
+        "offline_store": {"type": f.offline_store},
         "entity_key_serialization_version": 3,
     }
 

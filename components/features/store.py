@@ -9,6 +9,7 @@ Redis) is configuration, not an edited file.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -166,7 +167,10 @@ def materialize(
     start_ts, end_ts = to_utc(start), to_utc(end)
     store = get_store(settings)
     views = [fv.name for fv in store.list_feature_views()]
-    store.materialize(start_ts.to_pydatetime(), end_ts.to_pydatetime(), feature_views=views)
+    with warnings.catch_warnings():
+        # Ibis 12 calls DuckDB 2.0's renamed fetch_arrow_table(); the result is the same.
+        warnings.filterwarnings("ignore", message="fetch_arrow_table", category=DeprecationWarning)
+        store.materialize(start_ts.to_pydatetime(), end_ts.to_pydatetime(), feature_views=views)
     manifest = MaterializeManifest(
         online_store=settings.features.online_store,
         interval=Interval(start=start_ts.isoformat(), end=end_ts.isoformat()),
@@ -177,4 +181,3 @@ def materialize(
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(out, manifest)
     return manifest.model_dump()
-

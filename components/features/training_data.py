@@ -55,7 +55,8 @@ def build_training_data(
     then every feature of ``services`` (default: the retriever's and the ranker's, so both
     models train from one frame) under its schema name. The join is Feast's point-in-time
     ``get_historical_features`` at ``ts - 1 µs``: Feast takes rows stamped at or before the
-    entity time, so this asks for rows stamped strictly before the event.
+    entity time, so this asks for rows stamped strictly before the event. It runs on the
+    offline store of ``features.offline_store`` (DuckDB or file); both give the same frame.
 
     ``session_id`` is the event's session. The stored session (a feature of the same name) is
     only used to keep ``session_items`` when it is the event's session; items of an older
@@ -119,11 +120,13 @@ def _features_before(store: FeatureStore, events: pd.DataFrame, refs: Sequence[s
     """Per ``event_id``, the features ``refs`` (``view:name``) as of one microsecond before the event.
 
     One point-in-time query per feature view, over the distinct (key, time) pairs, merged
-    back here. Feast's Dask offline store drops an entity row outright when its key has
-    rows but all after the entity time (instead of returning nulls), which in one combined
-    query would also lose the other views' values; and it collapses rows that share key
-    and time (feast-dev/feast#6787). Per view and de-duplicated, both are harmless: a
-    missing row means "nothing known yet" and gets the default later.
+    back here, on the offline store of ``features.offline_store``. DuckDB (the default) runs
+    each query as one SQL join; the file store (Dask) drops an entity row outright when its
+    key has rows but all after the entity time (instead of returning nulls), which in one
+    combined query would also lose the other views' values, and it collapses rows that
+    share key and time (feast-dev/feast#6787). Per view and de-duplicated, both are
+    harmless: a missing row means "nothing known yet" and gets the default later, the same
+    on both stores (``_fill_defaults``: NaN and None alike, one type per column).
     """
     base = pd.DataFrame(
         {
@@ -156,6 +159,8 @@ def _view_as_of(store: FeatureStore, view: str, names: list[str], pairs: pd.Data
         with warnings.catch_warnings():
             # Dask compares object with string[pyarrow] key columns, equal for string ids.
             warnings.filterwarnings("ignore", message="Merging dataframes with merge column data type")
+            # Ibis 12 calls DuckDB 2.0's renamed fetch_arrow_table(); the result is the same.
+            warnings.filterwarnings("ignore", message="fetch_arrow_table", category=DeprecationWarning)
             got = store.get_historical_features(
                 entity_df=pairs, features=[f"{view}:{n}" for n in names], full_feature_names=False
             ).to_df()

@@ -171,10 +171,14 @@ def test_training_data_joins_only_the_past(env, validated: Path, events: pd.Data
 
 # Dask's shuffle of a one-event frame warns about pandas downcasting; not ours to fix.
 @pytest.mark.filterwarnings("ignore:Downcasting object dtype arrays:FutureWarning")
+@pytest.mark.parametrize("offline_store", ["duckdb", "file"])
 def test_values_written_at_or_after_an_event_are_never_joined(
-    env, validated: Path, events: pd.DataFrame
+    env, validated: Path, events: pd.DataFrame, offline_store: str
 ) -> None:
-    settings, store, _ = env
+    settings, _, _ = env
+    features = settings.features.model_copy(update={"offline_store": offline_store})
+    settings = settings.model_copy(update={"features": features})
+    store = get_store(settings)
     event = events[events["event_type"] == "click"].iloc[len(events) // 20]
     ts, user = event["ts"], event["user_id"]
     eng = _table(settings, "user_engagement")
