@@ -19,8 +19,16 @@ building, vocabularies, encoding, tracing and SavedModel export (fixed costs) do
 it. The machine is shared, so each batch size is measured ``--train-repeats`` times and the
 best and the median are reported with the load average around them.
 
-Prints tables and replaces this benchmark's sections of BENCHMARKS.md (``--no-index`` or
-``--no-training`` to run one part).
+Join: the point-in-time join of training data (``build_training_data`` with the views the
+default training reads) on an order-only data set: ``--join-events`` purchases over
+``--join-days`` days by ``--join-users`` users of ``--join-items`` items (default 200k over two
+years, 22k users, 12k items). The data is generated, validated, its feature tables built and
+the repo applied once, in a child process; then each offline store (``--join-stores``) joins
+it in a fresh child, stopped after ``--join-timeout`` seconds. Measured: the join's seconds,
+the rows, and the child's peak RSS (``wait4``, so a stopped child has one too).
+
+Prints tables and replaces this benchmark's sections of BENCHMARKS.md (``--no-index``,
+``--no-training`` or ``--no-join`` to leave a part out).
 """
 
 from __future__ import annotations
@@ -30,9 +38,11 @@ import json
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import date
 from pathlib import Path
@@ -44,6 +54,22 @@ import pandas as pd
 BENCH_DATE = "2026-11-29"
 SECTION = "## Scale: index growth and training throughput"
 TRAINING_SECTION = "## Scale: retriever training throughput in the pipeline"
+JOIN_SECTION = "## Scale: the point-in-time join of training data, file vs DuckDB offline store"
+JOIN_DATE = "2026-12-04"
+# The order-only data set's period ends here (pinned, so the data is the same on every run).
+JOIN_END = "2026-11-01T00:00:00+00:00"
+# Users, items, days, orders: the order-only data set that took the file store over 10 minutes.
+JOIN_SIZE = (22_000, 12_000, 730, 200_000)
+# Recorded under the section's table: a size where the file store finishes, so both compare.
+JOIN_NOTES = """
+A tenth of the size, where the file store finishes and the two frames are compared
+(`--join-users 2200 --join-items 1200 --join-events 20000`, same day, load 5 to 6): duckdb
+10.0 s, file 192.2 s, peak RSS 0.46 and 1.23 GB, the same 20,000 rows and values (an earlier
+run at load ~3.8: 2.6 s and 155 s). On the tiny test data both stores give identical frames
+too (`tests/integration/components/test_offline_stores.py`). An earlier run of the rows above,
+same day, on a quieter machine (load 1.2): duckdb 10.5 s, peak 1.38 GB; file stopped at 10
+minutes with a peak of 9.07 GB (Dask's threads took the load to 7.3).
+"""
 DIM = 65
 QUERIES = 200
 TRAINING_EPOCHS = 6
@@ -202,6 +228,174 @@ def training_point(users: int, items: int, days: int, batch_size: int, repeats: 
     }
 
 
+def order_only_frames(
+    users: int, items: int, days: int, events: int, seed: int = 7
+) -> dict[str, pd.DataFrame]:
+    """An order log: ``events`` purchases over ``days`` days by ``users`` users of ``items`` items.
+
+    The generator's world (tastes, Zipf popularity, sessions, users and items that arrive
+    during the period) at a volume with more clicks than ``events``; ``events`` of those
+    clicks, drawn at random, become purchases with no value, request or position, as a shop's
+    order table has none. Users and items are the generator's.
+    """
+    from components.sources.synthetic import GenerateParams, generate
+
+    # About one event in eight of the generator's is a click: aim 10 events per wanted order.
+    params = GenerateParams(
+        users=users,
+        items=items,
+        days=days,
+        seed=seed,
+        end_date=pd.Timestamp(JOIN_END).to_pydatetime(),
+        events_per_user_day=10 * events / (users * days),
+    )
+    tables = generate(params)
+    clicks = tables["events"][tables["events"]["event_type"] == "click"]
+    if len(clicks) < events:
+        raise RuntimeError(f"the generator drew {len(clicks)} clicks, fewer than {events} orders")
+    orders = clicks.sample(n=events, random_state=seed).sort_values(["ts", "event_id"], ignore_index=True)
+    orders = orders.assign(event_type="purchase", value=np.nan, request_id=None, position=np.nan)
+    return {"users": tables["users"], "items": tables["items"], "events": orders}
+
+
+def join_prepare(home: Path, users: int, items: int, days: int, events: int) -> dict[str, Any]:
+    """Write the order-only data under ``home`` as a new user's would be: raw folder, validated,
+    feature tables built, feature repo applied. Returns the rows and the seconds of each step."""
+    from components.features.store import apply_feature_repo
+    from components.features.tables import build_feature_tables
+    from components.validation import validate_data
+    from recsys.config import Settings
+    from recsys.layout import features_dir
+    from recsys.storage import write_data_folder
+
+    settings = Settings(home=home)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    frames = order_only_frames(users, items, days, events)
+    write_data_folder(frames, settings.raw_dir, extra={"source": "bench.scale order-only"})
+    seconds["generate"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    validate_data(settings.validation, settings.raw_dir, settings.validated_dir, as_of=pd.Timestamp(JOIN_END))
+    seconds["validate"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    build = build_feature_tables(settings.features, settings.validated_dir, features_dir(settings))
+    seconds["build"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    apply_feature_repo(settings)
+    seconds["apply"] = time.perf_counter() - t0
+    return {
+        "events": len(frames["events"]),
+        "users_with_orders": int(frames["events"]["user_id"].nunique()),
+        "items_with_orders": int(frames["events"]["item_id"].nunique()),
+        "table_rows": {name: t["rows"] for name, t in build["tables"].items()},
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+    }
+
+
+def join_point(home: Path, store: str) -> dict[str, Any]:
+    """The point-in-time join of the training data under ``home`` on one offline store.
+
+    As the pipeline's training-data step runs it: the default settings' feature views
+    (``unread_feature_views`` left out), every event of the validated data.
+    """
+    from components.features.training_data import build_training_data
+    from components.pipeline import unread_feature_views
+    from recsys.config import FeaturesConfig, Settings
+
+    settings = Settings(home=home, features=FeaturesConfig(offline_store=store))
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    frame = build_training_data(settings, skip_views=unread_feature_views(settings))
+    seconds = time.perf_counter() - t0
+    frame.to_parquet(home / f"bench_join_{store}.parquet", index=False)  # compared by run_join
+    return {
+        "store": store,
+        "rows": len(frame),
+        "columns": len(frame.columns),
+        "seconds": round(seconds, 1),
+        "load_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
+
+
+def _limited_child(kind: str, arg: list[str], timeout_s: float) -> dict[str, Any]:
+    """``_child`` stopped after ``timeout_s``; adds the child's own peak RSS (from ``wait4``)."""
+    cmd = [sys.executable, "-m", "bench.scale", "--child", kind, *arg]
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=Path(__file__).resolve().parents[1])
+        timer = threading.Timer(timeout_s, proc.kill)
+        timer.start()
+        t0 = time.perf_counter()
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        stopped = not timer.is_alive()
+        timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        peak = round(usage.ru_maxrss / 1024 / 1024, 2)
+        if stopped:
+            return {
+                "timed_out": True,
+                "seconds": round(wall, 1),
+                "peak_rss_gb": peak,
+                "load_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            }
+        if proc.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err.read().decode()[-3000:]}")
+        out.seek(0)
+        result = json.loads(out.read().decode().strip().splitlines()[-1])
+    return {**result, "timed_out": False, "peak_rss_gb": peak}
+
+
+def same_training_rows(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    """The same rows, columns, types and values (floats to 1e-6), whatever the row order."""
+    if list(a.columns) != list(b.columns) or len(a) != len(b) or not a.dtypes.equals(b.dtypes):
+        return False
+    key = ["user_id", "item_id", "ts", "event_id"]
+    a, b = (f.sort_values(key, ignore_index=True) for f in (a, b))
+    for col in a.columns:
+        if pd.api.types.is_float_dtype(a[col]):
+            if not np.allclose(a[col], b[col], rtol=1e-6, atol=1e-6, equal_nan=True):
+                return False
+        elif not a[col].equals(b[col]):
+            return False
+    return True
+
+
+def render_join(
+    prep: dict[str, Any], rows: list[dict[str, Any]], machine: str, command: str, timeout_s: int
+) -> str:
+    tables = ", ".join(f"{name} {n:,}" for name, n in prep["table_rows"].items())
+    steps = ", ".join(f"{name} {s} s" for name, s in prep["seconds"].items())
+    lines = [
+        f"{JOIN_SECTION} ({JOIN_DATE})",
+        "",
+        f"`{command}` (machine: {machine}; shared with other jobs: the 1-minute load average",
+        "before and after each row). An order-only data set as a new user would bring it: "
+        f"{prep['events']:,} purchases",
+        f"by {prep['users_with_orders']:,} users of {prep['items_with_orders']:,} items over the "
+        "generator's period (`order_only_frames`), validated,",
+        f"feature tables built ({tables} rows) and applied ({steps}).",
+        "The join is `build_training_data` as the pipeline's training-data step runs it (every view",
+        "the default training reads), one fresh process per offline store; peak RSS is that",
+        f"process's own (Python and Feast included). A join still running at {timeout_s} s is stopped.",
+        "",
+        "| offline store | rows | join s | peak RSS GB | load |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    done = [r["store"] for r in rows if not r["timed_out"]]
+    if len(done) > 1:
+        verdict = "the same" if prep.get("same_rows") else "NOT the same"
+        lines[-3:-3] = [f"Training rows of {' and '.join(done)}: {verdict} (rows, types, values to 1e-6)."]
+    for r in rows:
+        took = f"> {timeout_s // 60} min (stopped)" if r["timed_out"] else f"{r['seconds']}"
+        got = "-" if r["timed_out"] else f"{r['rows']:,}"
+        lines.append(
+            f"| {r['store']} | {got} | {took} | {r['peak_rss_gb']} | {r['load_1m'][0]} -> {r['load_1m'][1]} |"
+        )
+    return "\n".join(lines) + "\n" + JOIN_NOTES
+
+
 def _child(kind: str, arg: list[str]) -> dict[str, Any]:
     """Run one point in a fresh interpreter; its last stdout line is the JSON result."""
     cmd = [sys.executable, "-m", "bench.scale", "--child", kind, *arg]
@@ -261,6 +455,39 @@ def render_training(train_rows: list[dict[str, Any]], machine: str, day: str) ->
     return "\n".join(lines) + "\n" + TRAINING_NOTES
 
 
+def run_join(args: argparse.Namespace, machine: str) -> str:
+    """Prepare the order-only home (or reuse ``--join-home``), then join it on each store."""
+    home = args.join_home or Path(tempfile.mkdtemp(prefix="recsys-join-"))
+    prep_file = home / "bench_join_prepare.json"
+    size = [args.join_users, args.join_items, args.join_days, args.join_events]
+    if prep_file.exists() and json.loads(prep_file.read_text())["size"] == size:
+        prep = json.loads(prep_file.read_text())["prepare"]
+    else:
+        prep = _child("join-prepare", [str(home), *(str(x) for x in size)])
+        prep_file.write_text(json.dumps({"size": size, "prepare": prep}))
+    print(json.dumps(prep), flush=True)
+    rows = []
+    try:
+        for store in args.join_stores:
+            row = {"store": store, **_limited_child("join", [str(home), store], args.join_timeout)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        done = [home / f"bench_join_{r['store']}.parquet" for r in rows if not r["timed_out"]]
+        if len(done) > 1:
+            first = pd.read_parquet(done[0])
+            prep = {**prep, "same_rows": all(same_training_rows(first, pd.read_parquet(p)) for p in done[1:])}
+    finally:
+        if args.join_home is None:
+            shutil.rmtree(home, ignore_errors=True)
+    flags = [
+        f"--join-{name} {value}"
+        for name, value, default in zip(("users", "items", "days", "events"), size, JOIN_SIZE, strict=True)
+        if value != default
+    ]
+    command = " ".join([".venv/bin/python -m bench.scale --no-index --no-training", *flags])
+    return render_join(prep, rows, machine, command, args.join_timeout)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, nargs="+", default=[100_000, 1_000_000, 5_000_000])
@@ -269,6 +496,14 @@ def main() -> None:
     p.add_argument("--train-repeats", type=int, default=2, help="fits per batch size")
     p.add_argument("--no-index", action="store_true", help="skip the index sizes")
     p.add_argument("--no-training", action="store_true", help="skip the training throughput")
+    p.add_argument("--no-join", action="store_true", help="skip the point-in-time join")
+    p.add_argument("--join-users", type=int, default=JOIN_SIZE[0])
+    p.add_argument("--join-items", type=int, default=JOIN_SIZE[1])
+    p.add_argument("--join-days", type=int, default=JOIN_SIZE[2])
+    p.add_argument("--join-events", type=int, default=JOIN_SIZE[3])
+    p.add_argument("--join-stores", nargs="+", default=["duckdb", "file"], choices=["duckdb", "file"])
+    p.add_argument("--join-timeout", type=int, default=600, help="seconds before a join is stopped")
+    p.add_argument("--join-home", type=Path, help="keep the order-only home here (reused if built)")
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -276,6 +511,10 @@ def main() -> None:
         kind, *rest = args.child
         if kind == "index":
             out = index_point(int(rest[0]))
+        elif kind == "join-prepare":
+            out = join_prepare(Path(rest[0]), *(int(x) for x in rest[1:5]))
+        elif kind == "join":
+            out = join_point(Path(rest[0]), rest[1])
         else:
             out = training_point(*(int(x) for x in rest[:5]))
         print(json.dumps(out))
@@ -299,6 +538,8 @@ def main() -> None:
             train_rows.append(_child("train", [str(x) for x in point]))
             print(json.dumps(train_rows[-1]), flush=True)
         sections.append((TRAINING_SECTION, render_training(train_rows, machine, date.today().isoformat())))
+    if not args.no_join:
+        sections.append((JOIN_SECTION, run_join(args, machine)))
     for heading, body in sections:
         print(body)
         if not args.no_write:
