@@ -41,6 +41,10 @@ _DTYPES = {"DT_FLOAT": np.float32, "DT_DOUBLE": np.float64, "DT_INT32": np.int32
            "DT_HALF": np.float16, "DT_STRING": object}  # fmt: skip
 _DTYPE_ENUMS = {"DT_FLOAT": 1, "DT_DOUBLE": 2, "DT_INT32": 3, "DT_UINT8": 4, "DT_INT16": 5, "DT_INT8": 6,
                 "DT_STRING": 7, "DT_INT64": 9, "DT_BOOL": 10, "DT_HALF": 19}  # fmt: skip
+# DataType enum -> the little-endian NumPy dtype of its ``tensor_content`` (looked up per input).
+_LITTLE_ENDIAN = {
+    e: np.dtype(_DTYPES[name]).newbyteorder("<") for name, e in _DTYPE_ENUMS.items() if name != "DT_STRING"
+}
 
 
 class ModelServerError(Exception):
@@ -422,9 +426,7 @@ def _fill_tensor_proto(proto: Any, array: np.ndarray, dtype: str) -> None:
             del proto.string_val[:]
             proto.string_val.extend([v if isinstance(v, bytes) else str(v).encode() for v in values])
     else:
-        np_type = _DTYPES[next(name for name, e in _DTYPE_ENUMS.items() if e == enum)]
-        little_endian = np.dtype(np_type).newbyteorder("<")
-        proto.tensor_content = np.ascontiguousarray(array, dtype=little_endian).tobytes()
+        proto.tensor_content = np.ascontiguousarray(array, dtype=_LITTLE_ENDIAN[enum]).tobytes()
 
 
 def _dtype_name(array: np.ndarray) -> str:

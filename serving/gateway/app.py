@@ -65,6 +65,14 @@ START_RETRY_SECONDS = (1.0, 30.0)
 UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 # What a shed request is told to wait before trying again (seconds).
 SHED_RETRY_AFTER_S = 1
+# OpenBLAS's thread-count calls as NumPy's and SciPy's wheels (scipy_openblas, 64-bit ints or
+# not) and a system OpenBLAS name them: prefix + get_num_threads / set_num_threads + suffix.
+OPENBLAS_THREAD_CALLS = (
+    ("scipy_openblas_", "64_"),
+    ("scipy_openblas_", ""),
+    ("openblas_", "64_"),
+    ("openblas_", ""),
+)
 # A shed request's metric label: its route family (a fixed set, never the raw path).
 SHED_ENDPOINTS = (("/v1/recommendations", "recommendations"), ("/v1/events", "events"),
                   ("/v1/items", "items"), ("/v1/admin", "admin"))  # fmt: skip
@@ -260,6 +268,42 @@ def _openapi_with(app: FastAPI, extra_models: tuple[type[Any], ...]) -> Callable
     return openapi
 
 
+def set_blas_threads(threads: int) -> int | None:
+    """Run NumPy's BLAS (OpenBLAS) on ``threads`` threads in this process; the number it ran
+    on before, or None where no OpenBLAS is loaded (then nothing changes).
+
+    The gateway's products are small (10 x 5, 1000 x 32 by 32 x 5) and many requests run at
+    once on 2 cores: OpenBLAS's second thread took ~0.3 ms of CPU per request under load, for
+    no gain in time (BENCHMARKS.md, "Serving: open loop"). Set at run time through the
+    library NumPy loaded, because ``OPENBLAS_NUM_THREADS`` is read only when NumPy is first
+    imported, before the gateway's own code runs.
+    """
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return None
+    paths = sorted(
+        {ln.split()[-1] for ln in maps.splitlines() if "openblas" in ln.rsplit("/", 1)[-1].lower()}
+    )
+    before = None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix, suffix in OPENBLAS_THREAD_CALLS:
+            get = getattr(lib, f"{prefix}get_num_threads{suffix}", None)
+            put = getattr(lib, f"{prefix}set_num_threads{suffix}", None)
+            if get is not None and put is not None:
+                before = get() if before is None else before
+                put(ctypes.c_int(threads))
+                break
+    return before
+
+
 def run_gateway(
     settings: Settings,
     host: str = "127.0.0.1",
@@ -270,6 +314,8 @@ def run_gateway(
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if set_blas_threads(1) is None:
+        log.info("NumPy's BLAS threads left as they are (no OpenBLAS found in this process)")
     app = create_app(settings, manual_rollout=manual_rollout)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
     return 0

@@ -219,6 +219,31 @@ def test_without_a_prior_the_catalog_popularity_explains_an_unrelated_hit(tmp_pa
     assert reasons["g3"] in {similar_reason("g1"), similar_reason("g2"), category_reason("games", 2, 2)}
 
 
+def test_evidence_cuts_and_lifts_are_numpys_on_the_candidates(tmp_path: Path) -> None:
+    # The evidence is computed the quick way (sorted rows, only the cuts some item can use,
+    # a vectorised position look-up); here it is checked against the plain computation.
+    snap, assets = _snapshot(tmp_path)
+    pos = snap.catalog.position
+    recent_pos = np.array([pos["g1"], pos["b1"]])
+    pool = np.array([p for i, p in pos.items() if i not in ("g1", "b1")])
+    scores = assets.embeddings[pool] @ np.array([0.97, 0.24, 1.0], dtype=np.float32)
+    shown = np.array([pool[2], pool[0], pos["g1"]])  # the last one is not a candidate
+    items, _ = gather_evidence(snap, assets, shown, recent_pos, pool, scores)
+
+    recent_unit = snap.unit_rows(assets, recent_pos)
+    similarity = snap.unit_rows(assets, shown) @ recent_unit.T
+    plain_cut = np.quantile(snap.unit_rows(assets, pool) @ recent_unit.T, 0.75, axis=0)
+    needed = (similarity >= 0.5).any(axis=0)
+    assert needed.any()
+    np.testing.assert_array_equal(items.near_cut[needed], plain_cut[needed])
+    assert np.isinf(items.near_cut[~needed]).all()  # no item is near enough: no cut needed
+    # Lifts read each shown candidate's own row; the non-candidate has none.
+    taste = scores.astype(np.float64) - assets.embeddings[pool, -1]
+    expected = [taste[2] - np.median(taste), taste[0] - np.median(taste)]
+    np.testing.assert_allclose(items.taste_lift[:2], expected)
+    assert np.isnan(items.taste_lift[2]) and np.isnan(items.prior_lift[2])
+
+
 def test_the_category_taste_share_reorders_candidates_and_names_the_shared_category(tmp_path: Path) -> None:
     snap, assets = _snapshot(tmp_path)
     catalog = snap.catalog

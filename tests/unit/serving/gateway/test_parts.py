@@ -114,3 +114,17 @@ def test_settle_heap_freezes_what_lives_and_frees_replaced_cycles():
         assert ref() is None
     finally:
         gc.unfreeze()
+
+
+def test_blas_threads_are_set_in_this_process_and_put_back() -> None:
+    from serving.gateway.app import set_blas_threads
+
+    # NumPy's wheels load OpenBLAS: the gateway runs it on one thread (its products are tiny).
+    before = set_blas_threads(1)
+    assert before is not None and before >= 1
+    try:
+        assert set_blas_threads(1) == 1
+        a = np.arange(12, dtype=np.float64).reshape(3, 4)
+        assert (a @ a.T).tolist() == [[14.0, 38.0, 62.0], [38.0, 126.0, 214.0], [62.0, 214.0, 366.0]]
+    finally:
+        set_blas_threads(before)
