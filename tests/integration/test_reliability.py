@@ -950,18 +950,27 @@ def test_the_api_key_is_never_logged_or_shown(rel: Rel) -> None:
 # --- bad input: the whole OpenAPI under a fuzzer ----------------------------------------------
 
 
+# A crash inside the fuzzer itself, not an answer of the gateway: CPython 3.11.7's AST
+# constructor (which Hypothesis calls to describe a filter) now and then fails its own recursion
+# bookkeeping. Such a run tested nothing, so it is run again, once; any other failure stands.
+FUZZER_CRASH = "AST constructor recursion depth mismatch"
+
+
 def test_schemathesis_finds_no_server_error(rel: Rel, tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            str(REPO / ".venv" / "bin" / "schemathesis"), "run", f"{rel.url}/openapi.json",
-            "--checks", "not_a_server_error", "--header", f"X-API-Key: {API_KEY}",
-            "--max-examples", "15", "--seed", "7", "--workers", "2", "--request-timeout", "30",
-            "--phases", "examples,coverage,fuzzing", "--report", "junit",
-            "--report-junit-path", str(tmp_path / "junit.xml"),
-        ],
-        capture_output=True, text=True, cwd=tmp_path, timeout=400,
-    )  # fmt: skip
-    out = proc.stdout + proc.stderr
+    for _attempt in range(2):
+        proc = subprocess.run(
+            [
+                str(REPO / ".venv" / "bin" / "schemathesis"), "run", f"{rel.url}/openapi.json",
+                "--checks", "not_a_server_error", "--header", f"X-API-Key: {API_KEY}",
+                "--max-examples", "15", "--seed", "7", "--workers", "2", "--request-timeout", "30",
+                "--phases", "examples,coverage,fuzzing", "--report", "junit",
+                "--report-junit-path", str(tmp_path / "junit.xml"),
+            ],
+            capture_output=True, text=True, cwd=tmp_path, timeout=400,
+        )  # fmt: skip
+        out = proc.stdout + proc.stderr
+        if proc.returncode == 0 or FUZZER_CRASH not in out:
+            break
     assert proc.returncode == 0, out[-6000:]
     # It really exercised the API: every operation, hundreds of cases, no failure.
     junit = (tmp_path / "junit.xml").read_text()
