@@ -21,7 +21,7 @@ import pytest
 from components.training.train import train_models
 from components.training.warm_start import CHECKPOINTS, plan_training
 from recsys.config import TrainingConfig
-from tests.support.tiny_data import TINY_END
+from tests.support.tiny_data import TINY_END, joined_training_frame
 
 pytestmark = pytest.mark.integration
 
@@ -32,17 +32,9 @@ CONFIG = TrainingConfig(
 )  # fmt: skip
 
 
-def _frame(data_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    events = pd.read_parquet(data_dir / "events")
-    users = pd.read_parquet(data_dir / "users")
-    items = pd.read_parquet(data_dir / "items")
-    frame = events.merge(users, on="user_id", how="left").merge(items, on="item_id", how="left")
-    return frame.assign(hour=frame["ts"].dt.hour), items
-
-
 @pytest.fixture(scope="module")
 def runs(tiny_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    frame, items = _frame(tiny_raw)
+    frame, items = joined_training_frame(tiny_raw)
     base = tmp_path_factory.mktemp("incremental")
     first = frame[frame["ts"] < pd.Timestamp(CUT)]
     full_plan = plan_training(CONFIG, None, CUT)

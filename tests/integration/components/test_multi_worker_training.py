@@ -38,6 +38,7 @@ import pytest
 from components.training.multi_worker import JOB
 from components.training.train import candidate_features_from_frame, load_signature, train_models
 from recsys.config import TrainingConfig
+from tests.support.tiny_data import joined_training_frame
 
 pytestmark = pytest.mark.integration
 
@@ -53,17 +54,9 @@ TOLERANCE = {
 }
 
 
-def _frame(data_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    events = pd.read_parquet(data_dir / "events")
-    users = pd.read_parquet(data_dir / "users")
-    items = pd.read_parquet(data_dir / "items")
-    frame = events.merge(users, on="user_id", how="left").merge(items, on="item_id", how="left")
-    return frame.assign(hour=frame["ts"].dt.hour), items
-
-
 @pytest.fixture(scope="module")
 def runs(tiny_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    frame, items = _frame(tiny_raw)
+    frame, items = joined_training_frame(tiny_raw)
     base = tmp_path_factory.mktemp("multi_worker")
     out: dict[str, Any] = {"base": base, "items": items, "lines": []}
     for workers, log in ((1, print), (2, out["lines"].append)):
