@@ -214,7 +214,7 @@ def export_retrieval(
     index_dir: Path,
     out: Path,
     k: int,
-    server_image: str = "google/tf-serving-scann",
+    server_image: str = PushConfig.model_fields["scann_server_image"].default,
     retrieval_index: RetrievalIndex = "partitioned",
 ) -> dict[str, Any]:
     """Save the retrieval SavedModel (query tower + index) with its fallback assets into ``out``.
@@ -354,12 +354,13 @@ def _retrieval_requirements(
     import tensorflow as tf
 
     use_scann = kind == "scann_ops"
+    stock = _stock_server()
     server = {
-        "scann_ops": f"TensorFlow Serving built with ScaNN's ops: the {server_image} image or ScaNN's "
-        "tf_serving build; stock tensorflow/serving fails with \"Op type not registered 'Scann...'\"",
-        "partitioned": "stock tensorflow/serving: core TensorFlow ops only (ScaNN's leaves searched "
-        "in-graph), no custom ops",
-        "exact": "stock tensorflow/serving (exact index: no custom ops)",
+        "scann_ops": f"TensorFlow Serving {tf.__version__} built with ScaNN's ops: the {server_image} "
+        "image (docker/tf-serving/scann.Dockerfile); stock tensorflow/serving fails with "
+        "\"Op type not registered 'Scann...'\"",
+        "partitioned": f"{stock}: core TensorFlow ops only (ScaNN's leaves searched in-graph), no custom ops",
+        "exact": f"{stock} (exact index: no custom ops)",
     }[kind]
     partitioned = index_manifest.get("partitioned") if kind == "partitioned" else None
     # The recall of the search the graph runs, as the index step measured it.
@@ -421,7 +422,7 @@ def export_ranking(train_dir: Path, out: Path) -> dict[str, Any]:
     requirements: dict[str, Any] = {
         "model": "ranking",
         "custom_ops": [],
-        "server": "stock tensorflow/serving",
+        "server": _stock_server(),
         "tensorflow": tf.__version__,
         "outputs": sorted(sig.structured_outputs),
         "inputs": {name: spec.dtype.name for name, spec in specs.items()},
@@ -439,6 +440,14 @@ def export_ranking(train_dir: Path, out: Path) -> dict[str, Any]:
     assets_extra(out).mkdir(exist_ok=True)
     (assets_extra(out) / REQUIREMENTS).write_text(json.dumps(requirements, indent=2))
     return requirements
+
+
+def _stock_server() -> str:
+    """The stock image that loads a SavedModel without custom ops: TF Serving's tag is the
+    exporting TensorFlow's version (docker/tf-serving/Dockerfile pins the same)."""
+    import tensorflow as tf
+
+    return f"stock tensorflow/serving:{tf.__version__}"
 
 
 def _version(dist: str) -> str | None:

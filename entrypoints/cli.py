@@ -378,7 +378,7 @@ def serve_model_server(ctx: typer.Context, **flags: Any) -> None:
     """Serve SavedModels over TF Serving's gRPC and REST APIs, with tensorflow_model_server's flags.
 
     A stand-in for tensorflow_model_server, which is not installable here; production runs
-    the tensorflow/serving image (google/tf-serving-scann for ScaNN ops). Without
+    the tensorflow/serving image (a ScaNN build of it for ScaNN ops). Without
     --model_config_file and --model_base_path it serves <home>/models/models.config.
     """
     from serving.model_server.server import ServerOptions, run_model_server

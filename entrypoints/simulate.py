@@ -202,7 +202,7 @@ def servers_on(
     flags = tf_serving_flags(
         model_config_file=models / MODELS_CONFIG,
         allow_version_labels_for_unavailable_models=True,
-        # A retrieval version with a ScaNN index needs ScaNN's ops (google/tf-serving-scann).
+        # A retrieval version pushed with scann_ops needs ScaNN's ops (a ScaNN build of TF Serving).
         custom_op_modules="scann.scann_ops",
         # A version that fails to load ends at once (TF Serving's default retries for minutes).
         max_num_load_retries=0,

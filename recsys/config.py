@@ -399,8 +399,10 @@ class PushConfig(Section):
     # - exact: a matmul and top-k over every item (core ops; reads the whole catalog per query).
     # An index the step built exact (below index.brute_force_below) is exported exact.
     retrieval_index: RetrievalIndex = "partitioned"
-    # The server build that a SavedModel holding ScaNN ops needs.
-    scann_server_image: str = "google/tf-serving-scann"
+    # The server build that a SavedModel holding ScaNN ops needs (scann_ops only): the optional
+    # docker/tf-serving/scann.Dockerfile image at the exporting TensorFlow (google/tf-serving-scann
+    # stopped at TF 2.11). Every other export runs on stock tensorflow/serving.
+    scann_server_image: str = "recsys-tf-serving-scann:2.20.0"
 
 
 class GatewayConfig(Section):

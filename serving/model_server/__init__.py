@@ -8,8 +8,9 @@ path and ``models.config``, with TF Serving's version policies, labels, polling,
 status codes and error messages. Clients use the official ``tensorflow_serving.apis``
 stubs or plain REST JSON and cannot tell the difference.
 
-Production runs the real server: the ``tensorflow/serving`` image, or
-``google/tf-serving-scann`` for SavedModels that embed ScaNN ops.
+Production runs the real server: the stock ``tensorflow/serving`` image at the exporting
+TensorFlow's version, or a ScaNN build of it (``docker/tf-serving/scann.Dockerfile``) for
+SavedModels that embed ScaNN ops.
 
 Modules: ``config`` (models.config, version policies), ``manager`` (loading, unloading,
 labels, status), ``servable`` (one loaded SavedModel, warm-up), ``tensors`` (wire formats),

@@ -104,12 +104,13 @@ class ServerOptions:
     )
     # Not a TF Serving flag: Python modules imported before any load to register custom ops
     # (``scann.scann_ops``), the stand-in's version of a server *built* with those ops
-    # (google/tf-serving-scann). Empty, as stock TF Serving: a ScaNN SavedModel fails to load.
+    # (docker/tf-serving/scann.Dockerfile). Empty, as stock TF Serving: a ScaNN SavedModel fails
+    # to load.
     custom_op_modules: str = field(
         default="",
         metadata={
             "help": "Not a TF Serving flag: modules to import for custom ops, e.g. scann.scann_ops "
-            "(what the google/tf-serving-scann build links in)."
+            "(what a ScaNN build of TF Serving links in)."
         },
     )
 

@@ -5,8 +5,8 @@ items published at the end of the period that nobody has touched yet: validation
 tables, ``feast apply`` and materialization into the SQLite online store, real tiny models
 from the training step (``model_fixture``), a ScaNN index (forced at 82 items) and two
 pushes, so the ``stable`` label points at version 1 and ``canary`` at version 2. The
-retrieval versions hold ScaNN's ops (``push.retrieval_index: scann_ops``), served as the
-google/tf-serving-scann build serves them, so the path of a server that lacks those ops
+retrieval versions hold ScaNN's ops (``push.retrieval_index: scann_ops``), served as a
+ScaNN build of TF Serving serves them, so the path of a server that lacks those ops
 stays testable; the default core-ops retrieval model is served in
 ``tests/integration/serving/test_core_ops_retrieval.py``.
 ``copy_home`` gives a test module its own copy to change and break.

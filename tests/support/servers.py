@@ -70,7 +70,7 @@ def gateway_env(home: Path, ports: ServingPorts | None = None) -> dict[str, str]
 
 def scann_model_server_flags(settings: Settings) -> list[str]:
     """Flags beyond the ports for a model server on the home's models.config with ScaNN's ops,
-    as the google/tf-serving-scann build serves the retrieval model."""
+    as a ScaNN build of TF Serving serves a ``scann_ops`` retrieval model."""
     return tf_serving_flags(
         host=LOOPBACK,
         model_config_file=settings.models_dir / MODELS_CONFIG,

@@ -7,8 +7,8 @@ the SQLite online store; real tiny models from the training step (``model_fixtur
 ScaNN index (forced at 82 items); two pushes, so the ``stable`` label points at version 1
 and ``canary`` at version 2. Then:
 
-- ``recsys serve model-server`` (subprocess) with ScaNN's ops, as the google/tf-serving-scann
-  build serves the retrieval model;
+- ``recsys serve model-server`` (subprocess) with ScaNN's ops, as a ScaNN build of TF
+  Serving serves the retrieval model;
 - ``recsys serve gateway`` (subprocess) against it, configured through ``RECSYS_*``;
 - for the degraded paths, gateways in this process (uvicorn on a thread) pointed at a
   second model server that cannot load the ScaNN retrieval version (it serves the ranker
