@@ -72,9 +72,11 @@ class FeaturesConfig(Section):
     online_store: Literal["sqlite", "redis"] = "sqlite"
     # Where training data's point-in-time join runs over the Parquet feature tables. duckdb:
     # Feast's DuckDB offline store, one SQL join in-process (seconds at 200k events); file:
-    # Feast's Dask store, which joins in pandas and takes over 10 minutes at that size. Both
-    # give the same training rows and values.
-    offline_store: Literal["file", "duckdb"] = "duckdb"
+    # Feast's Dask store, which joins in pandas and takes over 10 minutes at that size; spark:
+    # Feast's Spark offline store, with materialization on Feast's Spark compute engine, on
+    # the cluster of `spark.master` (the production profile). All give the same training
+    # rows and values.
+    offline_store: Literal["file", "duckdb", "spark"] = "duckdb"
     redis_connection_string: str = "127.0.0.1:6379"
     # Every call to the online store's Redis ends within these (a hung or paused server costs
     # a request its feature deadline and the push thread one timeout, never a thread forever).
@@ -84,6 +86,41 @@ class FeaturesConfig(Section):
     windows_days: list[int] = [1, 7, 30]
     recent_items: int = Field(20, ge=1)
     project: str = "recsys"
+
+
+class SparkConfig(Section):
+    """Apache Spark, where the offline store, materialization and validation run on it.
+
+    Used when ``features.offline_store`` is ``spark`` (training data and materialization) and
+    ``validation.engine`` is ``spark``. The same jobs run on one machine or a cluster: only
+    the master changes.
+    """
+
+    # local[2]: a JVM in this process with two task threads; a cluster's URL runs the same
+    # jobs there (spark://host:7077, yarn, k8s://https://host:443).
+    master: str = "local[2]"
+    # The driver's heap. A local master runs every task in the driver, so this bounds the
+    # whole job; on a cluster the executors' memory goes in `conf`.
+    driver_memory: str = "2g"
+    # Shuffle partitions: Spark's default of 200 suits a cluster and costs seconds of task
+    # overhead per join on a few cores; a cluster sets its own here or in `conf`.
+    shuffle_partitions: int = Field(8, ge=1)
+    # Any other Spark properties, as spark-defaults.conf would hold them (spark.executor.memory,
+    # spark.hadoop.fs.s3a.*). They win over the fields above.
+    conf: dict[str, str] = {}
+
+    def properties(self) -> dict[str, str]:
+        """The Spark properties of a session: master, memory, UTC time, then ``conf``."""
+        return {
+            "spark.master": self.master,
+            "spark.driver.memory": self.driver_memory,
+            "spark.sql.shuffle.partitions": str(self.shuffle_partitions),
+            # Feature timestamps are UTC instants; a session in local time would shift the
+            # day of a snapshot and the strictly-before comparisons around midnight.
+            "spark.sql.session.timeZone": "UTC",
+            "spark.ui.enabled": "false",
+            **self.conf,
+        }
 
 
 class SourceConfig(Section):
@@ -668,6 +705,7 @@ class Settings(BaseModel):
     generate: GenerateConfig = GenerateConfig()
     validation: ValidationConfig = ValidationConfig()
     features: FeaturesConfig = FeaturesConfig()
+    spark: SparkConfig = SparkConfig()
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     index: IndexConfig = IndexConfig()

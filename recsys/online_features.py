@@ -56,6 +56,15 @@ def store_yaml(settings: Settings) -> dict[str, Any]:
         online: dict[str, Any] = {"type": "redis", "connection_string": redis_connection_string(f)}
     else:
         online = {"type": "sqlite", "path": str(settings.feast_dir / "online_store.db")}
+    engines: dict[str, Any] = {"offline_store": {"type": f.offline_store}}
+    if f.offline_store == "spark":
+        # Training data's join on the Spark offline store and materialization on the Spark
+        # compute engine, both in sessions of `spark.master`.
+        spark_conf = settings.spark.properties()
+        engines = {
+            "offline_store": {"type": "spark", "spark_conf": spark_conf},
+            "batch_engine": {"type": "spark.engine", "spark_conf": spark_conf},
+        }
     return {
         "project": f.project,
         "provider": "local",
@@ -63,7 +72,7 @@ def store_yaml(settings: Settings) -> dict[str, Any]:
         # an apply reaches it within a minute without a restart.
         "registry": {"path": str(settings.feast_dir / "registry.db"), "cache_ttl_seconds": 60},
         "online_store": online,
-        "offline_store": {"type": f.offline_store},
+        **engines,
         "entity_key_serialization_version": 3,
     }
 
@@ -96,6 +105,19 @@ def repo_config(settings: Settings) -> RepoConfig:
     cfg = RepoConfig(**store_yaml(settings))
     cfg.repo_path = FEATURE_REPO_DIR
     return cfg
+
+
+def start_offline_engine(settings: Settings) -> None:
+    """Start the engine of ``features.offline_store`` in this process, where it has one.
+
+    Spark's session must be started by the project (``recsys.spark``) before Feast's offline
+    store or compute engine asks for one; the embedded stores need nothing. Only the steps
+    that join or materialize call this, so a gateway never starts a JVM.
+    """
+    if settings.features.offline_store == "spark":
+        from recsys.spark import spark_session
+
+        spark_session(settings.spark)
 
 
 def get_store(settings: Settings) -> FeatureStore:

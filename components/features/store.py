@@ -25,7 +25,7 @@ from recsys.config import Settings
 from recsys.feature_schema import item_popularity_features, user_engagement_features
 from recsys.layout import FEATURE_REPO_DIR, features_dir
 from recsys.manifests import FeaturesApplyManifest, Interval, MaterializeManifest
-from recsys.online_features import TIMESTAMP, get_store, store_yaml
+from recsys.online_features import TIMESTAMP, get_store, start_offline_engine, store_yaml
 from recsys.storage import code_version, write_manifest
 from recsys.timeutil import to_utc
 
@@ -60,7 +60,53 @@ def load_definitions(settings: Settings, repo_dir: Path = FEATURE_REPO_DIR) -> l
     for src in sources:
         if isinstance(src, FileSource):
             src.file_options.uri = str(root / Path(src.path).name)
+    if settings.features.offline_store == "spark":
+        objects = as_spark_sources(objects)
     return objects
+
+
+def as_spark_sources(objects: list[Any]) -> list[Any]:
+    """The same definitions with every FileSource read by Spark (a SparkSource on its path).
+
+    Feast's Spark offline store and compute engine read only SparkSources, and the repo
+    declares FileSources (what the embedded stores read), so the engine stays configuration:
+    each FileSource becomes one SparkSource with the same name, path, timestamp and
+    description, wherever a view or a push source refers to it.
+    """
+    from feast import FeatureView, FileSource
+    from feast.data_source import PushSource
+    from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import SparkSource
+
+    swapped: dict[int, Any] = {}
+
+    def spark(src: Any) -> Any:
+        if not isinstance(src, FileSource):
+            return src
+        if id(src) not in swapped:
+            swapped[id(src)] = SparkSource(
+                name=src.name,
+                path=src.path,
+                file_format="parquet",
+                timestamp_field=src.timestamp_field,
+                created_timestamp_column=src.created_timestamp_column or None,
+                field_mapping=src.field_mapping,
+                description=src.description,
+                tags=src.tags,
+                owner=src.owner,
+            )
+        return swapped[id(src)]
+
+    out = [spark(o) for o in objects]
+    for obj in out:
+        if isinstance(obj, PushSource):
+            obj.batch_source = spark(obj.batch_source)
+        elif isinstance(obj, FeatureView):
+            obj.batch_source = spark(obj.batch_source)
+            if isinstance(getattr(obj, "data_source", None), FileSource):
+                obj.data_source = spark(obj.data_source)
+            if isinstance(obj.stream_source, PushSource):
+                obj.stream_source.batch_source = spark(obj.stream_source.batch_source)
+    return out
 
 
 def apply_feature_repo(settings: Settings) -> dict[str, Any]:
@@ -165,6 +211,7 @@ def materialize(
         start = lo if start is None else start
         end = hi if end is None else end
     start_ts, end_ts = to_utc(start), to_utc(end)
+    start_offline_engine(settings)
     store = get_store(settings)
     views = [fv.name for fv in store.list_feature_views()]
     with warnings.catch_warnings():

@@ -16,10 +16,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from components.features.tables import FeatureRepoError
 from recsys.config import Settings
 from recsys.feature_schema import RANKER_SERVICE, RETRIEVER_SERVICE
 from recsys.item_ages import frame_ages
-from recsys.online_features import ONE_US, TIMESTAMP, feature_defaults, get_store, service_features
+from recsys.online_features import (
+    ONE_US,
+    TIMESTAMP,
+    feature_defaults,
+    get_store,
+    service_features,
+    start_offline_engine,
+)
 from recsys.timeutil import to_utc
 
 if TYPE_CHECKING:  # Feast costs seconds to import; only the functions that need it do.
@@ -56,7 +64,7 @@ def build_training_data(
     models train from one frame) under its schema name. The join is Feast's point-in-time
     ``get_historical_features`` at ``ts - 1 µs``: Feast takes rows stamped at or before the
     entity time, so this asks for rows stamped strictly before the event. It runs on the
-    offline store of ``features.offline_store`` (DuckDB or file); both give the same frame.
+    offline store of ``features.offline_store`` (DuckDB, file or Spark); all give the same frame.
 
     ``session_id`` is the event's session. The stored session (a feature of the same name) is
     only used to keep ``session_items`` when it is the event's session; items of an older
@@ -80,9 +88,11 @@ def build_training_data(
     Returns:
         The frame, sorted by ``ts`` then ``event_id``.
     """
+    start_offline_engine(settings)
     store = store or get_store(settings)
     events = _read_events(Path(validated_dir or settings.validated_dir), start, end, event_types)
     refs = [r for r in service_features(store, services) if r.split(":", 1)[0] not in set(skip_views)]
+    _check_sources_fit_the_store(store, settings, {r.split(":", 1)[0] for r in refs})
     feats = _features_before(store, events, refs).rename(columns={"session_id": "_stored_session"})
     events = events.assign(event_id=events["event_id"].astype(str))
     out = events.merge(feats, on="event_id", how="left", validate="one_to_one")
@@ -97,6 +107,23 @@ def build_training_data(
         out["recent_item_ages"] = frame_ages(out["recent_items"], times, out["ts"])
     out = out.drop(columns=["_stored_session"], errors="ignore")
     return out.sort_values(["ts", "event_id"], kind="stable", ignore_index=True)
+
+
+def _check_sources_fit_the_store(store: FeatureStore, settings: Settings, views: set[str]) -> None:
+    """Refuse, with the fix, a registry applied for another engine than ``features.offline_store``.
+
+    Feast's Spark store reads only SparkSources and the embedded stores only FileSources;
+    ``recsys features apply`` registers the kind the configured store reads.
+    """
+    spark = settings.features.offline_store == "spark"
+    for view in sorted(views):
+        source = store.get_feature_view(view).batch_source
+        if (type(source).__name__ == "SparkSource") != spark:
+            raise FeatureRepoError(
+                f"feature view {view} is registered with a {type(source).__name__}, which "
+                f"features.offline_store={settings.features.offline_store!r} does not read: "
+                "run `recsys features apply` with this configuration first"
+            )
 
 
 def _read_events(

@@ -1,5 +1,7 @@
 """Feast feature layer on tiny generated data, against both online stores (SQLite and Redis).
 
+The leakage test also runs on every offline store (DuckDB, file, Spark).
+
 One store per online-store type is built once for the module (build, apply, materialize);
 each test then reads it. Expected values are computed here independently from the events,
 not by calling the code under test.
@@ -171,13 +173,15 @@ def test_training_data_joins_only_the_past(env, validated: Path, events: pd.Data
 
 # Dask's shuffle of a one-event frame warns about pandas downcasting; not ours to fix.
 @pytest.mark.filterwarnings("ignore:Downcasting object dtype arrays:FutureWarning")
-@pytest.mark.parametrize("offline_store", ["duckdb", "file"])
+@pytest.mark.parametrize("offline_store", ["duckdb", "file", "spark"])
 def test_values_written_at_or_after_an_event_are_never_joined(
     env, validated: Path, events: pd.DataFrame, offline_store: str
 ) -> None:
-    settings, _, _ = env
-    features = settings.features.model_copy(update={"offline_store": offline_store})
-    settings = settings.model_copy(update={"features": features})
+    embedded, _, _ = env
+    features = embedded.features.model_copy(update={"offline_store": offline_store})
+    settings = embedded.model_copy(update={"features": features})
+    if offline_store == "spark":
+        apply_feature_repo(settings)  # the registry of Spark's sources; put back below
     store = get_store(settings)
     event = events[events["event_type"] == "click"].iloc[len(events) // 20]
     ts, user = event["ts"], event["user_id"]
@@ -210,6 +214,8 @@ def test_values_written_at_or_after_an_event_are_never_joined(
     finally:
         for p in paths:
             p.unlink()
+        if offline_store == "spark":
+            apply_feature_repo(embedded)
     row = train[train["event_id"] == event["event_id"]].iloc[0]
     assert row["user_events_1d"] == 777
     assert row["recent_items"] == "BEFORE"

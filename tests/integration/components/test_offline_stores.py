@@ -1,14 +1,17 @@
-"""The two offline stores give the same point-in-time training data.
+"""The offline stores give the same point-in-time training data and online values.
 
 ``features.offline_store`` picks where ``build_training_data`` joins: Feast's DuckDB store
-(the default: one SQL join, seconds where the other takes many minutes) or its file store
-(Dask, the previous default). Switching must not change a single training row, so one home
-with the tiny data's feature tables is read through both and the frames are compared cell
-by cell. The leakage test in ``test_features.py`` runs on both stores as well.
+(the default: one SQL join, seconds where the file store takes many minutes), its file store
+(Dask, the previous default) or its Spark store on a local Spark (``spark.master``
+``local[2]``; a cluster's URL in production), where materialization also runs on Feast's
+Spark compute engine. Switching must not change a single training row or online value, so
+the tiny data's feature tables are read through each and compared cell by cell. The leakage
+test in ``test_features.py`` runs on every store as well.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +19,18 @@ import pandas as pd
 import pytest
 import yaml
 
-from components.features.store import apply_feature_repo
-from components.features.tables import build_feature_tables
+from components.features.store import apply_feature_repo, materialize
+from components.features.tables import FeatureRepoError, build_feature_tables
 from components.features.training_data import build_training_data
 from components.validation import validate_data
 from recsys.config import FeaturesConfig, Settings, ValidationConfig
+from recsys.feature_schema import RANKER_SERVICE, RETRIEVER_SERVICE
 from recsys.layout import features_dir
+from recsys.online_features import get_store, service_features
 from tests.support.tiny_data import TINY_END
 
 pytestmark = pytest.mark.integration
-STORES = ("file", "duckdb")
+STORES = ("file", "duckdb", "spark")
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +45,25 @@ def home(tiny_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     return settings.home, validated
 
 
+@pytest.fixture(scope="module")
+def spark_home(home: tuple[Path, Path]) -> Path:
+    """The same feature tables under a home whose registry is applied for the Spark store.
+
+    Sources are engine-typed in Feast (Spark reads SparkSources), so each engine has the
+    registry that ``recsys features apply`` writes for it.
+    """
+    root = home[0].parent / "spark_home"
+    shutil.copytree(features_dir(Settings(home=home[0])), features_dir(Settings(home=root)))
+    apply_feature_repo(_settings(root, "spark"))
+    return root
+
+
 def _settings(home: Path, store: str) -> Settings:
     return Settings(home=home, features=FeaturesConfig(offline_store=store))
+
+
+def _home_of(store: str, home: tuple[Path, Path], spark_home: Path) -> Path:
+    return spark_home if store == "spark" else home[0]
 
 
 def test_duckdb_is_the_default_and_is_written_into_the_store_config(home: tuple[Path, Path]) -> None:
@@ -52,23 +74,80 @@ def test_duckdb_is_the_default_and_is_written_into_the_store_config(home: tuple[
         FeaturesConfig(offline_store="dask")  # type: ignore[arg-type]
 
 
-def test_both_offline_stores_build_the_same_training_rows(home: tuple[Path, Path]) -> None:
-    root, validated = home
-    frames = {s: build_training_data(_settings(root, s), validated) for s in STORES}
-    file, duck = (
-        frames[s].sort_values(["user_id", "item_id", "ts", "event_id"], ignore_index=True) for s in STORES
-    )
-    events = pd.read_parquet(validated / "events")
-    assert len(file) == len(duck) == len(events)
-    assert list(file.columns) == list(duck.columns)
-    # Every column with the same type, every cell the same value (floats to 1e-6).
-    pd.testing.assert_series_equal(file.dtypes, duck.dtypes)
-    for col in file.columns:
-        a, b = file[col], duck[col]
-        if pd.api.types.is_float_dtype(a):
-            np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), rtol=1e-6, atol=1e-6, err_msg=col)
+def _assert_same_frames(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    """Same columns, types and cells (floats to 1e-6)."""
+    assert list(a.columns) == list(b.columns)
+    pd.testing.assert_series_equal(a.dtypes, b.dtypes)
+    for col in a.columns:
+        x, y = a[col], b[col]
+        if pd.api.types.is_float_dtype(x):
+            np.testing.assert_allclose(x.to_numpy(), y.to_numpy(), rtol=1e-6, atol=1e-6, err_msg=col)
         else:
-            pd.testing.assert_series_equal(a, b, check_names=True, obj=col)
+            pd.testing.assert_series_equal(x, y, check_names=True, obj=col)
+
+
+def test_every_offline_store_builds_the_same_training_rows(home: tuple[Path, Path], spark_home: Path) -> None:
+    root, validated = home
+    frames = {
+        s: build_training_data(_settings(_home_of(s, home, spark_home), s), validated).sort_values(
+            ["user_id", "item_id", "ts", "event_id"], ignore_index=True
+        )
+        for s in STORES
+    }
+    events = pd.read_parquet(validated / "events")
+    duck = frames["duckdb"]
+    assert len(duck) == len(events)
+    for other in ("file", "spark"):
+        assert len(frames[other]) == len(events), other
+        _assert_same_frames(duck, frames[other])
     # The comparison means something: features were joined, and some rows fell back to defaults.
     assert (duck["recent_items"] != "").any() and (duck["recent_items"] == "").any()
     assert (duck["user_events_7d"] > 0).any() and (duck["category"] != "").all()
+
+
+def test_spark_settings_reach_the_store_config(spark_home: Path) -> None:
+    written = yaml.safe_load((spark_home / "feast" / "feature_store.yaml").read_text())
+    spark = Settings().spark
+    for part in ("offline_store", "batch_engine"):
+        assert written[part]["spark_conf"]["spark.master"] == spark.master == "local[2]"
+        assert written[part]["spark_conf"]["spark.sql.session.timeZone"] == "UTC"
+    assert written["offline_store"]["type"] == "spark" and written["batch_engine"]["type"] == "spark.engine"
+    store = get_store(_settings(spark_home, "spark"))
+    assert {type(v.batch_source).__name__ for v in store.list_feature_views()} == {"SparkSource"}
+
+
+def test_a_registry_applied_for_another_engine_is_refused_with_the_fix(home: tuple[Path, Path]) -> None:
+    root, validated = home
+    with pytest.raises(FeatureRepoError, match="FileSource.*offline_store='spark'.*recsys features apply"):
+        build_training_data(_settings(root, "spark"), validated)
+
+
+def test_materialization_on_spark_writes_the_same_online_values(
+    home: tuple[Path, Path], spark_home: Path, tmp_path: Path
+) -> None:
+    """Feast's Spark compute engine loads the online store with what the embedded engine loads."""
+    values = {}
+    for store_kind in ("duckdb", "spark"):
+        # Each engine fills an online store of its own (a fresh SQLite file), not the shared one.
+        source = _home_of(store_kind, home, spark_home)
+        work = tmp_path / store_kind
+        shutil.copytree(source / "feast", work / "feast", ignore=shutil.ignore_patterns("online_store.db"))
+        shutil.copytree(features_dir(Settings(home=source)), features_dir(Settings(home=work)))
+        settings = _settings(work, store_kind)
+        apply_feature_repo(settings)
+        materialize(settings)
+        store = get_store(settings)
+        users = pd.read_parquet(features_dir(settings) / "user_profile")["user_id"].astype(str).tolist()
+        items = pd.read_parquet(features_dir(settings) / "item_attributes")["item_id"].astype(str).tolist()
+        user_refs = [r for r in service_features(store, [RETRIEVER_SERVICE]) if not r.startswith("item_")]
+        item_refs = [r for r in service_features(store, [RANKER_SERVICE]) if r.startswith("item_")]
+        values[store_kind] = (
+            pd.DataFrame(store.get_online_features(user_refs, [{"user_id": u} for u in users]).to_dict()),
+            pd.DataFrame(store.get_online_features(item_refs, [{"item_id": i} for i in items]).to_dict()),
+        )
+    for duck, spark in zip(values["duckdb"], values["spark"], strict=True):
+        _assert_same_frames(duck, spark)
+    users, items = values["spark"]
+    # Something was loaded: engagement counts, recent items and popularity are not all empty.
+    assert users["recent_items"].notna().any() and (users["user_events_30d"].fillna(0) > 0).any()
+    assert (items["item_positives_30d"].fillna(0) > 0).any()
