@@ -57,7 +57,11 @@ def run_validate(settings: Settings, interval_end: datetime) -> dict[str, Any]:
     ingested = step_dir(settings, key, "ingest")
     read_manifest(ingested)  # fails clearly when ingest has not finished
     return validate_data(
-        settings.validation, ingested, step_dir(settings, key, "validate"), as_of=interval_end
+        settings.validation,
+        ingested,
+        step_dir(settings, key, "validate"),
+        as_of=interval_end,
+        spark=settings.spark,
     )
 
 

@@ -10,7 +10,9 @@ items) the step:
 3. runs a GX 1.x expectation suite on the parsed rows: nulls, id format, allowed values,
    ranges, timestamps not in the future, unique ids, duplicate events, unknown users and
    items. GX names the failing rows (``unexpected_index_list``); for uniqueness the first
-   occurrence is kept and the later ones are quarantined;
+   occurrence is kept and the later ones are quarantined. ``validation.engine`` picks where
+   the suite runs: on a pandas frame, or on a Spark DataFrame (GX's Spark data source), where
+   rows have no index and GX names them by a row-number column instead;
 4. writes accepted rows to ``<out>/<table>/`` and failed rows, as they came plus ``rule``
    and ``reason``, to ``<out>/quarantine/<table>/``; a self-contained summary page
    ``<out>/report/summary.html`` linking to GX Data Docs (``<out>/report/index.html``);
@@ -33,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from recsys.config import ValidationConfig
+from recsys.config import SparkConfig, ValidationConfig
 from recsys.contracts import (
     AGE_BUCKETS,
     CONTRACTS,
@@ -103,11 +105,14 @@ def validate_data(
     data_dir: Path,
     out_dir: Path,
     as_of: datetime | None = None,
+    spark: SparkConfig | None = None,
 ) -> dict[str, Any]:
     """Validate ``data_dir`` (users/, items/, events/) into ``out_dir``.
 
     Args:
         config: thresholds and switches of the step.
+        spark: the Spark session's settings when ``config.engine`` is ``spark`` (default:
+            ``SparkConfig()``, a local master).
         data_dir: the drop to check.
         out_dir: replaced by this run: accepted tables, quarantine/, report/, manifest.json.
         as_of: the time that timestamps may not pass (plus a tolerance for clock skew);
@@ -128,7 +133,7 @@ def validate_data(
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
 
-    ctx = _gx_context(out_dir / "report")
+    ctx = _gx_context(out_dir / "report", config.engine, spark or SparkConfig())
     accepted: dict[str, pd.DataFrame] = {}
     tables: dict[str, ValidatedTable] = {}
     errors: list[ValidationError] = []
@@ -495,6 +500,8 @@ def _collect(rule: RowRule, result: Any, parsed: pd.DataFrame, failures: RowFail
             f"expectation {rule.expectation.expectation_type} on {rule.column} failed without row "
             f"indices: {result.exception_info}"
         )
+    # On Spark each failing row comes as {ROW_COLUMN: index, <column>: value}.
+    indices = [i[ROW_COLUMN] if isinstance(i, dict) else i for i in indices]
     if rule.rule == "not_null":
         # A value that failed to parse is null after parsing; its type failure says it all.
         typed = f"{rule.column}="
@@ -520,8 +527,15 @@ def _show(value: Any) -> str:
 # --- GX plumbing -------------------------------------------------------------------------
 
 
-def _gx_context(report_dir: Path) -> Any:
-    """An in-memory GX context whose only output is the Data Docs site in ``report_dir``."""
+# Spark DataFrames have no row index: the rows GX names are named by this column instead.
+ROW_COLUMN = "_recsys_row"
+
+
+def _gx_context(report_dir: Path, engine: str = "pandas", spark: SparkConfig | None = None) -> Any:
+    """An in-memory GX context whose only output is the Data Docs site in ``report_dir``.
+
+    Its data source ``recsys`` is pandas, or Spark (a session of ``spark``) for the Spark engine.
+    """
     import great_expectations as gx
     from great_expectations.data_context.types.base import (
         DataContextConfig,
@@ -545,8 +559,32 @@ def _gx_context(report_dir: Path) -> Any:
         },
     )
     ctx = gx.get_context(mode="ephemeral", project_config=cfg)
-    ctx.data_sources.add_pandas("recsys")
+    if engine == "spark":
+        from recsys.spark import spark_session
+
+        spark_session(spark or SparkConfig())
+        ctx.data_sources.add_spark("recsys")
+    else:
+        ctx.data_sources.add_pandas("recsys")
     return ctx
+
+
+def _as_engine_frame(source: Any, df: pd.DataFrame) -> tuple[Any, dict[str, Any]]:
+    """The frame the source validates and the result format that names failing rows in it.
+
+    Pandas frames name rows by their index. A Spark DataFrame gets the index as a column, and
+    GX reports each failing row's value of it.
+    """
+    if type(source).__name__ != "SparkDatasource":
+        return df, {"result_format": "COMPLETE"}
+    from pyspark.sql import SparkSession
+
+    session = SparkSession.getActiveSession() or SparkSession.builder.getOrCreate()
+    framed = df.assign(**{ROW_COLUMN: np.asarray(df.index, dtype=np.int64)})
+    return session.createDataFrame(framed), {
+        "result_format": "COMPLETE",
+        "unexpected_index_column_names": [ROW_COLUMN],
+    }
 
 
 def _run_suite(ctx: Any, table: str, df: pd.DataFrame, expectations: list[Any]) -> list[Any]:
@@ -554,6 +592,7 @@ def _run_suite(ctx: Any, table: str, df: pd.DataFrame, expectations: list[Any]) 
     import great_expectations as gx
 
     source = ctx.data_sources.get("recsys")
+    frame, result_format = _as_engine_frame(source, df)
     asset = source.add_dataframe_asset(f"{table}_{len(source.assets)}")
     batch = asset.add_batch_definition_whole_dataframe("whole")
     suite = ctx.suites.add(gx.ExpectationSuite(name=f"{table}_suite_{len(source.assets)}"))
@@ -566,10 +605,10 @@ def _run_suite(ctx: Any, table: str, df: pd.DataFrame, expectations: list[Any]) 
         gx.Checkpoint(
             name=f"{asset.name}_checkpoint",
             validation_definitions=[vd],
-            result_format={"result_format": "COMPLETE"},
+            result_format=result_format,
         )
     )
-    run = checkpoint.run(batch_parameters={"dataframe": df})
+    run = checkpoint.run(batch_parameters={"dataframe": frame})
     (validation,) = run.run_results.values()
     by_id = {r.expectation_config.id: r for r in validation.results}
     return [by_id[e.id] for e in suite.expectations]

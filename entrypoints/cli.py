@@ -155,7 +155,7 @@ def validate(
     data, out = data or s.raw_dir, out or s.validated_dir
     try:
         with console.status(f"validating {data}"):
-            manifest = validate_data(s.validation, data, out, as_of=as_of)
+            manifest = validate_data(s.validation, data, out, as_of=as_of, spark=s.spark)
     except ValidationError as e:
         console.print(f"[red]validation failed:[/red] {e}")
         for report in (out / "report" / "summary.html", out / "report" / "index.html"):

@@ -66,6 +66,10 @@ class ValidationConfig(Section):
     rating_min: float = 0.5
     rating_max: float = 5.0
     max_dwell_seconds: float = 6 * 3600.0
+    # Where the expectation suites run: pandas in-process, or Spark DataFrames in a session of
+    # `spark.master` (the production profile, beside the Spark offline store). Same verdicts
+    # and quarantine either way.
+    engine: Literal["pandas", "spark"] = "pandas"
 
 
 class FeaturesConfig(Section):
