@@ -2,8 +2,9 @@
 
 Read top to bottom as Feast lays a repo out: Entity -> Source -> FeatureView -> FeatureService.
 `recsys features build` computes the tables these sources read (``<home>/features/<table>/``,
-one Parquet file per day); `feast apply` (or `recsys features apply`) registers the
-definitions; materialization copies the latest row of each entity into the online store.
+one Parquet file per day) and copies the events there; `feast apply` (or `recsys features
+apply`) registers the definitions; materialization copies the latest row of each entity into
+the online store, running the batch feature views' transformations on the way.
 
 Time: every table row carries ``event_timestamp``, the moment its value became known. Batch
 tables are daily snapshots stamped at the last microsecond of their day and computed from
@@ -13,16 +14,22 @@ Training data joins, for each event, only rows stamped strictly before the event
 
 Names come from ``recsys.feature_schema`` so training, serving and this repo agree.
 
-To add a feature: compute its column in ``components/features.py`` (the table builder), add a
-``Field`` to the view below, add the view to a service if it is new, then `feast apply`.
+To add a feature: declare a ``BatchFeatureView`` below whose transformation reads the
+``events`` view (see "Batch feature views"), list it in a service, then `recsys features apply`:
+Feast's compute engine computes it on materialization, training data runs the same
+transformation. The daily-snapshot families (``user_engagement``, ``item_popularity``) and the
+profile, attribute and recent-items tables are still built by ``components/features/tables.py``
+(README, "Add a feature and use it", says why); a column there also needs a ``Field`` here.
 """
 
+import inspect
 import os
 from datetime import timedelta
 
-from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource
+import pandas as pd
+from feast import BatchFeatureView, Entity, FeatureService, FeatureView, Field, FileSource, PushSource
 from feast.data_format import ParquetFormat
-from feast.types import Bool, Float32, Int64, String
+from feast.types import Bool, Float32, Float64, Int64, String
 from feast.value_type import ValueType
 
 from recsys.feature_schema import (
@@ -64,6 +71,12 @@ item = Entity(
     value_type=ValueType.STRING,
     description="Something that can be recommended.",
 )
+event = Entity(
+    name="event",
+    join_keys=["event_id"],
+    value_type=ValueType.STRING,
+    description="One logged interaction: the rows batch transformations start from.",
+)
 
 # --- Sources: Parquet tables written by `recsys features build` ----------------------------
 # Each path is a folder of Parquet files (one per day). The format is named: the DuckDB offline
@@ -103,6 +116,13 @@ user_recent_items_source = FileSource(
     timestamp_field="event_timestamp",
     file_format=ParquetFormat(),
     description="One row per event: the user's recent items and session right after it.",
+)
+events_source = FileSource(
+    name="events",
+    path=_table("events"),
+    timestamp_field="event_timestamp",
+    file_format=ParquetFormat(),
+    description="The validated events, one row per event, stamped with its time.",
 )
 # Real time: the gateway pushes the new recent-items row of a user on every accepted event
 # (recsys.online_features.push_event). The batch source is the same table rebuilt from the
@@ -187,6 +207,87 @@ user_recent_items = FeatureView(
     ),
 )
 
+# --- Batch feature views: features computed by Feast from the events -------------------------
+# A BatchFeatureView's transformation runs in Feast's compute engine on materialization
+# (local by default, Spark in production) and, on the same rows, for training data
+# (components.features.training_data). Adding a feature here needs no builder and no schema
+# module: declare it, list it in a service, `recsys features apply`.
+#
+# Two Feast 0.67 limits shape these declarations (README, "To add a feature"):
+# - The DuckDB and file offline stores read only a view's declared columns from its source,
+#   so a transformation reads the events through the `events` view below, whose schema names
+#   the columns it may use, not from `events_source` directly.
+# - The local engine has no time-windowed Aggregation; windows are a transformation
+#   (recsys.event_windows.trailing_counts: exact change rows, no daily snapshot).
+# A transformation is stored in the registry as its source text and run from it: it must
+# import what it uses inside its body.
+
+# The rows transformations read; never served (one row per event).
+events = FeatureView(
+    name="events",
+    entities=[event],
+    ttl=timedelta(0),
+    schema=[
+        Field(name="user_id", dtype=String),
+        Field(name="item_id", dtype=String),
+        Field(name="event_type", dtype=String),
+        Field(name="value", dtype=Float64),
+        Field(name="session_id", dtype=String),
+    ],
+    source=events_source,
+    online=False,
+    tags={"team": "recsys", "kind": "events"},
+    description="The events as batch transformations read them.",
+)
+
+
+def user_activity_counts(events: pd.DataFrame) -> pd.DataFrame:
+    from datetime import timedelta
+
+    from recsys.event_windows import trailing_counts
+    from recsys.feature_schema import POSITIVE_EVENT_TYPES
+
+    return trailing_counts(
+        events,
+        key="user_id",
+        counts={
+            "events": lambda e: e["event_type"].notna(),
+            "positives": lambda e: e["event_type"].isin(POSITIVE_EVENT_TYPES),
+        },
+        windows={"1h": timedelta(hours=1), "24h": timedelta(hours=24)},
+        rates={"positive_rate": ("positives", "events")},
+    )
+
+
+# Intraday windows, exact to the event: what a daily snapshot cannot say ("busy right now").
+user_activity = BatchFeatureView(
+    name="user_activity",
+    mode="pandas",
+    entities=[user],
+    source=[events],
+    # Where Feast would write the view's rows with offline=True; training data computes
+    # them instead (a materialization writes only each user's latest row).
+    sink_source=FileSource(
+        name="user_activity",
+        path=_table("user_activity"),
+        timestamp_field="event_timestamp",
+        file_format=ParquetFormat(),
+    ),
+    udf=user_activity_counts,
+    udf_string=inspect.getsource(user_activity_counts),
+    # The largest window: a row with a non-zero count is always replaced within it, and a
+    # materialization reads the events from two of it before its interval.
+    ttl=timedelta(hours=24),
+    schema=[
+        *(Field(name=f"user_{m}_{w}", dtype=Int64) for w in ("1h", "24h") for m in ("events", "positives")),
+        *(Field(name=f"user_positive_rate_{w}", dtype=Float32) for w in ("1h", "24h")),
+    ],
+    online=True,
+    offline=False,
+    tags={"team": "recsys", "kind": "batch_transformation"},
+    description="How active the user is right now: events, positives and their rate over 1 and 24 hours.",
+)
+
 # --- Feature services: one per model; models fetch by service name ---------------------------
 
 retriever_v1 = FeatureService(
@@ -205,7 +306,7 @@ retriever_candidates_v1 = FeatureService(
 )
 ranker_v1 = FeatureService(
     name=RANKER_SERVICE,
-    features=[user_profile, user_engagement, item_attributes, item_popularity],
+    features=[user_profile, user_engagement, item_attributes, item_popularity, user_activity],
     tags={"model": "ranker"},
     description="The ranker scores one (user, item) pair: user, item and popularity features.",
 )

@@ -39,6 +39,9 @@ if TYPE_CHECKING:  # Feast costs seconds to import; only the functions that need
 TIMESTAMP = "event_timestamp"
 ONE_US = pd.Timedelta(microseconds=1)
 PUSH_SOURCE = "user_recent_items_push"
+# Feast warns on every BatchFeatureView it builds, also each time it reads one from the
+# registry: noise once the repo declares one.
+EXPERIMENTAL_WARNING = "Batch feature views are experimental"
 RECENT_VIEW = "user_recent_items"
 
 
@@ -122,8 +125,11 @@ def start_offline_engine(settings: Settings) -> None:
 
 def get_store(settings: Settings) -> FeatureStore:
     """A ``FeatureStore`` over the state under ``settings.home`` (no files are read yet)."""
+    import warnings
+
     from feast import FeatureStore
 
+    warnings.filterwarnings("ignore", message=EXPERIMENTAL_WARNING, category=RuntimeWarning)
     settings.feast_dir.mkdir(parents=True, exist_ok=True)
     return FeatureStore(config=repo_config(settings))
 

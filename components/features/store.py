@@ -109,7 +109,7 @@ def as_spark_sources(objects: list[Any]) -> list[Any]:
     return out
 
 
-def apply_feature_repo(settings: Settings) -> dict[str, Any]:
+def apply_feature_repo(settings: Settings, repo_dir: Path = FEATURE_REPO_DIR) -> dict[str, Any]:
     """Register the feature repo's definitions (`feast apply`) for these settings.
 
     Objects that the repo no longer defines are removed from the registry. Also writes the
@@ -121,7 +121,11 @@ def apply_feature_repo(settings: Settings) -> dict[str, Any]:
     """
     from feast import Entity, FeatureService, FeatureView
 
-    objects = load_definitions(settings)
+    from recsys.online_features import EXPERIMENTAL_WARNING
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=EXPERIMENTAL_WARNING, category=RuntimeWarning)
+        objects = load_definitions(settings, repo_dir)
     _check_windows(objects, settings.features.windows_days)
     store = get_store(settings)
     project = settings.features.project
@@ -213,11 +217,20 @@ def materialize(
     start_ts, end_ts = to_utc(start), to_utc(end)
     start_offline_engine(settings)
     store = get_store(settings)
-    views = [fv.name for fv in store.list_feature_views()]
+    online = [fv for fv in store.list_feature_views() if fv.online]
+    views = [fv.name for fv in online]
+    # A transformation over trailing windows needs the events of the largest window (its
+    # ttl) before each row it writes; reading from two of them before the interval makes
+    # every user's latest row complete (recsys.event_windows).
+    derived = {fv.name: 2 * fv.ttl for fv in online if fv.source_views and fv.ttl}
     with warnings.catch_warnings():
         # Ibis 12 calls DuckDB 2.0's renamed fetch_arrow_table(); the result is the same.
         warnings.filterwarnings("ignore", message="fetch_arrow_table", category=DeprecationWarning)
-        store.materialize(start_ts.to_pydatetime(), end_ts.to_pydatetime(), feature_views=views)
+        plain = [v for v in views if v not in derived]
+        store.materialize(start_ts.to_pydatetime(), end_ts.to_pydatetime(), feature_views=plain)
+        for name, lookback in derived.items():
+            since = (start_ts - lookback).to_pydatetime()
+            store.materialize(since, end_ts.to_pydatetime(), feature_views=[name])
     manifest = MaterializeManifest(
         online_store=settings.features.online_store,
         interval=Interval(start=start_ts.isoformat(), end=end_ts.isoformat()),

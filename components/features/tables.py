@@ -11,7 +11,9 @@ with the moment it became known:
 - static rows (``user_profile``, ``item_attributes``): stamped at signup / publication;
 - ``user_recent_items``: one row per event that changed the user's recent items or session,
   stamped with that event's time. The gateway pushes the same rows in real time
-  (``recsys.online_features.push_event``); both go through ``next_recent_state``.
+  (``recsys.online_features.push_event``); both go through ``next_recent_state``;
+- ``events``: the validated events themselves, stamped with their time: the source of the
+  feature repo's ``BatchFeatureView``s, whose transformations Feast runs (no builder here).
 
 The computations are pure (frames in, frames out); ``build_feature_tables`` is the step that
 writes them under ``<home>/features/<table>/``. The Feast store that serves them is
@@ -52,9 +54,14 @@ DAY = pd.Timedelta(days=1)
 
 # Tables written one file per UTC day (an interval rewrites exactly its days) and tables
 # written whole (one row per entity; rewriting them never depends on the interval).
-DAILY_TABLES = ("user_engagement", "item_popularity", "user_recent_items")
+DAILY_TABLES = ("user_engagement", "item_popularity", "user_recent_items", "events")
 WHOLE_TABLES = ("user_profile", "item_attributes")
 TABLES = (*WHOLE_TABLES, *DAILY_TABLES)
+
+
+# The columns of the ``events`` table (``ts`` as ``event_timestamp``): what a transformation
+# in the feature repo can read. The request and position of an impression are left out.
+EVENT_SOURCE_COLUMNS = ("event_id", "user_id", "item_id", "event_type", "value", "ts", "session_id", "device")
 
 
 class FeatureRepoError(RuntimeError):
@@ -402,6 +409,7 @@ def build_feature_tables(
         "user_engagement": user_engagement_table(window_events, users, days, windows),
         "item_popularity": item_popularity_table(window_events, items, days, windows),
         "user_recent_items": recent_items_table(events, config.recent_items, start_day, end_day),
+        "events": events_table(events[events["ts"] >= start_day]),
     }
     manifest = FeaturesBuildManifest(
         path=str(out_dir),
@@ -414,6 +422,12 @@ def build_feature_tables(
     )
     write_manifest(out_dir, manifest)
     return manifest.model_dump()
+
+
+def events_table(events: pd.DataFrame) -> pd.DataFrame:
+    """The events as the feature repo's ``events`` source reads them: ``ts`` is ``event_timestamp``."""
+    out = events[[c for c in EVENT_SOURCE_COLUMNS if c in events.columns]].rename(columns={"ts": TIMESTAMP})
+    return out.sort_values([TIMESTAMP, "event_id"], ignore_index=True)
 
 
 def _day_interval(

@@ -3,6 +3,12 @@
 ``build_training_data`` joins, for each event, the latest feature row stamped *strictly
 before* the event (Feast's point-in-time join is inclusive, so the join asks for the event's
 time minus one microsecond). The event never contributes to its own features.
+
+A ``BatchFeatureView`` of the repo has no table to join: Feast's offline stores join the
+view's ``sink_source`` (which a materialization fills with each entity's latest row only)
+and the local compute engine's retrieval ignores the entity rows' times, so the view's own
+registered transformation is run here on its source rows, and its output joined the same
+way (latest row at or before the time, within the view's ttl).
 """
 
 from __future__ import annotations
@@ -169,9 +175,13 @@ def _features_before(store: FeatureStore, events: pd.DataFrame, refs: Sequence[s
         by_view.setdefault(view, []).append(name)
     feats = base[["event_id"]].copy()
     for view, view_names in by_view.items():
-        keys = [c.name for c in store.get_feature_view(view).entity_columns]
+        fv = store.get_feature_view(view)
+        keys = [c.name for c in fv.entity_columns]
         pairs = base[[*keys, TIMESTAMP]].drop_duplicates(ignore_index=True)
-        got = _view_as_of(store, view, view_names, pairs)
+        if fv.source_views and fv.feature_transformation is not None:
+            got = _transformed_as_of(store, fv, view_names, pairs)
+        else:
+            got = _view_as_of(store, view, view_names, pairs)
         joined = base[["event_id", *keys, TIMESTAMP]].merge(got, on=[*keys, TIMESTAMP], how="left")
         feats = feats.merge(joined[["event_id", *view_names]], on="event_id", how="left")
     return feats
@@ -195,6 +205,55 @@ def _view_as_of(store: FeatureStore, view: str, names: list[str], pairs: pd.Data
     for k in keys:
         got[k] = got[k].astype(str)
     return got[[*keys, TIMESTAMP, *names]].drop_duplicates([*keys, TIMESTAMP])
+
+
+def _transformed_as_of(store: FeatureStore, fv: Any, names: list[str], pairs: pd.DataFrame) -> pd.DataFrame:
+    """A transformed view's ``names`` at each (entity keys, time) row of ``pairs``.
+
+    The transformation is the registered one, given what Feast's compute engine gives it on
+    materialization: its source view's rows (join keys, features, timestamp) as the offline
+    store reads them. They are read up to just after the latest time asked for, so rows
+    stamped up to then exist (a window's end, as well as an event), and from two ttls before
+    the earliest (what each row within ttl of a time needs; everything without a ttl).
+    """
+    from feast.infra.offline_stores.offline_utils import get_offline_store_from_config
+
+    keys = [c for c in pairs.columns if c != TIMESTAMP]
+    if pairs.empty:
+        return pairs.assign(**{n: pd.Series(dtype=object) for n in names})
+    (parent,) = fv.source_views
+    source = parent.batch_source
+    ttl = pd.Timedelta(fv.ttl) if fv.ttl else None
+    lo, hi = pairs[TIMESTAMP].min(), pairs[TIMESTAMP].max()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="fetch_arrow_table", category=DeprecationWarning)
+        rows = (
+            get_offline_store_from_config(store.config.offline_store)
+            .pull_all_from_table_or_query(
+                config=store.config,
+                data_source=source,
+                join_key_columns=[c.name for c in parent.entity_columns],
+                feature_name_columns=[f.name for f in parent.features],
+                timestamp_field=source.timestamp_field,
+                created_timestamp_column=source.created_timestamp_column or None,
+                start_date=(lo - 2 * ttl).to_pydatetime() if ttl else None,
+                end_date=(hi + ONE_US).to_pydatetime(),
+            )
+            .to_df()
+        )
+    out = fv.feature_transformation.udf(rows)
+    out = out.assign(**{k: out[k].astype(str) for k in keys})
+    out[TIMESTAMP] = pd.to_datetime(out[TIMESTAMP], utc=True).astype("datetime64[ns, UTC]")
+    got = pd.merge_asof(
+        pairs.sort_values(TIMESTAMP),
+        out[[*keys, TIMESTAMP, *names]].sort_values(TIMESTAMP),
+        on=TIMESTAMP,
+        by=keys,
+        direction="backward",
+        allow_exact_matches=True,
+        tolerance=ttl,
+    )
+    return got[[*keys, TIMESTAMP, *names]]
 
 
 def _fill_defaults(out: pd.DataFrame, defaults: Mapping[str, Any]) -> pd.DataFrame:
