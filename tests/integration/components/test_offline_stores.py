@@ -139,7 +139,8 @@ def test_materialization_on_spark_writes_the_same_online_values(
         store = get_store(settings)
         users = pd.read_parquet(features_dir(settings) / "user_profile")["user_id"].astype(str).tolist()
         items = pd.read_parquet(features_dir(settings) / "item_attributes")["item_id"].astype(str).tolist()
-        user_refs = [r for r in service_features(store, [RETRIEVER_SERVICE]) if not r.startswith("item_")]
+        services = [RETRIEVER_SERVICE, RANKER_SERVICE]
+        user_refs = [r for r in service_features(store, services) if not r.startswith("item_")]
         item_refs = [r for r in service_features(store, [RANKER_SERVICE]) if r.startswith("item_")]
         values[store_kind] = (
             pd.DataFrame(store.get_online_features(user_refs, [{"user_id": u} for u in users]).to_dict()),
@@ -150,4 +151,5 @@ def test_materialization_on_spark_writes_the_same_online_values(
     users, items = values["spark"]
     # Something was loaded: engagement counts, recent items and popularity are not all empty.
     assert users["recent_items"].notna().any() and (users["user_events_30d"].fillna(0) > 0).any()
+    assert "user_events_24h" in users.columns  # the BatchFeatureView, run by each engine
     assert (items["item_positives_30d"].fillna(0) > 0).any()
