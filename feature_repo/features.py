@@ -149,9 +149,10 @@ user_profile = FeatureView(
 user_engagement = FeatureView(
     name="user_engagement",
     entities=[user],
-    # A snapshot is replaced by the next day's; two days of ttl tolerate one late build
-    # without serving counts from a week ago.
-    ttl=timedelta(days=2),
+    # No expiry: the table has a row whenever a count changes (an event, or one leaving a
+    # window), so the latest row before any time is exact however old it is. A ttl would
+    # read a count that has not changed for longer as 0.
+    ttl=timedelta(0),
     schema=[
         Field(name=f"user_{kind}_{w}d", dtype=Int64)
         for w in WINDOWS_DAYS
@@ -177,7 +178,7 @@ item_attributes = FeatureView(
 item_popularity = FeatureView(
     name="item_popularity",
     entities=[item],
-    ttl=timedelta(days=2),
+    ttl=timedelta(0),  # change rows, as user_engagement
     schema=[
         Field(name=name, dtype=Float32 if kind == "ctr" else Int64)
         for w in WINDOWS_DAYS

@@ -146,6 +146,15 @@ def test_training_data_joins_only_the_past(env, validated: Path, events: pd.Data
     ]
     expected_1d = pd.Series(prev, index=ev["event_id"].astype(str))
     assert (train.loc[expected_1d.index, "user_events_1d"] == expected_1d).all()
+    # Longer windows too, however long ago the user's count last changed: user_events_{w}d of
+    # an event on day D counts the user's events on days D-w .. D-1.
+    for w in (7, 30):
+        expected = [
+            sum(per_day.get((u, d - pd.Timedelta(days=k)), 0) for k in range(1, w + 1))
+            for u, d in zip(ev["user_id"], ev["day"], strict=True)
+        ]
+        got = train.loc[ev["event_id"].astype(str), f"user_events_{w}d"].to_numpy()
+        assert (got == expected).all(), f"user_events_{w}d: {(got != expected).sum()} rows differ"
 
     # recent_items: exactly the positives strictly before the event; a click never sees itself.
     expected_recent = _recent_before(events)
