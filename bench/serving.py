@@ -688,6 +688,12 @@ def main() -> None:
     p.add_argument(
         "--max-concurrent", type=int, default=None, help="gateway.max_concurrent_requests for this run"
     )
+    p.add_argument(
+        "--adaptive-target-ms",
+        type=float,
+        default=None,
+        help="gateway.adaptive_concurrency_target_ms for this run (the latency-driven in-flight limit)",
+    )
     # load mode (the separate load process)
     p.add_argument("--url")
     p.add_argument("--users-file", type=Path)
@@ -742,6 +748,8 @@ def main() -> None:
     }
     if args.max_concurrent is not None:
         env[setting_variable("gateway.max_concurrent_requests")] = str(args.max_concurrent)
+    if args.adaptive_target_ms is not None:
+        env[setting_variable("gateway.adaptive_concurrency_target_ms")] = str(args.adaptive_target_ms)
     # Each run starts from an empty event log: every request logs ~10 impressions, and a log
     # grown by earlier runs (1.7 GB after a day of runs) makes each run's writes heavier
     # than the last, so runs would not compare.

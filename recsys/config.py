@@ -520,6 +520,13 @@ class GatewayConfig(Section):
     # Requests handled at once; beyond that the gateway answers 503 with Retry-After at once
     # rather than queueing without bound (each request holds a thread and ~1000 candidates).
     max_concurrent_requests: int = Field(64, ge=1)
+    # When set, the in-flight bound follows latency between these two (serving.gateway.admission):
+    # over each window of finished requests, a p90 above this target cuts it by a fifth, one
+    # within it adds one. Past capacity the admitted keep about this latency and the rest are
+    # shed, instead of everyone queueing. Off by default: a shared machine's noise (the
+    # embedded profile's tests) would shed; the production profile turns it on.
+    adaptive_concurrency_target_ms: float | None = Field(None, gt=0)
+    min_concurrent_requests: int = Field(4, ge=1)
     # Accepted events waiting for their online-store push (one background thread writes them,
     # so a slow store never holds a request). Beyond this a push is dropped and counted: the
     # event itself is already durable, and the next feature rebuild brings the store up to date.

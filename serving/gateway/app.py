@@ -17,8 +17,9 @@ Routes: one ``APIRouter`` per concern in ``serving.gateway.routes``, each given 
 ``Gateway`` by a dependency. Access (``serving.gateway.security``): events and admin need the
 ``X-API-Key`` header; reads too unless ``security.open_reads``; bodies above
 ``security.max_request_bytes`` get a 413. Beyond ``gateway.max_concurrent_requests`` in
-flight, a request is shed at once with 503 and ``Retry-After`` (``ConcurrencyLimit``), not
-queued; the probes and ``/metrics`` are never shed.
+flight (or the lower bound ``gateway.adaptive_concurrency_target_ms`` makes it follow,
+``serving.gateway.admission``), a request is shed at once with 503 and ``Retry-After``
+(``ConcurrencyLimit``), not queued; the probes and ``/metrics`` are never shed.
 
 Startup never crash-loops on a dependency: the ``Gateway`` is built on a thread that retries
 with backoff (one clear line per failed attempt, e.g. the event log's Redis unreachable)
@@ -36,6 +37,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -46,6 +48,7 @@ from starlette.concurrency import run_in_threadpool
 
 from recsys.config import Settings
 from serving.gateway.admin import ManualRollout
+from serving.gateway.admission import AdaptiveLimit
 from serving.gateway.routes.admin import admin_router
 from serving.gateway.routes.dependencies import access_checks
 from serving.gateway.routes.events import events_router
@@ -86,21 +89,37 @@ def shed_endpoint(path: str) -> str:
 class ConcurrencyLimit:
     """ASGI middleware: at most ``limit`` requests in flight; the next is answered 503 with
     ``Retry-After`` at once, so overload is shed instead of queued without bound (a queued
-    request would time out in the client anyway, after holding memory and a connection)."""
+    request would time out in the client anyway, after holding memory and a connection).
 
-    def __init__(self, app: Any, limit: int, retry_after_s: int = SHED_RETRY_AFTER_S) -> None:
-        self.app, self.limit, self.retry_after_s = app, limit, retry_after_s
+    With ``adaptive`` the bound is that ``AdaptiveLimit``'s, moved by the latency of the
+    requests it admitted (``limit`` is then its ceiling)."""
+
+    def __init__(
+        self,
+        app: Any,
+        limit: int,
+        retry_after_s: int = SHED_RETRY_AFTER_S,
+        adaptive: AdaptiveLimit | None = None,
+    ) -> None:
+        self.app, self.limit, self.retry_after_s, self.adaptive = app, limit, retry_after_s, adaptive
         self.in_flight = 0  # only touched on the event loop: no lock needed
+
+    def _admits(self) -> bool:
+        if self.adaptive is not None:
+            return self.adaptive.admits(self.in_flight)
+        return self.in_flight < self.limit
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope.get("path") in UNLIMITED_PATHS:
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.limit:
+        if not self._admits():
+            bound = "gateway.max_concurrent_requests"
+            if self.adaptive is not None:
+                bound = "the adaptive limit under gateway.adaptive_concurrency_target_ms"
             body = json.dumps(
-                {"detail": f"overloaded: {self.limit} requests in flight "
-                 "(gateway.max_concurrent_requests); retry later"}
-            ).encode()  # fmt: skip
+                {"detail": f"overloaded: {self.in_flight} requests in flight ({bound}); retry later"}
+            ).encode()
             headers = [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
@@ -111,10 +130,19 @@ class ConcurrencyLimit:
             self._count_shed(scope)
             return
         self.in_flight += 1
+        epoch = self.adaptive.epoch if self.adaptive is not None else 0
+        started = time.perf_counter()
         try:
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
+            if self.adaptive is not None and self.adaptive.record(time.perf_counter() - started, epoch):
+                self._show_limit(scope)
+
+    def _show_limit(self, scope: dict[str, Any]) -> None:
+        gateway = getattr(getattr(scope.get("app"), "state", None), "gateway", None)
+        if gateway is not None and self.adaptive is not None:
+            gateway.metrics.concurrency_limit.set(self.adaptive.limit)
 
     @staticmethod
     def _count_shed(scope: dict[str, Any]) -> None:
@@ -125,6 +153,18 @@ class ConcurrencyLimit:
             path = shed_endpoint(scope.get("path", ""))
             gateway.metrics.shed.labels(endpoint=path).inc()
             gateway.metrics.requests.labels(endpoint=path, status="503").inc()
+
+
+def adaptive_limit(settings: Settings) -> AdaptiveLimit | None:
+    """The latency-driven in-flight bound the settings ask for, or None for the fixed one."""
+    g = settings.gateway
+    if g.adaptive_concurrency_target_ms is None:
+        return None
+    return AdaptiveLimit(
+        ceiling=g.max_concurrent_requests,
+        floor=min(g.min_concurrent_requests, g.max_concurrent_requests),
+        target_s=g.adaptive_concurrency_target_ms / 1000,
+    )
 
 
 class GatewayStarter:
@@ -235,7 +275,9 @@ def create_app(
     )
     app.add_middleware(BodyLimit, limit=settings.security.max_request_bytes)
     # Added last, so it runs first: a shed request costs no body read and no thread.
-    app.add_middleware(ConcurrencyLimit, limit=settings.gateway.max_concurrent_requests)
+    app.add_middleware(
+        ConcurrencyLimit, limit=settings.gateway.max_concurrent_requests, adaptive=adaptive_limit(settings)
+    )
     app.exception_handler(RequestValidationError)(invalid_request)
     app.include_router(recommendations_router(settings, access))
     app.include_router(events_router(settings, access))

@@ -84,6 +84,12 @@ class GatewayMetrics:
         self.push_queue = Gauge(
             "recsys_gateway_push_queue", "Accepted events waiting for their online-store push.", registry=r
         )
+        self.concurrency_limit = Gauge(
+            "recsys_gateway_concurrency_limit",
+            "Requests admitted at once: the adaptive limit (gateway.adaptive_concurrency_target_ms), "
+            "set when it moves.",
+            registry=r,
+        )
         self.shed = Counter(
             "recsys_gateway_shed",
             "Requests answered 503 at once because gateway.max_concurrent_requests were in flight.",
