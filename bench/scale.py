@@ -27,6 +27,14 @@ the repo applied once, in a child process; then each offline store (``--join-sto
 it in a fresh child, stopped after ``--join-timeout`` seconds. Measured: the join's seconds,
 the rows, and the child's peak RSS (``wait4``, so a stopped child has one too).
 
+Scale-out (``--scale-events 1000000 10000000``): the join and materialization at several event
+counts on each offline store (``--scale-stores``). The events (all types) are drawn by a
+vectorized generator (``scale_event_days``: users by a lognormal activity, items by Zipf
+popularity, uniform times over two years, sessions per user and hour) and written straight
+into the validated folder with the contracts (``conform``, one file per day), GX validation
+left out; the feature tables are built once per size. Each step is a fresh child, stopped
+after ``--scale-timeout`` seconds or when its process tree's RSS passes ``--scale-max-rss-gb``.
+
 Prints tables and replaces this benchmark's sections of BENCHMARKS.md (``--no-index``,
 ``--no-training`` or ``--no-join`` to leave a part out).
 """
@@ -44,6 +52,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -56,6 +65,24 @@ SECTION = "## Scale: index growth and training throughput"
 TRAINING_SECTION = "## Scale: retriever training throughput in the pipeline"
 JOIN_SECTION = "## Scale: the point-in-time join of training data, file vs DuckDB offline store"
 JOIN_DATE = "2026-12-04"
+SCALE_SECTION = "## Scale: join and materialization at 1M to 10M events, file vs DuckDB vs Spark"
+SCALE_DAYS = 730
+# Events per user and per item of the scale-out data (1M events: 25,000 users, 5,000 items).
+SCALE_EVENTS_PER_USER = 40
+SCALE_EVENTS_PER_ITEM = 200
+# Event types and their shares in the scale-out data; a rating carries 1-5 stars, a view dwell seconds.
+SCALE_EVENT_MIX = {
+    "impression": 0.55,
+    "view": 0.2,
+    "click": 0.12,
+    "add_to_cart": 0.04,
+    "purchase": 0.02,
+    "rating": 0.03,
+    "like": 0.02,
+    "dislike": 0.01,
+    "skip": 0.01,
+}
+SCALE_CATEGORIES = tuple(f"cat{i:02d}" for i in range(20))
 # The order-only data set's period ends here (pinned, so the data is the same on every run).
 JOIN_END = "2026-11-01T00:00:00+00:00"
 # Users, items, days, orders: the order-only data set that took the file store over 10 minutes.
@@ -70,6 +97,8 @@ too (`tests/integration/components/test_offline_stores.py`). An earlier run of t
 same day, on a quieter machine (load 1.2): duckdb 10.5 s, peak 1.38 GB; file stopped at 10
 minutes with a peak of 9.07 GB (Dask's threads took the load to 7.3).
 """
+# Recorded under the scale-out section's table.
+SCALE_NOTES = ""
 DIM = 65
 QUERIES = 200
 TRAINING_EPOCHS = 6
@@ -258,6 +287,155 @@ def order_only_frames(
     return {"users": tables["users"], "items": tables["items"], "events": orders}
 
 
+def scale_sizes(events: int) -> tuple[int, int]:
+    """Users and items of the scale-out data set of ``events`` events."""
+    return max(100, events // SCALE_EVENTS_PER_USER), max(50, events // SCALE_EVENTS_PER_ITEM)
+
+
+def scale_users_items(events: int, seed: int = 7) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The users and items of the scale-out data, signed up and published before its period."""
+    from recsys.contracts import AGE_BUCKETS, CATEGORY_SEPARATOR, ITEMS, USERS, conform
+
+    n_users, n_items = scale_sizes(events)
+    rng = np.random.default_rng([seed, 0])
+    start = pd.Timestamp(JOIN_END) - pd.Timedelta(days=SCALE_DAYS)
+    before = pd.to_timedelta(rng.integers(1, 365 * 86_400, n_users), unit="s")
+    users = pd.DataFrame(
+        {
+            "user_id": [f"u{i}" for i in range(n_users)],
+            "age_bucket": np.asarray(AGE_BUCKETS)[rng.integers(0, len(AGE_BUCKETS), n_users)],
+            "country": np.asarray(["US", "DE", "FR", "GB", "JP", "BR", "IN"])[rng.integers(0, 7, n_users)],
+            "signup_source": np.asarray(["organic", "ads", "referral"])[rng.integers(0, 3, n_users)],
+            "signup_ts": start - before,
+        }
+    )
+    cats = np.asarray(SCALE_CATEGORIES)
+    first, second = rng.integers(0, len(cats), n_items), rng.integers(0, len(cats), n_items)
+    category = np.where(
+        rng.random(n_items) < 0.3,
+        np.char.add(np.char.add(cats[first], CATEGORY_SEPARATOR), cats[second]),
+        cats[first],
+    )
+    category = np.where(first == second, cats[first], category)
+    items = pd.DataFrame(
+        {
+            "item_id": [f"i{i}" for i in range(n_items)],
+            "title": [f"Item {i}" for i in range(n_items)],
+            "category": category,
+            "description": [f"A {c.split(CATEGORY_SEPARATOR)[0]} item" for c in category],
+            "in_stock": rng.random(n_items) < 0.95,
+            "published_ts": start - pd.to_timedelta(rng.integers(1, 365 * 86_400, n_items), unit="s"),
+        }
+    )
+    return conform(users, USERS), conform(items, ITEMS)
+
+
+def scale_event_days(events: int, seed: int = 7) -> Iterator[pd.DataFrame]:
+    """The scale-out events, one contract-conformed frame per UTC day, ``events`` in all.
+
+    Vectorized: per day, a count from a multinomial over the days (a 50 % rise over the
+    period), users by a lognormal activity, items by Zipf popularity (exponent 1.1, ids in a
+    fixed random order), uniform times within the day, a session per user and hour, the
+    user's usual device 90 % of the time, types by ``SCALE_EVENT_MIX``.
+    """
+    from recsys.contracts import DEVICES, EVENTS, conform
+
+    n_users, n_items = scale_sizes(events)
+    rng = np.random.default_rng([seed, 1])
+    weight = np.linspace(1.0, 1.5, SCALE_DAYS)
+    per_day = rng.multinomial(events, weight / weight.sum())
+    activity = rng.lognormal(0.0, 1.0, n_users)
+    user_p = activity / activity.sum()
+    popularity = 1.0 / np.arange(1, n_items + 1) ** 1.1
+    item_p = popularity / popularity.sum()
+    item_order = rng.permutation(n_items)
+    usual_device = rng.integers(0, len(DEVICES), n_users)
+    types = np.asarray(list(SCALE_EVENT_MIX))
+    type_p = np.asarray(list(SCALE_EVENT_MIX.values()))
+    start = pd.Timestamp(JOIN_END) - pd.Timedelta(days=SCALE_DAYS)
+    first_id = 0
+    for day, n in enumerate(per_day):
+        if n == 0:
+            continue
+        r = np.random.default_rng([seed, 2, day])
+        user = r.choice(n_users, size=n, p=user_p)
+        item = item_order[r.choice(n_items, size=n, p=item_p)]
+        offset = np.sort(r.integers(0, 86_400_000_000, n))  # microseconds into the day
+        kind = types[r.choice(len(types), size=n, p=type_p)]
+        device = np.where(r.random(n) < 0.9, usual_device[user], r.integers(0, len(DEVICES), n))
+        value = np.full(n, np.nan)
+        rating, view = kind == "rating", kind == "view"
+        value[rating] = r.integers(1, 6, int(rating.sum()))
+        value[view] = np.round(r.exponential(30.0, int(view.sum())), 1)
+        hour = offset // 3_600_000_000
+        frame = pd.DataFrame(
+            {
+                "event_id": np.char.add("e", np.arange(first_id, first_id + n).astype(str)),
+                "user_id": np.char.add("u", user.astype(str)),
+                "item_id": np.char.add("i", item.astype(str)),
+                "event_type": kind,
+                "value": value,
+                "ts": start + pd.Timedelta(days=day) + pd.to_timedelta(offset, unit="us"),
+                "session_id": np.char.add(
+                    np.char.add(np.char.add("s", user.astype(str)), f"-{day}-"), hour.astype(str)
+                ),
+                "device": np.asarray(DEVICES)[device],
+                "request_id": None,
+                "position": np.nan,
+            }
+        )
+        first_id += n
+        yield conform(frame, EVENTS)
+
+
+def scale_frames(events: int, seed: int = 7) -> dict[str, pd.DataFrame]:
+    """The whole scale-out data set in memory (tests and small sizes)."""
+    users, items = scale_users_items(events, seed)
+    return {
+        "users": users,
+        "items": items,
+        "events": pd.concat(scale_event_days(events, seed), ignore_index=True),
+    }
+
+
+def scale_data(home: Path, events: int) -> dict[str, Any]:
+    """Write the scale-out data straight into ``home``'s validated folder, one events file per day."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recsys.config import Settings
+    from recsys.contracts import ITEMS, USERS
+    from recsys.manifests import DataFolderManifest
+    from recsys.storage import write_manifest, write_table
+
+    settings = Settings(home=home)
+    out = settings.validated_dir
+    shutil.rmtree(out, ignore_errors=True)
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    users, items = scale_users_items(events)
+    write_table(users, out / "users", USERS)
+    write_table(items, out / "items", ITEMS)
+    (out / "events").mkdir(parents=True)
+    rows = 0
+    for frame in scale_event_days(events):
+        frame = frame.sort_values(["ts", "event_id"], kind="stable", ignore_index=True)
+        day = frame["ts"].iloc[0].strftime("%Y-%m-%d")
+        pq.write_table(
+            pa.Table.from_pandas(frame, preserve_index=False), out / "events" / f"day={day}.parquet"
+        )
+        rows += len(frame)
+    counts = {"users": len(users), "items": len(items), "events": rows}
+    write_manifest(out, DataFolderManifest(path=str(out), rows=counts, source="bench.scale scale_event_days"))
+    return {
+        "events": rows,
+        "users": len(users),
+        "items": len(items),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "load_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
+
+
 def join_prepare(home: Path, users: int, items: int, days: int, events: int) -> dict[str, Any]:
     """Write the order-only data under ``home`` as a new user's would be: raw folder, validated,
     feature tables built, feature repo applied. Returns the rows and the seconds of each step."""
@@ -292,17 +470,27 @@ def join_prepare(home: Path, users: int, items: int, days: int, events: int) -> 
     }
 
 
-def join_point(home: Path, store: str) -> dict[str, Any]:
+def store_settings(home: Path, store: str, driver_memory: str | None = None) -> Any:
+    """Settings of ``home`` on one offline store (Spark's driver heap raised if given)."""
+    from recsys.config import FeaturesConfig, Settings, SparkConfig
+
+    spark = SparkConfig(driver_memory=driver_memory) if driver_memory else SparkConfig()
+    return Settings(home=home, features=FeaturesConfig(offline_store=store), spark=spark)
+
+
+def join_point(home: Path, store: str, driver_memory: str | None = None) -> dict[str, Any]:
     """The point-in-time join of the training data under ``home`` on one offline store.
 
     As the pipeline's training-data step runs it: the default settings' feature views
-    (``unread_feature_views`` left out), every event of the validated data.
+    (``unread_feature_views`` left out), every event of the validated data. The repo is
+    applied for the store first (Feast's sources are engine-typed; not timed).
     """
+    from components.features.store import apply_feature_repo
     from components.features.training_data import build_training_data
     from components.pipeline import unread_feature_views
-    from recsys.config import FeaturesConfig, Settings
 
-    settings = Settings(home=home, features=FeaturesConfig(offline_store=store))
+    settings = store_settings(home, store, driver_memory)
+    apply_feature_repo(settings)
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     frame = build_training_data(settings, skip_views=unread_feature_views(settings))
@@ -317,24 +505,82 @@ def join_point(home: Path, store: str) -> dict[str, Any]:
     }
 
 
-def _limited_child(kind: str, arg: list[str], timeout_s: float) -> dict[str, Any]:
-    """``_child`` stopped after ``timeout_s``; adds the child's own peak RSS (from ``wait4``)."""
+def _tree_rss_gb(pid: int) -> float:
+    """The RSS of ``pid`` and all its descendants (from /proc), in GB."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+        except (OSError, ValueError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+        rss[int(entry.name)] = int(fields[21])  # pages
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += rss.get(p, 0)
+        todo += children.get(p, [])
+    return total * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, 9)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class _TreeWatch(threading.Thread):
+    """Samples a child's process-tree RSS each half second (a JVM is not in the child's own
+    ``wait4`` peak); stops the tree at ``timeout_s`` or when the RSS passes ``max_rss_gb``."""
+
+    def __init__(self, pid: int, max_rss_gb: float, stop: threading.Event, timeout_s: float = 0) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.max_rss_gb, self.stop, self.timeout_s = pid, max_rss_gb, stop, timeout_s
+        self.peak_gb, self.over = 0.0, False
+
+    def run(self) -> None:
+        t0 = time.monotonic()
+        while not self.stop.wait(0.5):
+            gb = _tree_rss_gb(self.pid)
+            self.peak_gb = max(self.peak_gb, gb)
+            if gb > self.max_rss_gb:
+                self.over = True
+            if self.over or (self.timeout_s and time.monotonic() - t0 > self.timeout_s):
+                _kill_group(self.pid)
+                return
+
+
+def _limited_child(kind: str, arg: list[str], timeout_s: float, max_rss_gb: float = 16.0) -> dict[str, Any]:
+    """``_child`` stopped after ``timeout_s`` or past ``max_rss_gb``; adds its peak RSS: the larger
+    of the child's own (``wait4``) and its process tree's, sampled each half second."""
     cmd = [sys.executable, "-m", "bench.scale", "--child", kind, *arg]
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=Path(__file__).resolve().parents[1])
-        timer = threading.Timer(timeout_s, proc.kill)
-        timer.start()
+        # Its own process group: a stop takes the child's own children (Spark's JVM) with it.
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=err, cwd=Path(__file__).resolve().parents[1], start_new_session=True
+        )
+        stop = threading.Event()
+        watch = _TreeWatch(proc.pid, max_rss_gb, stop, timeout_s)
+        watch.start()
         t0 = time.perf_counter()
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
-        stopped = not timer.is_alive()
-        timer.cancel()
+        stop.set()
+        watch.join()
+        _kill_group(proc.pid)  # what the child left running (a JVM not yet gone)
+        stopped = wall >= timeout_s or watch.over
         proc.returncode = os.waitstatus_to_exitcode(status)
-        peak = round(usage.ru_maxrss / 1024 / 1024, 2)
+        peak = round(max(usage.ru_maxrss / 1024 / 1024, watch.peak_gb), 2)
         if stopped:
             return {
                 "timed_out": True,
+                "why": "memory" if watch.over else "time",
                 "seconds": round(wall, 1),
                 "peak_rss_gb": peak,
                 "load_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
@@ -394,6 +640,207 @@ def render_join(
             f"| {r['store']} | {got} | {took} | {r['peak_rss_gb']} | {r['load_1m'][0]} -> {r['load_1m'][1]} |"
         )
     return "\n".join(lines) + "\n" + JOIN_NOTES
+
+
+def scale_build(home: Path) -> dict[str, Any]:
+    """Build the feature tables of ``home``'s validated data (the step before the join) and
+    apply the repo for the default store."""
+    from components.features.store import apply_feature_repo
+    from components.features.tables import build_feature_tables
+    from recsys.config import Settings
+    from recsys.layout import features_dir
+
+    settings = Settings(home=home)
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    build = build_feature_tables(settings.features, settings.validated_dir, features_dir(settings))
+    seconds = time.perf_counter() - t0
+    apply_feature_repo(settings)
+    return {
+        "table_rows": {name: t["rows"] for name, t in build["tables"].items()},
+        "seconds": round(seconds, 1),
+        "load_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
+
+
+def materialize_point(home: Path, store: str, driver_memory: str | None = None) -> dict[str, Any]:
+    """``materialize`` (every online view, the tables' whole span) into a fresh online store."""
+    from components.features.store import apply_feature_repo, materialize
+
+    settings = store_settings(home, store, driver_memory)
+    for old in settings.feast_dir.glob("online_store.db*"):
+        old.unlink()
+    apply_feature_repo(settings)  # creates the online store's tables
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    manifest = materialize(settings)
+    seconds = time.perf_counter() - t0
+    return {
+        "store": store,
+        "views": len(manifest["feature_views"]),
+        "online_mb": round((settings.feast_dir / "online_store.db").stat().st_size / 1e6, 1),
+        "seconds": round(seconds, 1),
+        "load_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
+
+
+def _gb(text: str) -> float:
+    return float(text.rstrip("gG"))
+
+
+def scale_driver_memory(events: int, driver_memory: str) -> str | None:
+    """Spark's driver heap for a size: the default below 10M events, ``driver_memory`` from it."""
+    return driver_memory if events >= 10_000_000 else None
+
+
+def run_scale(args: argparse.Namespace, machine: str) -> str:
+    """Each size: data, feature tables, then join and materialize on each store (fresh children)."""
+    from components.features.store import apply_feature_repo
+    from recsys.config import Settings
+
+    sizes = []
+    for events in args.scale_events:
+        home = Path(tempfile.mkdtemp(prefix=f"recsys-scale-{events}-", dir=args.scale_dir))
+        size: dict[str, Any] = {"events": events, "steps": []}
+        sizes.append(size)
+        try:
+            data = _limited_child(
+                "scale-data", [str(home), str(events)], args.scale_timeout, args.scale_max_rss_gb
+            )
+            size["data"] = data
+            print(json.dumps({"events": events, "data": data}), flush=True)
+            if data["timed_out"]:
+                continue
+            build = _limited_child("scale-build", [str(home)], args.scale_timeout, args.scale_max_rss_gb)
+            size["build"] = build
+            print(json.dumps({"events": events, "build": build}), flush=True)
+            if build["timed_out"]:
+                continue
+            memory = scale_driver_memory(events, args.scale_spark_driver_memory)
+            for store in args.scale_stores:
+                skip = args.scale_skip.get((events, store))
+                for step in ("join", "materialize"):
+                    if skip:
+                        row = {"store": store, "step": step, "skipped": skip}
+                    else:
+                        extra = [memory] if store == "spark" and memory else []
+                        kind = "join" if step == "join" else "materialize"
+                        limit = args.scale_file_timeout if store == "file" else args.scale_timeout
+                        try:
+                            got = _limited_child(
+                                kind, [str(home), store, *extra], limit, args.scale_max_rss_gb
+                            )
+                        except RuntimeError as e:  # recorded, and the other steps still run
+                            got = {"failed": str(e).strip().splitlines()[-1][:200]}
+                        row = {"store": store, "step": step, "limit_s": limit, **got}
+                        if store == "spark" and extra:
+                            row["driver_memory"] = memory
+                    size["steps"].append(row)
+                    print(json.dumps({"events": events, **row}), flush=True)
+            done = [r["store"] for r in size["steps"] if r["step"] == "join" and "rows" in r]
+            if len(done) > 1:
+                first = pd.read_parquet(home / f"bench_join_{done[0]}.parquet")
+                size["same_rows"] = all(
+                    same_training_rows(first, pd.read_parquet(home / f"bench_join_{s}.parquet"))
+                    for s in done[1:]
+                )
+                del first
+                print(
+                    json.dumps({"events": events, "compared": done, "same_rows": size["same_rows"]}),
+                    flush=True,
+                )
+        finally:
+            apply_feature_repo(Settings(home=home)) if (home / "feast").exists() else None
+            shutil.rmtree(home, ignore_errors=True)
+    command = " ".join(
+        [
+            ".venv/bin/python -m bench.scale --no-index --no-training --no-join",
+            "--scale-events",
+            *(str(e) for e in args.scale_events),
+            "--scale-stores",
+            *args.scale_stores,
+        ]
+    )
+    return render_scale(sizes, machine, command, args)
+
+
+def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
+    """Seconds, peak RSS and load of one step's row, as the table writes them."""
+    if "skipped" in row:
+        return f"skipped: {row['skipped']}", "-", "-"
+    if "failed" in row:
+        return f"failed: {row['failed']}", "-", "-"
+    load = f"{row['load_1m'][0]} -> {row['load_1m'][1]}"
+    if row.get("timed_out"):
+        why = (
+            f"> {row['limit_s'] // 60} min (stopped)"
+            if row.get("why") != "memory"
+            else "stopped at RSS limit"
+        )
+        return (
+            f"{why} after {row['seconds']} s" if row.get("why") == "memory" else why,
+            f"{row['peak_rss_gb']}",
+            load,
+        )
+    return f"{row['seconds']}", f"{row['peak_rss_gb']}", load
+
+
+def render_scale(sizes: list[dict[str, Any]], machine: str, command: str, args: argparse.Namespace) -> str:
+    lines = [
+        f"{SCALE_SECTION} ({JOIN_DATE})",
+        "",
+        f"`{command}` (machine: {machine}; shared with other jobs: the 1-minute load average before",
+        "and after each step).",
+        "",
+        "Data (`scale_event_days`, no GX validation: it is written straight into the validated folder",
+        f"with the contracts' `conform`, one file per UTC day): N events of all types over {SCALE_DAYS} days",
+        f"by N/{SCALE_EVENTS_PER_USER} users (lognormal activity) of N/{SCALE_EVENTS_PER_ITEM} items "
+        "(Zipf 1.1 popularity), types "
+        + ", ".join(f"{k} {round(v * 100)} %" for k, v in SCALE_EVENT_MIX.items())
+        + ", a session per user and hour, no request ids or positions;",
+        "users signed up and items published before the period. `build` is `build_feature_tables` over",
+        "the whole span (then the repo applied). `join` is `build_training_data` as the training-data step",
+        "runs it (every view the default training reads, every event); `materialize` is",
+        "`components.features.store.materialize` (every online view, the tables' whole span) into a fresh",
+        "SQLite online store. Each step is a fresh process, the repo applied for its store first",
+        "(not timed); peak RSS is the larger of the process's own (`wait4`) and its process tree's",
+        "sampled each 0.5 s (Spark's JVM included). A step is stopped at its time limit or when the",
+        f"tree passes {args.scale_max_rss_gb} GB.",
+        f"Spark: `local[2]`, {args.scale_spark_driver_memory} driver heap from 10M events (2g below).",
+        "",
+        "| events | users / items | step | store | seconds | peak RSS GB | load | rows |",
+        "| ---: | --- | --- | --- | ---: | ---: | --- | ---: |",
+    ]
+    verdicts = []
+    for size in sizes:
+        n = size["events"]
+        users, items = scale_sizes(n)
+        head = f"| {n:,} | {users:,} / {items:,} "
+        for step in ("data", "build"):
+            if step in size:
+                r = {**size[step], "limit_s": args.scale_timeout}
+                secs, peak, load = _cell(r)
+                rows = f"{r['events']:,}" if "events" in r else ""
+                if "table_rows" in r:
+                    rows = f"{sum(r['table_rows'].values()):,} feature rows"
+                lines.append(f"{head}| {step} | - | {secs} | {peak} | {load} | {rows} |")
+        for r in size["steps"]:
+            secs, peak, load = _cell(r)
+            rows = (
+                f"{r['rows']:,}"
+                if "rows" in r
+                else (f"{r['online_mb']} MB online" if "online_mb" in r else "-")
+            )
+            store = r["store"] + (f" ({r['driver_memory']} driver)" if "driver_memory" in r else "")
+            lines.append(f"{head}| {r['step']} | {store} | {secs} | {peak} | {load} | {rows} |")
+        if "same_rows" in size:
+            done = [r["store"] for r in size["steps"] if r["step"] == "join" and "rows" in r]
+            verdict = "the same" if size["same_rows"] else "NOT the same"
+            verdicts.append(
+                f"{n:,} events: the training rows of {' and '.join(done)} are {verdict}"
+                " (rows, types, values to 1e-6)."
+            )
+    return "\n".join([*lines, "", *verdicts]) + "\n" + args.scale_notes
 
 
 def _child(kind: str, arg: list[str]) -> dict[str, Any]:
@@ -501,9 +948,31 @@ def main() -> None:
     p.add_argument("--join-items", type=int, default=JOIN_SIZE[1])
     p.add_argument("--join-days", type=int, default=JOIN_SIZE[2])
     p.add_argument("--join-events", type=int, default=JOIN_SIZE[3])
-    p.add_argument("--join-stores", nargs="+", default=["duckdb", "file"], choices=["duckdb", "file"])
+    p.add_argument(
+        "--join-stores", nargs="+", default=["duckdb", "file"], choices=["duckdb", "file", "spark"]
+    )
     p.add_argument("--join-timeout", type=int, default=600, help="seconds before a join is stopped")
     p.add_argument("--join-home", type=Path, help="keep the order-only home here (reused if built)")
+    p.add_argument(
+        "--scale-events", type=int, nargs="+", help="scale-out: join and materialize at these sizes"
+    )
+    p.add_argument(
+        "--scale-stores", nargs="+", default=["file", "duckdb", "spark"], choices=["file", "duckdb", "spark"]
+    )
+    p.add_argument(
+        "--scale-timeout", type=int, default=1800, help="seconds before a scale-out step is stopped"
+    )
+    p.add_argument("--scale-file-timeout", type=int, default=600, help="the same for the file store")
+    p.add_argument("--scale-max-rss-gb", type=float, default=16.0, help="stop a step whose tree passes this")
+    p.add_argument("--scale-spark-driver-memory", default="8g", help="Spark's driver heap from 10M events")
+    p.add_argument(
+        "--scale-skip",
+        nargs="*",
+        default=[],
+        metavar="EVENTS:STORE:WHY",
+        help="record a store as skipped at a size",
+    )
+    p.add_argument("--scale-dir", type=Path, help="where the scale-out homes go (default: the temp folder)")
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -514,7 +983,13 @@ def main() -> None:
         elif kind == "join-prepare":
             out = join_prepare(Path(rest[0]), *(int(x) for x in rest[1:5]))
         elif kind == "join":
-            out = join_point(Path(rest[0]), rest[1])
+            out = join_point(Path(rest[0]), rest[1], *rest[2:3])
+        elif kind == "scale-data":
+            out = scale_data(Path(rest[0]), int(rest[1]))
+        elif kind == "scale-build":
+            out = scale_build(Path(rest[0]))
+        elif kind == "materialize":
+            out = materialize_point(Path(rest[0]), rest[1], *rest[2:3])
         else:
             out = training_point(*(int(x) for x in rest[:5]))
         print(json.dumps(out))
@@ -540,6 +1015,12 @@ def main() -> None:
         sections.append((TRAINING_SECTION, render_training(train_rows, machine, date.today().isoformat())))
     if not args.no_join:
         sections.append((JOIN_SECTION, run_join(args, machine)))
+    if args.scale_events:
+        args.scale_skip = {
+            (int(n), store): why for n, store, why in (x.split(":", 2) for x in args.scale_skip)
+        }
+        args.scale_notes = SCALE_NOTES
+        sections.append((SCALE_SECTION, run_scale(args, machine)))
     for heading, body in sections:
         print(body)
         if not args.no_write:
