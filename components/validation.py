@@ -155,6 +155,7 @@ def validate_data(
         report=str(report),
         data_docs=str(data_docs),
         code_version=code_version(),
+        engine=config.engine,
         errors=[str(e) for e in errors] if errors else None,
     )
     if errors:

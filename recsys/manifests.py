@@ -97,6 +97,8 @@ class ValidateManifest(StepManifest):
     report: str
     data_docs: str
     code_version: str
+    # Where the expectation suites ran (validation.engine): pandas or spark.
+    engine: Literal["pandas", "spark"] = "pandas"
     errors: list[str] | None = None
 
 

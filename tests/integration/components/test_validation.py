@@ -116,6 +116,7 @@ def test_spark_engine_gives_the_same_verdicts_and_quarantine(corrupted, validate
     config = ValidationConfig(max_bad_fraction=0.5, engine="spark")
     manifest = validate_data(config, raw, out, as_of=TINY_END, spark=SparkConfig())
     assert manifest["status"] == pandas_manifest["status"] == "passed"
+    assert manifest["engine"] == "spark" and pandas_manifest["engine"] == "pandas"
     assert manifest["tables"] == pandas_manifest["tables"]
     for table in ("users", "items", "events"):
         key = {"users": "user_id", "items": "item_id", "events": "event_id"}[table]

@@ -161,3 +161,22 @@ def test_features_went_to_redis_and_models_to_the_shared_base_path(production_ru
     if blessing["blessed"]:
         assert (base / "models" / "models.config").is_file()
         assert not (base / "recsys" / "models").exists()
+
+
+def test_the_production_profile_ran_features_and_validation_on_spark(production_run) -> None:
+    """The tasks joined, materialized and validated on Spark (a local master here), as the
+    production profile says: the store config the apply task wrote names Spark's engines, and
+    Feast registered the feature tables as SparkSources."""
+    import yaml
+
+    home = production_run["base"] / "recsys"
+    written = yaml.safe_load((home / "feast" / "feature_store.yaml").read_text())
+    assert written["offline_store"]["type"] == "spark"
+    assert written["batch_engine"]["type"] == "spark.engine"
+    assert written["offline_store"]["spark_conf"]["spark.master"] == "local[*]"
+    from feast import FeatureStore
+
+    views = FeatureStore(fs_yaml_file=home / "feast" / "feature_store.yaml").list_feature_views()
+    assert views and {type(v.batch_source).__name__ for v in views} == {"SparkSource"}
+    validated = json.loads((home / "runs" / START_DATE / "validate" / "manifest.json").read_text())
+    assert validated["status"] == "passed" and validated["engine"] == "spark"
