@@ -587,10 +587,24 @@ def _limited_child(kind: str, arg: list[str], timeout_s: float, max_rss_gb: floa
             }
         if proc.returncode != 0:
             err.seek(0)
-            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err.read().decode()[-3000:]}")
+            text = err.read().decode(errors="replace")
+            raise RuntimeError(
+                f"{' '.join(cmd)} failed ({proc.returncode}):\n{text[-3000:]}\n{failure_cause(text)}"
+            )
         out.seek(0)
         result = json.loads(out.read().decode().strip().splitlines()[-1])
     return {**result, "timed_out": False, "peak_rss_gb": peak}
+
+
+def failure_cause(stderr: str) -> str:
+    """The line of a child's stderr that says why it failed: a JVM's OutOfMemoryError if there is
+    one (a Python traceback's last line is then only Py4J's), else the last error line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in lines:
+        if "OutOfMemoryError" in line:
+            return line
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]
+    return errors[-1] if errors else (lines[-1] if lines else "")
 
 
 def same_training_rows(a: pd.DataFrame, b: pd.DataFrame) -> bool:
@@ -688,18 +702,22 @@ def _gb(text: str) -> float:
     return float(text.rstrip("gG"))
 
 
-def scale_driver_memory(events: int, driver_memory: str) -> str | None:
-    """Spark's driver heap for a size: the default below 10M events, ``driver_memory`` from it."""
-    return driver_memory if events >= 10_000_000 else None
+def scale_driver_memory(events: int, driver_memory: str, from_events: int = 10_000_000) -> str | None:
+    """Spark's driver heap for a size: the default below ``from_events`` events, ``driver_memory`` from it."""
+    return driver_memory if events >= from_events else None
 
 
 def run_scale(args: argparse.Namespace, machine: str) -> str:
     """Each size: data, feature tables, then join and materialize on each store (fresh children)."""
-    from components.features.store import apply_feature_repo
-    from recsys.config import Settings
-
+    record = args.scale_record
+    recorded = {}
+    if record is not None and record.exists():
+        recorded = {r["events"]: r for r in map(json.loads, record.read_text().splitlines()) if r}
     sizes = []
     for events in args.scale_events:
+        if events in recorded:  # measured by an earlier run with this record
+            sizes.append(recorded[events])
+            continue
         home = Path(tempfile.mkdtemp(prefix=f"recsys-scale-{events}-", dir=args.scale_dir))
         size: dict[str, Any] = {"events": events, "steps": []}
         sizes.append(size)
@@ -716,7 +734,7 @@ def run_scale(args: argparse.Namespace, machine: str) -> str:
             print(json.dumps({"events": events, "build": build}), flush=True)
             if build["timed_out"]:
                 continue
-            memory = scale_driver_memory(events, args.scale_spark_driver_memory)
+            memory = scale_driver_memory(events, args.scale_spark_driver_memory, args.scale_spark_big_from)
             for store in args.scale_stores:
                 skip = args.scale_skip.get((events, store))
                 for step in ("join", "materialize"):
@@ -750,8 +768,10 @@ def run_scale(args: argparse.Namespace, machine: str) -> str:
                     flush=True,
                 )
         finally:
-            apply_feature_repo(Settings(home=home)) if (home / "feast").exists() else None
             shutil.rmtree(home, ignore_errors=True)
+            if record is not None:
+                with record.open("a") as f:
+                    f.write(json.dumps(size) + "\n")
     command = " ".join(
         [
             ".venv/bin/python -m bench.scale --no-index --no-training --no-join",
@@ -806,7 +826,8 @@ def render_scale(sizes: list[dict[str, Any]], machine: str, command: str, args: 
         "(not timed); peak RSS is the larger of the process's own (`wait4`) and its process tree's",
         "sampled each 0.5 s (Spark's JVM included). A step is stopped at its time limit or when the",
         f"tree passes {args.scale_max_rss_gb} GB.",
-        f"Spark: `local[2]`, {args.scale_spark_driver_memory} driver heap from 10M events (2g below).",
+        f"Spark: `local[2]`, {args.scale_spark_driver_memory} driver heap from {args.scale_spark_big_from:,}"
+        " events (2g below).",
         "",
         "| events | users / items | step | store | seconds | peak RSS GB | load | rows |",
         "| ---: | --- | --- | --- | ---: | ---: | --- | ---: |",
@@ -964,7 +985,10 @@ def main() -> None:
     )
     p.add_argument("--scale-file-timeout", type=int, default=600, help="the same for the file store")
     p.add_argument("--scale-max-rss-gb", type=float, default=16.0, help="stop a step whose tree passes this")
-    p.add_argument("--scale-spark-driver-memory", default="8g", help="Spark's driver heap from 10M events")
+    p.add_argument("--scale-spark-driver-memory", default="8g", help="Spark's driver heap for big sizes")
+    p.add_argument(
+        "--scale-spark-big-from", type=int, default=10_000_000, help="events from which a size is big"
+    )
     p.add_argument(
         "--scale-skip",
         nargs="*",
@@ -972,6 +996,7 @@ def main() -> None:
         metavar="EVENTS:STORE:WHY",
         help="record a store as skipped at a size",
     )
+    p.add_argument("--scale-record", type=Path, help="append each size's result here; sizes in it are reused")
     p.add_argument("--scale-dir", type=Path, help="where the scale-out homes go (default: the temp folder)")
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)

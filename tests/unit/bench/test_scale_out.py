@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench.scale import SCALE_EVENT_MIX, render_scale, scale_frames, scale_sizes
+from bench.scale import SCALE_EVENT_MIX, failure_cause, render_scale, scale_frames, scale_sizes
 from recsys.contracts import CONTRACTS, DEVICES, conform
 
 
@@ -48,10 +48,21 @@ def test_scale_table_shows_each_step_stopped_and_skipped_ones_with_the_load() ->
         "same_rows": True,
     }  # fmt: skip
     args = argparse.Namespace(
-        scale_timeout=1800, scale_max_rss_gb=16.0, scale_spark_driver_memory="8g", scale_notes=""
+        scale_timeout=1800,
+        scale_max_rss_gb=16.0,
+        scale_spark_driver_memory="8g",
+        scale_spark_big_from=10_000_000,
+        scale_notes="",
     )
     table = render_scale([size], "2 cores", "cmd", args)
     assert "| 1,000,000 | 25,000 / 5,000 | build | - | 90.0 | 3.0 | 2.0 -> 2.5 | 15 feature rows |" in table
     assert "| join | duckdb | 30.0 | 2.5 | 2.0 -> 3.0 | 1,000,000 |" in table
     assert "| join | file | > 10 min (stopped) | 9.1 | 3.0 -> 6.0 | - |" in table
     assert "| join | spark | skipped: no time | - | - | - |" in table
+
+
+def test_failure_cause_is_the_jvms_out_of_memory_line_or_the_last_error() -> None:
+    jvm = "Traceback\n  ...\njava.lang.OutOfMemoryError: Java heap space\n\tat x\n"
+    jvm += "py4j.protocol.Py4JError: An error\n"
+    assert failure_cause(jvm) == "java.lang.OutOfMemoryError: Java heap space"
+    assert failure_cause("Traceback\n  File x\nValueError: bad\n") == "ValueError: bad"
