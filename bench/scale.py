@@ -98,7 +98,35 @@ same day, on a quieter machine (load 1.2): duckdb 10.5 s, peak 1.38 GB; file sto
 minutes with a peak of 9.07 GB (Dask's threads took the load to 7.3).
 """
 # Recorded under the scale-out section's table.
-SCALE_NOTES = ""
+SCALE_NOTES = """
+The Spark rows with an 8g driver come from a second run, same day, of only that store
+(`--scale-events 1000000 --scale-stores spark --scale-spark-big-from 1000000 --scale-timeout 900`,
+its own data and tables, the same by seed: its data 10.4 s, build 60.3 s, 2.51 GB, load 1.3 -> 2.8).
+The 2g Spark join failed after about 5 minutes (its cause line was not kept: only the Py4J
+socket's last trace line); the 8g one failed after about 5 minutes with
+`java.lang.OutOfMemoryError: Java heap space`, the JVM's RSS at 9.2 GB.
+
+The 10M rows come from a third run (`--scale-events 10000000 --scale-timeout 540`, its stores
+set to be skipped since no join finished at 1M). There `build_feature_tables`, which holds all
+events and their window counts in pandas (2.51 GB at 1M), passed 16 GB within 2 minutes and was
+stopped, so no 10M join or materialization could run; 30M was not tried. The join at 10M does
+not finish on this machine with the code as it is, on any of the three stores. Why: all views
+but `user_activity` have `ttl=0` (no expiry), and Feast's point-in-time join behind DuckDB
+(`feast.infra.offline_stores.ibis.point_in_time_join`) is an inequality join on key and
+`event_timestamp <= entity time`, then a rank per entity row to keep the latest. With no ttl
+every (key, time) row pairs with every earlier row of its user or item: about 124
+`user_engagement` rows per user and 176 `item_popularity` rows per item at 1M, and with Zipf
+popularity the top item alone has about 158,000 events (16 % of them). DuckDB held 16 GB after
+71 s; Spark's join (not inspected here) ran out of a 2g and an 8g heap. The file store (Dask)
+did not finish 50,000 events in 2 minutes (smoke run). Materialization, which writes each key's
+latest row, finished on all three (DuckDB 35 s, file 70 s, Spark 221 to 275 s at 1M). The
+online files differ slightly in size (123.2, 123.1 and 121.1 MB); their rows were not compared.
+
+Smoke run of the same code, same day (`--scale-events 50000`, 1,250 users, 250 items, load 2.1
+to 4.8): data 3.7 s, build 9.1 s (0.31 GB); join duckdb 31.3 s (2.54 GB), spark 67.4 s (2.87 GB),
+file > 1 min (stopped, 0.61 GB); materialize duckdb 3.1 s, spark 55.3 s, file 24.5 s; the
+training rows of duckdb and spark the same (rows, types, values to 1e-6).
+"""
 DIM = 65
 QUERIES = 200
 TRAINING_EPOCHS = 6
@@ -725,12 +753,12 @@ def run_scale(args: argparse.Namespace, machine: str) -> str:
             data = _limited_child(
                 "scale-data", [str(home), str(events)], args.scale_timeout, args.scale_max_rss_gb
             )
-            size["data"] = data
+            size["data"] = data = {**data, "limit_s": args.scale_timeout}
             print(json.dumps({"events": events, "data": data}), flush=True)
             if data["timed_out"]:
                 continue
             build = _limited_child("scale-build", [str(home)], args.scale_timeout, args.scale_max_rss_gb)
-            size["build"] = build
+            size["build"] = build = {**build, "limit_s": args.scale_timeout}
             print(json.dumps({"events": events, "build": build}), flush=True)
             if build["timed_out"]:
                 continue
@@ -779,6 +807,7 @@ def run_scale(args: argparse.Namespace, machine: str) -> str:
             *(str(e) for e in args.scale_events),
             "--scale-stores",
             *args.scale_stores,
+            f"--scale-timeout {args.scale_timeout} --scale-file-timeout {args.scale_file_timeout}",
         ]
     )
     return render_scale(sizes, machine, command, args)
@@ -826,8 +855,8 @@ def render_scale(sizes: list[dict[str, Any]], machine: str, command: str, args: 
         "(not timed); peak RSS is the larger of the process's own (`wait4`) and its process tree's",
         "sampled each 0.5 s (Spark's JVM included). A step is stopped at its time limit or when the",
         f"tree passes {args.scale_max_rss_gb} GB.",
-        f"Spark: `local[2]`, {args.scale_spark_driver_memory} driver heap from {args.scale_spark_big_from:,}"
-        " events (2g below).",
+        "Spark: `local[2]`, a 2g driver heap unless the row names a larger one",
+        f"(`--scale-spark-driver-memory` from `--scale-spark-big-from` {args.scale_spark_big_from:,} on).",
         "",
         "| events | users / items | step | store | seconds | peak RSS GB | load | rows |",
         "| ---: | --- | --- | --- | ---: | ---: | --- | ---: |",
@@ -839,9 +868,9 @@ def render_scale(sizes: list[dict[str, Any]], machine: str, command: str, args: 
         head = f"| {n:,} | {users:,} / {items:,} "
         for step in ("data", "build"):
             if step in size:
-                r = {**size[step], "limit_s": args.scale_timeout}
+                r = {"limit_s": args.scale_timeout, **size[step]}
                 secs, peak, load = _cell(r)
-                rows = f"{r['events']:,}" if "events" in r else ""
+                rows = f"{r['events']:,}" if "events" in r else "-"
                 if "table_rows" in r:
                     rows = f"{sum(r['table_rows'].values()):,} feature rows"
                 lines.append(f"{head}| {step} | - | {secs} | {peak} | {load} | {rows} |")
