@@ -45,6 +45,7 @@ from recsys.feature_schema import (
 # of the config (the table builder makes one column per window); `recsys features apply`
 # refuses a mismatch instead of registering columns that the tables do not have.
 WINDOWS_DAYS = (1, 7, 30)
+CHANGE_ROW_TTL = timedelta(days=max(WINDOWS_DAYS) + 1)
 
 # Where the feature tables are. Feast resolves a relative FileSource path against this folder,
 # so "../var" is the default runtime home and `feast apply` works on a fresh checkout;
@@ -149,10 +150,12 @@ user_profile = FeatureView(
 user_engagement = FeatureView(
     name="user_engagement",
     entities=[user],
-    # No expiry: the table has a row whenever a count changes (an event, or one leaving a
-    # window), so the latest row before any time is exact however old it is. A ttl would
-    # read a count that has not changed for longer as 0.
-    ttl=timedelta(0),
+    # The table has a row whenever a count changes (an event, or one leaving a window), so
+    # while any count is non-zero the latest row is less than the longest window old, and
+    # after that it holds zeros: a ttl of the longest window (and a day) reads every value
+    # exactly. A shorter one read a count unchanged for longer as 0; none at all makes the
+    # point-in-time join pair each event with every earlier row of its entity.
+    ttl=CHANGE_ROW_TTL,
     schema=[
         Field(name=f"user_{kind}_{w}d", dtype=Int64)
         for w in WINDOWS_DAYS
@@ -178,7 +181,7 @@ item_attributes = FeatureView(
 item_popularity = FeatureView(
     name="item_popularity",
     entities=[item],
-    ttl=timedelta(0),  # change rows, as user_engagement
+    ttl=CHANGE_ROW_TTL,  # change rows, as user_engagement
     schema=[
         Field(name=name, dtype=Float32 if kind == "ctr" else Int64)
         for w in WINDOWS_DAYS
