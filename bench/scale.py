@@ -59,6 +59,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 BENCH_DATE = "2026-11-29"
 SECTION = "## Scale: index growth and training throughput"
@@ -684,23 +686,44 @@ def render_join(
     return "\n".join(lines) + "\n" + JOIN_NOTES
 
 
-def scale_build(home: Path) -> dict[str, Any]:
+def scale_build(home: Path, chunk_days: int = 0) -> dict[str, Any]:
     """Build the feature tables of ``home``'s validated data (the step before the join) and
-    apply the repo for the default store."""
+    apply the repo for the default store.
+
+    ``chunk_days`` > 0 builds them as a scheduled pipeline does, one interval after the other
+    (each rewrites exactly its days, with the same rows as one whole build), so the rows held
+    at once are an interval's, not the whole history's.
+    """
     from components.features.store import apply_feature_repo
     from components.features.tables import build_feature_tables
     from recsys.config import Settings
     from recsys.layout import features_dir
 
     settings = Settings(home=home)
+    ts = pq.read_table(settings.validated_dir / "events", columns=["ts"]).column("ts")
+    first = pd.Timestamp(pc.min(ts).as_py()).floor("D")
+    end = pd.Timestamp(pc.max(ts).as_py()).floor("D") + pd.Timedelta(days=1)
+    step = pd.Timedelta(days=chunk_days) if chunk_days > 0 else end - first
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
-    build = build_feature_tables(settings.features, settings.validated_dir, features_dir(settings))
+    rows: dict[str, int] = {}
+    start = first
+    while start < end:
+        stop = min(start + step, end)
+        build = build_feature_tables(
+            settings.features, settings.validated_dir, features_dir(settings), start=start, end=stop
+        )
+        for name, t in build["tables"].items():
+            # Whole tables (profile, attributes) are rewritten by every interval: count them once.
+            whole = name in ("user_profile", "item_attributes")
+            rows[name] = t["rows"] if whole else rows.get(name, 0) + t["rows"]
+        start = stop
     seconds = time.perf_counter() - t0
     apply_feature_repo(settings)
     return {
-        "table_rows": {name: t["rows"] for name, t in build["tables"].items()},
+        "table_rows": rows,
         "seconds": round(seconds, 1),
+        "chunk_days": chunk_days,
         "load_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
 
@@ -757,7 +780,8 @@ def run_scale(args: argparse.Namespace, machine: str) -> str:
             print(json.dumps({"events": events, "data": data}), flush=True)
             if data["timed_out"]:
                 continue
-            build = _limited_child("scale-build", [str(home)], args.scale_timeout, args.scale_max_rss_gb)
+            build_arg = [str(home), str(args.scale_build_days)]
+            build = _limited_child("scale-build", build_arg, args.scale_timeout, args.scale_max_rss_gb)
             size["build"] = build = {**build, "limit_s": args.scale_timeout}
             print(json.dumps({"events": events, "build": build}), flush=True)
             if build["timed_out"]:
@@ -1014,6 +1038,12 @@ def main() -> None:
     )
     p.add_argument("--scale-file-timeout", type=int, default=600, help="the same for the file store")
     p.add_argument("--scale-max-rss-gb", type=float, default=16.0, help="stop a step whose tree passes this")
+    p.add_argument(
+        "--scale-build-days",
+        type=int,
+        default=0,
+        help="build the feature tables in intervals of this many days, as a schedule does (0: at once)",
+    )
     p.add_argument("--scale-spark-driver-memory", default="8g", help="Spark's driver heap for big sizes")
     p.add_argument(
         "--scale-spark-big-from", type=int, default=10_000_000, help="events from which a size is big"
@@ -1041,7 +1071,7 @@ def main() -> None:
         elif kind == "scale-data":
             out = scale_data(Path(rest[0]), int(rest[1]))
         elif kind == "scale-build":
-            out = scale_build(Path(rest[0]))
+            out = scale_build(Path(rest[0]), int(rest[1]) if len(rest) > 1 else 0)
         elif kind == "materialize":
             out = materialize_point(Path(rest[0]), rest[1], *rest[2:3])
         else:
