@@ -153,3 +153,55 @@ def test_materialization_on_spark_writes_the_same_online_values(
     assert users["recent_items"].notna().any() and (users["user_events_30d"].fillna(0) > 0).any()
     assert "user_events_24h" in users.columns  # the BatchFeatureView, run by each engine
     assert (items["item_positives_30d"].fillna(0) > 0).any()
+
+
+def test_the_embedded_asof_join_keeps_feasts_ttl_and_time_rules(tmp_path: Path) -> None:
+    """DuckDB's ASOF join answers as Feast's join does: the latest row at or before the time,
+    nothing before the first row, nothing once the latest row is older than the view's ttl."""
+    from datetime import timedelta
+
+    from feast import Entity, FeatureView, Field, FileSource
+    from feast.data_format import ParquetFormat
+    from feast.types import Int64
+
+    from components.features.training_data import _asof_as_of
+
+    t0 = pd.Timestamp("2026-01-10", tz="UTC")
+    folder = tmp_path / "counts"
+    folder.mkdir()
+    pd.DataFrame(
+        {
+            "user_id": ["u1", "u1", "u2"],
+            "event_timestamp": pd.to_datetime([t0, t0 + pd.Timedelta(days=1), t0]).astype(
+                "datetime64[us, UTC]"
+            ),
+            "n": [1, 2, 7],
+        }
+    ).to_parquet(folder / "part-0.parquet", index=False)
+    source = FileSource(
+        name="counts", path=str(folder), timestamp_field="event_timestamp", file_format=ParquetFormat()
+    )
+    user = Entity(name="user", join_keys=["user_id"])
+    view = FeatureView(
+        name="counts",
+        entities=[user],
+        ttl=timedelta(days=2),
+        schema=[Field(name="n", dtype=Int64)],
+        source=source,
+    )
+    asked = {
+        ("u1", t0 - pd.Timedelta(seconds=1)): None,  # before the first row
+        ("u1", t0): 1,  # a row stamped at the time itself counts (Feast's join is inclusive)
+        ("u1", t0 + pd.Timedelta(days=1, hours=1)): 2,  # the latest of two
+        ("u1", t0 + pd.Timedelta(days=3)): 2,  # 2 days old: within the ttl
+        ("u1", t0 + pd.Timedelta(days=3, seconds=1)): None,  # older than the ttl
+        ("u2", t0 + pd.Timedelta(days=1)): 7,
+        ("u3", t0 + pd.Timedelta(days=1)): None,  # no rows at all
+    }
+    pairs = pd.DataFrame({"user_id": [k for k, _ in asked], "event_timestamp": [t for _, t in asked]}).astype(
+        {"event_timestamp": "datetime64[ns, UTC]"}
+    )
+    got = _asof_as_of(view, ["n"], pairs).set_index(["user_id", "event_timestamp"])["n"]
+    for key, want in asked.items():
+        value = got.loc[key]
+        assert pd.isna(value) if want is None else value == want, (key, value, want)
