@@ -775,7 +775,7 @@ def test_feature_task_crashing_midway_succeeds_on_retry_without_duplicate_rows(
     out = features_dir(settings)
     manifest = json.loads((out / "manifest.json").read_text())
     after = {name: pd.read_parquet(out / name) for name in manifest["tables"]}
-    keys = {"user": "user_id", "item": "item_id"}
+    keys = {"user": "user_id", "item": "item_id", "events": "event_id"}
     for name, df in after.items():
         assert len(df) == manifest["tables"][name]["rows"], name
         key = keys[name.split("_")[0]]
