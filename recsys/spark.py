@@ -9,6 +9,7 @@ interpreter (they unpickle Feast's functions, so they must import what this proc
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import TYPE_CHECKING
@@ -24,6 +25,9 @@ def spark_session(config: SparkConfig) -> SparkSession:
     from pyspark import SparkConf
     from pyspark.sql import SparkSession
 
+    # Py4J logs its connection's close at INFO from the interpreter's exit, after the streams
+    # are gone: a traceback of the logging module at the end of every run that used Spark.
+    logging.getLogger("py4j").setLevel(logging.WARNING)
     if config.master.startswith("local"):
         # A cluster's executors run the Python of their own image; only a local master's
         # workers are forked from here, and the PATH's python3 may not have Feast.
