@@ -203,6 +203,11 @@ def _view_as_of(store: FeatureStore, view: str, names: list[str], pairs: pd.Data
             got = store.get_historical_features(
                 entity_df=pairs, features=[f"{view}:{n}" for n in names], full_feature_names=False
             ).to_df()
+    return _one_row_per_key_and_time(got, keys, names)
+
+
+def _one_row_per_key_and_time(got: pd.DataFrame, keys: list[str], names: list[str]) -> pd.DataFrame:
+    """A join's answer as the merge back expects it: string keys, ns UTC times, one row each."""
     got[TIMESTAMP] = pd.to_datetime(got[TIMESTAMP], utc=True).astype("datetime64[ns, UTC]")
     for k in keys:
         got[k] = got[k].astype(str)
@@ -237,10 +242,7 @@ def _asof_as_of(fv: Any, names: list[str], pairs: pd.DataFrame) -> pd.DataFrame:
             f"SELECT {', '.join(f'p.{q(c)}' for c in pairs.columns)}, {columns} FROM pairs p "
             f"ASOF LEFT JOIN read_parquet('{files}') f ON {on}"
         ).df()
-    got[TIMESTAMP] = pd.to_datetime(got[TIMESTAMP], utc=True).astype("datetime64[ns, UTC]")
-    for k in keys:
-        got[k] = got[k].astype(str)
-    return got[[*keys, TIMESTAMP, *names]].drop_duplicates([*keys, TIMESTAMP])
+    return _one_row_per_key_and_time(got, keys, names)
 
 
 def _transformed_as_of(store: FeatureStore, fv: Any, names: list[str], pairs: pd.DataFrame) -> pd.DataFrame:
