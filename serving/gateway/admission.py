@@ -11,13 +11,50 @@ grows by one. Past capacity the limit settles where admitted requests still fini
 the target, and the rest are shed at once (503 with Retry-After), so throughput stays near
 capacity and the admitted keep their latency. ``max_concurrent_requests`` stays its ceiling.
 
-Pure and single-threaded: the ASGI middleware calls it from the event loop only.
+Both bounds are an ``Admission``: the middleware (``serving.gateway.app.ConcurrencyLimit``)
+asks it whether one more request may start and tells it how long each admitted one took.
+Pure and single-threaded: the middleware calls it from the event loop only.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class Admission(Protocol):
+    """How many requests may be in flight at once, and what moves that bound."""
+
+    @property
+    def limit(self) -> float: ...
+
+    @property
+    def setting(self) -> str:
+        """The configuration that sets the bound, for the 503's message."""
+        ...
+
+    @property
+    def epoch(self) -> int: ...
+
+    def admits(self, in_flight: int) -> bool: ...
+
+    def record(self, seconds: float, admitted_epoch: int) -> bool: ...
+
+
+@dataclass
+class FixedLimit:
+    """``gateway.max_concurrent_requests``: the same bound whatever the latency."""
+
+    limit: int
+    setting: str = "gateway.max_concurrent_requests"
+    epoch: int = 0
+
+    def admits(self, in_flight: int) -> bool:
+        return in_flight < self.limit
+
+    def record(self, seconds: float, admitted_epoch: int) -> bool:
+        return False
 
 
 @dataclass
@@ -39,6 +76,9 @@ class AdaptiveLimit:
     window: int = 32
     backoff: float = 0.8
     limit: float = field(init=False)
+    setting: str = field(
+        init=False, default="the adaptive limit under gateway.adaptive_concurrency_target_ms"
+    )
     _samples: list[float] = field(init=False, default_factory=list)
     _epoch: int = field(init=False, default=0)
 

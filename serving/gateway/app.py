@@ -48,7 +48,7 @@ from starlette.concurrency import run_in_threadpool
 
 from recsys.config import Settings
 from serving.gateway.admin import ManualRollout
-from serving.gateway.admission import AdaptiveLimit
+from serving.gateway.admission import AdaptiveLimit, Admission, FixedLimit
 from serving.gateway.routes.admin import admin_router
 from serving.gateway.routes.dependencies import access_checks
 from serving.gateway.routes.events import events_router
@@ -87,39 +87,25 @@ def shed_endpoint(path: str) -> str:
 
 
 class ConcurrencyLimit:
-    """ASGI middleware: at most ``limit`` requests in flight; the next is answered 503 with
-    ``Retry-After`` at once, so overload is shed instead of queued without bound (a queued
-    request would time out in the client anyway, after holding memory and a connection).
+    """ASGI middleware: at most as many requests in flight as ``admission`` admits; the next is
+    answered 503 with ``Retry-After`` at once, so overload is shed instead of queued without
+    bound (a queued request would time out in the client anyway, after holding memory and a
+    connection). ``admission`` is told each admitted request's latency: a ``FixedLimit``
+    ignores it, an ``AdaptiveLimit`` moves its bound by it (``serving.gateway.admission``)."""
 
-    With ``adaptive`` the bound is that ``AdaptiveLimit``'s, moved by the latency of the
-    requests it admitted (``limit`` is then its ceiling)."""
-
-    def __init__(
-        self,
-        app: Any,
-        limit: int,
-        retry_after_s: int = SHED_RETRY_AFTER_S,
-        adaptive: AdaptiveLimit | None = None,
-    ) -> None:
-        self.app, self.limit, self.retry_after_s, self.adaptive = app, limit, retry_after_s, adaptive
+    def __init__(self, app: Any, admission: Admission, retry_after_s: int = SHED_RETRY_AFTER_S) -> None:
+        self.app, self.admission, self.retry_after_s = app, admission, retry_after_s
         self.in_flight = 0  # only touched on the event loop: no lock needed
-
-    def _admits(self) -> bool:
-        if self.adaptive is not None:
-            return self.adaptive.admits(self.in_flight)
-        return self.in_flight < self.limit
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope.get("path") in UNLIMITED_PATHS:
             await self.app(scope, receive, send)
             return
-        if not self._admits():
-            bound = "gateway.max_concurrent_requests"
-            if self.adaptive is not None:
-                bound = "the adaptive limit under gateway.adaptive_concurrency_target_ms"
+        if not self.admission.admits(self.in_flight):
             body = json.dumps(
-                {"detail": f"overloaded: {self.in_flight} requests in flight ({bound}); retry later"}
-            ).encode()
+                {"detail": f"overloaded: {self.in_flight} requests in flight "
+                 f"({self.admission.setting}); retry later"}
+            ).encode()  # fmt: skip
             headers = [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
@@ -130,36 +116,37 @@ class ConcurrencyLimit:
             self._count_shed(scope)
             return
         self.in_flight += 1
-        epoch = self.adaptive.epoch if self.adaptive is not None else 0
+        epoch = self.admission.epoch
         started = time.perf_counter()
         try:
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
-            if self.adaptive is not None and self.adaptive.record(time.perf_counter() - started, epoch):
-                self._show_limit(scope)
-
-    def _show_limit(self, scope: dict[str, Any]) -> None:
-        gateway = getattr(getattr(scope.get("app"), "state", None), "gateway", None)
-        if gateway is not None and self.adaptive is not None:
-            gateway.metrics.concurrency_limit.set(self.adaptive.limit)
+            if self.admission.record(time.perf_counter() - started, epoch):
+                gateway = _started_gateway(scope)
+                if gateway is not None:
+                    gateway.metrics.concurrency_limit.set(self.admission.limit)
 
     @staticmethod
     def _count_shed(scope: dict[str, Any]) -> None:
         # The gateway (and its metrics) exists once started; a request shed before is not counted.
-        app = scope.get("app")
-        gateway = getattr(getattr(app, "state", None), "gateway", None)
+        gateway = _started_gateway(scope)
         if gateway is not None:
             path = shed_endpoint(scope.get("path", ""))
             gateway.metrics.shed.labels(endpoint=path).inc()
             gateway.metrics.requests.labels(endpoint=path, status="503").inc()
 
 
-def adaptive_limit(settings: Settings) -> AdaptiveLimit | None:
-    """The latency-driven in-flight bound the settings ask for, or None for the fixed one."""
+def _started_gateway(scope: dict[str, Any]) -> Any:
+    """The app's ``Gateway`` once started (the lifespan sets it), else None."""
+    return getattr(getattr(scope.get("app"), "state", None), "gateway", None)
+
+
+def admission_policy(settings: Settings) -> Admission:
+    """The in-flight bound the settings ask for: latency-driven under a target, else fixed."""
     g = settings.gateway
     if g.adaptive_concurrency_target_ms is None:
-        return None
+        return FixedLimit(g.max_concurrent_requests)
     return AdaptiveLimit(
         ceiling=g.max_concurrent_requests,
         floor=min(g.min_concurrent_requests, g.max_concurrent_requests),
@@ -275,9 +262,7 @@ def create_app(
     )
     app.add_middleware(BodyLimit, limit=settings.security.max_request_bytes)
     # Added last, so it runs first: a shed request costs no body read and no thread.
-    app.add_middleware(
-        ConcurrencyLimit, limit=settings.gateway.max_concurrent_requests, adaptive=adaptive_limit(settings)
-    )
+    app.add_middleware(ConcurrencyLimit, admission=admission_policy(settings))
     app.exception_handler(RequestValidationError)(invalid_request)
     app.include_router(recommendations_router(settings, access))
     app.include_router(events_router(settings, access))

@@ -85,7 +85,7 @@ def test_the_middleware_sheds_once_admitted_requests_run_past_the_target() -> No
         await send({"type": "http.response.body", "body": b"ok"})
 
     adaptive = AdaptiveLimit(ceiling=16, floor=2, target_s=0.01, window=4, backoff=0.5)
-    middleware = ConcurrencyLimit(slow_app, limit=16, adaptive=adaptive)
+    middleware = ConcurrencyLimit(slow_app, admission=adaptive)
 
     async def request() -> tuple[int, dict[bytes, bytes], bytes]:
         sent: list[dict[str, Any]] = []
