@@ -123,7 +123,11 @@ class GatewayPolicy:
         return Recommendation(
             [str(it["item_id"]) for it in answer["items"]],
             arm=answer.get("arm"),
-            details={"request_id": answer["request_id"], "candidate_source": answer.get("candidate_source")},
+            details={
+                "request_id": answer["request_id"],
+                "candidate_source": answer.get("candidate_source"),
+                "fallback": list(answer.get("fallback", [])),
+            },
         )
 
     def observe(self, request: Request, shown: Recommendation, response: SimulatedResponse) -> None:

@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 
 # Columns of the per-request records.
 RECORD_COLUMNS = (
-    "policy", "user_id", "user_index", "request", "arm", "items", "shown", "unsimulated", "not_allowed",
-    "reward", "expected_reward", "clicks", "engagement", "purchases",
+    "policy", "user_id", "user_index", "request", "arm", "fallback", "items", "shown", "unsimulated",
+    "not_allowed", "reward", "expected_reward", "clicks", "engagement", "purchases",
 )  # fmt: skip
 
 
@@ -146,7 +146,10 @@ def simulate(
     Returns:
         Records with ``RECORD_COLUMNS``: per request the items shown (``items``, space-joined,
         best first; ``shown`` counts them), those the truth cannot answer for (``unsimulated``,
-        no reward) or the request did not allow (``not_allowed``), the realized ``reward``
+        no reward) or the request did not allow (``not_allowed``), the degraded paths the
+        policy's answer named (``fallback``, space-joined; a gateway whose feature read missed
+        its deadline says ``features:defaults`` and could not know the recent items to
+        exclude), the realized ``reward``
         (objective-weighted clicks and engagement), its ``expected_reward`` under the truth,
         ``clicks``, ``engagement`` and ``purchases``.
     """
@@ -191,6 +194,7 @@ def _one_request(
         "user_index": user.index,
         "request": number,
         "arm": shown.arm or "",
+        "fallback": " ".join(shown.details.get("fallback", ())),
         "items": " ".join(items),
         "shown": len(items),
         "unsimulated": len(items) - len(simulatable),

@@ -62,8 +62,12 @@ def test_simulate_compares_the_served_system_with_the_oracle(gateway_template: P
     # cannot answer for (the two new items were excluded by the request).
     assert (served["arm"] != "").all() and (served["shown"] > 0).all()
     assert (served["unsimulated"] == 0).all()
-    # The simulation's filter (recent items, then what the user touched) is the gateway's own.
-    assert (records["not_allowed"] == 0).all()
+    # The simulation's filter (recent items, then what the user touched) is the gateway's own,
+    # wherever the gateway read the user's features (a read past its deadline is named in the
+    # answer: the recent items to exclude were then unknown to it).
+    read = ~records["fallback"].str.contains("features:", regex=False)
+    assert read.sum() >= len(records) // 2, records["fallback"].value_counts()
+    assert (records.loc[read, "not_allowed"] == 0).all(), records.loc[~read, "fallback"].value_counts()
     assert summary["setup"]["catalog_items_not_in_truth"] == len(NEW_ITEMS)
     # Simulated events went to the scratch copy, never to the home's log; the copy is gone.
     assert not event_log.exists()

@@ -54,8 +54,11 @@ def test_the_loop_trains_on_what_it_served_and_serves_what_it_trained(
     # The same users each round, every request answered.
     assert (served.groupby("round")["user_id"].nunique() == 24).all() and (served["shown"] > 0).all()
     # What a user liked in round 1 is not shown to them in round 2 (the gateway's memory across
-    # sessions, the recent positive items in the online store, and the simulation's agree).
-    assert (records["not_allowed"] == 0).all()
+    # sessions, the recent positive items in the online store, and the simulation's agree),
+    # wherever the gateway read the features (a read past its deadline is named in the answer).
+    read = ~records["fallback"].str.contains("features:", regex=False)
+    assert read.sum() >= len(records) // 2, records["fallback"].value_counts()
+    assert (records.loc[read, "not_allowed"] == 0).all(), records.loc[~read, "fallback"].value_counts()
 
     # Round 1's traffic went through the loop home's log into its lake, and into training.
     lake = pd.read_parquet(out / "home" / "lake" / "events")
