@@ -508,31 +508,48 @@ def store_settings(home: Path, store: str, driver_memory: str | None = None) -> 
     return Settings(home=home, features=FeaturesConfig(offline_store=store), spark=spark)
 
 
-def join_point(home: Path, store: str, driver_memory: str | None = None) -> dict[str, Any]:
+def join_point(
+    home: Path, store: str, interval_days: int = 0, driver_memory: str | None = None
+) -> dict[str, Any]:
     """The point-in-time join of the training data under ``home`` on one offline store.
 
     As the pipeline's training-data step runs it: the default settings' feature views
     (``unread_feature_views`` left out), every event of the validated data. The repo is
     applied for the store first (Feast's sources are engine-typed; not timed).
+    ``interval_days`` > 0 writes the frame interval by interval (``write_training_data``):
+    what is held at once is an interval's rows, not all of them.
     """
     from components.features.store import apply_feature_repo
-    from components.features.training_data import build_training_data
+    from components.features.training_data import build_training_data, write_training_data
     from components.pipeline import unread_feature_views
 
     settings = store_settings(home, store, driver_memory)
     apply_feature_repo(settings)
+    skip = unread_feature_views(settings)
+    out = home / f"bench_join_{store}.parquet"  # compared by run_join and run_scale
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
-    frame = build_training_data(settings, skip_views=unread_feature_views(settings))
+    if interval_days > 0:
+        written = write_training_data(settings, out, interval_days, skip_views=skip, progress=_join_progress)
+        rows, columns = written["rows"], len(written["columns"])
+    else:
+        frame = build_training_data(settings, skip_views=skip)
+        rows, columns = len(frame), len(frame.columns)
     seconds = time.perf_counter() - t0
-    frame.to_parquet(home / f"bench_join_{store}.parquet", index=False)  # compared by run_join
+    if interval_days <= 0:
+        frame.to_parquet(out, index=False)
     return {
         "store": store,
-        "rows": len(frame),
-        "columns": len(frame.columns),
+        "rows": rows,
+        "columns": columns,
+        "interval_days": interval_days,
         "seconds": round(seconds, 1),
         "load_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
+
+
+def _join_progress(done: int, total: int, rows: int) -> None:
+    print(f"join interval {done}/{total}: {rows:,} rows written", file=sys.stderr, flush=True)
 
 
 def _tree_rss_gb(pid: int) -> float:
@@ -795,10 +812,11 @@ def run_scale(args: argparse.Namespace, machine: str) -> str:
                     else:
                         extra = [memory] if store == "spark" and memory else []
                         kind = "join" if step == "join" else "materialize"
+                        days = [str(args.scale_join_days)] if kind == "join" else []
                         limit = args.scale_file_timeout if store == "file" else args.scale_timeout
                         try:
                             got = _limited_child(
-                                kind, [str(home), store, *extra], limit, args.scale_max_rss_gb
+                                kind, [str(home), store, *days, *extra], limit, args.scale_max_rss_gb
                             )
                         except RuntimeError as e:  # recorded, and the other steps still run
                             got = {"failed": str(e).strip().splitlines()[-1][:200]}
@@ -832,6 +850,8 @@ def run_scale(args: argparse.Namespace, machine: str) -> str:
             "--scale-stores",
             *args.scale_stores,
             f"--scale-timeout {args.scale_timeout} --scale-file-timeout {args.scale_file_timeout}",
+            *([f"--scale-build-days {args.scale_build_days}"] if args.scale_build_days else []),
+            *([f"--scale-join-days {args.scale_join_days}"] if args.scale_join_days else []),
         ]
     )
     return render_scale(sizes, machine, command, args)
@@ -906,6 +926,8 @@ def render_scale(sizes: list[dict[str, Any]], machine: str, command: str, args: 
                 else (f"{r['online_mb']} MB online" if "online_mb" in r else "-")
             )
             store = r["store"] + (f" ({r['driver_memory']} driver)" if "driver_memory" in r else "")
+            if r.get("interval_days"):
+                store += f", {r['interval_days']}-day parts"
             lines.append(f"{head}| {r['step']} | {store} | {secs} | {peak} | {load} | {rows} |")
         if "same_rows" in size:
             done = [r["store"] for r in size["steps"] if r["step"] == "join" and "rows" in r]
@@ -990,7 +1012,7 @@ def run_join(args: argparse.Namespace, machine: str) -> str:
     rows = []
     try:
         for store in args.join_stores:
-            row = {"store": store, **_limited_child("join", [str(home), store], args.join_timeout)}
+            row = {"store": store, **_limited_child("join", [str(home), store, "0"], args.join_timeout)}
             rows.append(row)
             print(json.dumps(row), flush=True)
         done = [home / f"bench_join_{r['store']}.parquet" for r in rows if not r["timed_out"]]
@@ -1044,6 +1066,12 @@ def main() -> None:
         default=0,
         help="build the feature tables in intervals of this many days, as a schedule does (0: at once)",
     )
+    p.add_argument(
+        "--scale-join-days",
+        type=int,
+        default=0,
+        help="write the joined frame in intervals of this many days (write_training_data; 0: at once)",
+    )
     p.add_argument("--scale-spark-driver-memory", default="8g", help="Spark's driver heap for big sizes")
     p.add_argument(
         "--scale-spark-big-from", type=int, default=10_000_000, help="events from which a size is big"
@@ -1067,7 +1095,7 @@ def main() -> None:
         elif kind == "join-prepare":
             out = join_prepare(Path(rest[0]), *(int(x) for x in rest[1:5]))
         elif kind == "join":
-            out = join_point(Path(rest[0]), rest[1], *rest[2:3])
+            out = join_point(Path(rest[0]), rest[1], int(rest[2]), *rest[3:4])
         elif kind == "scale-data":
             out = scale_data(Path(rest[0]), int(rest[1]))
         elif kind == "scale-build":

@@ -14,7 +14,7 @@ way (latest row at or before the time, within the view's ttl).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -113,6 +113,81 @@ def build_training_data(
         out["recent_item_ages"] = frame_ages(out["recent_items"], times, out["ts"])
     out = out.drop(columns=["_stored_session"], errors="ignore")
     return out.sort_values(["ts", "event_id"], kind="stable", ignore_index=True)
+
+
+def write_training_data(
+    settings: Settings,
+    out_dir: Path,
+    interval_days: int,
+    validated_dir: Path | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    skip_views: Sequence[str] = (),
+    progress: Callable[[int, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """``build_training_data``'s frame written interval by interval: one Parquet part each.
+
+    A row's features depend on its own event only, so the parts, read in order, are the frame
+    of one whole join (tested), while the rows held at once are an interval's: at ten million
+    events the whole frame (46 columns, most of them strings) does not fit in memory, its
+    intervals do. Parts are named by their order and the folder's earlier parts are removed
+    first, so a re-run for the same span writes the same files.
+
+    Args:
+        settings, validated_dir, start, end, skip_views: as ``build_training_data``.
+        out_dir: the folder of the parts (``part-00000.parquet``, ...).
+        interval_days: days of events per part (UTC, from the first event's day).
+        progress: called after each interval with (intervals done, intervals, rows so far).
+
+    Returns:
+        ``{"path", "parts", "rows", "columns", "interval_days"}``.
+    """
+    if interval_days < 1:
+        raise ValueError(f"interval_days must be >= 1, got {interval_days}")
+    validated = Path(validated_dir or settings.validated_dir)
+    bounds = _day_intervals(validated, interval_days, start, end)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("part-*.parquet"):
+        old.unlink()
+    start_offline_engine(settings)
+    store = get_store(settings)
+    parts, rows, columns = 0, 0, []
+    for n, (lo, hi) in enumerate(bounds, start=1):
+        frame = build_training_data(settings, validated, start=lo, end=hi, store=store, skip_views=skip_views)
+        if len(frame):
+            frame.to_parquet(out_dir / f"part-{parts:05d}.parquet", index=False)
+            parts, rows, columns = parts + 1, rows + len(frame), list(frame.columns)
+        del frame
+        if progress is not None:
+            progress(n, len(bounds), rows)
+    return {
+        "path": str(out_dir),
+        "parts": parts,
+        "rows": rows,
+        "columns": columns,
+        "interval_days": interval_days,
+    }
+
+
+def _day_intervals(
+    validated_dir: Path, days: int, start: datetime | None, end: datetime | None
+) -> list[tuple[pd.Timestamp, pd.Timestamp]]:
+    """``[lo, hi)`` spans of ``days`` UTC days covering the events' times within [start, end)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    ts = ds.dataset(validated_dir / "events", format="parquet", partitioning="hive").to_table(columns=["ts"])
+    if ts.num_rows == 0:
+        return []
+    first = pd.Timestamp(pc.min(ts["ts"]).as_py())
+    last = pd.Timestamp(pc.max(ts["ts"]).as_py())
+    lo = max(to_utc(first), to_utc(start)) if start is not None else to_utc(first)
+    hi = min(to_utc(last) + ONE_US, to_utc(end)) if end is not None else to_utc(last) + ONE_US
+    step, edge, bounds = pd.Timedelta(days=days), lo.floor("D"), []
+    while edge < hi:
+        bounds.append((max(edge, lo), min(edge + step, hi)))
+        edge += step
+    return bounds
 
 
 def _check_sources_fit_the_store(store: FeatureStore, settings: Settings, views: set[str]) -> None:
@@ -227,6 +302,8 @@ def _asof_as_of(fv: Any, names: list[str], pairs: pd.DataFrame) -> pd.DataFrame:
     import duckdb
 
     keys = [c for c in pairs.columns if c != TIMESTAMP]
+    if pairs.empty:
+        return pairs.assign(**{n: pd.Series(dtype=object) for n in names})
     source = fv.batch_source
     stamp = source.timestamp_field
     files = f"{Path(source.path)}/*.parquet"
@@ -235,12 +312,20 @@ def _asof_as_of(fv: Any, names: list[str], pairs: pd.DataFrame) -> pd.DataFrame:
     fresh = f"f.{q(stamp)} >= p.{q(TIMESTAMP)} - to_microseconds({ttl // ONE_US})" if ttl else "TRUE"
     columns = ", ".join(f"CASE WHEN {fresh} THEN f.{q(n)} END AS {q(n)}" for n in names)
     on = " AND ".join([*(f"p.{q(k)} = f.{q(k)}" for k in keys), f"p.{q(TIMESTAMP)} >= f.{q(stamp)}"])
+    # Rows after the latest time asked, or stale before the earliest, match nothing: reading
+    # only the span between keeps an interval's join from sorting the whole history.
+    lo = (pairs[TIMESTAMP].min() - ttl) if ttl else None
+    span = f"{q(stamp)} <= $hi" + (f" AND {q(stamp)} >= $lo" if lo is not None else "")
+    params = {"hi": pairs[TIMESTAMP].max().to_pydatetime()}
+    if lo is not None:
+        params["lo"] = lo.to_pydatetime()
     with duckdb.connect() as con:
         con.execute("SET TimeZone = 'UTC'")
         con.register("pairs", pairs)
         got = con.execute(
             f"SELECT {', '.join(f'p.{q(c)}' for c in pairs.columns)}, {columns} FROM pairs p "
-            f"ASOF LEFT JOIN read_parquet('{files}') f ON {on}"
+            f"ASOF LEFT JOIN (SELECT * FROM read_parquet('{files}') WHERE {span}) f ON {on}",
+            params,
         ).df()
     return _one_row_per_key_and_time(got, keys, names)
 

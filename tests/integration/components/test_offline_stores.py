@@ -21,7 +21,7 @@ import yaml
 
 from components.features.store import apply_feature_repo, materialize
 from components.features.tables import FeatureRepoError, build_feature_tables
-from components.features.training_data import build_training_data
+from components.features.training_data import build_training_data, write_training_data
 from components.validation import validate_data
 from recsys.config import FeaturesConfig, Settings, ValidationConfig
 from recsys.feature_schema import RANKER_SERVICE, RETRIEVER_SERVICE
@@ -103,6 +103,30 @@ def test_every_offline_store_builds_the_same_training_rows(home: tuple[Path, Pat
     # The comparison means something: features were joined, and some rows fell back to defaults.
     assert (duck["recent_items"] != "").any() and (duck["recent_items"] == "").any()
     assert (duck["user_events_7d"] > 0).any() and (duck["category"] != "").all()
+
+
+def test_training_data_written_by_interval_is_the_whole_join(home: tuple[Path, Path], tmp_path: Path) -> None:
+    """Parts of a few days each, read in order, are the frame of one whole join, and a re-run
+    for a shorter span leaves only its own parts."""
+    root, validated = home
+    settings = _settings(root, "duckdb")
+    whole = build_training_data(settings, validated)
+    seen: list[tuple[int, int, int]] = []
+    out = tmp_path / "parts"
+    written = write_training_data(settings, out, 1, validated, progress=lambda *a: seen.append(a))
+    parts = sorted(out.glob("part-*.parquet"))
+    assert written["parts"] == len(parts) > 2 and written["rows"] == len(whole)
+    assert seen[-1][0] == seen[-1][1] and seen[-1][2] == len(whole)
+    by_parts = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    _assert_same_frames(whole, by_parts)
+
+    end = whole["ts"].min().floor("D") + pd.Timedelta(days=2)
+    again = write_training_data(settings, out, 1, validated, end=end.to_pydatetime())
+    assert again["parts"] == len(list(out.glob("part-*.parquet"))) == 2
+    head = pd.concat([pd.read_parquet(p) for p in sorted(out.glob("part-*.parquet"))], ignore_index=True)
+    _assert_same_frames(whole[whole["ts"] < end].reset_index(drop=True), head)
+    with pytest.raises(ValueError, match="interval_days"):
+        write_training_data(settings, out, 0, validated)
 
 
 def test_spark_settings_reach_the_store_config(spark_home: Path) -> None:
