@@ -47,9 +47,15 @@ BASE: dict[str, Any] = {
     "validation_fraction": 0.1,
 }
 # What is tried per tower, on the validation item.
+# The exact catalog softmax leads both grids (``--grid-points 2`` tries it beside in-batch).
 GRIDS: dict[str, list[dict[str, Any]]] = {
-    "bag": [{"query_tower": "bag"}, {"query_tower": "bag", "negatives": "mixed"}],
+    "bag": [
+        {"query_tower": "bag", "negatives": "catalog"},
+        {"query_tower": "bag"},
+        {"query_tower": "bag", "negatives": "mixed"},
+    ],
     "sequential": [
+        {"query_tower": "sequential", "sequence_layers": 2, "sequence_dropout": 0.2, "negatives": "catalog"},
         {"query_tower": "sequential", "sequence_layers": 2, "sequence_dropout": 0.2},
         {"query_tower": "sequential", "sequence_dropout": 0.2, "sequence_item_ages": False},
         {"query_tower": "sequential", "sequence_layers": 2, "sequence_dropout": 0.5},

@@ -190,8 +190,10 @@ class TrainingConfig(Section):
     sequence_item_ages: bool = True
     # Negatives of the retriever's sampled softmax. in_batch: the other positives of the batch
     # (popularity-distributed). mixed: those plus ``uniform_negatives`` catalog items drawn
-    # uniformly per batch, so the long tail is pushed down too.
-    negatives: Literal["in_batch", "mixed"] = "in_batch"
+    # uniformly per batch, so the long tail is pushed down too. catalog: every catalog item, the
+    # exact softmax (no sampling, no logQ); one candidate-tower pass over the catalog per step,
+    # so for catalogs of thousands to tens of thousands of items.
+    negatives: Literal["in_batch", "mixed", "catalog"] = "in_batch"
     uniform_negatives: int = Field(256, ge=1)
     # Item-to-item neighbours, a second candidate source (components/training/neighbours.py):
     # an item-item regression (EASE) over the ``neighbour_max_items`` items with the most

@@ -594,6 +594,7 @@ def _build_retriever(config: TrainingConfig, vocabulary: _Vocabulary, catalog: _
 
     from components.training.models import (
         CandidateTower,
+        CatalogSoftmax,
         QueryTower,
         SequentialQueryTower,
         SequentialRetriever,
@@ -662,12 +663,15 @@ def _build_retriever(config: TrainingConfig, vocabulary: _Vocabulary, catalog: _
         normalize=normalize,
         item_bias=config.item_bias,
     )
-    uniform = None
-    if config.negatives == "mixed":
+    uniform: UniformNegatives | CatalogSoftmax | None = None
+    if config.negatives in ("mixed", "catalog"):
         content = features_from_frame(catalog.frame, CANDIDATE_INPUTS)
         catalog_content = {name: values.tolist() for name, values in content.items()}
-        probability = catalog.frame["item_id"].map(vocabulary.sampling_probability).fillna(0.0)
-        uniform = UniformNegatives(catalog_content, probability.tolist(), config.uniform_negatives)
+        if config.negatives == "catalog":
+            uniform = CatalogSoftmax(catalog_content)
+        else:
+            probability = catalog.frame["item_id"].map(vocabulary.sampling_probability).fillna(0.0)
+            uniform = UniformNegatives(catalog_content, probability.tolist(), config.uniform_negatives)
     retriever = SequentialRetriever if isinstance(query, SequentialQueryTower) else TwoTowerRetriever
     model = retriever(query, candidate, config.temperature, config.logq_correction, uniform)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate))

@@ -3,7 +3,7 @@
 Every user walks a cycle of items (i7 is always followed by i8): a model that reads the
 recent items in order can name the next item from the newest one; a bag of the same items
 cannot tell which end of the walk the user is at. Trained through ``train_retriever`` with
-``query_tower: sequential`` (and mixed negatives), exported, and queried through the
+``query_tower: sequential`` (mixed negatives, and the whole catalog's softmax), exported, and queried through the
 SavedModel's ``serving_default`` as serving does.
 """
 
@@ -53,13 +53,14 @@ def _walks() -> tuple[pd.DataFrame, pd.DataFrame]:
     return pd.DataFrame(rows), items
 
 
-def test_the_sequential_tower_names_the_next_item_of_a_walk(tmp_path: Path) -> None:
+@pytest.mark.parametrize("negatives", ["mixed", "catalog"])
+def test_the_sequential_tower_names_the_next_item_of_a_walk(tmp_path: Path, negatives: str) -> None:
     import tensorflow as tf
 
     frame, items = _walks()
     config = TrainingConfig(
         query_tower="sequential",
-        negatives="mixed",
+        negatives=negatives,
         uniform_negatives=16,
         max_history=5,
         sequence_layers=1,
