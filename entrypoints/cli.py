@@ -292,6 +292,51 @@ def features_materialize(ctx: typer.Context, start: _StartOpt = None, end: _EndO
     console.print(t)
 
 
+@features_app.command("training-data")
+def features_training_data(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(help="Folder of the Parquet parts (its earlier parts are replaced).")],
+    interval_days: Annotated[int, typer.Option(min=1, help="Days of events per part.")] = 30,
+    start: _StartOpt = None,
+    end: _EndOpt = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Validated data folder (default: <home>/data/validated).")
+    ] = None,
+) -> None:
+    """Write the point-in-time training frame interval by interval, one Parquet part each.
+
+    The rows of the training-data step's join (every event, each feature as known strictly
+    before it), held one interval at a time: for histories whose frame does not fit in
+    memory, or for a trainer that reads Parquet.
+    """
+    from rich.progress import Progress
+
+    from components.features.tables import FeatureRepoError
+    from components.features.training_data import write_training_data
+    from components.pipeline import unread_feature_views
+
+    s = _settings(ctx)
+    try:
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("joining intervals", total=None)
+
+            def advance(done: int, total: int, rows: int) -> None:
+                progress.update(task, completed=done, total=total, description=f"{rows:,} rows written")
+
+            written = write_training_data(
+                s, out, interval_days, data, start=start, end=end,
+                skip_views=unread_feature_views(s), progress=advance,
+            )  # fmt: skip
+    except (FileNotFoundError, FeatureRepoError) as e:
+        hint = "run `recsys features build` and `recsys features apply` first?"
+        console.print(f"[red]error:[/red] {e} ({hint})")
+        raise typer.Exit(2) from None
+    console.print(
+        f"{written['rows']:,} rows x {len(written['columns'])} columns in {written['parts']} parts "
+        f"of {interval_days} days -> {out}"
+    )
+
+
 @app.command("recommend")
 def recommend_cmd(
     ctx: typer.Context,

@@ -11,6 +11,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from components.sources.synthetic import generate_to_folder
@@ -46,6 +47,20 @@ def test_pipeline_run_reads_the_folder_and_ends_the_day_after_its_last_event(tmp
     assert ingest["source"] == "parquet"
     assert json.loads((run / "validate" / "manifest.json").read_text())["status"] == "passed"
     assert (run / "evaluate" / "blessing.json").is_file()
+
+    # The same join written interval by interval: every event of the run, once.
+    training = json.loads((run / "training_data" / "manifest.json").read_text())
+    parts = tmp_path / "training_parts"
+    proc = subprocess.run(
+        [str(RECSYS), "features", "training-data", "--out", str(parts), "--interval-days", "4",
+         "--data", str(run / "validate"), "--end", "2026-11-01"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    written = pd.read_parquet(parts)
+    assert len(list(parts.glob("part-*.parquet"))) >= 3
+    assert len(written) == written["event_id"].nunique() == sum(training["rows"].values())
+    assert set(training["columns"]) == set(written.columns)
 
     # A folder that is neither a data folder nor MovieLens is refused, naming it.
     proc = subprocess.run(
