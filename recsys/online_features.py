@@ -123,13 +123,23 @@ def start_offline_engine(settings: Settings) -> None:
         spark_session(settings.spark)
 
 
-def get_store(settings: Settings) -> FeatureStore:
-    """A ``FeatureStore`` over the state under ``settings.home`` (no files are read yet)."""
+def quiet_experimental_views() -> None:
+    """Silence Feast's "Batch feature views are experimental" warning in this process.
+
+    Feast warns on every construction of a ``BatchFeatureView``, the repo's loading and each
+    registry read alike, and registry reads happen lazily inside any store call, so a scoped
+    filter cannot cover them: the filter is process-wide (set again, it is not duplicated).
+    """
     import warnings
 
+    warnings.filterwarnings("ignore", message=EXPERIMENTAL_WARNING, category=RuntimeWarning)
+
+
+def get_store(settings: Settings) -> FeatureStore:
+    """A ``FeatureStore`` over the state under ``settings.home`` (no files are read yet)."""
     from feast import FeatureStore
 
-    warnings.filterwarnings("ignore", message=EXPERIMENTAL_WARNING, category=RuntimeWarning)
+    quiet_experimental_views()
     settings.feast_dir.mkdir(parents=True, exist_ok=True)
     return FeatureStore(config=repo_config(settings))
 

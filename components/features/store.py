@@ -121,11 +121,10 @@ def apply_feature_repo(settings: Settings, repo_dir: Path = FEATURE_REPO_DIR) ->
     """
     from feast import Entity, FeatureService, FeatureView
 
-    from recsys.online_features import EXPERIMENTAL_WARNING
+    from recsys.online_features import quiet_experimental_views
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=EXPERIMENTAL_WARNING, category=RuntimeWarning)
-        objects = load_definitions(settings, repo_dir)
+    quiet_experimental_views()
+    objects = load_definitions(settings, repo_dir)
     _check_windows(objects, settings.features.windows_days)
     store = get_store(settings)
     project = settings.features.project
