@@ -3,8 +3,8 @@
 Every user walks a cycle of items (i7 is always followed by i8): a model that reads the
 recent items in order can name the next item from the newest one; a bag of the same items
 cannot tell which end of the walk the user is at. Trained through ``train_retriever`` with
-``query_tower: sequential`` (mixed negatives, and the whole catalog's softmax), exported, and queried through the
-SavedModel's ``serving_default`` as serving does.
+``query_tower: sequential`` (mixed negatives, and the whole catalog's softmax), exported, and
+queried through the SavedModel's ``serving_default`` as serving does.
 """
 
 from __future__ import annotations
