@@ -104,6 +104,7 @@ class GatewayPolicy:
         self.client = client
         self.exclude_item_ids = list(exclude_item_ids)
         self.run_tag = run_tag
+        self.versions_seen: set[int] = set()  # model versions the answers named
 
     def _session(self, user_id: str) -> str:
         return f"sim-{self.run_tag}-{user_id}"
@@ -120,6 +121,7 @@ class GatewayPolicy:
             "exclude_item_ids": self.exclude_item_ids,
         }
         answer = _ok(self.client.post("/v1/recommendations", json=body))
+        self.versions_seen.update(int(v) for v in answer.get("model_versions", {}).values())
         return Recommendation(
             [str(it["item_id"]) for it in answer["items"]],
             arm=answer.get("arm"),

@@ -33,7 +33,7 @@ from rich.table import Table
 
 from components.simulation.loop import UserState, build_world, load_feature_source, simulate
 from components.simulation.policies import OraclePolicy, Policy
-from components.simulation.report import ORACLE, summarize_loop, write_loop_report
+from components.simulation.report import ORACLE, summarize_loop, summarize_versions, write_loop_report
 from components.simulation.truth import load_truth
 from entrypoints.demo import demo_api_key
 from entrypoints.simulate import (
@@ -165,6 +165,23 @@ def run_loop(
             console.rule(f"round {r + 1} of {rounds}: export, retrain, push")
             # Each round's run is a day of its own: the interval holds every round so far.
             retrains.append(_retrain(setup.settings, first_day + timedelta(days=r + 1), r + 1, console))
+    compared = None
+    pushed = [int(r["pushed_version"]) for r in retrains if r["pushed_version"] is not None]
+    if pushed:
+        console.rule("every version on the same users")
+        first = {int(v) for v in versions[1].get("stable", {}).values()}
+        from components.pipeline import run_key_for, step_dir
+
+        last_run = run_key_for(datetime.fromisoformat(retrains[-1]["interval_end"]))
+        passes = compare_versions(
+            setup.settings, world, states, sorted(first | set(pushed)),
+            step_dir(setup.settings, last_run, "validate"),
+            env=env, api_key=key, not_simulatable=not_simulatable,
+            requests_per_user=requests_per_user, k=k, seed=seed,
+            first_request=rounds * requests_per_user, out=out_dir / "versions", console=console,
+        )  # fmt: skip
+        compared = summarize_versions(passes)
+        passes.to_parquet(out_dir / "versions" / "requests.parquet", index=False)
     summary = summarize_loop(
         pd.concat(records, ignore_index=True),
         retrains,
@@ -182,10 +199,89 @@ def run_loop(
             "canary_fraction": canary_fraction,
         },
     )
+    summary["versions_compared"] = compared
     paths = write_loop_report(summary, pd.concat(records, ignore_index=True), out_dir)
     print_loop_summary(console, summary)
     console.print(f"report: {paths['report']} ({time.perf_counter() - started:.0f}s)")
     return summary
+
+
+def compare_versions(
+    settings: Settings,
+    world: Any,
+    states: dict[tuple[str, str], UserState],
+    versions: list[int],
+    validated: Path,
+    *,
+    env: dict[str, str],
+    api_key: str,
+    not_simulatable: list[str],
+    requests_per_user: int,
+    k: int,
+    seed: int,
+    first_request: int,
+    out: Path,
+    console: Console,
+) -> pd.DataFrame:
+    """One more round served by each version in turn, to every user from the same state.
+
+    Each pass runs on a fresh copy of the loop home as the last round left it (models, online
+    store, ``validated``: the last run's data) with both labels on the version and no holdout,
+    and replays the users from a copy of their states with the same request numbers and
+    seeds: what differs between passes is the version. Returns the served records with a
+    ``version`` column.
+
+    Raises:
+        RuntimeError: a pass's answers name another version than the one it pinned.
+    """
+    import copy
+
+    from recsys.model_registry import integer_versions, model_names, read_models_config, write_registry
+
+    on_disk = set.intersection(
+        *(set(integer_versions(settings.models_dir / m)) for m in model_names(settings))
+    )
+    if set(versions) - on_disk:
+        console.print(
+            f"[yellow]not compared (removed by push.keep_versions): {sorted(set(versions) - on_disk)}"
+        )
+    passes = []
+    for version in sorted(set(versions) & on_disk):
+        home = scratch_serving_home(settings, validated, out / f"v{version}" / "home").resolve()
+        pinned = settings.model_copy(
+            update={
+                "home": home,
+                "gateway": settings.gateway.model_copy(
+                    update={"event_log_path": None, "arm_fractions": {"canary": 0.0, "holdout": 0.0}}
+                ),
+            }
+        )
+        models = read_models_config(pinned.models_dir)
+        for name in model_names(pinned):
+            models[name] = {
+                **models[name],
+                "versions": [version],
+                "labels": {"stable": version, "canary": version},
+            }
+        write_registry(pinned.models_dir, models, models)
+        config_file = home / "loop.yaml"
+        config_file.write_text(yaml.safe_dump(pinned.model_dump(mode="json"), sort_keys=False))
+        logs = out / f"v{version}" / "logs"
+        with servers_on(
+            pinned, home / "models", {**env, "RECSYS_CONFIG": str(config_file)}, logs, console
+        ) as url:
+            with httpx.Client(base_url=url, timeout=30, headers={"X-API-Key": api_key}) as client:
+                served = GatewayPolicy(client, not_simulatable, f"loop{seed}-v{version}")
+                with console.status(f"v{version}: {len(world.users)} users x {requests_per_user} requests"):
+                    done = simulate(
+                        world, [served], requests_per_user, k, seed,
+                        states=copy.deepcopy(states), first_request=first_request,
+                    )  # fmt: skip
+        if served.versions_seen - {version}:
+            named = sorted(served.versions_seen)
+            raise RuntimeError(f"the pass pinned to v{version} was answered by versions {named}")
+        passes.append(done.assign(version=version))
+    return pd.concat(passes, ignore_index=True)
 
 
 def _not_simulatable(validated: Path, truth: Any) -> list[str]:
@@ -250,3 +346,13 @@ def print_loop_summary(console: Console, summary: dict[str, Any]) -> None:
         )
         t.add_row(str(row["round"]), *cells, f"{row['oracle_expected_reward_per_request']:.3f}", then)
     console.print(t)
+    compared = summary.get("versions_compared")
+    if compared:
+        v = Table(title="each version on the same users from the same state (one more round)")
+        for c in ("version", "expected reward / request", f"minus v{compared['first']} (95% CI)"):
+            v.add_column(c, justify="right")
+        for r in compared["versions"]:
+            d = r["minus_first"]
+            paired = "-" if d is None else f"{d['mean']:+.3f} ({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f})"
+            v.add_row(f"v{r['version']}", f"{r['expected_reward_per_request']:.3f}", paired)
+        console.print(v)

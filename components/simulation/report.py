@@ -299,6 +299,36 @@ def summarize_loop(
     }  # fmt: skip
 
 
+def summarize_versions(records: pd.DataFrame) -> dict[str, Any]:
+    """Each version the loop pushed, served to the same users from the same state (``records``
+    of one served pass per version, with a ``version`` column): expected and realized reward
+    per request, and each version's paired difference from the first one's.
+
+    Paired over users: every pass starts from the same user states and draws each response
+    from the same seed, so a user's difference is the versions' alone; its 95% interval is
+    over users (mean of per-user differences ± 1.96 standard errors).
+    """
+    versions = sorted(int(v) for v in records["version"].unique())
+    per_user = records.groupby(["version", "user_id"])["expected_reward"].mean().unstack(0)
+    first = versions[0]
+    rows = []
+    for v in versions:
+        got = records[records["version"] == v]
+        difference = (per_user[v] - per_user[first]).dropna().to_numpy()
+        rows.append(
+            {
+                "version": v,
+                "requests": len(got),
+                "users": int(got["user_id"].nunique()),
+                "expected_reward_per_request": float(got["expected_reward"].mean()),
+                "reward_per_request": float(got["reward"].mean()),
+                "click_rate": float(got["clicks"].sum() / max(1, got["shown"].sum())),
+                "minus_first": _mean_ci(difference) if v != first else None,
+            }
+        )
+    return {"first": first, "versions": rows}
+
+
 def write_loop_report(summary: Mapping[str, Any], records: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
     """``summary.json``, ``requests.parquet`` and ``report.html`` (the reward curve per arm and
     round) under ``out_dir``."""
@@ -354,9 +384,34 @@ the truth expects of the shown items (objective-weighted), per serving arm; the 
 same users the same round is the ceiling.</p>
 <img alt="reward per round" src="data:image/png;base64,{_loop_chart(summary)}">
 <table><tr><th>round</th>{head}<th>oracle</th><th>then</th></tr>{body}</table>
+{_versions_html(summary.get("versions_compared"))}
 <h2>Setup</h2><ul>{setup}</ul>
 </body></html>
 """
+
+
+def _versions_html(compared: Mapping[str, Any] | None) -> str:
+    """The versions served to the same users from the same state, paired with the first."""
+    if not compared:
+        return ""
+    rows = ""
+    for r in compared["versions"]:
+        diff = r["minus_first"]
+        paired = (
+            "-" if diff is None else f"{diff['mean']:+.3f} ({diff['ci95'][0]:+.3f} to {diff['ci95'][1]:+.3f})"
+        )
+        rows += (
+            f"<tr><th>v{r['version']}</th><td>{r['expected_reward_per_request']:.3f}</td>"
+            f"<td>{r['reward_per_request']:.3f}</td><td>{r['click_rate']:.3f}</td>"
+            f"<td>{paired}</td><td>{r['users']}</td></tr>"
+        )
+    return f"""<h2>Each version on the same users</h2>
+<p>After the last round, every version the loop served answers one more round for all the users
+(no holdout, no canary), each pass starting from the same user states, the same requests and
+response seeds: the difference from v{compared["first"]} is the versions' alone, paired per user
+(95% interval over users).</p>
+<table><tr><th>version</th><th>expected reward / request</th><th>reward / request</th>
+<th>click rate</th><th>minus v{compared["first"]}, per user (95% CI)</th><th>users</th></tr>{rows}</table>"""
 
 
 def _served_by(versions: Mapping[str, int] | None) -> str:

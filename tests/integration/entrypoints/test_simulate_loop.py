@@ -81,8 +81,24 @@ def test_the_loop_trains_on_what_it_served_and_serves_what_it_trained(
         assert set(second["canary"]["versions"].values()) == {retrain["pushed_version"]}
         labels = read_models_config(out / "home" / "models")
         assert {m["labels"]["canary"] for m in labels.values()} == {retrain["pushed_version"]}
+        # Then each version served one more round to every user from the same state: the same
+        # users and requests per version, paired with the first.
+        compared = summary["versions_compared"]
+        (v1,) = set(first["stable"]["versions"].values())
+        v2 = retrain["pushed_version"]
+        assert [v["version"] for v in compared["versions"]] == [v1, v2]
+        passes = pd.read_parquet(out / "versions" / "requests.parquet")
+        by_version = passes.groupby("version")
+        assert (by_version["user_id"].nunique() == 24).all() and (by_version.size() == 24 * 3).all()
+        assert set(passes["arm"]) == {"stable"} and (passes["shown"] > 0).all()
+        per_user = passes.groupby(["version", "user_id"])["expected_reward"].mean().unstack(0)
+        paired = compared["versions"][-1]["minus_first"]
+        assert paired["mean"] == pytest.approx((per_user[v2] - per_user[v1]).mean())
+        assert paired["ci95"][0] <= paired["mean"] <= paired["ci95"][1]
+        assert "Each version on the same users" in (out / "report.html").read_text()
     else:
         assert retrain["reason"] and second["canary"]["versions"] == first["canary"]["versions"], retrain
+        assert summary["versions_compared"] is None
     # The home itself is untouched: no log, no lake, the same models.
     assert not (home / "gateway" / "events.db").exists() and not (home / "lake").exists()
     page = (out / "report.html").read_text()
