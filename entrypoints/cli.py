@@ -211,6 +211,9 @@ _StartOpt = Annotated[
     datetime | None, typer.Option(help="Interval start, UTC (default: the earliest data).")
 ]
 _EndOpt = Annotated[datetime | None, typer.Option(help="Interval end, UTC (default: the latest data).")]
+_ValidatedOpt = Annotated[
+    Path | None, typer.Option(help="Validated data folder (default: <home>/data/validated).")
+]
 
 
 @features_app.command("build")
@@ -218,9 +221,7 @@ def features_build(
     ctx: typer.Context,
     start: _StartOpt = None,
     end: _EndOpt = None,
-    data: Annotated[
-        Path | None, typer.Option(help="Validated data folder (default: <home>/data/validated).")
-    ] = None,
+    data: _ValidatedOpt = None,
 ) -> None:
     """Compute the feature tables (daily snapshots, profiles, recent items) for [start, end).
 
@@ -299,9 +300,7 @@ def features_training_data(
     interval_days: Annotated[int, typer.Option(min=1, help="Days of events per part.")] = 30,
     start: _StartOpt = None,
     end: _EndOpt = None,
-    data: Annotated[
-        Path | None, typer.Option(help="Validated data folder (default: <home>/data/validated).")
-    ] = None,
+    data: _ValidatedOpt = None,
 ) -> None:
     """Write the point-in-time training frame interval by interval, one Parquet part each.
 
