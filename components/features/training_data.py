@@ -34,6 +34,7 @@ from recsys.online_features import (
     service_features,
     start_offline_engine,
 )
+from recsys.storage import read_table
 from recsys.timeutil import to_utc
 
 if TYPE_CHECKING:  # Feast costs seconds to import; only the functions that need it do.
@@ -173,16 +174,12 @@ def _day_intervals(
     validated_dir: Path, days: int, start: datetime | None, end: datetime | None
 ) -> list[tuple[pd.Timestamp, pd.Timestamp]]:
     """``[lo, hi)`` spans of ``days`` UTC days covering the events' times within [start, end)."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as ds
-
-    ts = ds.dataset(validated_dir / "events", format="parquet", partitioning="hive").to_table(columns=["ts"])
-    if ts.num_rows == 0:
+    ts = read_table(validated_dir, "events", columns=["ts"])["ts"]
+    if ts.empty:
         return []
-    first = pd.Timestamp(pc.min(ts["ts"]).as_py())
-    last = pd.Timestamp(pc.max(ts["ts"]).as_py())
-    lo = max(to_utc(first), to_utc(start)) if start is not None else to_utc(first)
-    hi = min(to_utc(last) + ONE_US, to_utc(end)) if end is not None else to_utc(last) + ONE_US
+    first, last = to_utc(ts.min()), to_utc(ts.max())
+    lo = max(first, to_utc(start)) if start is not None else first
+    hi = min(last + ONE_US, to_utc(end)) if end is not None else last + ONE_US
     step, edge, bounds = pd.Timedelta(days=days), lo.floor("D"), []
     while edge < hi:
         bounds.append((max(edge, lo), min(edge + step, hi)))
