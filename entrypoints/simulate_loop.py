@@ -33,7 +33,13 @@ from rich.table import Table
 
 from components.simulation.loop import UserState, build_world, load_feature_source, simulate
 from components.simulation.policies import OraclePolicy, Policy
-from components.simulation.report import ORACLE, summarize_loop, summarize_versions, write_loop_report
+from components.simulation.report import (
+    ORACLE,
+    paired_text,
+    summarize_loop,
+    summarize_versions,
+    write_loop_report,
+)
 from components.simulation.truth import load_truth
 from entrypoints.demo import demo_api_key
 from entrypoints.simulate import (
@@ -78,22 +84,26 @@ def loop_setup(
             "the loop runs on the embedded stores: gateway.event_log_backend and features.online_store "
             f"must be sqlite (got {settings.gateway.event_log_backend}, {settings.features.online_store})"
         )
-    home = scratch_serving_home(settings, validated, out / "home")
-    loop = settings.model_copy(
+    home = scratch_serving_home(settings, validated, out / "home").resolve()
+    loop, config_file = _settings_in(settings, home, canary=canary_fraction, holdout=holdout_fraction)
+    return LoopSetup(home, loop, config_file)
+
+
+def _settings_in(settings: Settings, home: Path, canary: float, holdout: float) -> tuple[Settings, Path]:
+    """``settings`` pointed at the serving copy ``home`` (its own event log, no push target)
+    with these arm fractions, and the config file the servers read them from."""
+    moved = settings.model_copy(
         update={
-            "home": home.resolve(),
+            "home": home,
             "push": settings.push.model_copy(update={"base_path": None}),
             "gateway": settings.gateway.model_copy(
-                update={
-                    "event_log_path": None,
-                    "arm_fractions": {"canary": canary_fraction, "holdout": holdout_fraction},
-                }
+                update={"event_log_path": None, "arm_fractions": {"canary": canary, "holdout": holdout}}
             ),
         }
     )
     config_file = home / "loop.yaml"
-    config_file.write_text(yaml.safe_dump(loop.model_dump(mode="json"), sort_keys=False))
-    return LoopSetup(home.resolve(), loop, config_file)
+    config_file.write_text(yaml.safe_dump(moved.model_dump(mode="json"), sort_keys=False))
+    return moved, config_file
 
 
 def run_loop(
@@ -168,10 +178,10 @@ def run_loop(
     compared = None
     pushed = [int(r["pushed_version"]) for r in retrains if r["pushed_version"] is not None]
     if pushed:
-        console.rule("every version on the same users")
-        first = {int(v) for v in versions[1].get("stable", {}).values()}
         from components.pipeline import run_key_for, step_dir
 
+        console.rule("every version on the same users")
+        first = {int(v) for v in versions[1].get("stable", {}).values()}
         last_run = run_key_for(datetime.fromisoformat(retrains[-1]["interval_end"]))
         passes = compare_versions(
             setup.settings, world, states, sorted(first | set(pushed)),
@@ -248,24 +258,15 @@ def compare_versions(
     passes = []
     for version in sorted(set(versions) & on_disk):
         home = scratch_serving_home(settings, validated, out / f"v{version}" / "home").resolve()
-        pinned = settings.model_copy(
-            update={
-                "home": home,
-                "gateway": settings.gateway.model_copy(
-                    update={"event_log_path": None, "arm_fractions": {"canary": 0.0, "holdout": 0.0}}
-                ),
-            }
-        )
-        models = read_models_config(pinned.models_dir)
-        for name in model_names(pinned):
+        models = read_models_config(home / "models")
+        for name in model_names(settings):
             models[name] = {
                 **models[name],
                 "versions": [version],
                 "labels": {"stable": version, "canary": version},
             }
-        write_registry(pinned.models_dir, models, models)
-        config_file = home / "loop.yaml"
-        config_file.write_text(yaml.safe_dump(pinned.model_dump(mode="json"), sort_keys=False))
+        write_registry(home / "models", models, models)
+        pinned, config_file = _settings_in(settings, home, canary=0.0, holdout=0.0)
         logs = out / f"v{version}" / "logs"
         with servers_on(
             pinned, home / "models", {**env, "RECSYS_CONFIG": str(config_file)}, logs, console
@@ -352,7 +353,7 @@ def print_loop_summary(console: Console, summary: dict[str, Any]) -> None:
         for c in ("version", "expected reward / request", f"minus v{compared['first']} (95% CI)"):
             v.add_column(c, justify="right")
         for r in compared["versions"]:
-            d = r["minus_first"]
-            paired = "-" if d is None else f"{d['mean']:+.3f} ({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f})"
-            v.add_row(f"v{r['version']}", f"{r['expected_reward_per_request']:.3f}", paired)
+            v.add_row(
+                f"v{r['version']}", f"{r['expected_reward_per_request']:.3f}", paired_text(r["minus_first"])
+            )
         console.print(v)

@@ -390,16 +390,21 @@ same users the same round is the ceiling.</p>
 """
 
 
+def paired_text(difference: Mapping[str, Any] | None) -> str:
+    """A paired difference with its interval, ``+0.030 (-0.006 to +0.067)``; ``-`` for none."""
+    if difference is None:
+        return "-"
+    lo, hi = difference["ci95"]
+    return f"{difference['mean']:+.3f} ({lo:+.3f} to {hi:+.3f})"
+
+
 def _versions_html(compared: Mapping[str, Any] | None) -> str:
     """The versions served to the same users from the same state, paired with the first."""
     if not compared:
         return ""
     rows = ""
     for r in compared["versions"]:
-        diff = r["minus_first"]
-        paired = (
-            "-" if diff is None else f"{diff['mean']:+.3f} ({diff['ci95'][0]:+.3f} to {diff['ci95'][1]:+.3f})"
-        )
+        paired = html.escape(paired_text(r["minus_first"]))
         rows += (
             f"<tr><th>v{r['version']}</th><td>{r['expected_reward_per_request']:.3f}</td>"
             f"<td>{r['reward_per_request']:.3f}</td><td>{r['click_rate']:.3f}</td>"
