@@ -13,6 +13,10 @@ To see where the time goes on Redis it also times, for the same users:
 - ``direct row read``: that HMGET plus decoding the values: what a serving path that
   reads the user's row itself (one round trip, no Feast request plumbing) would cost.
 
+And one event's real-time push (``push_event``: read the user's recent items, write the new
+row), through Feast's ``store.push`` and through ``online_pusher`` (the push source's views
+resolved once), ``--pushes`` of each per store.
+
 Prints a table and writes ``results.json`` and ``results.md`` under
 ``<home>/bench/feature_lookup/`` (home: RECSYS_HOME, default var/).
 """
@@ -43,7 +47,7 @@ from components.sources.synthetic import GenerateParams, generate_to_folder
 from recsys.config import FeaturesConfig, Settings, settings_from_environment
 from recsys.feature_schema import RETRIEVER_SERVICE
 from recsys.layout import features_dir
-from recsys.online_features import get_store
+from recsys.online_features import get_store, online_pusher, push_event
 
 
 def _percentiles(samples_s: list[float]) -> dict[str, float]:
@@ -144,6 +148,7 @@ def main() -> None:
     p.add_argument("--items", type=int, default=2_000)
     p.add_argument("--days", type=int, default=14)
     p.add_argument("--lookups", type=int, default=10_000)
+    p.add_argument("--pushes", type=int, default=500)
     args = p.parse_args()
     console = Console()
     out_dir = settings_from_environment().home / "bench" / "feature_lookup"
@@ -197,6 +202,8 @@ def main() -> None:
                     results["rows"][f"{kind}: Feast get_online_features (retriever_v1)"] = _time(
                         feast_lookup, users
                     )
+                with console.status(f"[{kind}] {args.pushes:,} pushes each way"):
+                    results["rows"].update(_time_pushes(kind, store, users[: args.pushes]))
                 if kind == "redis":
                     raw, decoded = _direct_redis_reader(store, port)
                     assert decoded(users[0])["user_events_30d"] == sample["user_events_30d"][0]
@@ -224,6 +231,27 @@ def main() -> None:
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / "results.md").write_text("\n".join(md) + "\n")
     console.print(f"results: {out_dir / 'results.json'}")
+
+
+def _time_pushes(kind: str, store: Any, users: list[str]) -> dict[str, dict[str, float]]:
+    """One click's ``push_event`` per user, through ``store.push`` and through ``online_pusher``."""
+    write = online_pusher(store)
+
+    def click(u: str) -> dict[str, Any]:
+        return {
+            "user_id": u,
+            "item_id": "i-pushed",
+            "event_type": "click",
+            "ts": datetime.now(UTC),
+            "session_id": "s",
+        }
+
+    return {
+        f"{kind}: push_event through Feast's store.push": _time(lambda u: push_event(store, click(u)), users),
+        f"{kind}: push_event through online_pusher": _time(
+            lambda u: push_event(store, click(u), write=write), users
+        ),
+    }
 
 
 def _known_users(settings: Settings) -> list[str]:

@@ -9,7 +9,8 @@ feature service's references, ``entity_row_reader`` reads one entity's row, and
 Real-time pushes: a user who clicks something expects the next recommendation to know it.
 Batch features arrive daily; the ``user_recent_items`` view is also fed through a Feast push
 source, so the gateway's ``POST /v1/events`` (after the durable append) calls ``push_event``
-and the next read for that user already sees the event: no flush window. The new state is
+(through an ``online_pusher``, the push source's views resolved once) and the next read for
+that user already sees the event: no flush window. The new state is
 computed by ``next_recent_state``, the same rule that rebuilds the view's batch table from the
 event log, so the online value after a push is the value that training data joins for the
 next event.
@@ -278,7 +279,54 @@ def read_recent_state(store: FeatureStore, user_id: str) -> tuple[dict[str, str]
     return state, (max(stamps) if stamps else None)
 
 
-def push_event(store: FeatureStore, event: Mapping[str, Any], max_items: int = 20) -> dict[str, Any]:
+def online_pusher(store: FeatureStore, push_source: str = PUSH_SOURCE) -> Callable[[pd.DataFrame], None]:
+    """A writer of rows pushed to ``push_source`` into the online store.
+
+    Writes what ``store.push(push_source, df, to=PushMode.ONLINE)`` writes (each view the push
+    source feeds, through the provider's ``ingest_df``), with those views resolved once here:
+    ``push`` lists every view and feature service of the registry and rebuilds each from its
+    proto on every call, most of a push's cost (BENCHMARKS.md, "Measured costs behind design
+    choices"). Resolved once, as ``entity_row_reader`` does: a later ``feast apply`` is seen by a
+    new pusher. Where Feast would do more than write rows (a label view fed by the source, a
+    feature service that precomputes online vectors), the writer is ``store.push`` itself.
+
+    Raises:
+        ValueError: when no view is fed by ``push_source``.
+    """
+    from feast.data_source import PushMode, PushSource
+
+    def fed(source: Any) -> bool:
+        return isinstance(source, PushSource) and source.name == push_source
+
+    candidates = [*store.list_feature_views(), *store.list_stream_feature_views()]
+    views = [fv for fv in candidates if fed(fv.stream_source)]
+    if not views:
+        raise ValueError(f"push_source: no feature view is fed by {push_source!r}")
+    names = {fv.name for fv in views}
+    label_views = getattr(store, "list_label_views", list)()
+    precomputed = [s for s in store.list_feature_services() if getattr(s, "precompute_online", False)]
+    more_than_rows = any(fed(getattr(lv, "source", None)) for lv in label_views) or any(
+        p.name in names for s in precomputed for p in s.feature_view_projections
+    )
+    if more_than_rows:
+        return lambda df: store.push(push_source, df, to=PushMode.ONLINE)
+    # The provider push writes through (_get_provider is not public Feast API: Feast is pinned,
+    # and a test compares what this writes with what store.push writes).
+    provider = store._get_provider()
+
+    def write(df: pd.DataFrame) -> None:
+        for fv in views:
+            provider.ingest_df(fv, df)
+
+    return write
+
+
+def push_event(
+    store: FeatureStore,
+    event: Mapping[str, Any],
+    max_items: int = 20,
+    write: Callable[[pd.DataFrame], None] | None = None,
+) -> dict[str, Any]:
     """Push the effect of one accepted event into the online store (push source, ONLINE).
 
     Reads the user's current row, applies the event (a positive item goes to the front of
@@ -300,6 +348,8 @@ def push_event(store: FeatureStore, event: Mapping[str, Any], max_items: int = 2
         store: an open store (``get_store``).
         event: an accepted event with at least user_id, item_id, event_type, ts, session_id.
         max_items: length of ``recent_items`` (``features.recent_items``).
+        write: the push source's writer (``online_pusher``; default: ``store.push``, which
+            resolves the source's views again on each call).
 
     Returns:
         The pushed row: user_id, event_timestamp, recent_items, recent_item_times, session_id,
@@ -314,5 +364,9 @@ def push_event(store: FeatureStore, event: Mapping[str, Any], max_items: int = 2
     if stored_at is not None and stamp <= stored_at:
         stamp = stored_at + ONE_US
     row = {"user_id": user_id, TIMESTAMP: stamp, **new}
-    store.push(PUSH_SOURCE, pd.DataFrame([row]), to=PushMode.ONLINE)
+    frame = pd.DataFrame([row])
+    if write is None:
+        store.push(PUSH_SOURCE, frame, to=PushMode.ONLINE)
+    else:
+        write(frame)
     return row

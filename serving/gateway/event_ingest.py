@@ -82,15 +82,17 @@ class OnlinePusher:
         return not self._queue.unfinished_tasks
 
     def _push_events(self) -> None:
-        from recsys.online_features import push_event
+        from recsys.online_features import online_pusher, push_event
 
+        write = None  # the push source's writer, its views resolved at the first push
         while True:
             rec = self._queue.get()
             try:
                 if rec is None:
                     return
                 with self.store_lock:
-                    push_event(self.store, rec, self.settings.features.recent_items)
+                    write = write or online_pusher(self.store)
+                    push_event(self.store, rec, self.settings.features.recent_items, write)
             except Exception:  # noqa: BLE001 - the event is durable; the rebuild repairs the store
                 self.metrics.push_failures.inc()
                 self._log_failure(rec)

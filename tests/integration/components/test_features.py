@@ -28,7 +28,7 @@ from recsys.feature_schema import (
     user_engagement_features,
 )
 from recsys.layout import features_dir
-from recsys.online_features import get_store, push_event
+from recsys.online_features import get_store, online_pusher, push_event, read_recent_state
 from tests.support.tiny_data import TINY_END
 
 pytestmark = pytest.mark.integration
@@ -245,6 +245,23 @@ def test_entity_row_reader_reads_what_get_online_features_reads(env, events: pd.
         want = {name.split("__")[-1]: values[0] for name, values in full.items() if name != "user_id"}
         assert read(user) == want, user
     assert read("u-reader")["recent_items"] == "i02" and read("nobody")["user_events_1d"] is None
+
+
+def test_online_pusher_writes_what_store_push_writes(env) -> None:
+    _, store, _ = env
+    write = online_pusher(store)
+    ts = TINY_END + pd.Timedelta(minutes=9)
+    # Two events at one instant: the second is stamped 1 µs after the first (Redis keeps only newer).
+    for user, how in (("u-feast-push", {}), ("u-resolved-push", {"write": write})):
+        for item in ("i01", "i02"):
+            event = {"user_id": user, "item_id": item, "event_type": "click", "ts": ts, "session_id": "s1"}
+            push_event(store, event, **how)
+    feast_state, feast_at = read_recent_state(store, "u-feast-push")
+    state, at = read_recent_state(store, "u-resolved-push")
+    assert state == feast_state and state["recent_items"] == "i02 i01"
+    assert at == feast_at and at >= ts
+    with pytest.raises(ValueError, match="no feature view is fed by 'nowhere'"):
+        online_pusher(store, "nowhere")
 
 
 def test_pushed_event_is_read_by_the_next_lookup(env, events: pd.DataFrame) -> None:

@@ -35,16 +35,22 @@ def _sample(metrics: GatewayMetrics, name: str) -> float:
     return 0.0 if value is None else value
 
 
+def _no_views(store: Any) -> Any:
+    """The push source's writer, for a store that is not there (its pushes are stood in for)."""
+    return lambda frame: None
+
+
 @pytest.fixture
 def blocked_store(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, list[str]]:
     """``push_event`` waits until released, then records the event it pushed."""
     release, pushed = threading.Event(), []
 
-    def push_event(store: Any, rec: dict[str, Any], recent_items: int) -> None:
+    def push_event(store: Any, rec: dict[str, Any], recent_items: int, write: Any) -> None:
         release.wait(30)
         pushed.append(rec["event_id"])
 
     monkeypatch.setattr(recsys.online_features, "push_event", push_event)
+    monkeypatch.setattr(recsys.online_features, "online_pusher", _no_views)
     return release, pushed
 
 
@@ -85,12 +91,13 @@ def test_a_failing_push_is_counted_and_the_next_one_still_goes(
 ) -> None:
     pushed: list[str] = []
 
-    def push_event(store: Any, rec: dict[str, Any], recent_items: int) -> None:
+    def push_event(store: Any, rec: dict[str, Any], recent_items: int, write: Any) -> None:
         if rec["event_id"] == "e0":
             raise ConnectionError("store down")
         pushed.append(rec["event_id"])
 
     monkeypatch.setattr(recsys.online_features, "push_event", push_event)
+    monkeypatch.setattr(recsys.online_features, "online_pusher", _no_views)
     settings, metrics = Settings(), GatewayMetrics()
     log = SqliteEventLog(tmp_path / "events.db")
     pusher = OnlinePusher(settings, None, threading.Lock(), metrics)
