@@ -209,7 +209,7 @@ def gather_evidence(
         # Each recent item's candidates in a sorted row: the same quantile values (they depend
         # only on the order statistics), and about half the time of NumPy's many-kth partition.
         lanes = np.sort(pool_similarity[:, needed].T, axis=1)
-        near_cut[needed] = np.quantile(lanes, STANDOUT_QUANTILE, axis=1)
+        near_cut[needed] = quantile_of_sorted(lanes, STANDOUT_QUANTILE)
     taste_lift, prior_lift = np.full(n, np.nan), np.full(n, np.nan)
     popular = np.zeros(n, dtype=bool)
     if len(pool_pos) and n:
@@ -217,11 +217,13 @@ def gather_evidence(
         found = rows >= 0
         prior = item_prior(snap, assets, pool_pos)
         taste = np.asarray(pool_scores, dtype=np.float64) - np.nan_to_num(prior)
-        taste_lift[found] = taste[rows[found]] - np.median(taste)
-        if not np.isnan(prior).all():
-            prior_lift[found] = prior[rows[found]] - np.nanmedian(prior)
+        taste_lift[found] = taste[rows[found]] - median_of(taste)
+        known_prior = prior[~np.isnan(prior)]
+        if len(known_prior):
+            prior_lift[found] = prior[rows[found]] - median_of(known_prior)
         positives = catalog.positives[positions]
-        popular = (positives > 0) & (positives >= np.quantile(catalog.positives[pool_pos], STANDOUT_QUANTILE))
+        pool_positives = np.sort(catalog.positives[pool_pos])
+        popular = (positives > 0) & (positives >= quantile_of_sorted(pool_positives, STANDOUT_QUANTILE))
     items = ItemEvidence(
         similarity=similarity,
         near_cut=near_cut,
@@ -235,6 +237,34 @@ def gather_evidence(
         categories=[catalog.category_sets[p] for p in recent_pos],
     )
     return items, recent
+
+
+def quantile_of_sorted(rows: np.ndarray, q: float) -> Any:
+    """``np.quantile(rows, q, axis=-1)`` (its default, linear method) of rows already sorted along
+    their last axis, each non-empty and without NaN: the same values, read off the order
+    statistics with NumPy's own interpolation, without its ~40 us of Python per call (a
+    request's reasons took four such calls)."""
+    n = rows.shape[-1]
+    # As NumPy does for a Python float q: the index and weight in double precision, the weight
+    # then a Python float, which NumPy's arithmetic takes in the rows' own float type.
+    virtual = (n - 1) * q
+    lo = math.floor(virtual)
+    below, above = rows[..., lo], rows[..., min(lo + 1, n - 1)]
+    t = virtual - lo
+    diff = above - below
+    return above - diff * (1 - t) if t >= 0.5 else below + diff * t
+
+
+def median_of(values: np.ndarray) -> float:
+    """``np.median`` of a non-empty 1-D array (NaN when it holds one), by one partition."""
+    n = len(values)
+    if np.isnan(values).any():
+        return math.nan
+    half = n // 2
+    if n % 2:
+        return float(np.partition(values, half)[half])
+    part = np.partition(values, [half - 1, half])
+    return float(np.mean(part[half - 1 : half + 1]))
 
 
 def _last_index_of(pool: np.ndarray, positions: np.ndarray) -> np.ndarray:

@@ -28,6 +28,8 @@ from serving.gateway.explanations import (
     driver_reasons,
     gather_evidence,
     leave_one_out_rows,
+    median_of,
+    quantile_of_sorted,
     similar_reason,
     source_attribution,
 )
@@ -338,3 +340,23 @@ def test_attributions_are_signed_effects_largest_first() -> None:
 
 def test_an_item_the_ranker_did_not_score_names_its_source() -> None:
     assert source_attribution("exploration") == [{"kind": "source", "name": "exploration", "effect": None}]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+def test_quantiles_and_medians_are_numpys_to_the_bit(dtype: type) -> None:
+    # Read off sorted rows with NumPy's own interpolation: a last-bit difference could move an
+    # item across the similarity cut, so the values must be NumPy's exactly, in its dtype.
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n, lanes = int(rng.integers(1, 1200)), int(rng.integers(1, 5))
+        rows = np.sort((rng.standard_normal((lanes, n)) * 100).astype(dtype), axis=1)
+        for q in (0.75, 0.5, 0.9, 0.33):
+            want, got = np.quantile(rows, q, axis=1), quantile_of_sorted(rows, q)
+            np.testing.assert_array_equal(got, want)
+            assert got.dtype == want.dtype
+            one = quantile_of_sorted(rows[0], q)
+            assert one == np.quantile(rows[0], q) and type(one) is type(np.quantile(rows[0], q))
+        values = rows[0].astype(np.float64)
+        rng.shuffle(values)
+        assert median_of(values) == np.median(values)
+    assert np.isnan(median_of(np.array([1.0, np.nan, 3.0])))
