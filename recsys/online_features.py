@@ -303,7 +303,7 @@ def online_pusher(store: FeatureStore, push_source: str = PUSH_SOURCE) -> Callab
     if not views:
         raise ValueError(f"push_source: no feature view is fed by {push_source!r}")
     names = {fv.name for fv in views}
-    label_views = getattr(store, "list_label_views", list)()
+    label_views: list[Any] = getattr(store, "list_label_views", list)()
     precomputed = [s for s in store.list_feature_services() if getattr(s, "precompute_online", False)]
     more_than_rows = any(fed(getattr(lv, "source", None)) for lv in label_views) or any(
         p.name in names for s in precomputed for p in s.feature_view_projections
