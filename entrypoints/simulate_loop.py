@@ -91,7 +91,16 @@ def loop_setup(
 
 def _settings_in(settings: Settings, home: Path, canary: float, holdout: float) -> tuple[Settings, Path]:
     """``settings`` pointed at the serving copy ``home`` (its own event log, no push target)
-    with these arm fractions, and the config file the servers read them from."""
+    with these arm fractions, and the config file the servers read them from.
+
+    A time split becomes ``last_item``: the rounds' traffic carries the minutes it was served
+    in, after a source that may have ended weeks before, so the last ``holdout_days`` of
+    events would be all of it, and every retrain would learn from the source alone (each
+    user's last positive held out instead puts the served traffic into training).
+    """
+    evaluation = settings.evaluation
+    if evaluation.split == "time":
+        evaluation = evaluation.model_copy(update={"split": "last_item"})
     moved = settings.model_copy(
         update={
             "home": home,
@@ -99,6 +108,7 @@ def _settings_in(settings: Settings, home: Path, canary: float, holdout: float) 
             "gateway": settings.gateway.model_copy(
                 update={"event_log_path": None, "arm_fractions": {"canary": canary, "holdout": holdout}}
             ),
+            "evaluation": evaluation,
         }
     )
     config_file = home / "loop.yaml"

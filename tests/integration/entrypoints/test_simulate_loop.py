@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from entrypoints.local_servers import RECSYS
+from recsys.layout import run_key_for
 from recsys.model_registry import read_models_config
 from tests.support.homes import copy_home
 
@@ -72,6 +74,11 @@ def test_the_loop_trains_on_what_it_served_and_serves_what_it_trained(
     assert (lake[lake["event_type"] == "click"]["request_id"].notna()).all()
     retrain = summary["rounds"][0]["retrain"]
     assert retrain["served_events"] == len(lake)
+    # The retrain learned from it: served requests' events are in its training part.
+    run = out / "home" / "runs" / run_key_for(datetime.fromisoformat(retrain["interval_end"]))
+    trained = pd.read_parquet(run / "training_data" / "train.parquet", columns=["request_id"])
+    served_requests = set(lake["request_id"].dropna())
+    assert served_requests & set(trained["request_id"].dropna()), "no served traffic in training"
     first, second = (row["arms"] for row in summary["rounds"])
     assert first["stable"]["versions"] and first["holdout"]["versions"] == {}
     # The canary that served round 1 was promoted before the retrain: round 2's stable.
