@@ -345,6 +345,11 @@ class EvaluationConfig(Section):
     gate_model: Literal["served", "retriever", "retriever_ranker"] = "served"
     # A candidate may trail the serving model's gate metric by at most this much (absolute).
     gate_margin: float = Field(0.02, ge=0)
+    # Where the truth judges (``judge: reward``), the candidate is compared with the serving
+    # model on expected reward instead, on the same holdout users: it may trail by at most this
+    # fraction of the serving model's. The gate metric on logged positives favours the model
+    # that chose what was shown, so it cannot tell a retrained model from the one it replaces.
+    gate_reward_margin: float = Field(0.02, ge=0, lt=1)
     # Users whose training event count is in this top fraction form the "heavy" slice.
     heavy_user_fraction: float = Field(0.1, gt=0, le=1)
     # Bins of the ranker's reliability table (predicted vs observed click rate).

@@ -248,7 +248,10 @@ def gate(
     "show the bestsellers" is not worth serving; (2) where the metrics hold the generator's
     expected reward, it beats popularity on that too; and (3) it does not trail the serving
     model's value by more than ``gate_margin`` (absolute). Without serving metrics (the first
-    model), (3) does not apply. A holdout too small to decide is named in the reason.
+    model), (3) does not apply. Where the truth judges (``judge: reward``) and both reward
+    values exist, (3) compares expected reward instead, within ``gate_reward_margin`` (a
+    fraction of the serving model's): on logged positives the serving model is judged on what
+    it chose to show. A holdout too small to decide is named in the reason.
 
     Args:
         config: the ``evaluation`` section.
@@ -256,7 +259,8 @@ def gate(
         serving_metrics: the serving model's ``metrics.json``, if any.
 
     Returns:
-        ``{"blessed", "reason", "metric", "model", "candidate", "popularity", "serving", "margin"}``.
+        ``{"blessed", "reason", "metric", "model", "candidate", "popularity", "serving",
+        "serving_reward", "margin"}``.
     """
     name, model = config.gate_metric, config.gate_model
     candidate = _metric_of(metrics, model, name)
@@ -271,9 +275,10 @@ def gate(
         f"popularity {popularity:.4f}"
     )
     reward, reward_popularity = _reward_of(metrics, model), _reward_of(metrics, "popularity")
+    judged_by_reward = config.judge == "reward" and reward is not None and reward_popularity is not None
     if reward is not None and reward_popularity is not None:
         beats_on_reward = reward > reward_popularity
-        if config.judge == "reward":
+        if judged_by_reward:
             # The truth judges; the metric on logged positives is reported, not decisive.
             reasons[-1] += " (reported; the generator's truth judges)"
             beats_popularity = beats_on_reward
@@ -284,8 +289,17 @@ def gate(
             f"popularity's {reward_popularity:.4f}"
         )
     keeps_up = True
+    serving_reward = _reward_of(serving_metrics, model) if serving_metrics else None
     if serving_metrics is not None:
-        if serving is None:
+        if judged_by_reward and reward is not None and serving_reward is not None:
+            keeps_up = reward >= serving_reward * (1 - config.gate_reward_margin)
+            reasons.append(
+                f"expected reward {'within' if keeps_up else 'worse than'} the serving model's "
+                f"{serving_reward:.4f} {'minus' if keeps_up else 'beyond'} the margin "
+                f"{config.gate_reward_margin:.0%}"
+                + (f" ({name} {serving:.4f} for the serving model, reported)" if serving is not None else "")
+            )
+        elif serving is None:
             reasons.append(f"the serving metrics have no {model} {name}: not compared")
         else:
             keeps_up = candidate >= serving - config.gate_margin
@@ -307,6 +321,7 @@ def gate(
         "candidate": candidate,
         "popularity": popularity,
         "serving": serving,
+        "serving_reward": serving_reward,
         "margin": config.gate_margin,
     }
 

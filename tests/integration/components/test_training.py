@@ -295,6 +295,9 @@ def test_gate_refuses_a_model_worse_than_serving_beyond_the_margin(trained, tmp_
     serving = json.loads(json.dumps(metrics))
     current = metrics["models"][config.gate_model]["all"][config.gate_metric]
     serving["models"][config.gate_model]["all"][config.gate_metric] = current + config.gate_margin + 0.01
+    # Where the truth judges, the serving model is compared on expected reward: ahead on it too.
+    reward = metrics["reward"]["systems"][config.gate_model]
+    serving["reward"]["systems"][config.gate_model] = reward / (1 - config.gate_reward_margin) + 0.01
     serving_path = tmp_path / "serving_metrics.json"
     serving_path.write_text(json.dumps(serving))
     manifest = evaluate(
@@ -312,6 +315,7 @@ def test_gate_refuses_a_model_worse_than_serving_beyond_the_margin(trained, tmp_
     assert "beyond the margin" in json.loads((tmp_path / "eval" / "blessing.json").read_text())["reason"]
     # Within the margin the serving comparison passes (the popularity condition still applies).
     serving["models"][config.gate_model]["all"][config.gate_metric] = current + config.gate_margin / 2
+    serving["reward"]["systems"][config.gate_model] = reward
     assert "within" in gate(config, metrics, serving)["reason"]
 
 

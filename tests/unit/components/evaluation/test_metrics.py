@@ -148,6 +148,29 @@ def test_gate_needs_to_beat_popularity_and_keep_up_with_serving():
     assert worse["serving"] == pytest.approx(0.31)
 
 
+def test_where_the_truth_judges_the_serving_model_is_compared_on_expected_reward():
+    config = EvaluationConfig(gate_metric="ndcg@10", gate_model="retriever_ranker", gate_reward_margin=0.02)
+
+    def with_reward(ndcg: float, reward: float) -> dict:
+        return {
+            **_metrics(ndcg, 0.10),
+            "reward": {"systems": {"retriever_ranker": reward, "popularity": 0.08}},
+        }
+
+    # Far behind on logged positives (which favour the model that chose what was shown), ahead
+    # on the truth's reward: blessed, and the reason says which number decided.
+    ahead = gate(config, with_reward(0.12, 0.28), with_reward(0.24, 0.25))
+    assert ahead["blessed"] and "within the serving model's 0.2500" in ahead["reason"]
+    assert ahead["serving_reward"] == pytest.approx(0.25)
+    # 0.246 is within 2% of 0.25; 0.244 is not, whatever its ndcg.
+    assert gate(config, with_reward(0.12, 0.246), with_reward(0.24, 0.25))["blessed"]
+    behind = gate(config, with_reward(0.40, 0.244), with_reward(0.24, 0.25))
+    assert not behind["blessed"] and "worse than the serving model's 0.2500" in behind["reason"]
+    # Judged by the metric, the metric still decides against the serving model.
+    by_metric = config.model_copy(update={"judge": "metric"})
+    assert not gate(by_metric, with_reward(0.12, 0.28), with_reward(0.24, 0.25))["blessed"]
+
+
 def test_unknown_gate_metric_is_refused():
     from pydantic import ValidationError
 
