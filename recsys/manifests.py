@@ -213,7 +213,7 @@ class Blessing(ManifestModel):
     weight chosen on validation, ranker and MMR on or off); push carries it into the version.
     """
 
-    omitted_when_none = frozenset({"serving_policy"})
+    omitted_when_none = frozenset({"serving_policy", "serving_reward"})
 
     blessed: bool
     reason: str
@@ -223,6 +223,8 @@ class Blessing(ManifestModel):
     popularity: float
     serving: float | None
     margin: float
+    # The serving model's expected reward on the same holdout, where the truth judged the gate.
+    serving_reward: float | None = None
     serving_policy: dict[str, Any] | None = None
 
 
