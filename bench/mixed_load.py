@@ -22,7 +22,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.serving import _cpu_ms, _machine, speed_probe
+from bench.serving import _cpu_ms, _machine, model_server_flags, speed_probe
 
 API_KEY_ENV = "RECSYS_API_KEY"
 
@@ -48,7 +48,7 @@ def main() -> None:
     p.add_argument("--source", type=Path, default=None, help="default <RECSYS_HOME or var>/bench/serving")
     args = p.parse_args()
 
-    from entrypoints.local_servers import LOOPBACK, local_serving, server_environment, tf_serving_flags
+    from entrypoints.local_servers import local_serving, server_environment
 
     base = Path(os.environ.get("RECSYS_HOME", "var")).resolve() / "bench"
     source = args.source or base / "serving"
@@ -60,15 +60,7 @@ def main() -> None:
     _prepared_home(source, home)
     key = os.environ.get(API_KEY_ENV) or "bench-mixed-load"
     env = {**server_environment(), "RECSYS_HOME": str(home), API_KEY_ENV: key}
-    flags = tf_serving_flags(
-        host=LOOPBACK,
-        model_config_file=home / "models" / "models.config",
-        allow_version_labels_for_unavailable_models=True,
-        custom_op_modules="scann.scann_ops",
-        tensorflow_intra_op_parallelism=1,  # as bench.serving runs it (docs/scaling.md)
-        tensorflow_inter_op_parallelism=1,
-        grpc_max_threads=2,
-    )
+    flags = model_server_flags(home)
     probe_ms = speed_probe()
     out = home / "soak.json"
     with local_serving(

@@ -308,6 +308,25 @@ def open_load(
 # --- orchestration ---------------------------------------------------------------------------
 
 
+def model_server_flags(home: Path) -> list[str]:
+    """The model server's flags for a bench home: its models.config, ScaNN's ops, the threads."""
+    from entrypoints.local_servers import LOOPBACK, tf_serving_flags
+
+    return tf_serving_flags(
+        host=LOOPBACK,
+        model_config_file=home / "models" / "models.config",
+        allow_version_labels_for_unavailable_models=True,
+        custom_op_modules="scann.scann_ops",
+        # One thread per op: with several requests in flight on 2 cores, splitting each
+        # small op across threads costs more CPU than it saves time (docs/scaling.md).
+        tensorflow_intra_op_parallelism=1,
+        tensorflow_inter_op_parallelism=1,
+        # Two gRPC threads: Python runs one at a time, and with 16 the calls in flight
+        # mostly traded the GIL (p99 at 8 clients ~150 -> ~125 ms on the day's machine).
+        grpc_max_threads=2,
+    )
+
+
 def _cpu_ms(pid: int) -> float:
     """User + system CPU of a process so far, in ms (Linux ``/proc/PID/stat``; 0 elsewhere)."""
     try:
@@ -733,13 +752,7 @@ def main() -> None:
     users_file.write_text(json.dumps(warm))
 
     # Imported here, not at the top: the load process (this module's `load` mode) stays lean.
-    from entrypoints.local_servers import (
-        LOOPBACK,
-        local_serving,
-        server_environment,
-        setting_variable,
-        tf_serving_flags,
-    )
+    from entrypoints.local_servers import local_serving, server_environment, setting_variable
 
     env = {
         **server_environment(),
@@ -755,19 +768,7 @@ def main() -> None:
     # than the last, so runs would not compare.
     for stale in (home / "gateway").glob("events.db*"):
         stale.unlink()
-    flags = tf_serving_flags(
-        host=LOOPBACK,
-        model_config_file=home / "models" / "models.config",
-        allow_version_labels_for_unavailable_models=True,
-        custom_op_modules="scann.scann_ops",
-        # One thread per op: with several requests in flight on 2 cores, splitting each
-        # small op across threads costs more CPU than it saves time (docs/scaling.md).
-        tensorflow_intra_op_parallelism=1,
-        tensorflow_inter_op_parallelism=1,
-        # Two gRPC threads: Python runs one at a time, and with 16 the calls in flight
-        # mostly traded the GIL (p99 at 8 clients ~150 -> ~125 ms on the day's machine).
-        grpc_max_threads=2,
-    )
+    flags = model_server_flags(home)
     with local_serving(
         flags,
         home,
