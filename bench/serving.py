@@ -76,7 +76,7 @@ def build(home: Path, items: int, users: int, days: int, seed: int) -> dict[str,
     from components.push import push_models
     from components.sources.synthetic import GenerateParams, generate_to_folder
     from components.training.train import train_models
-    from recsys.config import IndexConfig, load_settings
+    from recsys.config import GatewayConfig, IndexConfig, load_settings
     from recsys.layout import features_dir
 
     settings = load_settings(overrides={"home": str(home)})
@@ -115,7 +115,7 @@ def build(home: Path, items: int, users: int, days: int, seed: int) -> dict[str,
     steps["train"] = time.perf_counter() - t
     _log(f"trained on {len(frame):,} events in {steps['train']:.0f}s")
     t = time.perf_counter()
-    index = build_index(IndexConfig(), train_dir, home / "index")
+    index = build_index(IndexConfig(), train_dir, home / "index", candidates=GatewayConfig().candidates)
     steps["index"] = time.perf_counter() - t
     _log(
         f"index {index['algorithm']} recall@{index['recall_k']}={index['recall_at_k']} "

@@ -37,6 +37,9 @@ from typing import Any
 
 import numpy as np
 
+# The share of queries whose searched leaves must hold the candidates the gateway asks for.
+CANDIDATE_SHARE = 0.99
+
 
 class PartitionError(RuntimeError):
     """A ScaNN searcher's partition is not the one-level k-means tree this search reads."""
@@ -149,6 +152,25 @@ def recall_by_leaves(partition: LeafPartition, order: np.ndarray, exact_idx: np.
 def items_searched(partition: LeafPartition, order: np.ndarray, leaves: int) -> np.ndarray:
     """Items each query scores when it searches its best ``leaves`` leaves: int [Q]."""
     return partition.sizes()[order[:, :leaves]].sum(axis=1)
+
+
+def fewest_leaves_holding(
+    partition: LeafPartition, order: np.ndarray, min_items: int, share: float = CANDIDATE_SHARE
+) -> int:
+    """The fewest leaves-to-search whose leaves hold ``min_items`` items for ``share`` of the
+    queries (``order`` from ``leaf_order``); all leaves when the catalog has fewer items.
+
+    Recall is measured at the index's ``recall_k`` (100), but the gateway asks for its
+    ``candidates`` (1000): leaves that reach the recall target for 100 may hold fewer items
+    than that, and the search can only return what it scored.
+    """
+    q, num_leaves = order.shape
+    if q == 0 or min_items <= 0:
+        return 1
+    held = np.cumsum(partition.sizes()[order], axis=1)  # [Q, L]: items in the best n leaves
+    enough = held >= min(min_items, int(held[0, -1]))
+    first = np.where(enough.any(axis=1), enough.argmax(axis=1) + 1, num_leaves)
+    return int(min(num_leaves, np.quantile(first, share, method="inverted_cdf")))
 
 
 def fewest_leaves_for(recalls: np.ndarray, target: float) -> int:

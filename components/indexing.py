@@ -324,6 +324,7 @@ def build_index(
     train_dir: Path,
     out_dir: Path,
     queries: np.ndarray | None = None,
+    candidates: int = 0,
 ) -> dict[str, Any]:
     """Build the ScaNN index over a training output's item embeddings, measured and persisted.
 
@@ -336,6 +337,8 @@ def build_index(
             in-graph search), and ``manifest.json`` last.
         queries: real query embeddings [Q, D] to measure recall with (a sample of
             ``config.eval_queries`` is used); None: perturbed item embeddings.
+        candidates: the items a served query asks for (``gateway.candidates``): the in-graph
+            search's leaves hold at least that many for 99% of the recall queries.
 
     Returns:
         The manifest: algorithm and parameters, recall@k against exact search with its
@@ -359,7 +362,9 @@ def build_index(
     params = measured.params
     partitioned = None
     if params.algorithm == "scann":
-        partitioned = _measure_partition(config, out_dir, recall_queries.embeddings, measured.exact_idx)
+        partitioned = _measure_partition(
+            config, out_dir, recall_queries.embeddings, measured.exact_idx, candidates
+        )
     manifest = IndexManifest(
         path=str(out_dir),
         train_dir=str(train_dir),
@@ -446,37 +451,47 @@ def _build_to_recall(
 
 
 def _measure_partition(
-    config: IndexConfig, out_dir: Path, queries: np.ndarray, exact_idx: np.ndarray
+    config: IndexConfig, out_dir: Path, queries: np.ndarray, exact_idx: np.ndarray, candidates: int
 ) -> PartitionedSearch:
     """Save the written searcher's partition for the in-graph search and choose its leaves."""
     from components.in_graph_index import read_scann_partition
 
     partition = read_scann_partition(out_dir / SCANN_DIR)
     partition.save(out_dir / PARTITION_FILE)
-    return partitioned_setting(partition, queries, exact_idx, config.recall_target)
+    return partitioned_setting(partition, queries, exact_idx, config.recall_target, candidates)
 
 
 def partitioned_setting(
-    partition: Any, queries: np.ndarray, exact_idx: np.ndarray, target: float
+    partition: Any, queries: np.ndarray, exact_idx: np.ndarray, target: float, candidates: int = 0
 ) -> PartitionedSearch:
     """The in-graph search's leaves-to-search over ``partition`` (a ``LeafPartition``).
 
     That search scores every candidate exactly, so its recall@k at n leaves is the share of
     the exact top k (``exact_idx``, the ``queries``' reference) lying in each query's best n
     leaves: computed here for every n from the leaves' ranks, and the fewest n that reach
-    ``target`` are kept (all leaves, exact search, always do).
+    ``target`` are kept (all leaves, exact search, always do); more where those leaves would
+    hold fewer than ``candidates`` items for more than 1% of the queries.
     """
-    from components.in_graph_index import fewest_leaves_for, items_searched, leaf_order, recall_by_leaves
+    from components.in_graph_index import (
+        fewest_leaves_for,
+        fewest_leaves_holding,
+        items_searched,
+        leaf_order,
+        recall_by_leaves,
+    )
 
     order = leaf_order(partition, queries)
     recalls = recall_by_leaves(partition, order, exact_idx)
-    leaves = fewest_leaves_for(recalls, target)
+    for_recall = fewest_leaves_for(recalls, target)
+    leaves = max(for_recall, fewest_leaves_holding(partition, order, candidates))
     searched = items_searched(partition, order, leaves)
     sizes = partition.sizes()
     curve = [n for n in (2**i for i in range(32)) if n < partition.num_leaves] + [partition.num_leaves]
     return PartitionedSearch(
         num_leaves=partition.num_leaves,
         leaves_to_search=leaves,
+        leaves_for_recall=for_recall,
+        candidates=candidates,
         recall_at_k=round(float(recalls[leaves - 1]), 5),
         recall_target=target,
         items_searched_mean=round(float(searched.mean()), 1),

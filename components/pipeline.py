@@ -269,7 +269,10 @@ def run_index(settings: Settings, interval_end: datetime) -> dict[str, Any]:
 
     key = run_key_for(interval_end)
     return build_index(
-        settings.index, shipped_train_dir(settings, interval_end), step_dir(settings, key, "index")
+        settings.index,
+        shipped_train_dir(settings, interval_end),
+        step_dir(settings, key, "index"),
+        candidates=settings.gateway.candidates,
     )
 
 

@@ -261,11 +261,15 @@ class RecallQueries(ManifestModel):
 
 class PartitionedSearch(ManifestModel):
     """The in-graph partitioned search over an index's ScaNN leaves: how many leaves a query
-    searches (the fewest whose recall@k reaches the target on the recall queries), that recall,
-    and what it costs (items scored per query; leaf sizes)."""
+    searches (the fewest whose recall@k reaches the target on the recall queries and whose
+    leaves hold the gateway's candidates), that recall, and what it costs (items scored per query; leaf sizes)."""
 
     num_leaves: int
     leaves_to_search: int
+    # The fewest leaves reaching the recall target; more are searched where those would hold
+    # fewer than ``candidates`` items (the gateway's ask) for over 1% of the queries.
+    leaves_for_recall: int | None = None
+    candidates: int = 0
     recall_at_k: float
     recall_target: float
     items_searched_mean: float

@@ -16,6 +16,7 @@ from components.in_graph_index import (
     PartitionError,
     exact_index,
     fewest_leaves_for,
+    fewest_leaves_holding,
     items_searched,
     leaf_order,
     partitioned_index,
@@ -23,7 +24,7 @@ from components.in_graph_index import (
     recall_by_leaves,
     searcher_partition,
 )
-from components.indexing import exact_top_k, recall_at_k
+from components.indexing import exact_top_k, partitioned_setting, recall_at_k
 
 SIZES = [9, 0, 2, 7, 5]
 
@@ -154,3 +155,38 @@ def test_the_partition_is_read_back_from_a_serialized_scann_searcher(tmp_path):
     flat.serialize(str(tmp_path / "flat"), relative_path=True)
     with pytest.raises(PartitionError, match="no partition"):
         read_scann_partition(tmp_path / "flat")
+
+
+def test_fewest_leaves_holding_covers_the_candidates_for_nearly_every_query() -> None:
+    # Leaves of 10, 20, 30 and 40 items; every query searches them in one order.
+    leaf_of_item = np.repeat(np.arange(4), [10, 20, 30, 40]).astype(np.int32)
+    partition = LeafPartition(np.eye(4, dtype=np.float32), leaf_of_item)
+    order = np.tile(np.array([[3, 2, 1, 0]]), (100, 1))
+    assert fewest_leaves_holding(partition, order, 40) == 1
+    assert fewest_leaves_holding(partition, order, 41) == 2
+    assert fewest_leaves_holding(partition, order, 95) == 4
+    # More than the catalog: every leaf, not an error.
+    assert fewest_leaves_holding(partition, order, 1000) == 4
+    # One query in a hundred may fall short; two may not.
+    reversed_order = np.array([[0, 1, 2, 3]])
+    assert fewest_leaves_holding(partition, np.concatenate([order[:99], reversed_order]), 41) == 2
+    assert fewest_leaves_holding(partition, np.concatenate([order[:98], reversed_order.repeat(2, 0)]), 41) == 3
+
+
+def test_partitioned_setting_searches_enough_leaves_for_the_candidates() -> None:
+    rng = np.random.default_rng(0)
+    leaf_of_item = rng.integers(0, 50, size=2000).astype(np.int32)
+    centroids = rng.normal(size=(50, 8)).astype(np.float32)
+    partition = LeafPartition(centroids, leaf_of_item)
+    queries = rng.normal(size=(200, 8)).astype(np.float32)
+    order = leaf_order(partition, queries)
+    exact = np.zeros((200, 1), dtype=np.int64)  # an item every query finds in its leaves
+    for_recall = partitioned_setting(partition, queries, exact, target=0.0)
+    with_candidates = partitioned_setting(partition, queries, exact, target=0.0, candidates=500)
+    assert for_recall.leaves_to_search == 1
+    assert with_candidates.leaves_for_recall == 1
+    assert with_candidates.leaves_to_search > 1
+    held = items_searched(partition, order, with_candidates.leaves_to_search)
+    assert (held >= 500).mean() >= 0.99
+    fewer = items_searched(partition, order, with_candidates.leaves_to_search - 1)
+    assert (fewer >= 500).mean() < 0.99
