@@ -262,7 +262,8 @@ class RecallQueries(ManifestModel):
 class PartitionedSearch(ManifestModel):
     """The in-graph partitioned search over an index's ScaNN leaves: how many leaves a query
     searches (the fewest whose recall@k reaches the target on the recall queries and whose
-    leaves hold the gateway's candidates), that recall, and what it costs (items scored per query; leaf sizes)."""
+    leaves hold the gateway's candidates), that recall, and what it costs (items scored per
+    query; leaf sizes)."""
 
     num_leaves: int
     leaves_to_search: int

@@ -41,6 +41,13 @@ _DTYPES = {"DT_FLOAT": np.float32, "DT_DOUBLE": np.float64, "DT_INT32": np.int32
            "DT_HALF": np.float16, "DT_STRING": object}  # fmt: skip
 _DTYPE_ENUMS = {"DT_FLOAT": 1, "DT_DOUBLE": 2, "DT_INT32": 3, "DT_UINT8": 4, "DT_INT16": 5, "DT_INT8": 6,
                 "DT_STRING": 7, "DT_INT64": 9, "DT_BOOL": 10, "DT_HALF": 19}  # fmt: skip
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.max_send_message_length", -1),
+    # gRPC's reconnect backoff grows to 120 s by default: a server that comes back after a long
+    # outage would wait that long to be used again.
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
 # DataType enum -> the little-endian NumPy dtype of its ``tensor_content`` (looked up per input).
 _LITTLE_ENDIAN = {
     e: np.dtype(_DTYPES[name]).newbyteorder("<") for name, e in _DTYPE_ENUMS.items() if name != "DT_STRING"
@@ -108,6 +115,8 @@ class ModelServerClient:
         self._http = httpx.Client(timeout=timeout) if rest_url else None
         self._channel: Any = None
         self._stubs: tuple[Any, Any] | None = None
+        # grpc.aio's channel and stub, bound to the event loop that made them (``predict_async``).
+        self._aio: tuple[Any, Any, Any] | None = None
         self._lock = threading.Lock()
         self._signatures: dict[tuple[str, int | None, str | None], tuple[float, dict[str, Any]]] = {}
         # REST: the version each label resolves to (TF Serving's REST predict answer names none).
@@ -136,21 +145,35 @@ class ModelServerClient:
                 import grpc
                 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
-                self._channel = grpc.insecure_channel(
-                    self.grpc_target,
-                    options=[
-                        ("grpc.max_receive_message_length", -1),
-                        ("grpc.max_send_message_length", -1),
-                        # gRPC's reconnect backoff grows to 120 s by default: a server that comes
-                        # back after a long outage would wait that long to be used again.
-                        ("grpc.max_reconnect_backoff_ms", 2000),
-                    ],
-                )
+                self._channel = grpc.insecure_channel(self.grpc_target, options=_CHANNEL_OPTIONS)
                 self._stubs = (
                     prediction_service_pb2_grpc.PredictionServiceStub(self._channel),
                     model_service_pb2_grpc.ModelServiceStub(self._channel),
                 )
             return self._stubs
+
+    def _aio_predict_stub(self) -> Any:
+        """The prediction stub of a ``grpc.aio`` channel on the running event loop (made on first
+        use there; a channel serves the loop it was made on only)."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        if self._aio is None or self._aio[0] is not loop:
+            if self.grpc_target is None:
+                raise ValueError("this client has no grpc_target")
+            os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+            from grpc import aio
+            from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+            channel = aio.insecure_channel(self.grpc_target, options=_CHANNEL_OPTIONS)
+            self._aio = (loop, channel, prediction_service_pb2_grpc.PredictionServiceStub(channel))
+        return self._aio[2]
+
+    async def close_async_channel(self) -> None:
+        """Close the ``grpc.aio`` channel, on the loop that made it (``close`` does the rest)."""
+        if self._aio is not None:
+            channel, self._aio = self._aio[1], None
+            await channel.close()
 
     def _call_grpc(self, method: Any, request: Any, timeout: float | None) -> Any:
         import grpc
@@ -258,6 +281,15 @@ class ModelServerClient:
             self._label_versions[(model, label)] = cached
         return cached[1]
 
+    def _cached_signature(
+        self, model: str, version: int | None, label: str | None, name: str
+    ) -> dict[str, Any] | None:
+        """A signature from the metadata cache while fresh, else None."""
+        cached = self._signatures.get((model, version, label))
+        if cached is None or time.monotonic() - cached[0] > self.metadata_ttl:
+            return None
+        return cached[1].get(name)
+
     def _signature(
         self,
         model: str,
@@ -311,31 +343,94 @@ class ModelServerClient:
         """
         transport = transport or self.transport
         sig = self._signature(model, version, label, signature_name, transport, timeout)
-        # Over gRPC, bytes go into string_val as they are; only JSON needs text.
-        decode = transport == "rest"
-        arrays = {k: _as_array(v, sig["inputs"].get(k, {}).get("dtype"), decode) for k, v in inputs.items()}
         if transport == "rest":
-            if label and version is None:
-                # By the version the label names, so the answer is known to come from it.
-                version, label = self._label_version(model, label, timeout), None
-            body = {"signature_name": signature_name, "inputs": {k: _to_json(a) for k, a in arrays.items()}}
-            data = self._rest("POST", self._path(model, version, label) + ":predict", body, timeout)
-            names = sorted(sig["outputs"])
-            raw = data["outputs"] if len(names) > 1 else {names[0]: data["outputs"]}
-            outputs = {k: _as_array(v, sig["outputs"].get(k, {}).get("dtype")) for k, v in raw.items()}
-            return Prediction(outputs, model, version, signature_name)
+            return self._predict_rest(model, inputs, sig, version, label, signature_name, timeout)
+        prediction, _ = self._grpc()
+        request = self._predict_request(model, inputs, sig, version, label, signature_name, output_filter)
+        return self._prediction(self._call_grpc(prediction.Predict, request, timeout), model)
 
+    async def predict_async(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        *,
+        label: str | None = None,
+        signature_name: str = "serving_default",
+        output_filter: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> Prediction:
+        """``predict`` from a running event loop, without blocking it: over ``grpc.aio`` when the
+        client's transport is gRPC; REST, and signature metadata not yet cached, on a thread."""
+        import asyncio
+
+        if self.transport == "rest":
+            return await asyncio.to_thread(
+                self.predict, model, inputs, label=label, signature_name=signature_name,
+                output_filter=output_filter, timeout=timeout,
+            )  # fmt: skip
+        sig = self._cached_signature(model, None, label, signature_name)
+        if sig is None:
+            sig = await asyncio.to_thread(
+                self._signature, model, None, label, signature_name, "grpc", timeout
+            )
+        stub = self._aio_predict_stub()
+        request = self._predict_request(model, inputs, sig, None, label, signature_name, output_filter)
+        import grpc
+
+        try:
+            response = await stub.Predict(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as e:
+            code = e.code() if callable(getattr(e, "code", None)) else None
+            details = e.details() if callable(getattr(e, "details", None)) else str(e)
+            raise ModelServerError(code.name if code is not None else "UNKNOWN", details or "") from None
+        return self._prediction(response, model)
+
+    def _predict_rest(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        sig: dict[str, Any],
+        version: int | None,
+        label: str | None,
+        signature_name: str,
+        timeout: float | None,
+    ) -> Prediction:
+        arrays = {k: _as_array(v, sig["inputs"].get(k, {}).get("dtype")) for k, v in inputs.items()}
+        if label and version is None:
+            # By the version the label names, so the answer is known to come from it.
+            version, label = self._label_version(model, label, timeout), None
+        body = {"signature_name": signature_name, "inputs": {k: _to_json(a) for k, a in arrays.items()}}
+        data = self._rest("POST", self._path(model, version, label) + ":predict", body, timeout)
+        names = sorted(sig["outputs"])
+        raw = data["outputs"] if len(names) > 1 else {names[0]: data["outputs"]}
+        outputs = {k: _as_array(v, sig["outputs"].get(k, {}).get("dtype")) for k, v in raw.items()}
+        return Prediction(outputs, model, version, signature_name)
+
+    def _predict_request(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        sig: dict[str, Any],
+        version: int | None,
+        label: str | None,
+        signature_name: str,
+        output_filter: Sequence[str],
+    ) -> Any:
+        """A gRPC ``PredictRequest``; bytes go into ``string_val`` as they are (only JSON needs text)."""
         from tensorflow_serving.apis import predict_pb2
 
-        from serving.model_server.tensors import ndarray_from_proto
-
-        prediction, _ = self._grpc()
         request = predict_pb2.PredictRequest()
         self._spec(request.model_spec, model, version, label, signature_name)
-        for k, a in arrays.items():
-            _fill_tensor_proto(request.inputs[k], a, sig["inputs"].get(k, {}).get("dtype", ""))
+        for k, v in inputs.items():
+            dtype = sig["inputs"].get(k, {}).get("dtype")
+            _fill_tensor_proto(request.inputs[k], _as_array(v, dtype, decode=False), dtype or "")
         request.output_filter.extend(output_filter)
-        response = self._call_grpc(prediction.Predict, request, timeout)
+        return request
+
+    @staticmethod
+    def _prediction(response: Any, model: str) -> Prediction:
+        from serving.model_server.tensors import ndarray_from_proto
+
         outputs = {k: _decode_strings(ndarray_from_proto(t)) for k, t in response.outputs.items()}
         return Prediction(
             outputs, model, response.model_spec.version.value, response.model_spec.signature_name

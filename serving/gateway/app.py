@@ -27,8 +27,10 @@ while ``/healthz`` answers and everything else is a 503 naming the reason. With 
 server down the gateway serves popularity, marked, and ``/readyz`` is not ready until the
 model server has answered once (``serving.gateway.readiness``).
 
-The work is CPU-bound NumPy and blocking clients: it runs on the thread pool (plain ``def``
-endpoints, or an explicit ``run_in_threadpool``), and the event loop only moves bytes.
+A recommendation runs on the event loop: it waits for the online store (on a small pool,
+with a deadline) and the model server (``grpc.aio``) without holding a thread, and its NumPy
+stages run between those waits. Blocking work (event appends, admin actions) runs on the
+thread pool.
 """
 
 from __future__ import annotations
@@ -237,6 +239,7 @@ def create_app(
             try:
                 yield
             finally:
+                await _close_async_channel(gateway)
                 gateway.stop()
             return
 
@@ -252,6 +255,8 @@ def create_app(
         try:
             yield
         finally:
+            if starter.gateway is not None:
+                await _close_async_channel(starter.gateway)
             await asyncio.to_thread(starter.stop)
 
     app = FastAPI(
@@ -272,6 +277,13 @@ def create_app(
     # EventBatch is documented through openapi_extra; make sure its schema is emitted.
     app.openapi = _openapi_with(app, (Event, EventBatch))  # type: ignore[method-assign]
     return app
+
+
+async def _close_async_channel(gateway: Gateway) -> None:
+    """The model server client's ``grpc.aio`` channel closed on the loop it serves, if it has one."""
+    close = getattr(getattr(gateway, "client", None), "close_async_channel", None)
+    if close is not None:
+        await close()
 
 
 def _openapi_with(app: FastAPI, extra_models: tuple[type[Any], ...]) -> Callable[[], dict[str, Any]]:

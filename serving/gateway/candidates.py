@@ -33,7 +33,7 @@ class CandidateChain:
         self.model_calls = model_calls
         self.metrics = metrics
 
-    def candidates(
+    async def candidates(
         self,
         snap: Snapshot,
         assets: RetrievalAssets,
@@ -58,7 +58,7 @@ class CandidateChain:
                 if step == "retrieval" and "item_rows" in assets.requirements.get("outputs", ()):
                     # Rows of this version's item list, mapped to the cache with one gather:
                     # no 1000 strings through the proto and a dict.
-                    pred = self.model_calls.call(
+                    pred = await self.model_calls.call(
                         self.settings.push.retrieval_model, query, label, "retrieve", ("item_rows", "scores")
                     )
                     rows = pred.outputs["item_rows"][0][: gw.candidates].astype(np.int64)
@@ -72,7 +72,9 @@ class CandidateChain:
                     ok = (rows >= 0) & (rows < len(to_catalog))
                     out = to_catalog[rows[ok]], sc[ok], step
                 elif step == "retrieval":
-                    pred = self.model_calls.call(self.settings.push.retrieval_model, query, label, "retrieve")
+                    pred = await self.model_calls.call(
+                        self.settings.push.retrieval_model, query, label, "retrieve"
+                    )
                     ids = pred.outputs["item_ids"][0][: gw.candidates]
                     sc = pred.outputs["scores"][0][: gw.candidates].astype(np.float32)
                     valid = [

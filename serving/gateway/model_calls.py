@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -28,6 +29,33 @@ BREAKER_SECONDS = {"UNAVAILABLE": 1.0, "DEADLINE_EXCEEDED": 1.0, "NOT_FOUND": 5.
 OVERLOAD_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
 # The versions the model server's answers named during one request (``ModelCalls.recording``).
 _SERVED: ContextVar[dict[str, int] | None] = ContextVar("served_versions", default=None)
+
+
+T = TypeVar("T")
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """The result of a coroutine run from synchronous code, where it never waits.
+
+    The request path is written once, as coroutines: on the gateway's event loop the model
+    calls wait on ``grpc.aio`` and the loop serves other requests meanwhile; called from
+    code with no running loop (the simulation, ``recsys recommend``, a test) the same calls
+    block and return, so the coroutine finishes at its first step.
+    """
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return cast(T, done.value)
+    coro.close()
+    raise RuntimeError("run_sync: the coroutine waited on an event loop; await it there instead")
+
+
+def _event_loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _column(value: Any, dtype: str, n: int) -> np.ndarray:
@@ -72,7 +100,7 @@ class ModelCalls:
         """Whether calls to ``model`` under ``label`` are refused at once right now."""
         return self._broken.get((model, label), (0.0, ""))[0] > time.monotonic()
 
-    def call(
+    async def call(
         self,
         model: str,
         inputs: dict[str, np.ndarray],
@@ -82,7 +110,9 @@ class ModelCalls:
     ) -> Any:
         """One predict, refused at once while the breaker of (``model``, ``label``) is open.
 
-        The version the answer names is recorded for the request (``recording``).
+        On a running event loop the call waits without blocking it (``predict_async``); with
+        none it blocks (``run_sync``). The version the answer names is recorded for the
+        request (``recording``).
         """
         now = time.monotonic()
         until, code = self._broken.get((model, label), (0.0, ""))
@@ -90,9 +120,14 @@ class ModelCalls:
             # The same code that opened the breaker: the fallback chain reads it.
             raise ModelServerError(code, f"{model}@{label}: skipped while the breaker is open")
         try:
-            pred = self.client.predict(
-                model, inputs, label=label, signature_name=signature, output_filter=output_filter
-            )
+            if _event_loop_running():
+                pred = await self.client.predict_async(
+                    model, inputs, label=label, signature_name=signature, output_filter=output_filter
+                )
+            else:
+                pred = self.client.predict(
+                    model, inputs, label=label, signature_name=signature, output_filter=output_filter
+                )
         except ModelServerError as e:
             wait = BREAKER_SECONDS.get(e.code)
             if wait:
@@ -170,7 +205,7 @@ class ModelCalls:
         signature = RANK_CANDIDATES_SIGNATURE if user_inputs else "rank"
         return self.ranker_inputs(inputs, query, row, catalog, pos, user_inputs), signature
 
-    def rank(
+    async def rank(
         self,
         versions: ModelVersions,
         label: str,
@@ -188,13 +223,13 @@ class ModelCalls:
             columns, signature = ranking
             # Only the combined score crosses the wire, unless the gateway weighs objectives itself.
             only = () if self.settings.gateway.objective_weights else ("score",)
-            pred = self.call(model, columns, label, signature, only)
+            pred = await self.call(model, columns, label, signature, only)
         except Exception as e:  # noqa: BLE001 - an unranked list beats no list
             log.warning("ranking failed: %s", e)
             return None
         return self._weighted(pred.outputs)
 
-    def score_pairs(self, label: str, columns: dict[str, np.ndarray]) -> np.ndarray:
+    async def score_pairs(self, label: str, columns: dict[str, np.ndarray]) -> np.ndarray:
         """The ranker's weighted objective for pair rows (one row per (user, item), every input
         ``[B]``) through its ``serving_default`` signature; raises when the call fails.
 
@@ -203,7 +238,7 @@ class ModelCalls:
         """
         model = self.settings.push.ranking_model
         only = () if self.settings.gateway.objective_weights else ("score",)
-        pred = self.call(model, columns, label, "serving_default", only)
+        pred = await self.call(model, columns, label, "serving_default", only)
         return self._weighted(pred.outputs)
 
     def _weighted(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:

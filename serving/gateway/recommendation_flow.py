@@ -62,7 +62,7 @@ from serving.gateway.explanations import (
 from serving.gateway.exploration import ExplorationBandit
 from serving.gateway.impressions import ImpressionWriter
 from serving.gateway.metrics import GatewayMetrics
-from serving.gateway.model_calls import ModelCalls
+from serving.gateway.model_calls import ModelCalls, run_sync
 from serving.gateway.policy import assign_arm
 from serving.gateway.popularity import popularity
 from serving.gateway.schemas import RecommendationRequest
@@ -127,7 +127,17 @@ class RecommendationFlow:
         self._stage_seconds: dict[str, Any] = {}
 
     def recommend(self, req: RecommendationRequest) -> dict[str, Any]:
-        """The answer to one request: items with score and reason, arm, versions, fallbacks, timings."""
+        """``recommend_async`` from code with no running event loop: the same stages, with the
+        feature read and model calls blocking (``run_sync``)."""
+        return run_sync(self.recommend_async(req))
+
+    async def recommend_async(self, req: RecommendationRequest) -> dict[str, Any]:
+        """The answer to one request: items with score and reason, arm, versions, fallbacks, timings.
+
+        On the gateway's event loop the request waits for the online store and the model
+        server without holding a thread, and the loop serves other requests meanwhile; the
+        stages' own work (NumPy) runs on the loop.
+        """
         gw = self.settings.gateway
         snap = self.snapshots.get()
         catalog, versions = snap.catalog, snap.versions
@@ -139,7 +149,7 @@ class RecommendationFlow:
         fallback: list[str] = []
         timer.lap("arm")
 
-        row, recent, seen, n_events, segment = self._features(req, fallback)
+        row, recent, seen, n_events, segment = await self._features(req, fallback)
         timer.lap("features")
 
         allowed = self._allowed(catalog, snap.base_mask, req, seen)
@@ -160,7 +170,7 @@ class RecommendationFlow:
         else:
             query = self.model_calls.query_inputs(assets.inputs, row, recent, req)
             with self.model_calls.recording() as served_versions:
-                pos, scores, source = self.candidate_chain.candidates(
+                pos, scores, source = await self.candidate_chain.candidates(
                     snap, assets, label, query, segment, allowed, fallback, reasons
                 )
             if source == "retrieval" and self.settings.push.retrieval_model in served_versions:
@@ -187,7 +197,7 @@ class RecommendationFlow:
         timer.lap("filter")
 
         if source in MODEL_SOURCES and len(pos):
-            scores = self._rank(
+            scores = await self._rank(
                 versions, label, query, row, catalog, pos, scores, fallback, counts, model_versions
             )
         timer.lap("ranking")
@@ -209,7 +219,7 @@ class RecommendationFlow:
         timer.lap("explore")
         if req.explain:
             ranked = counts["ranked"] > 0
-            self._attribute(
+            await self._attribute(
                 snap, versions, label, query, row, items, explored, retrieved[0], candidates, ranked, source
             )
             timer.lap("explain")
@@ -252,11 +262,11 @@ class RecommendationFlow:
 
     # --- stages ------------------------------------------------------------------------
 
-    def _features(
+    async def _features(
         self, req: RecommendationRequest, fallback: list[str]
     ) -> tuple[dict[str, Any], list[str], set[str], int, str]:
         """The user's row, recent items, items not to show again, event count and segment."""
-        row, _known, feature_source = self.user_features.read(req.user_id)
+        row, _known, feature_source = await self.user_features.read_async(req.user_id)
         if feature_source != "online":
             fallback.append(f"features:{feature_source}")
             self.metrics.fallback("features", feature_source)
@@ -353,7 +363,7 @@ class RecommendationFlow:
                     reasons[p] = said
         return pos, blended
 
-    def _rank(
+    async def _rank(
         self,
         versions: ModelVersions,
         label: str,
@@ -379,7 +389,7 @@ class RecommendationFlow:
         if policy is not None and not policy.ranker_served:
             return scores
         with self.model_calls.recording() as served_versions:
-            ranked = self.model_calls.rank(versions, label, query, row, catalog, pos)
+            ranked = await self.model_calls.rank(versions, label, query, row, catalog, pos)
         if ranked is None:
             fallback.append("ranking:skipped")
             self.metrics.fallback("ranking", "skipped")
@@ -516,7 +526,7 @@ class RecommendationFlow:
         said = driver_reasons(*gather_evidence(snap, assets, where, recent_pos, *retrieved))
         return dict(zip(positions, said, strict=True))
 
-    def _attribute(
+    async def _attribute(
         self,
         snap: Snapshot,
         versions: ModelVersions,
@@ -555,7 +565,7 @@ class RecommendationFlow:
             if pairs is None:
                 raise RuntimeError(f"the inputs of the ranking version labelled {label!r} are not known")
             batch, names, at_default = leave_one_out_rows(*pairs)
-            scores = self.model_calls.score_pairs(label, batch)
+            scores = await self.model_calls.score_pairs(label, batch)
             per_item = attributions(scores, names, at_default)
         except Exception as e:  # noqa: BLE001 - the list stands without its explanation
             log.warning("explanation failed: %s", e)

@@ -144,8 +144,12 @@ class Gateway:
     # --- requests ----------------------------------------------------------------------
 
     def recommend(self, req: RecommendationRequest) -> dict[str, Any]:
-        """Top-k items for a user (``recommendation_flow``)."""
+        """Top-k items for a user (``recommendation_flow``), from code with no running event loop."""
         return self.recommendations.recommend(req)
+
+    async def recommend_async(self, req: RecommendationRequest) -> dict[str, Any]:
+        """Top-k items for a user, on the running event loop without blocking it."""
+        return await self.recommendations.recommend_async(req)
 
     def log_failed_request(self, user_id: str, latency_ms: float) -> None:
         """Record a request that ended in an error, so the canary guardrail counts it for its arm."""

@@ -8,6 +8,7 @@ started, so an event posted a moment ago counts even if the store has not caught
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -90,17 +91,40 @@ class UserFeatures:
         (the last row read for this user within ``FEATURE_CACHE_SECONDS``) or ``defaults``.
         """
         future = self._pool.submit(self._read_user, user_id)
-        source = "online"
         try:
             raw = future.result(timeout=self.settings.gateway.feature_timeout_ms / 1000)
-            self._cache.put(user_id, raw)
         except Exception as e:  # noqa: BLE001 - a broken store degrades, never to a 500
             if isinstance(e, FutureTimeout):
                 future.cancel()
-            else:
-                log.warning("online feature read failed: %s: %s", type(e).__name__, e)
-            cached = self._cache.get(user_id)
-            raw, source = (cached, "cached") if cached is not None else ({}, "defaults")
+            return self._fallback_row(user_id, e)
+        return self._online_row(user_id, raw)
+
+    async def read_async(self, user_id: str) -> tuple[dict[str, Any], bool, str]:
+        """``read`` from a running event loop: the loop serves other requests while the store
+        answers on the pool, and the deadline is the loop's (``read`` with no loop running)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return self.read(user_id)
+        future = loop.run_in_executor(self._pool, self._read_user, user_id)
+        try:
+            raw = await asyncio.wait_for(future, self.settings.gateway.feature_timeout_ms / 1000)
+        except Exception as e:  # noqa: BLE001 - a broken store degrades, never to a 500
+            return self._fallback_row(user_id, e)
+        return self._online_row(user_id, raw)
+
+    def _online_row(self, user_id: str, raw: dict[str, Any]) -> tuple[dict[str, Any], bool, str]:
+        self._cache.put(user_id, raw)
+        return self._with_defaults(raw, "online")
+
+    def _fallback_row(self, user_id: str, error: Exception) -> tuple[dict[str, Any], bool, str]:
+        """The last row read for the user, else the defaults, when the store failed or was late."""
+        if not isinstance(error, FutureTimeout | asyncio.TimeoutError):
+            log.warning("online feature read failed: %s: %s", type(error).__name__, error)
+        cached = self._cache.get(user_id)
+        return self._with_defaults(*((cached, "cached") if cached is not None else ({}, "defaults")))
+
+    def _with_defaults(self, raw: dict[str, Any], source: str) -> tuple[dict[str, Any], bool, str]:
         known = any(v is not None for v in raw.values())
         row = {name: (raw.get(name) if raw.get(name) is not None else d) for name, d in self.defaults.items()}
         return row, known, source

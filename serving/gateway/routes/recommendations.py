@@ -6,7 +6,6 @@ import time
 from typing import Any
 
 from fastapi import APIRouter
-from starlette.concurrency import run_in_threadpool
 
 from recsys.config import Settings
 from serving.gateway.routes.dependencies import AccessChecks, CurrentGateway
@@ -36,10 +35,10 @@ def recommendations_router(settings: Settings, access: AccessChecks) -> APIRoute
             return problem(422, problems)
         started = time.perf_counter()
         try:
-            # The work runs on the thread pool (blocking model calls, NumPy); the endpoint itself
-            # is async so that FastAPI checks the answer against the response model here, in the
-            # event loop, rather than in a second trip to the thread pool per request.
-            out = await run_in_threadpool(g.recommend, req)
+            # On the event loop: the request waits for the store and the model server without
+            # holding a thread (grpc.aio), and a thread hand-off per request costs more CPU than
+            # the stages' NumPy work it would move off the loop (BENCHMARKS.md).
+            out = await g.recommend_async(req)
         except NotReady as e:
             g.metrics.requests.labels(endpoint="recommendations", status="503").inc()
             return problem(503, f"not ready: {e}")

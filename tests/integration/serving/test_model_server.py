@@ -516,6 +516,37 @@ def test_client_helper_against_the_server(server: Server):
         assert c.metadata("scorer")["serving_default"]["inputs"]["x"]["dtype"] == "DT_FLOAT"
 
 
+def test_async_predict_answers_as_the_blocking_one_and_keeps_the_codes(server: Server):
+    import asyncio
+
+    from serving.clients import ModelServerClient, ModelServerError
+
+    async def calls(c: ModelServerClient) -> tuple[list[Any], str]:
+        # Side by side on one loop: the calls wait on grpc.aio, none holds a thread.
+        answers = await asyncio.gather(
+            *(c.predict_async("scorer", {"text": [f"t{i}"], "x": [float(i)]}) for i in range(8))
+        )
+        try:
+            await c.predict_async("no-such-model", {"x": [1.0]})
+        except ModelServerError as e:
+            code = e.code
+        else:
+            code = "answered"
+        await c.close_async_channel()
+        return list(answers), code
+
+    with ModelServerClient(grpc_target=f"127.0.0.1:{server.grpc_port}", timeout=10) as c:
+        # Two loops in turn: each gets a channel of its own.
+        for _ in range(2):
+            answers, code = asyncio.run(calls(c))
+            for i, out in enumerate(answers):
+                same = c.predict("scorer", {"text": [f"t{i}"], "x": [float(i)]})
+                assert out.version == same.version == 2
+                assert out.outputs["score"].tolist() == same.outputs["score"].tolist()
+                assert out.outputs["echo"].tolist() == [f"t{i}!"]
+            assert code == "NOT_FOUND"
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
 

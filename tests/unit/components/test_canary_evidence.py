@@ -18,7 +18,7 @@ from recsys.event_log.base import ServedRequest
 from recsys.event_log.sqlite import SqliteEventLog
 from recsys.model_registry import MODELS_CONFIG, write_models_config
 from serving.clients import ModelServerError, Prediction
-from serving.gateway.model_calls import ModelCalls
+from serving.gateway.model_calls import ModelCalls, run_sync
 
 PUSHED_AT = datetime(2026, 11, 2, 12, tzinfo=UTC)
 
@@ -94,7 +94,7 @@ def test_a_timing_out_canary_is_rolled_back_and_stable_keeps_its_breaker_closed(
         arm = "canary" if i % 2 else "stable"
         with calls.recording() as served:
             try:
-                calls.call("retrieval", {}, arm, "retrieve")
+                run_sync(calls.call("retrieval", {}, arm, "retrieve"))
                 fallback = None
             except ModelServerError:
                 fallback = "candidates:segment_popularity"
@@ -120,7 +120,7 @@ def test_requests_count_by_the_versions_the_server_named():
     settings = load_settings(None)
     calls = ModelCalls(settings, _CanaryTimesOut())  # type: ignore[arg-type]
     with calls.recording() as served:
-        calls.call("ranking", {}, "stable", "rank")
+        run_sync(calls.call("ranking", {}, "stable", "rank"))
     # The answer said version 1, whatever the label was expected to point at.
     assert served == {"ranking": 1}
     with calls.recording() as outside:

@@ -170,7 +170,9 @@ def test_fewest_leaves_holding_covers_the_candidates_for_nearly_every_query() ->
     # One query in a hundred may fall short; two may not.
     reversed_order = np.array([[0, 1, 2, 3]])
     assert fewest_leaves_holding(partition, np.concatenate([order[:99], reversed_order]), 41) == 2
-    assert fewest_leaves_holding(partition, np.concatenate([order[:98], reversed_order.repeat(2, 0)]), 41) == 3
+    assert (
+        fewest_leaves_holding(partition, np.concatenate([order[:98], reversed_order.repeat(2, 0)]), 41) == 3
+    )
 
 
 def test_partitioned_setting_searches_enough_leaves_for_the_candidates() -> None:

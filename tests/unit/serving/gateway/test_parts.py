@@ -128,3 +128,20 @@ def test_blas_threads_are_set_in_this_process_and_put_back() -> None:
         assert (a @ a.T).tolist() == [[14.0, 38.0, 62.0], [38.0, 126.0, 214.0], [62.0, 214.0, 366.0]]
     finally:
         set_blas_threads(before)
+
+
+def test_run_sync_returns_a_coroutine_that_never_waits_and_refuses_one_that_does() -> None:
+    import asyncio
+
+    from serving.gateway.model_calls import run_sync
+
+    async def answer() -> int:
+        return 42
+
+    async def waits() -> int:
+        await asyncio.sleep(0)
+        return 1
+
+    assert run_sync(answer()) == 42
+    with pytest.raises(RuntimeError, match="await it there"):
+        run_sync(waits())

@@ -29,7 +29,7 @@ AUTH = {"X-API-Key": KEY}
 
 
 class StubGateway:
-    """What the routes call on a gateway; ``recommend`` blocks while ``hold`` is clear."""
+    """What the routes call on a gateway; ``recommend_async`` waits while ``hold`` is clear."""
 
     def __init__(self) -> None:
         self.metrics = GatewayMetrics()
@@ -49,8 +49,12 @@ class StubGateway:
         results = [{"event_id": e.event_id, "status": "accepted"} for e in events]
         return {"accepted": len(events), "duplicates": 0, "push_queued": True, "results": results}
 
-    def recommend(self, req: Any) -> dict[str, Any]:
-        self.hold.wait(10)
+    async def recommend_async(self, req: Any) -> dict[str, Any]:
+        # Waits on the loop, as the gateway's request does while the model server answers.
+        for _ in range(2000):
+            if self.hold.is_set():
+                break
+            await asyncio.sleep(0.005)
         return {
             "request_id": "r", "user_id": req.user_id, "arm": "stable", "model_versions": {},
             "cold_start": False, "fallback": [], "candidate_source": "stub", "counts": {},
