@@ -106,9 +106,9 @@ class UserFeatures:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return self.read(user_id)
-        future = loop.run_in_executor(self._pool, self._read_user, user_id)
         try:
-            raw = await asyncio.wait_for(future, self.settings.gateway.feature_timeout_ms / 1000)
+            async with asyncio.timeout(self.settings.gateway.feature_timeout_ms / 1000):
+                raw = await loop.run_in_executor(self._pool, self._read_user, user_id)
         except Exception as e:  # noqa: BLE001 - a broken store degrades, never to a 500
             return self._fallback_row(user_id, e)
         return self._online_row(user_id, raw)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 
 from recsys.config import Settings
 from serving.gateway.routes.dependencies import AccessChecks, CurrentGateway
@@ -47,8 +47,11 @@ def recommendations_router(settings: Settings, access: AccessChecks) -> APIRoute
             g.metrics.requests.labels(endpoint="recommendations", status="500").inc()
             g.log_failed_request(req.user_id, (time.perf_counter() - started) * 1000)
             raise
+        # Checked against the response model and written by pydantic's serializer in one step;
+        # FastAPI would check it, turn it into plain data, then encode that with ``json``.
+        body = RecommendationResponse.model_validate(out).model_dump_json(exclude_unset=True)
         g.metrics.requests.labels(endpoint="recommendations", status="200").inc()
-        return out
+        return Response(body, media_type="application/json")
 
     return router
 
