@@ -114,7 +114,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             response.model_spec.version.value = servable.version
             sig = servable.signature_defs[signature]
             for alias, array in outputs.items():
-                response.outputs[alias].CopyFrom(proto_from_ndarray(array, sig.outputs[alias].dtype))
+                proto_from_ndarray(array, sig.outputs[alias].dtype, into=response.outputs[alias])
             return response
         except ServingError as e:
             code = e.code

@@ -168,12 +168,17 @@ def _carried(proto: Any, dtype: int, np_type: Any) -> int:
     return len(getattr(proto, field))
 
 
-def proto_from_ndarray(array: np.ndarray, dtype: int | None = None) -> Any:
-    """A ``TensorProto`` with typed ``*_val`` fields, as TF Serving writes outputs (``AsProtoField``)."""
+def proto_from_ndarray(array: np.ndarray, dtype: int | None = None, into: Any = None) -> Any:
+    """A ``TensorProto`` with typed ``*_val`` fields, as TF Serving writes outputs (``AsProtoField``).
+
+    ``into``: an empty ``TensorProto`` to fill (a response's output, written in place rather
+    than built apart and copied in); a new one when None.
+    """
     from tensorflow.core.framework import tensor_pb2
 
     dtype = dtype if dtype is not None else dtype_enum(array)
-    proto = tensor_pb2.TensorProto(dtype=dtype)
+    proto = tensor_pb2.TensorProto() if into is None else into
+    proto.dtype = dtype
     for size in array.shape:
         proto.tensor_shape.dim.add(size=int(size))
     flat = array.reshape(-1)
