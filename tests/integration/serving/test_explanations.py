@@ -54,6 +54,7 @@ class Env:
     url: str
     rest_port: int
     items: pd.DataFrame
+    gateway: Any  # the served app's ``Gateway``, in this process
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,8 @@ def env(gateway_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         gateway = InProcessGateway(load_settings(overrides=overrides), environ={"RECSYS_API_KEY": API_KEY})
         try:
             items = pd.read_parquet(settings.validated_dir / "items")
-            yield Env(settings, gateway.url, rest_port, items)
+            served = gateway.server.config.app.state.gateway
+            yield Env(settings, gateway.url, rest_port, items, served)
         finally:
             gateway.close()
     finally:
@@ -202,6 +204,32 @@ def test_explain_attributes_the_ranker_score_and_costs_a_call_only_when_asked(en
         full, removed = _ranker_scores(env, [row, without])
         assert abs(full - removed) > 1e-6, (item, full, removed)
         assert full - removed == pytest.approx(top["effect"], abs=2e-5), (item, full, removed)
+
+
+def test_the_request_path_run_without_an_event_loop_answers_as_the_served_one(env: Env) -> None:
+    from serving.gateway.schemas import RecommendationRequest
+
+    user, _ = _gamer(env, "blocking-")
+    served = _recommend(env, user, explain=True)
+    # The same coroutines, run from this thread (no event loop): the feature read and the
+    # model calls block instead of awaiting.
+    body = {"user_id": user, "k": 10, "context": CONTEXT, "explain": True}
+    direct = env.gateway.recommend(RecommendationRequest(**body))
+    for key in ("arm", "model_versions", "cold_start", "fallback", "candidate_source", "counts"):
+        assert direct[key] == served[key], key
+    assert served["candidate_source"] == "retrieval" and served["counts"]["ranked"] > 0
+    # Exploration draws from each request's own id; every other item, its score, reason and
+    # attribution are the same.
+    ranked = [
+        [
+            (i["item_id"], i["score"], i["reason"], i["attribution"])
+            for i in out["items"]
+            if i["reason"] != REASON_EXPLORING
+        ]
+        for out in (served, direct)
+    ]
+    assert len(ranked[0]) >= 5
+    assert ranked[0] == ranked[1]
 
 
 def test_reasons_of_a_one_category_history_name_it_or_its_items(env: Env) -> None:
