@@ -64,6 +64,11 @@ class ModelServerError(Exception):
         self.http_status = http_status
 
 
+def _model_server_error(e: Any) -> ModelServerError:
+    """A failed gRPC call (blocking or ``grpc.aio``) as a ``ModelServerError`` with its code."""
+    return ModelServerError(e.code().name, e.details() or "")
+
+
 @dataclass(frozen=True)
 class Prediction:
     """Outputs of one predict call.
@@ -181,7 +186,7 @@ class ModelServerClient:
         try:
             return method(request, timeout=timeout or self.timeout)
         except grpc.RpcError as e:
-            raise ModelServerError(e.code().name, e.details() or "") from None
+            raise _model_server_error(e) from None
 
     def _rest(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
         if self._http is None:
@@ -281,14 +286,12 @@ class ModelServerClient:
             self._label_versions[(model, label)] = cached
         return cached[1]
 
-    def _cached_signature(
-        self, model: str, version: int | None, label: str | None, name: str
-    ) -> dict[str, Any] | None:
-        """A signature from the metadata cache while fresh, else None."""
+    def _fresh_signatures(self, model: str, version: int | None, label: str | None) -> dict[str, Any] | None:
+        """The model's signatures from the metadata cache while fresh, else None."""
         cached = self._signatures.get((model, version, label))
         if cached is None or time.monotonic() - cached[0] > self.metadata_ttl:
             return None
-        return cached[1].get(name)
+        return cached[1]
 
     def _signature(
         self,
@@ -299,15 +302,10 @@ class ModelServerClient:
         transport: Transport,
         timeout: float | None,
     ) -> dict[str, Any]:
-        key = (model, version, label)
-        cached = self._signatures.get(key)
-        if cached is None or time.monotonic() - cached[0] > self.metadata_ttl:
-            cached = (
-                time.monotonic(),
-                self.metadata(model, version, label, transport=transport, timeout=timeout),
-            )
-            self._signatures[key] = cached
-        sigs = cached[1]
+        sigs = self._fresh_signatures(model, version, label)
+        if sigs is None:
+            sigs = self.metadata(model, version, label, transport=transport, timeout=timeout)
+            self._signatures[(model, version, label)] = (time.monotonic(), sigs)
         if name not in sigs:
             raise ModelServerError(
                 "INVALID_ARGUMENT", f'Serving signature name: "{name}" not found in signature def'
@@ -344,7 +342,16 @@ class ModelServerClient:
         transport = transport or self.transport
         sig = self._signature(model, version, label, signature_name, transport, timeout)
         if transport == "rest":
-            return self._predict_rest(model, inputs, sig, version, label, signature_name, timeout)
+            arrays = {k: _as_array(v, sig["inputs"].get(k, {}).get("dtype")) for k, v in inputs.items()}
+            if label and version is None:
+                # By the version the label names, so the answer is known to come from it.
+                version, label = self._label_version(model, label, timeout), None
+            body = {"signature_name": signature_name, "inputs": {k: _to_json(a) for k, a in arrays.items()}}
+            data = self._rest("POST", self._path(model, version, label) + ":predict", body, timeout)
+            names = sorted(sig["outputs"])
+            raw = data["outputs"] if len(names) > 1 else {names[0]: data["outputs"]}
+            outputs = {k: _as_array(v, sig["outputs"].get(k, {}).get("dtype")) for k, v in raw.items()}
+            return Prediction(outputs, model, version, signature_name)
         prediction, _ = self._grpc()
         request = self._predict_request(model, inputs, sig, version, label, signature_name, output_filter)
         return self._prediction(self._call_grpc(prediction.Predict, request, timeout), model)
@@ -368,7 +375,7 @@ class ModelServerClient:
                 self.predict, model, inputs, label=label, signature_name=signature_name,
                 output_filter=output_filter, timeout=timeout,
             )  # fmt: skip
-        sig = self._cached_signature(model, None, label, signature_name)
+        sig: dict[str, Any] | None = (self._fresh_signatures(model, None, label) or {}).get(signature_name)
         if sig is None:
             sig = await asyncio.to_thread(
                 self._signature, model, None, label, signature_name, "grpc", timeout
@@ -380,31 +387,8 @@ class ModelServerClient:
         try:
             response = await stub.Predict(request, timeout=timeout or self.timeout)
         except grpc.RpcError as e:
-            code = e.code() if callable(getattr(e, "code", None)) else None
-            details = e.details() if callable(getattr(e, "details", None)) else str(e)
-            raise ModelServerError(code.name if code is not None else "UNKNOWN", details or "") from None
+            raise _model_server_error(e) from None
         return self._prediction(response, model)
-
-    def _predict_rest(
-        self,
-        model: str,
-        inputs: Mapping[str, Any],
-        sig: dict[str, Any],
-        version: int | None,
-        label: str | None,
-        signature_name: str,
-        timeout: float | None,
-    ) -> Prediction:
-        arrays = {k: _as_array(v, sig["inputs"].get(k, {}).get("dtype")) for k, v in inputs.items()}
-        if label and version is None:
-            # By the version the label names, so the answer is known to come from it.
-            version, label = self._label_version(model, label, timeout), None
-        body = {"signature_name": signature_name, "inputs": {k: _to_json(a) for k, a in arrays.items()}}
-        data = self._rest("POST", self._path(model, version, label) + ":predict", body, timeout)
-        names = sorted(sig["outputs"])
-        raw = data["outputs"] if len(names) > 1 else {names[0]: data["outputs"]}
-        outputs = {k: _as_array(v, sig["outputs"].get(k, {}).get("dtype")) for k, v in raw.items()}
-        return Prediction(outputs, model, version, signature_name)
 
     def _predict_request(
         self,

@@ -39,7 +39,7 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
 
     The request path is written once, as coroutines: on the gateway's event loop the model
     calls wait on ``grpc.aio`` and the loop serves other requests meanwhile; called from
-    code with no running loop (the simulation, ``recsys recommend``, a test) the same calls
+    code with no running loop (``Gateway.recommend`` in a script or a test) the same calls
     block and return, so the coroutine finishes at its first step.
     """
     try:
