@@ -482,6 +482,11 @@ class GatewayConfig(Section):
     # MMR: 1.0 is pure relevance, 0.0 pure novelty; MMR re-orders the top mmr_depth ranked items.
     mmr_trade_off: float = Field(0.7, ge=0, le=1)
     mmr_depth: int = Field(100, ge=1)
+    # Session feedback (recsys.ranking.session_feedback): an item served to the user lately
+    # and not engaged with is discounted by session_item_decay per time served (1: off); the
+    # gateway remembers the last session_shown_items it served each user (0: nothing).
+    session_item_decay: float = Field(0.5, gt=0, le=1)
+    session_shown_items: int = Field(200, ge=0)
     # New items (published within new_item_days of the newest one, or never shown) get slots.
     exploration_slots: int = Field(1, ge=0)
     exploration_position: int = Field(3, ge=0)

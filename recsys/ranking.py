@@ -167,6 +167,33 @@ def taste_candidates(
 
 
 # --------------------------------------------------------------------------------------------
+# Session feedback: what the user was shown and passed over
+# --------------------------------------------------------------------------------------------
+
+
+def session_feedback(scores: np.ndarray, passed_over: np.ndarray, item_decay: float) -> np.ndarray:
+    """The candidates' scores discounted by what this user was served lately and did not take.
+
+    Passing an item over is evidence against it that the models never saw: a user who was
+    shown an item twice and took it neither time is less likely to take it the third time
+    than the scores say, and showing it again costs a slot. The scores are min-max scaled to
+    [0, 1] first (so the discount means the same on any scale), then each is multiplied by
+    ``item_decay ** passed_over``; ``item_decay = 1`` keeps the order.
+
+    Args:
+        scores: [N] the candidates' scores, higher is better.
+        passed_over: [N] how often each candidate was served to the user and not engaged with.
+        item_decay: in (0, 1], the factor per time an item was passed over.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    if not len(s):
+        return s
+    span = s.max() - s.min()
+    out = (s - s.min()) / span if span > 0 else np.ones_like(s)
+    return out * item_decay ** np.asarray(passed_over, dtype=np.float64)
+
+
+# --------------------------------------------------------------------------------------------
 # Re-ranking: MMR diversity and exploration
 # --------------------------------------------------------------------------------------------
 

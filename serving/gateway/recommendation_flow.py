@@ -42,6 +42,7 @@ from recsys.ranking import (
     insert_exploration,
     mmr,
     rank_fusion,
+    session_feedback,
     taste_candidates,
 )
 from serving.gateway.candidates import CandidateChain
@@ -67,7 +68,7 @@ from serving.gateway.policy import assign_arm
 from serving.gateway.popularity import popularity
 from serving.gateway.schemas import RecommendationRequest
 from serving.gateway.snapshot import Snapshot, SnapshotRefresher
-from serving.gateway.user_features import UserActivity, UserFeatures
+from serving.gateway.user_features import UserActivity, UserFeatures, UserState
 
 log = logging.getLogger("serving.gateway")
 MODEL_SOURCES = ("retrieval", "exact")  # candidate sources that came from the retrieval model
@@ -149,7 +150,7 @@ class RecommendationFlow:
         fallback: list[str] = []
         timer.lap("arm")
 
-        row, recent, seen, n_events, segment = await self._features(req, fallback)
+        row, recent, seen, n_events, segment, act = await self._features(req, fallback)
         timer.lap("features")
 
         allowed = self._allowed(catalog, snap.base_mask, req, seen)
@@ -204,6 +205,8 @@ class RecommendationFlow:
 
         if len(pos) < k:
             pos, scores = self._top_up(catalog, allowed, pos, scores, k, fallback, reasons)
+        if arm != "holdout":
+            scores = self._with_session_feedback(catalog, act, pos, scores)
         ranked_ids, picked = self._diversify(snap, assets, pos, scores, k)
         score_of = {
             str(catalog.item_ids[i]): float(s) for i, s in zip(pos[picked], scores[picked], strict=True)
@@ -238,6 +241,7 @@ class RecommendationFlow:
             candidate_source=source,
         )
         self.impressions.log_served(served, req, items)
+        self.activity.served(req.user_id, served.items)
         if explored:
             self.exploration.served(request_id, segment, [i for i in served.items if i in explored])
         timer.lap("log")
@@ -264,8 +268,9 @@ class RecommendationFlow:
 
     async def _features(
         self, req: RecommendationRequest, fallback: list[str]
-    ) -> tuple[dict[str, Any], list[str], set[str], int, str]:
-        """The user's row, recent items, items not to show again, event count and segment."""
+    ) -> tuple[dict[str, Any], list[str], set[str], int, str, UserState]:
+        """The user's row, recent items, items not to show again, event count, segment, and
+        what the gateway saw of the user since it started."""
         row, _known, feature_source = await self.user_features.read_async(req.user_id)
         if feature_source != "online":
             fallback.append(f"features:{feature_source}")
@@ -278,7 +283,7 @@ class RecommendationFlow:
         seen = set(recent) | set(stored_recent) | act.seen | set(req.exclude_item_ids)
         n_events = int(row.get(self.user_features.events_feature) or 0) + act.events
         segment = str(row.get(self.settings.gateway.segment_feature) or "")
-        return row, recent, seen, n_events, segment
+        return row, recent, seen, n_events, segment, act
 
     @staticmethod
     def _allowed(
@@ -362,6 +367,22 @@ class RecommendationFlow:
                 if said is not None:
                     reasons[p] = said
         return pos, blended
+
+    def _with_session_feedback(
+        self, catalog: ItemCatalog, act: UserState, pos: np.ndarray, scores: np.ndarray
+    ) -> np.ndarray:
+        """The scores discounted by what the gateway served the user lately and they passed
+        over (``session_feedback``); unchanged for a user who passed nothing over."""
+        decay = self.settings.gateway.session_item_decay
+        passed = act.passed_over()
+        if not passed or not len(pos) or decay >= 1:
+            return scores
+        times = np.zeros(len(catalog), dtype=np.float64)
+        for item, n in passed.items():
+            at = catalog.position.get(item)
+            if at is not None:
+                times[at] = n
+        return session_feedback(scores, times[pos], decay)
 
     async def _rank(
         self,

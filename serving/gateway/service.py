@@ -76,7 +76,9 @@ class Gateway:
         )
         # SQLite file or Redis Streams, by gateway.event_log_backend; the same promises either way.
         self.event_log = event_log or open_event_log(settings)
-        self.activity = UserActivity(max_items=settings.features.recent_items)
+        self.activity = UserActivity(
+            max_items=settings.features.recent_items, max_shown=settings.gateway.session_shown_items
+        )
         self.user_features = UserFeatures(settings, self.store)
         self.model_calls = ModelCalls(settings, self.client)
         # models.config reaches the model server through this gateway (refresh thread, admin).

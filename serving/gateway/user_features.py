@@ -132,11 +132,17 @@ class UserFeatures:
 
 @dataclass
 class UserState:
-    """One user's activity in this process: items touched, recent positive items, event count."""
+    """One user's activity in this process: items touched, recent positive items, event count,
+    and how often each item was served to them lately (oldest first)."""
 
     seen: set[str] = field(default_factory=set)
     recent: list[str] = field(default_factory=list)
     events: int = 0
+    shown: dict[str, int] = field(default_factory=dict)
+
+    def passed_over(self) -> dict[str, int]:
+        """The items served lately and not engaged with since, and how often each was served."""
+        return {i: n for i, n in self.shown.items() if i not in self.seen}
 
 
 class UserActivity:
@@ -147,8 +153,8 @@ class UserActivity:
     active users are forgotten first); the nightly feature rebuild is the source of truth.
     """
 
-    def __init__(self, max_users: int = 100_000, max_items: int = 20) -> None:
-        self.max_users, self.max_items = max_users, max_items
+    def __init__(self, max_users: int = 100_000, max_items: int = 20, max_shown: int = 200) -> None:
+        self.max_users, self.max_items, self.max_shown = max_users, max_items, max_shown
         self._users: OrderedDict[str, UserState] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -170,4 +176,23 @@ class UserActivity:
     def get(self, user_id: str) -> UserState:
         with self._lock:
             st = self._users.get(user_id)
-            return UserState(set(st.seen), list(st.recent), st.events) if st else UserState()
+            return UserState(set(st.seen), list(st.recent), st.events, dict(st.shown)) if st else UserState()
+
+    def served(self, user_id: str, item_ids: list[str]) -> None:
+        """Items the gateway served the user: the session feedback's impressions.
+
+        The gateway's own answer, not posted ``impression`` events: it knows what it served
+        whether or not a client posts impressions, and counting both would count twice. The
+        ``max_shown`` items served most recently are kept.
+        """
+        if not item_ids or self.max_shown <= 0:
+            return
+        with self._lock:
+            st = self._users.pop(user_id, None) or UserState()
+            self._users[user_id] = st
+            for item in item_ids:
+                st.shown[item] = st.shown.pop(item, 0) + 1
+            while len(st.shown) > self.max_shown:
+                del st.shown[next(iter(st.shown))]
+            while len(self._users) > self.max_users:
+                self._users.popitem(last=False)

@@ -69,6 +69,9 @@ def env(gateway_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         **GATEWAY_SETTINGS,
         # A busy test machine must not serve the user as cold (popularity, no ranker).
         "gateway.feature_timeout_ms": 500,
+        # These tests ask for a user more than once and compare the answers: no memory of
+        # what was served in between (session feedback is tested in test_gateway).
+        "gateway.session_shown_items": 0,
         "gateway.model_server_grpc_port": grpc_port,
         "gateway.model_server_rest_port": rest_port,
     }

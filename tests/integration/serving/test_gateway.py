@@ -212,6 +212,21 @@ def test_event_is_reflected_by_the_very_next_recommendation(env: Env) -> None:
     assert top not in ids
 
 
+def test_items_served_and_passed_over_sink_in_the_next_answer(env: Env) -> None:
+    # A user no other test asks for: the gateway remembers what it served each user.
+    user = _user_in("stable", "passer-")
+    first = [i["item_id"] for i in _recommend(env, user, k=5)["items"]]
+    second = [i["item_id"] for i in _recommend(env, user, k=5)["items"]]
+    # Served once and not taken: each of the first list is discounted, so items it did not
+    # show take some of its places; nothing was touched, so nothing is filtered.
+    assert set(second) - set(first)
+    # Taking an item ends its discount (and hides it, as any touched item).
+    taken = first[1]
+    r = httpx.post(f"{env.url}/v1/events", json=_event(user, taken, "click"), headers=AUTH)
+    assert r.status_code == 200
+    assert taken not in [i["item_id"] for i in _recommend(env, user, k=5)["items"]]
+
+
 def test_new_item_nobody_touched_can_be_recommended(env: Env) -> None:
     touched = set(env.events["item_id"])
     assert not set(NEW_ITEMS) & touched

@@ -14,6 +14,7 @@ from recsys.ranking import (
     category_taste,
     rank_fusion,
     read_serving_policy,
+    session_feedback,
     taste_candidates,
     write_serving_policy,
 )
@@ -59,3 +60,20 @@ def test_taste_candidates_orders_best_first_and_names_what_the_taste_placed():
     # item 1 is there for its category (0.5 of 1.0 against nothing from its score);
     # item 2's score part (0.5 x 2/3) outweighs its taste part (0.5 x 0.2).
     assert placed.tolist() == [True, False, False, False]
+
+
+def test_session_feedback_sinks_items_passed_over() -> None:
+    scores = np.array([4.0, 3.0, 2.0, 1.0])
+    # Nothing passed over: the order is kept (scaled to [0, 1]).
+    same = session_feedback(scores, np.zeros(4), 0.5)
+    assert same.tolist() == pytest.approx([1.0, 2 / 3, 1 / 3, 0.0])
+    # The best item passed over twice falls below the second and third (1 x 0.25 < 1/3);
+    # passed over once it stays above the third (0.5 > 1/3).
+    assert np.argsort(-session_feedback(scores, np.array([2, 0, 0, 0]), 0.5)).tolist() == [1, 2, 0, 3]
+    assert np.argsort(-session_feedback(scores, np.array([1, 0, 0, 0]), 0.5)).tolist() == [1, 0, 2, 3]
+    # Any scale, negative scores included, gives the same discount.
+    shifted = session_feedback(scores * 10 - 100, np.array([1, 0, 0, 0]), 0.5)
+    assert shifted.tolist() == pytest.approx([0.5, 2 / 3, 1 / 3, 0.0])
+    # Off (decay 1) is the scaled scores whatever was passed over.
+    assert session_feedback(scores, np.array([3, 3, 0, 0]), 1.0).tolist() == pytest.approx(same.tolist())
+    assert session_feedback(np.zeros(0), np.zeros(0), 0.5).shape == (0,)

@@ -53,6 +53,23 @@ def test_user_activity_counts_touches_not_impressions_and_keeps_recent_first() -
     assert act.get("u1").events == 0  # the least recently active user was forgotten
 
 
+def test_user_activity_remembers_what_was_served_and_what_of_it_was_taken() -> None:
+    act = UserActivity(max_users=2, max_items=2, max_shown=3)
+    act.served("u1", ["a", "b"])
+    act.served("u1", ["a", "c"])
+    act.update({"user_id": "u1", "item_id": "c", "event_type": "click"})
+    # Served and not touched counts as passed over, once per time served; touched does not.
+    assert act.get("u1").passed_over() == {"a": 2, "b": 1}
+    assert act.get("u1").events == 1  # being served is not activity
+    # Only the last max_shown items served are remembered (oldest forgotten first).
+    act.served("u1", ["d"])
+    assert list(act.get("u1").shown) == ["a", "c", "d"]
+    # A copy: what a request reads does not change under it.
+    st = act.get("u1")
+    act.served("u1", ["a"])
+    assert st.shown["a"] == 2 and act.get("u1").shown["a"] == 3
+
+
 def _event(**kw: object) -> dict[str, object]:
     base = {
         "event_id": "e1",
