@@ -377,12 +377,8 @@ class RecommendationFlow:
         passed = act.passed_over()
         if not passed or not len(pos) or decay >= 1:
             return scores
-        times = np.zeros(len(catalog), dtype=np.float64)
-        for item, n in passed.items():
-            at = catalog.position.get(item)
-            if at is not None:
-                times[at] = n
-        return session_feedback(scores, times[pos], decay)
+        passed_over = times_passed_over(catalog.position, passed, pos)
+        return session_feedback(scores, passed_over, decay)
 
     async def _rank(
         self,
@@ -594,3 +590,19 @@ class RecommendationFlow:
             per_item = [[] for _ in scored]
         for n, attribution in zip(scored, per_item, strict=True):
             items[n]["attribution"] = attribution
+
+
+def times_passed_over(position: dict[str, int], passed: dict[str, int], pos: np.ndarray) -> np.ndarray:
+    """[len(pos)] how often each candidate (a catalog position) was passed over, from
+    ``passed`` (item id -> times); ids the catalog lacks count for nothing.
+
+    A sorted look-up of the few passed-over items: no catalog-sized array per request."""
+    known = [i for i in passed if i in position]
+    if not known or not len(pos):
+        return np.zeros(len(pos), dtype=np.float64)
+    at = np.fromiter((position[i] for i in known), dtype=np.int64, count=len(known))
+    times = np.fromiter((passed[i] for i in known), dtype=np.float64, count=len(known))
+    order = np.argsort(at)
+    at, times = at[order], times[order]
+    slot = np.minimum(np.searchsorted(at, pos), len(at) - 1)
+    return np.where(at[slot] == pos, times[slot], 0.0)

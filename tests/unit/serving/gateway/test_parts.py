@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from recsys.config import ConfigError, load_settings
 from recsys.ranking import unit_directions
 from serving.gateway.catalog import top_k
+from serving.gateway.recommendation_flow import times_passed_over
 from serving.gateway.schemas import Event, validation_problems
 from serving.gateway.snapshot import settle_heap
 from serving.gateway.user_features import UserActivity
@@ -68,6 +69,14 @@ def test_user_activity_remembers_what_was_served_and_what_of_it_was_taken() -> N
     st = act.get("u1")
     act.served("u1", ["a"])
     assert st.shown["a"] == 2 and act.get("u1").shown["a"] == 3
+
+
+def test_times_passed_over_maps_served_items_onto_the_candidates() -> None:
+    position = {"a": 0, "b": 1, "c": 2, "d": 3, "e": 4}
+    got = times_passed_over(position, {"d": 2, "a": 1, "gone": 5}, np.array([4, 3, 1, 0]))
+    assert got.tolist() == [0.0, 2.0, 0.0, 1.0]
+    assert times_passed_over(position, {}, np.array([1, 2])).tolist() == [0.0, 0.0]
+    assert times_passed_over(position, {"a": 1}, np.zeros(0, dtype=np.int64)).shape == (0,)
 
 
 def _event(**kw: object) -> dict[str, object]:
