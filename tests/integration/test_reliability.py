@@ -182,7 +182,8 @@ def test_hung_model_server_answers_with_popularity_within_the_timeout(rel: Rel) 
             assert elapsed < rel.budget_s + SLACK_S, f"{elapsed:.3f}s"
             source = out["candidate_source"]
             assert source in ("segment_popularity", "global_popularity")
-            assert out["fallback"][0] == f"candidates:{source}" and "ranking" not in out["model_versions"]
+            # The candidates' step fell back (a loaded machine may also degrade the feature read).
+            assert f"candidates:{source}" in out["fallback"] and "ranking" not in out["model_versions"]
             assert len(out["items"]) == 10 and all("popular" in i["reason"] for i in out["items"][:3])
         after = {
             to: _metric(rel.url, "recsys_gateway_fallbacks_total", stage="candidates", to=to) for to in before
@@ -991,7 +992,7 @@ def test_killed_model_server_answers_with_popularity_within_the_timeout(rel: Rel
         out, elapsed = _recommend(rel.url, user)
         assert elapsed < rel.budget_s + SLACK_S, f"{elapsed:.3f}s"
         assert out["candidate_source"] in ("segment_popularity", "global_popularity")
-        assert out["fallback"][0] == f"candidates:{out['candidate_source']}" and len(out["items"]) == 10
+        assert f"candidates:{out['candidate_source']}" in out["fallback"] and len(out["items"]) == 10
     # Readiness stays true (the gateway answers) and names what is degraded.
     wait_for(
         lambda: set(httpx.get(f"{rel.url}/readyz").json()["degraded"]) == {"retrieval", "ranking"}, timeout=10

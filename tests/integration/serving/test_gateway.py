@@ -511,7 +511,7 @@ def test_dead_model_server_answers_with_popularity_within_the_timeout(env: Env) 
         out = httpx.post(f"{running.url}/v1/recommendations", json={"user_id": user, "k": 5}).json()
         assert time.perf_counter() - t0 < 1.0
         assert out["candidate_source"] in ("segment_popularity", "global_popularity")
-        assert out["fallback"][0] == f"candidates:{out['candidate_source']}" and len(out["items"]) == 5
+        assert f"candidates:{out['candidate_source']}" in out["fallback"] and len(out["items"]) == 5
         assert "popular" in out["items"][0]["reason"]
         text = httpx.get(f"{running.url}/metrics").text
         assert (
