@@ -162,16 +162,13 @@ class UserActivity:
         if event["event_type"] == "impression":
             return  # shown is not touched: it neither counts as activity nor hides the item
         with self._lock:
-            st = self._users.pop(event["user_id"], None) or UserState()
-            self._users[event["user_id"]] = st
+            st = self._most_recent(event["user_id"])
             st.events += 1
             st.seen.add(event["item_id"])
             if event["event_type"] in POSITIVE_EVENT_TYPES:
                 st.recent = [event["item_id"], *[i for i in st.recent if i != event["item_id"]]][
                     : self.max_items
                 ]
-            while len(self._users) > self.max_users:
-                self._users.popitem(last=False)
 
     def get(self, user_id: str) -> UserState:
         with self._lock:
@@ -188,11 +185,17 @@ class UserActivity:
         if not item_ids or self.max_shown <= 0:
             return
         with self._lock:
-            st = self._users.pop(user_id, None) or UserState()
-            self._users[user_id] = st
+            st = self._most_recent(user_id)
             for item in item_ids:
                 st.shown[item] = st.shown.pop(item, 0) + 1
             while len(st.shown) > self.max_shown:
                 del st.shown[next(iter(st.shown))]
-            while len(self._users) > self.max_users:
-                self._users.popitem(last=False)
+
+    def _most_recent(self, user_id: str) -> UserState:
+        """The user's state, made the most recently active (the least recent beyond
+        ``max_users`` forgotten); the caller holds the lock."""
+        st = self._users.pop(user_id, None) or UserState()
+        self._users[user_id] = st
+        while len(self._users) > self.max_users:
+            self._users.popitem(last=False)
+        return st
