@@ -228,13 +228,21 @@ class SnapshotRefresher:
         for c in self.settings.gateway.excluded_categories:
             mask &= ~catalog.category_mask(c)
         snap = Snapshot(versions, catalog, to_catalog, to_version, mask)
-        # Before the snapshot serves (and before /readyz says ready, on the first load).
+        # Before the snapshot serves (and before /readyz says ready, on the first load): the
+        # model calls warmed, TensorFlow and the query tower loaded (not in the first fallback
+        # request), and, on the first load, the heap settled. Each of these holds the GIL for
+        # hundreds of milliseconds; done after the swap, they stalled the first second of
+        # traffic a ready gateway took (BENCHMARKS.md).
         self.warm_up(snap, previous=current)
-        self.current = snap
         if "exact" in self.settings.gateway.fallback_chain:
-            stable.query_tower()  # load TensorFlow and the tower now, not in the first fallback request
-        del current
-        settle_heap()
+            stable.query_tower()
+        if current is None:
+            settle_heap()
+        self.current = snap
+        if current is not None:
+            # The replaced snapshot is collectable only once it no longer serves.
+            del current
+            settle_heap()
         return True
 
     def warm_up(

@@ -896,6 +896,21 @@ def test_reads_closed_by_config_and_writes_refused_without_a_configured_key(rel:
         keyless.close()
 
 
+def test_a_ready_gateway_has_already_loaded_its_exact_fallback(rel: Rel) -> None:
+    """Ready means ready: the query tower of the ``exact`` fallback (TensorFlow loading a
+    SavedModel, a second of held GIL) is loaded before the snapshot serves, not after, when
+    it stalled the first second of traffic."""
+    settings = _settings(rel)
+    assert "exact" in settings.gateway.fallback_chain
+    running = InProcessGateway(settings, {"RECSYS_API_KEY": API_KEY}, ready_timeout_s=90)
+    try:
+        snap = running.server.config.app.state.gateway.snapshot()
+        stable = snap.versions.version(settings.push.retrieval_model, "stable")
+        assert snap.versions.retrieval[stable]._query_tower is not None  # loaded, not loading
+    finally:
+        running.close()
+
+
 def test_no_endpoint_reads_a_path_that_a_request_names(rel: Rel) -> None:
     secret = rel.home / "not-for-you.txt"
     secret.write_text("root:x:0:0 secret file")
