@@ -61,6 +61,7 @@ from serving.gateway.routes.recommendations import recommendations_router
 from serving.gateway.schemas import Event, EventBatch
 from serving.gateway.security import ApiKeyGuard, BodyLimit
 from serving.gateway.service import Gateway
+from serving.gateway.snapshot import collections_paused
 
 log = logging.getLogger("serving.gateway")
 # Backoff between attempts to build the gateway (its event log, its feature store): the first
@@ -185,7 +186,10 @@ class GatewayStarter:
         while not self._stop.is_set():
             self.attempts += 1
             try:
-                gw = self.build()
+                # Imports and the feature store's set-up make long-lived objects that automatic
+                # collections would walk again and again; the first load settles the heap once.
+                with collections_paused():
+                    gw = self.build()
             except Exception as e:  # noqa: BLE001 - every cause is retried; the message names it
                 self.reason = f"cannot start (attempt {self.attempts}): {type(e).__name__}: {e}"[:500]
                 log.error("gateway %s; retrying in %.0f s", self.reason, delay)

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,10 +267,33 @@ def build_category_index(category_sets: Sequence[frozenset[str]]) -> dict[str, n
     return {c: np.asarray(p, dtype=np.int64) for c, p in lists.items()}
 
 
+class Pacer:
+    """Sleeps after each step of a long job for ``ratio`` times as long as the step took.
+
+    A job of seconds of Python beside traffic (the item cache rebuilt while the gateway
+    serves) then holds the GIL ``1 / (1 + ratio)`` of the time and the requests get the rest;
+    with ``ratio`` 0 it never sleeps.
+    """
+
+    def __init__(self, ratio: float = 0.0) -> None:
+        self.ratio = ratio
+        self.began = time.perf_counter()
+
+    def step(self) -> None:
+        if self.ratio > 0:
+            time.sleep((time.perf_counter() - self.began) * self.ratio)
+        self.began = time.perf_counter()
+
+
 def read_item_features(
-    store: Any, item_ids: Sequence[str], windows_days: Sequence[int], chunk: int = 5000
+    store: Any,
+    item_ids: Sequence[str],
+    windows_days: Sequence[int],
+    chunk: int = 5000,
+    pacer: Pacer | None = None,
 ) -> tuple[dict[str, list[Any]], list[int]]:
-    """Every item's online features (attributes, popularity) and its attributes' timestamp (s)."""
+    """Every item's online features (attributes, popularity) and its attributes' timestamp (s),
+    read ``chunk`` items at a time (``pacer``: a step per chunk)."""
     from feast.online_response import TIMESTAMP_POSTFIX
 
     refs = [f"item_attributes:{f}" for f in ITEM_ATTRIBUTE_FEATURES] + [
@@ -277,6 +301,7 @@ def read_item_features(
     ]
     out: dict[str, list[Any]] = {r.split(":", 1)[1]: [] for r in refs}
     stamps: list[int] = []
+    pacer = pacer or Pacer()
     for start in range(0, len(item_ids), chunk):
         rows = [{"item_id": str(i)} for i in item_ids[start : start + chunk]]
         got = store.get_online_features(features=refs, entity_rows=rows).to_dict(
@@ -285,6 +310,7 @@ def read_item_features(
         for name in out:
             out[name].extend(got[name])
         stamps.extend(got["title" + TIMESTAMP_POSTFIX])
+        pacer.step()
     return out, stamps
 
 
@@ -321,15 +347,25 @@ def segment_popularity(settings: Settings, position: dict[str, int], n_items: in
 
 
 def build_item_catalog(
-    settings: Settings, store: Any, item_ids: np.ndarray, source_mtime: float = 0.0
+    settings: Settings,
+    store: Any,
+    item_ids: np.ndarray,
+    source_mtime: float = 0.0,
+    pause_ratio: float = 0.0,
 ) -> ItemCatalog:
-    """Read the catalog's item features from the online store and derive popularity and novelty."""
+    """Read the catalog's item features from the online store and derive popularity and novelty.
+
+    ``pause_ratio`` above 0 paces the work (``Pacer``): the read in chunks of 1,000 items and
+    each later step, so that a rebuild beside traffic leaves the GIL to the requests.
+    """
     windows = sorted(settings.features.windows_days)
     ids = [str(i) for i in item_ids]
-    raw, stamps = read_item_features(store, ids, windows)
+    pacer = Pacer(pause_ratio)
+    raw, stamps = read_item_features(store, ids, windows, 1000 if pause_ratio > 0 else 5000, pacer)
     n = len(ids)
     columns: dict[str, np.ndarray] = {}
     for name, values in raw.items():
+        pacer.step()
         if name == "in_stock":
             columns[name] = np.array([bool(v) for v in values], dtype=bool)
         elif name in ITEM_ATTRIBUTE_FEATURES:
@@ -353,15 +389,20 @@ def build_item_catalog(
     new = (shown == 0) | np.asarray(recent, dtype=bool)
     position = {i: k for k, i in enumerate(ids)}
     global_popular = np.argsort(-positives, kind="stable")
+    pacer.step()
+    category_sets = [category_set(c) for c in columns["category"]]
+    pacer.step()
+    segment_popular = segment_popularity(settings, position, n)
+    pacer.step()
     return ItemCatalog(
         item_ids=np.asarray(ids, dtype=object),
         position=position,
         columns=columns,
         in_stock=in_stock,
-        category_sets=[category_set(c) for c in columns["category"]],
+        category_sets=category_sets,
         positives=positives,
         new=new,
         global_popular=global_popular,
-        segment_popular=segment_popularity(settings, position, n),
+        segment_popular=segment_popular,
         source_mtime=source_mtime,
     )

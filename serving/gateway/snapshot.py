@@ -9,11 +9,12 @@ request that took the previous one keeps it to the end.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,10 @@ from serving.gateway.schemas import RecommendationRequest
 log = logging.getLogger("serving.gateway")
 FIRST_LOAD_TIMEOUT_S = 300.0
 RETRY_SECONDS = 1.0  # between attempts while nothing has loaded yet
+# While a snapshot is rebuilt beside traffic, the refresh thread pauses after each chunk of
+# items it reads for this many times as long as the chunk took: it then holds the GIL about a
+# third of the time, and the requests the rest (BENCHMARKS.md, "a materialization mid-traffic").
+REBUILD_PAUSE_RATIO = 2.0
 
 
 class NotReady(RuntimeError):
@@ -57,6 +62,25 @@ def import_tensorflow_once() -> None:
     )
 
     from serving.model_server import errors, tensors  # noqa: F401
+
+
+@contextlib.contextmanager
+def collections_paused() -> Iterator[None]:
+    """No automatic garbage collection inside the block (it is back as it was after).
+
+    Building a snapshot makes hundreds of thousands of long-lived objects (the item cache);
+    each automatic full collection on the way walks all of them so far with the GIL held,
+    and they grow with the build: ~35 of 50-250 ms on the bench machine while a 100,000-item
+    cache loaded, every request in flight stalled by each. ``settle_heap`` collects once
+    after the build instead, which finds the same garbage.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def settle_heap() -> None:
@@ -190,6 +214,32 @@ class SnapshotRefresher:
         mat = self._materialize_mtime()
         if current is not None and current.versions.mtime == mtime and current.catalog.source_mtime == mat:
             return False
+        with collections_paused():
+            # On the first load nothing is served yet: the build runs at full speed.
+            snap, stable = self._build(current, mat, REBUILD_PAUSE_RATIO if current is not None else 0.0)
+            # Before the snapshot serves (and before /readyz says ready, on the first load):
+            # the model calls warmed, TensorFlow and the query tower loaded (not in the first
+            # fallback request), and, on the first load, the heap settled. Each of these holds
+            # the GIL for hundreds of milliseconds; done after the swap, they stalled the first
+            # second of traffic a ready gateway took (BENCHMARKS.md).
+            self.warm_up(snap, previous=current)
+            if "exact" in self.settings.gateway.fallback_chain:
+                stable.query_tower()
+        if current is None:
+            settle_heap()
+        self.current = snap
+        if current is not None:
+            # The replaced snapshot is collectable only once it no longer serves.
+            del current
+            settle_heap()
+        return True
+
+    def _build(
+        self, current: Snapshot | None, mat: float, pause_ratio: float
+    ) -> tuple[Snapshot, RetrievalAssets]:
+        """The snapshot of the model versions and item cache on disk now (the item cache of
+        ``current`` when its items and materialization are the same), and its stable
+        retrieval version; the item cache read with ``pause_ratio`` (``read_item_features``)."""
         p = self.settings.push
         versions = load_model_versions(
             self.settings.models_dir,
@@ -212,7 +262,9 @@ class SnapshotRefresher:
             catalog = current.catalog
         else:
             t0 = time.perf_counter()
-            catalog = build_item_catalog(self.settings, self.store, np.asarray(ids, dtype=object), mat)
+            catalog = build_item_catalog(
+                self.settings, self.store, np.asarray(ids, dtype=object), mat, pause_ratio
+            )
             log.info("item cache: %d items in %.1fs", len(catalog), time.perf_counter() - t0)
         to_catalog, to_version = {}, {}
         for v, assets in versions.retrieval.items():
@@ -227,23 +279,7 @@ class SnapshotRefresher:
         )
         for c in self.settings.gateway.excluded_categories:
             mask &= ~catalog.category_mask(c)
-        snap = Snapshot(versions, catalog, to_catalog, to_version, mask)
-        # Before the snapshot serves (and before /readyz says ready, on the first load): the
-        # model calls warmed, TensorFlow and the query tower loaded (not in the first fallback
-        # request), and, on the first load, the heap settled. Each of these holds the GIL for
-        # hundreds of milliseconds; done after the swap, they stalled the first second of
-        # traffic a ready gateway took (BENCHMARKS.md).
-        self.warm_up(snap, previous=current)
-        if "exact" in self.settings.gateway.fallback_chain:
-            stable.query_tower()
-        if current is None:
-            settle_heap()
-        self.current = snap
-        if current is not None:
-            # The replaced snapshot is collectable only once it no longer serves.
-            del current
-            settle_heap()
-        return True
+        return Snapshot(versions, catalog, to_catalog, to_version, mask), stable
 
     def warm_up(
         self, snap: Snapshot, previous: Snapshot | None = None, timeout: float = 5.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import math
+import time
 import weakref
 
 import numpy as np
@@ -12,10 +13,10 @@ from pydantic import ValidationError
 
 from recsys.config import ConfigError, load_settings
 from recsys.ranking import unit_directions
-from serving.gateway.catalog import top_k
+from serving.gateway.catalog import Pacer, top_k
 from serving.gateway.recommendation_flow import times_passed_over
 from serving.gateway.schemas import Event, validation_problems
-from serving.gateway.snapshot import settle_heap
+from serving.gateway.snapshot import collections_paused, settle_heap
 from serving.gateway.user_features import UserActivity
 
 
@@ -140,6 +141,34 @@ def test_settle_heap_freezes_what_lives_and_frees_replaced_cycles():
         assert ref() is None
     finally:
         gc.unfreeze()
+
+
+def test_collections_are_paused_inside_the_block_and_back_as_they_were_after():
+    assert gc.isenabled()
+    with collections_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), collections_paused():
+        raise RuntimeError("a failed build")
+    assert gc.isenabled()  # back even when the block raised
+    gc.disable()
+    try:
+        with collections_paused():
+            pass
+        assert not gc.isenabled()  # not turned on by the block when it was off before
+    finally:
+        gc.enable()
+
+
+def test_a_pacer_sleeps_after_each_step_for_its_ratio_of_the_step():
+    pacer = Pacer(1.0)
+    busy_until = time.perf_counter() + 0.02
+    while time.perf_counter() < busy_until:  # a 20 ms step of work
+        pass
+    before = time.perf_counter()
+    pacer.step()
+    assert time.perf_counter() - before >= 0.02  # at least as long again
+    assert pacer.began >= before  # the next step is timed from here
 
 
 def test_blas_threads_are_set_in_this_process_and_put_back() -> None:
