@@ -68,11 +68,12 @@ def import_tensorflow_once() -> None:
 def collections_paused() -> Iterator[None]:
     """No automatic garbage collection inside the block (it is back as it was after).
 
-    Building a snapshot makes hundreds of thousands of long-lived objects (the item cache);
-    each automatic full collection on the way walks all of them so far with the GIL held,
-    and they grow with the build: ~35 of 50-250 ms on the bench machine while a 100,000-item
-    cache loaded, every request in flight stalled by each. ``settle_heap`` collects once
-    after the build instead, which finds the same garbage.
+    For the start, before anything is frozen: the imports, the feature store and the first
+    snapshot make hundreds of thousands of long-lived objects, and each automatic full
+    collection on the way walks all of them so far with the GIL held, dozens of times as the
+    heap grows (BENCHMARKS.md, "the gateway's start"). ``settle_heap`` collects once after the
+    first load instead, which finds the same garbage. A later rebuild needs no pause: the
+    heap is frozen by then, and a collection walks only what was made since.
     """
     was_enabled = gc.isenabled()
     gc.disable()
@@ -214,9 +215,10 @@ class SnapshotRefresher:
         mat = self._materialize_mtime()
         if current is not None and current.versions.mtime == mtime and current.catalog.source_mtime == mat:
             return False
-        with collections_paused():
-            # On the first load nothing is served yet: the build runs at full speed.
-            snap, stable = self._build(current, mat, REBUILD_PAUSE_RATIO if current is not None else 0.0)
+        # The first load serves nothing yet: built at full speed, with no automatic collections.
+        first = current is None
+        with collections_paused() if first else contextlib.nullcontext():
+            snap, stable = self._build(current, mat, 0.0 if first else REBUILD_PAUSE_RATIO)
             # Before the snapshot serves (and before /readyz says ready, on the first load):
             # the model calls warmed, TensorFlow and the query tower loaded (not in the first
             # fallback request), and, on the first load, the heap settled. Each of these holds
@@ -225,7 +227,7 @@ class SnapshotRefresher:
             self.warm_up(snap, previous=current)
             if "exact" in self.settings.gateway.fallback_chain:
                 stable.query_tower()
-        if current is None:
+        if first:
             settle_heap()
         self.current = snap
         if current is not None:
