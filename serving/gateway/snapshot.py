@@ -34,9 +34,10 @@ from serving.gateway.schemas import RecommendationRequest
 log = logging.getLogger("serving.gateway")
 FIRST_LOAD_TIMEOUT_S = 300.0
 RETRY_SECONDS = 1.0  # between attempts while nothing has loaded yet
-# While a snapshot is rebuilt beside traffic, the refresh thread pauses after each chunk of
-# items it reads for this many times as long as the chunk took: it then holds the GIL about a
-# third of the time, and the requests the rest (BENCHMARKS.md, "a materialization mid-traffic").
+# While a snapshot is rebuilt beside traffic, the refresh thread pauses after each step of the
+# item cache's build (a chunk of items read, a derived column) for this many times as long as
+# the step took (``Pacer``): it then holds the GIL about a third of the time, and the requests
+# the rest (BENCHMARKS.md, "a materialization mid-traffic").
 REBUILD_PAUSE_RATIO = 2.0
 
 
@@ -229,8 +230,9 @@ class SnapshotRefresher:
                 stable.query_tower()
         if first:
             settle_heap()
-        self.current = snap
-        if current is not None:
+            self.current = snap
+        else:
+            self.current = snap
             # The replaced snapshot is collectable only once it no longer serves.
             del current
             settle_heap()
