@@ -31,7 +31,9 @@ built here (profile, the rating's hour, point-in-time recent items), scored thro
 exported query tower and item embeddings, as serving does. Hyperparameters (a small grid
 per tower, and the epoch count by early stopping on the last tenth of the training
 positives by time) are chosen on the validation item with models trained without it; the
-chosen recipe is then trained on everything but the test item, once per ``--train-seeds``.
+chosen recipe is then trained on everything but the test item, once per ``--train-seeds``;
+``--shuffled-control`` trains it once more per seed on each user's ratings in a random order
+(what the tower loses there is what it reads from the order).
 
 Run: `.venv/bin/python -m bench.quality [--set ml-100k|ml-latest-small] [--home DIR]
 [--protocol random|sequential|time|both] [--split-seeds 42 43 44] [--train-seeds 1 2 3]`.
@@ -269,6 +271,11 @@ def main() -> None:
     )
     p.add_argument("--towers", nargs="+", choices=["bag", "sequential"], default=["bag", "sequential"])
     p.add_argument("--grid-points", type=int, default=None, help="try only the first N points per tower")
+    p.add_argument(
+        "--shuffled-control",
+        action="store_true",
+        help="sequential protocol: also test each chosen recipe on histories in a random order",
+    )
     args = p.parse_args()
     import yaml
 
@@ -310,7 +317,15 @@ def main() -> None:
         for dataset in datasets:
             with _home(args.home, dataset, "sequential") as home:
                 sequential.append(
-                    run_sequential(dataset, home, console, args.train_seeds, args.towers, args.grid_points)
+                    run_sequential(
+                        dataset,
+                        home,
+                        console,
+                        args.train_seeds,
+                        args.towers,
+                        args.grid_points,
+                        args.shuffled_control,
+                    )
                 )
         console.print(sequential_table(sequential))
         report["sequential"] = sequential

@@ -17,6 +17,12 @@ for the sequential tower, their loss for the bag tower), and is scored on the va
 item. The best grid point on validation NDCG@10, with its early-stopped epoch count, then
 trains on everything but the test item (no validation split) once per training seed, and
 is scored on the test item. The test item chooses nothing.
+
+Shuffled control (``shuffled_control``): the chosen recipe trained and queried once more per
+seed on each user's training ratings in a random order (``shuffled_within_users``: the same
+items at the same times, dealt out at random; the test item stays last). What a tower loses
+there is what it reads from the order and recency of a user's items, the check of Klenitskiy
+et al., "Does It Look Sequential?" (2024).
 """
 
 from __future__ import annotations
@@ -47,7 +53,8 @@ BASE: dict[str, Any] = {
     "validation_fraction": 0.1,
 }
 # What is tried per tower, on the validation item.
-# The exact catalog softmax leads both grids (``--grid-points 2`` tries it beside in-batch).
+# The exact catalog softmax leads both grids (``--grid-points 2`` tries it beside in-batch;
+# ``--grid-points 4`` the sequential tower's two with the history mean too).
 GRIDS: dict[str, list[dict[str, Any]]] = {
     "bag": [
         {"query_tower": "bag", "negatives": "catalog"},
@@ -57,6 +64,19 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "sequential": [
         {"query_tower": "sequential", "sequence_layers": 2, "sequence_dropout": 0.2, "negatives": "catalog"},
         {"query_tower": "sequential", "sequence_layers": 2, "sequence_dropout": 0.2},
+        {
+            "query_tower": "sequential",
+            "sequence_layers": 2,
+            "sequence_dropout": 0.2,
+            "negatives": "catalog",
+            "sequence_history_mean": True,
+        },
+        {
+            "query_tower": "sequential",
+            "sequence_layers": 2,
+            "sequence_dropout": 0.2,
+            "sequence_history_mean": True,
+        },
         {"query_tower": "sequential", "sequence_dropout": 0.2, "sequence_item_ages": False},
         {"query_tower": "sequential", "sequence_layers": 2, "sequence_dropout": 0.5},
         {"query_tower": "sequential", "sequence_layers": 2, "sequence_dropout": 0.2, "negatives": "mixed"},
@@ -71,6 +91,19 @@ def leave_last_out(events: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     sizes = ordered.groupby("user_id")["user_id"].transform("size")
     last = (position_from_end == 0) & (sizes >= 2)
     return ordered[~last].reset_index(drop=True), ordered[last].reset_index(drop=True)
+
+
+def shuffled_within_users(events: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Each user's times dealt out to their ratings at random, then sorted by time again.
+
+    The items and the times of each user stay, the order between the items goes: the same
+    history sets, with no sequence in them.
+    """
+    rng = np.random.default_rng(seed)
+    times = events["ts"].to_numpy().copy()
+    for rows in events.groupby("user_id").indices.values():
+        times[rows] = times[rng.permutation(rows)]
+    return events.assign(ts=times).sort_values("ts", kind="stable").reset_index(drop=True)
 
 
 def with_point_in_time_history(frame: pd.DataFrame, max_history: int) -> pd.DataFrame:
@@ -203,11 +236,13 @@ def run_sequential(
     train_seeds: Sequence[int],
     towers: Sequence[str] = tuple(GRIDS),
     grid_points: int | None = None,
+    shuffled_control: bool = False,
 ) -> dict[str, Any]:
     """The sequential protocol on one data set: selection on validation, then test per seed.
 
     ``towers`` and ``grid_points`` (the first N points of each grid) shorten a run on a
-    small machine; the report says what was tried.
+    small machine; the report says what was tried. ``shuffled_control`` adds the chosen
+    recipe's test runs on order-free histories (``shuffled_within_users``).
     """
     from components.training.train import use_legacy_keras
 
@@ -244,28 +279,33 @@ def run_sequential(
             console.print(f"  validation NDCG@10 {scored['ndcg@10']:.4f} HR@10 {scored['hr@10']:.4f}")
             tried.append({"parameters": point, **scored})
         chosen = max(tried, key=lambda r: r["ndcg@10"])
-        runs = []
-        for seed in train_seeds:
-            config = TrainingConfig.model_validate(
-                {
-                    **BASE,
-                    **chosen["parameters"],
-                    "epochs": chosen["best_epoch"],
-                    "validation_fraction": 0.0,
-                    "seed": seed,
-                }
-            )
-            console.print(f"[bold]{dataset}[/] {tower}: test run, seed {seed}, {chosen['best_epoch']} epochs")
-            scored = train_and_score(config, frames, train, test, home / f"{tower}-test-{seed}", log)
-            console.print(f"  test NDCG@10 {scored['ndcg@10']:.4f} HR@10 {scored['hr@10']:.4f}")
-            runs.append({"seed": seed, **scored})
-        result[tower] = {
-            "validation": tried,
-            "chosen": chosen["parameters"],
-            "epochs": chosen["best_epoch"],
-            "test": runs,
-        }
+        variants = {"test": train, **({"shuffled": None} if shuffled_control else {})}
+        result[tower] = {"validation": tried, "chosen": chosen["parameters"], "epochs": chosen["best_epoch"]}
+        for variant, history in variants.items():
+            runs = []
+            for seed in train_seeds:
+                config = TrainingConfig.model_validate(
+                    {
+                        **BASE,
+                        **chosen["parameters"],
+                        "epochs": chosen["best_epoch"],
+                        "validation_fraction": 0.0,
+                        "seed": seed,
+                    }
+                )
+                # The control deals each seed's own order out, so its spread includes the shuffle's.
+                seen = shuffled_within_users(train, seed) if history is None else history
+                epochs = chosen["best_epoch"]
+                console.print(f"[bold]{dataset}[/] {tower}: {variant} run, seed {seed}, {epochs} epochs")
+                scored = train_and_score(config, frames, seen, test, home / f"{tower}-{variant}-{seed}", log)
+                console.print(f"  test NDCG@10 {scored['ndcg@10']:.4f} HR@10 {scored['hr@10']:.4f}")
+                runs.append({"seed": seed, **scored})
+            result[tower][variant] = runs
     return result
+
+
+def _mean_sd(values: Sequence[float]) -> str:
+    return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
 
 
 def sequential_table(results: Sequence[dict[str, Any]]) -> Table:
@@ -277,13 +317,15 @@ def sequential_table(results: Sequence[dict[str, Any]]) -> Table:
         pop = r["popularity"]["test"]
         t.add_row(r["dataset"], "popularity", f"{pop['hr@10']:.4f}", f"{pop['ndcg@10']:.4f}", "", "")
         for tower in (t for t in GRIDS if t in r):
-            runs = r[tower]["test"]
-            t.add_row(
-                r["dataset"],
-                f"{tower} tower {r[tower]['chosen']}, {r[tower]['epochs']} epochs",
-                f"{np.mean([x['hr@10'] for x in runs]):.4f} ± {np.std([x['hr@10'] for x in runs]):.4f}",
-                f"{np.mean([x['ndcg@10'] for x in runs]):.4f} ± {np.std([x['ndcg@10'] for x in runs]):.4f}",
-                " ".join(f"{x['ndcg@10']:.4f}" for x in runs),
-                f"{np.mean([x['train_seconds'] for x in runs]):.0f}",
-            )
+            for variant in (v for v in ("test", "shuffled") if v in r[tower]):
+                runs = r[tower][variant]
+                control = ", each user's order shuffled" if variant == "shuffled" else ""
+                t.add_row(
+                    r["dataset"],
+                    f"{tower} tower {r[tower]['chosen']}, {r[tower]['epochs']} epochs{control}",
+                    _mean_sd([x["hr@10"] for x in runs]),
+                    _mean_sd([x["ndcg@10"] for x in runs]),
+                    " ".join(f"{x['ndcg@10']:.4f}" for x in runs),
+                    f"{np.mean([x['train_seconds'] for x in runs]):.0f}",
+                )
     return t

@@ -188,6 +188,10 @@ class TrainingConfig(Section):
     # Whether the sequential tower reads the time since each recent item (an attention bias
     # per age bucket, TiSASRec-style); off, it reads the order alone (SASRec).
     sequence_item_ages: bool = True
+    # Whether the sequential tower's head also reads the mean of the recent items' vectors
+    # beside the attention's state: the bag tower's order-free view, which the attention block
+    # alone learns less well from few sequences (BENCHMARKS.md, the shuffled-order control).
+    sequence_history_mean: bool = False
     # Negatives of the retriever's sampled softmax. in_batch: the other positives of the batch
     # (popularity-distributed). mixed: those plus ``uniform_negatives`` catalog items drawn
     # uniformly per batch, so the long tail is pushed down too. catalog: every catalog item, the

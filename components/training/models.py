@@ -419,6 +419,16 @@ def serving_ages(ages: tf.Tensor, counts: tf.Tensor) -> tf.Tensor:
     return pairwise_ages(target, target_known, keys, keys_known)
 
 
+def prefix_means(vectors: tf.Tensor) -> tf.Tensor:
+    """``[B, M, d]`` vectors -> ``[B, M + 1, d]``: row ``t`` the mean of the first ``t`` (row 0 zeros).
+
+    Right padding never enters a real position's mean: it comes after every real item.
+    """
+    sums = tf.concat([tf.zeros_like(vectors[:, :1]), tf.cumsum(vectors, axis=1)], axis=1)
+    counts = tf.range(tf.shape(sums)[1], dtype=vectors.dtype)
+    return sums / tf.maximum(counts, 1.0)[tf.newaxis, :, tf.newaxis]
+
+
 class SequentialQueryTower(keras.Model):
     """Embeds a request from the user's items *in order*, with a causal self-attention encoder.
 
@@ -467,6 +477,7 @@ class SequentialQueryTower(keras.Model):
         item_categories: Mapping[str, str] | None = None,  # item id -> primary category
         categories: Sequence[str] = (),
         item_ages: bool = True,
+        history_mean: bool = False,
     ) -> None:
         from components.training.sequence import CausalSequenceEncoder
 
@@ -475,6 +486,9 @@ class SequentialQueryTower(keras.Model):
         # Whether the time since each recent item is read (``training.sequence_item_ages``);
         # without it the input is taken and not read, and the tower is plain SASRec.
         self.item_ages = item_ages
+        # Whether the head also reads the plain mean of the items read so far
+        # (``training.sequence_history_mean``): the bag tower's view beside the attention's.
+        self.history_mean = history_mean
         self.item_lookup = item_lookup
         self.history_table = history_table
         self.history_categories = (
@@ -523,7 +537,8 @@ class SequentialQueryTower(keras.Model):
         return tf.where(hidden, tf.zeros_like(buckets), buckets)
 
     def _states(self, vectors: tf.Tensor, ages: tf.Tensor | None, training: bool | None) -> tf.Tensor:
-        """``[B, M, d]`` item vectors oldest first -> ``[B, M + 1, d]`` states (0: the start token alone).
+        """``[B, M, d]`` item vectors oldest first -> ``[B, M + 1, d]`` states (0: the start token alone),
+        ``[B, M + 1, 2d]`` with ``history_mean`` (each state followed by ``prefix_means``).
 
         ``ages``: ``[B, M + 1, M + 1]`` age buckets (``training_ages`` or ``serving_ages``,
         bucketed), or None where no times are known. Each position's state gets the embedding
@@ -531,10 +546,12 @@ class SequentialQueryTower(keras.Model):
         """
         start = tf.broadcast_to(self.start_token, [tf.shape(vectors)[0], 1, self.start_token.shape[0]])
         if ages is None or not self.item_ages:
-            return self.encoder(tf.concat([start, vectors], axis=1), training=training)
-        ages = self._hide_ages(ages, training)
-        states = self.encoder(tf.concat([start, vectors], axis=1), ages, training=training)
-        return states + self._age_vectors(tf.linalg.diag_part(ages))
+            states = self.encoder(tf.concat([start, vectors], axis=1), training=training)
+        else:
+            ages = self._hide_ages(ages, training)
+            states = self.encoder(tf.concat([start, vectors], axis=1), ages, training=training)
+            states += self._age_vectors(tf.linalg.diag_part(ages))
+        return tf.concat([states, prefix_means(vectors)], axis=-1) if self.history_mean else states
 
     def _embed(
         self, states: tf.Tensor, features: Mapping[str, tf.Tensor], training: bool | None

@@ -646,6 +646,7 @@ def _build_retriever(config: TrainingConfig, vocabulary: _Vocabulary, catalog: _
             heads=config.sequence_heads,
             dropout=config.sequence_dropout,
             item_ages=config.sequence_item_ages,
+            history_mean=config.sequence_history_mean,
         )
     else:
         query = QueryTower(**query_arguments)

@@ -53,14 +53,20 @@ def _walks() -> tuple[pd.DataFrame, pd.DataFrame]:
     return pd.DataFrame(rows), items
 
 
-@pytest.mark.parametrize("negatives", ["mixed", "catalog"])
-def test_the_sequential_tower_names_the_next_item_of_a_walk(tmp_path: Path, negatives: str) -> None:
+# The history mean beside the attention's state is an order-free view: the tower must still read the order.
+@pytest.mark.parametrize(
+    ("negatives", "history_mean"), [("mixed", False), ("catalog", False), ("catalog", True)]
+)
+def test_the_sequential_tower_names_the_next_item_of_a_walk(
+    tmp_path: Path, negatives: str, history_mean: bool
+) -> None:
     import tensorflow as tf
 
     frame, items = _walks()
     config = TrainingConfig(
         query_tower="sequential",
         negatives=negatives,
+        sequence_history_mean=history_mean,
         uniform_negatives=16,
         max_history=5,
         sequence_layers=1,

@@ -11,6 +11,7 @@ from bench.sequential_quality import (
     leave_last_out,
     popularity_metrics,
     rank_metrics,
+    shuffled_within_users,
     with_point_in_time_history,
 )
 
@@ -34,6 +35,23 @@ def test_history_is_what_came_strictly_before_newest_first() -> None:
     out = with_point_in_time_history(ordered, max_history=1)
     by_item = dict(zip(out["item_id"], out["recent_items"], strict=True))
     assert by_item == {"x1": "", "y1": "", "x2": "x1", "y2": "y1", "x3": "x2", "z1": ""}
+
+
+def test_the_shuffled_control_keeps_each_users_items_and_times_and_loses_the_order() -> None:
+    n = 40
+    ts = pd.to_datetime("2026-01-01", utc=True) + pd.to_timedelta(np.arange(2 * n), unit="h")
+    events = pd.DataFrame(
+        {"user_id": ["a"] * n + ["b"] * n, "item_id": [f"i{k}" for k in range(2 * n)], "ts": ts}
+    )
+    out = shuffled_within_users(events, seed=0)
+    for user in ("a", "b"):
+        before, after = events[events["user_id"] == user], out[out["user_id"] == user]
+        assert sorted(after["item_id"]) == sorted(before["item_id"])
+        assert sorted(after["ts"]) == sorted(before["ts"])
+        # Items no longer come in their old order (40 items: a draw keeping it has odds 1 / 40!).
+        assert after.sort_values("ts")["item_id"].tolist() != before["item_id"].tolist()
+    assert out["ts"].is_monotonic_increasing
+    assert out.equals(shuffled_within_users(events, seed=0))
 
 
 def test_rank_counts_only_unmasked_items_above_the_target() -> None:

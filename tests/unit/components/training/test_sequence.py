@@ -23,6 +23,7 @@ from components.training.models import (  # noqa: E402
     age_buckets,
     id_lookup,
     parse_ages,
+    prefix_means,
     reverse_tokens,
     reverse_within,
     serving_ages,
@@ -34,7 +35,7 @@ from recsys.config import TrainingConfig  # noqa: E402
 ITEMS = [f"i{n}" for n in range(10)]
 
 
-def _tower(max_history: int = 4, dropout: float = 0.0) -> SequentialQueryTower:
+def _tower(max_history: int = 4, dropout: float = 0.0, history_mean: bool = False) -> SequentialQueryTower:
     keras.utils.set_random_seed(0)
     lookup = id_lookup(ITEMS, 2, "item_lookup")
     return SequentialQueryTower(
@@ -56,6 +57,7 @@ def _tower(max_history: int = 4, dropout: float = 0.0) -> SequentialQueryTower:
         item_bias=True,
         item_categories={i: ("even" if int(i[1:]) % 2 == 0 else "odd") for i in ITEMS},
         categories=["even", "odd"],
+        history_mean=history_mean,
     )
 
 
@@ -143,8 +145,9 @@ def test_an_age_bias_on_one_key_moves_only_the_positions_that_see_it() -> None:
     assert np.abs(aged[:, 2:] - plain[:, 2:]).max(axis=-1).min() > 1e-4
 
 
-def test_the_served_query_is_the_training_query_after_the_same_items() -> None:
-    tower = _tower(max_history=4)
+@pytest.mark.parametrize("history_mean", [False, True])
+def test_the_served_query_is_the_training_query_after_the_same_items(history_mean: bool) -> None:
+    tower = _tower(max_history=4, history_mean=history_mean)
     # Training: one window of five targets i1..i5; position t reads the t items before it.
     training = {
         "user_id": tf.constant(["u1"]),
@@ -201,6 +204,33 @@ def test_the_served_query_with_ages_is_the_training_query_at_the_same_time() -> 
             }
         ).numpy()[0]
         np.testing.assert_allclose(served, per_position[n], atol=1e-5)
+
+
+def test_prefix_means_average_the_items_read_so_far() -> None:
+    vectors = tf.constant([[[2.0, 0.0], [0.0, 4.0], [1.0, 1.0]]])
+    out = prefix_means(vectors).numpy()[0]
+    np.testing.assert_allclose(out, [[0, 0], [2, 0], [1, 2], [1, 5 / 3]], atol=1e-6)
+
+
+def test_the_history_mean_is_order_free_and_moves_the_query() -> None:
+    plain, with_mean = _tower(), _tower(history_mean=True)
+    base = {
+        "user_id": tf.constant(["u1"]),
+        "age_bucket": tf.constant(["18-24"]),
+        "country": tf.constant(["US"]),
+        "hour": tf.constant([3], tf.int64),
+        "device": tf.constant(["web"]),
+    }
+    query = with_mean({**base, "recent_items": tf.constant(["i3 i2 i1"])}).numpy()
+    # Its state after the items is the plain tower's followed by their mean, whatever the order.
+    items = tf.constant([["i1", "i2", "i3"]])
+    states = with_mean._states(with_mean._item_vectors(items), None, False).numpy()[0, -1]
+    width = states.shape[-1] // 2
+    mean = with_mean._item_vectors(items).numpy()[0].mean(axis=0)
+    np.testing.assert_allclose(states[width:], mean, atol=1e-6)
+    reordered = with_mean._states(with_mean._item_vectors(tf.constant([["i3", "i1", "i2"]])), None, False)
+    np.testing.assert_allclose(reordered.numpy()[0, -1, width:], mean, atol=1e-6)
+    assert query.shape == plain({**base, "recent_items": tf.constant(["i3 i2 i1"])}).numpy().shape
 
 
 def test_training_ages_are_measured_from_each_positions_own_event() -> None:
