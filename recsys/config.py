@@ -189,8 +189,9 @@ class TrainingConfig(Section):
     # per age bucket, TiSASRec-style); off, it reads the order alone (SASRec).
     sequence_item_ages: bool = True
     # Whether the sequential tower's head also reads the mean of the recent items' vectors
-    # beside the attention's state: the bag tower's order-free view, which the attention block
-    # alone learns less well from few sequences (BENCHMARKS.md, the shuffled-order control).
+    # beside the attention's state: the bag tower's order-free view, where the attention alone
+    # reads less of what is not order (BENCHMARKS.md, the shuffled-order control; the
+    # sequential protocol chooses it on one MovieLens set and not the other).
     sequence_history_mean: bool = False
     # Negatives of the retriever's sampled softmax. in_batch: the other positives of the batch
     # (popularity-distributed). mixed: those plus ``uniform_negatives`` catalog items drawn
