@@ -279,25 +279,21 @@ def run_sequential(
             console.print(f"  validation NDCG@10 {scored['ndcg@10']:.4f} HR@10 {scored['hr@10']:.4f}")
             tried.append({"parameters": point, **scored})
         chosen = max(tried, key=lambda r: r["ndcg@10"])
-        variants = {"test": train, **({"shuffled": None} if shuffled_control else {})}
-        result[tower] = {"validation": tried, "chosen": chosen["parameters"], "epochs": chosen["best_epoch"]}
+        epochs = chosen["best_epoch"]
+        result[tower] = {"validation": tried, "chosen": chosen["parameters"], "epochs": epochs}
+        # The history each test run trains on, per seed. The control deals each seed's own
+        # order out, so its spread includes the shuffle's.
+        variants: dict[str, Callable[[int], pd.DataFrame]] = {"test": lambda _: train}
+        if shuffled_control:
+            variants["shuffled"] = lambda seed: shuffled_within_users(train, seed)
+        recipe = {**BASE, **chosen["parameters"], "epochs": epochs, "validation_fraction": 0.0}
+        configs = {seed: TrainingConfig.model_validate({**recipe, "seed": seed}) for seed in train_seeds}
         for variant, history in variants.items():
             runs = []
-            for seed in train_seeds:
-                config = TrainingConfig.model_validate(
-                    {
-                        **BASE,
-                        **chosen["parameters"],
-                        "epochs": chosen["best_epoch"],
-                        "validation_fraction": 0.0,
-                        "seed": seed,
-                    }
-                )
-                # The control deals each seed's own order out, so its spread includes the shuffle's.
-                seen = shuffled_within_users(train, seed) if history is None else history
-                epochs = chosen["best_epoch"]
+            for seed, config in configs.items():
                 console.print(f"[bold]{dataset}[/] {tower}: {variant} run, seed {seed}, {epochs} epochs")
-                scored = train_and_score(config, frames, seen, test, home / f"{tower}-{variant}-{seed}", log)
+                out_dir = home / f"{tower}-{variant}-{seed}"
+                scored = train_and_score(config, frames, history(seed), test, out_dir, log)
                 console.print(f"  test NDCG@10 {scored['ndcg@10']:.4f} HR@10 {scored['hr@10']:.4f}")
                 runs.append({"seed": seed, **scored})
             result[tower][variant] = runs

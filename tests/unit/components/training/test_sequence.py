@@ -212,7 +212,7 @@ def test_prefix_means_average_the_items_read_so_far() -> None:
     np.testing.assert_allclose(out, [[0, 0], [2, 0], [1, 2], [1, 5 / 3]], atol=1e-6)
 
 
-def test_the_history_mean_is_order_free_and_moves_the_query() -> None:
+def test_the_history_mean_follows_the_state_whatever_the_order() -> None:
     plain, with_mean = _tower(), _tower(history_mean=True)
     base = {
         "user_id": tf.constant(["u1"]),
@@ -230,6 +230,7 @@ def test_the_history_mean_is_order_free_and_moves_the_query() -> None:
     np.testing.assert_allclose(states[width:], mean, atol=1e-6)
     reordered = with_mean._states(with_mean._item_vectors(tf.constant([["i3", "i1", "i2"]])), None, False)
     np.testing.assert_allclose(reordered.numpy()[0, -1, width:], mean, atol=1e-6)
+    # The query the index and the gateway see keeps its width: only the head's input grows.
     assert query.shape == plain({**base, "recent_items": tf.constant(["i3 i2 i1"])}).numpy().shape
 
 
