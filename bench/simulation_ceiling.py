@@ -13,6 +13,14 @@ weighted by the likelihood of the user's impressions' categories and clicks in t
 then of every click and pass in the simulation's own requests), and shows the ``k`` allowed
 items of highest posterior expected reward. Same users, seeds and responses as
 `recsys simulate`; the table gives the expected reward per request number beside the oracle.
+
+With ``--item-latents unknown`` the policy knows everything above except the items' latent
+vectors: the within-category part of each response is noise to it (drawn as the generator
+draws it, averaged over ``NOISE_DRAWS`` draws), so it learns the user's category tastes from
+impressions, clicks and passes, and nothing within a category. That is the ceiling of a
+learner whose item representations carry nothing of those vectors, which is what the
+trained models' item embeddings are on the demo data (BENCHMARKS.md, "Simulation: what is
+learnable").
 """
 
 from __future__ import annotations
@@ -38,6 +46,10 @@ from recsys.storage import read_table
 TRENDING_SHARE = 0.15
 # The generator's Dirichlet around a user's prior: alpha = 0.05 + 2 x prior.
 DIRICHLET_FLOOR, DIRICHLET_SCALE = 0.05, 2.0
+# Draws of the within-category part of the affinity a policy without item vectors averages
+# over, and the grid of category parts its averaged click chance and reward are tabled on.
+NOISE_DRAWS = 1024
+CATEGORY_AFFINITY_GRID = np.linspace(-8.0, 1.0, 4001)
 
 
 class PosteriorPolicy:
@@ -53,8 +65,10 @@ class PosteriorPolicy:
         data: pd.DataFrame,
         particles: int,
         seed: int,
+        item_latents: bool = True,
     ) -> None:
         self.truth, self.t = truth, truth.synthetic
+        self.item_latents = item_latents
         self.universe_ids = universe_ids
         self.universe_pos = truth.item_positions(universe_ids)
         self.prior, self.data, self.particles = prior, data, particles
@@ -63,20 +77,45 @@ class PosteriorPolicy:
         categories = self.t.item_primary[shown["ip"].to_numpy(dtype=np.int64)]
         self.category_share = np.bincount(categories, minlength=self.t.taste.shape[1]) / max(len(shown), 1)
         self._state: dict[str, list[np.ndarray]] = {}
+        # Without item vectors: the click chance and reward of a category part, noise averaged.
+        noisy = CATEGORY_AFFINITY_GRID[:, None] + self._within_category_noise(seed)[None, :]
+        self._click_of_category = response_odds(noisy).click.mean(axis=1)
+        self._reward_of_category = truth.expected_reward_of_affinity(noisy).mean(axis=1)
+
+    def _within_category_noise(self, seed: int) -> np.ndarray:
+        """Draws of the affinity's latent part for a random user and item, as the generator
+        draws both vectors (the affinity with them less the affinity without them)."""
+        rng = np.random.default_rng(seed + 1)
+        shape = (NOISE_DRAWS, LATENT_DIM)
+        users, items = rng.normal(0, 1, size=shape), rng.normal(0, 1, size=shape)
+        ones, zeros = np.ones(NOISE_DRAWS), np.zeros(shape)
+        scale = np.sqrt(LATENT_DIM)
+        return affinity_of(ones, users / scale, items / scale) - affinity_of(ones, zeros, zeros)
 
     def recommend(self, request: Request) -> Recommendation:
-        taste, latent, log_w = self._posterior(request.user_id)
+        expected = self.expected_rewards(request.user_id)
+        picked = top_allowed(expected, request.allowed, request.k)
+        return Recommendation([self.universe_ids[p] for p in picked])
+
+    def expected_rewards(self, user_id: str) -> np.ndarray:
+        """Each universe item's posterior expected reward for ``user_id``."""
+        taste, latent, log_w = self._posterior(user_id)
         w = np.exp(log_w - log_w.max())
         w /= w.sum()
         keep = w > 1e-8  # particles of negligible weight change nothing
-        affinity = affinity_of(
-            taste[keep][:, self.t.item_primary[self.universe_pos]],
-            latent[keep][:, None, :],
-            self.t.item_latent[self.universe_pos][None, :, :],
-        )
-        expected = w[keep] @ self.truth.expected_reward_of_affinity(affinity)
-        picked = top_allowed(expected, request.allowed, request.k)
-        return Recommendation([self.universe_ids[p] for p in picked])
+        if self.item_latents:
+            affinity = affinity_of(
+                taste[keep][:, self.t.item_primary[self.universe_pos]],
+                latent[keep][:, None, :],
+                self.t.item_latent[self.universe_pos][None, :, :],
+            )
+            expected = w[keep] @ self.truth.expected_reward_of_affinity(affinity)
+        else:
+            # Every item of a category is worth the same: the category's reward, noise averaged.
+            base = self._category_affinity(taste[keep])  # [P, C]
+            per_category = np.interp(base, CATEGORY_AFFINITY_GRID, self._reward_of_category)
+            expected = (w[keep] @ per_category)[self.t.item_primary[self.universe_pos]]
+        return expected
 
     def observe(self, request: Request, shown: Recommendation, response: SimulatedResponse) -> None:
         del shown
@@ -104,11 +143,20 @@ class PosteriorPolicy:
     ) -> np.ndarray:
         if not len(items):
             return np.zeros(len(taste))
-        affinity = affinity_of(
-            taste[:, self.t.item_primary[items]], latent[:, None, :], self.t.item_latent[items][None, :, :]
-        )
-        p = np.clip(response_odds(affinity).click, 1e-9, 1 - 1e-9)
+        if self.item_latents:
+            primary, item_latent = self.t.item_primary[items], self.t.item_latent[items]
+            affinity = affinity_of(taste[:, primary], latent[:, None, :], item_latent[None, :, :])
+            p = response_odds(affinity).click
+        else:
+            base = self._category_affinity(taste)[:, self.t.item_primary[items]]  # [P, N]
+            p = np.interp(base, CATEGORY_AFFINITY_GRID, self._click_of_category)
+        p = np.clip(p, 1e-9, 1 - 1e-9)
         return np.where(np.asarray(clicked, dtype=bool)[None, :], np.log(p), np.log1p(-p)).sum(axis=1)
+
+    def _category_affinity(self, taste: np.ndarray) -> np.ndarray:
+        """[P, C] the affinity's category part: the affinity with both latent vectors zero."""
+        p, c = taste.shape
+        return affinity_of(taste, np.zeros((p, c, LATENT_DIM)), np.zeros((p, c, LATENT_DIM)))
 
 
 def group_prior(truth: Truth, users: pd.DataFrame) -> np.ndarray:
@@ -130,6 +178,12 @@ def main() -> None:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--particles", type=int, default=5000)
+    p.add_argument(
+        "--item-latents",
+        choices=("known", "unknown"),
+        default="known",
+        help="whether the policy knows the items' latent vectors (unknown: categories only)",
+    )
     args = p.parse_args()
     settings = settings_from_environment(None)
     truth_folder = latest_truth_dir(settings)
@@ -144,7 +198,9 @@ def main() -> None:
     prior = group_prior(truth, read_table(validated, "users", columns=["user_id", "age_bucket", "country"]))
     universe = [str(i) for i in world.universe.item_ids]
     policies: list[Any] = [
-        PosteriorPolicy(truth, universe, prior, events, args.particles, args.seed),
+        PosteriorPolicy(
+            truth, universe, prior, events, args.particles, args.seed, args.item_latents == "known"
+        ),
         OraclePolicy(world.universe, truth),
     ]
     console = Console()
@@ -159,7 +215,8 @@ def main() -> None:
 def _print(console: Console, records: pd.DataFrame, args: argparse.Namespace) -> None:
     per_request = records.pivot_table(index="request", columns="policy", values="expected_reward")
     table = Table(
-        title=f"expected reward per request, {args.users} users, seed {args.seed}, {args.particles} particles"
+        title=f"expected reward per request, {args.users} users, seed {args.seed}, {args.particles} "
+        f"particles, item latent vectors {args.item_latents}"
     )
     for c in ("request", "posterior", "oracle", "share"):
         table.add_column(c, justify="right")

@@ -53,3 +53,32 @@ def test_posterior_policy_learns_a_user_from_clicks_and_beats_random() -> None:
     records = simulate(world, [fresh, RandomPolicy(universe, 0), OraclePolicy(universe, truth)], 4, 5, 0)
     reward = records.groupby("policy")["expected_reward"].mean()
     assert reward["random"] < reward["posterior"] <= reward["oracle"]
+
+
+def test_without_item_vectors_the_posterior_learns_categories_and_nothing_within_them() -> None:
+    truth = Truth(draw_truth(tiny_params(users=60, items=60)), TrainingConfig())
+    t = truth.synthetic
+    ids = [str(i) for i in truth.item_ids]
+    prior = np.tile(t.taste.mean(axis=0), (len(t.user_ids), 1))
+    no_data = pd.DataFrame({"user_id": [], "item_id": [], "event_type": [], "ip": []})
+    policy = PosteriorPolicy(truth, ids, prior, no_data, particles=2000, seed=0, item_latents=False)
+    user = str(t.user_ids[0])
+    before = policy.expected_rewards(user)
+    # Items of one category are worth the same to it, whatever their latent vectors.
+    for c in np.unique(t.item_primary):
+        assert np.ptp(before[t.item_primary == c]) < 1e-12
+    knowing = PosteriorPolicy(truth, ids, prior, no_data, particles=2000, seed=0).expected_rewards(user)
+    assert max(np.ptp(knowing[t.item_primary == c]) for c in np.unique(t.item_primary)) > 0
+    # Clicks on one category and passes elsewhere lift that category to the top.
+    favourite = int(np.argmax(t.taste[0]))
+    liked = np.flatnonzero(t.item_primary == favourite)[:6]
+    other = np.flatnonzero(t.item_primary != favourite)[:12]
+    shown = [ids[i] for i in np.concatenate([liked, other])]
+    clicks = np.concatenate([np.ones(len(liked), bool), np.zeros(len(other), bool)])
+    zeros = np.zeros(len(shown))
+    request = Request(user, 0, 5, np.ones(len(ids), dtype=bool), [])
+    policy.observe(
+        request, Recommendation(shown), SimulatedResponse(shown, pd.DataFrame(), clicks, zeros, zeros)
+    )
+    after = policy.expected_rewards(user)
+    assert after[t.item_primary == favourite][0] == after.max() > before[t.item_primary == favourite][0]
