@@ -600,7 +600,9 @@ def simulate_cmd(
     seed: Annotated[int, typer.Option(help="Seeds the users' sample, the random policy and responses.")] = 0,
     policy: Annotated[
         list[str] | None,
-        typer.Option(help="Policies to run (repeatable): served, retrieval, popularity, random, oracle."),
+        typer.Option(
+            help="Policies to run (repeatable): served, retrieval, popularity, random, ceiling, oracle."
+        ),
     ] = None,
     gateway: Annotated[
         str | None, typer.Option(help="A running gateway's URL (default: start one on a scratch copy).")
@@ -629,7 +631,8 @@ def simulate_cmd(
     ] = 0.4,
 ) -> None:
     """Replay users of the synthetic truth against the served system, retrieval alone, popularity,
-    random and the oracle; report reward per request and the served system's share of the oracle."""
+    random, the learner's ceiling and the oracle; report reward per request and the served
+    system's share of the oracle (and of the ceiling)."""
     from entrypoints.simulate import POLICIES, run_simulation
 
     try:

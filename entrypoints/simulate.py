@@ -1,4 +1,5 @@
-"""`recsys simulate`: the served system, retrieval alone, popularity and random against the oracle.
+"""`recsys simulate`: the served system, retrieval alone, popularity, random and the learner's
+ceiling against the oracle.
 
 Users of the synthetic data's truth (``components.simulation``) ask each policy for ``k``
 items and respond as the truth says. The served system is the gateway's own request path
@@ -29,6 +30,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from components.simulation.ceiling import ceiling_policy
 from components.simulation.exploration import (
     ExploringPolicy,
     exploration_summary,
@@ -53,8 +55,11 @@ from recsys.config import Settings
 from recsys.model_registry import LOAD_CONFIG, MODELS_CONFIG
 
 SERVED = "served"
+CEILING = "ceiling"
 # In the order they run and are reported; the oracle is the reference of every share.
-POLICIES = (SERVED, "retrieval", "popularity", "random", "oracle")
+POLICIES = (SERVED, "retrieval", "popularity", "random", CEILING, "oracle")
+# Draws of the ceiling policy's posterior per user (BENCHMARKS.md: 4x as many move it 0.2 points).
+CEILING_PARTICLES = 5000
 SIMULATION_STEP = "simulation"
 
 
@@ -296,6 +301,11 @@ def run_simulation(
     built["popularity"] = PopularityPolicy(world.universe, world.popular_items)
     built["random"] = RandomPolicy(world.universe, seed)
     built["oracle"] = OraclePolicy(world.universe, truth_model)
+    if CEILING in chosen:
+        # What a learner of category tastes that knows the generator reaches: the reference the
+        # served system can be held to where the items' latent vectors are not in the data.
+        universe = [str(i) for i in world.universe.item_ids]
+        built[CEILING] = ceiling_policy(truth_model, universe, inputs.validated, CEILING_PARTICLES, seed)
     exploring = _exploring_policies(settings, world, truth_model, exploration, new_item_count, seed)
     setup = {
         "truth": str(inputs.truth),
@@ -328,7 +338,7 @@ def run_simulation(
     summary = summarize(records, seed=seed, setup=setup)
     if exploring:
         summary["exploration"] = exploration_summary(records, exploring)
-    paths = write_report(summary, records, inputs.out, served=SERVED)
+    paths = write_report(summary, records, inputs.out, served=SERVED, ceiling=CEILING)
     print_summary(console, summary)
     console.print(f"report: {paths['report']} ({time.perf_counter() - started:.0f}s)")
     return summary
@@ -436,6 +446,14 @@ def print_summary(console: Console, summary: dict[str, Any]) -> None:
                 for arm, v in served["arms"].items()
             )
             console.print(f"served by arm: {arms}")
+        ceiling = summary["policies"].get(CEILING)
+        if ceiling is not None:
+            got = served["expected_reward_per_request"]["mean"]
+            top = ceiling["expected_reward_per_request"]["mean"]
+            console.print(
+                f"served reaches {got / top:.0%} of the {CEILING}'s expected reward (a learner of category "
+                "tastes that knows the generator but not the items' latent vectors)"
+            )
         if served["not_allowed"] or served["unsimulated"]:
             console.print(
                 f"[yellow]the gateway showed {served['not_allowed']} items the simulation's filter did not "

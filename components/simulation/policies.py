@@ -8,7 +8,8 @@ rewards differ only by how they choose:
 - ``PopularityPolicy``: most positive events in the data first (the usual baseline);
 - ``RetrievalPolicy``: exact top-k by the pushed retrieval model's dot product (the two-tower
   model alone: no ranker, no diversity, no exploration);
-- ``OraclePolicy``: top-k by the truth's expected reward (the ceiling).
+- ``OraclePolicy``: top-k by the truth's expected reward (the reference of every share; what
+  a learner could reach is ``components.simulation.ceiling``'s).
 
 The served system (the gateway) is a policy too; it lives with the entry point that reaches it,
 since pipeline steps do not import serving.
@@ -151,7 +152,7 @@ class PopularityPolicy(_ScoredPolicy):
 
 
 class OraclePolicy(_ScoredPolicy):
-    """The ceiling: the allowed items of highest expected reward under the truth."""
+    """The reference: the allowed items of highest expected reward under the truth."""
 
     name = "oracle"
 

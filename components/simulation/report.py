@@ -95,9 +95,14 @@ def _share(policy: np.ndarray, reference: np.ndarray, resamples: np.ndarray) -> 
 
 
 def write_report(
-    summary: Mapping[str, Any], records: pd.DataFrame, out_dir: Path, served: str = "served"
+    summary: Mapping[str, Any],
+    records: pd.DataFrame,
+    out_dir: Path,
+    served: str = "served",
+    ceiling: str | None = None,
 ) -> dict[str, Path]:
-    """``summary.json``, ``requests.parquet`` (one row per request) and ``report.html`` in ``out_dir``."""
+    """``summary.json``, ``requests.parquet`` (one row per request) and ``report.html`` in
+    ``out_dir``; where the ``ceiling`` policy ran, the headline holds the served system to it too."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -107,11 +112,11 @@ def write_report(
     }
     paths["summary"].write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
     records.to_parquet(paths["requests"], index=False)
-    paths["report"].write_text(_html(summary, served))
+    paths["report"].write_text(_html(summary, served, ceiling))
     return paths
 
 
-def _html(summary: Mapping[str, Any], served: str) -> str:
+def _html(summary: Mapping[str, Any], served: str, ceiling: str | None = None) -> str:
     policies: Mapping[str, Any] = summary["policies"]
     reference = summary["reference"]
     headline = ""
@@ -123,6 +128,14 @@ def _html(summary: Mapping[str, Any], served: str) -> str:
             f"{html.escape(reference)}'s reward per request (95% interval {share['ci95'][0]:.1%} to "
             f"{share['ci95'][1]:.1%}); by expected reward of the items shown, {expected['mean']:.1%}.</p>"
         )
+        if ceiling in policies:
+            top = policies[ceiling]["expected_share_of_oracle"]["mean"]
+            headline += (
+                f"<p>The {html.escape(ceiling)} (a learner of category tastes that knows the generator "
+                f"but not the items' latent vectors, which the data does not reveal) earns "
+                f"{top:.1%} by expected reward: the served system reaches "
+                f"<b>{expected['mean'] / top:.0%}</b> of what such a learner reaches.</p>"
+            )
     cols = [
         ("requests", "requests"),
         ("users", "users"),
@@ -381,7 +394,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}</style></head><b
 then the event log is exported, the models are retrained on the source plus that served traffic,
 gated and, if blessed, pushed and promoted for the next round. Expected reward per request: what
 the truth expects of the shown items (objective-weighted), per serving arm; the oracle's on the
-same users the same round is the ceiling.</p>
+same users the same round is the reference.</p>
 <img alt="reward per round" src="data:image/png;base64,{_loop_chart(summary)}">
 <table><tr><th>round</th>{head}<th>oracle</th><th>then</th></tr>{body}</table>
 {_versions_html(summary.get("versions_compared"))}

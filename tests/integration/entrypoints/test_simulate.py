@@ -52,6 +52,8 @@ def test_simulate_compares_the_served_system_with_the_oracle(gateway_template: P
     # The oracle is the ceiling of what can be expected of k allowed items; random is far below it.
     assert (mean.loc["oracle", "expected_reward"] >= mean["expected_reward"] - 1e-9).all(), mean
     assert mean.loc["random", "reward"] < mean.loc["oracle", "reward"]
+    # The learner's ceiling (categories from the data and each response) beats showing at random.
+    assert mean.loc["random", "expected_reward"] < mean.loc["ceiling", "expected_reward"]
     # The share is the measured rewards' ratio (every user made the same number of requests).
     served_share = policies["served"]["share_of_oracle"]["mean"]
     assert served_share == pytest.approx(mean.loc["served", "reward"] / mean.loc["oracle", "reward"])
@@ -73,4 +75,6 @@ def test_simulate_compares_the_served_system_with_the_oracle(gateway_template: P
     assert not event_log.exists()
     assert not (out / "serving_home").exists()
     assert (out / "report.html").is_file() and (out / "logs" / "gateway.log").is_file()
+    assert "learner of category tastes" in (out / "report.html").read_text()
     assert "share of the oracle" in said.replace("\n", " ")
+    assert "of the ceiling's expected reward" in said.replace("\n", " ")

@@ -1,11 +1,11 @@
-"""The posterior policy that bounds what a policy can learn of a simulated user."""
+"""The posterior policies that bound what a policy can learn of a simulated user."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from bench.simulation_ceiling import PosteriorPolicy, group_prior
+from components.simulation.ceiling import PosteriorPolicy, group_prior
 from components.simulation.loop import SimulatedUser, World, simulate
 from components.simulation.policies import OraclePolicy, RandomPolicy, Recommendation, Request, Universe
 from components.simulation.truth import SimulatedResponse, Truth
@@ -62,6 +62,7 @@ def test_without_item_vectors_the_posterior_learns_categories_and_nothing_within
     prior = np.tile(t.taste.mean(axis=0), (len(t.user_ids), 1))
     no_data = pd.DataFrame({"user_id": [], "item_id": [], "event_type": [], "ip": []})
     policy = PosteriorPolicy(truth, ids, prior, no_data, particles=2000, seed=0, item_latents=False)
+    assert policy.name == "ceiling"
     user = str(t.user_ids[0])
     before = policy.expected_rewards(user)
     # Items of one category are worth the same to it, whatever their latent vectors.
