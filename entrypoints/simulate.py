@@ -438,6 +438,11 @@ def print_summary(console: Console, summary: dict[str, Any]) -> None:
             f"{p['purchases_per_request']:.3f}",
         )
     console.print(t)
+    for name in (SERVED, CEILING):
+        by_request = summary["policies"].get(name, {}).get("expected_share_by_request") or []
+        if len(by_request) > 1:
+            shares = " ".join(f"{v:.0%}" for v in by_request)
+            console.print(f"{name}, share of the {summary['reference']} by request number: {shares}")
     served = summary["policies"].get(SERVED)
     if served is not None:
         if served.get("arms"):

@@ -44,6 +44,12 @@ def summarize(
         metric: records.pivot_table(index="user_id", columns="policy", values=metric, aggfunc="mean")[names]
         for metric in ("reward", "expected_reward")
     }
+    # Per request number (a user's first, second, ...): how fast each policy learns a user.
+    by_request = (
+        records.pivot_table(index="request", columns="policy", values="expected_reward", aggfunc="mean")
+        if "request" in records
+        else None
+    )
     rng = np.random.default_rng(seed)
     n_users = len(per_user["reward"])
     resamples = rng.integers(0, n_users, size=(BOOTSTRAP_SAMPLES, n_users))
@@ -67,6 +73,9 @@ def summarize(
         for metric, key in (("reward", "share_of_oracle"), ("expected_reward", "expected_share_of_oracle")):
             table = per_user[metric]
             entry[key] = _share(table[name].to_numpy(), table[reference].to_numpy(), resamples)
+        if by_request is not None:
+            share = by_request[name] / by_request[reference]
+            entry["expected_share_by_request"] = [round(float(v), 4) for v in share.to_numpy()]
         arms = rows[rows["arm"] != ""]
         if len(arms):
             entry["arms"] = {
@@ -164,6 +173,7 @@ def _html(summary: Mapping[str, Any], served: str, ceiling: str | None = None) -
         f"<li>{html.escape(str(k))}: {html.escape(str(v))}</li>" for k, v in summary.get("setup", {}).items()
     )
     chart = _chart(policies, reference)
+    by_request = _by_request_html(policies, reference)
     exploration = _exploration_html(summary.get("exploration") or {}, reference)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>recsys simulation</title>
@@ -176,6 +186,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}.headline{{font-s
 ranker's objectives weigh them. Intervals are 95%, over users.</p>
 <img alt="reward per request" src="data:image/png;base64,{chart}">
 <table><tr><th>policy</th>{head}</tr>{body}</table>
+{by_request}
 {f"<h2>Serving arms</h2><ul>{arms}</ul>" if arms else ""}
 {exploration}
 <h2>Setup</h2><ul>{setup}</ul>
@@ -233,6 +244,33 @@ def _cell(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3f}"
     return html.escape(str(v))
+
+
+def _by_request_html(policies: Mapping[str, Any], reference: str) -> str:
+    """The share of the reference's expected reward by request number, per policy: a chart."""
+    key = "expected_share_by_request"
+    shares = {n: p[key] for n, p in policies.items() if p.get(key)}
+    if not shares or max(len(v) for v in shares.values()) < 2:
+        return ""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    for name, values in shares.items():
+        if name != reference:
+            ax.plot(range(1, len(values) + 1), values, marker="o", label=name)
+    ax.set_xlabel("request number of the user")
+    ax.set_ylabel(f"share of the {reference}")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax.legend()
+    return (
+        f"<h2>By request number</h2><p>Each policy's expected reward on a user's first, second, ... "
+        f"request as a share of the {html.escape(reference)}'s on the same users: how fast it learns a "
+        f"user from what they take and pass over.</p>"
+        f'<img alt="share by request number" src="data:image/png;base64,{_png(fig)}">'
+    )
 
 
 def _chart(policies: Mapping[str, Any], reference: str) -> str:

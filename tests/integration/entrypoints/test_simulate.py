@@ -78,3 +78,5 @@ def test_simulate_compares_the_served_system_with_the_oracle(gateway_template: P
     assert "learner of category tastes" in (out / "report.html").read_text()
     assert "share of the oracle" in said.replace("\n", " ")
     assert "of the ceiling's expected reward" in said.replace("\n", " ")
+    assert "served, share of the oracle by request number" in said.replace("\n", " ")
+    assert len(policies["served"]["expected_share_by_request"]) == 3

@@ -139,6 +139,12 @@ def test_summary_shares_come_from_the_measured_rewards_and_the_report_is_written
     assert p["random"]["reward_per_request"]["mean"] == pytest.approx(random_mean)
     assert p["random"]["share_of_oracle"]["mean"] == pytest.approx(random_mean / oracle_mean)
     assert p["oracle"]["share_of_oracle"]["mean"] == pytest.approx(1.0)
+    # By request number: the oracle is its own reference each time; random's first request is
+    # its first request's mean over the oracle's.
+    assert p["oracle"]["expected_share_by_request"] == [1.0, 1.0]
+    first = records[records["request"] == 0].groupby("policy")["expected_reward"].mean()
+    random_first = p["random"]["expected_share_by_request"][0]
+    assert random_first == pytest.approx(first["random"] / first["oracle"], abs=1e-4)
     lo, hi = p["random"]["share_of_oracle"]["ci95"]
     assert lo <= p["random"]["share_of_oracle"]["mean"] <= hi
     lo, hi = p["random"]["reward_per_request"]["ci95"]
@@ -148,6 +154,7 @@ def test_summary_shares_come_from_the_measured_rewards_and_the_report_is_written
     paths = write_report(summary, records, tmp_path)
     page = paths["report"].read_text()
     assert "random" in page and "oracle" in page and "data:image/png;base64," in page
+    assert "By request number" in page
     assert json.loads(paths["summary"].read_text())["policies"]["random"]["requests"] == len(clicks)
     assert len(pd.read_parquet(paths["requests"])) == len(records)
     with pytest.raises(ValueError, match="reference policy 'oracle' was not simulated"):
