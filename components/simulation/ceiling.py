@@ -4,7 +4,7 @@ The oracle knows each user's true tastes and latent vector; a recommender only s
 user did. ``PosteriorPolicy`` is far better informed than any trained model: it knows the
 generator itself (each item's true primary category and, unless told otherwise, latent
 vector, the response model, and the prior a user's tastes are drawn from, taken from the true
-tastes of users of the same age bucket and country), and not the user. It keeps a posterior
+tastes of the other users of the same age bucket and country), and not the user. It keeps a posterior
 over the user's tastes and latent vector (importance sampling: ``particles`` draws from the
 prior, weighted by the likelihood of the user's impressions' categories and clicks in the
 data, then of every click and pass of the simulation's own requests) and shows the ``k``
@@ -150,14 +150,18 @@ class PosteriorPolicy:
 
 
 def group_prior(truth: Truth, users: pd.DataFrame) -> np.ndarray:
-    """Each user's taste prior: the mean true taste of the users of the same age bucket and country."""
+    """Each user's taste prior: the mean true taste of the other users of the same age bucket
+    and country (all other users where the user is alone in their group), so that the prior
+    holds nothing of the user's own taste."""
     frame = pd.DataFrame({"user_id": [str(u) for u in truth.synthetic.user_ids]}).merge(
         users.astype({"user_id": str}), on="user_id", how="left"
     )
     keys = frame[["age_bucket", "country"]].astype(str).agg("|".join, axis=1)
-    prior = np.empty_like(truth.synthetic.taste)
+    taste = truth.synthetic.taste
+    prior = (taste.sum(axis=0) - taste) / max(len(taste) - 1, 1)
     for _, idx in frame.groupby(keys).indices.items():
-        prior[idx] = truth.synthetic.taste[idx].mean(axis=0)
+        if len(idx) > 1:
+            prior[idx] = (taste[idx].sum(axis=0) - taste[idx]) / (len(idx) - 1)
     return prior
 
 

@@ -14,13 +14,18 @@ from recsys.config import TrainingConfig
 from tests.support.tiny_data import tiny_params
 
 
-def test_group_prior_is_the_mean_taste_of_the_users_alike() -> None:
+def test_group_prior_is_the_mean_taste_of_the_other_users_alike() -> None:
     truth = Truth(draw_truth(tiny_params(users=50, items=40)), TrainingConfig())
     ids = [str(u) for u in truth.synthetic.user_ids]
     users = pd.DataFrame({"user_id": ids, "age_bucket": ["a", "b"] * 25, "country": "DE"})
     prior = group_prior(truth, users)
-    assert np.allclose(prior[0], truth.synthetic.taste[0::2].mean(axis=0))
-    assert np.allclose(prior[1], truth.synthetic.taste[1::2].mean(axis=0))
+    # The others of the user's group: the user's own taste is not in their prior.
+    taste = truth.synthetic.taste
+    assert np.allclose(prior[0], taste[2::2].mean(axis=0))
+    assert np.allclose(prior[1], taste[3::2].mean(axis=0))
+    # Alone in a group: every other user.
+    users.loc[0, "country"] = "FR"
+    assert np.allclose(group_prior(truth, users)[0], taste[1:].mean(axis=0))
 
 
 def test_posterior_policy_learns_a_user_from_clicks_and_beats_random() -> None:
