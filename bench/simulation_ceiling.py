@@ -60,12 +60,11 @@ def main() -> None:
         records = simulate(
             world, policies, args.requests_per_user, args.k, args.seed, lambda _: progress.advance(task)
         )
-    _print(console, records, args)
+    _print(console, records, args, policies[0].name)
 
 
-def _print(console: Console, records: pd.DataFrame, args: argparse.Namespace) -> None:
+def _print(console: Console, records: pd.DataFrame, args: argparse.Namespace, name: str) -> None:
     per_request = records.pivot_table(index="request", columns="policy", values="expected_reward")
-    name = "posterior" if args.item_latents == "known" else "ceiling"
     table = Table(
         title=f"expected reward per request, {args.users} users, seed {args.seed}, {args.particles} "
         f"particles, item latent vectors {args.item_latents}"

@@ -67,10 +67,11 @@ class PosteriorPolicy:
         categories = self.t.item_primary[shown["ip"].to_numpy(dtype=np.int64)]
         self.category_share = np.bincount(categories, minlength=self.t.taste.shape[1]) / max(len(shown), 1)
         self._state: dict[str, list[np.ndarray]] = {}
-        # Without item vectors: the click chance and reward of a category part, noise averaged.
-        noisy = CATEGORY_AFFINITY_GRID[:, None] + self._within_category_noise(seed)[None, :]
-        self._click_of_category = response_odds(noisy).click.mean(axis=1)
-        self._reward_of_category = truth.expected_reward_of_affinity(noisy).mean(axis=1)
+        if not item_latents:
+            # The click chance and reward of a category part, the within-category noise averaged.
+            noisy = CATEGORY_AFFINITY_GRID[:, None] + self._within_category_noise(seed)[None, :]
+            self._click_of_category = response_odds(noisy).click.mean(axis=1)
+            self._reward_of_category = truth.expected_reward_of_affinity(noisy).mean(axis=1)
 
     def _within_category_noise(self, seed: int) -> np.ndarray:
         """Draws of the affinity's latent part for a random user and item, as the generator

@@ -54,6 +54,8 @@ def test_simulate_compares_the_served_system_with_the_oracle(gateway_template: P
     assert mean.loc["random", "reward"] < mean.loc["oracle", "reward"]
     # The learner's ceiling (categories from the data and each response) beats showing at random.
     assert mean.loc["random", "expected_reward"] < mean.loc["ceiling", "expected_reward"]
+    ceiling_share = mean.loc["served", "expected_reward"] / mean.loc["ceiling", "expected_reward"]
+    assert summary["served_share_of_ceiling"] == pytest.approx(ceiling_share)
     # The share is the measured rewards' ratio (every user made the same number of requests).
     served_share = policies["served"]["share_of_oracle"]["mean"]
     assert served_share == pytest.approx(mean.loc["served", "reward"] / mean.loc["oracle", "reward"])
