@@ -343,6 +343,12 @@ class EvaluationConfig(Section):
     # truth does not; the gate metric is reported beside it); "metric", the gate metric
     # decides and the truth can only veto a step. Without truth the gate metric decides.
     judge: Literal["reward", "metric"] = "reward"
+    # Where the truth exists, a ranker that would serve is also played against retrieval order
+    # alone over a simulated session of session_requests requests (0: off) by the first
+    # session_users validation users: each request retrieves and ranks again for what the
+    # session's clicks and passes changed (components/evaluation/session_replay.py).
+    session_requests: int = Field(5, ge=0)
+    session_users: int = Field(200, ge=1)
     # The metric (slice "all") that gates a model, and which system it is read from. served:
     # what the gateway serves (candidates, seen filter, ranker with the chosen fusion weight,
     # MMR, exploration slots), replayed offline.

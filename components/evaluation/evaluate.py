@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -64,6 +64,7 @@ from components.evaluation.served_policy import (
     new_item_mask,
     score_pairs,
 )
+from components.evaluation.session_replay import Session, SimulatedUsers, session_rewards, with_clicks
 from components.evaluation.splits import choose_split, split_holdout, time_split, validation_split
 from components.training.neighbours import refit_like
 from recsys.config import EvaluationConfig, FeaturesConfig, GatewayConfig, TrainingConfig
@@ -586,14 +587,26 @@ def _replay(
     recent_items: int,
     with_retriever: bool = True,
     neighbours: ItemNeighbours | None = None,
+    session: Session | None = None,
+    request: int = 0,
 ) -> tuple[dict[str, list[str]], Replay]:
     """The retriever's lists (seen excluded) and the served replay of one evaluation set.
 
     The item-to-item source (``neighbours``, default the version's own) reads each user's
     ``recent_items`` newest positives of ``train_frame``, as the gateway reads its recent items.
+    With a ``session``, request number ``request`` of it: its clicks lead the queries' and the
+    sources' recent items, its seen items are filtered, its passed-over items discounted.
     """
     from components.training.train import positive_histories
 
+    histories = {u: items[:recent_items] for u, items in positive_histories(train_frame).items()}
+    passed_over = None
+    if session is not None:
+        max_history = int(models.manifest.get("parameters", {}).get("max_history", recent_items))
+        queries = with_clicks(eval_set.queries.loc[eval_set.users], session.clicks, max_history)
+        eval_set = replace(eval_set, seen=session.seen, queries=queries)
+        histories = {u: items[:recent_items] for u, items in session.histories.items()}
+        passed_over = session.passed
     users = eval_set.users
     q_emb = _query_embeddings(models.query_fn, models.manifest["query_inputs"], eval_set.queries.loc[users])
     retrieved: dict[str, list[str]] = {}
@@ -619,11 +632,12 @@ def _replay(
         ranker_scores=ranker_scores,
         gateway=gateway,
         k=max(config.ks),
-        seed=config.split_seed,
+        seed=config.split_seed + request,
         also_score={u: retrieved[u][: config.rerank_depth] for u in users} if with_retriever else None,
         neighbours=neighbours or models.neighbours,
-        histories={u: items[:recent_items] for u, items in positive_histories(train_frame).items()},
+        histories=histories,
         item_categories=_item_categories(items_frame, models.item_ids),
+        passed_over=passed_over,
     )
     return retrieved, replay
 
@@ -677,6 +691,11 @@ def _choose_serving_policy(
         with_retriever=False, neighbours=neighbours,
     )  # fmt: skip
     reward_of = _reward_function(truth, validation.users, metric_k(config.gate_metric))
+    session_reward_of = None
+    if truth is not None and config.session_requests > 0:
+        session_reward_of = _session_reward_function(
+            config, gateway, models, carved.train, items_frame, validation, recent_items, neighbours, truth
+        )
     popular = popularity_ranking(
         carved.train, models.item_ids, validation.users, validation.seen, max(config.ks)
     )
@@ -692,6 +711,46 @@ def _choose_serving_policy(
         config.judge,
         config.neighbour_weights,
         config.taste_weights,
+        session_reward_of,
+    )
+
+
+def _session_reward_function(
+    config: EvaluationConfig,
+    gateway: GatewayConfig,
+    models: _Models,
+    train_frame: pd.DataFrame,
+    items_frame: pd.DataFrame,
+    validation: EvalSet,
+    recent_items: int,
+    neighbours: ItemNeighbours | None,
+    truth: Truth,
+) -> Callable[[Step], list[float]]:
+    """step -> the expected reward per request of a simulated session of the first
+    ``session_users`` validation users (``session_replay``): every request retrieves, blends
+    and ranks again for the session's state, as the gateway does."""
+    from components.training.train import positive_histories
+
+    simulated = cast(SimulatedUsers, truth)
+    known = set(simulated.user_ids)
+    users = [u for u in validation.users if u in known][: config.session_users]
+    start = Session.start(
+        {u: h for u, h in positive_histories(train_frame).items() if u in set(users)},
+        {u: validation.seen.get(u, set()) for u in users},
+    )
+    eval_set = replace(validation, users=users)
+    max_history = int(models.manifest.get("parameters", {}).get("max_history", recent_items))
+
+    def replay_of(session: Session, request: int) -> Replay:
+        _, replay = _replay(
+            config, gateway, models, train_frame, items_frame, eval_set, recent_items,
+            with_retriever=False, neighbours=neighbours, session=session, request=request,
+        )  # fmt: skip
+        return replay
+
+    k = metric_k(config.gate_metric)
+    return lambda step: session_rewards(
+        replay_of, simulated, start, users, step, config.session_requests, k, config.split_seed, max_history
     )
 
 

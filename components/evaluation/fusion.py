@@ -17,7 +17,11 @@ reads:
    the cheaper system). Where the generator's truth exists, a weight that lowers the expected
    reward of the top-K below retrieval alone is not served (nor, then, the ranker); a weight
    the metric passed over that would raise the expected reward is named in the reasons, since
-   logged positives carry the old system's exposure and the truth does not.
+   logged positives carry the old system's exposure and the truth does not. With truth, a
+   ranker that would serve is also played against retrieval order alone over a simulated
+   session of ``evaluation.session_requests`` requests (``session_replay``): the ranker reads
+   no session signal, and one request cannot show a weight that keeps the lists from
+   following the session's clicks; if it lowers the session's mean reward it is not served.
 3. **MMR**: served as configured, its offline cost reported; with truth, not served when it
    lowers the expected reward.
 
@@ -32,11 +36,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
+
 from components.evaluation.metrics import summarize
 from components.evaluation.served_policy import Replay, Step
 from recsys.ranking import ServingPolicy
 
 RewardOf = Callable[[Mapping[str, Sequence[str]]], float]
+# A step -> its mean expected reward at each request of a simulated session.
+SessionRewardOf = Callable[[Step], list[float]]
 RETRIEVAL_ONLY = "retrieval only"
 
 
@@ -72,6 +80,7 @@ def choose_policy(
     judge: str = "metric",
     neighbour_weights: Sequence[float] = (),
     taste_weights: Sequence[float] = (),
+    session_reward_of: SessionRewardOf | None = None,
 ) -> PolicyChoice:
     """Pick the fusion weight and MMR on the validation ``replay``.
 
@@ -91,6 +100,9 @@ def choose_policy(
             ``reward_of`` exists; "metric" by ``metric``, the truth only vetoing.
         neighbour_weights: the item-to-item source's shares to try (when the replay has it).
         taste_weights: the category taste's shares to try (when the replay has it).
+        session_reward_of: with truth, step -> expected reward per request of a simulated
+            session (``session_replay``); a ranker that lowers it below retrieval order alone
+            is not served, whatever the one-request replay said.
 
     Returns:
         The policy (weight, MMR, reasons, grid), the grid and the MMR comparison.
@@ -124,6 +136,13 @@ def choose_policy(
         reasons.append(_metric_reason(chosen, retrieval_alone, best_finite, metric))
         if reward_of is not None:
             chosen = _reward_check(chosen, retrieval_alone, grid, metric, reasons)
+    session: dict[str, Any] = {}
+    if session_reward_of is not None and replay.ranker is not None and len(grid) > 1:
+        served = replace(candidates, mmr=replay.gateway.mmr_trade_off < 1, explore=True)
+        ranker_row = chosen if math.isfinite(chosen["_weight"]) else best_by(grid[:-1], judged.by)
+        chosen, session = _session_check(
+            chosen, retrieval_alone, ranker_row, served, session_reward_of, reasons
+        )
     weight = chosen["_weight"]
     mmr_served, mmr_report = _choose_mmr(replay, replace(candidates, weight=weight), judged, reasons)
     public = [{key: v for key, v in row.items() if key != "_weight"} for row in grid]
@@ -143,6 +162,7 @@ def choose_policy(
             "neighbour_grid": blend_grid,
             "taste_grid": taste_grid,
             "mmr": mmr_report,
+            "session": session,
         },
     )
     return PolicyChoice(policy, public, mmr_report, best_finite["_weight"])
@@ -217,6 +237,49 @@ def _reward_check(
             f"{chosen[metric]:.4f} to {best[metric]:.4f}: the gate reads both, so {metric} decides"
         )
     return chosen
+
+
+def best_by(rows: Sequence[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The row with the largest ``key`` (ties to the larger weight)."""
+    return max(rows, key=lambda row: (row[key], row["_weight"]))
+
+
+def _session_check(
+    chosen: dict[str, Any],
+    retrieval_alone: dict[str, Any],
+    ranker_row: dict[str, Any],
+    served: Step,
+    session_reward_of: SessionRewardOf,
+    reasons: list[str],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ranker at ``ranker_row``'s weight (the chosen one, or its best if retrieval order
+    won) against retrieval order alone over a simulated session, the rest of the served
+    system as configured (sources, MMR, exploration). The ranker reads no session signal;
+    fused at a large weight it can keep the lists from following the clicks, which one
+    request cannot show. A chosen ranker serves only if the session's mean reward is not
+    lower; otherwise the comparison is reported."""
+    with_ranker = session_reward_of(replace(served, weight=ranker_row["_weight"]))
+    without = session_reward_of(replace(served, weight=math.inf))
+    report = {
+        "requests": len(with_ranker),
+        "weight": ranker_row["weight"],
+        "with_ranker": with_ranker,
+        "retrieval_order": without,
+    }
+    mean_with, mean_without = float(np.mean(with_ranker)), float(np.mean(without))
+    said = (
+        f"over a simulated session of {len(with_ranker)} requests the mean expected reward is "
+        f"{mean_with:.4f} at fusion weight {ranker_row['weight']} vs {mean_without:.4f} for retrieval "
+        "order alone"
+    )
+    if math.isinf(chosen["_weight"]):
+        reasons.append(f"session check (the ranker not served): {said}")
+        return chosen, report
+    if mean_with < mean_without:
+        reasons.append(f"the ranker is not served: {said} (the lists follow the session's clicks less)")
+        return retrieval_alone, report
+    reasons.append(f"session check passed: {said}")
+    return chosen, report
 
 
 @dataclass(frozen=True)

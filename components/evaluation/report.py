@@ -99,6 +99,26 @@ def _policy_section(metrics: Mapping[str, Any]) -> str:
         + (f"<p>Item-to-item share of the candidate score on validation:</p>{share_table}" if shares else "")
         + (f"<p>Category taste share on validation (after that share):</p>{taste_table}" if tastes else "")
         + (f"<p>Fusion weights on validation (at the chosen share):</p>{table}" if grid else "")
+        + _session_table(validation.get("session") or {})
+    )
+
+
+def _session_table(session: Mapping[str, Any]) -> str:
+    """The session check: expected reward per request with the ranker and with retrieval order."""
+    if not session:
+        return ""
+    requests = int(session["requests"])
+    rows = [
+        [label, *(_num(v) for v in session[key]), _num(float(np.mean(session[key])))]
+        for label, key in (
+            (f"fusion weight {html.escape(str(session['weight']))}", "with_ranker"),
+            ("retrieval order alone", "retrieval_order"),
+        )
+    ]
+    return (
+        f"<p>Simulated session on validation ({requests} requests per user, the served system as "
+        "configured, each request retrieving and ranking again after the simulated clicks):</p>"
+        + _table(["expected reward", *(f"request {r + 1}" for r in range(requests)), "mean"], rows)
     )
 
 

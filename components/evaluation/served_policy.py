@@ -39,6 +39,7 @@ from recsys.ranking import (
     mmr,
     rank_fusion,
     sample_positions,
+    session_feedback,
     union_candidates,
     unit_directions,
 )
@@ -150,6 +151,9 @@ class Replay:
     # user -> each candidate's category taste (``recsys.ranking.category_taste``), aligned with
     # the candidates; None where the items' categories or the histories are unknown.
     taste: dict[str, np.ndarray] | None = None
+    # user -> how often each candidate was served to the user and passed over (a session's
+    # later requests, ``session_replay``), aligned with the candidates; None: a first request.
+    passed: dict[str, np.ndarray] | None = None
 
     def ranker_score_of(self, user: str) -> dict[str, float]:
         """item id -> ranker score of every item scored for ``user``."""
@@ -169,6 +173,7 @@ class Replay:
         pos, retrieval = self.candidates[user], self.retrieval[user]
         ranker = self.ranker[user] if self.ranker is not None else None
         taste = self.taste[user] if self.taste is not None else None
+        passed = self.passed[user] if self.passed is not None else None
         if self.neighbour is not None and self.retrieved is not None:
             if step.blend > 0:
                 retrieval = blend_sources(retrieval, self.neighbour[user], step.blend)
@@ -176,6 +181,7 @@ class Replay:
                 n = self.retrieved[user]
                 pos, retrieval, ranker = pos[:n], retrieval[:n], None if ranker is None else ranker[:n]
                 taste = None if taste is None else taste[:n]
+                passed = None if passed is None else passed[:n]
         if not len(pos):
             return []
         if step.taste > 0 and taste is not None:
@@ -184,6 +190,8 @@ class Replay:
             scores = np.asarray(retrieval, dtype=np.float64)
         else:
             scores = rank_fusion(ranker, retrieval, step.weight)
+        if passed is not None and passed.any():
+            scores = session_feedback(scores, passed, self.gateway.session_item_decay)
         order = np.argsort(-scores, kind="stable")
         pos, scores = pos[order], scores[order]
         gw = self.gateway
@@ -315,6 +323,7 @@ def build_replay(
     neighbours: ItemNeighbours | None = None,
     histories: Mapping[str, Sequence[str]] | None = None,
     item_categories: Sequence[frozenset[str]] | None = None,
+    passed_over: Mapping[str, Mapping[str, int]] | None = None,
 ) -> Replay:
     """Retrieve, filter and score one evaluation set's candidates (the ranker runs here, once).
 
@@ -326,6 +335,8 @@ def build_replay(
             gateway's recent items) score highest.
         item_categories: each catalog item's categories (aligned with ``item_ids``); with
             them and ``histories`` every candidate gets its category taste.
+        passed_over: user -> item id -> how often it was served to the user and passed over
+            (a session's later requests); the gateway discounts those items' scores.
     """
     index = pd.Index(item_ids)
     seen_pos: dict[str, np.ndarray] = {}
@@ -353,6 +364,13 @@ def build_replay(
             at = index.get_indexer(list(histories.get(u, ())))
             recent = [item_categories[p] for p in at[at >= 0]]
             taste[u] = category_taste([item_categories[p] for p in candidates[u]], recent)
+    passed = None
+    if passed_over is not None:
+        passed = {}
+        for u in users:
+            times = passed_over.get(u, {})
+            ids = [str(item_ids[p]) for p in candidates[u]]
+            passed[u] = np.array([times.get(i, 0) for i in ids], dtype=np.float64)
     ranked, extra = None, None
     if ranker_scores is not None:
         ids = {u: [str(item_ids[p]) for p in candidates[u]] for u in users}
@@ -377,6 +395,7 @@ def build_replay(
         neighbour=neighbour,
         retrieved=retrieved,
         taste=taste,
+        passed=passed,
     )
 
 

@@ -236,8 +236,15 @@ def test_the_gate_reads_the_served_system_with_its_policy_steps_and_reward(train
     chosen = "retrieval only" if policy["retrieval_weight"] is None else f"{policy['retrieval_weight']:g}"
     chosen_row = next(row for row in grid if row["weight"] == chosen)
     # Synthetic data carries the generator's truth, which judges (evaluation.judge): the
-    # weight with the best validation expected reward serves.
-    assert chosen_row["expected_reward"] == max(row["expected_reward"] for row in grid)
+    # weight with the best validation expected reward serves, unless it lowered the reward of
+    # a simulated session (then retrieval order serves).
+    session = policy["validation"]["session"]
+    best_row = max(grid, key=lambda row: (row["expected_reward"], row["weight"] == "retrieval only"))
+    if any(r.startswith("the ranker is not served: over a simulated session") for r in policy["reasons"]):
+        assert chosen == "retrieval only" and best_row["weight"] == session["weight"] != chosen
+        assert np.mean(session["with_ranker"]) < np.mean(session["retrieval_order"])
+    else:
+        assert chosen_row["expected_reward"] == best_row["expected_reward"]
     assert policy["validation"]["users"] > 0 and "training part" in policy["validation"]["split"]
     # Each step is measured; the last served one is the served system itself.
     steps = {row["step"]: row for row in metrics["steps"]}
@@ -257,6 +264,14 @@ def test_the_gate_reads_the_served_system_with_its_policy_steps_and_reward(train
     assert (trained["base"] / "train" / "item_neighbours.npz").is_file()
     assert steps["exploration"]["ndcg@10"] == pytest.approx(metrics["models"]["served"]["all"]["ndcg@10"])
     assert steps["ranker"]["served"] == (policy["retrieval_weight"] is not None)
+    # The ranker was also played against retrieval order over simulated sessions, each request
+    # retrieving and ranking again after the simulated user's clicks and passes.
+    requests = trained["eval_config"].session_requests
+    assert session["requests"] == requests and requests > 1
+    assert len(session["with_ranker"]) == len(session["retrieval_order"]) == requests
+    assert all(0 <= r <= 1.5 for r in [*session["with_ranker"], *session["retrieval_order"]])
+    assert session["with_ranker"] != session["retrieval_order"]
+    assert any("simulated session" in r for r in policy["reasons"])
     # The generator's truth scores every system; the gate read it.
     reward = metrics["reward"]
     assert reward["available"] and set(reward["systems"]) == {
@@ -272,7 +287,8 @@ def test_the_gate_reads_the_served_system_with_its_policy_steps_and_reward(train
     assert 0 < calibration["mean_predicted"] < 1 and 0 < calibration["observed_rate"] < 1
     assert sum(b["count"] for b in calibration["bins"]) == metrics["ranker"]["examples"]
     html = (out / "report.html").read_text()
-    for section in ("Serving policy", "What each step contributes", "Ranker objectives", "Simulated reward"):
+    sections = ("Serving policy", "Simulated session", "What each step contributes", "Ranker objectives")
+    for section in (*sections, "Simulated reward"):
         assert section in html, section
     assert (out / "reliability.png").is_file()
     assert metrics["split"]["used"] == "time" and metrics["split"]["decides"]
