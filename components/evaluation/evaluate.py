@@ -734,8 +734,9 @@ def _session_reward_function(
     simulated = cast(SimulatedUsers, truth)
     known = set(simulated.user_ids)
     users = [u for u in validation.users if u in known][: config.session_users]
+    wanted = set(users)
     start = Session.start(
-        {u: h for u, h in positive_histories(train_frame).items() if u in set(users)},
+        {u: h for u, h in positive_histories(train_frame).items() if u in wanted},
         {u: validation.seen.get(u, set()) for u in users},
     )
     eval_set = replace(validation, users=users)

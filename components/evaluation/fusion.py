@@ -21,7 +21,8 @@ reads:
    ranker that would serve is also played against retrieval order alone over a simulated
    session of ``evaluation.session_requests`` requests (``session_replay``): the ranker reads
    no session signal, and one request cannot show a weight that keeps the lists from
-   following the session's clicks; if it lowers the session's mean reward it is not served.
+   following the session's clicks; if it lowers the session's mean reward it is not served
+   (where retrieval order serves anyway, the ranker's best weight is played and reported).
 3. **MMR**: served as configured, its offline cost reported; with truth, not served when it
    lowers the expected reward.
 
@@ -139,7 +140,7 @@ def choose_policy(
     session: dict[str, Any] = {}
     if session_reward_of is not None and replay.ranker is not None and len(grid) > 1:
         served = replace(candidates, mmr=replay.gateway.mmr_trade_off < 1, explore=True)
-        ranker_row = chosen if math.isfinite(chosen["_weight"]) else best_by(grid[:-1], judged.by)
+        ranker_row = chosen if math.isfinite(chosen["_weight"]) else _best_by(grid[:-1], judged.by)
         chosen, session = _session_check(
             chosen, retrieval_alone, ranker_row, served, session_reward_of, reasons
         )
@@ -239,7 +240,7 @@ def _reward_check(
     return chosen
 
 
-def best_by(rows: Sequence[dict[str, Any]], key: str) -> dict[str, Any]:
+def _best_by(rows: Sequence[dict[str, Any]], key: str) -> dict[str, Any]:
     """The row with the largest ``key`` (ties to the larger weight)."""
     return max(rows, key=lambda row: (row[key], row["_weight"]))
 

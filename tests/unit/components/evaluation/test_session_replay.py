@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -100,36 +101,39 @@ class _Users:
         return _Response(np.array([self.reward.get(i, 0.0) >= 1 for i in item_ids], dtype=bool))
 
 
-def test_a_ranker_that_wins_one_request_but_not_the_session_is_not_served():
-    # The user takes a, c and d. The ranker puts a, then b, then f first: a is taken, then it
-    # serves b and f, which are passed over. Retrieval order starts with e (passed over), then
-    # the session's discount brings c and d, both taken.
-    users = _Users({"a": 1.0, "c": 1.0, "d": 1.0})
-    ranker = np.array([0.9, 0.8, 0.0, 0.0, 0.1, 0.7])
+# The ranker puts a, then b, then f first; retrieval order is e > c > d > a > b > f.
+RANKER = np.array([0.9, 0.8, 0.0, 0.0, 0.1, 0.7])
+START = Session.start({}, {"u": set()})
 
-    def replay_of(session: Session, request: int) -> Replay:
-        return _state_replay(session, request, ranker)
 
-    start = Session.start({}, {"u": set()})
+def _choose(taken: set[str], relevant: set[str], with_session: bool = True) -> Any:
+    """``choose_policy`` on the first request (judged by the users' reward of the top item),
+    with or without the 3-request session check; the user takes exactly ``taken``."""
+    users = _Users({i: 1.0 for i in taken})
 
     def session_reward_of(step: Step) -> list[float]:
-        return session_rewards(replay_of, users, start, ["u"], step, 3, 1, 0, 5)
-
-    first = replay_of(start, 0)
+        return session_rewards(
+            lambda s, r: _state_replay(s, r, RANKER), users, START, ["u"], step, 3, 1, 0, 5
+        )
 
     def reward_of(lists: dict[str, list[str]]) -> float:
         return float(users.expected_reward(["u"], lists["u"][:1]).mean())
 
-    assert session_reward_of(Step(0.0, mmr=False, explore=False)) == [1.0, 0.0, 0.0]
-    assert session_reward_of(Step(math.inf, mmr=False, explore=False)) == [0.0, 1.0, 1.0]
-    # One request alone: the ranker (weight 0) wins and would serve.
-    one = choose_policy(first, {"u": {"a"}}, [0.0], "ndcg@1", reward_of, "test", judge="reward")
-    assert one.policy.retrieval_weight == 0.0
-    # Over the session it loses, so retrieval order serves, and the report says why.
-    checked = choose_policy(
-        first, {"u": {"a"}}, [0.0], "ndcg@1", reward_of, "test", judge="reward",
-        session_reward_of=session_reward_of,
+    return choose_policy(
+        _state_replay(START, 0, RANKER), {"u": relevant}, [0.0], "ndcg@1", reward_of, "test",
+        judge="reward", session_reward_of=session_reward_of if with_session else None,
     )  # fmt: skip
+
+
+def test_a_ranker_that_wins_one_request_but_not_the_session_is_not_served():
+    # The user takes a, c and d. The ranker's a is taken, then it serves b and f, which are
+    # passed over. Retrieval order starts with e (passed over), then the session's discount
+    # brings c and d, both taken.
+    taken = {"a", "c", "d"}
+    # One request alone: the ranker (weight 0) wins and would serve.
+    assert _choose(taken, {"a"}, with_session=False).policy.retrieval_weight == 0.0
+    # Over the session it loses, so retrieval order serves, and the report says why.
+    checked = _choose(taken, {"a"})
     assert not checked.policy.ranker_served
     assert any(
         r.startswith("the ranker is not served: over a simulated session of 3 requests")
@@ -141,44 +145,14 @@ def test_a_ranker_that_wins_one_request_but_not_the_session_is_not_served():
 
 
 def test_a_ranker_that_also_wins_the_session_serves():
-    users = _Users({"a": 1.0, "b": 1.0, "f": 1.0})
-    ranker = np.array([0.9, 0.8, 0.0, 0.0, 0.1, 0.7])
-    start = Session.start({}, {"u": set()})
-
-    def session_reward_of(step: Step) -> list[float]:
-        return session_rewards(
-            lambda s, r: _state_replay(s, r, ranker), users, start, ["u"], step, 3, 1, 0, 5
-        )
-
-    def reward_of(lists: dict[str, list[str]]) -> float:
-        return float(users.expected_reward(["u"], lists["u"][:1]).mean())
-
-    choice = choose_policy(
-        _state_replay(start, 0, ranker), {"u": {"a"}}, [0.0], "ndcg@1", reward_of, "test", judge="reward",
-        session_reward_of=session_reward_of,
-    )  # fmt: skip
+    choice = _choose({"a", "b", "f"}, {"a"})
     assert choice.policy.retrieval_weight == 0.0
     assert any(r.startswith("session check passed") for r in choice.policy.reasons)
     assert choice.policy.validation["session"]["with_ranker"] == pytest.approx([1.0, 1.0, 1.0])
 
 
 def test_where_retrieval_order_serves_the_session_still_reports_the_rankers_best_weight():
-    users = _Users({"c": 1.0, "d": 1.0})  # neither first list earns anything: a tie, retrieval serves
-    ranker = np.array([0.9, 0.8, 0.0, 0.0, 0.1, 0.7])
-    start = Session.start({}, {"u": set()})
-
-    def session_reward_of(step: Step) -> list[float]:
-        return session_rewards(
-            lambda s, r: _state_replay(s, r, ranker), users, start, ["u"], step, 3, 1, 0, 5
-        )
-
-    def reward_of(lists: dict[str, list[str]]) -> float:
-        return float(users.expected_reward(["u"], lists["u"][:1]).mean())
-
-    choice = choose_policy(
-        _state_replay(start, 0, ranker), {"u": {"c"}}, [0.0], "ndcg@1", reward_of, "test", judge="reward",
-        session_reward_of=session_reward_of,
-    )  # fmt: skip
+    choice = _choose({"c", "d"}, {"c"})  # neither first list earns anything: a tie, retrieval serves
     assert not choice.policy.ranker_served
     assert any(r.startswith("session check (the ranker not served)") for r in choice.policy.reasons)
     session = choice.policy.validation["session"]
