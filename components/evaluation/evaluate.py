@@ -599,11 +599,13 @@ def _replay(
     """
     from components.training.train import positive_histories
 
-    histories = {u: items[:recent_items] for u, items in positive_histories(train_frame).items()}
-    passed_over = None
-    if session is not None:
-        max_history = int(models.manifest.get("parameters", {}).get("max_history", recent_items))
-        queries = with_clicks(eval_set.queries.loc[eval_set.users], session.clicks, max_history)
+    if session is None:
+        histories = {u: items[:recent_items] for u, items in positive_histories(train_frame).items()}
+        passed_over = None
+    else:
+        queries = with_clicks(
+            eval_set.queries.loc[eval_set.users], session.clicks, _max_history(models, recent_items)
+        )
         eval_set = replace(eval_set, seen=session.seen, queries=queries)
         histories = {u: items[:recent_items] for u, items in session.histories.items()}
         passed_over = session.passed
@@ -640,6 +642,11 @@ def _replay(
         passed_over=passed_over,
     )
     return retrieved, replay
+
+
+def _max_history(models: _Models, default: int) -> int:
+    """The recent items the version's query tower reads (``training.max_history``)."""
+    return int(models.manifest.get("parameters", {}).get("max_history", default))
 
 
 def _item_categories(items_frame: pd.DataFrame, item_ids: np.ndarray) -> list[frozenset[str]]:
@@ -740,7 +747,7 @@ def _session_reward_function(
         {u: validation.seen.get(u, set()) for u in users},
     )
     eval_set = replace(validation, users=users)
-    max_history = int(models.manifest.get("parameters", {}).get("max_history", recent_items))
+    max_history = _max_history(models, recent_items)
 
     def replay_of(session: Session, request: int) -> Replay:
         _, replay = _replay(

@@ -67,6 +67,8 @@ class PosteriorPolicy:
         categories = self.t.item_primary[shown["ip"].to_numpy(dtype=np.int64)]
         self.category_share = np.bincount(categories, minlength=self.t.taste.shape[1]) / max(len(shown), 1)
         self._state: dict[str, list[np.ndarray]] = {}
+        # Each user's rows of ``data``, found once rather than by a scan per user.
+        self._rows_of = data.groupby(data["user_id"].astype(str)).indices
         if not item_latents:
             # The click chance and reward of a category part, the within-category noise averaged.
             noisy = CATEGORY_AFFINITY_GRID[:, None] + self._within_category_noise(seed)[None, :]
@@ -119,7 +121,7 @@ class PosteriorPolicy:
             u = self.truth.user_positions([user_id])[0]
             taste = self.rng.dirichlet(DIRICHLET_FLOOR + DIRICHLET_SCALE * self.prior[u], size=self.particles)
             latent = self.rng.normal(0, 1, size=(self.particles, LATENT_DIM)) / np.sqrt(LATENT_DIM)
-            mine = self.data[self.data["user_id"] == user_id]
+            mine = self.data.iloc[self._rows_of.get(user_id, np.zeros(0, dtype=np.int64))]
             shown = mine[mine["event_type"] == "impression"]["ip"].to_numpy(dtype=np.int64)
             clicked = set(mine[mine["event_type"] == "click"]["ip"].tolist())
             log_w = np.zeros(self.particles)
